@@ -1,0 +1,128 @@
+"""The ``loraserve`` command: serve (the default), ``plugins`` and the other subcommands.
+
+The argument parser is generated from :class:`loraserve.settings.Settings`, so every flag, its
+default and its help come from one place. Plugins are loaded before the parser is built: the
+``choices`` of ``--lora-backend`` and ``--lora-eviction-policy`` are the names the registries hold,
+so a third-party backend appears in ``--help`` without a fork.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+from typing import Any, Sequence
+
+from loraserve import __version__
+from loraserve.errors import LoraserveError
+from loraserve.plugin_manager import PluginManager
+from loraserve.settings import Settings, flag_name, make_settings
+
+SUBCOMMANDS = ("serve", "plugins")
+GROUP_TITLES = {"model": "model", "server": "HTTP server", "scheduling": "scheduling and memory",
+                "lora": "LoRA", "plugins": "plugins"}
+# settings fields whose choices come from plugin registries
+REGISTRY_CHOICES = {"lora_backend": "backends", "lora_eviction_policy": "eviction_policies"}
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return None
+
+
+def build_parser(plugins: PluginManager | None = None, prog: str = "loraserve") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per :class:`Settings` field.
+
+    Every flag defaults to ``argparse.SUPPRESS``, so the namespace holds only what the user typed
+    and the environment and the field defaults apply to the rest.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, argument_default=argparse.SUPPRESS,
+        description="Serve one base LLM with many LoRA adapters. Subcommands: "
+                    "'loraserve plugins [--all]' lists plugins as JSON; 'loraserve [serve] FLAGS' starts the server.",
+        epilog="Every flag can also be set as an environment variable: LORASERVE_<FLAG_NAME_IN_CAPITALS>.")
+    parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
+    groups: dict[str, Any] = {}
+    for name, info in Settings.model_fields.items():
+        extra = dict(info.json_schema_extra or {})
+        group_key = extra.pop("group", "other")
+        group = groups.get(group_key)
+        if group is None:
+            group = groups[group_key] = parser.add_argument_group(GROUP_TITLES.get(group_key, group_key))
+        flags = [flag_name(name), *extra.pop("aliases", [])]
+        kwargs: dict[str, Any] = {"dest": name}
+        default = info.get_default(call_default_factory=True)
+        help_text = info.description or ""
+        if info.annotation in (bool, bool | None):
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(extra)
+            choices = _literal_choices(info.annotation)
+            if name in REGISTRY_CHOICES and plugins is not None:
+                choices = plugins.registry(REGISTRY_CHOICES[name]).names()
+            if choices:
+                kwargs["choices"] = choices
+                if "metavar" not in kwargs:
+                    kwargs["metavar"] = "{" + ",".join(choices) + "}"
+            if default not in (None, []):
+                help_text += f" (default: {default})"
+        group.add_argument(*flags, help=help_text.replace("%", "%%"), **kwargs)
+    return parser
+
+
+def _plugin_manager(argv: Sequence[str]) -> PluginManager:
+    """Load plugins honouring --disable-plugin / --plugins (or their env vars) before full parsing."""
+    pre = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    pre.add_argument("--disable-plugin", action="append", dest="disable_plugin")
+    pre.add_argument("--plugins", nargs="+", dest="plugins")
+    pre.add_argument("--trace-plugins", action="store_true", dest="trace_plugins")
+    known, _ = pre.parse_known_args(argv)
+    settings = make_settings(**vars(known))
+    return PluginManager(allow=settings.plugins, deny=settings.disable_plugin, trace=settings.trace_plugins).load()
+
+
+def parse_settings(argv: Sequence[str], plugins: PluginManager) -> Settings:
+    args = build_parser(plugins).parse_args(argv)
+    return make_settings(**vars(args))
+
+
+def cmd_plugins(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loraserve plugins", description="List loaded plugins as JSON.")
+    parser.add_argument("--all", action="store_true", help="include the built-in plugins")
+    parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME")
+    args = parser.parse_args(argv)
+    pm = _plugin_manager(["--disable-plugin=" + n for n in args.disable_plugin])
+    print(json.dumps(pm.describe(include_builtin=args.all), indent=2))
+    return 0
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    pm = _plugin_manager(argv)
+    settings = parse_settings(argv, pm)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from loraserve.server import serve
+
+    return serve(settings, pm)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "serve"
+    if argv and argv[0] in SUBCOMMANDS:
+        command, argv = argv[0], argv[1:]
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"serve": cmd_serve, "plugins": cmd_plugins}[command](argv)
+    except LoraserveError as exc:
+        print(f"loraserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

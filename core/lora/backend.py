@@ -1,0 +1,76 @@
+"""The ``LoRABackend`` contract every kernel backend plugin implements.
+
+A backend adds each token's own adapter delta on top of the shared base projection::
+
+    base_out[t, off[i]:off[i+1]] += scaling[slot] * (x[t] @ A[slot, i*R : i*R + r].T) @ B[slot, off[i]:off[i+1], :r].T
+
+for every slice ``i`` of the projection (1 for plain layers, 3 for fused q/k/v, 2 for fused
+gate/up), where ``slot`` is the token's slot, ``r = ranks[slot]`` and ``R`` is the pool's rank
+capacity. ``backend_torch`` defines the expected numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from loraserve.lora.batch_info import LoRABatchInfo
+
+
+class LoRABackend:
+    """Base class of LoRA kernel backends.
+
+    Contract:
+
+    - :meth:`prepare` is called once per forward step, before any layer runs, with that step's
+      :class:`LoRABatchInfo`. It may derive and cache whatever the kernels need (permutations,
+      chunk tables) but must not read device data back to the host, so a decode step stays
+      capturable in a CUDA graph.
+    - :meth:`run_lora` is called per LoRA layer and adds the delta into ``base_out`` **in place**.
+      It may not modify ``x``, ``A`` or ``B``. Rows whose slot has rank 0 must be left bit-identical.
+      Arithmetic accumulates in float32 whatever the input dtype.
+    - Both are always safe to call with ``num_tokens == 1``.
+
+    Tensors: ``x`` is ``[num_tokens, in_dim]``; ``A`` is ``[num_slots, num_slices * R, in_dim]``;
+    ``B`` is ``[num_slots, out_dim, R]``; ``base_out`` is ``[num_tokens, out_dim]``;
+    ``output_offsets`` is a host tuple of ``num_slices + 1`` increasing ints ending at ``out_dim``.
+    """
+
+    name = "abstract"
+    #: whether :meth:`run_lora_embedding` is implemented (LoRA on embed_tokens / lm_head)
+    supports_embedding = False
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.batch: LoRABatchInfo | None = None
+
+    def prepare(self, batch: LoRABatchInfo) -> None:
+        self.batch = batch
+
+    def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
+                 output_offsets: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    def run_lora_embedding(self, input_ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           base_out: torch.Tensor) -> None:
+        """Add ``scaling * A[slot][:, input_ids].T @ B[slot].T`` for LoRA on the embedding.
+
+        ``A`` is ``[num_slots, R, vocab]`` and ``B`` is ``[num_slots, hidden, R]`` (PEFT layout).
+        """
+        raise NotImplementedError(f"LoRA backend {self.name!r} does not support LoRA on embeddings")
+
+
+def check_run_lora_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
+                        output_offsets: Sequence[int], max_rank: int) -> int:
+    """Validate shapes shared by every backend; returns the number of slices."""
+    n_slices = len(output_offsets) - 1
+    if n_slices < 1 or output_offsets[0] != 0 or any(b <= a for a, b in zip(output_offsets, output_offsets[1:])):
+        raise ValueError(f"output_offsets {tuple(output_offsets)} must start at 0 and increase")
+    if base_out.shape != (x.shape[0], output_offsets[-1]):
+        raise ValueError(f"base_out has shape {tuple(base_out.shape)}, expected ({x.shape[0]}, {output_offsets[-1]})")
+    if A.dim() != 3 or A.shape[1] != n_slices * max_rank or A.shape[2] != x.shape[1]:
+        raise ValueError(f"A has shape {tuple(A.shape)}, expected (slots, {n_slices}*{max_rank}, {x.shape[1]})")
+    if B.dim() != 3 or B.shape[1] != output_offsets[-1] or B.shape[2] != max_rank or B.shape[0] != A.shape[0]:
+        raise ValueError(f"B has shape {tuple(B.shape)}, expected ({A.shape[0]}, {output_offsets[-1]}, {max_rank})")
+    return n_slices

@@ -1,0 +1,1 @@
+"""Model architectures (registered through ``loraserve_register_models``)."""

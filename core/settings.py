@@ -1,0 +1,253 @@
+"""Settings: the single source of every option, whether it comes from a flag, env var or default.
+
+:class:`Settings` is a pydantic-settings class. Each field is one option: its name gives the CLI
+flag (``max_loras_per_batch`` -> ``--max-loras-per-batch``) and the environment variable
+(``LORASERVE_MAX_LORAS_PER_BATCH``), its default is the default, its description is the help text.
+``loraserve.cli`` builds the argument parser from these fields; nothing else declares an option.
+Flag names and defaults follow SGLang's server arguments.
+
+Precedence: CLI flag > ``LORASERVE_*`` environment variable > default.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from loraserve.errors import ConfigError, NotSupportedYet
+
+# Modules a LoRA adapter may target, in the names PEFT uses for Llama-family models.
+SUPPORTED_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHUNK_SIZES = (16, 32, 64, 128)
+
+
+def _opt(description: str, group: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata: help text, the --help group, and CLI extras (aliases, metavar)."""
+    return {"description": description, "json_schema_extra": {"group": group, **extra}}
+
+
+class LoRAPathSpec(BaseModel):
+    """One start-up adapter from --lora-paths."""
+
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+    @classmethod
+    def parse(cls, value: Any) -> "LoRAPathSpec":
+        """Accept ``PATH``, ``NAME=PATH`` or JSON ``{"lora_name", "lora_path", "pinned"}``."""
+        if isinstance(value, LoRAPathSpec):
+            return value
+        if isinstance(value, dict):
+            return cls.model_validate(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"--lora-paths entry {value!r} is empty; use PATH, NAME=PATH or a JSON object")
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--lora-paths entry {text!r} is not valid JSON ({exc.msg}); "
+                                 'write {"lora_name": "NAME", "lora_path": "PATH", "pinned": false}') from None
+            unknown = set(data) - {"lora_name", "lora_path", "pinned"}
+            if unknown or "lora_name" not in data or "lora_path" not in data:
+                raise ValueError(f"--lora-paths entry {text!r} needs keys lora_name and lora_path "
+                                 f"(and optionally pinned){'; unknown keys: ' + ', '.join(sorted(unknown)) if unknown else ''}")
+            return cls.model_validate(data)
+        if "=" in text:
+            name, path = text.split("=", 1)
+            if not name or not path:
+                raise ValueError(f"--lora-paths entry {text!r} must be NAME=PATH with both parts non-empty")
+            return cls(lora_name=name, lora_path=path)
+        return cls(lora_name=text, lora_path=text)  # as SGLang: the path doubles as the name
+
+
+class Settings(BaseSettings):
+    """Every loraserve option. Construct with keyword arguments (they win over the environment)."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="forbid", validate_default=True,
+                                      validate_assignment=False)
+
+    # -- model -----------------------------------------------------------------------------------
+    model_path: str | None = Field(None, **_opt(
+        "Hugging Face model directory, hub id or GGUF file. Default: the embedded SmolLM2-135M-Instruct.", "model"))
+    tokenizer_path: str | None = Field(None, **_opt("Tokenizer directory or hub id (default: --model-path).", "model"))
+    load_format: Literal["auto", "safetensors", "pt", "gguf", "dummy"] = Field("auto", **_opt(
+        "How to read weights; 'dummy' makes random weights of the model's real shape (benchmarks).", "model"))
+    dtype: Literal["auto", "float32", "float", "bfloat16", "float16", "half"] = Field("auto", **_opt(
+        "Compute dtype; 'auto' is float32 on CPU and bfloat16 on CUDA.", "model"))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", **_opt("Device; 'auto' picks cuda when a GPU is present.", "model"))
+    served_model_name: str | None = Field(None, **_opt("Model name reported by the API (default: derived from --model-path).", "model"))
+    context_length: int | None = Field(None, ge=1, **_opt("Maximum context length (default: the model's).", "model"))
+
+    # -- server ----------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", **_opt("Address the HTTP server listens on.", "server"))
+    port: int = Field(30000, ge=1, le=65535, **_opt("Port the HTTP server listens on.", "server"))
+    api_key: str | None = Field(None, **_opt("Require 'Authorization: Bearer KEY' on every endpoint but /health.", "server"))
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", **_opt("Logging level.", "server"))
+
+    # -- scheduling and memory -------------------------------------------------------------------
+    max_running_requests: int | None = Field(None, ge=1, **_opt("Most requests decoding at once.", "scheduling"))
+    max_total_tokens: int | None = Field(None, ge=1, **_opt("KV-cache size in tokens (default: from the memory budget).", "scheduling"))
+    mem_fraction_static: float | None = Field(None, gt=0, lt=1, **_opt(
+        "Fraction of accelerator memory for weights, KV cache and LoRA slots.", "scheduling"))
+    chunked_prefill_size: int | None = Field(None, ge=1, **_opt("Longest prompt piece prefilled in one step.", "scheduling"))
+    max_prefill_tokens: int = Field(16384, ge=1, **_opt("Token budget of one scheduler step.", "scheduling"))
+    tp_size: int = Field(1, ge=1, **_opt("Tensor-parallel degree: number of worker processes.", "scheduling"))
+    cuda_graph_max_bs: int | None = Field(None, ge=1, **_opt("Largest decode batch captured in a CUDA graph.", "scheduling"))
+    disable_cuda_graph: bool = Field(False, **_opt("Do not capture decode steps in CUDA graphs.", "scheduling"))
+    random_seed: int | None = Field(None, **_opt("Seed for sampling without a per-request seed.", "scheduling"))
+
+    # -- LoRA ------------------------------------------------------------------------------------
+    enable_lora: bool | None = Field(None, **_opt("Serve LoRA adapters (implied by --lora-paths).", "lora"))
+    lora_paths: Annotated[list[LoRAPathSpec] | None, NoDecode] = Field(None, **_opt(
+        'Adapters to load at start-up, each PATH, NAME=PATH or JSON {"lora_name","lora_path","pinned"}.',
+        "lora", nargs="+", metavar="ADAPTER"))
+    max_loras_per_batch: int = Field(8, ge=1, **_opt(
+        "Adapter slots per batch; the base model counts as one.", "lora"))
+    max_loaded_loras: int | None = Field(None, ge=1, **_opt(
+        "Adapters kept in host memory (default: unbounded); at least --max-loras-per-batch.", "lora"))
+    max_lora_rank: int | None = Field(None, ge=1, **_opt("Largest adapter rank (default: inferred from --lora-paths).", "lora"))
+    lora_target_modules: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
+        f"Modules adapters may target: names from {', '.join(SUPPORTED_LORA_MODULES)}, or 'all' "
+        "(default: inferred from --lora-paths).", "lora", nargs="+", metavar="MODULE"))
+    lora_backend: str | None = Field(None, **_opt(
+        "LoRA kernel backend (default: csgmv on CUDA, torch on CPU).", "lora", aliases=["--backend"]))
+    lora_eviction_policy: str = Field("lru", **_opt(
+        "Which adapter to evict when a slot or the host cache is full.", "lora", aliases=["--eviction"]))
+    max_lora_chunk_size: int = Field(16, **_opt(
+        f"Tokens per chunk of the chunked SGMV backend, one of {', '.join(map(str, CHUNK_SIZES))}.", "lora"))
+    enable_lora_overlap_loading: bool = Field(False, **_opt(
+        "Copy adapter weights to the GPU on a side stream while the batch keeps decoding.", "lora"))
+
+    # -- plugins ---------------------------------------------------------------------------------
+    plugins: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
+        "Load only these plugins (comma-separated in LORASERVE_PLUGINS); default: every installed one.",
+        "plugins", nargs="+", metavar="NAME"))
+    disable_plugin: Annotated[list[str], NoDecode] = Field(default_factory=list, **_opt(
+        "Do not load this plugin (repeatable).", "plugins", action="append", metavar="NAME"))
+    trace_plugins: bool = Field(False, **_opt("Log every plugin hook call (LORASERVE_TRACE_PLUGINS=1).", "plugins"))
+
+    # -- field parsing ---------------------------------------------------------------------------
+
+    @field_validator("lora_paths", mode="before")
+    @classmethod
+    def _parse_lora_paths(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [text]
+        return [LoRAPathSpec.parse(v) for v in value]
+
+    @field_validator("lora_target_modules", "plugins", "disable_plugin", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [n.strip() for item in value for n in str(item).split(",") if n.strip()]
+        return value
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _check_modules(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        unknown = [m for m in value if m != "all" and m not in SUPPORTED_LORA_MODULES]
+        if unknown:
+            raise ValueError(f"unknown module(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(SUPPORTED_LORA_MODULES)} or 'all'")
+        return list(SUPPORTED_LORA_MODULES) if "all" in value else list(dict.fromkeys(value))
+
+    @field_validator("max_lora_chunk_size")
+    @classmethod
+    def _check_chunk(cls, value: int) -> int:
+        if value not in CHUNK_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, CHUNK_SIZES))}, not {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "Settings":
+        if self.lora_paths:
+            if self.enable_lora is False:
+                raise ValueError("--lora-paths was given but LoRA is disabled (enable_lora=False); "
+                                 "drop --lora-paths or enable LoRA")
+            names = [s.lora_name for s in self.lora_paths]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"--lora-paths names adapter(s) {', '.join(dupes)} more than once; "
+                                 "give each a unique NAME=PATH")
+            pinned = sum(s.pinned for s in self.lora_paths)
+            if pinned > self.max_loras_per_batch - 1:
+                raise ValueError(f"--lora-paths pins {pinned} adapters but at most --max-loras-per-batch - 1 = "
+                                 f"{self.max_loras_per_batch - 1} may be pinned (one slot stays free for the "
+                                 "base model and unpinned adapters); pin fewer or raise --max-loras-per-batch")
+        if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
+            raise ValueError(f"--max-loaded-loras ({self.max_loaded_loras}) must be at least "
+                             f"--max-loras-per-batch ({self.max_loras_per_batch})")
+        return self
+
+    # -- derived values --------------------------------------------------------------------------
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.enable_lora or self.lora_paths)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_backend(self) -> str:
+        if self.lora_backend is not None:
+            return self.lora_backend
+        return "csgmv" if self.resolved_device() == "cuda" else "torch"
+
+    def resolved_dtype(self) -> str:
+        aliases = {"float": "float32", "half": "float16"}
+        if self.dtype != "auto":
+            return aliases.get(self.dtype, self.dtype)
+        return "bfloat16" if self.resolved_device() == "cuda" else "float32"
+
+    def check_supported(self) -> None:
+        """Refuse flags whose feature has not landed yet, instead of silently ignoring them."""
+        for flag, given in NOT_SUPPORTED_YET.items():
+            if given(self):
+                raise NotSupportedYet(f"{flag} is not supported yet by this version of loraserve; remove it")
+
+
+# flag -> predicate "the user asked for it". Entries leave this table as their features land.
+NOT_SUPPORTED_YET: dict[str, Any] = {
+    "--tp-size > 1": lambda s: s.tp_size > 1,
+    "--enable-lora-overlap-loading": lambda s: s.enable_lora_overlap_loading,
+    "--device cuda": lambda s: s.device == "cuda",
+    "--cuda-graph-max-bs": lambda s: s.cuda_graph_max_bs is not None,
+    "--mem-fraction-static": lambda s: s.mem_fraction_static is not None,
+}
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def make_settings(**values: Any) -> Settings:
+    """Build :class:`Settings`, turning pydantic's errors into one ConfigError that names the flags."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = err.get("loc") or ()
+            field = str(loc[0]) if loc else ""
+            where = f"{flag_name(field)} (env LORASERVE_{field.upper()})" if field in Settings.model_fields else "settings"
+            msg = err.get("msg", "").removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, (dict, Settings)) or got is None else f" (got {got!r})"
+            lines.append(f"{where}: {msg}{shown}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,1 @@
+"""Built-in loraserve plugins, each discovered through the ``loraserve`` entry-point group."""

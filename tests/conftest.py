@@ -1,0 +1,37 @@
+"""Shared fixtures: seeded random generators and plugin managers built from test entry points."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import textwrap
+
+import pytest
+import torch
+
+from loraserve.plugin_manager import PluginManager
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    """A directory on sys.path where a test writes plugin modules; returns a writer function."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(module: str, source: str) -> importlib.metadata.EntryPoint:
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+        return importlib.metadata.EntryPoint(name=module, value=module, group="loraserve")
+
+    return write
+
+
+@pytest.fixture
+def installed_entry_points() -> list[importlib.metadata.EntryPoint]:
+    return list(importlib.metadata.entry_points(group="loraserve"))
+
+
+def make_manager(entry_points, **kwargs) -> PluginManager:
+    return PluginManager(entry_points=entry_points, **kwargs).load()

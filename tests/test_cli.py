@@ -1,0 +1,90 @@
+"""The ``loraserve`` command: --help choices from the registries, ``plugins`` JSON, the example plugin."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraserve.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_DIRS = sorted(p.parent.name for p in (ROOT / "plugins").glob("*/__init__.py"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loraserve.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_backends_and_eviction_policies_from_entry_points():
+    out = run_cli("--help")
+    assert out.returncode == 0, out.stderr
+    backend_line = next(line for line in out.stdout.splitlines() if "--lora-backend {" in line)
+    eviction_line = next(line for line in out.stdout.splitlines() if "--lora-eviction-policy {" in line)
+    for name in ("torch", "triton", "csgmv"):
+        assert name in backend_line
+    for name in ("lru", "fifo"):
+        assert name in eviction_line
+
+
+def test_plugins_all_lists_every_builtin_package(capsys):
+    assert main(["plugins", "--all"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    modules = {row["module"]: row for row in rows}
+    for name in BUILTIN_DIRS:
+        row = modules[f"loraserve.plugins.{name}"]
+        assert row["status"] == "loaded" and row["hooks"] and row["registered"], row
+
+
+def test_plugins_without_all_hides_builtins(capsys):
+    assert main(["plugins"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert all(not row["builtin"] for row in rows)
+
+
+def test_bad_flag_value_exits_with_a_message(capsys):
+    assert main(["--max-loaded-loras", "2", "--max-loras-per-batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-loaded-loras (2) must be at least --max-loras-per-batch (4)" in err
+
+
+# -- the third-party example plugin (installed by `make test` / .ci/run) ------------------------
+
+example = pytest.importorskip("loraserve_example", reason="install examples/loraserve-example-plugin")
+
+
+def test_example_plugin_is_listed(capsys):
+    assert main(["plugins"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    row = rows["example"]
+    assert row["distribution"] == "loraserve-example-plugin" and not row["builtin"]
+    assert row["registered"] == {"backends": ["einsum"], "eviction_policies": ["lfu"]}
+
+
+def test_example_plugin_is_selectable_and_builds_an_engine(installed_entry_points):
+    from conftest import make_manager
+    from loraserve.cli import parse_settings
+    from loraserve.engine import Engine
+    from loraserve_example.backend import EinsumLoRABackend
+    from loraserve_example.lfu import LFUPolicy
+
+    pm = make_manager(installed_entry_points)
+    settings = parse_settings(["--backend", "einsum", "--eviction", "lfu", "--device", "cpu"], pm)
+    engine = Engine(settings, pm)
+    assert isinstance(engine.lora_backend, EinsumLoRABackend)
+    assert isinstance(engine.new_eviction_policy(), LFUPolicy)
+
+
+def test_example_plugin_can_be_disabled():
+    out = run_cli("--disable-plugin", "example", "--help")
+    assert out.returncode == 0, out.stderr
+    backend_line = next(line for line in out.stdout.splitlines() if "--lora-backend {" in line)
+    assert "einsum" not in backend_line and "torch" in backend_line
+    rejected = run_cli("--disable-plugin", "example", "--backend", "einsum")
+    assert rejected.returncode == 2 and "einsum" in rejected.stderr and "invalid choice" in rejected.stderr
+    listing = run_cli("plugins", "--disable-plugin", "example")
+    rows = {row["name"]: row for row in json.loads(listing.stdout)}
+    assert rows["example"]["status"] == "disabled" and rows["example"]["registered"] == {}
