@@ -1,0 +1,55 @@
+"""The model runner: turns a scheduled step into one forward pass and the logits to sample from.
+
+It packs the step's token chunks into one flat batch (each request's tokens contiguous, in plan
+order), sets up the attention metadata over the paged KV cache and, when LoRA is on, the step's
+:class:`~loraserve.lora.batch_info.LoRABatchInfo`, runs the model, and returns float32 logits for
+the last token of every chunk that samples.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from loraserve.attention import PagedSDPAAttention
+from loraserve.kv_cache import KVCache
+from loraserve.scheduler import ScheduledChunk
+
+
+class ModelRunner:
+    """Runs forward steps of ``model`` over ``kv``.
+
+    :param prepare_lora: optional ``prepare_lora(chunks)`` called once per step before the
+        forward pass (the LoRA manager builds the batch info and hands it to the backend).
+    """
+
+    def __init__(self, model: torch.nn.Module, kv: KVCache, device: torch.device,
+                 prepare_lora: Callable[[list[ScheduledChunk]], None] | None = None):
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.prepare_lora = prepare_lora
+        self.attention = PagedSDPAAttention(kv, sliding_window=getattr(model, "sliding_window", None))
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step; returns ``float32 [num_sampling_chunks, vocab]`` logits in plan order."""
+        ids: list[int] = []
+        positions: list[int] = []
+        last_rows: list[int] = []
+        for chunk in chunks:
+            ids.extend(chunk.request.token_slice(chunk.start, chunk.start + chunk.num_tokens))
+            positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
+            if chunk.samples:
+                last_rows.append(len(ids) - 1)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self.attention.begin_step([(c.request.blocks, c.start, c.num_tokens) for c in chunks])
+        if self.prepare_lora is not None:
+            self.prepare_lora(chunks)
+        hidden = self.model(input_ids, pos, self.attention)
+        if not last_rows:
+            return torch.empty(0, 0, device=self.device)
+        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)).float()

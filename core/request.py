@@ -1,0 +1,83 @@
+"""A request as the engine tracks it, and the output events it produces.
+
+A request's tokens are ``prompt_ids + output_ids``; ``num_computed`` of them already have keys and
+values in the KV cache. Each step feeds the next uncomputed tokens (a prefill chunk, or the one
+token sampled last step); when a step reaches the end of the known tokens, the next token is
+sampled. Prefill, chunked prefill, decode and recompute after preemption are all this one rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a streaming delta), or its final state."""
+
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: list[int]  # new token ids since the previous output
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: Any  # loraserve.sampling.SamplingParams
+    adapter: str | None = None
+    lora: Any = None  # the LoRA manager's reference (name, version) while the request lives
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    generator: torch.Generator | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    sink: Callable[[RequestOutput], None] | None = None
+    detok: Any = None  # incremental detokenizer state
+    text: str = ""  # full decoded text (before stop-string trimming)
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    emitted_logprobs: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Known tokens whose keys and values are not in the cache yet."""
+        return self.num_tokens - self.num_computed
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids[start:] if start < n else []) + self.output_ids[max(0, start - n):end - n]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,142 @@
+"""The continuous-batching scheduler: which requests run in the next step, and how many tokens each.
+
+Every step has a token budget. Running requests that decode (one pending token) go first; then
+requests part-way through a chunked prefill; then waiting requests join in arrival order while the
+budget, the KV cache and ``max_running`` allow. A long prompt is cut into chunks of at most
+``chunk_size`` tokens. When a decode needs a new KV block and none is free, the most recently
+admitted request is preempted (its blocks freed, recomputed later). Admission stops at the first
+waiting request that cannot join, so a large request is not starved by small ones behind it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from loraserve.kv_cache import KVCache, OutOfBlocks
+from loraserve.request import Request, Status
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int  # first token position fed this step (== request.num_computed)
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so a new token is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; allocates and frees KV blocks for them.
+
+    :param can_join: optional ``can_join(request, step_requests) -> bool`` consulted before a
+        waiting request joins a step (the LoRA manager uses it to respect adapter slots).
+    :param on_preempt: optional callback when a running request is preempted.
+    """
+
+    def __init__(self, kv: KVCache, max_running: int, step_tokens: int, chunk_size: int,
+                 can_join: Callable[[Request, list[Request]], bool] | None = None,
+                 on_preempt: Callable[[Request], None] | None = None):
+        self.kv = kv
+        self.max_running = max_running
+        self.step_tokens = step_tokens
+        self.chunk_size = chunk_size
+        self.can_join = can_join
+        self.on_preempt = on_preempt
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # -- queue management -------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        request.status = Status.WAITING
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the queues and free its blocks (finish, abort or error)."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._free_blocks(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling --------------------------------------------------------------------------------
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.step_tokens
+        plan: list[ScheduledChunk] = []
+        # 1. decodes, in admission order; preempt from the back when blocks run out
+        planned: set[int] = set()
+        for req in list(self.running):
+            if req not in self.running or req.num_pending != 1 or budget < 1:
+                continue
+            if not self._reserve(req, req.num_computed + 1, preempt_from=planned):
+                continue
+            plan.append(ScheduledChunk(req, req.num_computed, 1))
+            planned.add(id(req))
+            budget -= 1
+        # 2. running requests in the middle of a chunked prefill
+        for req in list(self.running):
+            if req.num_pending <= 1 or budget < 1:
+                continue
+            n = min(req.num_pending, budget, self.chunk_size)
+            if self._reserve(req, req.num_computed + n):
+                plan.append(ScheduledChunk(req, req.num_computed, n))
+                budget -= n
+        # 3. waiting requests join in arrival order
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            if self.can_join is not None and not self.can_join(req, [c.request for c in plan]):
+                break
+            n = min(req.num_pending, budget, self.chunk_size)
+            if not self._reserve(req, req.num_computed + n):
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            plan.append(ScheduledChunk(req, req.num_computed, n))
+            budget -= n
+        return plan
+
+    def _reserve(self, req: Request, num_tokens: int, preempt_from: set[int] | None = None) -> bool:
+        """Make ``req`` own enough blocks for ``num_tokens`` tokens.
+
+        With ``preempt_from`` (ids of requests already planned this step, which are never
+        preempted), the most recently admitted unplanned running request is preempted until the
+        blocks are free; that may be ``req`` itself, and then False is returned.
+        """
+        need = self.kv.allocator.blocks_for(num_tokens) - len(req.blocks)
+        while need > 0:
+            try:
+                req.blocks.extend(self.kv.allocator.allocate(need, owner=req))
+                return True
+            except OutOfBlocks:
+                if preempt_from is None:
+                    return False
+                victim = next(r for r in reversed(self.running) if id(r) not in preempt_from)
+                self._preempt(victim)
+                if victim is req:
+                    return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._free_blocks(req)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        if self.on_preempt is not None:
+            self.on_preempt(req)
+
+    def _free_blocks(self, req: Request) -> None:
+        if req.blocks:
+            self.kv.allocator.free(req.blocks, owner=req)
+            req.blocks = []

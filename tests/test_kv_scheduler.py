@@ -1,0 +1,131 @@
+"""KV block allocator and scheduler: allocation, freeing, exhaustion, preemption, chunking, integrity
+after random workloads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loraserve.kv_cache import BlockAllocator, KVCache, OutOfBlocks
+from loraserve.request import Request
+from loraserve.scheduler import Scheduler
+
+
+class _Params:
+    max_new_tokens = 4
+
+
+def make_kv(num_blocks=8, block_size=4):
+    return KVCache(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=num_blocks, block_size=block_size,
+                   dtype=torch.float32, device="cpu")
+
+
+def req(rid, n_prompt):
+    return Request(request_id=rid, prompt_ids=list(range(1, n_prompt + 1)), params=_Params())
+
+
+def test_allocate_free_exhaust():
+    alloc = BlockAllocator(4, 16)
+    a, b = object(), object()
+    blocks_a = alloc.allocate(3, a)
+    assert len(set(blocks_a)) == 3 and alloc.num_free == 1
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate(2, b)
+    assert alloc.num_free == 1  # a failed allocation takes nothing
+    with pytest.raises(RuntimeError, match="does not own"):
+        alloc.free(blocks_a[:1], b)
+    alloc.free(blocks_a, a)
+    assert alloc.num_free == 4
+    alloc.check_integrity()
+    assert alloc.blocks_for(1) == 1 and alloc.blocks_for(16) == 1 and alloc.blocks_for(17) == 2
+
+
+def test_integrity_check_catches_corruption():
+    alloc = BlockAllocator(4, 2)
+    owner = object()
+    blocks = alloc.allocate(2, owner)
+    alloc._free.append(blocks[0])  # simulate a double free
+    with pytest.raises(RuntimeError):
+        alloc.check_integrity()
+
+
+def test_slots_follow_the_block_table():
+    kv = make_kv(num_blocks=8, block_size=4)
+    assert kv.slots([5, 2, 7], 0, 10).tolist() == [20, 21, 22, 23, 8, 9, 10, 11, 28, 29]
+    assert kv.slots([5, 2, 7], 6, 9).tolist() == [10, 11, 28]
+
+
+def test_chunked_prefill_and_decode_order():
+    kv = make_kv(num_blocks=16, block_size=4)
+    sched = Scheduler(kv, max_running=8, step_tokens=10, chunk_size=6)
+    long, short = req("long", 14), req("short", 3)
+    sched.add(long)
+    sched.add(short)
+    plan = sched.schedule()
+    assert [(c.request.request_id, c.num_tokens, c.samples) for c in plan] == [("long", 6, False), ("short", 3, True)]
+    for c in plan:
+        c.request.num_computed += c.num_tokens
+    short.output_ids.append(7)  # sampled
+    plan = sched.schedule()
+    # the decode goes first, then the next chunk of the long prompt
+    assert [(c.request.request_id, c.start, c.num_tokens) for c in plan] == [("short", 3, 1), ("long", 6, 6)]
+
+
+def test_waiting_request_that_does_not_fit_blocks_the_queue_head():
+    kv = make_kv(num_blocks=4, block_size=4)
+    sched = Scheduler(kv, max_running=8, step_tokens=64, chunk_size=64)
+    big, small = req("big", 20), req("small", 2)
+    first = req("first", 8)
+    sched.add(first)
+    sched.add(big)
+    sched.add(small)
+    plan = sched.schedule()
+    # big needs 5 blocks; only 2 are left; small must not overtake it (no starvation of big)
+    assert [c.request.request_id for c in plan] == ["first"]
+
+
+def test_decode_preempts_the_latest_request_when_blocks_run_out():
+    kv = make_kv(num_blocks=2, block_size=2)
+    sched = Scheduler(kv, max_running=8, step_tokens=64, chunk_size=64)
+    a, b = req("a", 2), req("b", 2)
+    sched.add(a)
+    sched.add(b)
+    plan = sched.schedule()
+    assert [c.request.request_id for c in plan] == ["a", "b"]
+    for c in plan:
+        c.request.num_computed += c.num_tokens
+        c.request.output_ids.append(1)
+    plan = sched.schedule()  # a needs a third block: b is preempted and goes back to the queue head
+    assert [c.request.request_id for c in plan] == ["a"]
+    assert b.num_computed == 0 and b.blocks == [] and sched.waiting[0] is b and b.num_preemptions == 1
+    kv.allocator.check_integrity()
+
+
+def test_random_workload_keeps_the_pool_consistent():
+    rng = random.Random(0)
+    kv = make_kv(num_blocks=24, block_size=4)
+    sched = Scheduler(kv, max_running=6, step_tokens=20, chunk_size=8)
+    live, finished = [], 0
+    for step in range(400):
+        if rng.random() < 0.3:
+            r = req(f"r{step}", rng.randint(1, 30))
+            r.target = rng.randint(1, 12)
+            sched.add(r)
+            live.append(r)
+        plan = sched.schedule()
+        for c in plan:
+            c.request.num_computed += c.num_tokens
+            if c.samples:
+                c.request.output_ids.append(rng.randint(0, 9))
+        for r in list(sched.running):
+            if len(r.output_ids) >= r.target or (rng.random() < 0.02):  # finish or abort
+                sched.remove(r)
+                live.remove(r)
+                finished += 1
+        kv.allocator.check_integrity()
+        owned = sum(len(r.blocks) for r in sched.running)
+        assert owned + kv.allocator.num_free == kv.allocator.num_blocks
+        assert all(not r.blocks for r in sched.waiting if r.num_computed == 0)
+    assert finished > 50
