@@ -75,8 +75,9 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device | str):
         self.allocator = BlockAllocator(num_blocks, block_size)
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # never read before written (attention reads only slots its tokens wrote), so no zeroing
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @property
     def block_size(self) -> int:

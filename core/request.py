@@ -50,6 +50,7 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     generator: torch.Generator | None = None
+    history: Any = None  # loraserve.sampling.TokenHistory when the request has penalties
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     sink: Callable[[RequestOutput], None] | None = None
@@ -62,6 +63,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    join_refusals: int = 0  # steps in which the scheduler's can_join refused it
 
     @property
     def num_tokens(self) -> int:

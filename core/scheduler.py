@@ -5,7 +5,8 @@ requests part-way through a chunked prefill; then waiting requests join in arriv
 budget, the KV cache and ``max_running`` allow. A long prompt is cut into chunks of at most
 ``chunk_size`` tokens. When a decode needs a new KV block and none is free, the most recently
 admitted request is preempted (its blocks freed, recomputed later). Admission stops at the first
-waiting request that cannot join, so a large request is not starved by small ones behind it.
+waiting request that does not fit in the KV cache, so a large request is not starved by small ones
+behind it; a request refused for want of an adapter slot may be overtaken for a few steps only.
 """
 
 from __future__ import annotations
@@ -36,17 +37,20 @@ class Scheduler:
     :param can_join: optional ``can_join(request, step_requests) -> bool`` consulted before a
         waiting request joins a step (the LoRA manager uses it to respect adapter slots).
     :param on_preempt: optional callback when a running request is preempted.
+    :param starvation_steps: how many steps a waiting request refused by ``can_join`` may be
+        overtaken by later requests; after that, admission stops until it can join.
     """
 
     def __init__(self, kv: KVCache, max_running: int, step_tokens: int, chunk_size: int,
                  can_join: Callable[[Request, list[Request]], bool] | None = None,
-                 on_preempt: Callable[[Request], None] | None = None):
+                 on_preempt: Callable[[Request], None] | None = None, starvation_steps: int = 8):
         self.kv = kv
         self.max_running = max_running
         self.step_tokens = step_tokens
         self.chunk_size = chunk_size
         self.can_join = can_join
         self.on_preempt = on_preempt
+        self.starvation_steps = starvation_steps
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -90,11 +94,17 @@ class Scheduler:
             if self._reserve(req, req.num_computed + n):
                 plan.append(ScheduledChunk(req, req.num_computed, n))
                 budget -= n
-        # 3. waiting requests join in arrival order
+        # 3. waiting requests join in arrival order; one whose adapter cannot get a slot now is
+        #    skipped, until it has waited starvation_steps steps: then nobody overtakes it
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             if self.can_join is not None and not self.can_join(req, [c.request for c in plan]):
-                break
+                req.join_refusals += 1
+                if req.join_refusals >= self.starvation_steps:
+                    break
+                skipped.append(self.waiting.popleft())
+                continue
             n = min(req.num_pending, budget, self.chunk_size)
             if not self._reserve(req, req.num_computed + n):
                 break
@@ -103,6 +113,7 @@ class Scheduler:
             self.running.append(req)
             plan.append(ScheduledChunk(req, req.num_computed, n))
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
         return plan
 
     def _reserve(self, req: Request, num_tokens: int, preempt_from: set[int] | None = None) -> bool:

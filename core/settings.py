@@ -21,6 +21,8 @@ from loraserve.errors import ConfigError, NotSupportedYet
 
 # Modules a LoRA adapter may target, in the names PEFT uses for Llama-family models.
 SUPPORTED_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# also accepted by name (not part of 'all'); served by backends with embedding support (torch)
+EXTRA_LORA_MODULES = ("embed_tokens", "lm_head")
 CHUNK_SIZES = (16, 32, 64, 128)
 
 
@@ -112,8 +114,9 @@ class Settings(BaseSettings):
         "Adapters kept in host memory (default: unbounded); at least --max-loras-per-batch.", "lora"))
     max_lora_rank: int | None = Field(None, ge=1, **_opt("Largest adapter rank (default: inferred from --lora-paths).", "lora"))
     lora_target_modules: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
-        f"Modules adapters may target: names from {', '.join(SUPPORTED_LORA_MODULES)}, or 'all' "
-        "(default: inferred from --lora-paths).", "lora", nargs="+", metavar="MODULE"))
+        f"Modules adapters may target: names from {', '.join(SUPPORTED_LORA_MODULES + EXTRA_LORA_MODULES)}, "
+        "or 'all' for the seven projections (default: inferred from --lora-paths, else all).", "lora",
+        nargs="+", metavar="MODULE"))
     lora_backend: str | None = Field(None, **_opt(
         "LoRA kernel backend (default: csgmv on CUDA, torch on CPU).", "lora", aliases=["--backend"]))
     lora_eviction_policy: str = Field("lru", **_opt(
@@ -157,11 +160,12 @@ class Settings(BaseSettings):
     def _check_modules(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        unknown = [m for m in value if m != "all" and m not in SUPPORTED_LORA_MODULES]
+        known = (*SUPPORTED_LORA_MODULES, *EXTRA_LORA_MODULES)
+        unknown = [m for m in value if m != "all" and m not in known]
         if unknown:
-            raise ValueError(f"unknown module(s) {', '.join(unknown)}; choose from "
-                             f"{', '.join(SUPPORTED_LORA_MODULES)} or 'all'")
-        return list(SUPPORTED_LORA_MODULES) if "all" in value else list(dict.fromkeys(value))
+            raise ValueError(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'all'")
+        expanded = [*SUPPORTED_LORA_MODULES, *value] if "all" in value else value
+        return [m for m in dict.fromkeys(expanded) if m != "all"]
 
     @field_validator("max_lora_chunk_size")
     @classmethod

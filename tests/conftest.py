@@ -33,5 +33,15 @@ def installed_entry_points() -> list[importlib.metadata.EntryPoint]:
     return list(importlib.metadata.entry_points(group="loraserve"))
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A saved tiny random Llama (no tokenizer) for tests that need an engine but no oracle."""
+    from lora_utils import tiny_llama_config, tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model(tiny_llama_config(), seed=0).save_pretrained(path)
+    return str(path)
+
+
 def make_manager(entry_points, **kwargs) -> PluginManager:
     return PluginManager(entry_points=entry_points, **kwargs).load()

@@ -64,7 +64,7 @@ def test_example_plugin_is_listed(capsys):
     assert row["registered"] == {"backends": ["einsum"], "eviction_policies": ["lfu"]}
 
 
-def test_example_plugin_is_selectable_and_builds_an_engine(installed_entry_points):
+def test_example_plugin_is_selectable_and_builds_an_engine(installed_entry_points, tiny_model_dir):
     from conftest import make_manager
     from loraserve.cli import parse_settings
     from loraserve.engine import Engine
@@ -72,10 +72,11 @@ def test_example_plugin_is_selectable_and_builds_an_engine(installed_entry_point
     from loraserve_example.lfu import LFUPolicy
 
     pm = make_manager(installed_entry_points)
-    settings = parse_settings(["--backend", "einsum", "--eviction", "lfu", "--device", "cpu"], pm)
+    settings = parse_settings(["--backend", "einsum", "--eviction", "lfu", "--device", "cpu", "--enable-lora",
+                               "--max-lora-rank", "8", "--model-path", tiny_model_dir, "--max-total-tokens", "256"], pm)
     engine = Engine(settings, pm)
-    assert isinstance(engine.lora_backend, EinsumLoRABackend)
-    assert isinstance(engine.new_eviction_policy(), LFUPolicy)
+    assert isinstance(engine.lora.backend, EinsumLoRABackend)
+    assert isinstance(engine.lora.pool.policy, LFUPolicy) and isinstance(engine.lora.host.policy, LFUPolicy)
 
 
 def test_example_plugin_can_be_disabled():

@@ -129,3 +129,33 @@ def test_random_workload_keeps_the_pool_consistent():
         assert owned + kv.allocator.num_free == kv.allocator.num_blocks
         assert all(not r.blocks for r in sched.waiting if r.num_computed == 0)
     assert finished > 50
+
+
+def test_request_refused_a_slot_is_not_starved_by_a_stream_of_others():
+    kv = make_kv(num_blocks=64, block_size=4)
+
+    def can_join(r, step):  # one adapter slot: "b" only when no "a" runs (and vice versa)
+        batch = {x.adapter for x in sched.running} | {x.adapter for x in step}
+        return not batch or batch == {r.adapter}
+
+    sched = Scheduler(kv, max_running=8, step_tokens=64, chunk_size=64, can_join=can_join, starvation_steps=3)
+    starving = None
+    for step in range(60):
+        fresh = req(f"a{step}", 2)  # a new "a" request arrives every step
+        fresh.adapter, fresh.target = "a", 4
+        sched.add(fresh)
+        if step == 1:
+            starving = req("b", 2)
+            starving.adapter, starving.target = "b", 4
+            sched.add(starving)
+        for c in sched.schedule():
+            c.request.num_computed += c.num_tokens
+            if c.samples:
+                c.request.output_ids.append(1)
+        if starving is not None and starving.status.value == "running":
+            break
+        for r in list(sched.running):
+            if len(r.output_ids) >= r.target:
+                sched.remove(r)
+    assert starving.status.value == "running", "the 'b' request never got a turn"
+    assert step < 3 + 4 + 3  # refusals allowed, then the running 'a' requests drain (4 tokens each)

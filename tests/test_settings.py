@@ -101,12 +101,12 @@ def test_unknown_backend_is_rejected_with_the_choices(pm, capsys):
     assert "cutlass" in err and "torch" in err and "csgmv" in err
 
 
-def test_unknown_backend_from_env_is_rejected_by_the_engine(installed_entry_points, monkeypatch):
+def test_unknown_backend_from_env_is_rejected_by_the_engine(installed_entry_points, monkeypatch, tiny_model_dir):
     from loraserve.engine import Engine
 
     monkeypatch.setenv("LORASERVE_LORA_BACKEND", "cutlass")
     with pytest.raises(ConfigError) as err:
-        Engine(Settings(), make_manager(installed_entry_points))
+        Engine(Settings(model_path=tiny_model_dir), make_manager(installed_entry_points))
     assert "--lora-backend" in str(err.value) and "'cutlass'" in str(err.value) and "torch" in str(err.value)
 
 

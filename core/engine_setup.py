@@ -1,0 +1,151 @@
+"""Building an engine's parts from settings: model, tokenizer, KV cache, LoRA pools, scheduler.
+
+Kept apart from ``engine.py`` so the engine reads as the step loop and its API, and the sizing
+decisions (how many KV tokens, which LoRA rank and modules) sit in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from loraserve.errors import ConfigError
+from loraserve.kv_cache import KVCache
+from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
+from loraserve.model_runner import ModelRunner
+from loraserve.models.dtypes import to_torch_device, to_torch_dtype
+from loraserve.sampling import Sampler
+from loraserve.scheduler import Scheduler
+from loraserve.settings import EXTRA_LORA_MODULES, SUPPORTED_LORA_MODULES, Settings
+
+logger = logging.getLogger("loraserve.engine")
+
+BLOCK_SIZE = 16
+CPU_KV_BUDGET_BYTES = 1 << 30
+CPU_MAX_KV_TOKENS = 32768
+DEFAULT_MAX_LORA_RANK = 64
+CUDA_ACTIVATION_RESERVE_BYTES = 2 << 30
+
+
+@dataclass
+class Components:
+    device: torch.device
+    dtype: torch.dtype
+    model: torch.nn.Module
+    config: Any
+    tokenizer: Any
+    model_name: str
+    context_len: int
+    kv: KVCache
+    scheduler: Scheduler
+    runner: ModelRunner
+    sampler: Sampler
+    lora: Any
+    backend_name: str
+    eos_token_ids: set[int]
+
+
+def build_components(settings: Settings, plugins: Any, run_in_engine: Callable) -> Components:
+    device = to_torch_device(settings.resolved_device())
+    dtype = to_torch_dtype(settings.resolved_dtype(), device)
+    backend_name = settings.resolved_backend()
+    # both raise a ConfigError listing the registered names when the choice is unknown
+    plugins.backends.get(backend_name)
+    plugins.eviction_policies.get(settings.lora_eviction_policy)
+    source = resolve_model_source(settings)
+    model, config = load_model(settings, plugins, device, dtype, source=source)
+    try:
+        tokenizer = load_tokenizer(settings, source)
+    except ConfigError as exc:
+        if settings.tokenizer_path is not None:
+            raise
+        tokenizer = None
+        logger.warning("%s; serving without a tokenizer: requests must send input_ids", exc)
+    context_len = settings.context_length or getattr(config, "max_position_embeddings", None) or 4096
+
+    lora = None
+    if settings.lora_enabled:
+        from loraserve.lora.manager import LoRAManager
+
+        max_rank, targets = infer_lora_limits(settings, plugins)
+        backend = plugins.backends.create(backend_name, settings, device)
+        lora = LoRAManager(settings, plugins, model, backend, max_rank, targets, device, dtype, run_in_engine)
+        logger.info("LoRA: backend %s, %d slots, max rank %d, modules %s, GPU pool %.1f MiB", backend_name,
+                    settings.max_loras_per_batch, max_rank, ",".join(targets), lora.pool.nbytes / 2**20)
+
+    kv_tokens = settings.max_total_tokens or kv_budget_tokens(model, device, dtype)
+    num_blocks = max(1, kv_tokens // BLOCK_SIZE)
+    kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, num_blocks, BLOCK_SIZE, dtype, device)
+    logger.info("KV cache: %d tokens (%d blocks of %d)", num_blocks * BLOCK_SIZE, num_blocks, BLOCK_SIZE)
+    cuda = device.type == "cuda"
+    scheduler = Scheduler(kv, max_running=settings.max_running_requests or (256 if cuda else 64),
+                          step_tokens=settings.max_prefill_tokens,
+                          chunk_size=settings.chunked_prefill_size or (8192 if cuda else 512),
+                          can_join=lora.can_join if lora is not None else None)
+    runner = ModelRunner(model, kv, device, prepare_lora=lora.prepare if lora is not None else None)
+    if lora is not None:
+        lora.running = lambda: scheduler.running
+    return Components(device=device, dtype=dtype, model=model, config=config, tokenizer=tokenizer,
+                      model_name=settings.served_model_name or source.name, context_len=context_len, kv=kv,
+                      scheduler=scheduler, runner=runner, sampler=Sampler(seed=settings.random_seed), lora=lora,
+                      backend_name=backend_name, eos_token_ids=eos_ids(config, tokenizer, source))
+
+
+def kv_budget_tokens(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+    per_token = KVCache.bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - CUDA_ACTIVATION_RESERVE_BYTES
+        tokens = budget // per_token
+    else:
+        budget = CPU_KV_BUDGET_BYTES
+        tokens = min(budget // per_token, CPU_MAX_KV_TOKENS)
+    if tokens < BLOCK_SIZE:
+        raise ConfigError(f"no memory left for the KV cache ({budget / 2**20:.0f} MiB); use a smaller model or "
+                          "--max-total-tokens")
+    return int(tokens)
+
+
+def infer_lora_limits(settings: Settings, plugins: Any) -> tuple[int, list[str]]:
+    """--max-lora-rank and --lora-target-modules, inferred from --lora-paths when not given (as SGLang)."""
+    ranks, modules = [], set()
+    if settings.lora_paths and (settings.max_lora_rank is None or settings.lora_target_modules is None):
+        loaders = [plugins.loaders.create(r.name) for r in plugins.loaders]
+        for spec in settings.lora_paths:
+            loader = next((ld for ld in loaders if ld.can_load(spec.lora_path)), None)
+            if loader is None:
+                raise ConfigError(f"--lora-paths {spec.lora_name}={spec.lora_path}: no adapter loader can read "
+                                  "it; give a PEFT adapter directory")
+            summary = loader.peek(spec.lora_path)
+            ranks.append(summary.rank)
+            modules |= set(summary.target_modules)
+    max_rank = settings.max_lora_rank or max(ranks, default=DEFAULT_MAX_LORA_RANK)
+    if settings.lora_target_modules is not None:
+        targets = list(settings.lora_target_modules)
+    elif modules:
+        targets = [m for m in (*SUPPORTED_LORA_MODULES, *EXTRA_LORA_MODULES) if m in modules]
+    else:
+        targets = list(SUPPORTED_LORA_MODULES)
+    return max_rank, targets
+
+
+def eos_ids(config: Any, tokenizer: Any, source: Any) -> set[int]:
+    """EOS ids from generation_config.json (as transformers' generate uses), the config and the tokenizer."""
+    ids: set[int] = set()
+    candidates = [getattr(config, "eos_token_id", None)]
+    gen_path = source.model_dir / "generation_config.json"
+    if gen_path.is_file():
+        import json
+
+        candidates.append(json.loads(gen_path.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        candidates.append(tokenizer.eos_token_id)
+    for c in candidates:
+        if isinstance(c, int):
+            ids.add(c)
+        elif isinstance(c, (list, tuple)):
+            ids.update(int(x) for x in c)
+    return ids

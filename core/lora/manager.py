@@ -1,0 +1,272 @@
+"""The LoRA manager: adapter lifecycle (load, unload, pin, evict) and the per-step batch info.
+
+It owns the registry, the host cache and the GPU pool, installs a LoRA hook on every targeted
+linear layer of the model, and answers the scheduler's question "may this request join the step?"
+(a batch never holds more distinct adapters, the base model included, than there are slots).
+Mutating calls run on the engine thread; ``load_adapter``/``unload_adapter`` do their slow parts
+(reading weights, waiting for in-flight requests) on the caller's thread and hand the state change
+to the engine thread through ``run_in_engine``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from loraserve.errors import UserError
+from loraserve.lora.adapter import BaseModelShape
+from loraserve.lora.batch_info import LoRABatchInfo
+from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
+from loraserve.lora.registry import AdapterRef, AdapterRegistry
+
+logger = logging.getLogger("loraserve.lora")
+
+FUSED_MEMBERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                 "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+EXTRA_MODULES = ("embed_tokens", "lm_head")
+
+
+class LoRAManager:
+    def __init__(self, settings: Any, plugins: Any, model: torch.nn.Module, backend: Any, max_rank: int,
+                 target_modules: list[str], device: torch.device, dtype: torch.dtype,
+                 run_in_engine: Callable[[Callable[[], Any]], Any]):
+        self.settings, self.plugins, self.backend = settings, plugins, backend
+        self.device, self.run_in_engine = device, run_in_engine
+        self.shape = BaseModelShape.from_config(model.config)
+        self.max_rank, self.target_modules = max_rank, list(target_modules)
+        self.loaders = [plugins.loaders.create(r.name) for r in plugins.loaders]
+        self.resolvers = [plugins.resolvers.create(r.name, settings) for r in plugins.resolvers]
+        self.registry = AdapterRegistry()
+        self.host = HostAdapterCache(settings.max_loaded_loras, plugins.eviction_policies.create(settings.lora_eviction_policy))
+        modules = {}
+        for layer, name, module in model.lora_targets():
+            if any(m in self.target_modules for m in FUSED_MEMBERS[name]):
+                modules[name] = (module.input_size, tuple(module.output_offsets))
+        extra = {}
+        if "embed_tokens" in self.target_modules or "lm_head" in self.target_modules:
+            if not backend.supports_embedding:
+                raise UserError(f"LoRA backend {backend.name!r} does not support LoRA on embed_tokens/lm_head; "
+                                "use --lora-backend torch or drop them from --lora-target-modules")
+            if "embed_tokens" in self.target_modules:
+                extra["embed_tokens"] = (self.shape.vocab_size, self.shape.hidden_size)
+            if "lm_head" in self.target_modules:
+                extra["lm_head"] = (self.shape.hidden_size, self.shape.vocab_size)
+        self.pool = GpuAdapterPool(settings.max_loras_per_batch, max_rank, self.shape.num_layers, modules, extra,
+                                   dtype, device, plugins.eviction_policies.create(settings.lora_eviction_policy))
+        self.running: Callable[[], list] = lambda: []
+        self.metrics = {"loads": 0, "gpu_evictions": 0, "host_evictions": 0, "hits": 0, "misses": 0, "host_reloads": 0}
+        self._active = False
+        self._install_hooks(model)
+
+    # -- model hooks ------------------------------------------------------------------------------
+
+    def _install_hooks(self, model: torch.nn.Module) -> None:
+        for layer, name, module in model.lora_targets():
+            if (layer, name) in self.pool.A:
+                module.lora_hook = self._linear_hook(self.pool.A[(layer, name)], self.pool.B[(layer, name)],
+                                                     self.pool.offsets[name])
+        if (-1, "lm_head") in self.pool.A:
+            vocab = self.shape.vocab_size
+            model.lm_head.lora_hook = self._linear_hook(self.pool.A[(-1, "lm_head")], self.pool.B[(-1, "lm_head")], (0, vocab))
+        if (-1, "embed_tokens") in self.pool.A:
+            A, B = self.pool.A[(-1, "embed_tokens")], self.pool.B[(-1, "embed_tokens")]
+
+            def embed_hook(input_ids, out):
+                if self._active:
+                    self.backend.run_lora_embedding(input_ids, A, B, out)
+            model.embed_tokens.lora_hook = embed_hook
+
+    def _linear_hook(self, A: torch.Tensor, B: torch.Tensor, offsets: tuple[int, ...]):
+        def hook(x, out):
+            if self._active:
+                self.backend.run_lora(x, A, B, out, offsets)
+        return hook
+
+    # -- loading and unloading (caller thread) ----------------------------------------------------
+
+    def _loader_for(self, source: str):
+        for loader in self.loaders:
+            if loader.can_load(source):
+                return loader
+        raise UserError(f"no adapter loader can read {source!r}; give a PEFT adapter directory or hub id")
+
+    def _read(self, name: str, source: str):
+        return self._loader_for(source).load(source, name=name, shape=self.shape, max_rank=self.max_rank,
+                                             target_modules=self.target_modules)
+
+    def load_adapter(self, name: str, source: str, pinned: bool = False) -> AdapterRef:
+        """Load, validate and register an adapter; it is visible to requests only once complete."""
+        if not isinstance(name, str) or not name or name in ("base",):
+            raise UserError(f"invalid adapter name {name!r}; use a non-empty name other than 'base'")
+        if self.registry.get(name) is not None:
+            raise UserError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        adapter = self._read(name, source)  # slow, outside the engine thread; raises before any state changes
+        ref = AdapterRef(name=name, version=self.registry.new_version(), source=source, pinned=pinned, rank=adapter.rank)
+        self.run_in_engine(lambda: self._commit(ref, adapter))
+        self.plugins.notify("loraserve_adapter_loaded", name=name, version=ref.version, source=source,
+                            rank=adapter.rank, pinned=pinned)
+        return ref
+
+    def _commit(self, ref: AdapterRef, adapter: Any) -> None:
+        if ref.pinned and sum(r.pinned for r in self.registry.refs()) + 1 > self.pool.num_slots - 1:
+            raise UserError(f"at most --max-loras-per-batch - 1 = {self.pool.num_slots - 1} adapters may be pinned; "
+                            f"unpin or unload one, or raise --max-loras-per-batch")
+        evicted = self.host.make_room(self._host_protected())
+        self._notify_evicted(evicted, "host")
+        self.host.put(ref.key, adapter)
+        try:
+            if ref.pinned:
+                slot = self._ensure_slot(ref, protected=self._batch_keys())
+                if slot is None:
+                    raise UserError("no GPU slot can be freed to pin this adapter: every slot is pinned or in use "
+                                    "by running requests; try again later or unpin an adapter")
+                self.pool.pinned.add(ref.key)
+            self.registry.add(ref)
+        except Exception:
+            self.host.remove(ref.key)
+            slot = self.pool.slot_of(ref.key)
+            if slot is not None:
+                self.pool.evict(slot)
+            raise
+        self.metrics["loads"] += 1
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> None:
+        """Remove ``name`` for new requests at once, wait for its in-flight requests, free memory."""
+        ref = self.registry.remove(name)
+        self.registry.wait_idle(ref, timeout)
+
+        def free():
+            self.host.remove(ref.key)
+            slot = self.pool.slot_of(ref.key)
+            if slot is not None:
+                self.pool.evict(slot)
+        self.run_in_engine(free)
+        self.plugins.notify("loraserve_adapter_unloaded", name=name, version=ref.version)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def acquire(self, requests: list) -> None:
+        """Attach adapter refs to requests (any thread); unknown names raise UserError."""
+        taken = []
+        try:
+            for r in requests:
+                if r.adapter is None:
+                    continue
+                ref = self.registry.acquire(r.adapter)
+                if ref is None:
+                    ref = self._resolve(r.adapter)
+                r.lora = ref
+                taken.append(r)
+        except Exception:
+            for r in taken:
+                self.registry.release(r.lora)
+                r.lora = None
+            raise
+
+    def _resolve(self, name: str) -> AdapterRef:
+        for resolver in self.resolvers:
+            source = resolver.resolve(name)
+            if source is not None:
+                try:
+                    self.load_adapter(name, source)
+                except UserError as exc:
+                    if "already loaded" not in str(exc):
+                        raise
+                ref = self.registry.acquire(name)
+                if ref is not None:
+                    return ref
+        known = ", ".join(sorted(self.registry.names())) or "none"
+        raise UserError(f"unknown adapter {name!r}; loaded adapters: {known}. Load it first "
+                        "(POST /load_lora_adapter) or start with --lora-paths")
+
+    def release(self, request) -> None:
+        if request.lora is not None:
+            self.registry.release(request.lora)
+            request.lora = None
+
+    @staticmethod
+    def key_of(request) -> tuple:
+        return request.lora.key if request.lora is not None else BASE_KEY
+
+    # -- scheduling (engine thread) -------------------------------------------------------------
+
+    def _batch_keys(self, step: list | None = None) -> set:
+        return {self.key_of(r) for r in self.running()} | {self.key_of(r) for r in step or []}
+
+    def _host_protected(self) -> set:
+        return self._batch_keys() | {r.key for r in self.registry.refs() if r.pinned}
+
+    def can_join(self, request, step: list) -> bool:
+        key = self.key_of(request)
+        batch = self._batch_keys(step)
+        if key in batch:
+            return True
+        if len(batch) >= self.pool.num_slots:
+            return False
+        return self._ensure_slot(request.lora, protected=batch) is not None
+
+    def _ensure_slot(self, ref: AdapterRef | None, protected: set) -> int | None:
+        """The GPU slot holding ``ref`` (None: the base model), loading it if needed; None if no
+        slot can be freed."""
+        key = ref.key if ref is not None else BASE_KEY
+        slot = self.pool.slot_of(key)
+        if slot is not None:
+            self.metrics["hits"] += 1
+            self.pool.policy.touch(key)
+            return slot
+        slot, victim = self.pool.find_slot(protected)
+        if slot is None:
+            return None
+        self.metrics["misses"] += 1
+        adapter = None if ref is None else self._host_copy(ref)
+        if victim is not None:
+            self.pool.evict(slot)
+            self.metrics["gpu_evictions"] += 1
+            self._notify_evicted([victim], "gpu")
+        self.pool.load(slot, key, adapter)
+        return slot
+
+    def _host_copy(self, ref: AdapterRef):
+        adapter = self.host.get(ref.key)
+        if adapter is None:  # evicted from the host cache: reload from its source, transparently
+            adapter = self._read(ref.name, ref.source)
+            self._notify_evicted(self.host.make_room(self._host_protected() | {ref.key}), "host")
+            self.host.put(ref.key, adapter)
+            self.metrics["host_reloads"] += 1
+        return adapter
+
+    def _notify_evicted(self, keys: list, tier: str) -> None:
+        for name, version in keys:
+            if tier == "host":
+                self.metrics["host_evictions"] += 1
+            if name:
+                self.plugins.notify("loraserve_adapter_evicted", name=name, version=version, tier=tier)
+
+    def prepare(self, chunks: list) -> None:
+        """Build this step's LoRABatchInfo and hand it to the backend (engine thread)."""
+        seg_slot = [self.pool.slot_of(self.key_of(c.request)) for c in chunks]
+        if any(s is None for s in seg_slot):
+            raise RuntimeError("a scheduled request's adapter is not in a GPU slot")
+        for key in {self.key_of(c.request) for c in chunks}:
+            self.pool.policy.touch(key)
+        self._active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
+        if not self._active:
+            return
+        info = LoRABatchInfo.build([c.num_tokens for c in chunks], seg_slot, self.pool.ranks_host,
+                                   self.pool.scalings_host, self.max_rank, device=self.device)
+        self.backend.prepare(info)
+
+    def check_integrity(self) -> None:
+        """Pools consistent, and every adapter they hold is registered or still held by a request."""
+        self.pool.check_integrity()
+        self.host.check_integrity()
+        live = {r.key for r in self.registry.refs()} | {self.key_of(r) for r in self.running()} | {BASE_KEY}
+        for key in [*self.pool.resident(), *self.host.keys()]:
+            if key not in live:
+                raise RuntimeError(f"adapter {key} is still in memory but neither registered nor in use")
+
+    def loaded_adapters(self) -> list[dict]:
+        return [{"name": r.name, "source": r.source, "pinned": r.pinned, "rank": r.rank, "version": r.version}
+                for r in self.registry.refs()]

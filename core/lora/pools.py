@@ -1,0 +1,187 @@
+"""The two memory tiers of adapter weights: the host cache and the GPU slot pool.
+
+``HostAdapterCache`` keeps loaded adapters' CPU tensors, at most ``capacity`` of them; the eviction
+policy picks a victim among the keys the caller does not protect. ``GpuAdapterPool`` holds the
+fixed-size per-layer buffers the LoRA layers read (``A [slots, slices * max_rank, in]`` and
+``B [slots, out, max_rank]``) and which key occupies each slot; the base model occupies a slot of
+rank 0 when it is in a batch, as in SGLang. Buffers are allocated once and only their contents
+change, so a captured CUDA graph stays valid. Keys are ``(name, version)``. Both pools have a
+``check_integrity()`` the tests call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import torch
+
+from loraserve.errors import UserError
+from loraserve.lora.eviction import EvictionPolicy
+
+BASE_KEY = ("", 0)  # the base model's key in the GPU pool: rank 0, no weights
+
+
+class HostAdapterCache:
+    """key -> adapter (CPU tensors), bounded by ``capacity`` (None: unbounded)."""
+
+    def __init__(self, capacity: int | None, policy: EvictionPolicy):
+        self.capacity = capacity
+        self.policy = policy
+        self._adapters: dict[Hashable, Any] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._adapters.values())
+
+    def get(self, key: Hashable) -> Any | None:
+        adapter = self._adapters.get(key)
+        if adapter is not None:
+            self.policy.touch(key)
+        return adapter
+
+    def make_room(self, protected: set) -> list[Hashable]:
+        """Evict until one more adapter fits; returns the evicted keys. Raises when every
+        resident adapter is protected."""
+        evicted = []
+        while self.capacity is not None and len(self._adapters) >= self.capacity:
+            victim = self.policy.victim([k for k in self._adapters if k not in protected])
+            if victim is None:
+                raise UserError(f"the host adapter cache is full ({self.capacity} adapters, --max-loaded-loras) "
+                                "and every adapter in it is pinned or in use; unload one or raise --max-loaded-loras")
+            self.remove(victim)
+            evicted.append(victim)
+        return evicted
+
+    def put(self, key: Hashable, adapter: Any) -> None:
+        if self.capacity is not None and len(self._adapters) >= self.capacity and key not in self._adapters:
+            raise RuntimeError("make_room() before put()")
+        self._adapters[key] = adapter
+        self.policy.insert(key)
+
+    def remove(self, key: Hashable) -> None:
+        if self._adapters.pop(key, None) is not None:
+            self.policy.remove(key)
+
+    def keys(self) -> list[Hashable]:
+        return list(self._adapters)
+
+    def check_integrity(self) -> None:
+        if self.capacity is not None and len(self._adapters) > self.capacity:
+            raise RuntimeError(f"host cache holds {len(self._adapters)} adapters, capacity {self.capacity}")
+
+
+class GpuAdapterPool:
+    """Fixed per-layer LoRA buffers with ``num_slots`` slots, and the key held by each slot.
+
+    :param modules: fused module name -> ``(in_dim, output_offsets)`` for the targeted modules.
+    :param extra: optional ``{"embed_tokens": (vocab, hidden), "lm_head": (hidden, vocab)}`` —
+        modules without layers, stored as ``A [slots, R, in]``, ``B [slots, out, R]``.
+    """
+
+    def __init__(self, num_slots: int, max_rank: int, num_layers: int, modules: dict[str, tuple[int, tuple[int, ...]]],
+                 extra: dict[str, tuple[int, int]], dtype: torch.dtype, device: torch.device, policy: EvictionPolicy):
+        self.num_slots, self.max_rank, self.policy = num_slots, max_rank, policy
+        self.offsets = {name: offs for name, (_, offs) in modules.items()}
+        R = max_rank
+        self.A: dict[tuple[int, str], torch.Tensor] = {}
+        self.B: dict[tuple[int, str], torch.Tensor] = {}
+        for layer in range(num_layers):
+            for name, (in_dim, offs) in modules.items():
+                n_slices = len(offs) - 1
+                self.A[(layer, name)] = torch.zeros(num_slots, n_slices * R, in_dim, dtype=dtype, device=device)
+                self.B[(layer, name)] = torch.zeros(num_slots, offs[-1], R, dtype=dtype, device=device)
+        for name, (in_dim, out_dim) in extra.items():
+            self.A[(-1, name)] = torch.zeros(num_slots, R, in_dim, dtype=dtype, device=device)
+            self.B[(-1, name)] = torch.zeros(num_slots, out_dim, R, dtype=dtype, device=device)
+        self.slot_key: list[Hashable | None] = [None] * num_slots
+        self.ranks_host = [0] * num_slots
+        self.scalings_host = [0.0] * num_slots
+        self.pinned: set[Hashable] = set()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.A.values(), *self.B.values()))
+
+    def slot_of(self, key: Hashable) -> int | None:
+        try:
+            return self.slot_key.index(key)
+        except ValueError:
+            return None
+
+    def resident(self) -> list[Hashable]:
+        return [k for k in self.slot_key if k is not None]
+
+    def find_slot(self, protected: set) -> tuple[int | None, Hashable | None]:
+        """A free slot, or the slot of the policy's victim among unprotected, unpinned keys.
+
+        Returns ``(slot, victim_key)``; ``(None, None)`` when nothing can be freed."""
+        if None in self.slot_key:
+            return self.slot_key.index(None), None
+        victim = self.policy.victim([k for k in self.slot_key if k not in protected and k not in self.pinned])
+        if victim is None:
+            return None, None
+        return self.slot_key.index(victim), victim
+
+    def evict(self, slot: int) -> Hashable | None:
+        key = self.slot_key[slot]
+        if key is not None:
+            self.policy.remove(key)
+            self.pinned.discard(key)
+        self.slot_key[slot] = None
+        self.ranks_host[slot], self.scalings_host[slot] = 0, 0.0
+        return key
+
+    def load(self, slot: int, key: Hashable, adapter: Any | None) -> None:
+        """Put ``adapter`` (None for the base model) into ``slot``, replacing what was there."""
+        if self.slot_key[slot] is not None:
+            self.evict(slot)
+        R = self.max_rank
+        if adapter is not None:
+            if adapter.rank > R:
+                raise UserError(f"adapter rank {adapter.rank} exceeds --max-lora-rank {R}")
+            for (layer, name), A_buf in self.A.items():
+                B_buf = self.B[(layer, name)]
+                A_buf[slot].zero_()
+                B_buf[slot].zero_()
+                w = self._weights_for(adapter, layer, name)
+                if w is None:
+                    continue
+                A, B = w
+                if layer < 0:
+                    r = A.shape[0]
+                    A_buf[slot, :r].copy_(A)
+                else:
+                    n_slices = len(self.offsets[name]) - 1
+                    r = A.shape[0] // n_slices
+                    for i in range(n_slices):
+                        A_buf[slot, i * R:i * R + r].copy_(A[i * r:(i + 1) * r])
+                B_buf[slot, :, :r].copy_(B)
+        self.slot_key[slot] = key
+        self.ranks_host[slot] = adapter.rank if adapter is not None else 0
+        self.scalings_host[slot] = float(adapter.scaling) if adapter is not None else 0.0
+        self.policy.insert(key)
+
+    @staticmethod
+    def _weights_for(adapter: Any, layer: int, name: str):
+        if layer < 0:
+            return getattr(adapter, name, None)
+        return adapter.weights.get((layer, name))
+
+    def check_integrity(self) -> None:
+        keys = self.resident()
+        if len(keys) != len(set(keys)):
+            raise RuntimeError(f"a key occupies two GPU slots: {keys}")
+        missing = self.pinned - set(keys)
+        if missing:
+            raise RuntimeError(f"pinned adapters not resident: {missing}")
+        for slot, key in enumerate(self.slot_key):
+            if key is None and self.ranks_host[slot] != 0:
+                raise RuntimeError(f"empty slot {slot} has rank {self.ranks_host[slot]}")
+            if self.ranks_host[slot] > self.max_rank:
+                raise RuntimeError(f"slot {slot} rank {self.ranks_host[slot]} above max {self.max_rank}")

@@ -1,0 +1,93 @@
+"""The adapter registry: which adapter names requests may use, each with a unique version.
+
+A name maps to an :class:`AdapterRef`. Loading a name gives it a fresh version id, so the host
+cache and the GPU pool, which key on ``(name, version)``, can never serve the weights of an
+earlier load under a reloaded name. ``in_flight`` counts the requests holding the ref; unloading
+removes the name at once and then waits until that count reaches zero. The registry is the one
+piece of LoRA state that request threads touch, so it has its own lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+
+from loraserve.errors import UserError
+
+
+@dataclass(eq=False)
+class AdapterRef:
+    name: str
+    version: int
+    source: str
+    pinned: bool = False
+    rank: int = 0
+    in_flight: int = 0
+    unloaded: bool = False
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.name, self.version)
+
+
+class AdapterRegistry:
+    """Thread-safe name -> :class:`AdapterRef` map with in-flight counting."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, AdapterRef] = {}
+        self._versions = itertools.count(1)
+        self._cond = threading.Condition()
+
+    def new_version(self) -> int:
+        with self._cond:
+            return next(self._versions)
+
+    def add(self, ref: AdapterRef) -> None:
+        with self._cond:
+            if ref.name in self._refs:
+                raise UserError(f"an adapter named {ref.name!r} is already loaded; unload it first or pick another name")
+            self._refs[ref.name] = ref
+
+    def get(self, name: str) -> AdapterRef | None:
+        with self._cond:
+            return self._refs.get(name)
+
+    def names(self) -> list[str]:
+        with self._cond:
+            return list(self._refs)
+
+    def refs(self) -> list[AdapterRef]:
+        with self._cond:
+            return list(self._refs.values())
+
+    def acquire(self, name: str) -> AdapterRef | None:
+        """The ref for ``name`` with its in-flight count raised, or None when no such name exists."""
+        with self._cond:
+            ref = self._refs.get(name)
+            if ref is not None:
+                ref.in_flight += 1
+            return ref
+
+    def release(self, ref: AdapterRef) -> None:
+        with self._cond:
+            ref.in_flight -= 1
+            if ref.in_flight < 0:
+                raise RuntimeError(f"adapter {ref.name!r} released more often than acquired")
+            self._cond.notify_all()
+
+    def remove(self, name: str) -> AdapterRef:
+        """Make ``name`` unknown to new requests at once; returns its ref."""
+        with self._cond:
+            ref = self._refs.pop(name, None)
+            if ref is None:
+                known = ", ".join(sorted(self._refs)) or "none"
+                raise UserError(f"no adapter named {name!r} is loaded; loaded adapters: {known}")
+            ref.unloaded = True
+            return ref
+
+    def wait_idle(self, ref: AdapterRef, timeout: float | None = None) -> bool:
+        """Block until no request holds ``ref``; returns False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: ref.in_flight == 0, timeout)

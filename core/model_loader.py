@@ -1,0 +1,345 @@
+"""Finding, configuring and filling the base model: the one place that reads weights from disk.
+
+:func:`resolve_model_source` turns ``--model-path``/``--load-format`` into a :class:`ModelSource`
+(a local Hugging Face directory, a GGUF file, a hub id fetched through huggingface_hub, or the
+embedded SmolLM2 when no path is given). :func:`load_model` builds the architecture named by
+``config.architectures[0]`` through the ``models`` plugin registry and fills it: safetensors and
+``.bin`` checkpoints are streamed tensor by tensor into the model's parameters, GGUF files are
+dequantised by transformers, and ``--load-format dummy`` draws random weights of the real shape
+directly on the target device (no tokenizer or weight files needed, for benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+
+from loraserve.errors import ConfigError
+from loraserve.models.dtypes import to_torch_device, to_torch_dtype
+
+if TYPE_CHECKING:
+    from loraserve.plugin_manager import PluginManager
+    from loraserve.settings import Settings
+
+logger = logging.getLogger("loraserve.model_loader")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PROGRESS_BYTES = 1 << 30  # a single checkpoint file larger than this gets a progress bar too
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: the directory holding ``config.json`` (or the GGUF file) and how to read it.
+
+    :param model_dir: directory with config.json, or the directory of the GGUF file.
+    :param load_format: ``safetensors``, ``pt``, ``gguf`` or ``dummy`` (never ``auto``).
+    :param weight_files: checkpoint files in load order (empty for gguf and dummy).
+    :param gguf_file: the GGUF file name inside ``model_dir``, or None.
+    :param name: the default served model name.
+    :param origin: ``local``, ``hub`` or ``embedded``.
+    """
+
+    model_dir: Path
+    load_format: str
+    weight_files: tuple[Path, ...] = ()
+    gguf_file: str | None = None
+    name: str = ""
+    origin: str = "local"
+
+
+# -- resolving ----------------------------------------------------------------------------------
+
+
+def resolve_model_source(settings: "Settings") -> ModelSource:
+    """Where ``settings.model_path`` points and which weight files to read; raises ConfigError if nothing fits."""
+    fmt = settings.load_format
+    if settings.model_path is None:
+        from loraserve.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
+
+        return _from_dir(embedded_model_dir(), fmt, EMBEDDED_MODEL_NAME, "embedded")
+    given = settings.model_path
+    path = Path(given).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf" and fmt != "gguf":
+            raise ConfigError(f"--model-path {given!r} is a file but not a .gguf file; pass a Hugging Face "
+                              "directory (config.json + *.safetensors) or a GGUF file")
+        if fmt not in ("auto", "gguf", "dummy"):
+            raise ConfigError(f"--model-path {given!r} is a GGUF file but --load-format is {fmt!r}; "
+                              "use --load-format auto (or gguf, or dummy)")
+        return ModelSource(path.parent.resolve(), "dummy" if fmt == "dummy" else "gguf", gguf_file=path.name,
+                           name=path.stem)
+    if path.is_dir():
+        return _from_dir(path.resolve(), fmt, path.resolve().name, "local")
+    if HUB_ID.match(given) and not given.startswith("."):
+        return _from_dir(_download(given, fmt), fmt, given, "hub")
+    raise ConfigError(f"--model-path {given!r} does not exist; pass a local Hugging Face directory, a .gguf "
+                      "file, or a hub id like org/name")
+
+
+def _from_dir(directory: Path, fmt: str, name: str, origin: str) -> ModelSource:
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    has_config = (directory / "config.json").is_file()
+    if not has_config and not (ggufs and fmt in ("auto", "gguf", "dummy")):
+        raise ConfigError(f"{directory} has no config.json; pass a Hugging Face model directory "
+                          "(config.json + *.safetensors) or a .gguf file to --model-path")
+    if fmt == "dummy":
+        gguf = None if has_config else _single_gguf(directory, ggufs)
+        return ModelSource(directory, "dummy", gguf_file=gguf, name=name, origin=origin)
+    if fmt == "auto":
+        if _safetensors_files(directory):
+            fmt = "safetensors"
+        elif _pt_files(directory):
+            fmt = "pt"
+        elif ggufs:
+            fmt = "gguf"
+        else:
+            raise ConfigError(f"no weights found in {directory} (expected *.safetensors, pytorch_model*.bin or "
+                              "one *.gguf); pass --load-format dummy to run this config with random weights")
+    if fmt == "gguf":
+        return ModelSource(directory, "gguf", gguf_file=_single_gguf(directory, ggufs), name=name, origin=origin)
+    files = _safetensors_files(directory) if fmt == "safetensors" else _pt_files(directory)
+    if not files:
+        pattern = "*.safetensors" if fmt == "safetensors" else "pytorch_model*.bin"
+        raise ConfigError(f"--load-format {fmt} but {directory} has no {pattern} files; use --load-format auto "
+                          "to detect the format, or dummy for random weights")
+    return ModelSource(directory, fmt, tuple(files), name=name, origin=origin)
+
+
+def _single_gguf(directory: Path, ggufs: Sequence[str]) -> str:
+    if len(ggufs) != 1:
+        found = ", ".join(ggufs) if ggufs else "none"
+        raise ConfigError(f"{directory} must hold exactly one .gguf file to load (found: {found}); "
+                          "pass the .gguf file itself as --model-path")
+    return ggufs[0]
+
+
+def _indexed(directory: Path, index_name: str) -> list[Path] | None:
+    index = directory / index_name
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{index} is not a valid checkpoint index ({exc}); re-download the model") from None
+    files = [directory / f for f in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"{index} lists shard(s) that are not in {directory}: {', '.join(missing)}; "
+                          "re-download the model")
+    return files
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    indexed = _indexed(directory, "model.safetensors.index.json")
+    if indexed is not None:
+        return indexed
+    files = sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("*.safetensors"))
+    return files
+
+
+def _pt_files(directory: Path) -> list[Path]:
+    indexed = _indexed(directory, "pytorch_model.bin.index.json")
+    if indexed is not None:
+        return indexed
+    return sorted(directory.glob("pytorch_model*.bin"))
+
+
+def _download(repo_id: str, fmt: str) -> Path:
+    """Fetch config, tokenizer and (unless dummy) weights of a hub model; safetensors preferred over .bin."""
+    if fmt == "gguf":
+        raise ConfigError(f"--load-format gguf with hub id {repo_id!r} is not supported; download the .gguf "
+                          "file and pass its path to --model-path")
+    base = ["*.json", "tokenizer.model", "*.txt", "*.jinja"]
+    weights = {"dummy": [], "safetensors": ["*.safetensors"], "pt": ["pytorch_model*.bin"], "auto": ["*.safetensors"]}
+    directory = _snapshot(repo_id, base + weights[fmt])
+    if fmt == "auto" and not _safetensors_files(directory):  # an older repo with only .bin weights
+        directory = _snapshot(repo_id, base + ["pytorch_model*.bin"])
+    return directory
+
+
+def _snapshot(repo_id: str, patterns: list[str]) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"could not fetch model {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: "
+                          f"{reason}); pass a local directory with config.json and *.safetensors to "
+                          "--model-path instead") from None
+
+
+# -- config and tokenizer -----------------------------------------------------------------------
+
+
+def load_config(source: ModelSource):
+    """The transformers config of the model (from config.json, or from the GGUF metadata)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source.model_dir), gguf_file=source.gguf_file)
+    except Exception as exc:
+        where = source.model_dir / (source.gguf_file or "config.json")
+        raise ConfigError(f"could not read the model config from {where}: {type(exc).__name__}: {exc}") from None
+
+
+def architecture(config) -> str:
+    """``config.architectures[0]``, or the causal-LM class of ``config.model_type`` when it is absent (GGUF)."""
+    archs = getattr(config, "architectures", None)
+    if archs:
+        return archs[0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    raise ConfigError(f"the model config names no architecture (architectures is empty, model_type "
+                      f"{model_type!r}); add \"architectures\": [\"LlamaForCausalLM\"] to config.json")
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(settings: "Settings", source: ModelSource | None = None):
+    """The Hugging Face tokenizer for ``--tokenizer-path`` or, by default, the model's own.
+
+    Raises ConfigError when the directory has no tokenizer (the benchmark configs have none:
+    ``--load-format dummy`` runs with token ids and needs no tokenizer).
+    """
+    from transformers import AutoTokenizer
+
+    given = settings.tokenizer_path
+    if given is not None:
+        path = Path(given).expanduser()
+        if path.is_file():
+            directory, gguf = path.parent, path.name
+        elif path.is_dir():
+            directory, gguf = path, None
+        elif HUB_ID.match(given):
+            try:
+                return AutoTokenizer.from_pretrained(given)
+            except Exception as exc:
+                raise ConfigError(f"could not fetch tokenizer {given!r} from the Hugging Face hub "
+                                  f"({type(exc).__name__}); pass a local tokenizer directory to --tokenizer-path") from None
+        else:
+            raise ConfigError(f"--tokenizer-path {given!r} does not exist; pass a directory, a .gguf file or a hub id")
+    else:
+        source = source or resolve_model_source(settings)
+        directory, gguf = source.model_dir, source.gguf_file
+    if gguf is None and not has_tokenizer(directory):
+        raise ConfigError(f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}); pass "
+                          "--tokenizer-path DIR_OR_HUB_ID, or send token ids (a --load-format dummy model "
+                          "needs no tokenizer)")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf)
+    except Exception as exc:
+        raise ConfigError(f"could not load the tokenizer from {directory / (gguf or '')}: "
+                          f"{type(exc).__name__}: {exc}") from None
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+def iter_checkpoint(files: Sequence[Path], load_format: str, progress: bool | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream ``(name, tensor)`` pairs from safetensors or ``.bin`` files, one tensor in memory at a time.
+
+    A tqdm bar (bytes) is shown when there is more than one file or more than 1 GiB, unless
+    ``progress`` says otherwise.
+    """
+    from tqdm.auto import tqdm
+
+    total = sum(f.stat().st_size for f in files)
+    show = progress if progress is not None else (len(files) > 1 or total > PROGRESS_BYTES)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show)
+    try:
+        for path in files:
+            if load_format == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        tensor = handle.get_tensor(name)
+                        bar.update(tensor.numel() * tensor.element_size())
+                        yield name, tensor
+            elif load_format == "pt":
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                for name, tensor in state.items():
+                    bar.update(tensor.numel() * tensor.element_size())
+                    yield name, tensor
+                del state
+            else:
+                raise ConfigError(f"cannot stream load format {load_format!r}; use safetensors or pt")
+    finally:
+        bar.close()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights in place, on the model's own device and dtype: normal(0, std), norms 1, biases 0."""
+    norm_params = {id(p) for name, m in model.named_modules() if "norm" in type(m).__name__.lower()
+                   for p in m.parameters(recurse=False)}
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        if id(param) in norm_params or name.endswith("norm.weight"):
+            param.fill_(0.0 if name.endswith(".bias") else 1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            gen = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
+            param.normal_(0.0, std, generator=gen)
+
+
+def load_model(settings: "Settings", plugins: "PluginManager", device: torch.device | str | None = None,
+               dtype: torch.dtype | str | None = None, source: ModelSource | None = None):
+    """Build and fill the base model. Returns ``(model, config)``; the model is in eval mode.
+
+    ``device`` and ``dtype`` default to the settings' resolved values; names and torch objects
+    both work. The architecture comes from ``config.architectures[0]`` through
+    ``plugins.models`` (an unknown one raises ConfigError listing the known ones).
+    """
+    device = to_torch_device(device if device is not None else settings.resolved_device())
+    dtype = to_torch_dtype(dtype if dtype is not None else settings.resolved_dtype(), device)
+    source = source or resolve_model_source(settings)
+    start = time.perf_counter()
+    hf_model = None
+    if source.load_format == "gguf":
+        hf_model = _load_gguf(source, dtype)
+        config = hf_model.config
+    else:
+        config = load_config(source)
+    model = plugins.models.create(architecture(config), config, dtype, device)
+    if source.load_format == "dummy":
+        init_dummy_weights(model, seed=settings.random_seed or 0)
+    elif hf_model is not None:
+        model.load_weights(hf_model.state_dict().items())
+        del hf_model
+    else:
+        model.load_weights(iter_checkpoint(source.weight_files, source.load_format))
+    model.eval()
+    logger.info("loaded %s (%s, %s weights) on %s as %s in %.1f s", source.name or source.model_dir,
+                architecture(config), source.load_format, device, str(dtype).removeprefix("torch."),
+                time.perf_counter() - start)
+    return model, config
+
+
+def _load_gguf(source: ModelSource, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    path = source.model_dir / str(source.gguf_file)
+    logger.info("dequantising %s through transformers (this reads the whole file)", path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(source.model_dir), gguf_file=source.gguf_file, dtype=dtype)
+    except ImportError as exc:
+        raise ConfigError(f"reading {path} needs the gguf package ({exc}); run: pip install gguf") from None
+    except Exception as exc:
+        raise ConfigError(f"could not load GGUF file {path}: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,167 @@
+"""Building blocks of the Llama-family model: LoRA-aware linear and embedding layers, RMSNorm, RoPE.
+
+Every projection is a :class:`LoRALinear`: one weight ``[out_total, in]`` that may fuse several
+output slices (q/k/v, gate/up), an optional bias, and a ``lora_hook`` the LoRA manager sets. The
+hook receives the layer input and the base output and adds the adapter delta into the output in
+place, so the base projection runs once for the whole batch whatever adapters the tokens use.
+Parameters are created empty, directly on the target device and dtype; the loader fills them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraserve.errors import ConfigError
+
+#: ``hook(x, out)`` for linear layers, ``hook(input_ids, out)`` for the embedding; edits ``out`` in place.
+LoRAHook = Callable[[torch.Tensor, torch.Tensor], None]
+
+# RoPE types whose frequencies do not depend on the sequence length, so one table serves a flat
+# batch of many sequences. "dynamic" and "longrope" rescale with the length and are refused.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer whose output may fuse several slices, with a LoRA hook.
+
+    :param input_size: features in.
+    :param output_sizes: size of each fused output slice (``[q, kv, kv]`` for qkv_proj,
+        ``[inter, inter]`` for gate_up_proj, ``[out]`` for a plain projection).
+    :param bias: whether the layer has a bias.
+
+    ``output_offsets`` holds the slice boundaries, ``(0, q, q+kv, q+2kv)`` for qkv_proj; the
+    LoRA backends read it to apply one adapter matrix pair per slice.
+    """
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        if input_size < 1 or not output_sizes or any(s < 1 for s in output_sizes):
+            raise ConfigError(f"linear layer sizes must be positive: input {input_size}, outputs {tuple(output_sizes)}")
+        offsets = [0]
+        for size in output_sizes:
+            offsets.append(offsets[-1] + int(size))
+        self.input_size = int(input_size)
+        self.output_sizes: tuple[int, ...] = tuple(int(s) for s in output_sizes)
+        self.output_offsets: tuple[int, ...] = tuple(offsets)
+        self.output_size = offsets[-1]
+        self.weight = _empty((self.output_size, self.input_size), dtype, device)
+        self.bias = _empty((self.output_size,), dtype, device) if bias else None
+        self.lora_hook: LoRAHook | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.lora_hook is not None:
+            self.lora_hook(x, out)  # adds the adapter delta in place
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, offsets={self.output_offsets}, bias={self.bias is not None}"
+
+
+class LoRAEmbedding(nn.Module):
+    """Token embedding ``[vocab, hidden]`` with a LoRA hook called as ``hook(input_ids, out)``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.weight = _empty((self.num_embeddings, self.embedding_dim), dtype, device)
+        self.lora_hook: LoRAHook | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(input_ids, self.weight)
+        if self.lora_hook is not None:
+            self.lora_hook(input_ids, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as Hugging Face's Llama does, then cast back."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = _empty((hidden_size,), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rope_parameters(config) -> dict:
+    """The config's RoPE parameters in transformers 5's standard form (``rope_type``, ``rope_theta``, ...)."""
+    if hasattr(config, "standardize_rope_params"):
+        config.standardize_rope_params()
+    params = getattr(config, "rope_parameters", None)
+    if not params:  # an older-style config: rope_theta plus an optional rope_scaling dict
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_type", params.get("type", "default"))
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if "rope_type" not in params and any(isinstance(v, dict) for v in params.values()):
+        raise ConfigError(f"per-layer RoPE parameters {params!r} are not supported by the Llama-family model; "
+                          "use a config with one rope_parameters dict")
+    return dict(params)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (NeoX half-rotation layout, as Hugging Face's Llama checkpoints use).
+
+    The inverse frequencies and the attention scaling come from transformers' own RoPE helpers
+    (``ROPE_INIT_FUNCTIONS``), so Llama-3 ``llama3`` scaling, linear and YaRN match the oracle.
+    Cos/sin are computed per forward from the positions: no table sized by the context length.
+    """
+
+    def __init__(self, config, head_dim: int, device: torch.device):
+        super().__init__()
+        params = rope_parameters(config)
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"rope type {rope_type!r} (config rope_parameters/rope_scaling) is not supported: its "
+                              f"frequencies change with the sequence length; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"partial_rotary_factor {params['partial_rotary_factor']} is not supported; "
+                              "the Llama-family model rotates the whole head")
+        if rope_type == "default":
+            base = float(params["rope_theta"])
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        if inv_freq.numel() * 2 != head_dim:
+            raise ConfigError(f"RoPE gives {inv_freq.numel()} frequencies for head_dim {head_dim}; "
+                              "check head_dim and rope_parameters in config.json")
+        self.rope_type = rope_type
+        self.attention_scaling = float(scaling)
+        self.register_buffer("inv_freq", inv_freq.to(device=device, dtype=torch.float32), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[T, head_dim]`` in ``dtype``, for the flat token positions."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, heads, head_dim]`` by the per-token ``cos``/``sin`` ``[T, head_dim]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,269 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) with fused, LoRA-aware projections.
+
+The model runs one flat batch of tokens from many sequences: ``forward(input_ids[T], positions[T],
+attn)``. It owns no attention cache: each layer applies RoPE and hands q/k/v to
+``attn.attention(layer_idx, q, k, v)``, which the engine implements over its paged cache (and which
+knows where each sequence starts). q/k/v share one ``qkv_proj`` and gate/up one ``gate_up_proj``,
+so a LoRA backend sees one base output per fused projection with ``output_offsets`` marking the
+slices. :meth:`LlamaForCausalLM.load_weights` takes Hugging Face tensor names and fuses them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from loraserve.errors import ConfigError
+from loraserve.models.layers import LoRAEmbedding, LoRALinear, RMSNorm, RotaryEmbedding, apply_rotary
+from loraserve.models.dtypes import to_torch_device, to_torch_dtype
+
+LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+# Hugging Face projection name -> (our fused projection, slice index)
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_UNFUSED = {fused: [hf for hf, (f, _) in _FUSED.items() if f == fused] for fused in ("qkv_proj", "gate_up_proj")}
+
+
+class AttentionContext(Protocol):
+    """What the model needs from the engine for one forward: attention over its cache."""
+
+    def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``[T, num_heads, head_dim]``, k/v ``[T, num_kv_heads, head_dim]`` -> ``[T, num_heads, head_dim]``."""
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, model: "LlamaForCausalLM", layer_idx: int, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        dtype, device = model.dtype, model.device
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = model.num_heads, model.num_kv_heads, model.head_dim
+        self.q_size, self.kv_size = model.q_size, model.kv_size
+        self.qkv_proj = LoRALinear(model.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, dtype, device)
+        self.o_proj = LoRALinear(self.q_size, [model.hidden_size], o_bias, dtype, device)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        T = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        out = attn.attention(self.layer_idx, q, k, v)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, model: "LlamaForCausalLM", bias: bool, hidden_act: str):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        if hidden_act not in ACT2FN:
+            raise ConfigError(f"hidden_act {hidden_act!r} in config.json is not a known activation; "
+                              f"known: {', '.join(sorted(ACT2FN))}")
+        inter = model.intermediate_size
+        self.intermediate_size = inter
+        self.gate_up_proj = LoRALinear(model.hidden_size, [inter, inter], bias, model.dtype, model.device)
+        self.down_proj = LoRALinear(inter, [model.hidden_size], bias, model.dtype, model.device)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, model: "LlamaForCausalLM", layer_idx: int, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        cfg = model.config
+        self.input_layernorm = RMSNorm(model.hidden_size, cfg.rms_norm_eps, model.dtype, model.device)
+        self.self_attn = LlamaAttention(model, layer_idx, qkv_bias, o_bias)
+        self.post_attention_layernorm = RMSNorm(model.hidden_size, cfg.rms_norm_eps, model.dtype, model.device)
+        self.mlp = LlamaMLP(model, bool(getattr(cfg, "mlp_bias", False)), getattr(cfg, "hidden_act", "silu"))
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attn)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, model: "LlamaForCausalLM", qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.embed_tokens = LoRAEmbedding(model.vocab_size, model.hidden_size, model.dtype, model.device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(model, i, qkv_bias, o_bias) for i in range(model.num_layers))
+        self.norm = RMSNorm(model.hidden_size, model.config.rms_norm_eps, model.dtype, model.device)
+        self.rotary_emb = RotaryEmbedding(model.config, model.head_dim, model.device)
+
+
+def _required(config, name: str) -> int:
+    value = getattr(config, name, None)
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config.json field {name!r} is {value!r}; it must be a positive integer")
+    return value
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM built from a transformers config.
+
+    :param config: a ``transformers`` config (LlamaConfig, MistralConfig, Qwen2Config, ...).
+    :param dtype: parameter dtype (``torch.dtype`` or a name such as ``"bfloat16"``).
+    :param device: where parameters are created (``torch.device`` or a string); they start empty.
+    """
+
+    def __init__(self, config, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.config = config
+        self.device = to_torch_device(device)
+        self.dtype = to_torch_dtype(dtype, self.device)
+        self.num_layers = _required(config, "num_hidden_layers")
+        self.hidden_size = _required(config, "hidden_size")
+        self.num_heads = _required(config, "num_attention_heads")
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.intermediate_size = _required(config, "intermediate_size")
+        self.vocab_size = _required(config, "vocab_size")
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+                              f"({self.num_kv_heads}) in config.json")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.attention_scale = self.head_dim ** -0.5
+        self.layer_sliding_windows = _sliding_windows(config, self.num_layers)
+        windows = {w for w in self.layer_sliding_windows if w is not None}
+        self.sliding_window: int | None = max(windows) if windows else None
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+
+        if getattr(config, "model_type", None) == "qwen2":  # Qwen2: biased q/k/v, unbiased o_proj
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
+        self.model = LlamaModel(self, qkv_bias, o_bias)
+        self.lm_head = LoRALinear(self.hidden_size, [self.vocab_size], False, self.dtype, self.device)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        """Final-normed hidden states ``[T, hidden]`` of a flat token batch."""
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} "
+                             "must both be flat [T] tensors of the same length")
+        hidden = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions, hidden.dtype)
+        for layer in self.model.layers:
+            hidden = layer(hidden, cos, sin, attn)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[N, vocab]`` for hidden states ``[N, hidden]`` (usually each sequence's last)."""
+        return self.lm_head(hidden).float()
+
+    def lora_targets(self) -> Iterator[tuple[int, str, LoRALinear]]:
+        """``(layer_idx, name, module)`` for every LoRA-wrappable projection, layer by layer."""
+        for i, layer in enumerate(self.model.layers):
+            yield i, "qkv_proj", layer.self_attn.qkv_proj
+            yield i, "o_proj", layer.self_attn.o_proj
+            yield i, "gate_up_proj", layer.mlp.gate_up_proj
+            yield i, "down_proj", layer.mlp.down_proj
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def checkpoint_names(self) -> list[str]:
+        """The Hugging Face tensor names a complete checkpoint provides for this model."""
+        names = []
+        for name, _ in self.named_parameters():  # the tied lm_head is listed once, as embed_tokens
+            module_path, _, kind = name.rpartition(".")
+            prefix, _, proj = module_path.rpartition(".")
+            if proj in _UNFUSED:
+                names.extend(f"{prefix}.{hf}.{kind}" for hf in _UNFUSED[proj])
+            else:
+                names.append(name)
+        return names
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the (fused) parameters, converting dtype and device.
+
+        Raises :class:`ConfigError` naming the tensor on a shape mismatch or an unknown name, and
+        at the end listing every parameter the checkpoint did not provide.
+        """
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        lm_head_as_embedding = False
+        for name, tensor in weights:
+            if "rotary_emb." in name:  # inv_freq buffers some checkpoints carry; we compute our own
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                # a tied checkpoint may store the shared matrix under either name; embed_tokens wins
+                if "model.embed_tokens.weight" not in loaded:
+                    self._copy(name, self.model.embed_tokens.weight, tensor, 0, self.vocab_size)
+                    lm_head_as_embedding = True
+                continue
+            target = self._locate(name)
+            if target is None:
+                unexpected.append(name)
+                continue
+            param, start, stop = target
+            self._copy(name, param, tensor, start, stop)
+            loaded.add(name)
+        if lm_head_as_embedding:
+            loaded.add("model.embed_tokens.weight")
+        missing = [n for n in self.checkpoint_names() if n not in loaded]
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensor(s): {_listing(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensor(s) this {type(self).__name__} has no place for: "
+                            f"{_listing(unexpected)}")
+        if problems:
+            raise ConfigError(f"checkpoint does not match the model config ({getattr(self.config, 'model_type', '?')}, "
+                              f"{self.num_layers} layers): " + "; ".join(problems) +
+                              ". Check that config.json belongs to these weights")
+
+    def _locate(self, name: str) -> tuple[nn.Parameter, int, int] | None:
+        """The parameter and the row range a Hugging Face tensor fills, or None if it has no place."""
+        module_path, _, kind = name.rpartition(".")
+        prefix, _, proj = module_path.rpartition(".")
+        shard = None
+        if proj in _FUSED:
+            proj, shard = _FUSED[proj]
+        try:
+            module = self.get_submodule(f"{prefix}.{proj}" if prefix else proj)
+        except AttributeError:
+            return None
+        param = getattr(module, kind, None) if kind in ("weight", "bias") else None
+        if not isinstance(param, nn.Parameter):
+            return None
+        if shard is None:
+            if isinstance(module, LoRALinear) and len(module.output_sizes) > 1:
+                return None  # a fused name in the checkpoint: we only accept the unfused Hugging Face names
+            return param, 0, param.shape[0]
+        start, stop = module.output_offsets[shard], module.output_offsets[shard + 1]
+        return param, start, stop
+
+    def _copy(self, name: str, param: nn.Parameter, tensor: torch.Tensor, start: int, stop: int) -> None:
+        expected = (stop - start, *param.shape[1:])
+        if tuple(tensor.shape) != expected:
+            raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
+                              f"{expected} from config.json; check that the config matches the weights")
+        param.data[start:stop].copy_(tensor)
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _sliding_windows(config, num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding attention window, or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False or not window:
+        return (None,) * num_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    return (int(window),) * num_layers

@@ -1,0 +1,251 @@
+"""Reading and checking a PEFT ``adapter_config.json``, and matching it to the base model's modules.
+
+:class:`PeftLoraConfig` keeps the fields that change what an adapter computes and refuses those
+loraserve cannot serve, naming the field and the value to use instead. Target matching follows
+peft 0.21 exactly (``peft.tuners.tuners_utils.check_target_module_exists`` and
+``peft.utils.other.get_pattern_key``), reimplemented so that serving does not depend on peft:
+a list entry matches a module whose full name equals it or ends with ``"." + entry``; a string is
+a regex that must ``re.fullmatch`` the full name (and then ``layers_to_transform`` does not apply,
+as in PEFT); a ``rank_pattern`` / ``alpha_pattern`` key is a regex matched at the end of the name
+after a dot, the first matching key winning. Full names are those of ``LlamaForCausalLM``
+(``model.layers.3.self_attn.q_proj``, ``model.embed_tokens``, ``lm_head``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraserve.lora.adapter import LAYER_MODULES, SUPPORTED_MODULES, lora_scaling
+from loraserve.lora.loader import AdapterError
+
+CONFIG_NAME = "adapter_config.json"
+_SUBLAYER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# Modules of a Llama model LoRA cannot target: a regex that reaches them is refused (PEFT fails too).
+_OTHER_LAYER_MODULES = ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm", ".post_attention_layernorm")
+_OTHER_MODEL_MODULES = ("model", "model.layers", "model.norm", "model.rotary_emb")
+# Config fields whose non-default value changes the computation in a way loraserve does not serve.
+_REFUSED: dict[str, str] = {
+    "use_dora": "DoRA adapters are not supported; merge the adapter or retrain with use_dora=false",
+    "lora_bias": "LoRA bias terms are not supported; retrain with lora_bias=false",
+    "modules_to_save": "fully trained copies of modules are not supported; retrain without modules_to_save",
+    "trainable_token_indices": "trained token embeddings are not supported; retrain without trainable_token_indices",
+    "layer_replication": "layer replication is not supported; retrain without layer_replication",
+    "target_parameters": "LoRA on parameters (MoE experts) is not supported; target modules instead",
+    "alora_invocation_tokens": "activated LoRA is not supported; retrain without alora_invocation_tokens",
+    "use_qalora": "QA-LoRA is not supported; retrain with use_qalora=false",
+}
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object, turning every failure into an AdapterError that names the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterError(f"{path} does not exist; {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                           "fix or regenerate the file") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def canonical_modules(num_layers: int) -> dict[str, tuple[int | None, str]]:
+    """Full name -> (layer index or None, PEFT module name) for every module LoRA may target."""
+    names: dict[str, tuple[int | None, str]] = {"model.embed_tokens": (None, "embed_tokens")}
+    for i in range(num_layers):
+        for module in LAYER_MODULES:
+            names[f"model.layers.{i}.{_SUBLAYER[module]}.{module}"] = (i, module)
+    names["lm_head"] = (None, "lm_head")
+    return names
+
+
+def _other_modules(num_layers: int) -> list[str]:
+    return [f"model.layers.{i}{s}" for i in range(num_layers) for s in _OTHER_LAYER_MODULES] + list(_OTHER_MODEL_MODULES)
+
+
+@dataclass(frozen=True)
+class PeftLoraConfig:
+    """The fields of ``adapter_config.json`` that decide which modules carry LoRA and how it scales."""
+
+    path: str
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...] | str
+    exclude_modules: tuple[str, ...] | str | None
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    layers_to_transform: tuple[int, ...] | None
+    layers_pattern: tuple[str, ...] | None
+    fan_in_fan_out: bool
+    raw: dict[str, Any]
+
+    @classmethod
+    def read(cls, directory: Path) -> "PeftLoraConfig":
+        path = directory / CONFIG_NAME
+        data = read_json(path, f"a PEFT adapter directory must hold {CONFIG_NAME}; pass the directory "
+                               "save_pretrained() wrote")
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str) -> "PeftLoraConfig":
+        def bad(field: str, expected: str) -> AdapterError:
+            return AdapterError(f"{path}: {field} = {data.get(field)!r} is invalid; expected {expected}")
+
+        peft_type = data.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise AdapterError(f"{path}: peft_type = {peft_type!r}; only LoRA adapters (peft_type LORA) are supported")
+        for field, why in _REFUSED.items():
+            if data.get(field):
+                raise AdapterError(f"{path}: {field} = {data[field]!r}; {why}")
+        if data.get("bias", "none") != "none":
+            raise AdapterError(f"{path}: bias = {data['bias']!r}; trained biases are not supported, only "
+                               "bias='none'; retrain with bias='none'")
+
+        r = data.get("r", 8)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise bad("r", "a positive integer")
+        alpha = data.get("lora_alpha", 8)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise bad("lora_alpha", "a number")
+
+        targets = data.get("target_modules")
+        if isinstance(targets, str):
+            if targets.lower() == "all-linear":
+                targets = LAYER_MODULES  # PEFT: every linear layer but the output layer
+            else:
+                try:
+                    re.compile(targets)
+                except re.error as exc:
+                    raise AdapterError(f"{path}: target_modules = {targets!r} is not a valid regex ({exc})") from None
+        elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
+            for t in targets:
+                leaf = t.rsplit(".", 1)[-1]
+                if leaf not in SUPPORTED_MODULES:
+                    raise AdapterError(f"{path}: target_modules entry {t!r} names module {leaf!r}, which "
+                                       f"loraserve does not support; supported: {', '.join(SUPPORTED_MODULES)}")
+            targets = tuple(targets)
+        else:
+            raise bad("target_modules", "a non-empty list of module names or a regex string")
+
+        exclude = data.get("exclude_modules")
+        if isinstance(exclude, list):
+            exclude = tuple(exclude)
+        elif exclude is not None and not isinstance(exclude, str):
+            raise bad("exclude_modules", "a list of module names, a regex string or null")
+
+        rank_pattern = data.get("rank_pattern") or {}
+        alpha_pattern = data.get("alpha_pattern") or {}
+        if not isinstance(rank_pattern, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rank_pattern.values()):
+            raise bad("rank_pattern", "an object mapping module-name patterns to positive integer ranks")
+        if not isinstance(alpha_pattern, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in alpha_pattern.values()):
+            raise bad("alpha_pattern", "an object mapping module-name patterns to numbers")
+        for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+            for key in pattern:
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise AdapterError(f"{path}: {field} key {key!r} is not a valid regex ({exc})") from None
+
+        layers = data.get("layers_to_transform")
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = (layers,)
+        elif isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            layers = tuple(layers) or None  # PEFT: an empty list means every layer
+        elif layers is not None:
+            raise bad("layers_to_transform", "an integer, a list of integers or null")
+        pattern = data.get("layers_pattern")
+        if isinstance(pattern, str):
+            pattern = (pattern,) if pattern else None
+        elif isinstance(pattern, list) and all(isinstance(p, str) for p in pattern):
+            pattern = tuple(pattern) or None
+        elif pattern is not None:
+            raise bad("layers_pattern", "a string, a list of strings or null")
+
+        return cls(path=path, r=r, lora_alpha=float(alpha), target_modules=targets, exclude_modules=exclude,
+                   use_rslora=bool(data.get("use_rslora", False)), rank_pattern=dict(rank_pattern),
+                   alpha_pattern={k: float(v) for k, v in alpha_pattern.items()}, layers_to_transform=layers,
+                   layers_pattern=pattern, fan_in_fan_out=bool(data.get("fan_in_fan_out", False)), raw=data)
+
+    # -- matching (peft.tuners.tuners_utils.check_target_module_exists) ---------------------------
+
+    def targets(self, key: str) -> bool:
+        """Whether PEFT would put LoRA on the module with full name ``key``."""
+        ex = self.exclude_modules
+        if ex is not None:
+            if isinstance(ex, str):
+                if re.fullmatch(ex, key):
+                    return False
+            elif key in ex or any(key.endswith(f".{e}") for e in ex):
+                return False
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, key) is not None
+        if key in self.target_modules:
+            return True
+        if not any(key.endswith(f".{t}") for t in self.target_modules):
+            return False
+        if self.layers_to_transform is None:
+            return True
+        if self.layers_pattern is None:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            match = None
+            for p in self.layers_pattern:
+                match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+                if match is not None:
+                    break
+        return match is not None and int(match.group("idx")) in self.layers_to_transform
+
+    def targeted_modules(self, num_layers: int) -> dict[str, tuple[int | None, str]]:
+        """Full name -> (layer, PEFT name) of every module of the base model this config targets.
+
+        Raises AdapterError when the config reaches a module loraserve cannot serve or no module at all.
+        """
+        if isinstance(self.target_modules, str):
+            for key in _other_modules(num_layers):
+                if self.targets(key):
+                    raise AdapterError(f"{self.path}: target_modules regex {self.target_modules!r} matches module "
+                                       f"{key!r}, which loraserve does not support; supported: "
+                                       f"{', '.join(SUPPORTED_MODULES)}")
+        found = {k: v for k, v in canonical_modules(num_layers).items() if self.targets(k)}
+        if not found:
+            raise AdapterError(f"{self.path}: target_modules {self.target_modules!r} (with layers_to_transform "
+                               f"{self.layers_to_transform}) matches no module of the base model "
+                               f"({num_layers} layers); check the adapter was trained for this base model")
+        return found
+
+    # -- per-module rank and scaling (peft.utils.other.get_pattern_key) ---------------------------
+
+    def _pattern_key(self, pattern: dict[str, Any], key: str) -> str | None:
+        for p in pattern:
+            if re.match(rf"(.*\.)?({p})$", key):
+                return p
+        return None
+
+    def module_rank(self, key: str) -> tuple[int, str]:
+        """(rank, where it comes from) for the module with full name ``key``."""
+        p = self._pattern_key(self.rank_pattern, key)
+        return (self.r, "r") if p is None else (self.rank_pattern[p], f"rank_pattern[{p!r}]")
+
+    def module_scaling(self, key: str) -> float:
+        p = self._pattern_key(self.alpha_pattern, key)
+        alpha = self.lora_alpha if p is None else self.alpha_pattern[p]
+        return lora_scaling(self.module_rank(key)[0], alpha, self.use_rslora)
+
+    @property
+    def scaling(self) -> float:
+        """The adapter-wide scaling the kernels apply (module deviations are folded into B).
+
+        With ``lora_alpha = 0`` it is 1 so that modules given a non-zero alpha by alpha_pattern survive.
+        """
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora) or 1.0

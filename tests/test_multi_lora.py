@@ -1,0 +1,197 @@
+"""Multi-LoRA serving against PEFT (the oracle): mixed batches of several adapters and base rows give
+PEFT's mixed-batch greedy tokens; eviction, pinning, unload and reload keep every output correct."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from peft import PeftModel
+
+from loraserve.engine import Engine
+from loraserve.errors import UserError
+from loraserve.settings import make_settings
+from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model
+
+ADAPTERS = {
+    # name: (r, alpha, targets, extra LoraConfig options)
+    "rank1": (1, 4, ["q_proj", "v_proj"], {}),
+    "rank3_rslora": (3, 6, ["q_proj", "k_proj", "o_proj", "down_proj"], {"use_rslora": True}),
+    "patterns": (8, 16, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+                 {"rank_pattern": {"down_proj": 5}, "alpha_pattern": {"gate_proj": 3}}),
+    "one_layer": (4, 8, ["k_proj", "up_proj"], {"layers_to_transform": [1]}),
+}
+NEW = 24
+GREEDY = {"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True, "return_logprob": True}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tiny_model(tiny_llama_config(), seed=0)
+    base.generation_config.eos_token_id = None
+    root = tmp_path_factory.mktemp("multi-lora")
+    base.save_pretrained(root / "base")
+    paths = {}
+    for i, (name, (r, alpha, targets, extra)) in enumerate(ADAPTERS.items()):
+        paths[name] = str(make_peft_adapter(base, root / name, r=r, lora_alpha=alpha, target_modules=targets,
+                                            seed=10 + i, init_scale=0.3, **extra))
+    names = list(paths)
+    peft = PeftModel.from_pretrained(base, paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(paths[name], adapter_name=name)
+    peft.eval()
+    return str(root / "base"), paths, peft
+
+
+def peft_generate(peft, prompts: list[list[int]], adapters: list[str | None]) -> tuple[list, list]:
+    """PEFT's mixed-batch greedy generate (equal-length prompts: no padding)."""
+    names = [a if a is not None else "__base__" for a in adapters]
+    ids = torch.tensor(prompts)  # an explicit mask: token 0 in a prompt must not be taken for padding
+    out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, max_new_tokens=NEW, do_sample=False,
+                        output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    n = len(prompts[0])
+    tokens = out.sequences[:, n:].tolist()
+    logprobs = [[torch.log_softmax(step[i].float(), -1)[t].item() for step, t in zip(out.logits, tokens[i])]
+                for i in range(len(prompts))]
+    return tokens, logprobs
+
+
+def prompts(n: int, length: int = 6, seed: int = 3) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, length), generator=gen).tolist()
+
+
+def engine_with(base: str, paths: dict, **kwargs) -> Engine:
+    lora_paths = [f"{name}={path}" for name, path in paths.items()]
+    return Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024, lora_paths=lora_paths,
+                                **kwargs))
+
+
+def test_mixed_batch_matches_peft(setup):
+    base, paths, peft = setup
+    adapters = [*ADAPTERS, None, "rank1", None]
+    batch = prompts(len(adapters))
+    expected, expected_lp = peft_generate(peft, batch, adapters)
+    engine = engine_with(base, paths)
+    try:
+        results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=adapters)
+        for i, res in enumerate(results):
+            assert res["output_ids"] == expected[i], f"row {i} adapter {adapters[i]}"
+            ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
+            assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
+            assert res["meta_info"]["lora_path"] == adapters[i]
+        assert len({tuple(r["output_ids"]) for r in results[:5]}) == 5  # the adapters really differ
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo"])
+def test_two_slots_cycling_four_adapters_stays_correct(setup, policy):
+    base, paths, peft = setup
+    names = list(ADAPTERS)
+    # 2 slots, one of which the base model may take: adapters must be evicted and brought back
+    engine = engine_with(base, paths, max_loras_per_batch=2, lora_eviction_policy=policy)
+    try:
+        order = names + names[::-1] + [None] + names
+        batch = prompts(len(order), seed=5)
+        expected, _ = peft_generate(peft, batch, order)
+        results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=order)
+        assert [r["output_ids"] for r in results] == expected
+        assert engine.lora.metrics["gpu_evictions"] > 0
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+def test_pinned_adapter_stays_and_pin_limit(setup):
+    base, paths, peft = setup
+    names = list(ADAPTERS)
+    pinned = f'{{"lora_name": "pinned", "lora_path": "{paths[names[0]]}", "pinned": true}}'
+    engine = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024, max_loras_per_batch=2,
+                                  lora_paths=[pinned] + [f"{n}={paths[n]}" for n in names[1:]]))
+    try:
+        key = engine.lora.registry.get("pinned").key
+        for name in names[1:]:
+            engine.generate(input_ids=prompts(1)[0], sampling_params={"max_new_tokens": 2}, lora_path=name)
+            assert engine.lora.pool.slot_of(key) is not None  # never evicted
+        with pytest.raises(UserError, match="at most --max-loras-per-batch - 1 = 1"):
+            engine.lora.load_adapter("second-pin", paths[names[1]], pinned=True)
+        assert engine.lora.registry.get("second-pin") is None  # nothing half-loaded
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+def test_host_cache_eviction_reloads_transparently(setup):
+    base, paths, peft = setup
+    engine = engine_with(base, paths, max_loras_per_batch=2, max_loaded_loras=2)
+    try:
+        names = list(ADAPTERS)
+        batch = prompts(len(names), seed=9)
+        expected, _ = peft_generate(peft, batch, names)
+        for ids, name, exp in zip(batch, names, expected):
+            assert engine.generate(input_ids=ids, sampling_params=GREEDY, lora_path=name)["output_ids"] == exp
+        assert len(engine.lora.host) <= 2 and engine.lora.metrics["host_reloads"] > 0
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+def test_unload_during_generation_then_reload(setup):
+    base, paths, peft = setup
+    name = "patterns"
+    engine = engine_with(base, {name: paths[name]})
+    try:
+        ids = prompts(1, seed=11)[0]
+        expected, _ = peft_generate(peft, [ids], [name])
+        results: list = []
+        worker = threading.Thread(target=lambda: results.append(
+            engine.generate(input_ids=ids, sampling_params=GREEDY, lora_path=name)))
+        worker.start()
+        while engine.step_count == 0:  # wait until the request is being generated
+            threading.Event().wait(0.001)
+        engine.lora.unload_adapter(name)  # waits for the in-flight request
+        worker.join()
+        assert results[0]["output_ids"] == expected[0]  # the in-flight request finished correctly
+        with pytest.raises(UserError, match="unknown adapter 'patterns'"):
+            engine.generate(input_ids=ids, sampling_params=GREEDY, lora_path=name)
+        assert len(engine.lora.host) == 0 and engine.lora.pool.resident() in ([], [("", 0)])
+        engine.lora.check_integrity()
+        old_version = None
+        ref = engine.lora.load_adapter(name, paths["rank1"])  # reload the name with other weights
+        assert ref.version != old_version
+        expected_new, _ = peft_generate(peft, [ids], ["rank1"])
+        assert engine.generate(input_ids=ids, sampling_params=GREEDY, lora_path=name)["output_ids"] == expected_new[0]
+        with pytest.raises(UserError, match="already loaded"):
+            engine.lora.load_adapter(name, paths["rank1"])
+    finally:
+        engine.shutdown()
+
+
+def test_adapter_waiting_for_a_slot_runs_correctly(setup):
+    base, paths, peft = setup
+    engine = engine_with(base, paths, max_loras_per_batch=2)
+    try:
+        # "rank1" and the base model fill both slots; "patterns" must wait, then run correctly
+        order = ["rank1", None] * 4 + ["patterns"] + ["rank1", None] * 2
+        batch = prompts(len(order), seed=13)
+        results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=order)
+        expected, _ = peft_generate(peft, batch, order)
+        assert [r["output_ids"] for r in results] == expected
+    finally:
+        engine.shutdown()
+
+
+def test_unknown_adapter_and_lora_disabled_errors(setup, tiny_model_dir):
+    base, paths, _ = setup
+    engine = engine_with(base, {"rank1": paths["rank1"]})
+    try:
+        with pytest.raises(UserError, match="unknown adapter 'nope'.*rank1"):
+            engine.generate(input_ids=[1, 2], lora_path="nope")
+    finally:
+        engine.shutdown()
+    plain = Engine(make_settings(model_path=tiny_model_dir, device="cpu", max_total_tokens=256))
+    with pytest.raises(UserError, match="LoRA is not enabled"):
+        plain.generate(input_ids=[1, 2], lora_path="rank1")
