@@ -194,6 +194,7 @@ class Engine:
         finally:
             for r in requests:
                 if not r.finished:
+                    r.sink = None  # the consumer is gone: nothing to deliver the abort to
                     self.abort(r.request_id)
 
     def _build_batch(self, prompt, sampling_params, lora_path, input_ids) -> tuple[list[Request], bool]:
@@ -242,13 +243,22 @@ class Engine:
                 inbox, self._inbox = self._inbox, []
                 stopping = self._stopping
             for fn in inbox:
-                fn()
+                try:
+                    fn()
+                except Exception:  # the loop must survive anything a queued call does
+                    logger.exception("engine inbox call failed")
             if stopping:
                 for r in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(r, "abort")
                 return
             if self.scheduler.has_work():
-                self.step()
+                try:
+                    self.step()
+                except Exception as exc:  # scheduling itself failed: fail everything rather than spin
+                    logger.exception("scheduling failed; every queued request is finished with an error")
+                    for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+                        r.error = f"{type(exc).__name__}: {exc}"
+                        self._finish(r, "error")
 
     def _add(self, request: Request) -> None:
         self.scheduler.add(request)
@@ -295,16 +305,24 @@ class Engine:
         reason = self.outputs.advance(r, token, self.context_len)
         if reason is not None:
             self._finish(r, reason)
-        elif r.sink is not None:
-            r.sink(self.outputs.delta(r, finished=False))
+        else:
+            self._deliver(r, finished=False)
+
+    def _deliver(self, r: Request, finished: bool) -> None:
+        if r.sink is None:
+            return
+        try:
+            r.sink(self.outputs.delta(r, finished=finished))
+        except Exception:  # a consumer that went away (closed event loop) must not stop the engine
+            logger.warning("could not deliver output of %s; dropping its sink", r.request_id, exc_info=True)
+            r.sink = None
 
     def _finish(self, r: Request, reason: str) -> None:
         self.scheduler.remove(r)
         r.status, r.finish_reason, r.finish_time = Status.FINISHED, reason, time.perf_counter()
         if self.lora is not None:
             self.lora.release(r)
-        if r.sink is not None:
-            r.sink(self.outputs.delta(r, finished=True))
+        self._deliver(r, finished=True)
         self.plugins.notify("loraserve_request_finished", request_id=r.request_id, adapter=r.adapter,
                             prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.output_ids),
                             finish_reason=reason)

@@ -230,7 +230,6 @@ class Settings(BaseSettings):
 NOT_SUPPORTED_YET: dict[str, Any] = {
     "--tp-size > 1": lambda s: s.tp_size > 1,
     "--enable-lora-overlap-loading": lambda s: s.enable_lora_overlap_loading,
-    "--device cuda": lambda s: s.device == "cuda",
     "--cuda-graph-max-bs": lambda s: s.cuda_graph_max_bs is not None,
     "--mem-fraction-static": lambda s: s.mem_fraction_static is not None,
 }
