@@ -65,6 +65,8 @@ class Engine:
         if isinstance(params, dict) or params is None:
             params = SamplingParams.from_dict(params or {})
         params.validate(vocab_size=self.model.vocab_size)
+        if params.n != 1:
+            raise UserError(f"n={params.n} is not supported yet; send n=1 (repeat the prompt for several samples)")
         if input_ids is None:
             if prompt is None:
                 raise UserError("give either 'text' (a prompt) or 'input_ids'")

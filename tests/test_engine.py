@@ -107,6 +107,8 @@ def test_requests_that_can_never_fit_are_refused(llama):
         engine.generate(input_ids=[1, 999999], sampling_params={"max_new_tokens": 2})
     with pytest.raises(UserError, match="no tokenizer"):
         engine.generate("hello")
+    with pytest.raises(UserError, match="n=2 is not supported yet"):
+        engine.generate(input_ids=[1, 2], sampling_params={"n": 2})
 
 
 def test_stop_token_ids_and_max_new_tokens(llama):
