@@ -195,3 +195,71 @@ def test_unknown_adapter_and_lora_disabled_errors(setup, tiny_model_dir):
     plain = Engine(make_settings(model_path=tiny_model_dir, device="cpu", max_total_tokens=256))
     with pytest.raises(UserError, match="LoRA is not enabled"):
         plain.generate(input_ids=[1, 2], lora_path="rank1")
+
+
+def _family_case(base_model, root, adapters: dict):
+    """Save a base model and PEFT adapters; returns (base_dir, paths, a PEFT model with all of them)."""
+    base_model.save_pretrained(root / "base")
+    paths = {}
+    for i, (name, (r, alpha, targets, extra)) in enumerate(adapters.items()):
+        paths[name] = str(make_peft_adapter(base_model, root / name, r=r, lora_alpha=alpha, target_modules=targets,
+                                            seed=30 + i, init_scale=0.3, **extra))
+    names = list(paths)
+    peft = PeftModel.from_pretrained(base_model, paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(paths[name], adapter_name=name)
+    return str(root / "base"), paths, peft.eval()
+
+
+FAMILY_ADAPTERS = {
+    "qkv_mlp": (4, 8, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], {}),
+    "odd_rslora": (5, 10, ["o_proj", "v_proj"], {"use_rslora": True}),
+}
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "smollm2", "llama3"])
+def test_mixed_batch_matches_peft_on_each_family(family, tmp_path):
+    from test_models import make_config, make_hf
+
+    hf = make_hf(make_config(family))
+    hf.generation_config.eos_token_id = None
+    base, paths, peft = _family_case(hf, tmp_path, FAMILY_ADAPTERS)
+    adapters = ["qkv_mlp", None, "odd_rslora", "qkv_mlp"]
+    gen = torch.Generator().manual_seed(17)
+    batch = torch.randint(0, hf.config.vocab_size, (len(adapters), 7), generator=gen).tolist()
+    expected, expected_lp = peft_generate(peft, batch, adapters)
+    engine = engine_with(base, paths)
+    try:
+        results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=adapters)
+        for i, res in enumerate(results):
+            assert res["output_ids"] == expected[i], f"{family} row {i} adapter {adapters[i]}"
+            ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
+            assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.slow
+def test_mixed_batch_matches_peft_on_the_embedded_smollm2(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loraserve.embedded import embedded_model_dir
+
+    model_dir = embedded_model_dir()
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    _, paths, peft = _family_case(hf, tmp_path, FAMILY_ADAPTERS)
+    adapters = ["qkv_mlp", None, "odd_rslora"]
+    gen = torch.Generator().manual_seed(19)
+    batch = torch.randint(0, 49152, (len(adapters), 9), generator=gen).tolist()
+    expected, expected_lp = peft_generate(peft, batch, adapters)
+    engine = Engine(make_settings(device="cpu", max_total_tokens=1024,
+                                  lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+    try:
+        results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=adapters)
+        for i, res in enumerate(results):
+            assert res["output_ids"] == expected[i], f"row {i} adapter {adapters[i]}"
+            ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
+            assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
+    finally:
+        engine.shutdown()
