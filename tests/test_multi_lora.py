@@ -263,3 +263,24 @@ def test_mixed_batch_matches_peft_on_the_embedded_smollm2(tmp_path):
             assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
     finally:
         engine.shutdown()
+
+
+def test_embedding_and_lm_head_lora_and_path_only_adapter_names(tmp_path):
+    base = tiny_model(tiny_llama_config(), seed=1)
+    base.generation_config.eos_token_id = None
+    adapters = {"embed_head": (4, 8, ["embed_tokens", "lm_head", "q_proj"], {}),
+                "plain": (2, 4, ["v_proj"], {})}
+    base_dir, paths, peft = _family_case(base, tmp_path, adapters)
+    order = ["embed_head", None, "plain"]
+    batch = prompts(len(order), seed=23)
+    expected, _ = peft_generate(peft, batch, order)
+    # PATH-only entries: the path doubles as the adapter name, as in SGLang
+    engine = Engine(make_settings(model_path=base_dir, device="cpu", max_total_tokens=1024,
+                                  lora_paths=[paths["embed_head"], paths["plain"]]))
+    try:
+        assert sorted(a["name"] for a in engine.lora.loaded_adapters()) == sorted(paths.values())
+        results = engine.generate(input_ids=batch, sampling_params=GREEDY,
+                                  lora_path=[paths["embed_head"], None, paths["plain"]])
+        assert [r["output_ids"] for r in results] == expected
+    finally:
+        engine.shutdown()

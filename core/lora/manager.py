@@ -58,6 +58,7 @@ class LoRAManager:
         self.running: Callable[[], list] = lambda: []
         self.metrics = {"loads": 0, "gpu_evictions": 0, "host_evictions": 0, "hits": 0, "misses": 0, "host_reloads": 0}
         self._active = False
+        self._logits_info: LoRABatchInfo | None = None
         self._install_hooks(model)
 
     # -- model hooks ------------------------------------------------------------------------------
@@ -68,15 +69,22 @@ class LoRAManager:
                 module.lora_hook = self._linear_hook(self.pool.A[(layer, name)], self.pool.B[(layer, name)],
                                                      self.pool.offsets[name])
         if (-1, "lm_head") in self.pool.A:
-            vocab = self.shape.vocab_size
-            model.lm_head.lora_hook = self._linear_hook(self.pool.A[(-1, "lm_head")], self.pool.B[(-1, "lm_head")], (0, vocab))
+            A, B, vocab = self.pool.A[(-1, "lm_head")], self.pool.B[(-1, "lm_head")], self.shape.vocab_size
+
+            def lm_head_hook(x, out, A=A, B=B, vocab=vocab):
+                # logits are computed for the sampled rows only (one per sampling chunk), after every
+                # layer ran: switch the backend to that step's one-token-per-request batch info
+                if self._logits_info is not None:
+                    self.backend.prepare(self._logits_info)
+                    self.backend.run_lora(x, A, B, out, (0, vocab))
+            model.lm_head.lora_hook = lm_head_hook
         if (-1, "embed_tokens") in self.pool.A:
             A, B = self.pool.A[(-1, "embed_tokens")], self.pool.B[(-1, "embed_tokens")]
 
-            def embed_hook(input_ids, out):
+            def embed_hook(input_ids, out, A=A, B=B):
                 if self._active:
                     self.backend.run_lora_embedding(input_ids, A, B, out)
-            model.embed_tokens.lora_hook = embed_hook
+            model.model.embed_tokens.lora_hook = embed_hook
 
     def _linear_hook(self, A: torch.Tensor, B: torch.Tensor, offsets: tuple[int, ...]):
         def hook(x, out):
@@ -252,11 +260,16 @@ class LoRAManager:
         for key in {self.key_of(c.request) for c in chunks}:
             self.pool.policy.touch(key)
         self._active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
+        self._logits_info = None
         if not self._active:
             return
         info = LoRABatchInfo.build([c.num_tokens for c in chunks], seg_slot, self.pool.ranks_host,
                                    self.pool.scalings_host, self.max_rank, device=self.device)
         self.backend.prepare(info)
+        if (-1, "lm_head") in self.pool.A:
+            sampled = [s for c, s in zip(chunks, seg_slot) if c.samples]
+            self._logits_info = LoRABatchInfo.build([1] * len(sampled), sampled, self.pool.ranks_host,
+                                                    self.pool.scalings_host, self.max_rank, device=self.device)
 
     def check_integrity(self) -> None:
         """Pools consistent, and every adapter they hold is registered or still held by a request."""
