@@ -30,18 +30,21 @@ GREEDY = {"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True, "return_l
 def setup(tmp_path_factory):
     base = tiny_model(tiny_llama_config(), seed=0)
     base.generation_config.eos_token_id = None
-    root = tmp_path_factory.mktemp("multi-lora")
-    base.save_pretrained(root / "base")
+    return _family_case(base, tmp_path_factory.mktemp("multi-lora"), ADAPTERS, seed=10)
+
+
+def _family_case(base_model, root, adapters: dict, seed: int = 30):
+    """Save a base model and PEFT adapters; returns (base_dir, paths, a PEFT model with all of them)."""
+    base_model.save_pretrained(root / "base")
     paths = {}
-    for i, (name, (r, alpha, targets, extra)) in enumerate(ADAPTERS.items()):
-        paths[name] = str(make_peft_adapter(base, root / name, r=r, lora_alpha=alpha, target_modules=targets,
-                                            seed=10 + i, init_scale=0.3, **extra))
+    for i, (name, (r, alpha, targets, extra)) in enumerate(adapters.items()):
+        paths[name] = str(make_peft_adapter(base_model, root / name, r=r, lora_alpha=alpha, target_modules=targets,
+                                            seed=seed + i, init_scale=0.3, **extra))
     names = list(paths)
-    peft = PeftModel.from_pretrained(base, paths[names[0]], adapter_name=names[0])
+    peft = PeftModel.from_pretrained(base_model, paths[names[0]], adapter_name=names[0])
     for name in names[1:]:
         peft.load_adapter(paths[name], adapter_name=name)
-    peft.eval()
-    return str(root / "base"), paths, peft
+    return str(root / "base"), paths, peft.eval()
 
 
 def peft_generate(peft, prompts: list[list[int]], adapters: list[str | None]) -> tuple[list, list]:
@@ -195,20 +198,6 @@ def test_unknown_adapter_and_lora_disabled_errors(setup, tiny_model_dir):
     plain = Engine(make_settings(model_path=tiny_model_dir, device="cpu", max_total_tokens=256))
     with pytest.raises(UserError, match="LoRA is not enabled"):
         plain.generate(input_ids=[1, 2], lora_path="rank1")
-
-
-def _family_case(base_model, root, adapters: dict):
-    """Save a base model and PEFT adapters; returns (base_dir, paths, a PEFT model with all of them)."""
-    base_model.save_pretrained(root / "base")
-    paths = {}
-    for i, (name, (r, alpha, targets, extra)) in enumerate(adapters.items()):
-        paths[name] = str(make_peft_adapter(base_model, root / name, r=r, lora_alpha=alpha, target_modules=targets,
-                                            seed=30 + i, init_scale=0.3, **extra))
-    names = list(paths)
-    peft = PeftModel.from_pretrained(base_model, paths[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(paths[name], adapter_name=name)
-    return str(root / "base"), paths, peft.eval()
 
 
 FAMILY_ADAPTERS = {
