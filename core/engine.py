@@ -106,8 +106,14 @@ class Engine:
     def submit(self, requests: Sequence[Request]) -> None:
         """Queue requests for the engine thread (atomically: they join the same step if they fit)."""
         if self.lora is not None:
-            self.lora.acquire([r for r in requests])  # raises UserError for unknown adapters
-        self._post(lambda: [self._add(r) for r in requests])
+            self.lora.acquire(list(requests))  # raises UserError for unknown adapters
+        try:
+            self._post(lambda: [self._add(r) for r in requests])
+        except Exception:
+            if self.lora is not None:
+                for r in requests:
+                    self.lora.release(r)
+            raise
 
     def abort(self, request_id: str) -> None:
         """Abort a request (a client went away); its blocks are freed before the next step."""

@@ -1,19 +1,158 @@
-"""Start the engine and (once it lands) the HTTP server for ``loraserve [serve]``."""
+"""The HTTP server: builds the FastAPI app from the frontend plugins and serves it with uvicorn.
+
+:func:`create_app` mounts every frontend registered through ``loraserve_register_frontends`` (the
+built-in native and OpenAI APIs are two of them), installs the error handlers, the ``--api-key``
+check (every endpoint but ``/health`` needs ``Authorization: Bearer KEY``) and the HTTP metrics.
+:func:`serve` builds the engine, listens on ``--host``/``--port``, prints the URL once it accepts
+connections, and on SIGINT/SIGTERM shuts down in order: stop accepting, let in-flight requests
+finish for up to ``GRACE_S`` seconds, abort the rest (their clients get a 503 error, streams an
+error event), stop the engine. The engine itself never imports this module or FastAPI.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
+import socket
+from typing import Any
 
+import uvicorn
+from fastapi import FastAPI
+
+from loraserve import __version__
 from loraserve.engine import Engine
+from loraserve.errors import ConfigError, PluginError
+from loraserve.http_errors import error_body, install_error_handlers, is_openai_path
+from loraserve.metrics import HttpMetricsMiddleware, ServerMetrics
 from loraserve.plugin_manager import PluginManager
+from loraserve.serving import Generations
 from loraserve.settings import Settings
 
 logger = logging.getLogger("loraserve.server")
 
+GRACE_S = 10.0  # how long in-flight requests may run on after SIGINT/SIGTERM before they are aborted
+OPEN_PATHS = frozenset({"/health"})
+
+
+class ApiKeyMiddleware:
+    """Refuses every request but ``OPEN_PATHS`` without ``Authorization: Bearer <api key>`` (401)."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"authorization")
+        if given is not None and secrets.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        message = ("this server needs an API key; send the header 'Authorization: Bearer <key>' with the key "
+                   "given to --api-key" if given is None else
+                   "the API key in the Authorization header is wrong; send 'Authorization: Bearer <key>' with "
+                   "the key given to --api-key")
+        from fastapi.responses import JSONResponse
+
+        body = error_body(401, message, is_openai_path(path), code="invalid_api_key")
+        response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` through every registered frontend.
+
+    The app does not own the engine: whoever built the engine shuts it down (:func:`serve` does).
+    """
+    settings = settings if settings is not None else engine.settings
+    app = FastAPI(title="loraserve", version=__version__,
+                  description="Multi-LoRA LLM serving: SGLang's native API and the OpenAI API.")
+    metrics = ServerMetrics()
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.state.draining = False
+    app.state.generations = Generations(engine, metrics, app.state)
+    install_error_handlers(app)
+    frontends = engine.plugins.frontends
+    if not len(frontends):
+        logger.warning("no HTTP frontend plugin is loaded (were frontend_native and frontend_openai disabled?); "
+                       "the server has no endpoints")
+    for entry in frontends:
+        try:
+            entry.factory(app, engine, settings)
+        except Exception as exc:
+            raise PluginError(f"frontend {entry.name!r} of plugin {entry.plugin!r} failed to add its routes: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # outermost: counts the 401s too
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or a ConfigError that says which flag to change."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port, or a "
+                          "--host this machine has, or stop the process that uses the port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class LoraserveServer(uvicorn.Server):
+    """uvicorn's server, plus: print the URL when ready; on shutdown, drain, then stop the engine."""
+
+    def __init__(self, app: FastAPI, engine: Engine, settings: Settings, grace_s: float = GRACE_S):
+        config = uvicorn.Config(app, log_config=None, log_level=settings.log_level, lifespan="off",
+                                timeout_graceful_shutdown=int(grace_s) + 5)
+        super().__init__(config)
+        self.app, self.engine, self.settings, self.grace_s = app, engine, settings, grace_s
+        self.url: str | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.started:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        print(f"loraserve: serving {self.engine.model_name} at {self.url} (OpenAI API: {self.url}/v1); "
+              "Ctrl+C to stop", flush=True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.app.state.draining = True  # new requests get a 503 while in-flight ones finish
+        loop = asyncio.get_running_loop()
+        stopper = loop.call_later(self.grace_s, lambda: asyncio.ensure_future(self._stop_engine()))
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            stopper.cancel()
+            await self._stop_engine()
+
+    async def _stop_engine(self) -> None:
+        # aborts every unfinished request: each handler answers its client with a 503 error
+        await asyncio.to_thread(self.engine.shutdown)
+
 
 def serve(settings: Settings, plugins: PluginManager) -> int:
-    engine = Engine(settings, plugins)
-    logger.info("engine built: device=%s lora backend=%s eviction=%s", engine.device, engine.backend_name,
-                settings.lora_eviction_policy)
-    print("loraserve: the engine was built, but the HTTP server is not supported yet in this version; exiting.")
-    return 0
+    """``loraserve [serve]``: build the engine and serve it until SIGINT/SIGTERM."""
+    sock = bind_socket(settings.host, settings.port)  # fail fast, before the model loads
+    try:
+        engine = Engine(settings, plugins)
+    except BaseException:
+        sock.close()
+        raise
+    logger.info("engine built: model=%s device=%s lora backend=%s eviction=%s", engine.model_name, engine.device,
+                engine.backend_name, settings.lora_eviction_policy)
+    try:
+        server = LoraserveServer(create_app(engine, settings), engine, settings)
+        server.run(sockets=[sock])
+    finally:
+        engine.shutdown()
+        sock.close()
+    return 0 if server.started else 1

@@ -5,11 +5,11 @@ from __future__ import annotations
 from loraserve import hookimpl
 
 
-def _make(settings=None, device="cpu"):
-    from loraserve.errors import NotSupportedYet
+def _make(settings=None, device="cuda"):
+    from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend
 
-    raise NotSupportedYet("--lora-backend csgmv is not supported yet: its kernels have not landed; "
-                          "use --lora-backend torch")
+    max_chunk = getattr(settings, "max_lora_chunk_size", None) or 16
+    return ChunkedSgmvLoRABackend(device, max_chunk=max_chunk)
 
 
 @hookimpl

@@ -1,15 +1,18 @@
-"""Built-in plugin: SGMV LoRA kernels in Triton (one segment per request)."""
+"""Built-in plugin: SGMV LoRA kernels in Triton (one segment per request).
+
+Its ``kernels`` module also holds the shrink/expand kernels that backend_csgmv reuses; Triton is
+imported only when a factory runs.
+"""
 
 from __future__ import annotations
 
 from loraserve import hookimpl
 
 
-def _make(settings=None, device="cpu"):
-    from loraserve.errors import NotSupportedYet
+def _make(settings=None, device="cuda"):
+    from loraserve.plugins.backend_triton.backend import SgmvLoRABackend
 
-    raise NotSupportedYet("--lora-backend triton is not supported yet: its kernels have not landed; "
-                          "use --lora-backend torch")
+    return SgmvLoRABackend(device)
 
 
 @hookimpl
