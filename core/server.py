@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from loraserve import __version__
 from loraserve.engine import Engine
@@ -53,8 +54,6 @@ class ApiKeyMiddleware:
                    "given to --api-key" if given is None else
                    "the API key in the Authorization header is wrong; send 'Authorization: Bearer <key>' with "
                    "the key given to --api-key")
-        from fastapi.responses import JSONResponse
-
         body = error_body(401, message, is_openai_path(path), code="invalid_api_key")
         response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)

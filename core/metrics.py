@@ -1,0 +1,147 @@
+"""Prometheus metrics of one HTTP server: request counters, latency histograms and engine gauges.
+
+Each app owns a :class:`ServerMetrics` with its own ``CollectorRegistry`` (no global registry, so
+tests build several apps side by side). Request metrics (requests by adapter and finish reason,
+prompt and generation tokens, time to first token, time per output token, end-to-end latency) are
+recorded by the frontends' request runner when a request finishes or its client goes away. Engine
+state (queue length, running requests, KV-cache use, LoRA slots in use, host-cache size, loads,
+evictions, slot hits and misses) is read at scrape time from a snapshot the engine thread takes
+between steps. HTTP responses are counted by route and status by :class:`HttpMetricsMiddleware`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+PREFIX = "loraserve"
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def engine_snapshot(engine: Any) -> dict[str, Any]:
+    """Engine gauges and LoRA counters; run it on the engine thread (``engine.call_in_engine``)."""
+    alloc = engine.kv.allocator
+    snap: dict[str, Any] = {"waiting": len(engine.scheduler.waiting), "running": len(engine.scheduler.running),
+                            "kv_blocks_total": alloc.num_blocks, "kv_blocks_free": alloc.num_free}
+    lora = engine.lora
+    if lora is not None:
+        snap.update(lora_slots_total=lora.pool.num_slots, lora_slots_in_use=len(lora.pool.resident()),
+                    lora_host_cached=len(lora.host), lora_adapters=len(lora.registry.names()),
+                    lora_counters=dict(lora.metrics))
+    return snap
+
+
+class _EngineCollector:
+    """Turns the latest engine snapshot into metric families at scrape time."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, Any] = {}
+
+    def describe(self) -> list:
+        return []  # families depend on whether LoRA is enabled; nothing to check at registration
+
+    def collect(self):
+        s = self.snapshot
+        if not s:
+            return
+        gauges = [("num_requests_waiting", "Requests waiting to be scheduled (the queue length).", s["waiting"]),
+                  ("num_requests_running", "Requests in the running batch.", s["running"]),
+                  ("kv_cache_blocks_total", "KV-cache blocks.", s["kv_blocks_total"]),
+                  ("kv_cache_blocks_free", "Free KV-cache blocks.", s["kv_blocks_free"]),
+                  ("kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.",
+                   1.0 - s["kv_blocks_free"] / max(1, s["kv_blocks_total"]))]
+        if "lora_slots_total" in s:
+            gauges += [("lora_slots_total", "GPU adapter slots (the base model counts as one).", s["lora_slots_total"]),
+                       ("lora_slots_in_use", "GPU adapter slots holding an adapter or the base model.",
+                        s["lora_slots_in_use"]),
+                       ("lora_host_cache_adapters", "Adapters held in the host cache.", s["lora_host_cached"]),
+                       ("lora_adapters_loaded", "Adapters registered (loaded by name).", s["lora_adapters"])]
+        for name, doc, value in gauges:
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
+            family.add_metric([], float(value))
+            yield family
+        counters = s.get("lora_counters")
+        if counters is not None:
+            for name, doc, key in (("lora_loads", "Adapters loaded (by name, including reloads).", "loads"),
+                                   ("lora_slot_hits", "Adapter lookups that found it in a GPU slot.", "hits"),
+                                   ("lora_slot_misses", "Adapter lookups that had to copy it into a slot.", "misses"),
+                                   ("lora_host_reloads", "Adapters re-read from their source after a host eviction.",
+                                    "host_reloads")):
+                family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
+                family.add_metric([], float(counters.get(key, 0)))
+                yield family
+            family = CounterMetricFamily(f"{PREFIX}_lora_evictions", "Adapter evictions, by memory tier.",
+                                         labels=["tier"])
+            family.add_metric(["gpu"], float(counters.get("gpu_evictions", 0)))
+            family.add_metric(["host"], float(counters.get("host_evictions", 0)))
+            yield family
+
+
+class ServerMetrics:
+    """The metrics of one app; ``render()`` gives the Prometheus text exposition."""
+
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "Finished generation requests, by adapter and finish reason.",
+                                ["adapter", "finish_reason"], registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Generated tokens of finished requests.",
+                                         registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time from arrival to the first token.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds",
+                              "Mean time between output tokens after the first, per request.", buckets=TPOT_BUCKETS,
+                              registry=r)
+        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.http = Counter(f"{PREFIX}_http_responses", "HTTP responses, by route and status.",
+                            ["route", "status"], registry=r)
+        self._engine = _EngineCollector()
+        r.register(self._engine)
+
+    def observe_finished(self, request: Any, finish_reason: str, now: float) -> None:
+        """Record one request that finished (or whose client went away) at ``now`` (perf_counter)."""
+        completion = len(request.output_ids)
+        self.requests.labels(adapter=request.adapter or "", finish_reason=finish_reason).inc()
+        self.prompt_tokens.inc(len(request.prompt_ids))
+        self.generation_tokens.inc(completion)
+        end = request.finish_time if request.finish_time is not None else now
+        if request.first_token_time is not None:
+            self.ttft.observe(request.first_token_time - request.arrival_time)
+            if completion > 1:
+                self.tpot.observe((end - request.first_token_time) / (completion - 1))
+        self.e2e.observe(end - request.arrival_time)
+
+    def render(self, snapshot: dict[str, Any]) -> bytes:
+        self._engine.snapshot = snapshot
+        return generate_latest(self.registry)
+
+
+class HttpMetricsMiddleware:
+    """Counts every HTTP response by route template (not raw path: bounded label values) and status."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.http.labels(route=route, status=str(status[0])).inc()

@@ -1,0 +1,264 @@
+"""The native API routes, compatible with SGLang's HTTP server.
+
+``POST /generate`` takes ``text`` (a string or a list) or ``input_ids`` (a list, or a list of
+lists), ``sampling_params`` (one object, or a list aligned with the batch), ``lora_path`` (one
+adapter name, or a list aligned with the batch, ``null`` meaning the base model),
+``return_logprob``/``top_logprobs_num`` and ``stream``. It answers one SGLang-style result
+(``text``, ``output_ids``, ``meta_info``) per input, a list for a batch; ``n > 1`` in the sampling
+parameters gives ``n`` results per input. Streams are server-sent events carrying the text and token
+ids so far (as SGLang streams them), with ``index`` for a batch, ending with ``data: [DONE]``.
+Adapters are loaded with ``POST /load_lora_adapter`` and unloaded with ``POST /unload_lora_adapter``
+(also under ``/v1/``, as vLLM names them), answering ``{success, error_message, loaded_adapters}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from loraserve import __version__
+from loraserve.errors import UserError
+from loraserve.http_errors import (APIError, ClientDisconnected, StrictModel, api_error_of, error_body, parse_body,
+                                   read_json)
+from loraserve.metrics import engine_snapshot
+from loraserve.serving import EventStream, Generations, Item, fan_out, sse
+
+GENERATE_FIELDS = ("text", "input_ids", "sampling_params", "lora_path", "stream", "return_logprob",
+                   "top_logprobs_num")
+HEALTH_TIMEOUT_S = 20.0
+
+
+class LoadAdapterBody(StrictModel):
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+
+class UnloadAdapterBody(StrictModel):
+    lora_name: str
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _per_input(body: dict, key: str, n: int, check, what: str) -> list:
+    """``body[key]`` as one value per input: a single value is shared, a list must have ``n`` entries."""
+    value = body.get(key)
+    if isinstance(value, list) and key != "input_ids":
+        if len(value) != n:
+            raise UserError(f"the batch has {n} inputs but {key} has {len(value)} entries; give one per input, or "
+                            "a single value for all")
+        values = value
+    else:
+        values = [value] * n
+    for v in values:
+        if v is not None and not check(v):
+            raise UserError(f"{key} must be {what} (or a list of them, one per input), got {v!r}")
+    return values
+
+
+def parse_generate(body: Any) -> tuple[list[Item], bool, bool]:
+    """The inputs of a /generate body, whether it asked for a single result, and whether to stream."""
+    if not isinstance(body, dict):
+        raise UserError(f"the request body must be a JSON object, got a JSON {type(body).__name__}")
+    unknown = sorted(k for k in body if k not in GENERATE_FIELDS)
+    if unknown:
+        raise UserError(f"unknown field(s) {', '.join(unknown)}; allowed fields: {', '.join(GENERATE_FIELDS)}")
+    text, ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (ids is None):
+        raise UserError("give exactly one of 'text' (a prompt, or a list of prompts) and 'input_ids'")
+    if text is not None:
+        if isinstance(text, str):
+            prompts, single = [text], True
+        elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+            prompts, single = list(text), False
+        else:
+            raise UserError("'text' must be a string or a non-empty list of strings")
+        inputs = [(p, None) for p in prompts]
+    else:
+        if _is_ids(ids):
+            inputs, single = [(None, ids)], True
+        elif isinstance(ids, list) and ids and all(_is_ids(x) for x in ids):
+            inputs, single = [(None, x) for x in ids], False
+        else:
+            raise UserError("'input_ids' must be a non-empty list of token ids, or a non-empty list of such lists")
+    n = len(inputs)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise UserError(f"stream must be true or false, got {stream!r}")
+    params = _per_input(body, "sampling_params", n, lambda v: isinstance(v, dict), "a JSON object")
+    loras = _per_input(body, "lora_path", n, lambda v: isinstance(v, str), "an adapter name or null")
+    logprob = _per_input(body, "return_logprob", n, lambda v: isinstance(v, bool), "true or false")
+    tops = _per_input(body, "top_logprobs_num", n, lambda v: isinstance(v, int) and not isinstance(v, bool),
+                      "an integer")
+    items = []
+    for (prompt, token_ids), p, lora, lp, top in zip(inputs, params, loras, logprob, tops):
+        p = dict(p or {})
+        if lp is not None:
+            p["return_logprob"] = lp
+        if top is not None:
+            p["top_logprobs_num"] = top
+        copies = fan_out(p)
+        single = single and len(copies) == 1
+        items += [Item(prompt, token_ids, c, lora) for c in copies]
+    return items, single, stream
+
+
+def _partial(r: Any, text: str, ids: list[int], logprobs: list[float]) -> dict:
+    meta = {"id": r.request_id, "prompt_tokens": len(r.prompt_ids), "completion_tokens": len(ids),
+            "finish_reason": None, "lora_path": r.adapter}
+    if r.params.return_logprob or r.params.top_logprobs_num:
+        meta["output_token_logprobs"] = [[lp, t] for lp, t in zip(logprobs, ids)]
+    return {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+
+def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
+    gens: Generations = app.state.generations
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Any:
+        items, single, stream = parse_generate(await read_json(request))
+        requests = gens.build(items)
+        try:
+            if stream:
+                return EventStream(_stream_events(await gens.open_stream(request, requests), requests, single))
+            await gens.complete(request, requests)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        for r in requests:
+            gens.outcome(r)
+        results = [engine.outputs.final(r) for r in requests]
+        return results[0] if single else results
+
+    async def _stream_events(events, requests: list, single: bool):
+        acc = [("", [], []) for _ in requests]
+        try:
+            async for index, out in events:
+                r = requests[index]
+                text, ids, lps = acc[index]
+                acc[index] = text, ids, lps = text + out.text, ids + out.token_ids, lps + out.logprobs
+                if out.finished:
+                    try:
+                        gens.outcome(r)
+                    except APIError as exc:
+                        yield sse(_error_event(exc, None if single else index))
+                        continue
+                    chunk = engine.outputs.final(r)
+                else:
+                    chunk = _partial(r, text, ids, lps)
+                if not single:
+                    chunk["index"] = index
+                yield sse(chunk)
+        except Exception as exc:  # headers are sent: report in-band
+            yield sse(_error_event(api_error_of(exc), None))
+        finally:
+            await events.aclose()  # aborts unfinished requests when the client went away
+        yield sse("[DONE]")
+
+    @app.post("/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> JSONResponse:
+        async def load() -> None:
+            body = parse_body(LoadAdapterBody, await read_json(request))
+            lora = _lora_or_error()
+            gens.check_accepting()
+            try:
+                await run_in_threadpool(lora.load_adapter, body.lora_name, body.lora_path, body.pinned)
+            except UserError:
+                raise
+            except Exception as exc:  # a corrupt or unreadable adapter: never half-loaded, the server lives on
+                raise UserError(f"could not load adapter {body.lora_name!r} from {body.lora_path!r} "
+                                f"({type(exc).__name__}: {exc}); check the adapter files") from None
+        return await _adapter_call(load)
+
+    @app.post("/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> JSONResponse:
+        async def unload() -> None:
+            body = parse_body(UnloadAdapterBody, await read_json(request))
+            await run_in_threadpool(_lora_or_error().unload_adapter, body.lora_name)
+        return await _adapter_call(unload)
+
+    def _lora_or_error() -> Any:
+        if engine.lora is None:
+            raise UserError("LoRA is not enabled on this server; start it with --enable-lora (and "
+                            "--max-lora-rank/--lora-target-modules) or --lora-paths")
+        return engine.lora
+
+    def _loaded() -> dict[str, str]:
+        return {a["name"]: a["source"] for a in engine.lora.loaded_adapters()} if engine.lora is not None else {}
+
+    async def _adapter_call(fn) -> JSONResponse:
+        try:
+            await fn()
+        except (APIError, UserError) as exc:
+            err = api_error_of(exc)
+            return JSONResponse({"success": False, "error_message": err.message, "loaded_adapters": _loaded()},
+                                status_code=err.status)
+        return JSONResponse({"success": True, "error_message": None, "loaded_adapters": _loaded()})
+
+    @app.get("/health")
+    async def health() -> Response:
+        if app.state.draining:
+            raise APIError(503, "the server is shutting down")
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate(request: Request) -> Response:
+        token = getattr(engine.tokenizer, "bos_token_id", None) if engine.tokenizer is not None else None
+        [r] = gens.build([Item(None, [token if isinstance(token, int) else 0],
+                               {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}, None)])
+        try:
+            await asyncio.wait_for(gens.complete(request, [r]), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"the engine did not produce a token within {HEALTH_TIMEOUT_S:.0f} s") from None
+        except ClientDisconnected:
+            return Response(status_code=499)
+        gens.outcome(r)
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> dict:
+        return {"model_path": _model_path(engine, settings), "tokenizer_path": settings.tokenizer_path,
+                "served_model_name": engine.model_name, "is_generation": True, "context_length": engine.context_len,
+                "vocab_size": engine.model.vocab_size, "lora_enabled": engine.lora is not None,
+                "preferred_sampling_params": None}
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> dict:
+        info = settings.model_dump(mode="json")
+        if info.get("api_key"):
+            info["api_key"] = "<set>"  # never echo the secret
+        info.update(version=__version__, served_model_name=engine.model_name, context_length=engine.context_len,
+                    resolved_device=str(engine.device), resolved_dtype=str(engine.dtype).removeprefix("torch."),
+                    resolved_lora_backend=engine.backend_name if engine.lora is not None else None,
+                    kv_cache_tokens=engine.kv.allocator.capacity_tokens,
+                    max_running_requests_effective=engine.scheduler.max_running,
+                    frontends=[e.name for e in engine.plugins.frontends], loaded_adapters=_loaded())
+        return info
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        def snapshot() -> dict:
+            try:
+                return engine.call_in_engine(lambda: engine_snapshot(engine))
+            except UserError:  # the engine is stopping: its state no longer changes
+                return engine_snapshot(engine)
+        data = app.state.metrics.render(await run_in_threadpool(snapshot))
+        return Response(data, media_type=app.state.metrics.content_type)
+
+
+def _error_event(exc: APIError, index: int | None) -> dict:
+    event = error_body(exc.status, exc.message, openai=False)
+    if index is not None:
+        event["index"] = index
+    return event
+
+
+def _model_path(engine: Any, settings: Any) -> str:
+    return settings.model_path or getattr(engine.config, "_name_or_path", None) or engine.model_name

@@ -1,0 +1,276 @@
+"""The OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+``model`` selects the adapter: the served base model name means the base model, an adapter name
+means that adapter, and ``BASE:ADAPTER`` (split at the first colon) names an adapter explicitly;
+anything else is a 404 ``model_not_found``. ``/v1/models`` lists the base model (``parent`` null,
+``root`` its path) and every loaded adapter (``parent`` the base model, ``root`` its source).
+``n > 1`` fans out into ``n`` engine requests (see ``loraserve.serving``); choice ``i * n + j`` is
+sample ``j`` of prompt ``i``. Usage counts each prompt once. Streams follow OpenAI's chunk format,
+with a final usage chunk when ``stream_options.include_usage`` is set, and end with ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from loraserve.errors import UserError
+from loraserve.http_errors import APIError, ClientDisconnected, api_error_of, error_body, parse_body, read_json
+from loraserve.plugins.frontend_openai.protocol import ChatCompletionRequest, CompletionRequest
+from loraserve.serving import EventStream, Generations, Item, fan_out, sse
+
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs_num": "logprobs"}
+CHAT_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs_num": "top_logprobs"}
+
+
+class OpenAIFrontend:
+    """The routes' shared state: the engine, the request runner and the model names."""
+
+    def __init__(self, app: FastAPI, engine: Any, settings: Any):
+        self.engine, self.settings = engine, settings
+        self.gens: Generations = app.state.generations
+        self.created = int(time.time())
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def model_cards(self) -> list[dict]:
+        e = self.engine
+        base = {"id": e.model_name, "object": "model", "created": self.created, "owned_by": "loraserve",
+                "root": self.settings.model_path or getattr(e.config, "_name_or_path", None) or e.model_name,
+                "parent": None, "max_model_len": e.context_len}
+        cards = [base]
+        for a in e.lora.loaded_adapters() if e.lora is not None else []:
+            cards.append({"id": a["name"], "object": "model", "created": self.created, "owned_by": "loraserve",
+                          "root": a["source"], "parent": e.model_name, "max_model_len": e.context_len})
+        return cards
+
+    async def resolve(self, model: str) -> str | None:
+        """The adapter ``model`` names, or None for the base model; 404 model_not_found otherwise."""
+        e = self.engine
+        base = e.model_name
+        if model == base:
+            return None
+        names = e.lora.registry.names() if e.lora is not None else []
+        name = model
+        if model not in names and ":" in model:
+            prefix, name = model.split(":", 1)
+            if prefix != base or not name:
+                raise self._not_found(model, names)
+        if name in names:
+            return name
+        if e.lora is not None and e.lora.resolvers and await run_in_threadpool(self._resolvable, name):
+            return name  # a resolver knows it: the engine loads it when the request arrives
+        raise self._not_found(model, names)
+
+    def _resolvable(self, name: str) -> bool:
+        return any(r.resolve(name) is not None for r in self.engine.lora.resolvers)
+
+    def _not_found(self, model: str, names: list[str]) -> APIError:
+        base = self.engine.model_name
+        adapters = ", ".join(repr(n) for n in sorted(names)) or "none loaded"
+        return APIError(404, f"the model {model!r} does not exist; use {base!r} for the base model, an adapter name "
+                             f"({adapters}) or '{base}:ADAPTER' (GET /v1/models lists them)",
+                        code="model_not_found", param="model")
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def token_text(self, token: int) -> str:
+        tok = self.engine.tokenizer
+        return f"token_id:{token}" if tok is None else tok.decode([token], skip_special_tokens=False)
+
+    def finish_reason(self, r: Any) -> str:
+        self.gens.outcome(r)  # abort/error become a 503/500
+        return FINISH_REASONS.get(r.finish_reason, r.finish_reason)
+
+    def build(self, prompts: list[tuple[str | None, list[int] | None]], params: dict, adapter: str | None,
+              renames: dict[str, str], default_max: bool = False) -> tuple[list, list[int]]:
+        """Engine requests for every prompt x n, and the prompt index of each. ``renames`` maps the
+        engine's parameter names to the request's, so that a message names the field the client sent."""
+        try:
+            items, owner = [], []
+            for i, (text, ids) in enumerate(prompts):
+                p = dict(params)
+                if default_max and "max_new_tokens" not in p:
+                    p["max_new_tokens"] = self.room_after(len(ids))
+                for copy in fan_out(p):
+                    items.append(Item(text, ids, copy, adapter))
+                    owner.append(i)
+            return self.gens.build(items), owner
+        except UserError as exc:
+            message = str(exc).replace("sampling parameter ", "")
+            for ours, theirs in renames.items():
+                message = message.replace(ours, theirs)
+            raise UserError(message) from None
+
+    def room_after(self, prompt_len: int) -> int:
+        """The most tokens a request with this prompt can generate (context and KV cache)."""
+        e = self.engine
+        room = min(e.context_len, e.kv.allocator.capacity_tokens) - prompt_len
+        if room <= 0:
+            raise UserError(f"the prompt has {prompt_len} tokens, which leaves no room to generate within "
+                            f"{min(e.context_len, e.kv.allocator.capacity_tokens)} tokens (the context length or "
+                            "the KV-cache size); shorten the messages")
+        return room
+
+    def usage(self, requests: list, owner: list[int]) -> dict:
+        firsts = {o: r for r, o in reversed(list(zip(requests, owner)))}
+        prompt = sum(len(r.prompt_ids) for r in firsts.values())
+        completion = sum(len(r.output_ids) for r in requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise UserError("this model has no tokenizer, which chat needs; start the server with --tokenizer-path, "
+                            "or use /v1/completions with token-id prompts")
+        if not getattr(tok, "chat_template", None):
+            raise UserError("the model's tokenizer has no chat template; use /v1/completions, or start the server "
+                            "with a --tokenizer-path that has one")
+        try:
+            text = tok.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
+                                           add_generation_prompt=True)
+        except Exception as exc:  # jinja's TemplateError, raise_exception() in the template, ...
+            raise UserError(f"the chat template rejected the messages ({exc}); fix the message roles or order") from None
+        return list(tok.encode(text, add_special_tokens=False))  # the template already holds special tokens
+
+    # -- logprobs -------------------------------------------------------------------------------
+
+    def completion_logprobs(self, tokens: list[int], lps: list[float], tops: list, offset: int) -> dict:
+        texts = [self.token_text(t) for t in tokens]
+        offsets = []
+        for t in texts:
+            offsets.append(offset)
+            offset += len(t)
+        top = [{self.token_text(t): lp for t, lp in row} for row in tops] if tops else None
+        return {"tokens": texts, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+    def chat_logprobs(self, tokens: list[int], lps: list[float], tops: list) -> dict:
+        def entry(t: int, lp: float) -> dict:
+            text = self.token_text(t)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        content = []
+        for k, (t, lp) in enumerate(zip(tokens, lps)):
+            row = entry(t, lp)
+            row["top_logprobs"] = [entry(tt, tlp) for tt, tlp in tops[k]] if k < len(tops) else []
+            content.append(row)
+        return {"content": content}
+
+
+def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
+    front = OpenAIFrontend(app, engine, settings)
+    gens = front.gens
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": front.model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        for card in front.model_cards():
+            if card["id"] == model_id:
+                return card
+        raise front._not_found(model_id, engine.lora.registry.names() if engine.lora is not None else [])
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = parse_body(CompletionRequest, await read_json(request))
+        adapter = await front.resolve(body.model)
+        prompts = body.prompts()
+        requests, owner = front.build(prompts, body.sampling_params(), adapter, COMPLETION_NAMES)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = [(text if text is not None else front.engine.tokenizer.decode(ids) if front.engine.tokenizer else "")
+                if body.echo else "" for text, ids in prompts]
+        head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+        try:
+            if body.stream:
+                events = await gens.open_stream(request, requests)
+                return EventStream(completion_chunks(events, requests, owner, echo, head, body))
+            await gens.complete(request, requests)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        choices = []
+        for k, r in enumerate(requests):
+            prefix = echo[owner[k]]
+            logprobs = (front.completion_logprobs(r.output_ids, r.logprobs, r.top_logprobs, len(prefix))
+                        if body.logprobs is not None else None)
+            choices.append({"index": k, "text": prefix + engine.outputs.final(r)["text"], "logprobs": logprobs,
+                            "finish_reason": front.finish_reason(r)})
+        return {**head, "choices": choices, "usage": front.usage(requests, owner), "system_fingerprint": None}
+
+    async def completion_chunks(events, requests, owner, echo, head, body) -> AsyncIterator[str]:
+        usage_field = {"usage": None} if body.include_usage else {}
+        offsets = [len(echo[o]) for o in owner]
+        started = [False] * len(requests)
+        try:
+            async for k, out in events:
+                text = out.text
+                if not started[k]:
+                    started[k], text = True, echo[owner[k]] + text
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = front.completion_logprobs(out.token_ids, out.logprobs, out.top_logprobs, offsets[k])
+                    offsets[k] += sum(len(t) for t in logprobs["tokens"])
+                reason = front.finish_reason(requests[k]) if out.finished else None
+                choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                yield sse({**head, "choices": [choice], **usage_field})
+            if body.include_usage:
+                yield sse({**head, "choices": [], "usage": front.usage(requests, owner)})
+        except Exception as exc:  # headers are sent: report in-band, in OpenAI's error format
+            err = api_error_of(exc)
+            yield sse(error_body(err.status, err.message, openai=True, code=err.code))
+        finally:
+            await events.aclose()
+        yield sse("[DONE]")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = parse_body(ChatCompletionRequest, await read_json(request))
+        adapter = await front.resolve(body.model)
+        ids = front.chat_prompt(body)
+        requests, owner = front.build([(None, ids)], body.sampling_params(), adapter, CHAT_NAMES, default_max=True)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": body.model}
+        try:
+            if body.stream:
+                events = await gens.open_stream(request, requests)
+                return EventStream(chat_chunks(events, requests, owner, head, body))
+            await gens.complete(request, requests)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        choices = []
+        for k, r in enumerate(requests):
+            logprobs = front.chat_logprobs(r.output_ids, r.logprobs, r.top_logprobs) if body.logprobs else None
+            choices.append({"index": k, "message": {"role": "assistant", "content": engine.outputs.final(r)["text"]},
+                            "logprobs": logprobs, "finish_reason": front.finish_reason(r)})
+        return {**head, "choices": choices, "usage": front.usage(requests, owner), "system_fingerprint": None}
+
+    async def chat_chunks(events, requests, owner, head, body) -> AsyncIterator[str]:
+        head = {**head, "object": "chat.completion.chunk"}
+        usage_field = {"usage": None} if body.include_usage else {}
+        try:
+            for k in range(len(requests)):
+                first = {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}
+                yield sse({**head, "choices": [first], **usage_field})
+            async for k, out in events:
+                if not out.finished and not out.text and not out.token_ids:
+                    continue
+                delta = {"content": out.text} if out.text or not out.finished else {}
+                logprobs = front.chat_logprobs(out.token_ids, out.logprobs, out.top_logprobs) if body.logprobs else None
+                reason = front.finish_reason(requests[k]) if out.finished else None
+                choice = {"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+                yield sse({**head, "choices": [choice], **usage_field})
+            if body.include_usage:
+                yield sse({**head, "choices": [], "usage": front.usage(requests, owner)})
+        except Exception as exc:  # headers are sent: report in-band, in OpenAI's error format
+            err = api_error_of(exc)
+            yield sse(error_body(err.status, err.message, openai=True, code=err.code))
+        finally:
+            await events.aclose()
+        yield sse("[DONE]")

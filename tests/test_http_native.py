@@ -1,0 +1,199 @@
+"""The native (SGLang-compatible) API over a real uvicorn server: /generate single, batch (adapters and
+the base mixed), streaming, logprobs and n, against the engine's Python API for the same requests;
+the info endpoints; Prometheus metrics; adapter load/unload answers."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from http_fixtures import GREEDY, RunningServer, assets, make_engine
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = make_engine()
+    server = RunningServer(engine)
+    client = httpx.Client(base_url=server.url, timeout=60)
+    yield server, client, engine
+    client.close()
+    server.stop()
+
+
+def same(http: dict, ref: dict) -> None:
+    """An HTTP result equals the Python API's result (ids and timings aside)."""
+    assert http["output_ids"] == ref["output_ids"]
+    assert http["text"] == ref["text"]
+    for key in ("prompt_tokens", "completion_tokens", "finish_reason", "lora_path"):
+        assert http["meta_info"][key] == ref["meta_info"][key], key
+    if "output_token_logprobs" in ref["meta_info"]:
+        got, want = http["meta_info"]["output_token_logprobs"], ref["meta_info"]["output_token_logprobs"]
+        assert [t for _, t in got] == [t for _, t in want]
+        assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line.removeprefix("data: ")
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_single_and_mixed_adapter_batches_equal_the_python_api(served):
+    _, client, engine = served
+    single = client.post("/generate", json={"text": "The capital of France", "sampling_params": GREEDY})
+    assert single.status_code == 200
+    same(single.json(), engine.generate("The capital of France", GREEDY))
+
+    prompts = ["Once upon a time", "Once upon a time", "Once upon a time", "Hi", "A list:"]
+    loras = ["alpha", None, "beta", "beta", "alpha"]
+    batch = client.post("/generate", json={"text": prompts, "sampling_params": GREEDY, "lora_path": loras})
+    assert batch.status_code == 200
+    results = batch.json()
+    for got, want in zip(results, engine.generate(prompts, GREEDY, loras)):
+        same(got, want)
+    assert [r["meta_info"]["lora_path"] for r in results] == loras
+    # the same prompt under two adapters and the base: three different continuations
+    assert len({tuple(r["output_ids"]) for r in results[:3]}) == 3
+
+    ids = [[5, 17, 300, 41], [9000, 12], [77]]
+    params = [GREEDY, {**GREEDY, "max_new_tokens": 3}, {"max_new_tokens": 6, "temperature": 0.8, "seed": 7}]
+    by_ids = client.post("/generate", json={"input_ids": ids, "sampling_params": params,
+                                            "lora_path": [None, "alpha", "beta"]})
+    assert by_ids.status_code == 200
+    for got, want in zip(by_ids.json(), engine.generate(input_ids=ids, sampling_params=params,
+                                                        lora_path=[None, "alpha", "beta"])):
+        same(got, want)
+
+
+def test_stream_sends_growing_text_and_ends_with_the_python_api_result(served):
+    _, client, engine = served
+    body = {"text": "Streaming works", "sampling_params": GREEDY, "lora_path": "alpha", "stream": True}
+    with client.stream("POST", "/generate", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len(chunks) == GREEDY["max_new_tokens"]
+    for prev, cur in zip(chunks, chunks[1:]):
+        assert cur["text"].startswith(prev["text"]) and cur["output_ids"][:len(prev["output_ids"])] == prev["output_ids"]
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    same(chunks[-1], engine.generate("Streaming works", GREEDY, "alpha"))
+
+    prompts, loras = ["one", "two", "three"], ["beta", None, "alpha"]
+    body = {"text": prompts, "sampling_params": GREEDY, "lora_path": loras, "stream": True}
+    with client.stream("POST", "/generate", json=body) as response:
+        events = sse_events(response)
+    finals = {c["index"]: c for c in events[:-1] if c["meta_info"]["finish_reason"] is not None}
+    assert sorted(finals) == [0, 1, 2]
+    for i, want in enumerate(engine.generate(prompts, GREEDY, loras)):
+        same(finals[i], want)
+
+
+def test_logprobs_and_n(served):
+    _, client, engine = served
+    body = {"text": "Logprobs", "sampling_params": {**GREEDY, "max_new_tokens": 5}, "return_logprob": True,
+            "top_logprobs_num": 3, "lora_path": "beta"}
+    res = client.post("/generate", json=body).json()
+    ref = engine.generate("Logprobs", {**GREEDY, "max_new_tokens": 5, "return_logprob": True, "top_logprobs_num": 3},
+                          "beta")
+    same(res, ref)
+    tops = res["meta_info"]["output_top_logprobs"]
+    assert len(tops) == 5 and all(len(row) == 3 for row in tops)
+    assert [row[0][1] for row in tops] == res["output_ids"]  # greedy: the top-1 token is the one chosen
+
+    sampled = {"max_new_tokens": 8, "temperature": 1.0, "seed": 123, "n": 3}
+    res = client.post("/generate", json={"text": "Sample", "sampling_params": sampled}).json()
+    assert isinstance(res, list) and len(res) == 3
+    refs = engine.generate(["Sample"] * 3, [{**sampled, "n": 1, "seed": 123 + j} for j in range(3)])
+    for got, want in zip(res, refs):
+        same(got, want)
+    assert len({tuple(r["output_ids"]) for r in res}) > 1
+
+
+def test_info_endpoints(served):
+    server, client, engine = served
+    health = client.get("/health")
+    assert health.status_code == 200 and health.content == b""
+    assert client.get("/health_generate").status_code == 200
+    info = client.get("/get_model_info").json()
+    assert info["model_path"] == assets().base and info["is_generation"] is True
+    assert info["served_model_name"] == "tiny" and info["context_length"] == engine.context_len
+    server_info = client.get("/get_server_info").json()
+    assert server_info["max_loras_per_batch"] == 4 and server_info["max_total_tokens"] == 4096
+    assert server_info["resolved_lora_backend"] == "torch" and set(server_info["frontends"]) >= {"native", "openai"}
+    assert set(server_info["loaded_adapters"]) == {"alpha", "beta"}
+
+
+def _samples(text: str) -> dict[tuple, float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_count_requests_tokens_latency_and_lora_state(served):
+    _, client, engine = served
+    before = _samples(client.get("/metrics").text)
+    prompts, loras = ["m1", "m2", "m3"], ["alpha", None, "beta"]
+    results = client.post("/generate", json={"text": prompts, "sampling_params": GREEDY, "lora_path": loras}).json()
+    after_text = client.get("/metrics").text
+    after = _samples(after_text)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+    for lora in loras:
+        assert delta("loraserve_requests_total", adapter=lora or "", finish_reason="length") >= 1
+    assert delta("loraserve_prompt_tokens_total") >= sum(r["meta_info"]["prompt_tokens"] for r in results)
+    assert delta("loraserve_generation_tokens_total") >= 3 * GREEDY["max_new_tokens"]
+    assert delta("loraserve_time_to_first_token_seconds_count") >= 3
+    assert delta("loraserve_time_per_output_token_seconds_count") >= 3
+    assert delta("loraserve_http_responses_total", route="/generate", status="200") >= 1
+    assert after[("loraserve_lora_slots_total", ())] == 4
+    assert after[("loraserve_lora_slots_in_use", ())] == len(engine.lora.pool.resident())
+    assert after[("loraserve_lora_host_cache_adapters", ())] == len(engine.lora.host)
+    assert after[("loraserve_lora_loads_total", ())] == engine.lora.metrics["loads"]
+    assert after[("loraserve_lora_slot_hits_total", ())] == engine.lora.metrics["hits"]
+    assert after[("loraserve_num_requests_waiting", ())] == 0
+    assert ("loraserve_lora_evictions_total", (("tier", "gpu"),)) in after
+
+
+def test_adapter_load_and_unload_answers(served):
+    _, client, engine = served
+    path = assets().adapters["gamma"]
+    for prefix in ("", "/v1"):
+        res = client.post(f"{prefix}/load_lora_adapter", json={"lora_name": "gamma", "lora_path": path})
+        assert res.status_code == 200
+        assert res.json() == {"success": True, "error_message": None,
+                              "loaded_adapters": {**{n: assets().adapters[n] for n in ("alpha", "beta")}, "gamma": path}}
+        again = client.post(f"{prefix}/load_lora_adapter", json={"lora_name": "gamma", "lora_path": path})
+        assert again.status_code == 400 and again.json()["success"] is False
+        assert "already loaded" in again.json()["error_message"]
+        got = client.post("/generate", json={"text": "g", "sampling_params": GREEDY, "lora_path": "gamma"}).json()
+        same(got, engine.generate("g", GREEDY, "gamma"))
+        res = client.post(f"{prefix}/unload_lora_adapter", json={"lora_name": "gamma"})
+        assert res.status_code == 200 and "gamma" not in res.json()["loaded_adapters"]
+        res = client.post(f"{prefix}/unload_lora_adapter", json={"lora_name": "gamma"})
+        assert res.status_code == 400 and "no adapter named 'gamma'" in res.json()["error_message"]
+
+
+def test_the_engine_imports_without_the_http_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client'): sys.modules[m] = None\n"
+            "import loraserve.engine, loraserve.cli\n"
+            "from loraserve.plugin_manager import PluginManager\n"
+            "print(sorted(PluginManager().load().frontends.names()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['native', 'openai']"
