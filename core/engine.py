@@ -269,6 +269,9 @@ class Engine:
                         self._finish(r, "error")
 
     def _add(self, request: Request) -> None:
+        if request.params.max_new_tokens == 0:  # nothing to generate: done without touching the model
+            self._finish(request, "length")
+            return
         self.scheduler.add(request)
 
     def _abort(self, request_id: str) -> None:

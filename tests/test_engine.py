@@ -113,6 +113,8 @@ def test_requests_that_can_never_fit_are_refused(llama):
 
 def test_stop_token_ids_and_max_new_tokens(llama):
     hf, engine = llama
+    empty = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 0})
+    assert empty["output_ids"] == [] and empty["meta_info"]["finish_reason"] == {"type": "length"}
     ids = prompts(hf.config.vocab_size)[2]
     tokens, _ = hf_greedy(hf, ids, 12)
     res = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 12, "temperature": 0,
