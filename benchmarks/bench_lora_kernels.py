@@ -1,0 +1,478 @@
+"""Benchmark of the LoRA kernel backends (triton = SGMV, csgmv = chunked SGMV) on one CUDA GPU.
+
+Per projection of Llama-3-8B (qkv 4096->4096+1024+1024, o 4096->4096, gate_up 4096->2x14336,
+down 14336->4096), in bfloat16, for decode steps (1 token per request; 1..256 tokens, 1..64
+distinct adapters, ranks 8..128) and prefill steps (4 x 512 and 16 x 256 tokens, 4 and 16
+adapters). Each case reports:
+
+- the median time of one ``run_lora`` (shrink + expand), taken from CUDA-graph replays of one call
+  per "layer" over several layers' distinct weight copies, with the L2 cache flushed before each
+  replay (``triton.testing.do_bench``), so weights come from device memory as in a real step;
+- the bytes that must move (each distinct adapter's A and B up to its rank read once, ``x`` read
+  once, the output read and written once) and the FLOPs; achieved GB/s and its fraction of the
+  device's copy bandwidth measured here; the case's own limit (the larger of bytes / bandwidth and
+  FLOPs / measured bf16 matmul rate) and the fraction of it reached;
+- the time of the base projection's GEMM for the same tokens (cuBLAS through ``F.linear``) and
+  the LoRA overhead relative to it.
+
+For prefill at rank 16 it also tries the shrink sharing the base GEMM's read of ``x``: the
+adapters' A rows are appended to the base weight (one GEMM gives the base output and ``x @ A^T``),
+then the expand kernel adds ``B`` from those columns. ``--sweep`` times a few launch-parameter
+variants on representative cases. Results: JSON and a markdown summary in ``--out``.
+
+    python benchmarks/bench_lora_kernels.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PROJECTIONS = {  # name: (in_dim, output_offsets) of Llama-3-8B
+    "qkv_proj": (4096, (0, 4096, 5120, 6144)),
+    "o_proj": (4096, (0, 4096)),
+    "gate_up_proj": (4096, (0, 14336, 28672)),
+    "down_proj": (14336, (0, 4096)),
+}
+DECODE_TOKENS = (1, 8, 32, 64, 128, 256)
+DECODE_ADAPTERS = (1, 8, 32, 64)
+RANKS = (8, 16, 64, 128)
+PREFILL = ((4, 512), (16, 256))  # (requests, tokens each)
+PREFILL_ADAPTERS = (4, 16)
+PREFILL_RANKS = (16, 64)
+BACKENDS = ("triton", "csgmv")
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+LAYER_BYTES = 1 << 30  # weight copies per case: enough "layers" that graph overhead is amortised
+
+
+def bench(fn, warmup: int = 5, rep: int = 25) -> float:
+    """Median milliseconds of ``fn`` (L2 flushed before each run by do_bench)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def graph_of(fn) -> torch.cuda.CUDAGraph:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graph
+
+
+def measure_ceilings() -> dict:
+    n = 1 << 30
+    a = torch.empty(n // 2, dtype=DTYPE, device=DEVICE).normal_()
+    b = torch.empty_like(a)
+    t_copy = bench(lambda: b.copy_(a), rep=100)
+    del a, b
+    m = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
+    m2 = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
+    t_mm = bench(lambda: m @ m2, rep=200)
+    del m, m2
+    return {"copy_GBps": 2 * n / t_copy / 1e6, "bf16_TFLOPs": 2 * 8192 ** 3 / t_mm / 1e9}
+
+
+def make_backend(name: str, max_chunk: int = 16, tuning: dict | None = None):
+    if name == "triton":
+        from loraserve.plugins.backend_triton.backend import SgmvLoRABackend
+
+        return SgmvLoRABackend(DEVICE, tuning=tuning)
+    from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend
+
+    return ChunkedSgmvLoRABackend(DEVICE, max_chunk=max_chunk, tuning=tuning)
+
+
+class Case:
+    """Inputs of one (projection, step shape, adapters, rank) case, with several layers' weights."""
+
+    def __init__(self, proj: str, seg_lens: list[int], n_adapters: int, rank: int, seed: int = 0):
+        from loraserve.lora.batch_info import LoRABatchInfo
+
+        self.proj, self.rank, self.n_adapters = proj, rank, n_adapters
+        self.in_dim, self.offsets = PROJECTIONS[proj]
+        self.seg_lens = seg_lens
+        K, N, S = self.in_dim, self.offsets[-1], len(self.offsets) - 1
+        self.T = T = sum(seg_lens)
+        gen = torch.Generator(device=DEVICE).manual_seed(seed)
+        per_layer = n_adapters * (S * rank * K + N * rank) * 2
+        self.layers = max(2, min(8, LAYER_BYTES // max(1, per_layer)))
+        self.weights = []
+        for _ in range(self.layers):
+            A = torch.randn(n_adapters, S * rank, K, device=DEVICE, generator=gen, dtype=DTYPE) * K ** -0.5
+            B = torch.randn(n_adapters, N, rank, device=DEVICE, generator=gen, dtype=DTYPE) * 0.1
+            self.weights.append((A, B))
+        self.x = torch.randn(T, K, device=DEVICE, generator=gen, dtype=DTYPE)
+        self.out = torch.randn(T, N, device=DEVICE, generator=gen, dtype=DTYPE)
+        seg_slot = [i % n_adapters for i in range(len(seg_lens))]
+        self.info = LoRABatchInfo.build(seg_lens, seg_slot, [rank] * n_adapters,
+                                        [0.5 + i / n_adapters for i in range(n_adapters)], rank, device=DEVICE)
+        distinct = len(set(seg_slot))
+        self.bytes = distinct * (S * rank * K + N * rank) * 2 + T * K * 2 + 2 * T * N * 2
+        self.flops = 2 * T * rank * (S * K + N)
+
+    def time_backend(self, backend) -> float:
+        backend.prepare(self.info)
+
+        def step():
+            for A, B in self.weights:
+                backend.run_lora(self.x, A, B, self.out, self.offsets)
+        graph = graph_of(step)
+        return bench(graph.replay) / self.layers * 1e3  # microseconds per run_lora
+
+    def free(self) -> None:
+        self.weights.clear()
+
+
+def time_gemm(proj: str, T: int) -> float:
+    K, N = PROJECTIONS[proj][0], PROJECTIONS[proj][1][-1]
+    layers = 4
+    ws = [torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5 for _ in range(layers)]
+    x = torch.randn(T, K, device=DEVICE, dtype=DTYPE)
+    graph = graph_of(lambda: [F.linear(x, w) for w in ws])
+    t = bench(graph.replay) / layers * 1e3
+    del ws
+    return t
+
+
+def time_concat_shrink(case: Case) -> dict:
+    """Prefill experiment: one GEMM over [W; A of every slot] gives the base output and x @ A^T
+    (the shrink shares the GEMM's read of x), then the expand kernel adds B from those columns."""
+    from loraserve.plugins.backend_triton import kernels
+    from loraserve.plugins.backend_triton.backend import SgmvLoRABackend, expand_config
+
+    K, N, S, R = case.in_dim, case.offsets[-1], len(case.offsets) - 1, case.rank
+    backend = SgmvLoRABackend(DEVICE)
+    backend.prepare(case.info)
+    plan = backend._plan
+    ec = expand_config(plan.block_m, R)
+    fused = []
+    for A, B in case.weights[:2]:
+        W = torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5
+        fused.append((torch.cat([W, A.reshape(-1, K)]).contiguous(), W, B))
+    widths = tuple(case.offsets[i + 1] - case.offsets[i] for i in range(S))
+
+    def concat():
+        for Wc, _, B in fused:
+            y = F.linear(case.x, Wc)
+            kernels.launch_expand(y[:, N:], B, y[:, :N], plan.tiles, plan.tiles, case.info.ranks, case.info.scalings,
+                                  R=R, num_tiles=plan.num_tiles, split=1, widths=widths, block_m=plan.block_m,
+                                  block_n=ec.block_n, block_r=ec.block_r, use_perm=False, stride_hs=0,
+                                  stride_ht=y.stride(0), stride_hslot=S * R, num_warps=ec.num_warps)
+
+    def concat_gemm_only():
+        for Wc, _, _ in fused:
+            F.linear(case.x, Wc)
+
+    def separate():
+        for (Wc, W, B), (A, _) in zip(fused, case.weights):
+            y = F.linear(case.x, W)
+            backend.run_lora(case.x, A, B, y, case.offsets)
+
+    # correctness of the experiment against the separate path (h is rounded to bf16 by the GEMM)
+    Wc, W, B = fused[0]
+    y = F.linear(case.x, Wc)
+    kernels.launch_expand(y[:, N:], B, y[:, :N], plan.tiles, plan.tiles, case.info.ranks, case.info.scalings,
+                          R=R, num_tiles=plan.num_tiles, split=1, widths=widths, block_m=plan.block_m,
+                          block_n=ec.block_n, block_r=ec.block_r, use_perm=False, stride_hs=0,
+                          stride_ht=y.stride(0), stride_hslot=S * R, num_warps=ec.num_warps)
+    ref = F.linear(case.x, W)
+    base = ref.clone()
+    backend.run_lora(case.x, case.weights[0][0], B, ref, case.offsets)
+    rel = ((y[:, :N].float() - ref.float()).norm() / (ref.float() - base.float()).norm()).item()
+    n = len(fused)
+    out = {"concat_us": bench(graph_of(concat).replay) / n * 1e3,
+           "concat_gemm_only_us": bench(graph_of(concat_gemm_only).replay) / n * 1e3,
+           "separate_us": bench(graph_of(separate).replay) / n * 1e3, "concat_rel_err": rel}
+    del fused
+    return out
+
+
+def time_prepare(name: str, T: int, n_adapters: int, segs: int) -> float:
+    from loraserve.lora.batch_info import LoRABatchInfo
+
+    seg_lens = [T // segs] * segs
+    info = LoRABatchInfo.build(seg_lens, [i % n_adapters for i in range(segs)], [16] * n_adapters,
+                               [1.0] * n_adapters, 16, device=DEVICE)
+    backend = make_backend(name)
+    graph = graph_of(lambda: backend.prepare(info))
+    return bench(graph.replay) * 1e3
+
+
+def decode_cases(quick: bool):
+    tokens = (1, 64, 256) if quick else DECODE_TOKENS
+    ranks = (16, 128) if quick else RANKS
+    for T in tokens:
+        for n in DECODE_ADAPTERS:
+            if n > T:
+                continue
+            for r in ranks:
+                yield "decode", [1] * T, n, r
+
+
+def prefill_cases(quick: bool):
+    for reqs, each in PREFILL:
+        for n in PREFILL_ADAPTERS:
+            if n > reqs:
+                continue
+            for r in ((16,) if quick else PREFILL_RANKS):
+                yield "prefill", [each] * reqs, n, r
+
+
+def run(args) -> dict:
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        rev = ""
+    rev = rev or "unknown (no git checkout on the device)"
+    ceilings = measure_ceilings()
+    print(f"device {props.name}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 {ceilings['bf16_TFLOPs']:.0f} TFLOP/s",
+          flush=True)
+    result = {
+        "device": props.name, "sm_count": props.multi_processor_count,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                     "python": platform.python_version(), "loraserve_git": rev},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ceilings": ceilings,
+        "config": {"dtype": str(DTYPE), "projections": PROJECTIONS, "decode_tokens": DECODE_TOKENS,
+                   "decode_adapters": DECODE_ADAPTERS, "ranks": RANKS, "prefill": PREFILL,
+                   "prefill_adapters": PREFILL_ADAPTERS, "prefill_ranks": PREFILL_RANKS, "quick": args.quick,
+                   "prefill_only": args.prefill_only,
+                   "csgmv_max_chunk": args.max_chunk, "timing": "CUDA graph of one run_lora per layer over "
+                   "2-8 layers' distinct weights, L2 flushed before each replay, median (do_bench)",
+                   "max_rank": "= the case's rank (every adapter has that rank)"},
+        "cases": [], "gemm": {}, "concat_shrink": [], "prepare_us": [],
+    }
+    gemm = result["gemm"]
+    t0 = time.time()
+    cases = [] if args.prefill_only else list(decode_cases(args.quick))
+    for phase, seg_lens, n, r in cases + list(prefill_cases(args.quick)):
+        for proj in PROJECTIONS:
+            T = sum(seg_lens)
+            key = f"{proj}/{T}"
+            if key not in gemm:
+                gemm[key] = time_gemm(proj, T)
+            case = Case(proj, seg_lens, n, r)
+            limit_us = max(case.bytes / (ceilings["copy_GBps"] * 1e3), case.flops / (ceilings["bf16_TFLOPs"] * 1e6))
+            for name in BACKENDS:
+                t = case.time_backend(make_backend(name, args.max_chunk))
+                gbps = case.bytes / t / 1e3
+                result["cases"].append({
+                    "phase": phase, "proj": proj, "tokens": T, "requests": len(seg_lens), "adapters": n, "rank": r,
+                    "backend": name, "time_us": t, "bytes": case.bytes, "flops": case.flops, "GBps": gbps,
+                    "frac_copy_bw": gbps / ceilings["copy_GBps"], "limit_us": limit_us, "frac_limit": limit_us / t,
+                    "gemm_us": gemm[key], "overhead_vs_gemm": t / gemm[key]})
+            if phase == "prefill" and r == 16 and not args.quick:
+                result["concat_shrink"].append({"proj": proj, "tokens": T, "requests": len(seg_lens), "adapters": n,
+                                                "rank": r, "gemm_us": gemm[key], **time_concat_shrink(case)})
+            case.free()
+            del case
+        torch.cuda.empty_cache()
+        print(f"  {phase} T={sum(seg_lens)} adapters={n} rank={r} done ({time.time() - t0:.0f}s)", flush=True)
+        if args.partial:  # keep what was measured if the run is cut short
+            Path(args.partial).write_text(json.dumps(result))
+    for name in BACKENDS:
+        for T, n, segs in ((1, 1, 1), (64, 8, 64), (256, 64, 256), (2048, 4, 4), (4096, 16, 16)):
+            result["prepare_us"].append({"backend": name, "tokens": T, "adapters": n, "requests": segs,
+                                         "us": time_prepare(name, T, n, segs)})
+    return result
+
+
+SWEEP = {  # representative cases and the launch-parameter variants tried on each
+    "cases": [("decode", [1] * 64, 64, 16, "gate_up_proj"), ("decode", [1] * 64, 8, 128, "qkv_proj"),
+              ("decode", [1] * 128, 64, 8, "qkv_proj"),
+              ("decode", [1] * 256, 32, 64, "down_proj"), ("decode", [1] * 8, 8, 16, "o_proj"),
+              ("prefill", [512] * 4, 4, 16, "qkv_proj"), ("prefill", [256] * 16, 16, 16, "o_proj")],
+    "variants": [{}, {"expand": {"block_n": 128}}, {"expand": {"block_n": 256}},
+                 {"expand": {"block_n": 512, "num_warps": 8}}, {"expand": {"num_warps": 8}},
+                 {"expand": {"block_r": 16}}, {"expand": {"block_r": 32}}, {"shrink": {"block_k": 64}},
+                 {"shrink": {"block_k": 128}}, {"shrink": {"block_k": 256}}, {"shrink": {"num_warps": 8}},
+                 {"shrink": {"split": 8}}, {"shrink": {"block_r": 32}}, {"shrink": {"block_r": 64}},
+                 {"block_m": 16}, {"block_m": 32}],
+}
+
+
+def sweep(args) -> list[dict]:
+    rows = []
+    for phase, seg_lens, n, r, proj in SWEEP["cases"]:
+        case = Case(proj, seg_lens, n, r)
+        for name in BACKENDS:
+            for tuning in SWEEP["variants"]:
+                try:
+                    t = case.time_backend(make_backend(name, args.max_chunk, tuning=tuning))
+                except Exception as exc:  # a variant the compiler refuses (too much shared memory, ...)
+                    t = float("nan")
+                    print(f"    {tuning}: {type(exc).__name__}: {str(exc)[:120]}")
+                rows.append({"phase": phase, "proj": proj, "tokens": sum(seg_lens), "adapters": n, "rank": r,
+                             "backend": name, "tuning": tuning, "time_us": t,
+                             "GBps": case.bytes / t / 1e3})
+            best = min((x for x in rows if x["backend"] == name and x["proj"] == proj and x["tokens"] == sum(seg_lens)
+                        and x["adapters"] == n and "time_us" in x),
+                       key=lambda x: x["time_us"] if x["time_us"] == x["time_us"] else 1e99)
+            default = next(x for x in rows if x["backend"] == name and x["proj"] == proj
+                           and x["tokens"] == sum(seg_lens) and x["adapters"] == n and not x["tuning"])
+            print(f"sweep {phase} {proj} T={sum(seg_lens)} n={n} r={r} {name}: default {default['time_us']:.1f}us "
+                  f"best {best['time_us']:.1f}us {best['tuning']}", flush=True)
+        for name in BACKENDS:  # where the time goes, per kernel (default parameters)
+            try:
+                times = kernel_times(case, make_backend(name, args.max_chunk))
+            except Exception as exc:  # the profiler is a diagnostic: never lose the sweep to it
+                times = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+            rows.append({"phase": phase, "proj": proj, "tokens": sum(seg_lens), "adapters": n, "rank": r,
+                         "backend": name, "kernels_us": times})
+            print(f"    {name} kernels: {rows[-1]['kernels_us']}", flush=True)
+        case.free()
+    return rows
+
+
+def kernel_times(case: Case, backend) -> dict:
+    """Mean device time of each kernel of one run_lora (L2 flushed before each call), from the profiler."""
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+    backend.prepare(case.info)
+    A, B = case.weights[0]
+    backend.run_lora(case.x, A, B, case.out, case.offsets)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            flush.zero_()
+            backend.run_lora(case.x, A, B, case.out, case.offsets)
+        torch.cuda.synchronize()
+    times = {}
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if "lora" in evt.key:
+            times[evt.key] = round(total / max(1, evt.count), 2)
+    return times
+
+
+def per_layer(cases: list[dict]) -> list[dict]:
+    """Sum the four projections of each (phase, tokens, adapters, rank, backend)."""
+    layers: dict[tuple, dict] = {}
+    for c in cases:
+        key = (c["phase"], c["tokens"], c["requests"], c["adapters"], c["rank"], c["backend"])
+        row = layers.setdefault(key, {"time_us": 0.0, "bytes": 0, "gemm_us": 0.0, "limit_us": 0.0})
+        for f in ("time_us", "bytes", "gemm_us", "limit_us"):
+            row[f] += c[f]
+    return [{"phase": k[0], "tokens": k[1], "requests": k[2], "adapters": k[3], "rank": k[4], "backend": k[5], **v}
+            for k, v in layers.items()]
+
+
+def summarize(result: dict) -> str:
+    bw = result["ceilings"]["copy_GBps"]
+    lines = [f"# LoRA kernels on {result['device']}", "",
+             f"{result['date']}; torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
+             f"CUDA {result['versions']['cuda']}; loraserve {result['versions']['loraserve_git']}. "
+             f"Measured copy bandwidth {bw:.0f} GB/s (read + write), bf16 matmul "
+             f"{result['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s. bfloat16, Llama-3-8B projections, "
+             f"csgmv --max-lora-chunk-size {result['config']['csgmv_max_chunk']}. Times are per call "
+             "(shrink + expand), CUDA-graph replays with a cold L2, median.", "",
+             "## Per layer (sum of qkv, o, gate_up, down)", "",
+             "| phase | tokens | adapters | rank | triton us | csgmv us | csgmv % of copy BW | csgmv % of limit | "
+             "base GEMMs us | csgmv overhead |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    layers = per_layer(result["cases"])
+    by = {(r["phase"], r["tokens"], r["adapters"], r["rank"], r["backend"]): r for r in layers}
+    for key in sorted({k[:4] for k in by}, key=lambda k: (k[0] != "decode", k[1], k[2], k[3])):
+        tr, cs = by.get((*key, "triton")), by.get((*key, "csgmv"))
+        if tr is None or cs is None:
+            continue
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {tr['time_us']:.1f} | {cs['time_us']:.1f} | "
+                     f"{100 * cs['bytes'] / cs['time_us'] / 1e3 / bw:.0f}% | {100 * cs['limit_us'] / cs['time_us']:.0f}% | "
+                     f"{cs['gemm_us']:.1f} | {100 * cs['time_us'] / cs['gemm_us']:.0f}% |")
+    lines += ["", "## Targets", ""] + targets(result)
+    if result["concat_shrink"]:
+        lines += ["", "## Prefill, rank 16: shrink sharing the base GEMM's read of x", "",
+                  "| proj | tokens | adapters | GEMM us | GEMM + run_lora us | concat GEMM us | concat GEMM + expand us | "
+                  "overhead separate | overhead concat | rel err |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in result["concat_shrink"]:
+            lines.append(f"| {c['proj']} | {c['tokens']} | {c['adapters']} | {c['gemm_us']:.1f} | {c['separate_us']:.1f} | "
+                         f"{c['concat_gemm_only_us']:.1f} | {c['concat_us']:.1f} | "
+                         f"{100 * (c['separate_us'] / c['gemm_us'] - 1):.0f}% | {100 * (c['concat_us'] / c['gemm_us'] - 1):.0f}% | "
+                         f"{c['concat_rel_err']:.1e} |")
+    if result["prepare_us"]:
+        lines += ["", "## prepare() per step (CUDA graph, us)", "", "| backend | tokens | adapters | requests | us |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {p['backend']} | {p['tokens']} | {p['adapters']} | {p['requests']} | {p['us']:.1f} |"
+                  for p in result["prepare_us"]]
+    return "\n".join(lines) + "\n"
+
+
+def targets(result: dict) -> list[str]:
+    cases = result["cases"]
+    out = []
+    dec = [c for c in cases if c["phase"] == "decode" and c["adapters"] >= 16]
+    for name in BACKENDS:
+        sel = [c for c in dec if c["backend"] == name]
+        if sel:
+            fr = sorted(c["frac_limit"] for c in sel)
+            worst = min(sel, key=lambda c: c["frac_limit"])
+            out.append(f"- decode, >= 16 adapters, {name}: {sum(f >= 0.75 for f in fr)}/{len(fr)} cases reach 75% of their "
+                       f"limit; median {100 * fr[len(fr) // 2]:.0f}%, worst {100 * fr[0]:.0f}% ({worst['proj']} T={worst['tokens']} "
+                       f"n={worst['adapters']} r={worst['rank']})")
+    pre = [c for c in cases if c["phase"] == "prefill" and c["rank"] == 16]
+    for name in BACKENDS:
+        sel = [c for c in pre if c["backend"] == name]
+        if sel:
+            worst = max(sel, key=lambda c: c["overhead_vs_gemm"])
+            out.append(f"- prefill rank 16, {name}: {sum(c['overhead_vs_gemm'] <= 0.15 for c in sel)}/{len(sel)} cases add "
+                       f"<= 15% to the base GEMM; worst {100 * worst['overhead_vs_gemm']:.0f}% ({worst['proj']} "
+                       f"T={worst['tokens']} n={worst['adapters']})")
+    pairs = {}
+    for c in cases:
+        pairs.setdefault((c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"]), {})[c["backend"]] = c["time_us"]
+    ratios = sorted((v["csgmv"] / v["triton"], k) for k, v in pairs.items() if len(v) == 2)
+    if ratios:
+        slower = [r for r in ratios if r[0] > 1.05]
+        out.append(f"- csgmv / triton time: median {ratios[len(ratios) // 2][0]:.2f}, best {ratios[0][0]:.2f} {ratios[0][1]}, "
+                   f"worst {ratios[-1][0]:.2f} {ratios[-1][1]}; {len(slower)}/{len(ratios)} cases csgmv slower by > 5%")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--quick", action="store_true", help="a trimmed grid (ranks 16/128, 1/64/256 tokens)")
+    parser.add_argument("--sweep", action="store_true", help="only time launch-parameter variants")
+    parser.add_argument("--max-chunk", type=int, default=16, help="csgmv --max-lora-chunk-size")
+    parser.add_argument("--prefill-only", action="store_true", help="only the prefill cases")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_lora_kernels.py needs a CUDA GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = torch.cuda.get_device_name(0).replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
+    if args.sweep:
+        rows = sweep(args)
+        (out / f"lora_kernels_sweep_{slug}.json").write_text(json.dumps(rows, indent=1))
+        return
+    args.partial = str(out / f"lora_kernels_{slug}.partial.json")
+    result = run(args)
+    Path(args.partial).unlink(missing_ok=True)
+    (out / f"lora_kernels_{slug}.json").write_text(json.dumps(result, indent=1))
+    summary = summarize(result)
+    (out / f"lora_kernels_{slug}.md").write_text(summary)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

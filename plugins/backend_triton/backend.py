@@ -1,0 +1,211 @@
+"""``SgmvLoRABackend`` (SGMV: one segment per request) and the tiled base class both GPU backends share.
+
+:class:`TiledLoRABackend` owns everything the two Triton backends have in common: the launch
+parameters (chosen from host integers only: token, segment and slot counts, shapes, the device's
+multiprocessor count), the two launches per projection (one shrink over every tile, slice and rank
+block; one expand over every tile and output column block of up to three slices), and the shape
+and dtype checks. A subclass only says how a step's tokens are cut into tiles in :meth:`_plan`,
+with device-side tensor operations: no value is read back to the host, so ``prepare`` and
+``run_lora`` can be captured in a CUDA graph.
+
+:class:`SgmvLoRABackend` cuts each request's segment into tiles of ``BLOCK_M`` tokens; an
+adapter shared by several requests is read once per segment (Punica/S-LoRA's SGMV).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import triton
+
+from loraserve.errors import ConfigError
+from loraserve.lora.backend import LoRABackend, check_run_lora_args
+from loraserve.lora.batch_info import LoRABatchInfo
+from loraserve.plugins.backend_triton import kernels
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SLICES_PER_EXPAND = 3
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_device(backend: str, device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return device
+    raise ConfigError(f"--lora-backend {backend} runs Triton kernels and needs a CUDA device, not {device.type!r}; "
+                      "use --lora-backend torch here (tests may set TRITON_INTERPRET=1 to run the kernels in "
+                      "Triton's CPU interpreter, slowly)")
+
+
+def build_tiles(starts: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor, block: int,
+                max_tiles: int) -> torch.Tensor:
+    """Cut groups of consecutive positions into tiles of at most ``block``, on the device.
+
+    Group ``g`` covers positions ``starts[g] : starts[g] + lens[g]`` of slot ``slots[g]`` (a group of
+    length 0 gets no tile). Returns ``int32 [3, max_tiles]``: slot, first position and past-the-end
+    position of each tile; tiles past the real count are empty (``start == end == 0``).
+    ``max_tiles`` must bound the real count; callers derive it from host integers.
+    """
+    n_groups = lens.numel()
+    nblk = (lens + block - 1) // block
+    cum = torch.cumsum(nblk, 0)
+    tid = torch.arange(max_tiles, device=lens.device, dtype=cum.dtype)
+    group = torch.searchsorted(cum, tid, right=True)
+    valid = group < n_groups
+    g = group.clamp(max=n_groups - 1)
+    start = starts[g] + (tid - (cum[g] - nblk[g])) * block
+    end = torch.minimum(start + block, starts[g] + lens[g])
+    zero = torch.zeros_like(start)
+    return torch.stack([torch.where(valid, slots[g], zero), torch.where(valid, start, zero),
+                        torch.where(valid, end, zero)]).to(torch.int32).contiguous()
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one step's tokens are cut into tiles (built in ``prepare``, read by every layer)."""
+
+    tiles: torch.Tensor        # int32 [3, num_tiles]
+    perm: torch.Tensor | None  # int32 [num_tokens]: token row at each position (None: identity)
+    num_tiles: int
+    block_m: int
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    block_r: int
+    block_k: int
+    split: int
+    k_per_split: int
+    num_warps: int
+    num_stages: int | None = None
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    block_n: int
+    block_r: int
+    num_warps: int
+    num_stages: int | None = None
+
+
+def shrink_config(block_m: int, R: int, K: int, n_slices: int, num_tiles: int, n_sms: int,
+                  **override: Any) -> ShrinkConfig:
+    """Block of stacked rank rows (all slices), k block and split-k of the shrink. Splitting ``k``
+    fills the device when there are few tiles (decode): each split writes its own partial sums,
+    which the expand adds up."""
+    block_r = override.get("block_r") or min(64, max(16, triton.next_power_of_2(n_slices * R)))
+    block_k = override.get("block_k") or (64 if block_m >= 64 else 256 if block_r <= 32 else 128)
+    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+    programs = num_tiles * triton.cdiv(n_slices * R, block_r)
+    split = override.get("split")
+    if split is None:
+        split = 1
+        while programs * split < 4 * n_sms and K >= split * 2 * max(512, block_k):
+            split *= 2
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per_split)
+    num_warps = override.get("num_warps") or (8 if block_m * block_r >= 8192 else 4)
+    return ShrinkConfig(block_r, block_k, split, k_per_split, num_warps, override.get("num_stages"))
+
+
+def expand_config(block_m: int, R: int, **override: Any) -> ExpandConfig:
+    """Column block and rank block of the expand: wide column blocks for low ranks and few rows,
+    so each program still moves a few KB of ``B``."""
+    block_r = override.get("block_r") or (32 if R >= 64 else 16)
+    if override.get("block_n"):
+        block_n = override["block_n"]
+    elif block_m <= 16:
+        block_n = 256 if R <= 16 else 128
+    else:
+        block_n = 128 if block_m <= 64 else 64
+    num_warps = override.get("num_warps") or (8 if block_m * block_n >= 16384 else 4)
+    return ExpandConfig(block_n, block_r, num_warps, override.get("num_stages"))
+
+
+class TiledLoRABackend(LoRABackend):
+    """Shared launch logic of the Triton backends; subclasses build the :class:`TilePlan`.
+
+    ``tuning`` (optional) overrides launch parameters: ``shrink`` and ``expand`` dicts with the
+    keyword arguments of :func:`shrink_config` / :func:`expand_config`; for benchmarks and tests.
+    """
+
+    supports_embedding = False
+
+    def __init__(self, device: torch.device | str = "cuda", tuning: dict | None = None):
+        super().__init__(check_device(self.name, device))
+        self.tuning = tuning or {}
+        self._plan: TilePlan | None = None
+        if self.device.type == "cuda":
+            self.n_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        else:
+            self.n_sms = 1  # interpreter: keep grids small
+
+    def prepare(self, batch: LoRABatchInfo) -> None:
+        super().prepare(batch)
+        self._plan = self._plan_tiles(batch) if batch.num_tokens > 0 else None
+
+    def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
+        raise NotImplementedError
+
+    def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
+                 output_offsets: Sequence[int]) -> None:
+        batch = self.batch
+        if batch is None:
+            raise RuntimeError("prepare() must be called before run_lora()")
+        n_slices = check_run_lora_args(x, A, B, base_out, output_offsets, batch.max_rank)
+        if x.shape[0] != batch.num_tokens:
+            raise ValueError(f"x has {x.shape[0]} rows but this step has {batch.num_tokens} tokens")
+        if x.dtype not in DTYPES or A.dtype != x.dtype or B.dtype != x.dtype or base_out.dtype != x.dtype:
+            raise ValueError(f"x, A, B and base_out must share one dtype of {', '.join(map(str, DTYPES))}; "
+                             f"got {x.dtype}, {A.dtype}, {B.dtype}, {base_out.dtype}")
+        plan = self._plan
+        if plan is None or plan.num_tiles == 0:
+            return
+        R, T, K = batch.max_rank, x.shape[0], x.shape[1]
+        sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **self.tuning.get("shrink", {}))
+        h = torch.empty((T, sc.split, n_slices * R), dtype=torch.float32, device=x.device)
+        perm = plan.perm if plan.perm is not None else plan.tiles
+        use_perm = plan.perm is not None
+        kernels.launch_shrink(x, A, h, plan.tiles, perm, batch.ranks, R=R, num_tiles=plan.num_tiles,
+                              n_slices=n_slices, block_m=plan.block_m, block_r=sc.block_r, block_k=sc.block_k,
+                              split=sc.split, k_per_split=sc.k_per_split, use_perm=use_perm,
+                              num_warps=sc.num_warps, num_stages=sc.num_stages)
+        ec = expand_config(plan.block_m, R, **self.tuning.get("expand", {}))
+        for g0 in range(0, n_slices, SLICES_PER_EXPAND):
+            g1 = min(n_slices, g0 + SLICES_PER_EXPAND)
+            lo, hi = output_offsets[g0], output_offsets[g1]
+            widths = tuple(output_offsets[i + 1] - output_offsets[i] for i in range(g0, g1))
+            kernels.launch_expand(h[:, :, g0 * R:], B[:, lo:hi], base_out[:, lo:hi], plan.tiles, perm,
+                                  batch.ranks, batch.scalings, R=R, num_tiles=plan.num_tiles, split=sc.split,
+                                  widths=widths, block_m=plan.block_m, block_n=ec.block_n, block_r=ec.block_r,
+                                  use_perm=use_perm, stride_hs=h.stride(1), stride_ht=h.stride(0),
+                                  num_warps=ec.num_warps, num_stages=ec.num_stages)
+
+
+def sgmv_block_m(num_tokens: int, num_segments: int) -> int:
+    """Tile height from the mean segment length: 16 for decode, 32 for prefill (measured on an H100:
+    64 and 128 were slower for every prefill case of the benchmark)."""
+    return 16 if num_tokens <= 16 * max(1, num_segments) else 32
+
+
+class SgmvLoRABackend(TiledLoRABackend):
+    """SGMV: each request's segment is cut into tiles of ``BLOCK_M`` tokens (rank-0 segments get none)."""
+
+    name = "triton"
+
+    def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
+        block_m = self.tuning.get("block_m") or sgmv_block_m(batch.num_tokens, batch.num_segments)
+        indptr = batch.seg_indptr.long()
+        slots = batch.seg_slot.long()
+        lens = (indptr[1:] - indptr[:-1]) * (batch.ranks.long()[slots] > 0)
+        # every tile holds at least one token, and each segment adds at most one partial tile
+        max_tiles = min(batch.num_tokens, triton.cdiv(batch.num_tokens, block_m) + batch.num_segments)
+        tiles = build_tiles(indptr[:-1], lens, slots, block_m, max_tiles)
+        return TilePlan(tiles=tiles, perm=None, num_tiles=max_tiles, block_m=block_m)

@@ -1,0 +1,223 @@
+"""Triton kernels shared by both GPU LoRA backends: one shrink and one expand kernel over a tile table.
+
+A *tile* is up to ``BLOCK_M`` consecutive positions of one adapter slot: ``tiles[0, t]`` is its
+slot, ``tiles[1, t]`` / ``tiles[2, t]`` its first and past-the-end position. backend_triton (SGMV)
+cuts each request's segment into tiles; backend_csgmv first permutes the tokens so that each slot's
+tokens are contiguous (``perm[pos]`` is the token row at position ``pos``) and cuts every slot's
+run into chunks. Both hand the kernels the same kind of table, so the arithmetic lives here once.
+
+- :func:`lora_shrink_kernel` writes ``h[pos, split, s*R + j] = sum_k x[row, k] * A[slot, s*R + j, k]``
+  for ``j < rank[slot]`` over one split of ``k`` (all slices in one launch; the splits' partial
+  sums are added by the expand, so no memset and no atomics are needed).
+- :func:`lora_expand_kernel` adds ``scaling[slot] * sum_{j < rank} h[pos, s*R + j] * B[slot, n, j]``
+  into ``out[row, n]`` for up to three slices of unequal widths in one launch.
+
+Both read the slot's rank on the device and loop only up to it, in blocks of ``BLOCK_R``. The
+shrink never reads A's rows past the rank (masked loads). The expand, when the length of B's rows
+is known at compile time (``R`` a multiple of ``BLOCK_R``, or ``R < BLOCK_R``), reads B's columns
+up to the end of the rank's last ``BLOCK_R``-wide block (16 or 32 columns: one or two 32-byte
+sectors per row) with masks that do not depend on the data, so the loads vectorise, and discards
+the columns past the rank with a select, never a product, so NaN in the padding cannot leak.
+Programs of empty or rank-0 tiles do no loads and no stores, so those rows stay bit-identical.
+Accumulation is float32; float32 inputs use IEEE float32 products (never tf32); for 16-bit inputs
+the float32 intermediate is split into a high and a low 16-bit part before the expand's
+tensor-core product, which keeps it within about 2^-16 relative of a float32 product. Grids
+depend only on host integers (tokens, segments, slots, shapes), never on data read back from the
+device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# Host integers that change from step to step (tile counts, block counts) are not specialised on, so
+# a new batch size compiles nothing new; shapes and strides stay specialised, which is what lets
+# Triton prove 16-byte alignment and vectorise the loads.
+@triton.jit(do_not_specialize=["num_tiles"])
+def lora_shrink_kernel(
+    x_ptr, a_ptr, h_ptr, tiles_ptr, perm_ptr, ranks_ptr,
+    K, R, SR, num_tiles, k_per_split,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_hs, stride_ht,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PERM: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    # The slices' A rows are stacked (row s*R + j is rank j of slice s), so one program takes
+    # BLOCK_R consecutive stacked rows of every slice at once and reads its x tile once for all of
+    # them; rows j >= rank of each slice are masked (never loaded, never stored).
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+
+    slot = tl.load(tiles_ptr + pid_t)
+    start = tl.load(tiles_ptr + num_tiles + pid_t)
+    end = tl.load(tiles_ptr + 2 * num_tiles + pid_t)
+    rank = tl.load(ranks_ptr + slot)
+
+    jr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # stacked row: slice jr // R, rank jr % R
+    r_mask = (jr < SR) & (jr % R < rank)
+    active = (tl.sum(r_mask.to(tl.int32), axis=0) > 0) & (start < end)
+    end = tl.where(active, end, start)  # fold ``active`` into the row mask: inactive programs touch nothing
+    pos = start + tl.arange(0, BLOCK_M)
+    m_mask = pos < end
+    if USE_PERM:
+        rows = tl.load(perm_ptr + pos, mask=m_mask, other=0)
+    else:
+        rows = pos
+
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_hi = tl.where(active, k_hi, k_lo)  # inactive programs run no iteration at all
+
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xt
+    a_rows = a_ptr + slot.to(tl.int64) * stride_as + jr.to(tl.int64)[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:  # every k block is full: the masks are constant along k, so loads vectorise
+            xt = tl.load(x_rows + k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
+            at = tl.load(a_rows + k[:, None] * stride_ak, mask=r_mask[None, :], other=0.0)
+        else:
+            k_mask = k < k_hi
+            xt = tl.load(x_rows + k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_rows + k[:, None] * stride_ak, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(xt, at, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, at, acc)
+
+    h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * stride_ht + pid_k * stride_hs + jr[None, :]
+    tl.store(h_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["num_tiles", "NB0", "NB1"])
+def lora_expand_kernel(
+    h_ptr, b_ptr, out_ptr, tiles_ptr, perm_ptr, ranks_ptr, scalings_ptr,
+    R, num_tiles, N0, N1, N2, NB0, NB1,
+    stride_hs, stride_ht, stride_hslot, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_PERM: tl.constexpr, EVEN_N: tl.constexpr, R_SMALL: tl.constexpr, SPLIT_H: tl.constexpr,
+):
+    # R_SMALL: 0 when R is a multiple of BLOCK_R; R itself when R < BLOCK_R and B's rows are
+    # contiguous; -1 otherwise. In the first two cases the bound of B's row is known at compile time,
+    # so the loads need no mask that depends on the data and vectorise; lanes past the rank are then
+    # zeroed with a select (never a product: unwritten h and B's padding may hold NaN).
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    slot = tl.load(tiles_ptr + pid_t)
+    start = tl.load(tiles_ptr + num_tiles + pid_t)
+    end = tl.load(tiles_ptr + 2 * num_tiles + pid_t)
+    rank = tl.load(ranks_ptr + slot)
+    scaling = tl.load(scalings_ptr + slot)
+
+    # which of the (up to three) slices this column block belongs to
+    s = (pid_n >= NB0).to(tl.int32) + (pid_n >= NB0 + NB1).to(tl.int32)
+    first_block = tl.where(s == 0, 0, tl.where(s == 1, NB0, NB0 + NB1))
+    col0 = tl.where(s == 0, 0, tl.where(s == 1, N0, N0 + N1))
+    width = tl.where(s == 0, N0, tl.where(s == 1, N1, N2))
+    n = (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < width
+
+    active = (rank > 0) & (start < end)
+    end = tl.where(active, end, start)  # fold ``active`` into the row mask: inactive programs touch nothing
+    r_end = tl.where(active, rank, 0)
+    pos = start + tl.arange(0, BLOCK_M)
+    m_mask = pos < end
+    if USE_PERM:
+        rows = tl.load(perm_ptr + pos, mask=m_mask, other=0)
+    else:
+        rows = pos
+
+    h_rows = h_ptr + pos.to(tl.int64)[:, None] * stride_ht + slot.to(tl.int64) * stride_hslot + s * R
+    if R_SMALL > 0:  # B's rows are R_SMALL long and contiguous: a compile-time stride proves the alignment
+        b_cols = b_ptr + slot.to(tl.int64) * stride_bs + (col0 + n).to(tl.int64)[None, :] * R_SMALL
+    else:
+        b_cols = b_ptr + slot.to(tl.int64) * stride_bs + (col0 + n).to(tl.int64)[None, :] * stride_bn
+    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_ot + (col0 + n)[None, :] * stride_on
+    if EVEN_N:
+        o_mask = m_mask[:, None]
+    else:
+        o_mask = m_mask[:, None] & n_mask[None, :]
+    base = tl.load(o_ptrs, mask=o_mask, other=0.0)  # issued before the rank loop: its latency overlaps B's
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        keep = r < rank
+        hv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if R_SMALL == 0:
+            for sp in tl.static_range(SPLIT_K):
+                hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+            if EVEN_N:
+                bt = tl.load(b_cols + r[:, None] * stride_br)
+            else:
+                bt = tl.load(b_cols + r[:, None] * stride_br, mask=n_mask[None, :], other=0.0)
+        elif R_SMALL > 0:
+            in_row = r < R_SMALL
+            for sp in tl.static_range(SPLIT_K):
+                hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & in_row[None, :],
+                              other=0.0).to(tl.float32)
+            bt = tl.load(b_cols + r[:, None] * stride_br, mask=in_row[:, None] & n_mask[None, :], other=0.0)
+        else:
+            for sp in tl.static_range(SPLIT_K):
+                hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & keep[None, :],
+                              other=0.0).to(tl.float32)
+            bt = tl.load(b_cols + r[:, None] * stride_br, mask=keep[:, None] & n_mask[None, :], other=0.0)
+        hv = tl.where(keep[None, :], hv, 0.0)
+        bt = tl.where(keep[:, None], bt, 0.0)
+        if SPLIT_H:
+            hi = hv.to(bt.dtype)
+            lo = (hv - hi.to(tl.float32)).to(bt.dtype)
+            acc = tl.dot(hi, bt, acc)
+            acc = tl.dot(lo, bt, acc)
+        else:
+            acc = tl.dot(hv, bt.to(tl.float32), acc, input_precision="ieee")
+
+    result = base.to(tl.float32) + acc * scaling
+    tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# -- launchers (host side: every grid and block size comes from host integers) ---------------------
+
+def launch_shrink(x, A, h, tiles, perm, ranks, *, R: int, num_tiles: int, n_slices: int, block_m: int,
+                  block_r: int, block_k: int, split: int, k_per_split: int, use_perm: bool,
+                  num_warps: int = 4, num_stages: int | None = None) -> None:
+    """``h[pos, split, s*R + j]`` (``h`` is ``[tokens, split, slices * R]``) for every tile and block
+    of ``block_r`` stacked rank rows of all slices, in one launch."""
+    K = x.shape[1]
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    lora_shrink_kernel[(num_tiles, triton.cdiv(n_slices * R, block_r), split)](
+        x, A, h, tiles, perm, ranks,
+        K, R, n_slices * R, num_tiles, k_per_split,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), h.stride(1), h.stride(0),
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, USE_PERM=use_perm,
+        EVEN_K=K % block_k == 0 and k_per_split % block_k == 0, IEEE=x.dtype == torch.float32,
+        num_warps=num_warps, **extra)
+
+
+def launch_expand(h, B, out, tiles, perm, ranks, scalings, *, R: int, num_tiles: int, split: int,
+                  widths: tuple[int, ...], block_m: int, block_n: int, block_r: int, use_perm: bool,
+                  stride_hs: int, stride_ht: int, stride_hslot: int = 0, num_warps: int = 4,
+                  num_stages: int | None = None) -> None:
+    """Add the expand of up to three slices (``widths``, laid side by side in ``B`` and ``out``)."""
+    if not 1 <= len(widths) <= 3:
+        raise ValueError(f"one expand launch covers 1 to 3 slices, not {len(widths)}")
+    w = list(widths) + [0] * (3 - len(widths))
+    nb = [triton.cdiv(v, block_n) for v in w]
+    if R % block_r == 0:
+        r_small = 0
+    elif R < block_r and B.stride(1) == R and B.stride(2) == 1:
+        r_small = R
+    else:
+        r_small = -1
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    lora_expand_kernel[(num_tiles, sum(nb))](
+        h, B, out, tiles, perm, ranks, scalings,
+        R, num_tiles, w[0], w[1], w[2], nb[0], nb[1],
+        stride_hs, stride_ht, stride_hslot, B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split, USE_PERM=use_perm,
+        EVEN_N=all(v % block_n == 0 for v in w), R_SMALL=r_small,
+        SPLIT_H=B.dtype != torch.float32, num_warps=num_warps, **extra)
