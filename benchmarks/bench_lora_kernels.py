@@ -303,12 +303,11 @@ SWEEP = {  # representative cases and the launch-parameter variants tried on eac
               ("decode", [1] * 128, 64, 8, "qkv_proj"),
               ("decode", [1] * 256, 32, 64, "down_proj"), ("decode", [1] * 8, 8, 16, "o_proj"),
               ("prefill", [512] * 4, 4, 16, "qkv_proj"), ("prefill", [256] * 16, 16, 16, "o_proj")],
-    "variants": [{}, {"expand": {"block_n": 128}}, {"expand": {"block_n": 256}},
-                 {"expand": {"block_n": 512, "num_warps": 8}}, {"expand": {"num_warps": 8}},
-                 {"expand": {"block_r": 16}}, {"expand": {"block_r": 32}}, {"shrink": {"block_k": 64}},
-                 {"shrink": {"block_k": 128}}, {"shrink": {"block_k": 256}}, {"shrink": {"num_warps": 8}},
-                 {"shrink": {"split": 8}}, {"shrink": {"block_r": 32}}, {"shrink": {"block_r": 64}},
-                 {"block_m": 16}, {"block_m": 32}],
+    "variants": [{}, {"expand": {"group_n": 1}}, {"expand": {"group_n": 2}}, {"expand": {"group_n": 4}},
+                 {"expand": {"group_n": 8}}, {"expand": {"num_warps": 8}},
+                 {"expand": {"group_n": 4, "num_warps": 8}}, {"expand": {"block_n": 256, "group_n": 2}},
+                 {"expand": {"block_n": 64, "group_n": 8}}, {"expand": {"num_stages": 3}},
+                 {"expand": {"num_stages": 4, "group_n": 4}}, {"shrink": {"num_warps": 8}}],
 }
 
 

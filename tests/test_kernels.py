@@ -87,6 +87,8 @@ CASES = {
         seg_lens=[3, 17, 1], seg_slot=[1, 2, 0], ranks=[0, 5, 16], offsets=(0, 32, 48, 64), in_dim=64, R=16),
     "4 slices (two expand launches)": dict(
         seg_lens=[2, 3], seg_slot=[1, 2], ranks=[0, 5, 2], offsets=(0, 8, 24, 40, 48), in_dim=24, R=8),
+    "long segments (csgmv tiles per segment), a slot in two segments": dict(
+        seg_lens=[131, 140, 3], seg_slot=[1, 0, 1], ranks=[2, 3], offsets=(0, 24), in_dim=16, R=4),
 }
 
 
@@ -115,7 +117,8 @@ def test_kernels_match_torch_backend(name, case, dtype):
 @pytest.mark.parametrize("name", ["triton", "csgmv"])
 def test_split_k_strided_input_and_small_tiles(name, case, gen):
     """Split-k partial sums, tiles of one segment split over several programs, full column blocks,
-    and an ``x`` that is a strided view all give the oracle's numbers."""
+    programs covering several column blocks (full and partial groups), and an ``x`` that is a
+    strided view all give the oracle's numbers."""
     cfg = CASES[case]
     x, A, B, base, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
                                       cfg["in_dim"], cfg["R"], torch.float32)
@@ -125,7 +128,7 @@ def test_split_k_strided_input_and_small_tiles(name, case, gen):
     ref = oracle(x, A, B, base, info, cfg["offsets"])
     out = base.clone()
     backend = make_backend(name, tuning={"block_m": 16, "shrink": {"split": 3, "block_k": 16},
-                                         "expand": {"block_n": 16}})
+                                         "expand": {"block_n": 16, "group_n": 3}})
     backend.prepare(info)
     backend.run_lora(x, A, B, out, cfg["offsets"])
     check(out, ref, base, info, cfg["ranks"], torch.float32)

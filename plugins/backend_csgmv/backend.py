@@ -9,7 +9,10 @@ those chunks: one shrink launch for all chunks and slices, one expand launch for
 request, which is what makes it faster than SGMV when many requests share few adapters.
 
 The chunk size follows the step's shape (16 for decode, 32 for prefill) and never exceeds
-``--max-lora-chunk-size``.
+``--max-lora-chunk-size``. When the step's segments are long (mean at least ``PREFILL_SEGMENT``
+tokens, decided from host integers), each segment is already a contiguous run of one slot that
+fills whole tiles, so grouping gains nothing: the step then uses backend_triton's per-segment
+tiles (no permutation), so csgmv is never slower than SGMV at prefill.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch
 import triton
 
 from loraserve.lora.batch_info import LoRABatchInfo
-from loraserve.plugins.backend_triton.backend import TiledLoRABackend, TilePlan, build_tiles
+from loraserve.plugins.backend_triton.backend import (TiledLoRABackend, TilePlan, build_tiles, segment_tiles,
+                                                         sgmv_block_m)
 
 CHUNK_SIZES = (16, 32, 64, 128)
+PREFILL_SEGMENT = 128  # mean tokens per segment from which per-segment tiles are used
 
 
 def chunk_size(num_tokens: int, num_segments: int, max_chunk: int) -> int:
@@ -68,6 +73,8 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
         self.max_chunk = max_chunk
 
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
+        if "block_m" not in self.tuning and batch.num_tokens >= PREFILL_SEGMENT * max(1, batch.num_segments):
+            return segment_tiles(batch, sgmv_block_m(batch.num_tokens, batch.num_segments))
         chunk = self.tuning.get("block_m") or chunk_size(batch.num_tokens, batch.num_segments, self.max_chunk)
         perm, counts, starts = group_by_slot(batch)
         n_slots = batch.ranks.numel()

@@ -91,6 +91,7 @@ class ShrinkConfig:
 class ExpandConfig:
     block_n: int
     block_r: int
+    group_n: int
     num_warps: int
     num_stages: int | None = None
 
@@ -115,18 +116,36 @@ def shrink_config(block_m: int, R: int, K: int, n_slices: int, num_tiles: int, n
     return ShrinkConfig(block_r, block_k, split, k_per_split, num_warps, override.get("num_stages"))
 
 
-def expand_config(block_m: int, R: int, **override: Any) -> ExpandConfig:
-    """Column block and rank block of the expand: wide column blocks for low ranks and few rows,
-    so each program still moves a few KB of ``B``."""
+def expand_config(block_m: int, R: int, num_tiles: int = 1, width: int = 4096, n_sms: int = 132,
+                  **override: Any) -> ExpandConfig:
+    """Column block, rank block and column blocks per program of the expand.
+
+    At low rank one column block holds only a few KB of ``B``, too little to cover the memory
+    latency, so each program loops over ``group_n`` blocks of one slice, as many as keep at least
+    about four programs per multiprocessor (host integers only: tiles, output width, SMs).
+    """
     block_r = override.get("block_r") or (32 if R >= 64 else 16)
     if override.get("block_n"):
         block_n = override["block_n"]
     elif block_m <= 16:
-        block_n = 256 if R <= 16 else 128
+        block_n = 128
     else:
         block_n = 128 if block_m <= 64 else 64
+    group_n = override.get("group_n")
+    if group_n is None:
+        # measured on an H100 (lora_kernels_sweep_*.json): at rank <= 16 groups of 4-8 blocks cut the
+        # decode expand by up to 20% and groups of 2 the prefill expand by ~5%; at rank 128 one
+        # block (32 rank columns per step) already moves enough, and groups only cost parallelism.
+        group_n = 1
+        if block_m > 16:
+            group_n = 2 if R <= 16 else 1
+        else:
+            blocks = num_tiles * triton.cdiv(width, block_n)
+            cap = 8 if R <= 16 else 4 if R <= 32 else 1
+            while group_n < cap and blocks // (2 * group_n) >= 4 * n_sms:
+                group_n *= 2
     num_warps = override.get("num_warps") or (8 if block_m * block_n >= 16384 else 4)
-    return ExpandConfig(block_n, block_r, num_warps, override.get("num_stages"))
+    return ExpandConfig(block_n, block_r, group_n, num_warps, override.get("num_stages"))
 
 
 class TiledLoRABackend(LoRABackend):
@@ -177,7 +196,8 @@ class TiledLoRABackend(LoRABackend):
                               n_slices=n_slices, block_m=plan.block_m, block_r=sc.block_r, block_k=sc.block_k,
                               split=sc.split, k_per_split=sc.k_per_split, use_perm=use_perm,
                               num_warps=sc.num_warps, num_stages=sc.num_stages)
-        ec = expand_config(plan.block_m, R, **self.tuning.get("expand", {}))
+        ec = expand_config(plan.block_m, R, plan.num_tiles, base_out.shape[1], self.n_sms,
+                           **self.tuning.get("expand", {}))
         for g0 in range(0, n_slices, SLICES_PER_EXPAND):
             g1 = min(n_slices, g0 + SLICES_PER_EXPAND)
             lo, hi = output_offsets[g0], output_offsets[g1]
@@ -186,7 +206,7 @@ class TiledLoRABackend(LoRABackend):
                                   batch.ranks, batch.scalings, R=R, num_tiles=plan.num_tiles, split=sc.split,
                                   widths=widths, block_m=plan.block_m, block_n=ec.block_n, block_r=ec.block_r,
                                   use_perm=use_perm, stride_hs=h.stride(1), stride_ht=h.stride(0),
-                                  num_warps=ec.num_warps, num_stages=ec.num_stages)
+                                  group_n=ec.group_n, num_warps=ec.num_warps, num_stages=ec.num_stages)
 
 
 def sgmv_block_m(num_tokens: int, num_segments: int) -> int:
@@ -201,11 +221,15 @@ class SgmvLoRABackend(TiledLoRABackend):
     name = "triton"
 
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
-        block_m = self.tuning.get("block_m") or sgmv_block_m(batch.num_tokens, batch.num_segments)
-        indptr = batch.seg_indptr.long()
-        slots = batch.seg_slot.long()
-        lens = (indptr[1:] - indptr[:-1]) * (batch.ranks.long()[slots] > 0)
-        # every tile holds at least one token, and each segment adds at most one partial tile
-        max_tiles = min(batch.num_tokens, triton.cdiv(batch.num_tokens, block_m) + batch.num_segments)
-        tiles = build_tiles(indptr[:-1], lens, slots, block_m, max_tiles)
-        return TilePlan(tiles=tiles, perm=None, num_tiles=max_tiles, block_m=block_m)
+        return segment_tiles(batch, self.tuning.get("block_m") or sgmv_block_m(batch.num_tokens, batch.num_segments))
+
+
+def segment_tiles(batch: LoRABatchInfo, block_m: int) -> TilePlan:
+    """Each segment of a slot of rank > 0 cut into tiles of ``block_m`` tokens, no permutation."""
+    indptr = batch.seg_indptr.long()
+    slots = batch.seg_slot.long()
+    lens = (indptr[1:] - indptr[:-1]) * (batch.ranks.long()[slots] > 0)
+    # every tile holds at least one token, and each segment adds at most one partial tile
+    max_tiles = min(batch.num_tokens, triton.cdiv(batch.num_tokens, block_m) + batch.num_segments)
+    tiles = build_tiles(indptr[:-1], lens, slots, block_m, max_tiles)
+    return TilePlan(tiles=tiles, perm=None, num_tiles=max_tiles, block_m=block_m)

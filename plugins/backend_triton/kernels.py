@@ -10,7 +10,8 @@ run into chunks. Both hand the kernels the same kind of table, so the arithmetic
   for ``j < rank[slot]`` over one split of ``k`` (all slices in one launch; the splits' partial
   sums are added by the expand, so no memset and no atomics are needed).
 - :func:`lora_expand_kernel` adds ``scaling[slot] * sum_{j < rank} h[pos, s*R + j] * B[slot, n, j]``
-  into ``out[row, n]`` for up to three slices of unequal widths in one launch.
+  into ``out[row, n]`` for up to three slices of unequal widths in one launch; each program loops
+  over a group of column blocks of one slice, so at low rank it still moves enough bytes of ``B``.
 
 Both read the slot's rank on the device and loop only up to it, in blocks of ``BLOCK_R``. The
 shrink never reads A's rows past the rank (masked loads). The expand, when the length of B's rows
@@ -92,20 +93,24 @@ def lora_shrink_kernel(
     tl.store(h_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["num_tiles", "NB0", "NB1"])
+@triton.jit(do_not_specialize=["num_tiles", "NB0", "NB1", "NG0", "NG1", "GROUP_N"])
 def lora_expand_kernel(
     h_ptr, b_ptr, out_ptr, tiles_ptr, perm_ptr, ranks_ptr, scalings_ptr,
-    R, num_tiles, N0, N1, N2, NB0, NB1,
+    R, num_tiles, N0, N1, N2, NB0, NB1, NB2, NG0, NG1, GROUP_N,
     stride_hs, stride_ht, stride_hslot, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_PERM: tl.constexpr, EVEN_N: tl.constexpr, R_SMALL: tl.constexpr, SPLIT_H: tl.constexpr,
+    ONE_R_BLOCK: tl.constexpr,
 ):
     # R_SMALL: 0 when R is a multiple of BLOCK_R; R itself when R < BLOCK_R and B's rows are
     # contiguous; -1 otherwise. In the first two cases the bound of B's row is known at compile time,
     # so the loads need no mask that depends on the data and vectorise; lanes past the rank are then
     # zeroed with a select (never a product: unwritten h and B's padding may hold NaN).
+    # Each program takes a group of up to GROUP_N column blocks of one slice: at low rank one
+    # block moves only a few KB of B, too little to cover the memory latency, so the loop over
+    # the group keeps several blocks' loads in flight and loads h (and splits it) once.
     pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_g = tl.program_id(1)
 
     slot = tl.load(tiles_ptr + pid_t)
     start = tl.load(tiles_ptr + num_tiles + pid_t)
@@ -113,16 +118,18 @@ def lora_expand_kernel(
     rank = tl.load(ranks_ptr + slot)
     scaling = tl.load(scalings_ptr + slot)
 
-    # which of the (up to three) slices this column block belongs to
-    s = (pid_n >= NB0).to(tl.int32) + (pid_n >= NB0 + NB1).to(tl.int32)
-    first_block = tl.where(s == 0, 0, tl.where(s == 1, NB0, NB0 + NB1))
+    # which of the (up to three) slices this group of column blocks belongs to
+    s = (pid_g >= NG0).to(tl.int32) + (pid_g >= NG0 + NG1).to(tl.int32)
+    first_group = tl.where(s == 0, 0, tl.where(s == 1, NG0, NG0 + NG1))
     col0 = tl.where(s == 0, 0, tl.where(s == 1, N0, N0 + N1))
     width = tl.where(s == 0, N0, tl.where(s == 1, N1, N2))
-    n = (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < width
+    n_blocks = tl.where(s == 0, NB0, tl.where(s == 1, NB1, NB2))
+    blk0 = (pid_g - first_group) * GROUP_N
+    blk1 = tl.minimum(blk0 + GROUP_N, n_blocks)
 
     active = (rank > 0) & (start < end)
     end = tl.where(active, end, start)  # fold ``active`` into the row mask: inactive programs touch nothing
+    blk1 = tl.where(active, blk1, blk0)  # inactive programs run no iteration at all
     r_end = tl.where(active, rank, 0)
     pos = start + tl.arange(0, BLOCK_M)
     m_mask = pos < end
@@ -132,52 +139,83 @@ def lora_expand_kernel(
         rows = pos
 
     h_rows = h_ptr + pos.to(tl.int64)[:, None] * stride_ht + slot.to(tl.int64) * stride_hslot + s * R
-    if R_SMALL > 0:  # B's rows are R_SMALL long and contiguous: a compile-time stride proves the alignment
-        b_cols = b_ptr + slot.to(tl.int64) * stride_bs + (col0 + n).to(tl.int64)[None, :] * R_SMALL
-    else:
-        b_cols = b_ptr + slot.to(tl.int64) * stride_bs + (col0 + n).to(tl.int64)[None, :] * stride_bn
-    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_ot + (col0 + n)[None, :] * stride_on
-    if EVEN_N:
-        o_mask = m_mask[:, None]
-    else:
-        o_mask = m_mask[:, None] & n_mask[None, :]
-    base = tl.load(o_ptrs, mask=o_mask, other=0.0)  # issued before the rank loop: its latency overlaps B's
+    b_slot = b_ptr + slot.to(tl.int64) * stride_bs
+    o_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_ot
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, r_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
+    if ONE_R_BLOCK:  # R <= BLOCK_R: h is one block, loaded and split once for the whole group
+        r = tl.arange(0, BLOCK_R)
         keep = r < rank
+        in_row = r < R
         hv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        if R_SMALL == 0:
-            for sp in tl.static_range(SPLIT_K):
-                hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-            if EVEN_N:
-                bt = tl.load(b_cols + r[:, None] * stride_br)
-            else:
-                bt = tl.load(b_cols + r[:, None] * stride_br, mask=n_mask[None, :], other=0.0)
-        elif R_SMALL > 0:
-            in_row = r < R_SMALL
-            for sp in tl.static_range(SPLIT_K):
-                hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & in_row[None, :],
-                              other=0.0).to(tl.float32)
-            bt = tl.load(b_cols + r[:, None] * stride_br, mask=in_row[:, None] & n_mask[None, :], other=0.0)
-        else:
-            for sp in tl.static_range(SPLIT_K):
-                hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & keep[None, :],
-                              other=0.0).to(tl.float32)
-            bt = tl.load(b_cols + r[:, None] * stride_br, mask=keep[:, None] & n_mask[None, :], other=0.0)
+        for sp in tl.static_range(SPLIT_K):
+            hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & in_row[None, :],
+                          other=0.0).to(tl.float32)
         hv = tl.where(keep[None, :], hv, 0.0)
-        bt = tl.where(keep[:, None], bt, 0.0)
         if SPLIT_H:
-            hi = hv.to(bt.dtype)
-            lo = (hv - hi.to(tl.float32)).to(bt.dtype)
-            acc = tl.dot(hi, bt, acc)
-            acc = tl.dot(lo, bt, acc)
-        else:
-            acc = tl.dot(hv, bt.to(tl.float32), acc, input_precision="ieee")
+            hi1 = hv.to(b_ptr.dtype.element_ty)
+            lo1 = (hv - hi1.to(tl.float32)).to(b_ptr.dtype.element_ty)
 
-    result = base.to(tl.float32) + acc * scaling
-    tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=o_mask)
+    for blk in range(blk0, blk1):
+        n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < width
+        if R_SMALL > 0:  # B's rows are R_SMALL long and contiguous: a compile-time stride proves the alignment
+            b_cols = b_slot + (col0 + n).to(tl.int64)[None, :] * R_SMALL
+        else:
+            b_cols = b_slot + (col0 + n).to(tl.int64)[None, :] * stride_bn
+        o_ptrs = o_rows + (col0 + n)[None, :] * stride_on
+        if EVEN_N:
+            o_mask = m_mask[:, None]
+        else:
+            o_mask = m_mask[:, None] & n_mask[None, :]
+        base = tl.load(o_ptrs, mask=o_mask, other=0.0)  # issued before the rank loop: its latency overlaps B's
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if ONE_R_BLOCK:
+            r = tl.arange(0, BLOCK_R)
+            keep = r < rank
+            if R_SMALL == 0:
+                if EVEN_N:
+                    bt = tl.load(b_cols + r[:, None] * stride_br)
+                else:
+                    bt = tl.load(b_cols + r[:, None] * stride_br, mask=n_mask[None, :], other=0.0)
+            else:
+                bt = tl.load(b_cols + r[:, None] * stride_br, mask=(r < R)[:, None] & n_mask[None, :], other=0.0)
+            bt = tl.where(keep[:, None], bt, 0.0)
+            if SPLIT_H:
+                acc = tl.dot(hi1, bt, acc)
+                acc = tl.dot(lo1, bt, acc)
+            else:
+                acc = tl.dot(hv, bt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            for r0 in range(0, r_end, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                keep = r < rank
+                hv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                if R_SMALL == 0:
+                    for sp in tl.static_range(SPLIT_K):
+                        hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None],
+                                      other=0.0).to(tl.float32)
+                    if EVEN_N:
+                        bt = tl.load(b_cols + r[:, None] * stride_br)
+                    else:
+                        bt = tl.load(b_cols + r[:, None] * stride_br, mask=n_mask[None, :], other=0.0)
+                else:
+                    for sp in tl.static_range(SPLIT_K):
+                        hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & keep[None, :],
+                                      other=0.0).to(tl.float32)
+                    bt = tl.load(b_cols + r[:, None] * stride_br, mask=keep[:, None] & n_mask[None, :], other=0.0)
+                hv = tl.where(keep[None, :], hv, 0.0)
+                bt = tl.where(keep[:, None], bt, 0.0)
+                if SPLIT_H:
+                    hi = hv.to(bt.dtype)
+                    lo = (hv - hi.to(tl.float32)).to(bt.dtype)
+                    acc = tl.dot(hi, bt, acc)
+                    acc = tl.dot(lo, bt, acc)
+                else:
+                    acc = tl.dot(hv, bt.to(tl.float32), acc, input_precision="ieee")
+
+        result = base.to(tl.float32) + acc * scaling
+        tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 # -- launchers (host side: every grid and block size comes from host integers) ---------------------
@@ -200,13 +238,15 @@ def launch_shrink(x, A, h, tiles, perm, ranks, *, R: int, num_tiles: int, n_slic
 
 def launch_expand(h, B, out, tiles, perm, ranks, scalings, *, R: int, num_tiles: int, split: int,
                   widths: tuple[int, ...], block_m: int, block_n: int, block_r: int, use_perm: bool,
-                  stride_hs: int, stride_ht: int, stride_hslot: int = 0, num_warps: int = 4,
+                  stride_hs: int, stride_ht: int, stride_hslot: int = 0, group_n: int = 1, num_warps: int = 4,
                   num_stages: int | None = None) -> None:
-    """Add the expand of up to three slices (``widths``, laid side by side in ``B`` and ``out``)."""
+    """Add the expand of up to three slices (``widths``, laid side by side in ``B`` and ``out``); each
+    program covers ``group_n`` column blocks of ``block_n`` of one slice."""
     if not 1 <= len(widths) <= 3:
         raise ValueError(f"one expand launch covers 1 to 3 slices, not {len(widths)}")
     w = list(widths) + [0] * (3 - len(widths))
     nb = [triton.cdiv(v, block_n) for v in w]
+    ng = [triton.cdiv(v, group_n) for v in nb]
     if R % block_r == 0:
         r_small = 0
     elif R < block_r and B.stride(1) == R and B.stride(2) == 1:
@@ -214,10 +254,11 @@ def launch_expand(h, B, out, tiles, perm, ranks, scalings, *, R: int, num_tiles:
     else:
         r_small = -1
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    lora_expand_kernel[(num_tiles, sum(nb))](
+    lora_expand_kernel[(num_tiles, sum(ng))](
         h, B, out, tiles, perm, ranks, scalings,
-        R, num_tiles, w[0], w[1], w[2], nb[0], nb[1],
+        R, num_tiles, w[0], w[1], w[2], nb[0], nb[1], nb[2], ng[0], ng[1], group_n,
         stride_hs, stride_ht, stride_hslot, B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split, USE_PERM=use_perm,
         EVEN_N=all(v % block_n == 0 for v in w), R_SMALL=r_small,
-        SPLIT_H=B.dtype != torch.float32, num_warps=num_warps, **extra)
+        SPLIT_H=B.dtype != torch.float32, ONE_R_BLOCK=R <= block_r and r_small >= 0,
+        num_warps=num_warps, **extra)
