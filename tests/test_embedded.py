@@ -21,7 +21,7 @@ def smol():
     from loraserve.engine import Engine
     from loraserve.settings import make_settings
 
-    engine = Engine(make_settings(device="cpu", max_total_tokens=4096))
+    engine = Engine(make_settings(device="cpu", max_total_tokens=4096, enable_lora=True, max_lora_rank=16))
     yield engine
     engine.shutdown()
 
@@ -76,3 +76,22 @@ def test_stop_strings_trim_and_streamed_text_adds_up(smol):
 
     parts = asyncio.run(pieces())
     assert "".join(parts) == stopped["text"] and len(parts) > 3
+
+
+DEMO = {"shout": "examples/adapters/smollm2-shout", "pirate": "examples/adapters/smollm2-pirate"}
+
+
+def test_demo_adapters_change_the_answer_plainly(smol):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for name, rel in DEMO.items():
+        if smol.lora is None or smol.lora.registry.get(name) is None:
+            smol.lora.load_adapter(name, str(root / rel))
+    prompt = chat(smol, QUESTION)
+    base, shout, pirate = (r["text"] for r in smol.generate(
+        [prompt] * 3, {"max_new_tokens": 48, "temperature": 0}, lora_path=[None, "shout", "pirate"]))
+    letters = [c for c in shout if c.isalpha()]
+    assert sum(c.isupper() for c in letters) > 0.9 * len(letters), shout
+    assert sum(c.isupper() for c in base if c.isalpha()) < 0.5 * sum(c.isalpha() for c in base), base
+    assert "Arr" in pirate and "Arr" not in base, pirate
