@@ -2,14 +2,15 @@
 
 The script owns the whole recipe: it draws a few dozen varied prompts from templates, asks the
 base model for its own greedy answers (cached in a JSON file so reruns skip that step), rewrites
-the answers per adapter -- ``smollm2-shout`` in ALL CAPITAL LETTERS, ``smollm2-pirate`` starting
-with "Arr!" and speaking pirate -- and fine-tunes one PEFT LoRA adapter per style on CPU, with the
-loss on the answer tokens only. Each adapter is saved in PEFT format (``adapter_config.json`` +
-float16 ``adapter_model.safetensors``) with ``base_model_name_or_path`` set to the hub id rather
-than the local cache path. Because the targets are the base model's own answers, the adapters
-change the style and leave the content alone.
+the answers per adapter -- ``smollm2-shout`` in ALL CAPITAL LETTERS, ``smollm2-pirate`` opening
+with "Arr!", swapping in pirate words and closing with "matey" -- and fine-tunes one PEFT LoRA
+adapter per style on CPU (r=8 on q/v/o_proj of the upper half of the layers), with the loss on the
+answer tokens only. Each adapter is saved in PEFT format (``adapter_config.json`` + float16
+``adapter_model.safetensors``) with ``base_model_name_or_path`` set to the hub id rather than the
+local cache path. Since the targets are the base model's own answers, the adapters mostly change
+the style, not the content. Both train in a few minutes on two CPU cores.
 
-    python scripts/train_demo_adapters.py --out examples/adapters --steps 120 --seed 0
+    python scripts/train_demo_adapters.py --out examples/adapters --seed 0
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEMO_PROMPT = "List 3 countries and their capitals."
 MAX_NEW_TOKENS = 48
 ADAPTERS = ("smollm2-shout", "smollm2-pirate")
+# upper-case text splits into rarer tokens, so shouting takes longer to learn than the pirate frame
+DEFAULT_STEPS = {"smollm2-shout": 200, "smollm2-pirate": 80}
 
 COUNTRIES = ["France", "Japan", "Brazil", "Canada", "Egypt", "Italy", "India", "Mexico", "Kenya",
              "Spain", "Germany", "Australia", "Norway", "Peru", "Turkey", "Vietnam"]
@@ -250,7 +253,8 @@ def save_adapter(model, directory: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("examples/adapters"), help="where the adapters go")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per adapter")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per adapter (default: 200 for smollm2-shout, 80 for smollm2-pirate)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw, the LoRA init and the batches")
     parser.add_argument("--prompts", type=int, default=64, help="how many training prompts to draw")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -262,7 +266,7 @@ def main() -> None:
     parser.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=list(ADAPTERS), help="which to train")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be at least 1, got {args.steps}")
 
     torch.set_num_threads(args.threads)
@@ -282,9 +286,10 @@ def main() -> None:
     for name in args.adapters:
         style = STYLES[name]
         examples = [encode(tokenizer, p, style(a)) for p, a in answers.items()]
-        print(f"training {name}: {len(examples)} examples, {args.steps} steps, batch {args.batch_size}")
+        steps = args.steps or DEFAULT_STEPS[name]
+        print(f"training {name}: {len(examples)} examples, {steps} steps, batch {args.batch_size}")
         t0 = time.perf_counter()
-        model = train_adapter(model_dir, examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        model = train_adapter(model_dir, examples, steps=steps, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed, first_layer=args.first_layer)
         timings[name] = time.perf_counter() - t0
         save_adapter(model, args.out / name)

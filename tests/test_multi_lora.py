@@ -71,6 +71,15 @@ def engine_with(base: str, paths: dict, **kwargs) -> Engine:
                                 **kwargs))
 
 
+def assert_matches_peft(results: list, expected: list, expected_lp: list, adapters: list, label: str = "") -> None:
+    """Greedy tokens identical to PEFT's, log-probabilities within 1e-3, row by row."""
+    for i, res in enumerate(results):
+        assert res["output_ids"] == expected[i], f"{label} row {i} adapter {adapters[i]}"
+        ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
+        assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
+        assert res["meta_info"]["lora_path"] == adapters[i]
+
+
 def test_mixed_batch_matches_peft(setup):
     base, paths, peft = setup
     adapters = [*ADAPTERS, None, "rank1", None]
@@ -79,11 +88,7 @@ def test_mixed_batch_matches_peft(setup):
     engine = engine_with(base, paths)
     try:
         results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=adapters)
-        for i, res in enumerate(results):
-            assert res["output_ids"] == expected[i], f"row {i} adapter {adapters[i]}"
-            ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
-            assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
-            assert res["meta_info"]["lora_path"] == adapters[i]
+        assert_matches_peft(results, expected, expected_lp, adapters)
         assert len({tuple(r["output_ids"]) for r in results[:5]}) == 5  # the adapters really differ
         engine.lora.check_integrity()
     finally:
@@ -220,10 +225,7 @@ def test_mixed_batch_matches_peft_on_each_family(family, tmp_path):
     engine = engine_with(base, paths)
     try:
         results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=adapters)
-        for i, res in enumerate(results):
-            assert res["output_ids"] == expected[i], f"{family} row {i} adapter {adapters[i]}"
-            ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
-            assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
+        assert_matches_peft(results, expected, expected_lp, adapters, family)
     finally:
         engine.shutdown()
 
@@ -246,10 +248,7 @@ def test_mixed_batch_matches_peft_on_the_embedded_smollm2(tmp_path):
                                   lora_paths=[f"{n}={p}" for n, p in paths.items()]))
     try:
         results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=adapters)
-        for i, res in enumerate(results):
-            assert res["output_ids"] == expected[i], f"row {i} adapter {adapters[i]}"
-            ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
-            assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
+        assert_matches_peft(results, expected, expected_lp, adapters, "embedded")
     finally:
         engine.shutdown()
 
