@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import textwrap
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Kernel tests run Triton's interpreter on CPU. Triton reads this when it is imported and when a
+    # kernel is decorated, and other libraries (transformers, peft) may import it first: set it here,
+    # before any test module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from loraserve.plugin_manager import PluginManager
 
