@@ -52,6 +52,13 @@ class LoRABackend:
                  output_offsets: Sequence[int]) -> None:
         raise NotImplementedError
 
+    def checked_batch(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
+                      output_offsets: Sequence[int]) -> tuple[LoRABatchInfo, int]:
+        """The step's batch info and the number of slices, after the checks every backend shares."""
+        if self.batch is None:
+            raise RuntimeError("prepare() must be called before run_lora()")
+        return self.batch, check_run_lora_args(x, A, B, base_out, output_offsets, self.batch.max_rank)
+
     def run_lora_embedding(self, input_ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                            base_out: torch.Tensor) -> None:
         """Add ``scaling * A[slot][:, input_ids].T @ B[slot].T`` for LoRA on the embedding.

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from loraserve.lora.backend import LoRABackend, check_run_lora_args
+from loraserve.lora.backend import LoRABackend
 from loraserve.lora.batch_info import LoRABatchInfo
 
 
@@ -35,10 +35,7 @@ class TorchLoRABackend(LoRABackend):
 
     def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
                  output_offsets: Sequence[int]) -> None:
-        batch = self.batch
-        if batch is None:
-            raise RuntimeError("prepare() must be called before run_lora()")
-        n_slices = check_run_lora_args(x, A, B, base_out, output_offsets, batch.max_rank)
+        batch, n_slices = self.checked_batch(x, A, B, base_out, output_offsets)
         R = batch.max_rank
         for slot, rank, scaling, idx in self._groups:
             xs = x.index_select(0, idx).float()

@@ -22,7 +22,7 @@ import torch
 import triton
 
 from loraserve.errors import ConfigError
-from loraserve.lora.backend import LoRABackend, check_run_lora_args
+from loraserve.lora.backend import LoRABackend
 from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.plugins.backend_triton import kernels
 
@@ -175,10 +175,7 @@ class TiledLoRABackend(LoRABackend):
 
     def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
                  output_offsets: Sequence[int]) -> None:
-        batch = self.batch
-        if batch is None:
-            raise RuntimeError("prepare() must be called before run_lora()")
-        n_slices = check_run_lora_args(x, A, B, base_out, output_offsets, batch.max_rank)
+        batch, n_slices = self.checked_batch(x, A, B, base_out, output_offsets)
         if x.shape[0] != batch.num_tokens:
             raise ValueError(f"x has {x.shape[0]} rows but this step has {batch.num_tokens} tokens")
         if x.dtype not in DTYPES or A.dtype != x.dtype or B.dtype != x.dtype or base_out.dtype != x.dtype:
