@@ -15,10 +15,14 @@ adapters). Each case reports:
 - the time of the base projection's GEMM for the same tokens (cuBLAS through ``F.linear``) and
   the LoRA overhead relative to it.
 
-For prefill at rank 16 it also tries the shrink sharing the base GEMM's read of ``x``: the
-adapters' A rows are appended to the base weight (one GEMM gives the base output and ``x @ A^T``),
-then the expand kernel adds ``B`` from those columns. ``--sweep`` times a few launch-parameter
-variants on representative cases. Results: JSON and a markdown summary in ``--out``.
+Each backend is timed two ways: ``triton`` / ``csgmv`` run their own shrink kernel (``run_lora``
+alone), and ``triton+gemm`` / ``csgmv+gemm`` do the shrink inside the base GEMM, as the engine does
+when the backend's cost model says so: every slot's A rows are appended to the base weight (the
+pool keeps them there), one GEMM gives the base output and ``x @ A^T``, and only the expand
+kernel runs; its LoRA time is (that GEMM + expand) minus the base GEMM alone, both timed in the same
+case. ``auto`` rows are the path the backend's cost model picks (``fuse_shrink``) for that case.
+``--sweep`` times a few launch-parameter variants on representative cases. Results: JSON and a
+markdown summary in ``--out``.
 
     python benchmarks/bench_lora_kernels.py --out benchmarks/results
 """
@@ -55,8 +59,9 @@ DEVICE = "cuda"
 LAYER_BYTES = 1 << 30  # weight copies per case: enough "layers" that graph overhead is amortised
 
 
-def bench(fn, warmup: int = 5, rep: int = 25) -> float:
-    """Median milliseconds of ``fn`` (L2 flushed before each run by do_bench)."""
+def bench(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn`` (L2 flushed before each run by do_bench; ``rep`` is the
+    measuring time in ms, so a prefill graph of several layers still gets a dozen runs)."""
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
@@ -136,8 +141,59 @@ class Case:
         graph = graph_of(step)
         return bench(graph.replay) / self.layers * 1e3  # microseconds per run_lora
 
+    def time_fused(self, backend, rounds: int = 3) -> dict:
+        """Microseconds per layer of the base GEMM over ``W`` alone, of that GEMM followed by
+        ``run_lora`` (the backend's own shrink, in context), and of the GEMM over ``[W; A]`` followed
+        by the expand (the shrink from the GEMM's extra columns), medians over ``rounds``
+        interleaved rounds so that clock drift hits all three alike. Each layer's A moves into its
+        extended weight."""
+        K, N = self.in_dim, self.offsets[-1]
+        gen = torch.Generator(device=DEVICE).manual_seed(1)
+        if not hasattr(self, "ext"):
+            self.ext = []
+            for i, (A, B) in enumerate(self.weights):
+                W = torch.randn(N, K, device=DEVICE, generator=gen, dtype=DTYPE) * K ** -0.5
+                ext = torch.cat([W, A.reshape(-1, K)])
+                del W
+                self.weights[i] = (ext[N:].view(A.shape), B)
+                self.ext.append(ext)
+        backend.prepare(self.info)
+
+        def fused():
+            for ext, (A, B) in zip(self.ext, self.weights):
+                y = F.linear(self.x, ext)
+                backend.run_lora(self.x, A, B, y[:, :N], self.offsets, shrunk=y[:, N:])
+
+        def gemm():
+            for ext in self.ext:
+                F.linear(self.x, ext[:N])
+
+        def separate():
+            for ext, (A, B) in zip(self.ext, self.weights):
+                backend.run_lora(self.x, A, B, F.linear(self.x, ext[:N]), self.offsets)
+        graphs = {"gemm_us": graph_of(gemm), "separate_total_us": graph_of(separate), "fused_total_us": graph_of(fused)}
+        times = {k: [] for k in graphs}
+        for _ in range(rounds):
+            for k, g in graphs.items():
+                times[k].append(bench(g.replay) / self.layers * 1e3)
+        del graphs
+        return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+    def check_fused(self, backend) -> float:
+        """Relative error of the fused path against the backend's own shrink, on layer 0."""
+        N = self.offsets[-1]
+        backend.prepare(self.info)
+        (A, B), ext = self.weights[0], self.ext[0]
+        y = F.linear(self.x, ext)
+        base = y[:, :N].clone()
+        backend.run_lora(self.x, A, B, y[:, :N], self.offsets, shrunk=y[:, N:])
+        ref = base.clone()
+        backend.run_lora(self.x, A, B, ref, self.offsets)
+        return ((y[:, :N].float() - ref.float()).norm() / (ref.float() - base.float()).norm()).item()
+
     def free(self) -> None:
         self.weights.clear()
+        self.__dict__.pop("ext", None)
 
 
 def time_gemm(proj: str, T: int) -> float:
@@ -151,59 +207,6 @@ def time_gemm(proj: str, T: int) -> float:
     return t
 
 
-def time_concat_shrink(case: Case) -> dict:
-    """Prefill experiment: one GEMM over [W; A of every slot] gives the base output and x @ A^T
-    (the shrink shares the GEMM's read of x), then the expand kernel adds B from those columns."""
-    from loraserve.plugins.backend_triton import kernels
-    from loraserve.plugins.backend_triton.backend import SgmvLoRABackend, expand_config
-
-    K, N, S, R = case.in_dim, case.offsets[-1], len(case.offsets) - 1, case.rank
-    backend = SgmvLoRABackend(DEVICE)
-    backend.prepare(case.info)
-    plan = backend._plan
-    ec = expand_config(plan.block_m, R)
-    fused = []
-    for A, B in case.weights[:2]:
-        W = torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5
-        fused.append((torch.cat([W, A.reshape(-1, K)]).contiguous(), W, B))
-    widths = tuple(case.offsets[i + 1] - case.offsets[i] for i in range(S))
-
-    def concat():
-        for Wc, _, B in fused:
-            y = F.linear(case.x, Wc)
-            kernels.launch_expand(y[:, N:], B, y[:, :N], plan.tiles, plan.tiles, case.info.ranks, case.info.scalings,
-                                  R=R, num_tiles=plan.num_tiles, split=1, widths=widths, block_m=plan.block_m,
-                                  block_n=ec.block_n, block_r=ec.block_r, use_perm=False, stride_hs=0,
-                                  stride_ht=y.stride(0), stride_hslot=S * R, num_warps=ec.num_warps)
-
-    def concat_gemm_only():
-        for Wc, _, _ in fused:
-            F.linear(case.x, Wc)
-
-    def separate():
-        for (Wc, W, B), (A, _) in zip(fused, case.weights):
-            y = F.linear(case.x, W)
-            backend.run_lora(case.x, A, B, y, case.offsets)
-
-    # correctness of the experiment against the separate path (h is rounded to bf16 by the GEMM)
-    Wc, W, B = fused[0]
-    y = F.linear(case.x, Wc)
-    kernels.launch_expand(y[:, N:], B, y[:, :N], plan.tiles, plan.tiles, case.info.ranks, case.info.scalings,
-                          R=R, num_tiles=plan.num_tiles, split=1, widths=widths, block_m=plan.block_m,
-                          block_n=ec.block_n, block_r=ec.block_r, use_perm=False, stride_hs=0,
-                          stride_ht=y.stride(0), stride_hslot=S * R, num_warps=ec.num_warps)
-    ref = F.linear(case.x, W)
-    base = ref.clone()
-    backend.run_lora(case.x, case.weights[0][0], B, ref, case.offsets)
-    rel = ((y[:, :N].float() - ref.float()).norm() / (ref.float() - base.float()).norm()).item()
-    n = len(fused)
-    out = {"concat_us": bench(graph_of(concat).replay) / n * 1e3,
-           "concat_gemm_only_us": bench(graph_of(concat_gemm_only).replay) / n * 1e3,
-           "separate_us": bench(graph_of(separate).replay) / n * 1e3, "concat_rel_err": rel}
-    del fused
-    return out
-
-
 def time_prepare(name: str, T: int, n_adapters: int, segs: int) -> float:
     from loraserve.lora.batch_info import LoRABatchInfo
 
@@ -215,8 +218,8 @@ def time_prepare(name: str, T: int, n_adapters: int, segs: int) -> float:
     return bench(graph.replay) * 1e3
 
 
-def decode_cases(quick: bool):
-    tokens = (1, 64, 256) if quick else DECODE_TOKENS
+def decode_cases(quick: bool, only_tokens: tuple[int, ...] | None = None):
+    tokens = only_tokens or ((1, 64, 256) if quick else DECODE_TOKENS)
     ranks = (16, 128) if quick else RANKS
     for T in tokens:
         for n in DECODE_ADAPTERS:
@@ -257,16 +260,18 @@ def run(args) -> dict:
         "config": {"dtype": str(DTYPE), "projections": PROJECTIONS, "decode_tokens": DECODE_TOKENS,
                    "decode_adapters": DECODE_ADAPTERS, "ranks": RANKS, "prefill": PREFILL,
                    "prefill_adapters": PREFILL_ADAPTERS, "prefill_ranks": PREFILL_RANKS, "quick": args.quick,
-                   "prefill_only": args.prefill_only,
+                   "prefill_only": args.prefill_only, "no_prefill": args.no_prefill, "only_decode_tokens": args.decode_tokens,
                    "csgmv_max_chunk": args.max_chunk, "timing": "CUDA graph of one run_lora per layer over "
                    "2-8 layers' distinct weights, L2 flushed before each replay, median (do_bench)",
                    "max_rank": "= the case's rank (every adapter has that rank)"},
-        "cases": [], "gemm": {}, "concat_shrink": [], "prepare_us": [],
+        "cases": [], "gemm": {}, "prepare_us": [],
     }
     gemm = result["gemm"]
     t0 = time.time()
-    cases = [] if args.prefill_only else list(decode_cases(args.quick))
-    for phase, seg_lens, n, r in cases + list(prefill_cases(args.quick)):
+    cases = [] if args.prefill_only else list(decode_cases(args.quick, args.decode_tokens))
+    if not args.no_prefill:
+        cases += list(prefill_cases(args.quick))
+    for phase, seg_lens, n, r in cases:
         for proj in PROJECTIONS:
             T = sum(seg_lens)
             key = f"{proj}/{T}"
@@ -274,24 +279,34 @@ def run(args) -> dict:
                 gemm[key] = time_gemm(proj, T)
             case = Case(proj, seg_lens, n, r)
             limit_us = max(case.bytes / (ceilings["copy_GBps"] * 1e3), case.flops / (ceilings["bf16_TFLOPs"] * 1e6))
+            times = {}
             for name in BACKENDS:
-                t = case.time_backend(make_backend(name, args.max_chunk))
+                backend = make_backend(name, args.max_chunk)
+                times[name] = {"time_us": case.time_backend(backend), "gemm_us": gemm[key]}
+            for name in BACKENDS:  # after the separate runs: this moves each layer's A into its extended weight
+                backend = make_backend(name, args.max_chunk)
+                m = case.time_fused(backend, rounds=3 if phase == "prefill" else 1)
+                times[name + "+gemm"] = {"time_us": m["fused_total_us"] - m["gemm_us"], **m,
+                                         "separate_in_context_us": m["separate_total_us"] - m["gemm_us"],
+                                         "rel_err_vs_kernel": case.check_fused(backend)}
+                S = len(case.offsets) - 1
+                pick = name + "+gemm" if backend.fuse_shrink(T, case.in_dim, case.offsets[-1], S, r, n) else name
+                times[name + " auto"] = {**times[pick], "picked": pick}
+            for name, m in times.items():
+                t = m["time_us"]
                 gbps = case.bytes / t / 1e3
                 result["cases"].append({
                     "phase": phase, "proj": proj, "tokens": T, "requests": len(seg_lens), "adapters": n, "rank": r,
-                    "backend": name, "time_us": t, "bytes": case.bytes, "flops": case.flops, "GBps": gbps,
+                    "backend": name, "bytes": case.bytes, "flops": case.flops, "GBps": gbps,
                     "frac_copy_bw": gbps / ceilings["copy_GBps"], "limit_us": limit_us, "frac_limit": limit_us / t,
-                    "gemm_us": gemm[key], "overhead_vs_gemm": t / gemm[key]})
-            if phase == "prefill" and r == 16 and not args.quick:
-                result["concat_shrink"].append({"proj": proj, "tokens": T, "requests": len(seg_lens), "adapters": n,
-                                                "rank": r, "gemm_us": gemm[key], **time_concat_shrink(case)})
+                    "overhead_vs_gemm": t / m["gemm_us"], **m})
             case.free()
             del case
         torch.cuda.empty_cache()
         print(f"  {phase} T={sum(seg_lens)} adapters={n} rank={r} done ({time.time() - t0:.0f}s)", flush=True)
         if args.partial:  # keep what was measured if the run is cut short
             Path(args.partial).write_text(json.dumps(result))
-    for name in BACKENDS:
+    for name in BACKENDS if args.prepare else ():
         for T, n, segs in ((1, 1, 1), (64, 8, 64), (256, 64, 256), (2048, 4, 4), (4096, 16, 16)):
             result["prepare_us"].append({"backend": name, "tokens": T, "adapters": n, "requests": segs,
                                          "us": time_prepare(name, T, n, segs)})
@@ -383,30 +398,24 @@ def summarize(result: dict) -> str:
              f"CUDA {result['versions']['cuda']}; loraserve {result['versions']['loraserve_git']}. "
              f"Measured copy bandwidth {bw:.0f} GB/s (read + write), bf16 matmul "
              f"{result['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s. bfloat16, Llama-3-8B projections, "
-             f"csgmv --max-lora-chunk-size {result['config']['csgmv_max_chunk']}. Times are per call "
-             "(shrink + expand), CUDA-graph replays with a cold L2, median.", "",
+             f"csgmv --max-lora-chunk-size {result['config']['csgmv_max_chunk']}. LoRA time per call, CUDA-graph "
+             "replays with a cold L2, median: `triton`/`csgmv` = run_lora with its own shrink kernel; `+gemm` = "
+             "(base GEMM over [W; A] + expand) - base GEMM; `auto` = the path the backend's cost model picks.", "",
              "## Per layer (sum of qkv, o, gate_up, down)", "",
-             "| phase | tokens | adapters | rank | triton us | csgmv us | csgmv % of copy BW | csgmv % of limit | "
-             "base GEMMs us | csgmv overhead |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| phase | tokens | adapters | rank | triton us | csgmv us | csgmv+gemm us | csgmv auto us | "
+             "auto % of copy BW | auto % of limit | base GEMMs us | auto overhead |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     layers = per_layer(result["cases"])
     by = {(r["phase"], r["tokens"], r["adapters"], r["rank"], r["backend"]): r for r in layers}
     for key in sorted({k[:4] for k in by}, key=lambda k: (k[0] != "decode", k[1], k[2], k[3])):
-        tr, cs = by.get((*key, "triton")), by.get((*key, "csgmv"))
-        if tr is None or cs is None:
+        tr, cs, cf, ca = (by.get((*key, n)) for n in ("triton", "csgmv", "csgmv+gemm", "csgmv auto"))
+        if None in (tr, cs, cf, ca):
             continue
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {tr['time_us']:.1f} | {cs['time_us']:.1f} | "
-                     f"{100 * cs['bytes'] / cs['time_us'] / 1e3 / bw:.0f}% | {100 * cs['limit_us'] / cs['time_us']:.0f}% | "
-                     f"{cs['gemm_us']:.1f} | {100 * cs['time_us'] / cs['gemm_us']:.0f}% |")
-    lines += ["", "## Targets", ""] + targets(result)
-    if result["concat_shrink"]:
-        lines += ["", "## Prefill, rank 16: shrink sharing the base GEMM's read of x", "",
-                  "| proj | tokens | adapters | GEMM us | GEMM + run_lora us | concat GEMM us | concat GEMM + expand us | "
-                  "overhead separate | overhead concat | rel err |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for c in result["concat_shrink"]:
-            lines.append(f"| {c['proj']} | {c['tokens']} | {c['adapters']} | {c['gemm_us']:.1f} | {c['separate_us']:.1f} | "
-                         f"{c['concat_gemm_only_us']:.1f} | {c['concat_us']:.1f} | "
-                         f"{100 * (c['separate_us'] / c['gemm_us'] - 1):.0f}% | {100 * (c['concat_us'] / c['gemm_us'] - 1):.0f}% | "
-                         f"{c['concat_rel_err']:.1e} |")
+                     f"{cf['time_us']:.1f} | {ca['time_us']:.1f} | "
+                     f"{100 * ca['bytes'] / ca['time_us'] / 1e3 / bw:.0f}% | {100 * ca['limit_us'] / ca['time_us']:.0f}% | "
+                     f"{cs['gemm_us']:.1f} | {100 * ca['time_us'] / cs['gemm_us']:.0f}% |")
+    lines += ["", "## Targets (per projection)", ""] + targets(result)
     if result["prepare_us"]:
         lines += ["", "## prepare() per step (CUDA graph, us)", "", "| backend | tokens | adapters | requests | us |",
                   "| --- | --- | --- | --- | --- |"]
@@ -417,9 +426,10 @@ def summarize(result: dict) -> str:
 
 def targets(result: dict) -> list[str]:
     cases = result["cases"]
+    names = list(dict.fromkeys(c["backend"] for c in cases))
     out = []
     dec = [c for c in cases if c["phase"] == "decode" and c["adapters"] >= 16]
-    for name in BACKENDS:
+    for name in names:
         sel = [c for c in dec if c["backend"] == name]
         if sel:
             fr = sorted(c["frac_limit"] for c in sel)
@@ -428,7 +438,7 @@ def targets(result: dict) -> list[str]:
                        f"limit; median {100 * fr[len(fr) // 2]:.0f}%, worst {100 * fr[0]:.0f}% ({worst['proj']} T={worst['tokens']} "
                        f"n={worst['adapters']} r={worst['rank']})")
     pre = [c for c in cases if c["phase"] == "prefill" and c["rank"] == 16]
-    for name in BACKENDS:
+    for name in names:
         sel = [c for c in pre if c["backend"] == name]
         if sel:
             worst = max(sel, key=lambda c: c["overhead_vs_gemm"])
@@ -438,12 +448,38 @@ def targets(result: dict) -> list[str]:
     pairs = {}
     for c in cases:
         pairs.setdefault((c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"]), {})[c["backend"]] = c["time_us"]
-    ratios = sorted((v["csgmv"] / v["triton"], k) for k, v in pairs.items() if len(v) == 2)
-    if ratios:
-        slower = [r for r in ratios if r[0] > 1.05]
-        out.append(f"- csgmv / triton time: median {ratios[len(ratios) // 2][0]:.2f}, best {ratios[0][0]:.2f} {ratios[0][1]}, "
-                   f"worst {ratios[-1][0]:.2f} {ratios[-1][1]}; {len(slower)}/{len(ratios)} cases csgmv slower by > 5%")
+    for cs, tr in (("csgmv", "triton"), ("csgmv auto", "triton auto")):
+        ratios = sorted((v[cs] / v[tr], k) for k, v in pairs.items() if cs in v and tr in v and v[tr] > 1.0)
+        if ratios:
+            slower = [r for r in ratios if r[0] > 1.05]
+            out.append(f"- {cs} / {tr} time: median {ratios[len(ratios) // 2][0]:.2f}, best {ratios[0][0]:.2f} "
+                       f"{ratios[0][1]}, worst {ratios[-1][0]:.2f} {ratios[-1][1]}; {len(slower)}/{len(ratios)} cases "
+                       "slower by > 5%")
     return out
+
+
+def repick(result: dict) -> None:
+    """Redo the ``auto`` rows with the current cost model, from the two measured paths of each case
+    (so a change of the model is judged on the same measurements)."""
+    from types import SimpleNamespace
+
+    from loraserve.plugins.backend_triton.backend import TiledLoRABackend
+
+    model = SimpleNamespace(tuning={})
+    rows = {}
+    for c in result["cases"]:
+        rows[(c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"], c["backend"])] = c
+    for i, c in enumerate(result["cases"]):
+        if not c["backend"].endswith(" auto"):
+            continue
+        name = c["backend"][:-len(" auto")]
+        in_dim, offsets = PROJECTIONS[c["proj"]]
+        fused = TiledLoRABackend.fuse_shrink(model, c["tokens"], in_dim, offsets[-1], len(offsets) - 1, c["rank"],
+                                             c["adapters"])
+        pick = name + "+gemm" if fused else name
+        src = rows[(c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"], pick)]
+        result["cases"][i] = {**src, "backend": c["backend"], "picked": pick}
+    result["auto_picked_by"] = "the cost model of the code that merged these files (benchmarks --merge)"
 
 
 def main() -> None:
@@ -453,8 +489,31 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="only time launch-parameter variants")
     parser.add_argument("--max-chunk", type=int, default=16, help="csgmv --max-lora-chunk-size")
     parser.add_argument("--prefill-only", action="store_true", help="only the prefill cases")
+    parser.add_argument("--no-prefill", action="store_true", help="only the decode cases")
+    parser.add_argument("--decode-tokens", type=lambda v: tuple(int(t) for t in v.split(",")), default=None,
+                        help="only these decode token counts, e.g. 1,8,32 (to split the grid over several runs)")
+    parser.add_argument("--no-prepare", dest="prepare", action="store_false", help="skip timing prepare()")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="merge result files of one device (parts of the grid) into one JSON + summary")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        if len({p["device"] for p in parts}) != 1:
+            sys.exit("--merge: the files come from different devices")
+        result = parts[0]
+        for p in parts[1:]:
+            result["cases"] += p["cases"]
+            result["prepare_us"] += p["prepare_us"]
+            result["gemm"].update(p["gemm"])
+        result["merged_from"] = [{"date": p["date"], "ceilings": p["ceilings"]} for p in parts]
+        repick(result)
+        out = Path(args.out)
+        slug = result["device"].replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
+        (out / f"lora_kernels_{slug}.json").write_text(json.dumps(result, indent=1))
+        (out / f"lora_kernels_{slug}.md").write_text(summarize(result))
+        print(summarize(result))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_lora_kernels.py needs a CUDA GPU")
     out = Path(args.out)

@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     # Triton reads this when a kernel is decorated, so it must be set before the kernel module is imported.
@@ -112,6 +113,64 @@ def test_kernels_match_torch_backend(name, case, dtype):
     assert torch.equal(out, out2)
 
 
+def fused_shrink_run(backend, x, A, B, offsets, gen):
+    """The base GEMM over ``[W; A of every slot]`` then ``run_lora(shrunk=...)``, as the model does it.
+    Returns (output, the GEMM's base columns before the expand)."""
+    K, N = x.shape[1], offsets[-1]
+    W = (torch.randn(N, K, generator=gen) / K ** 0.5).to(x)
+    y = F.linear(x, torch.cat([W, A.reshape(-1, K)]))
+    out, shrunk = y[:, :N], y[:, N:]
+    base = out.clone()
+    backend.run_lora(x, A, B, out, offsets, shrunk=shrunk)
+    return out, base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("name", ["triton", "csgmv"])
+def test_fused_shrink_expand_matches_torch_backend(name, case, dtype):
+    """The shrink done by the base GEMM (its extra columns, NaN where A's padding is NaN, h rounded
+    to the input dtype) and only the expand in the kernel: the oracle's numbers, rank-0 rows untouched."""
+    cfg = CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"fused {name} {case} {dtype}".encode()))
+    x, A, B, _, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
+                                   cfg["in_dim"], cfg["R"], dtype)
+    backend = make_backend(name)
+    backend.prepare(info)
+    out, base = fused_shrink_run(backend, x, A, B, cfg["offsets"], gen)
+    ref = oracle(x, A, B, base, info, cfg["offsets"])
+    if dtype == torch.float32:
+        check(out, ref, base, info, cfg["ranks"], dtype)
+    else:  # h comes out of the GEMM rounded to 16 bits: error relative to the delta, about 2^-11
+        check(out, out, base, info, cfg["ranks"], dtype)
+        delta = ref.double() - base.double()
+        rel = ((out.double() - ref.double()).norm() / delta.norm()).item()
+        assert rel < 2e-3, f"relative error {rel:.2e}"
+
+
+def test_fused_shrink_cost_model_and_argument_checks(gen):
+    backend = make_backend("csgmv")
+    # Llama-3-8B qkv, rank 16: decode takes the GEMM; prefill only while the extra rows stay within
+    # 1/32 of the output (4 slots: 192 rows of 6144; 8 slots: 384 rows keep the shrink kernel)
+    assert backend.fuse_shrink(64, 4096, 6144, 3, 16, 64)
+    assert backend.fuse_shrink(2048, 4096, 6144, 3, 16, 4)
+    assert not backend.fuse_shrink(2048, 4096, 6144, 3, 16, 8)
+    assert not backend.fuse_shrink(4096, 4096, 6144, 3, 64, 64)
+    # one decode token with 64 idle slots of rank 128: reading every slot's A costs more than a launch
+    assert not backend.fuse_shrink(1, 4096, 6144, 3, 128, 64)
+    assert make_backend("csgmv", tuning={"fused_shrink": False}).fuse_shrink(1, 64, 64, 1, 8, 4) is False
+    cfg = CASES["one token"]
+    x, A, B, base, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
+                                      cfg["in_dim"], cfg["R"], torch.float32)
+    backend.prepare(info)
+    with pytest.raises(ValueError, match="shrunk has shape"):
+        backend.run_lora(x, A, B, base, cfg["offsets"], shrunk=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="does not take a precomputed shrink"):
+        torch_backend = TorchLoRABackend(DEVICE)
+        torch_backend.prepare(info)
+        torch_backend.checked_batch(x, A, B, base, cfg["offsets"], torch.zeros(1, A.shape[0] * A.shape[1]))
+
+
 @pytest.mark.parametrize("case", ["qkv: 3 unequal slices, mixed ranks incl. 0, slot spans chunks",
                                   "even sizes (unmasked k and rank blocks), 3 slices"])
 @pytest.mark.parametrize("name", ["triton", "csgmv"])
@@ -204,17 +263,24 @@ def test_engine_greedy_tokens_match_torch_backend(tiny_adapters):
     adapters = ["all3", "qv8", None, "all3"]
     params = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True, "return_logprob": True}
     results = {}
-    for name in ("torch", "triton", "csgmv"):
+    # "+gemm": the shrink inside the base GEMM (the extra rows appended to each weight), "+kernel": a
+    # separate shrink launch over the same memory
+    for name in ("torch", "triton+gemm", "csgmv+gemm", "csgmv+kernel"):
+        backend, _, how = name.partition("+")
         engine = Engine(make_settings(model_path=base, device=DEVICE, dtype="float32", max_total_tokens=256,
-                                      lora_backend=name, lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+                                      lora_backend=backend, lora_paths=[f"{n}={p}" for n, p in paths.items()]))
         try:
-            assert engine.lora.backend.name == name
+            assert engine.lora.backend.name == backend
+            if how:
+                engine.lora.backend.tuning["fused_shrink"] = how == "gemm"
             results[name] = engine.generate(input_ids=prompts, sampling_params=params, lora_path=adapters)
+            if how:  # the path asked for really ran: the layers' GEMMs did (not) include the A rows
+                assert set(engine.lora._fuse_now.values()) == {how == "gemm"}
         finally:
             engine.shutdown()
     expected = [r["output_ids"] for r in results["torch"]]
     assert len({tuple(t) for t in expected[:2]}) == 2  # the adapters really differ
-    for name in ("triton", "csgmv"):
+    for name in ("triton+gemm", "csgmv+gemm", "csgmv+kernel"):
         assert [r["output_ids"] for r in results[name]] == expected, name
         for ours, ref in zip(results[name], results["torch"]):
             a = [lp for lp, _ in ours["meta_info"]["output_token_logprobs"]]
@@ -242,8 +308,9 @@ GPU_BATCHES = {  # seg_lens, seg_slot, ranks per slot (slot 0: the base model), 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("batch", GPU_BATCHES)
 @pytest.mark.parametrize("proj", LLAMA3_8B)
+@pytest.mark.parametrize("shrink", ["kernel", "gemm"])
 @pytest.mark.parametrize("name", ["triton", "csgmv"])
-def test_llama3_8b_shapes_on_gpu(name, proj, batch, dtype):
+def test_llama3_8b_shapes_on_gpu(name, shrink, proj, batch, dtype):
     if dtype != torch.bfloat16 and batch != "decode 64 tokens, 9 slots":
         pytest.skip("float16/float32 at real sizes: decode batch only")
     in_dim, offsets = LLAMA3_8B[proj]
@@ -251,11 +318,15 @@ def test_llama3_8b_shapes_on_gpu(name, proj, batch, dtype):
     gen = torch.Generator().manual_seed(11)
     x, A, B, base, info = random_case(gen, seg_lens, seg_slot, ranks, offsets, in_dim, R, dtype)
     B /= 4  # keep the delta about as large as the base output
-    ref = oracle(x, A, B, base, info, offsets)
-    out = base.clone()
     backend = make_backend(name)
     backend.prepare(info)
-    backend.run_lora(x, A, B, out, offsets)
+    if shrink == "gemm":  # the shrink from the base GEMM's extra columns (h rounded to the dtype)
+        out, base = fused_shrink_run(backend, x, A, B, offsets, gen)
+        ref = oracle(x, A, B, base, info, offsets)
+    else:
+        ref = oracle(x, A, B, base, info, offsets)
+        out = base.clone()
+        backend.run_lora(x, A, B, out, offsets)
     assert not out.isnan().any()
     delta_ref = ref.double() - base.double()
     rel = ((out.double() - ref.double()).norm() / delta_ref.norm()).item()

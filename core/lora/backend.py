@@ -31,6 +31,11 @@ class LoRABackend:
       It may not modify ``x``, ``A`` or ``B``. Rows whose slot has rank 0 must be left bit-identical.
       Arithmetic accumulates in float32 whatever the input dtype.
     - Both are always safe to call with ``num_tokens == 1``.
+    - A backend with ``supports_fused_shrink`` also accepts ``shrunk``: ``x @ A[slot].T`` for *every*
+      slot, computed by the caller (the base GEMM over the weight with the pool's A rows appended,
+      so the shrink shares the GEMM's read of ``x``): ``[num_tokens, num_slots * num_slices * R]``,
+      row stride free, column stride 1, slot ``s``'s columns at ``s * num_slices * R``. The backend
+      then only runs the expand, taking each token's own slot's columns.
 
     Tensors: ``x`` is ``[num_tokens, in_dim]``; ``A`` is ``[num_slots, num_slices * R, in_dim]``;
     ``B`` is ``[num_slots, out_dim, R]``; ``base_out`` is ``[num_tokens, out_dim]``;
@@ -40,6 +45,8 @@ class LoRABackend:
     name = "abstract"
     #: whether :meth:`run_lora_embedding` is implemented (LoRA on embed_tokens / lm_head)
     supports_embedding = False
+    #: whether :meth:`run_lora` accepts ``shrunk`` (the shrink done by the base GEMM)
+    supports_fused_shrink = False
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -49,15 +56,31 @@ class LoRABackend:
         self.batch = batch
 
     def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
-                 output_offsets: Sequence[int]) -> None:
+                 output_offsets: Sequence[int], shrunk: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
+    def fuse_shrink(self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int,
+                    num_slots: int) -> bool:
+        """Whether a step of ``num_tokens`` should do a projection's shrink inside its base GEMM
+        (only asked of backends with ``supports_fused_shrink``; host integers only)."""
+        return False
+
     def checked_batch(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
-                      output_offsets: Sequence[int]) -> tuple[LoRABatchInfo, int]:
+                      output_offsets: Sequence[int], shrunk: torch.Tensor | None = None) -> tuple[LoRABatchInfo, int]:
         """The step's batch info and the number of slices, after the checks every backend shares."""
         if self.batch is None:
             raise RuntimeError("prepare() must be called before run_lora()")
-        return self.batch, check_run_lora_args(x, A, B, base_out, output_offsets, self.batch.max_rank)
+        n_slices = check_run_lora_args(x, A, B, base_out, output_offsets, self.batch.max_rank)
+        if shrunk is not None:
+            if not self.supports_fused_shrink:
+                raise ValueError(f"LoRA backend {self.name!r} does not take a precomputed shrink")
+            width = A.shape[0] * A.shape[1]
+            if shrunk.dim() != 2 or shrunk.shape != (x.shape[0], width) or shrunk.stride(1) != 1:
+                raise ValueError(f"shrunk has shape {tuple(shrunk.shape)} and strides {shrunk.stride()}, expected "
+                                 f"({x.shape[0]}, {width}) with column stride 1")
+            if shrunk.dtype != x.dtype:
+                raise ValueError(f"shrunk has dtype {shrunk.dtype}, expected {x.dtype}")
+        return self.batch, n_slices
 
     def run_lora_embedding(self, input_ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                            base_out: torch.Tensor) -> None:

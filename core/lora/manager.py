@@ -40,10 +40,11 @@ class LoRAManager:
         self.resolvers = [plugins.resolvers.create(r.name, settings) for r in plugins.resolvers]
         self.registry = AdapterRegistry()
         self.host = HostAdapterCache(settings.max_loaded_loras, plugins.eviction_policies.create(settings.lora_eviction_policy))
-        modules = {}
+        modules, layers = {}, {}
         for layer, name, module in model.lora_targets():
             if any(m in self.target_modules for m in FUSED_MEMBERS[name]):
                 modules[name] = (module.input_size, tuple(module.output_offsets))
+                layers[(layer, name)] = module
         extra = {}
         if "embed_tokens" in self.target_modules or "lm_head" in self.target_modules:
             if not backend.supports_embedding:
@@ -53,8 +54,16 @@ class LoRAManager:
                 extra["embed_tokens"] = (self.shape.vocab_size, self.shape.hidden_size)
             if "lm_head" in self.target_modules:
                 extra["lm_head"] = (self.shape.hidden_size, self.shape.vocab_size)
+        # a backend that can take the shrink from the base GEMM gets each layer's A buffer as rows
+        # appended to that layer's weight (one allocation; the GEMM then reads x once for both)
+        a_storage = None
+        if getattr(backend, "supports_fused_shrink", False):
+            a_storage = lambda layer, name, rows: layers[(layer, name)].append_rows(rows)  # noqa: E731
         self.pool = GpuAdapterPool(settings.max_loras_per_batch, max_rank, self.shape.num_layers, modules, extra,
-                                   dtype, device, plugins.eviction_policies.create(settings.lora_eviction_policy))
+                                   dtype, device, plugins.eviction_policies.create(settings.lora_eviction_policy),
+                                   a_storage=a_storage)
+        self._fused_modules = modules if a_storage is not None else {}
+        self._fuse_now: dict[str, bool] = {}
         self.running: Callable[[], list] = lambda: []
         self.metrics = {"loads": 0, "gpu_evictions": 0, "host_evictions": 0, "hits": 0, "misses": 0, "host_reloads": 0}
         self._active = False
@@ -68,6 +77,8 @@ class LoRAManager:
             if (layer, name) in self.pool.A:
                 module.lora_hook = self._linear_hook(self.pool.A[(layer, name)], self.pool.B[(layer, name)],
                                                      self.pool.offsets[name])
+                if name in self._fused_modules:
+                    module.lora_fuse = lambda name=name: self._fuse_now.get(name, False)
         if (-1, "lm_head") in self.pool.A:
             A, B, vocab = self.pool.A[(-1, "lm_head")], self.pool.B[(-1, "lm_head")], self.shape.vocab_size
 
@@ -87,8 +98,10 @@ class LoRAManager:
             model.model.embed_tokens.lora_hook = embed_hook
 
     def _linear_hook(self, A: torch.Tensor, B: torch.Tensor, offsets: tuple[int, ...]):
-        def hook(x, out):
-            if self._active:
+        def hook(x, out, shrunk=None):
+            if shrunk is not None:  # the base GEMM did the shrink (only on steps where _fuse_now says so)
+                self.backend.run_lora(x, A, B, out, offsets, shrunk=shrunk)
+            elif self._active:
                 self.backend.run_lora(x, A, B, out, offsets)
         return hook
 
@@ -261,8 +274,14 @@ class LoRAManager:
             self.pool.policy.touch(key)
         self._active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
         self._logits_info = None
+        self._fuse_now = {}
         if not self._active:
             return
+        num_tokens = sum(c.num_tokens for c in chunks)
+        # decided from host integers only (tokens, shapes), so a captured step replays the same choice
+        self._fuse_now = {name: self.backend.fuse_shrink(num_tokens, in_dim, offs[-1], len(offs) - 1, self.max_rank,
+                                                          self.pool.num_slots)
+                          for name, (in_dim, offs) in self._fused_modules.items()}
         info = LoRABatchInfo.build([c.num_tokens for c in chunks], seg_slot, self.pool.ranks_host,
                                    self.pool.scalings_host, self.max_rank, device=self.device)
         self.backend.prepare(info)

@@ -11,7 +11,7 @@ change, so a captured CUDA graph stays valid. Keys are ``(name, version)``. Both
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -82,10 +82,14 @@ class GpuAdapterPool:
     :param modules: fused module name -> ``(in_dim, output_offsets)`` for the targeted modules.
     :param extra: optional ``{"embed_tokens": (vocab, hidden), "lm_head": (hidden, vocab)}`` —
         modules without layers, stored as ``A [slots, R, in]``, ``B [slots, out, R]``.
+    :param a_storage: optional ``(layer, name, rows) -> zeroed [rows, in]`` tensor that holds a
+        layer's A buffer instead of a fresh allocation (the layer's weight with rows appended, so the
+        base GEMM can do the shrink; see ``LoRALinear.append_rows``).
     """
 
     def __init__(self, num_slots: int, max_rank: int, num_layers: int, modules: dict[str, tuple[int, tuple[int, ...]]],
-                 extra: dict[str, tuple[int, int]], dtype: torch.dtype, device: torch.device, policy: EvictionPolicy):
+                 extra: dict[str, tuple[int, int]], dtype: torch.dtype, device: torch.device, policy: EvictionPolicy,
+                 a_storage: Callable[[int, str, int], torch.Tensor] | None = None):
         self.num_slots, self.max_rank, self.policy = num_slots, max_rank, policy
         self.offsets = {name: offs for name, (_, offs) in modules.items()}
         R = max_rank
@@ -94,7 +98,11 @@ class GpuAdapterPool:
         for layer in range(num_layers):
             for name, (in_dim, offs) in modules.items():
                 n_slices = len(offs) - 1
-                self.A[(layer, name)] = torch.zeros(num_slots, n_slices * R, in_dim, dtype=dtype, device=device)
+                if a_storage is not None:  # zeroed rows owned by someone else (the layer's extended weight)
+                    rows = a_storage(layer, name, num_slots * n_slices * R)
+                    self.A[(layer, name)] = rows.view(num_slots, n_slices * R, in_dim)
+                else:
+                    self.A[(layer, name)] = torch.zeros(num_slots, n_slices * R, in_dim, dtype=dtype, device=device)
                 self.B[(layer, name)] = torch.zeros(num_slots, offs[-1], R, dtype=dtype, device=device)
         for name, (in_dim, out_dim) in extra.items():
             self.A[(-1, name)] = torch.zeros(num_slots, R, in_dim, dtype=dtype, device=device)

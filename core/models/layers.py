@@ -4,6 +4,10 @@ Every projection is a :class:`LoRALinear`: one weight ``[out_total, in]`` that m
 output slices (q/k/v, gate/up), an optional bias, and a ``lora_hook`` the LoRA manager sets. The
 hook receives the layer input and the base output and adds the adapter delta into the output in
 place, so the base projection runs once for the whole batch whatever adapters the tokens use.
+A LoRA backend that can take the shrink from the base GEMM gets the adapters' A rows appended
+to the weight (:meth:`LoRALinear.append_rows`); on steps where ``lora_fuse()`` says so, one GEMM
+then gives the base output and every slot's ``x @ A^T`` (the shrink shares the GEMM's read of
+``x``), and the hook gets those extra columns as a third argument.
 Parameters are created empty, directly on the target device and dtype; the loader fills them.
 """
 
@@ -17,8 +21,9 @@ from torch import nn
 
 from loraserve.errors import ConfigError
 
-#: ``hook(x, out)`` for linear layers, ``hook(input_ids, out)`` for the embedding; edits ``out`` in place.
-LoRAHook = Callable[[torch.Tensor, torch.Tensor], None]
+#: ``hook(x, out)`` (or ``hook(x, out, shrunk)``, see :meth:`LoRALinear.append_rows`) for linear layers,
+#: ``hook(input_ids, out)`` for the embedding; edits ``out`` in place.
+LoRAHook = Callable[..., None]
 
 # RoPE types whose frequencies do not depend on the sequence length, so one table serves a flat
 # batch of many sequences. "dynamic" and "longrope" rescale with the length and are refused.
@@ -56,8 +61,34 @@ class LoRALinear(nn.Module):
         self.weight = _empty((self.output_size, self.input_size), dtype, device)
         self.bias = _empty((self.output_size,), dtype, device) if bias else None
         self.lora_hook: LoRAHook | None = None
+        #: set with :meth:`append_rows`: whether this step's GEMM includes the appended rows
+        self.lora_fuse: Callable[[], bool] | None = None
+        self._weight_ext: torch.Tensor | None = None
+        self._bias_ext: torch.Tensor | None = None
+
+    def append_rows(self, rows: int) -> torch.Tensor:
+        """Reallocate the weight as ``[out + rows, in]`` with zero rows after its own (the bias with
+        zeros after it) and return those rows, ``[rows, in]``, for the caller to fill (the LoRA pool
+        keeps its A buffers there). ``weight`` and ``bias`` stay views of their first ``out`` rows."""
+        if self._weight_ext is not None:
+            raise RuntimeError("append_rows() may be called once per layer")
+        full = torch.zeros(self.output_size + rows, self.input_size, dtype=self.weight.dtype, device=self.weight.device)
+        full[:self.output_size].copy_(self.weight.data)
+        self.weight.data = full[:self.output_size]
+        self._weight_ext = full
+        if self.bias is not None:
+            bias = torch.zeros(self.output_size + rows, dtype=self.bias.dtype, device=self.bias.device)
+            bias[:self.output_size].copy_(self.bias.data)
+            self.bias.data = bias[:self.output_size]
+            self._bias_ext = bias
+        return full[self.output_size:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_fuse is not None and self.lora_fuse():
+            y = F.linear(x, self._weight_ext, self._bias_ext)
+            out = y[:, :self.output_size]  # rows of stride out + rows: downstream ops take views
+            self.lora_hook(x, out, y[:, self.output_size:])
+            return out
         out = F.linear(x, self.weight, self.bias)
         if self.lora_hook is not None:
             self.lora_hook(x, out)  # adds the adapter delta in place

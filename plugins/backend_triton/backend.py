@@ -28,6 +28,8 @@ from loraserve.plugins.backend_triton import kernels
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SLICES_PER_EXPAND = 3
+LAUNCH_BYTES = 4_000_000  # a kernel launch and its ramp, in bytes the device could have moved (~1.3 us)
+COMPUTE_BOUND_TOKENS = 512  # from here a bf16 GEMM of Llama shapes is bound by arithmetic on an H100
 
 
 def interpreting() -> bool:
@@ -156,6 +158,7 @@ class TiledLoRABackend(LoRABackend):
     """
 
     supports_embedding = False
+    supports_fused_shrink = True
 
     def __init__(self, device: torch.device | str = "cuda", tuning: dict | None = None):
         super().__init__(check_device(self.name, device))
@@ -173,9 +176,37 @@ class TiledLoRABackend(LoRABackend):
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
         raise NotImplementedError
 
+    def fuse_shrink(self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int,
+                    num_slots: int) -> bool:
+        """Whether the base GEMM over ``[W; A of every slot]`` beats a separate shrink launch.
+
+        ``tuning["fused_shrink"]`` (True/False) overrides. Otherwise, from host integers only:
+
+        - a step of fewer than ``COMPUTE_BOUND_TOKENS`` tokens is bound by reading the weights, so
+          the extra rows cost the bytes of every slot's A read at the GEMM's bandwidth; the separate
+          shrink reads the A of up to ``num_tokens`` slots and ``x`` again at about half of it, plus
+          a launch (bytes compared; measured on an H100 the GEMM wins every decode case of the
+          benchmark, up to 2x on the layer's LoRA time, and loses only when many idle high-rank
+          slots would be read for a few tokens);
+        - a longer step is bound by the GEMM's arithmetic, and its extra columns cost more than their
+          share of FLOPs when they push the GEMM into another wave of tiles: the GEMM keeps the
+          shrink only while the extra rows are at most 1/32 of the output (measured: 4 slots of rank
+          16 on every Llama-3-8B projection gain, 16 slots lose on qkv, o and down).
+        """
+        forced = self.tuning.get("fused_shrink")
+        if forced is not None:
+            return bool(forced)
+        extra = num_slots * n_slices * max_rank
+        if num_tokens >= COMPUTE_BOUND_TOKENS:
+            return extra * 32 <= out_dim
+        fused = extra * in_dim * 2
+        used = min(num_tokens, num_slots) * n_slices * max_rank
+        separate = LAUNCH_BYTES + 2 * (used * in_dim * 2 + num_tokens * in_dim * 2)
+        return fused <= separate
+
     def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
-                 output_offsets: Sequence[int]) -> None:
-        batch, n_slices = self.checked_batch(x, A, B, base_out, output_offsets)
+                 output_offsets: Sequence[int], shrunk: torch.Tensor | None = None) -> None:
+        batch, n_slices = self.checked_batch(x, A, B, base_out, output_offsets, shrunk)
         if x.shape[0] != batch.num_tokens:
             raise ValueError(f"x has {x.shape[0]} rows but this step has {batch.num_tokens} tokens")
         if x.dtype not in DTYPES or A.dtype != x.dtype or B.dtype != x.dtype or base_out.dtype != x.dtype:
@@ -185,25 +216,39 @@ class TiledLoRABackend(LoRABackend):
         if plan is None or plan.num_tiles == 0:
             return
         R, T, K = batch.max_rank, x.shape[0], x.shape[1]
-        sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **self.tuning.get("shrink", {}))
-        h = torch.empty((T, sc.split, n_slices * R), dtype=torch.float32, device=x.device)
         perm = plan.perm if plan.perm is not None else plan.tiles
         use_perm = plan.perm is not None
+        ec = expand_config(plan.block_m, R, plan.num_tiles, base_out.shape[1], self.n_sms,
+                           **self.tuning.get("expand", {}))
+        if shrunk is not None:  # the base GEMM already computed x @ A^T for every slot: only the expand runs
+            self._expand(shrunk, B, base_out, output_offsets, plan, perm, use_perm, ec, R=R, split=1,
+                         stride_hs=0, stride_ht=shrunk.stride(0), stride_hslot=n_slices * R, h_by_row=True)
+            return
+        sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **self.tuning.get("shrink", {}))
+        h = torch.empty((T, sc.split, n_slices * R), dtype=torch.float32, device=x.device)
         kernels.launch_shrink(x, A, h, plan.tiles, perm, batch.ranks, R=R, num_tiles=plan.num_tiles,
                               n_slices=n_slices, block_m=plan.block_m, block_r=sc.block_r, block_k=sc.block_k,
                               split=sc.split, k_per_split=sc.k_per_split, use_perm=use_perm,
                               num_warps=sc.num_warps, num_stages=sc.num_stages)
-        ec = expand_config(plan.block_m, R, plan.num_tiles, base_out.shape[1], self.n_sms,
-                           **self.tuning.get("expand", {}))
+        self._expand(h, B, base_out, output_offsets, plan, perm, use_perm, ec, R=R, split=sc.split,
+                     stride_hs=h.stride(1), stride_ht=h.stride(0), stride_hslot=0, h_by_row=False)
+
+    def _expand(self, h: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor, output_offsets: Sequence[int],
+                plan: TilePlan, perm: torch.Tensor, use_perm: bool, ec: ExpandConfig, *, R: int, split: int,
+                stride_hs: int, stride_ht: int, stride_hslot: int, h_by_row: bool) -> None:
+        batch = self.batch
+        n_slices = len(output_offsets) - 1
         for g0 in range(0, n_slices, SLICES_PER_EXPAND):
             g1 = min(n_slices, g0 + SLICES_PER_EXPAND)
             lo, hi = output_offsets[g0], output_offsets[g1]
             widths = tuple(output_offsets[i + 1] - output_offsets[i] for i in range(g0, g1))
-            kernels.launch_expand(h[:, :, g0 * R:], B[:, lo:hi], base_out[:, lo:hi], plan.tiles, perm,
-                                  batch.ranks, batch.scalings, R=R, num_tiles=plan.num_tiles, split=sc.split,
+            hv = h[:, g0 * R:] if h.dim() == 2 else h[:, :, g0 * R:]
+            kernels.launch_expand(hv, B[:, lo:hi], base_out[:, lo:hi], plan.tiles, perm,
+                                  batch.ranks, batch.scalings, R=R, num_tiles=plan.num_tiles, split=split,
                                   widths=widths, block_m=plan.block_m, block_n=ec.block_n, block_r=ec.block_r,
-                                  use_perm=use_perm, stride_hs=h.stride(1), stride_ht=h.stride(0),
-                                  group_n=ec.group_n, num_warps=ec.num_warps, num_stages=ec.num_stages)
+                                  use_perm=use_perm, stride_hs=stride_hs, stride_ht=stride_ht,
+                                  stride_hslot=stride_hslot, group_n=ec.group_n, num_warps=ec.num_warps,
+                                  num_stages=ec.num_stages, h_by_row=h_by_row)
 
 
 def sgmv_block_m(num_tokens: int, num_segments: int) -> int:

@@ -100,12 +100,16 @@ def lora_expand_kernel(
     stride_hs, stride_ht, stride_hslot, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_PERM: tl.constexpr, EVEN_N: tl.constexpr, R_SMALL: tl.constexpr, SPLIT_H: tl.constexpr,
-    ONE_R_BLOCK: tl.constexpr,
+    ONE_R_BLOCK: tl.constexpr, H_BY_ROW: tl.constexpr,
 ):
     # R_SMALL: 0 when R is a multiple of BLOCK_R; R itself when R < BLOCK_R and B's rows are
     # contiguous; -1 otherwise. In the first two cases the bound of B's row is known at compile time,
     # so the loads need no mask that depends on the data and vectorise; lanes past the rank are then
     # zeroed with a select (never a product: unwritten h and B's padding may hold NaN).
+    # H_BY_ROW: h is indexed by token row (it came out of the base GEMM over [W; A], see
+    # TiledLoRABackend.run_lora) instead of by position in the tile table.
+    # SPLIT_H: 1 splits a float32 h into two 16-bit parts for B's 16-bit tensor-core product, 0 multiplies
+    # in IEEE float32 (float32 B), 2 multiplies h as it is (h is already 16-bit, as B).
     # Each program takes a group of up to GROUP_N column blocks of one slice: at low rank one
     # block moves only a few KB of B, too little to cover the memory latency, so the loop over
     # the group keeps several blocks' loads in flight and loads h (and splits it) once.
@@ -138,7 +142,11 @@ def lora_expand_kernel(
     else:
         rows = pos
 
-    h_rows = h_ptr + pos.to(tl.int64)[:, None] * stride_ht + slot.to(tl.int64) * stride_hslot + s * R
+    if H_BY_ROW:
+        h_idx = rows
+    else:
+        h_idx = pos
+    h_rows = h_ptr + h_idx.to(tl.int64)[:, None] * stride_ht + slot.to(tl.int64) * stride_hslot + s * R
     b_slot = b_ptr + slot.to(tl.int64) * stride_bs
     o_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_ot
 
@@ -151,9 +159,11 @@ def lora_expand_kernel(
             hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & in_row[None, :],
                           other=0.0).to(tl.float32)
         hv = tl.where(keep[None, :], hv, 0.0)
-        if SPLIT_H:
+        if SPLIT_H == 1:
             hi1 = hv.to(b_ptr.dtype.element_ty)
             lo1 = (hv - hi1.to(tl.float32)).to(b_ptr.dtype.element_ty)
+        elif SPLIT_H == 2:
+            hi1 = hv.to(b_ptr.dtype.element_ty)  # exact: h was 16-bit
 
     for blk in range(blk0, blk1):
         n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,9 +191,11 @@ def lora_expand_kernel(
             else:
                 bt = tl.load(b_cols + r[:, None] * stride_br, mask=(r < R)[:, None] & n_mask[None, :], other=0.0)
             bt = tl.where(keep[:, None], bt, 0.0)
-            if SPLIT_H:
+            if SPLIT_H == 1:
                 acc = tl.dot(hi1, bt, acc)
                 acc = tl.dot(lo1, bt, acc)
+            elif SPLIT_H == 2:
+                acc = tl.dot(hi1, bt, acc)
             else:
                 acc = tl.dot(hv, bt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -206,11 +218,13 @@ def lora_expand_kernel(
                     bt = tl.load(b_cols + r[:, None] * stride_br, mask=keep[:, None] & n_mask[None, :], other=0.0)
                 hv = tl.where(keep[None, :], hv, 0.0)
                 bt = tl.where(keep[:, None], bt, 0.0)
-                if SPLIT_H:
+                if SPLIT_H == 1:
                     hi = hv.to(bt.dtype)
                     lo = (hv - hi.to(tl.float32)).to(bt.dtype)
                     acc = tl.dot(hi, bt, acc)
                     acc = tl.dot(lo, bt, acc)
+                elif SPLIT_H == 2:
+                    acc = tl.dot(hv.to(bt.dtype), bt, acc)
                 else:
                     acc = tl.dot(hv, bt.to(tl.float32), acc, input_precision="ieee")
 
@@ -239,9 +253,10 @@ def launch_shrink(x, A, h, tiles, perm, ranks, *, R: int, num_tiles: int, n_slic
 def launch_expand(h, B, out, tiles, perm, ranks, scalings, *, R: int, num_tiles: int, split: int,
                   widths: tuple[int, ...], block_m: int, block_n: int, block_r: int, use_perm: bool,
                   stride_hs: int, stride_ht: int, stride_hslot: int = 0, group_n: int = 1, num_warps: int = 4,
-                  num_stages: int | None = None) -> None:
+                  num_stages: int | None = None, h_by_row: bool = False) -> None:
     """Add the expand of up to three slices (``widths``, laid side by side in ``B`` and ``out``); each
-    program covers ``group_n`` column blocks of ``block_n`` of one slice."""
+    program covers ``group_n`` column blocks of ``block_n`` of one slice. ``h_by_row``: ``h`` is
+    indexed by token row (the base GEMM's extra columns) rather than by tile position."""
     if not 1 <= len(widths) <= 3:
         raise ValueError(f"one expand launch covers 1 to 3 slices, not {len(widths)}")
     w = list(widths) + [0] * (3 - len(widths))
@@ -260,5 +275,6 @@ def launch_expand(h, B, out, tiles, perm, ranks, scalings, *, R: int, num_tiles:
         stride_hs, stride_ht, stride_hslot, B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split, USE_PERM=use_perm,
         EVEN_N=all(v % block_n == 0 for v in w), R_SMALL=r_small,
-        SPLIT_H=B.dtype != torch.float32, ONE_R_BLOCK=R <= block_r and r_small >= 0,
+        SPLIT_H=0 if B.dtype == torch.float32 else 1 if h.dtype == torch.float32 else 2,
+        ONE_R_BLOCK=R <= block_r and r_small >= 0, H_BY_ROW=h_by_row,
         num_warps=num_warps, **extra)
