@@ -7,12 +7,14 @@ decisions (how many KV tokens, which LoRA rank and modules) sit in one place.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from loraserve.errors import ConfigError
+from loraserve.attention import PagedSDPAAttention
 from loraserve.kv_cache import KVCache
 from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
 from loraserve.model_runner import ModelRunner
@@ -76,7 +78,7 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable) 
         logger.info("LoRA: backend %s, %d slots, max rank %d, modules %s, GPU pool %.1f MiB", backend_name,
                     settings.max_loras_per_batch, max_rank, ",".join(targets), lora.pool.nbytes / 2**20)
 
-    kv_tokens = settings.max_total_tokens or kv_budget_tokens(model, device, dtype)
+    kv_tokens = settings.max_total_tokens or kv_budget_tokens(model, device, dtype, settings.mem_fraction_static)
     num_blocks = max(1, kv_tokens // BLOCK_SIZE)
     kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, num_blocks, BLOCK_SIZE, dtype, device)
     logger.info("KV cache: %d tokens (%d blocks of %d)", num_blocks * BLOCK_SIZE, num_blocks, BLOCK_SIZE)
@@ -85,20 +87,74 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable) 
                           step_tokens=settings.max_prefill_tokens,
                           chunk_size=settings.chunked_prefill_size or (8192 if cuda else 512),
                           can_join=lora.can_join if lora is not None else None)
-    runner = ModelRunner(model, kv, device, prepare_lora=lora.prepare if lora is not None else None)
+    max_running = scheduler.max_running
+    attention = make_attention(settings, kv, model, device, max_running, context_len)
+    runner = ModelRunner(model, kv, device, prepare_lora=lora.prepare if lora is not None else None,
+                         attention=attention)
     if lora is not None:
         lora.running = lambda: scheduler.running
+    if device.type == "cuda" and not settings.disable_cuda_graph:
+        why_not = None
+        if settings.resolved_attention_backend() != "triton":
+            why_not = "--attention-backend torch_native loops over sequences on the host"
+        elif lora is not None and not lora.graph_capturable:
+            why_not = (f"LoRA backend {backend_name!r} (or LoRA on embed_tokens/lm_head) reads host data; "
+                       "use --lora-backend csgmv or triton")
+        if why_not is None:
+            from loraserve.cuda_graph import DEFAULT_MAX_BS, DecodeGraphs
+
+            max_bs = min(settings.cuda_graph_max_bs or min(max_running, DEFAULT_MAX_BS), max_running)
+            if lora is not None:
+                lora.init_graph_buffers(max_bs)
+            runner.graphs = DecodeGraphs(model, attention, lora, device, max_bs)
+            runner.graphs.capture()
+        else:
+            logger.warning("decode steps run without CUDA graphs: %s (--disable-cuda-graph silences this)", why_not)
     return Components(device=device, dtype=dtype, model=model, config=config, tokenizer=tokenizer,
                       model_name=settings.served_model_name or source.name, context_len=context_len, kv=kv,
                       scheduler=scheduler, runner=runner, sampler=Sampler(seed=settings.random_seed), lora=lora,
                       backend_name=backend_name, eos_token_ids=eos_ids(config, tokenizer, source))
 
 
-def kv_budget_tokens(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+def make_attention(settings: Settings, kv: KVCache, model: torch.nn.Module, device: torch.device, max_seqs: int,
+                   context_len: int) -> Any:
+    """The attention implementation over the paged cache (``--attention-backend``)."""
+    window = getattr(model, "sliding_window", None)
+    if settings.resolved_attention_backend() == "torch_native":
+        return PagedSDPAAttention(kv, sliding_window=window)
+    interpreted = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    if device.type != "cuda" and not interpreted:
+        raise ConfigError(f"--attention-backend triton runs Triton kernels and needs a CUDA device, not {device.type!r}; "
+                          "use --attention-backend torch_native (tests may set TRITON_INTERPRET=1)")
+    from loraserve.attention_triton import PagedTritonAttention
+
+    return PagedTritonAttention(kv, sliding_window=window, max_seqs=max_seqs,
+                                max_blocks_per_seq=-(-context_len // kv.block_size))
+
+
+def kv_budget_tokens(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                     mem_fraction_static: float | None = None) -> int:
+    """KV-cache tokens that fit the memory budget.
+
+    On CUDA with ``--mem-fraction-static f`` (as SGLang): weights, LoRA slots and the KV cache
+    together take ``f`` of the device's memory, so the cache gets ``f * total`` minus what is already
+    allocated; the rest is left to activations, CUDA graphs and the allocator. Without it: free
+    memory minus a 2 GiB reserve. On CPU: 1 GiB, at most 32768 tokens.
+    """
     per_token = KVCache.bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = free - CUDA_ACTIVATION_RESERVE_BYTES
+        if mem_fraction_static is not None:
+            used = total - free
+            budget = int(total * mem_fraction_static) - used
+            if budget < BLOCK_SIZE * per_token:
+                raise ConfigError(
+                    f"--mem-fraction-static {mem_fraction_static} leaves no room for the KV cache: "
+                    f"{mem_fraction_static} x {total / 2**30:.1f} GiB = {total * mem_fraction_static / 2**30:.1f} GiB, "
+                    f"but {used / 2**30:.1f} GiB are already in use (weights, LoRA slots); raise it (at most 0.95) "
+                    "or give --max-total-tokens")
+        else:
+            budget = free - CUDA_ACTIVATION_RESERVE_BYTES
         tokens = budget // per_token
     else:
         budget = CPU_KV_BUDGET_BYTES

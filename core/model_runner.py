@@ -8,7 +8,7 @@ the last token of every chunk that samples.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -25,16 +25,20 @@ class ModelRunner:
     """
 
     def __init__(self, model: torch.nn.Module, kv: KVCache, device: torch.device,
-                 prepare_lora: Callable[[list[ScheduledChunk]], None] | None = None):
+                 prepare_lora: Callable[[list[ScheduledChunk]], None] | None = None, attention: Any = None):
         self.model = model
         self.kv = kv
         self.device = device
         self.prepare_lora = prepare_lora
-        self.attention = PagedSDPAAttention(kv, sliding_window=getattr(model, "sliding_window", None))
+        self.attention = attention or PagedSDPAAttention(kv, sliding_window=getattr(model, "sliding_window", None))
+        #: decode steps captured in CUDA graphs (set up by the engine on CUDA; None: always eager)
+        self.graphs: Any = None
 
     @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns ``float32 [num_sampling_chunks, vocab]`` logits in plan order."""
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            return self.graphs.run(chunks)
         ids: list[int] = []
         positions: list[int] = []
         last_rows: list[int] = []

@@ -99,8 +99,12 @@ class Settings(BaseSettings):
     chunked_prefill_size: int | None = Field(None, ge=1, **_opt("Longest prompt piece prefilled in one step.", "scheduling"))
     max_prefill_tokens: int = Field(16384, ge=1, **_opt("Token budget of one scheduler step.", "scheduling"))
     tp_size: int = Field(1, ge=1, **_opt("Tensor-parallel degree: number of worker processes.", "scheduling"))
-    cuda_graph_max_bs: int | None = Field(None, ge=1, **_opt("Largest decode batch captured in a CUDA graph.", "scheduling"))
+    cuda_graph_max_bs: int | None = Field(None, ge=1, **_opt(
+        "Largest decode batch captured in a CUDA graph (default: --max-running-requests, at most 256).", "scheduling"))
     disable_cuda_graph: bool = Field(False, **_opt("Do not capture decode steps in CUDA graphs.", "scheduling"))
+    attention_backend: Literal["triton", "torch_native"] | None = Field(None, **_opt(
+        "Attention over the paged KV cache: Triton kernels, or PyTorch SDPA per sequence "
+        "(default: triton on CUDA, torch_native on CPU).", "scheduling"))
     random_seed: int | None = Field(None, **_opt("Seed for sampling without a per-request seed.", "scheduling"))
 
     # -- LoRA ------------------------------------------------------------------------------------
@@ -213,6 +217,11 @@ class Settings(BaseSettings):
             return self.lora_backend
         return "csgmv" if self.resolved_device() == "cuda" else "torch"
 
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend is not None:
+            return self.attention_backend
+        return "triton" if self.resolved_device() == "cuda" else "torch_native"
+
     def resolved_dtype(self) -> str:
         aliases = {"float": "float32", "half": "float16"}
         if self.dtype != "auto":
@@ -230,8 +239,6 @@ class Settings(BaseSettings):
 NOT_SUPPORTED_YET: dict[str, Any] = {
     "--tp-size > 1": lambda s: s.tp_size > 1,
     "--enable-lora-overlap-loading": lambda s: s.enable_lora_overlap_loading,
-    "--cuda-graph-max-bs": lambda s: s.cuda_graph_max_bs is not None,
-    "--mem-fraction-static": lambda s: s.mem_fraction_static is not None,
 }
 
 

@@ -159,3 +159,34 @@ def test_request_refused_a_slot_is_not_starved_by_a_stream_of_others():
                 sched.remove(r)
     assert starving.status.value == "running", "the 'b' request never got a turn"
     assert step < 3 + 4 + 3  # refusals allowed, then the running 'a' requests drain (4 tokens each)
+
+
+def test_kv_budget_from_mem_fraction_static(monkeypatch):
+    """--mem-fraction-static f: the KV cache gets f x total minus what is already allocated; too small
+    a fraction is refused with a message naming the flag (CUDA's memory query is simulated)."""
+    from types import SimpleNamespace
+
+    from loraserve.engine_setup import BLOCK_SIZE, kv_budget_tokens
+    from loraserve.errors import ConfigError
+
+    GiB = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * GiB, 80 * GiB))  # 20 GiB in use
+    model = SimpleNamespace(num_layers=32, num_kv_heads=8, head_dim=128)
+    per_token = KVCache.bytes_per_token(32, 8, 128, torch.bfloat16)  # 128 KiB, Llama-3-8B
+    cuda = torch.device("cuda")
+    assert kv_budget_tokens(model, cuda, torch.bfloat16, 0.9) == (int(80 * GiB * 0.9) - 20 * GiB) // per_token
+    assert kv_budget_tokens(model, cuda, torch.bfloat16) == (60 * GiB - 2 * GiB) // per_token  # default reserve
+    with pytest.raises(ConfigError, match="--mem-fraction-static 0.2 leaves no room"):
+        kv_budget_tokens(model, cuda, torch.bfloat16, 0.2)
+    assert kv_budget_tokens(model, torch.device("cpu"), torch.bfloat16, 0.9) >= BLOCK_SIZE  # ignored on CPU
+
+
+def test_cuda_graph_capture_sizes_cover_every_batch_up_to_the_max():
+    from loraserve.cuda_graph import capture_sizes
+
+    for max_bs in (1, 3, 64, 100, 256, 400):
+        sizes = capture_sizes(max_bs)
+        assert sizes == sorted(set(sizes)) and sizes[0] == 1 and sizes[-1] == max_bs
+        for n in range(1, max_bs + 1):  # padding rows: under 8, or under a third of the batch
+            padded = next(s for s in sizes if s >= n)
+            assert padded - n < max(8, n // 3), (max_bs, n, padded)

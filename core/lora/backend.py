@@ -47,6 +47,9 @@ class LoRABackend:
     supports_embedding = False
     #: whether :meth:`run_lora` accepts ``shrunk`` (the shrink done by the base GEMM)
     supports_fused_shrink = False
+    #: whether ``prepare`` + ``run_lora`` read only device tensors (and the batch's host integers),
+    #: so the engine may capture decode steps in CUDA graphs and replay them with new buffer contents
+    graph_capturable = False
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)

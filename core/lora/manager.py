@@ -290,6 +290,67 @@ class LoRAManager:
             self._logits_info = LoRABatchInfo.build([1] * len(sampled), sampled, self.pool.ranks_host,
                                                     self.pool.scalings_host, self.max_rank, device=self.device)
 
+    # -- CUDA graphs (engine thread) --------------------------------------------------------------
+
+    @property
+    def graph_capturable(self) -> bool:
+        """Whether a step's LoRA work can be captured in a CUDA graph (the backend's prepare and
+        run_lora read only device tensors) — the kernel backends, not the host-looping torch one."""
+        return bool(getattr(self.backend, "graph_capturable", False)) and not self._needs_logits_info()
+
+    def _needs_logits_info(self) -> bool:
+        return (-1, "lm_head") in self.pool.A or (-1, "embed_tokens") in self.pool.A
+
+    def init_graph_buffers(self, max_tokens: int) -> None:
+        """Static batch-info buffers for decode steps of up to ``max_tokens`` requests (one token
+        each). Slot ``num_slots`` is a null slot of rank 0 for the padding rows of a captured batch:
+        the kernels skip rank-0 rows without touching the pools, so it needs no A/B of its own."""
+        n, dev = self.pool.num_slots, self.device
+        self._g_indptr = torch.arange(max_tokens + 1, dtype=torch.int32, device=dev)
+        self._g_slot = torch.full((max_tokens,), n, dtype=torch.int32, device=dev)
+        self._g_ranks = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+        self._g_scalings = torch.zeros(n + 1, dtype=torch.float32, device=dev)
+        self._g_stage = torch.empty(max_tokens + 2 * (n + 1), dtype=torch.int32, pin_memory=dev.type == "cuda")
+
+    def graph_batch_info(self, num_tokens: int) -> LoRABatchInfo:
+        """The batch info a captured decode step of ``num_tokens`` rows reads: views of the static
+        buffers, refilled by :meth:`prepare_graph_step` before every replay."""
+        n = self.pool.num_slots
+        return LoRABatchInfo(
+            num_tokens=num_tokens, num_segments=num_tokens, seg_indptr=self._g_indptr[:num_tokens + 1],
+            seg_slot=self._g_slot[:num_tokens], token_slot=self._g_slot[:num_tokens], ranks=self._g_ranks,
+            scalings=self._g_scalings, max_rank=self.max_rank, seg_indptr_host=list(range(num_tokens + 1)),
+            seg_slot_host=[n] * num_tokens, ranks_host=[0] * (n + 1), scalings_host=[0.0] * (n + 1))
+
+    def begin_graph_capture(self, num_tokens: int) -> LoRABatchInfo:
+        """Set the hooks up for capturing a decode step of ``num_tokens`` rows; returns its batch
+        info, for the caller to hand to ``backend.prepare`` inside the capture."""
+        self._active = True
+        self._logits_info = None
+        self._fuse_now = {name: self.backend.fuse_shrink(num_tokens, in_dim, offs[-1], len(offs) - 1, self.max_rank,
+                                                          self.pool.num_slots)
+                          for name, (in_dim, offs) in self._fused_modules.items()}
+        return self.graph_batch_info(num_tokens)
+
+    def prepare_graph_step(self, chunks: list, num_tokens: int) -> None:
+        """Fill the static buffers for a decode step (one token per chunk) padded to ``num_tokens``
+        rows: one host-to-device copy of the slots, ranks and scalings."""
+        n = self.pool.num_slots
+        seg_slot = [self.pool.slot_of(self.key_of(c.request)) for c in chunks]
+        if any(s is None for s in seg_slot):
+            raise RuntimeError("a scheduled request's adapter is not in a GPU slot")
+        for key in {self.key_of(c.request) for c in chunks}:
+            self.pool.policy.touch(key)
+        stage = self._g_stage
+        stage[:num_tokens] = torch.tensor(seg_slot + [n] * (num_tokens - len(seg_slot)), dtype=torch.int32)
+        m = num_tokens
+        stage[m:m + n + 1] = torch.tensor(self.pool.ranks_host + [0], dtype=torch.int32)
+        stage[m + n + 1:m + 2 * (n + 1)] = torch.tensor(self.pool.scalings_host + [0.0], dtype=torch.float32).view(torch.int32)
+        dev = stage[:m + 2 * (n + 1)].to(self.device, non_blocking=True)
+        self._g_slot[:m].copy_(dev[:m])
+        self._g_ranks.copy_(dev[m:m + n + 1])
+        self._g_scalings.copy_(dev[m + n + 1:].view(torch.float32))
+
     def check_integrity(self) -> None:
         """Pools consistent, and every adapter they hold is registered or still held by a request."""
         self.pool.check_integrity()

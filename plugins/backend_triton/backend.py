@@ -159,6 +159,7 @@ class TiledLoRABackend(LoRABackend):
 
     supports_embedding = False
     supports_fused_shrink = True
+    graph_capturable = True
 
     def __init__(self, device: torch.device | str = "cuda", tuning: dict | None = None):
         super().__init__(check_device(self.name, device))
