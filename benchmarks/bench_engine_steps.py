@@ -6,7 +6,10 @@ forward step (CUDA-synchronised). For a decode step of ``B`` requests the limit 
 must read over the device's measured copy bandwidth: every base weight once, each distinct
 adapter's A and B once, and the KV cache of every request. Reported per workload: the median
 decode step time at the full batch, its limit, the LoRA part (step time minus the base-only step
-at the same batch) against the adapters' bytes over bandwidth, and token throughputs.
+at the same batch) against the adapters' bytes over bandwidth, and token throughputs. Each engine
+configuration (base only, 8 adapters skewed, 64 distinct) runs in its own process, so its memory
+is back on the device before the next starts. ``--profile`` adds a per-kernel breakdown of a base
+decode step at batch 1 and 64.
 
     python benchmarks/bench_engine_steps.py --out benchmarks/results
 """
@@ -18,6 +21,7 @@ import datetime
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,10 +70,19 @@ def timed_engine(settings) -> tuple:
     return engine, steps
 
 
+def save(result: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    slug = result["device"].replace(" ", "_") + (f"_{result['config']['tag']}" if result["config"]["tag"] else "")
+    path = out / f"engine_steps_{slug}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
 def run_workload(engine, steps, workload) -> dict:
-    warm = workload[:2]  # compile whatever this shape of step needs before timing
-    engine.generate(input_ids=[w.input_ids for w in warm], lora_path=[w.lora_name for w in warm],
-                    sampling_params={"max_new_tokens": 2, "ignore_eos": True, "temperature": 0})
+    """Run ``workload`` twice and time the second run: the first compiles every kernel and picks every
+    GEMM algorithm its step shapes need (Triton's cache is per process only on a fresh machine)."""
+    engine.generate(input_ids=[w.input_ids for w in workload], lora_path=[w.lora_name for w in workload],
+                    sampling_params=[w.sampling_params() for w in workload])
     steps.clear()
     t0 = time.perf_counter()
     results = engine.generate(input_ids=[w.input_ids for w in workload],
@@ -88,6 +101,87 @@ def run_workload(engine, steps, workload) -> dict:
             "steps": len(steps)}
 
 
+def profile_decode(engine, vocab: int, batch: int, top: int = 15) -> list[dict]:
+    """Device time per kernel of one decode step at ``batch`` (CUDA graph replays included)."""
+    wl = make_workload(batch, 128, 40, vocab, seed=11)
+    engine.generate(input_ids=[w.input_ids for w in wl], sampling_params=[w.sampling_params() for w in wl])
+    forward = engine.runner.forward
+    captured = {}
+
+    def grab(chunks):  # profile the 20th decode step
+        captured["n"] = captured.get("n", 0) + 1
+        if captured["n"] != 20:
+            return forward(chunks)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = forward(chunks)
+            torch.cuda.synchronize()
+        captured["prof"] = prof
+        return out
+    engine.runner.forward = grab
+    engine.generate(input_ids=[w.input_ids for w in wl], sampling_params=[w.sampling_params() for w in wl])
+    engine.runner.forward = forward
+    rows = []
+    for evt in captured["prof"].key_averages():
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if total > 0:
+            rows.append({"kernel": evt.key[:90], "calls": evt.count, "us": round(total, 1)})
+    rows.sort(key=lambda r: -r["us"])
+    return rows[:top]
+
+
+def run_part(args, state: dict) -> None:
+    """One engine configuration, in its own process (its memory goes back to the device on exit)."""
+    from loraserve.settings import make_settings
+
+    vocab = json.loads((Path(args.config) / "config.json").read_text())["vocab_size"]
+    common = dict(model_path=args.config, load_format="dummy", device="cuda", dtype="bfloat16", random_seed=0,
+                  mem_fraction_static=0.85, max_running_requests=256)
+    mixes = [tuple(x.split(":")) for x in args.mixes.split(",") if x]
+    ctx = args.decode_in + args.decode_out // 2
+    if args.part == "base":
+        engine, steps = timed_engine(make_settings(**common))
+        # a decode step reads every weight once except the embedding table (only its rows), unless tied
+        embed = engine.model.model.embed_tokens.weight
+        weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters() if p is not embed)
+        if engine.model.lm_head.weight.data_ptr() == embed.data_ptr():
+            weight_bytes += embed.numel() * embed.element_size()
+        del embed
+        state["weight_bytes"] = weight_bytes
+        state["kv_bytes_per_token"] = 2 * engine.model.num_layers * engine.model.num_kv_heads * engine.model.head_dim * 2
+        runs = []
+        for b in map(int, args.decode_batches.split(",")):
+            m = run_workload(engine, steps, make_workload(b, args.decode_in, args.decode_out, vocab, seed=b))
+            m.update(name=f"base decode batch {b}", batch=b, adapters=0)
+            runs.append(m)
+        for name, i, o, n in mixes:
+            m = run_workload(engine, steps, make_workload(int(n), int(i), int(o), vocab, seed=3))
+            m.update(name=f"{name}-heavy, base only", mix=name, adapters=0)
+            runs.append(m)
+        if args.profile:
+            state["profile"] = {str(b): profile_decode(engine, vocab, b) for b in (1, 64)}
+    else:
+        n, dist = {"skewed": (8, "skewed"), "distinct": (64, "distinct")}[args.part]
+        names = list(state["adapters"])[:n]
+        engine, steps = timed_engine(make_settings(
+            **common, max_loras_per_batch=n + 1, max_lora_rank=args.rank,
+            lora_paths=[f"{k}={state['adapters'][k]}" for k in names]))
+        wl = make_workload(64, args.decode_in, args.decode_out, vocab, names, dist, seed=7)
+        m = run_workload(engine, steps, wl)
+        m.update(name=f"decode batch 64, {n} adapters ({dist}), rank {args.rank}", batch=64,
+                 adapters=len({w.lora_name for w in wl}))
+        runs = [m]
+        if args.part == "skewed":
+            for name, i, o, k in mixes:
+                m = run_workload(engine, steps, make_workload(int(k), int(i), int(o), vocab, names, "skewed", seed=3))
+                m.update(name=f"{name}-heavy, 8 adapters skewed", mix=name, adapters=8)
+                runs.append(m)
+    for m in runs:
+        print(json.dumps(m), flush=True)
+    state["runs"] += runs
+    engine.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(CONFIGS / "llama-3.1-8b"))
@@ -97,103 +191,79 @@ def main() -> None:
     parser.add_argument("--decode-out", type=int, default=64)
     parser.add_argument("--mixes", default="prefill:2048:16:32,decode:128:512:64",
                         help="name:input:output:requests, comma-separated")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: base, skewed, distinct, mixes")
+    parser.add_argument("--parts", default="base,skewed,distinct", help="engine configurations to run")
+    parser.add_argument("--profile", action="store_true", help="kernel breakdown of a base decode step at 1 and 64")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part, in a child process
+    parser.add_argument("--state", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_engine_steps.py needs a CUDA GPU")
-    from loraserve.settings import make_settings
+    if args.part:
+        state = json.loads(Path(args.state).read_text())
+        run_part(args, state)
+        Path(args.state).write_text(json.dumps(state))
+        return
 
-    skip = set(filter(None, args.skip.split(",")))
-    cfg = json.loads((Path(args.config) / "config.json").read_text())
-    vocab = cfg["vocab_size"]
-    ceil = measure_ceilings()
-    bw = ceil["copy_GBps"] * 1e9
-    result = {"device": torch.cuda.get_device_name(0), "date": datetime.datetime.now(datetime.timezone.utc)
-              .isoformat(timespec="seconds"), "versions": {"torch": torch.__version__, "python": platform.python_version()},
-              "ceilings": ceil, "config": vars(args), "runs": []}
-    common = dict(model_path=args.config, load_format="dummy", device="cuda", dtype="bfloat16", random_seed=0,
-                  mem_fraction_static=0.85)
     tmp = Path(tempfile.mkdtemp(prefix="loraserve-bench-"))
-    n_adapters = 64
-    paths = write_random_adapters(args.config, tmp, n_adapters, rank=args.rank, dtype="bfloat16", seed=1)
-    a_bytes = adapter_bytes(args.config, args.rank, dtype="bfloat16")
-
-    engine, steps = timed_engine(make_settings(**common, max_running_requests=256))
-    # a decode step reads every weight once except the embedding table (only its rows), unless tied
-    embed = engine.model.model.embed_tokens.weight
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters() if p is not embed)
-    if engine.model.lm_head.weight.data_ptr() == embed.data_ptr():
-        weight_bytes += embed.numel() * embed.element_size()
-    kv_per_token = 2 * engine.model.num_layers * engine.model.num_kv_heads * engine.model.head_dim * 2
-    result["weight_bytes"], result["adapter_bytes"], result["kv_bytes_per_token"] = weight_bytes, a_bytes, kv_per_token
-
-    def limit_ms(batch: int, ctx: int, adapters: int) -> float:
-        return 1e3 * (weight_bytes + adapters * a_bytes + batch * ctx * kv_per_token) / bw
-
-    base_step = {}
-    if "base" not in skip:
-        for b in map(int, args.decode_batches.split(",")):
-            wl = make_workload(b, args.decode_in, args.decode_out, vocab, seed=b)
-            m = run_workload(engine, steps, wl)
-            ctx = args.decode_in + args.decode_out // 2
-            m.update(name=f"base decode batch {b}", limit_ms=limit_ms(b, ctx, 0))
-            m["vs_limit"] = m["decode_step_ms_median"] / m["limit_ms"]
-            base_step[b] = m["decode_step_ms_median"]
-            result["runs"].append(m)
-            print(json.dumps(m), flush=True)
-    mixes = [tuple(x.split(":")) for x in args.mixes.split(",") if x]
-    if "mixes" not in skip:
-        for name, i, o, n in mixes:
-            m = run_workload(engine, steps, make_workload(int(n), int(i), int(o), vocab, seed=3))
-            m.update(name=f"{name}-heavy base", mix=name)
-            result["runs"].append(m)
-            print(json.dumps(m), flush=True)
-    engine.shutdown()
-    del engine
+    paths = write_random_adapters(args.config, tmp, 64, rank=args.rank, dtype="bfloat16", seed=1)
+    ceil = measure_ceilings()
+    state = {"device": torch.cuda.get_device_name(0), "date": datetime.datetime.now(datetime.timezone.utc)
+             .isoformat(timespec="seconds"), "versions": {"torch": torch.__version__, "python": platform.python_version()},
+             "ceilings": ceil, "config": {k: v for k, v in vars(args).items() if k not in ("part", "state")},
+             "adapters": {k: str(v) for k, v in paths.items()},
+             "adapter_bytes": adapter_bytes(args.config, args.rank, dtype="bfloat16"), "runs": []}
     torch.cuda.empty_cache()
-
-    for label, n, dist in (("skewed", 8, "skewed"), ("distinct", 64, "distinct")):
-        if label in skip:
+    state_path = tmp / "state.json"
+    for part in args.parts.split(","):
+        state_path.write_text(json.dumps(state))
+        cmd = [sys.executable, __file__, "--part", part, "--state", str(state_path)]
+        cmd += [a for a in sys.argv[1:]]
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0:
+            print(f"part {part} failed with exit code {proc.returncode}", flush=True)
             continue
-        names = list(paths)[:n]
-        engine, steps = timed_engine(make_settings(
-            **common, max_running_requests=256, max_loras_per_batch=n + 1, max_lora_rank=args.rank,
-            lora_paths=[f"{k}={paths[k]}" for k in names]))
-        wl = make_workload(64, args.decode_in, args.decode_out, vocab, names, dist, seed=7)
-        m = run_workload(engine, steps, wl)
-        distinct = len({w.lora_name for w in wl})
-        ctx = args.decode_in + args.decode_out // 2
-        m.update(name=f"64 requests, {n} adapters ({dist}), rank {args.rank}", distinct_adapters=distinct,
-                 limit_ms=limit_ms(64, ctx, distinct), lora_limit_ms=1e3 * distinct * a_bytes / bw)
-        m["vs_limit"] = m["decode_step_ms_median"] / m["limit_ms"]
-        if 64 in base_step:
-            m["lora_part_ms"] = m["decode_step_ms_median"] - base_step[64]
-            m["lora_part_vs_limit"] = m["lora_part_ms"] / m["lora_limit_ms"]
-        result["runs"].append(m)
-        print(json.dumps(m), flush=True)
-        if label == "skewed" and "mixes" not in skip:
-            for name, i, o, k in mixes:
-                wl = make_workload(int(k), int(i), int(o), vocab, names, "skewed", seed=3)
-                m = run_workload(engine, steps, wl)
-                m.update(name=f"{name}-heavy, 8 adapters skewed", mix=name)
-                result["runs"].append(m)
-                print(json.dumps(m), flush=True)
-        engine.shutdown()
-        del engine
-        torch.cuda.empty_cache()
+        state = json.loads(state_path.read_text())
+    result = finish(state)
+    save(result, Path(args.out))
+    print_table(result)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = result["device"].replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
-    (out / f"engine_steps_{slug}.json").write_text(json.dumps(result, indent=1))
-    print(f"\n| run | decode step ms | limit ms | x limit | LoRA part ms | LoRA limit ms | out tok/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+
+def finish(state: dict) -> dict:
+    """Limits and ratios: bytes a decode step must read over the measured bandwidth."""
+    bw = state["ceilings"]["copy_GBps"] * 1e9
+    cfg = state["config"]
+    ctx = cfg["decode_in"] + cfg["decode_out"] // 2
+    wb, kvb, ab = state.get("weight_bytes"), state.get("kv_bytes_per_token"), state["adapter_bytes"]
+    base = {m["batch"]: m["decode_step_ms_median"] for m in state["runs"] if m.get("batch") and not m["adapters"]}
+    mixes = {m["mix"]: m for m in state["runs"] if m.get("mix") and not m["adapters"]}
+    for m in state["runs"]:
+        if m.get("batch") and wb:
+            m["limit_ms"] = 1e3 * (wb + m["adapters"] * ab + m["batch"] * ctx * kvb) / bw
+            m["vs_limit"] = m["decode_step_ms_median"] / m["limit_ms"]
+            if m["adapters"] and m["batch"] in base:
+                m["lora_part_ms"] = m["decode_step_ms_median"] - base[m["batch"]]
+                m["lora_limit_ms"] = 1e3 * m["adapters"] * ab / bw
+                m["lora_part_vs_limit"] = m["lora_part_ms"] / m["lora_limit_ms"]
+        if m.get("mix") and m["adapters"] and m["mix"] in mixes:
+            m["throughput_vs_base"] = m["total_tok_per_s"] / mixes[m["mix"]]["total_tok_per_s"]
+    return state
+
+
+def print_table(result: dict) -> None:
+    print("\n| run | decode step ms | limit ms | x limit | LoRA part ms | LoRA limit ms | x LoRA limit | "
+          "tok/s (in+out) | vs base |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for m in result["runs"]:
         f = lambda k, d=2: (f"{m[k]:.{d}f}" if m.get(k) is not None else "")  # noqa: E731
         print(f"| {m['name']} | {f('decode_step_ms_median')} | {f('limit_ms')} | {f('vs_limit')} | "
-              f"{f('lora_part_ms')} | {f('lora_limit_ms')} | {f('output_tok_per_s', 0)} |")
+              f"{f('lora_part_ms')} | {f('lora_limit_ms')} | {f('lora_part_vs_limit')} | {f('total_tok_per_s', 0)} | "
+              f"{f('throughput_vs_base')} |")
+    for b, rows in result.get("profile", {}).items():
+        print(f"\nbase decode step at batch {b}, device time per kernel (us):")
+        for r in rows:
+            print(f"  {r['us']:9.1f}  x{r['calls']:<4} {r['kernel']}")
 
 
 if __name__ == "__main__":
