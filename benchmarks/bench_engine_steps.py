@@ -207,7 +207,11 @@ def main() -> None:
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="loraserve-bench-"))
-    paths = write_random_adapters(args.config, tmp, 64, rank=args.rank, dtype="bfloat16", seed=1)
+    parts = args.parts.split(",")
+    lora_parts = {"skewed": 8, "distinct": 64}
+    n_adapters = max((lora_parts[p] for p in parts if p in lora_parts), default=0)
+    paths = write_random_adapters(args.config, tmp, n_adapters, rank=args.rank, dtype="bfloat16", seed=1) \
+        if n_adapters else {}
     ceil = measure_ceilings()
     state = {"device": torch.cuda.get_device_name(0), "date": datetime.datetime.now(datetime.timezone.utc)
              .isoformat(timespec="seconds"), "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -216,7 +220,7 @@ def main() -> None:
              "adapter_bytes": adapter_bytes(args.config, args.rank, dtype="bfloat16"), "runs": []}
     torch.cuda.empty_cache()
     state_path = tmp / "state.json"
-    for part in args.parts.split(","):
+    for part in parts:
         state_path.write_text(json.dumps(state))
         cmd = [sys.executable, __file__, "--part", part, "--state", str(state_path)]
         cmd += [a for a in sys.argv[1:]]

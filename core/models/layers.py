@@ -9,6 +9,9 @@ to the weight (:meth:`LoRALinear.append_rows`); on steps where ``lora_fuse()`` s
 then gives the base output and every slot's ``x @ A^T`` (the shrink shares the GEMM's read of
 ``x``), and the hook gets those extra columns as a third argument.
 Parameters are created empty, directly on the target device and dtype; the loader fills them.
+RMSNorm (with the residual add) and RoPE run as fused Triton kernels where
+:func:`~loraserve.models.fused.use_fused` says so (on CUDA, by default) and as the eager code here
+otherwise; the kernels round as this code does (:mod:`loraserve.models.fused` says where they differ).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.errors import ConfigError
+from loraserve.models import fused
 
 #: ``hook(x, out)`` (or ``hook(x, out, shrunk)``, see :meth:`LoRALinear.append_rows`) for linear layers,
 #: ``hook(input_ids, out)`` for the embedding; edits ``out`` in place.
@@ -119,14 +123,27 @@ class LoRAEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as Hugging Face's Llama does, then cast back."""
+    """Root-mean-square norm computed in float32, as Hugging Face's Llama does, then cast back.
+
+    Called with a ``residual`` it first adds ``x`` to it and returns ``(norm(h), h)`` with
+    ``h = residual + x``, so a decoder keeps the residual stream and the add fuses into the norm.
+    """
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.eps = float(eps)
         self.weight = _empty((hidden_size,), dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() == 2 and x.stride(-1) == 1 and x.dtype == self.weight.dtype and fused.use_fused(x):
+            return fused.rms_norm(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self._norm(x)
+        h = residual + x
+        return self._norm(h), h
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -189,6 +206,15 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rotary` to q ``[T, heads, head_dim]`` and k ``[T, kv_heads, head_dim]``, in one
+    fused kernel where :func:`~loraserve.models.fused.use_fused` says so."""
+    if fused.use_fused(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+        return fused.rotary(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

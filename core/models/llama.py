@@ -6,6 +6,9 @@ attn)``. It owns no attention cache: each layer applies RoPE and hands q/k/v to
 knows where each sequence starts). q/k/v share one ``qkv_proj`` and gate/up one ``gate_up_proj``,
 so a LoRA backend sees one base output per fused projection with ``output_offsets`` marking the
 slices. :meth:`LlamaForCausalLM.load_weights` takes Hugging Face tensor names and fuses them.
+Layers pass the residual stream beside the hidden states, so each residual add fuses into the next
+RMSNorm; with RoPE and SiLU-and-mul these run as Triton kernels where
+:func:`~loraserve.models.fused.use_fused` says so (``LORASERVE_FUSED_OPS=0`` keeps the eager code).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 from torch import nn
 
 from loraserve.errors import ConfigError
-from loraserve.models.layers import LoRAEmbedding, LoRALinear, RMSNorm, RotaryEmbedding, apply_rotary
+from loraserve.models import fused
+from loraserve.models.layers import LoRAEmbedding, LoRALinear, RMSNorm, RotaryEmbedding, rotate_qk
 from loraserve.models.dtypes import to_torch_device, to_torch_dtype
 
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -47,8 +51,8 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         T = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = rotate_qk(q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+                         cos, sin)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         out = attn.attention(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(T, self.q_size))
@@ -67,9 +71,13 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = LoRALinear(model.hidden_size, [inter, inter], bias, model.dtype, model.device)
         self.down_proj = LoRALinear(inter, [model.hidden_size], bias, model.dtype, model.device)
         self.act_fn = ACT2FN[hidden_act]
+        self.is_silu = hidden_act in ("silu", "swish")  # both are F.silu in transformers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.is_silu and gate_up.stride(-1) == 1 and fused.use_fused(gate_up):
+            return self.down_proj(fused.silu_and_mul(gate_up, self.intermediate_size))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
 
@@ -82,9 +90,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(model.hidden_size, cfg.rms_norm_eps, model.dtype, model.device)
         self.mlp = LlamaMLP(model, bool(getattr(cfg, "mlp_bias", False)), getattr(cfg, "hidden_act", "silu"))
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attn)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp_out, residual)``: the residual stream is ``residual + hidden`` (or ``hidden`` alone
+        for the first layer, whose input is the embedding); the next norm adds the MLP output to it."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, attn)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -154,9 +170,10 @@ class LlamaForCausalLM(nn.Module):
                              "must both be flat [T] tensors of the same length")
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, hidden.dtype)
+        residual = None
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, attn)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, cos, sin, attn, residual)
+        return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[N, vocab]`` for hidden states ``[N, hidden]`` (usually each sequence's last)."""

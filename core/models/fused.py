@@ -1,0 +1,268 @@
+"""Fused Triton kernels for the decoder's elementwise work: RMSNorm (optionally after the residual
+add), SiLU-and-mul, and rotary embedding of q and k in one launch.
+
+Eager PyTorch runs each of these as several small kernels (about six per RMSNorm); in a decode step
+they cost more than a third of the GEMM time. Each kernel reproduces the eager code's rounding step
+by step: every value eager PyTorch stores in the model dtype is rounded to that dtype here too, and
+what it computes in float32 is computed in float32 with the same operations (CUDA's expf and rsqrtf
+on the GPU, IEEE division, no fused multiply-adds). What is not reproduced is the order in which
+RMSNorm adds its squares (a tree here, torch's own order there): where the float32 sums differ in
+their last bit, a normed element can differ by an ulp. Under the interpreter, numpy's float32 exp
+also differs from torch's CPU exp in its last bit now and then.
+
+:func:`use_fused` says whether a tensor takes the fused path, from ``LORASERVE_FUSED_OPS``, read at
+every call so that a test or a debugging session can compare both paths in one process: unset (or
+``auto``), CUDA tensors take it; ``1`` also sends CPU tensors through Triton's interpreter when
+``TRITON_INTERPRET=1`` (tests/test_fused_ops.py does; the interpreter costs ~10 ms a launch, so the
+rest of the CPU test suite keeps the eager code); ``0`` keeps the eager code everywhere. Grids come
+from tensor shapes only, never from device data, so every launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # a platform without Triton wheels still imports the model and runs it eagerly
+    triton = None
+
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _interpreting() -> bool:
+    """Whether ``triton.jit`` hands out interpreted kernels, as it decides when a kernel is decorated."""
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older releases read the variable directly
+    return knobs.runtime.interpret if knobs is not None else os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Decided once, at import, as triton.jit decides it for the kernels below
+_INTERPRETED = triton is not None and _interpreting()
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+def _device_fn(fn):
+    """A helper the kernels call: a jit function when compiled, a plain one under the interpreter,
+    which runs kernels as Python and would re-patch ``triton.language`` (~3 ms) on every call of a
+    jit function."""
+    return fn if triton is None or _INTERPRETED else triton.jit(fn)
+
+
+@_device_fn
+def _round(x, DT: tl.constexpr):
+    """``x`` (float32) rounded to ``DT`` and widened back, as eager PyTorch stores every result."""
+    if DT == tl.bfloat16:
+        # Round to nearest even by hand, as c10's float -> bfloat16 conversion does: Triton's
+        # interpreter truncates on this cast. The result is exact in bfloat16, so the final store's
+        # cast is exact on any backend.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    elif DT == tl.float16:
+        y = x.to(tl.float16).to(tl.float32)
+    else:
+        y = x
+    return y
+
+
+@_jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, T, stride_x, stride_r, eps,
+                     N: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr, CUDA_MATH: tl.constexpr):
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    mask = (rows < T) & (cols < N)
+    rows = rows.to(tl.int64)
+    h = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = _round(r + h, DT)
+        tl.store(res_out_ptr + rows * N + cols, h.to(DT), mask=mask)
+    ss = tl.sum(h * h, axis=1)
+    if CUDA_MATH:
+        # torch's CUDA mean multiplies the sum by float32(1/N) and its rsqrt is CUDA's rsqrtf
+        mean = ss * tl.math.div_rn(tl.full((), 1.0, tl.float32), N * 1.0)
+        scale = libdevice.rsqrt(mean + eps)
+    else:
+        # torch's CPU mean divides the sum by N; its rsqrt is 1 / sqrt, as the interpreter's is
+        mean = tl.math.div_rn(ss, N * 1.0)
+        scale = tl.rsqrt(mean + eps)
+    y = _round(h * scale[:, None], DT)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = _round(w * y, DT)
+    tl.store(out_ptr + rows * N + cols, y.to(DT), mask=mask)
+
+
+@_jit
+def _silu_and_mul_kernel(gu_ptr, out_ptr, T, stride_gu, I: tl.constexpr, BLOCK: tl.constexpr,
+                         ROWS: tl.constexpr, CUDA_MATH: tl.constexpr):
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = (rows < T) & (cols < I)
+    rows = rows.to(tl.int64)
+    gate = tl.load(gu_ptr + rows * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptr + rows * stride_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
+    # torch's SiLU is x / (1 + exp(-x)) in float32 with an IEEE division; on CUDA its exp is
+    # expf, which libdevice's exp is (tl.exp would be the faster, less accurate ex2.approx)
+    if CUDA_MATH:
+        e = libdevice.exp(-gate)
+    else:
+        e = tl.exp(-gate)
+    act = _round(tl.math.div_rn(gate, 1.0 + e), DT)
+    tl.store(out_ptr + rows * I + cols, _round(act * up, DT).to(DT), mask=mask)
+
+
+@_jit
+def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, n_rows,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
+                   HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                   ROWS: tl.constexpr):
+    DT: tl.constexpr = q_out_ptr.dtype.element_ty
+    # A row is one head of one token, q's heads then k's, so one launch (under the interpreter one
+    # program) serves both.
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    d = tl.arange(0, HALF_PAD)[None, :]
+    mask = (r < n_rows) & (d < HALF)
+    t = (r // (HQ + HK)).to(tl.int64)
+    h = r % (HQ + HK)
+    is_q = h < HQ
+    src = tl.where(is_q, q_ptr + t * stride_qt + h * stride_qh, k_ptr + t * stride_kt + (h - HQ) * stride_kh) + d
+    dst = tl.where(is_q, q_out_ptr + (t * HQ + h) * (2 * HALF), k_out_ptr + (t * HK + h - HQ) * (2 * HALF)) + d
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    c = cos_ptr + t * stride_c + d
+    s = sin_ptr + t * stride_c + d
+    c1 = tl.load(c, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(c + HALF, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(s, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s + HALF, mask=mask, other=0.0).to(tl.float32)
+    # eager: x * cos + cat(-x2, x1) * sin, each product and the sum stored in the model dtype
+    o1 = _round(_round(x1 * c1, DT) + _round(-x2 * s1, DT), DT)
+    o2 = _round(_round(x2 * c2, DT) + _round(x1 * s2, DT), DT)
+    tl.store(dst, o1.to(DT), mask=mask)
+    tl.store(dst + HALF, o2.to(DT), mask=mask)
+
+
+def use_fused(t: torch.Tensor) -> bool:
+    """Whether ops on ``t`` take the fused kernels. ``LORASERVE_FUSED_OPS``: unset or ``auto``, on
+    CUDA; ``1``, on CUDA and, under Triton's interpreter (``TRITON_INTERPRET=1`` when this module was
+    imported and now), on CPU; ``0``, never. CUDA needs the kernels compiled, not interpreted."""
+    mode = os.environ.get("LORASERVE_FUSED_OPS", "auto").strip().lower()
+    if mode not in _ON + _OFF + ("auto", ""):
+        raise ValueError(f"LORASERVE_FUSED_OPS={mode!r}; use 1 (also on CPU under the interpreter), 0 or auto")
+    if triton is None or mode in _OFF:
+        return False
+    if t.is_cuda:
+        return not _INTERPRETED  # interpreted kernels on CUDA tensors would copy through the host
+    return (mode in _ON and t.device.type == "cpu" and _INTERPRETED
+            and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _ON)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _rows_per_program(t: torch.Tensor, n_rows: int, row_elems: int, on_gpu: int) -> int:
+    """Rows per program: ``on_gpu`` on the GPU; under the interpreter, which runs programs one by one
+    in Python, enough rows for about 16K elements per program."""
+    if t.is_cuda:
+        return on_gpu
+    return max(1, min(_pow2(n_rows), 16384 // _pow2(row_elems)))
+
+
+def _check_rows(name: str, t: torch.Tensor, dims: int) -> None:
+    if t.dim() != dims or t.stride(-1) != 1:
+        raise ValueError(f"{name} must be a {dims}-d tensor with a contiguous last dim, "
+                         f"got shape {tuple(t.shape)} strides {t.stride()}")
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} has dtype {t.dtype}; the fused kernels take float32, bfloat16 or float16")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` ``[T, hidden]`` (rows may be strided), computed as ``RMSNorm.forward`` does.
+
+    With ``residual`` (same shape and dtype) it first forms ``h = residual + x`` rounded to the dtype,
+    exactly as eager ``residual + x``, and returns ``(norm(h), h)``: ``h`` is the new residual stream.
+    Both outputs are new contiguous tensors.
+    """
+    _check_rows("x", x, 2)
+    T, N = x.shape
+    if weight.shape != (N,) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous [{N}] {x.dtype} tensor, got {tuple(weight.shape)} "
+                         f"{weight.dtype}")
+    if residual is not None:
+        _check_rows("residual", residual, 2)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
+                             f"{tuple(x.shape)} {x.dtype}")
+    out = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else out
+    if T > 0:
+        block = _pow2(N)
+        rows = _rows_per_program(x, T, N, 1)
+        _rms_norm_kernel[(triton.cdiv(T, rows),)](
+            x, residual if residual is not None else x, weight, out, res_out, T, x.stride(0),
+            residual.stride(0) if residual is not None else 0, float(eps),
+            N=N, BLOCK_N=block, ROWS=rows, HAS_RESIDUAL=residual is not None, CUDA_MATH=x.is_cuda,
+            num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16, enable_fp_fusion=False,
+            enable_reflect_ftz=False)
+    return (out, res_out) if residual is not None else out
+
+
+def silu_and_mul(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """``silu(gate) * up`` ``[T, intermediate]`` from ``gate_up`` ``[T, 2 * intermediate]`` (gate
+    first; rows may be strided), rounded as eager ``F.silu(gate) * up``."""
+    _check_rows("gate_up", gate_up, 2)
+    T = gate_up.shape[0]
+    if intermediate < 1 or gate_up.shape[1] != 2 * intermediate:
+        raise ValueError(f"gate_up has shape {tuple(gate_up.shape)}; expected [T, 2 * {intermediate}]")
+    out = torch.empty((T, intermediate), dtype=gate_up.dtype, device=gate_up.device)
+    if T > 0:
+        block = min(_pow2(intermediate), 1024 if gate_up.is_cuda else 4096)
+        rows = _rows_per_program(gate_up, T, block, 1)
+        grid = (triton.cdiv(T, rows), triton.cdiv(intermediate, block))
+        _silu_and_mul_kernel[grid](gate_up, out, T, gate_up.stride(0), I=intermediate, BLOCK=block, ROWS=rows,
+                                   CUDA_MATH=gate_up.is_cuda, num_warps=4, enable_fp_fusion=False,
+                                   enable_reflect_ftz=False)
+    return out
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q ``[T, heads, head_dim]`` and k ``[T, kv_heads, head_dim]`` (views with any token and
+    head strides, contiguous last dim) by ``cos``/``sin`` ``[T, head_dim]``, NeoX half rotation, as
+    :func:`~loraserve.models.layers.apply_rotary` rounds it. Returns new contiguous q and k."""
+    _check_rows("q", q, 3)
+    _check_rows("k", k, 3)
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    if k.shape[0] != T or k.shape[2] != D or k.dtype != q.dtype or D % 2:
+        raise ValueError(f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype} in tokens, "
+                         "head_dim (even) and dtype")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (T, D) or t.dtype != q.dtype or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be [{T}, {D}] {q.dtype} with a contiguous last dim, got "
+                             f"{tuple(t.shape)} {t.dtype} strides {t.stride()}")
+    if cos.stride(0) != sin.stride(0):
+        raise ValueError(f"cos and sin must share a row stride, got {cos.stride(0)} and {sin.stride(0)}")
+    q_out = torch.empty((T, HQ, D), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((T, HK, D), dtype=k.dtype, device=k.device)
+    if T > 0:
+        half = D // 2
+        n_rows = T * (HQ + HK)
+        rows = _rows_per_program(q, n_rows, half, max(1, 1024 // _pow2(half)))
+        _rotary_kernel[(triton.cdiv(n_rows, rows),)](
+            q, k, q_out, k_out, cos, sin, n_rows, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+            HQ=HQ, HK=HK, HALF=half, HALF_PAD=_pow2(half), ROWS=rows, num_warps=4, enable_fp_fusion=False,
+            enable_reflect_ftz=False)
+    return q_out, k_out
