@@ -118,6 +118,7 @@ class Case:
         gen = torch.Generator(device=DEVICE).manual_seed(seed)
         per_layer = n_adapters * (S * rank * K + N * rank) * 2
         self.layers = max(2, min(8, LAYER_BYTES // max(1, per_layer)))
+        self.ext: list[torch.Tensor] | None = None  # [W; A] per layer, built by time_fused
         self.weights = []
         for _ in range(self.layers):
             A = torch.randn(n_adapters, S * rank, K, device=DEVICE, generator=gen, dtype=DTYPE) * K ** -0.5
@@ -149,7 +150,7 @@ class Case:
         extended weight."""
         K, N = self.in_dim, self.offsets[-1]
         gen = torch.Generator(device=DEVICE).manual_seed(1)
-        if not hasattr(self, "ext"):
+        if self.ext is None:
             self.ext = []
             for i, (A, B) in enumerate(self.weights):
                 W = torch.randn(N, K, device=DEVICE, generator=gen, dtype=DTYPE) * K ** -0.5
@@ -193,7 +194,7 @@ class Case:
 
     def free(self) -> None:
         self.weights.clear()
-        self.__dict__.pop("ext", None)
+        self.ext = None
 
 
 def time_gemm(proj: str, T: int) -> float:

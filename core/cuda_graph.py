@@ -40,9 +40,11 @@ class DecodeGraphs:
         self.model, self.attention, self.lora, self.device = model, attention, lora, device
         self.sizes = capture_sizes(max_bs)
         self.max_bs = self.sizes[-1]
-        self.ids = torch.zeros(self.max_bs, dtype=torch.long, device=device)
-        self.pos = torch.zeros(self.max_bs, dtype=torch.long, device=device)
-        self._stage = torch.zeros(2 * self.max_bs, dtype=torch.long, pin_memory=True)
+        # row 0: token ids, row 1: positions; refilled by one copy from a pinned stage before each
+        # replay (the stage is rewritten only after the previous step's sampling synchronised)
+        self._inputs = torch.zeros(2, self.max_bs, dtype=torch.long, device=device)
+        self.ids, self.pos = self._inputs[0], self._inputs[1]
+        self._stage = torch.zeros(2, self.max_bs, dtype=torch.long, pin_memory=device.type == "cuda")
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.replays = 0
@@ -82,12 +84,10 @@ class DecodeGraphs:
         n = len(chunks)
         b = next(s for s in self.sizes if s >= n)
         stage = self._stage
-        stage[:n] = torch.tensor([c.request.token_slice(c.start, c.start + 1)[0] for c in chunks])
-        stage[n:b] = 0
-        stage[self.max_bs:self.max_bs + n] = torch.tensor([c.start for c in chunks])
-        stage[self.max_bs + n:self.max_bs + b] = 0
-        self.ids[:b].copy_(stage[:b], non_blocking=True)
-        self.pos[:b].copy_(stage[self.max_bs:self.max_bs + b], non_blocking=True)
+        stage[:, n:b] = 0
+        stage[0, :n] = torch.tensor([c.request.token_slice(c.start, c.start + 1)[0] for c in chunks])
+        stage[1, :n] = torch.tensor([c.start for c in chunks])
+        self._inputs[:, :b].copy_(stage[:, :b], non_blocking=True)
         self.attention.begin_graph_step([(c.request.blocks, c.start, 1) for c in chunks], b)
         if self.lora is not None:
             self.lora.prepare_graph_step(chunks, b)

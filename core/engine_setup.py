@@ -7,7 +7,6 @@ decisions (how many KV tokens, which LoRA rank and modules) sit in one place.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,7 +17,7 @@ from loraserve.attention import PagedSDPAAttention
 from loraserve.kv_cache import KVCache
 from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
 from loraserve.model_runner import ModelRunner
-from loraserve.models.dtypes import to_torch_device, to_torch_dtype
+from loraserve.models.dtypes import runs_triton, to_torch_device, to_torch_dtype
 from loraserve.sampling import Sampler
 from loraserve.scheduler import Scheduler
 from loraserve.settings import EXTRA_LORA_MODULES, SUPPORTED_LORA_MODULES, Settings
@@ -122,8 +121,7 @@ def make_attention(settings: Settings, kv: KVCache, model: torch.nn.Module, devi
     window = getattr(model, "sliding_window", None)
     if settings.resolved_attention_backend() == "torch_native":
         return PagedSDPAAttention(kv, sliding_window=window)
-    interpreted = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-    if device.type != "cuda" and not interpreted:
+    if not runs_triton(device):
         raise ConfigError(f"--attention-backend triton runs Triton kernels and needs a CUDA device, not {device.type!r}; "
                           "use --attention-backend torch_native (tests may set TRITON_INTERPRET=1)")
     from loraserve.attention_triton import PagedTritonAttention

@@ -365,3 +365,55 @@ def test_prepare_and_run_lora_are_cuda_graph_capturable(name):
         ref = oracle(x, A, B, base, info, offsets)
         rel = ((out.double() - ref.double()).norm() / (ref.double() - base.double()).norm()).item()
         assert rel < 1e-2
+
+
+def test_decode_graph_buffers_replay_the_captured_computation_on_cpu(tiny_adapters):
+    """The static-buffer path of CUDA graphs, emulated on CPU (interpreter): each padded batch size's
+    computation is set up once, as for a capture, and every later decode step only refills the
+    static buffers (ids, positions, attention metadata, LoRA slots/ranks/scalings) before rerunning
+    it, as a replay does. Padding rows and the null LoRA slot must leave the real rows' greedy tokens
+    and log-probabilities equal to eager decoding."""
+    from loraserve.cuda_graph import DecodeGraphs
+    from loraserve.engine import Engine
+    from loraserve.settings import make_settings
+
+    base, paths = tiny_adapters
+    gen = torch.Generator().manual_seed(9)
+    prompts = torch.randint(0, 256, (3, 5), generator=gen).tolist()
+    adapters = ["all3", None, "qv8"]  # 3 requests: padded to a size of 4, one padding row
+    params = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True, "return_logprob": True}
+    results = {}
+    for emulate in (False, True):
+        engine = Engine(make_settings(model_path=base, device=DEVICE, dtype="float32", max_total_tokens=256,
+                                      lora_backend="csgmv", attention_backend="triton",
+                                      lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+        try:
+            if emulate:
+                runner, lora = engine.runner, engine.lora
+                lora.init_graph_buffers(4)
+                graphs = DecodeGraphs(engine.model, runner.attention, lora, engine.device, max_bs=4)
+
+                class Replay:  # what a captured graph does: the same computation over the static buffers
+                    def __init__(self, b, info):
+                        self.b, self.info = b, info
+
+                    def replay(self):
+                        graphs.logits[self.b].copy_(graphs._forward(self.b, self.info))
+
+                with torch.inference_mode():
+                    for b in graphs.sizes:
+                        runner.attention.begin_graph_step([], b)
+                        info = lora.begin_graph_capture(b)
+                        graphs.logits[b] = graphs._forward(b, info)
+                        graphs.graphs[b] = Replay(b, info)
+                runner.graphs = graphs
+            results[emulate] = engine.generate(input_ids=prompts, sampling_params=params, lora_path=adapters)
+            if emulate:
+                assert graphs.replays == params["max_new_tokens"] - 1  # every decode step, none of the prefill
+        finally:
+            engine.shutdown()
+    for a, b in zip(results[True], results[False]):
+        assert a["output_ids"] == b["output_ids"]
+        la = [lp for lp, _ in a["meta_info"]["output_token_logprobs"]]
+        lb = [lp for lp, _ in b["meta_info"]["output_token_logprobs"]]
+        assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4

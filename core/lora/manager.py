@@ -265,23 +265,31 @@ class LoRAManager:
             if name:
                 self.plugins.notify("loraserve_adapter_evicted", name=name, version=version, tier=tier)
 
-    def prepare(self, chunks: list) -> None:
-        """Build this step's LoRABatchInfo and hand it to the backend (engine thread)."""
+    def _step_slots(self, chunks: list) -> list[int]:
+        """The GPU slot of each chunk's adapter; marks every adapter of the step as used."""
         seg_slot = [self.pool.slot_of(self.key_of(c.request)) for c in chunks]
         if any(s is None for s in seg_slot):
             raise RuntimeError("a scheduled request's adapter is not in a GPU slot")
         for key in {self.key_of(c.request) for c in chunks}:
             self.pool.policy.touch(key)
+        return seg_slot
+
+    def _fuse_decisions(self, num_tokens: int) -> dict[str, bool]:
+        """Per fused module, whether its base GEMM does the shrink this step. From host integers only
+        (tokens, shapes), so a captured step replays the same choice."""
+        return {name: self.backend.fuse_shrink(num_tokens, in_dim, offs[-1], len(offs) - 1, self.max_rank,
+                                               self.pool.num_slots)
+                for name, (in_dim, offs) in self._fused_modules.items()}
+
+    def prepare(self, chunks: list) -> None:
+        """Build this step's LoRABatchInfo and hand it to the backend (engine thread)."""
+        seg_slot = self._step_slots(chunks)
         self._active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
         self._logits_info = None
         self._fuse_now = {}
         if not self._active:
             return
-        num_tokens = sum(c.num_tokens for c in chunks)
-        # decided from host integers only (tokens, shapes), so a captured step replays the same choice
-        self._fuse_now = {name: self.backend.fuse_shrink(num_tokens, in_dim, offs[-1], len(offs) - 1, self.max_rank,
-                                                          self.pool.num_slots)
-                          for name, (in_dim, offs) in self._fused_modules.items()}
+        self._fuse_now = self._fuse_decisions(sum(c.num_tokens for c in chunks))
         info = LoRABatchInfo.build([c.num_tokens for c in chunks], seg_slot, self.pool.ranks_host,
                                    self.pool.scalings_host, self.max_rank, device=self.device)
         self.backend.prepare(info)
@@ -295,61 +303,52 @@ class LoRAManager:
     @property
     def graph_capturable(self) -> bool:
         """Whether a step's LoRA work can be captured in a CUDA graph (the backend's prepare and
-        run_lora read only device tensors) — the kernel backends, not the host-looping torch one."""
-        return bool(getattr(self.backend, "graph_capturable", False)) and not self._needs_logits_info()
-
-    def _needs_logits_info(self) -> bool:
-        return (-1, "lm_head") in self.pool.A or (-1, "embed_tokens") in self.pool.A
+        run_lora read only device tensors) — the kernel backends, not the host-looping torch one,
+        and not LoRA on the embedding or lm_head, whose batch info the hooks rebuild on the host."""
+        on_embeddings = (-1, "lm_head") in self.pool.A or (-1, "embed_tokens") in self.pool.A
+        return bool(getattr(self.backend, "graph_capturable", False)) and not on_embeddings
 
     def init_graph_buffers(self, max_tokens: int) -> None:
         """Static batch-info buffers for decode steps of up to ``max_tokens`` requests (one token
-        each). Slot ``num_slots`` is a null slot of rank 0 for the padding rows of a captured batch:
-        the kernels skip rank-0 rows without touching the pools, so it needs no A/B of its own."""
+        each), in one int32 device buffer ``[rank of each slot | scaling of each slot (float32 bits) |
+        slot of each row]`` refilled by one copy per step. Slot ``num_slots`` is a null slot of
+        rank 0 for the padding rows of a captured batch: the kernels skip rank-0 rows without
+        touching the pools, so it needs no A/B of its own."""
         n, dev = self.pool.num_slots, self.device
+        self._g_meta = torch.zeros(2 * (n + 1) + max_tokens, dtype=torch.int32, device=dev)
+        self._g_meta[2 * (n + 1):] = n
+        # pinned, so the copy is asynchronous; rewritten only after the previous step's sampling
+        # has synchronised with the device
+        self._g_stage = torch.empty_like(self._g_meta, device="cpu", pin_memory=dev.type == "cuda")
         self._g_indptr = torch.arange(max_tokens + 1, dtype=torch.int32, device=dev)
-        self._g_slot = torch.full((max_tokens,), n, dtype=torch.int32, device=dev)
-        self._g_ranks = torch.zeros(n + 1, dtype=torch.int32, device=dev)
-        self._g_scalings = torch.zeros(n + 1, dtype=torch.float32, device=dev)
-        self._g_stage = torch.empty(max_tokens + 2 * (n + 1), dtype=torch.int32, pin_memory=dev.type == "cuda")
-
-    def graph_batch_info(self, num_tokens: int) -> LoRABatchInfo:
-        """The batch info a captured decode step of ``num_tokens`` rows reads: views of the static
-        buffers, refilled by :meth:`prepare_graph_step` before every replay."""
-        n = self.pool.num_slots
-        return LoRABatchInfo(
-            num_tokens=num_tokens, num_segments=num_tokens, seg_indptr=self._g_indptr[:num_tokens + 1],
-            seg_slot=self._g_slot[:num_tokens], token_slot=self._g_slot[:num_tokens], ranks=self._g_ranks,
-            scalings=self._g_scalings, max_rank=self.max_rank, seg_indptr_host=list(range(num_tokens + 1)),
-            seg_slot_host=[n] * num_tokens, ranks_host=[0] * (n + 1), scalings_host=[0.0] * (n + 1))
 
     def begin_graph_capture(self, num_tokens: int) -> LoRABatchInfo:
         """Set the hooks up for capturing a decode step of ``num_tokens`` rows; returns its batch
-        info, for the caller to hand to ``backend.prepare`` inside the capture."""
+        info (views of the static buffers, refilled by :meth:`prepare_graph_step` before every
+        replay), for the caller to hand to ``backend.prepare`` inside the capture."""
         self._active = True
         self._logits_info = None
-        self._fuse_now = {name: self.backend.fuse_shrink(num_tokens, in_dim, offs[-1], len(offs) - 1, self.max_rank,
-                                                          self.pool.num_slots)
-                          for name, (in_dim, offs) in self._fused_modules.items()}
-        return self.graph_batch_info(num_tokens)
+        self._fuse_now = self._fuse_decisions(num_tokens)
+        n = self.pool.num_slots
+        slots = self._g_meta[2 * (n + 1):2 * (n + 1) + num_tokens]
+        return LoRABatchInfo(
+            num_tokens=num_tokens, num_segments=num_tokens, seg_indptr=self._g_indptr[:num_tokens + 1],
+            seg_slot=slots, token_slot=slots, ranks=self._g_meta[:n + 1],
+            scalings=self._g_meta[n + 1:2 * (n + 1)].view(torch.float32), max_rank=self.max_rank,
+            seg_indptr_host=list(range(num_tokens + 1)), seg_slot_host=[n] * num_tokens,
+            ranks_host=[0] * (n + 1), scalings_host=[0.0] * (n + 1))
 
     def prepare_graph_step(self, chunks: list, num_tokens: int) -> None:
         """Fill the static buffers for a decode step (one token per chunk) padded to ``num_tokens``
         rows: one host-to-device copy of the slots, ranks and scalings."""
         n = self.pool.num_slots
-        seg_slot = [self.pool.slot_of(self.key_of(c.request)) for c in chunks]
-        if any(s is None for s in seg_slot):
-            raise RuntimeError("a scheduled request's adapter is not in a GPU slot")
-        for key in {self.key_of(c.request) for c in chunks}:
-            self.pool.policy.touch(key)
+        seg_slot = self._step_slots(chunks)
+        end = 2 * (n + 1) + num_tokens
         stage = self._g_stage
-        stage[:num_tokens] = torch.tensor(seg_slot + [n] * (num_tokens - len(seg_slot)), dtype=torch.int32)
-        m = num_tokens
-        stage[m:m + n + 1] = torch.tensor(self.pool.ranks_host + [0], dtype=torch.int32)
-        stage[m + n + 1:m + 2 * (n + 1)] = torch.tensor(self.pool.scalings_host + [0.0], dtype=torch.float32).view(torch.int32)
-        dev = stage[:m + 2 * (n + 1)].to(self.device, non_blocking=True)
-        self._g_slot[:m].copy_(dev[:m])
-        self._g_ranks.copy_(dev[m:m + n + 1])
-        self._g_scalings.copy_(dev[m + n + 1:].view(torch.float32))
+        stage[:n + 1] = torch.tensor(self.pool.ranks_host + [0], dtype=torch.int32)
+        stage[n + 1:2 * (n + 1)] = torch.tensor(self.pool.scalings_host + [0.0], dtype=torch.float32).view(torch.int32)
+        stage[2 * (n + 1):end] = torch.tensor(seg_slot + [n] * (num_tokens - len(seg_slot)), dtype=torch.int32)
+        self._g_meta[:end].copy_(stage[:end], non_blocking=True)
 
     def check_integrity(self) -> None:
         """Pools consistent, and every adapter they hold is registered or still held by a request."""

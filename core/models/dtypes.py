@@ -1,10 +1,13 @@
 """Turning the dtype and device names of settings and plugins into ``torch.dtype`` / ``torch.device``.
 
 Settings carry names (``"bfloat16"``, ``"cuda"``); model code and tests pass torch objects. Both
-are accepted everywhere a model is built or loaded, and a bad name says which names work.
+are accepted everywhere a model is built or loaded, and a bad name says which names work. Also
+here: whether Triton kernels run on a device (CUDA, or the CPU under Triton's interpreter).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -41,3 +44,13 @@ def to_torch_dtype(dtype: torch.dtype | str | None, device: torch.device | str |
     if name not in DTYPE_NAMES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPE_NAMES)} or auto")
     return DTYPE_NAMES[name]
+
+
+def triton_interpreter_on() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks Triton to run kernels in its CPU interpreter (tests do)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def runs_triton(device: torch.device) -> bool:
+    """Whether Triton kernels can run on ``device``: CUDA, or the CPU under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on())

@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from loraserve.models.dtypes import triton_interpreter_on
+
 try:
     import triton
     import triton.language as tl
@@ -37,7 +39,7 @@ _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 def _interpreting() -> bool:
     """Whether ``triton.jit`` hands out interpreted kernels, as it decides when a kernel is decorated."""
     knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older releases read the variable directly
-    return knobs.runtime.interpret if knobs is not None else os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return knobs.runtime.interpret if knobs is not None else triton_interpreter_on()
 
 
 # Decided once, at import, as triton.jit decides it for the kernels below
@@ -163,8 +165,7 @@ def use_fused(t: torch.Tensor) -> bool:
         return False
     if t.is_cuda:
         return not _INTERPRETED  # interpreted kernels on CUDA tensors would copy through the host
-    return (mode in _ON and t.device.type == "cpu" and _INTERPRETED
-            and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _ON)
+    return mode in _ON and t.device.type == "cpu" and _INTERPRETED and triton_interpreter_on()
 
 
 def _pow2(n: int) -> int:

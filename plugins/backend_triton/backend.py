@@ -14,7 +14,6 @@ adapter shared by several requests is read once per segment (Punica/S-LoRA's SGM
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -24,6 +23,7 @@ import triton
 from loraserve.errors import ConfigError
 from loraserve.lora.backend import LoRABackend
 from loraserve.lora.batch_info import LoRABatchInfo
+from loraserve.models.dtypes import runs_triton
 from loraserve.plugins.backend_triton import kernels
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -32,14 +32,9 @@ LAUNCH_BYTES = 4_000_000  # a kernel launch and its ramp, in bytes the device co
 COMPUTE_BOUND_TOKENS = 512  # from here a bf16 GEMM of Llama shapes is bound by arithmetic on an H100
 
 
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def check_device(backend: str, device: torch.device | str) -> torch.device:
     device = torch.device(device)
-    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+    if runs_triton(device):
         return device
     raise ConfigError(f"--lora-backend {backend} runs Triton kernels and needs a CUDA device, not {device.type!r}; "
                       "use --lora-backend torch here (tests may set TRITON_INTERPRET=1 to run the kernels in "

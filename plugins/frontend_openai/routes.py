@@ -190,7 +190,8 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         try:
             if body.stream:
                 events = await gens.open_stream(request, requests)
-                return EventStream(completion_chunks(events, requests, owner, echo, head, body))
+                return EventStream(framed(completion_chunks(events, requests, owner, echo, head, body),
+                                          events, requests, owner, head, body))
             await gens.complete(request, requests)
         except ClientDisconnected:
             return Response(status_code=499)
@@ -207,26 +208,17 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         usage_field = {"usage": None} if body.include_usage else {}
         offsets = [len(echo[o]) for o in owner]
         started = [False] * len(requests)
-        try:
-            async for k, out in events:
-                text = out.text
-                if not started[k]:
-                    started[k], text = True, echo[owner[k]] + text
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = front.completion_logprobs(out.token_ids, out.logprobs, out.top_logprobs, offsets[k])
-                    offsets[k] += sum(len(t) for t in logprobs["tokens"])
-                reason = front.finish_reason(requests[k]) if out.finished else None
-                choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
-                yield sse({**head, "choices": [choice], **usage_field})
-            if body.include_usage:
-                yield sse({**head, "choices": [], "usage": front.usage(requests, owner)})
-        except Exception as exc:  # headers are sent: report in-band, in OpenAI's error format
-            err = api_error_of(exc)
-            yield sse(error_body(err.status, err.message, openai=True, code=err.code))
-        finally:
-            await events.aclose()
-        yield sse("[DONE]")
+        async for k, out in events:
+            text = out.text
+            if not started[k]:
+                started[k], text = True, echo[owner[k]] + text
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = front.completion_logprobs(out.token_ids, out.logprobs, out.top_logprobs, offsets[k])
+                offsets[k] += sum(len(t) for t in logprobs["tokens"])
+            reason = front.finish_reason(requests[k]) if out.finished else None
+            choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
+            yield sse({**head, "choices": [choice], **usage_field})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -239,7 +231,9 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         try:
             if body.stream:
                 events = await gens.open_stream(request, requests)
-                return EventStream(chat_chunks(events, requests, owner, head, body))
+                chunk_head = {**head, "object": "chat.completion.chunk"}
+                return EventStream(framed(chat_chunks(events, requests, owner, chunk_head, body),
+                                          events, requests, owner, chunk_head, body))
             await gens.complete(request, requests)
         except ClientDisconnected:
             return Response(status_code=499)
@@ -251,24 +245,29 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         return {**head, "choices": choices, "usage": front.usage(requests, owner), "system_fingerprint": None}
 
     async def chat_chunks(events, requests, owner, head, body) -> AsyncIterator[str]:
-        head = {**head, "object": "chat.completion.chunk"}
         usage_field = {"usage": None} if body.include_usage else {}
+        for k in range(len(requests)):
+            first = {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+            yield sse({**head, "choices": [first], **usage_field})
+        async for k, out in events:
+            if not out.finished and not out.text and not out.token_ids:
+                continue
+            delta = {"content": out.text} if out.text or not out.finished else {}
+            logprobs = front.chat_logprobs(out.token_ids, out.logprobs, out.top_logprobs) if body.logprobs else None
+            reason = front.finish_reason(requests[k]) if out.finished else None
+            choice = {"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            yield sse({**head, "choices": [choice], **usage_field})
+
+    async def framed(chunks, events, requests, owner, head, body) -> AsyncIterator[str]:
+        """OpenAI's framing around a stream's choice chunks: the usage chunk when asked for, an error
+        reported in-band (headers are already sent), the events closed, then ``[DONE]``."""
         try:
-            for k in range(len(requests)):
-                first = {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}
-                yield sse({**head, "choices": [first], **usage_field})
-            async for k, out in events:
-                if not out.finished and not out.text and not out.token_ids:
-                    continue
-                delta = {"content": out.text} if out.text or not out.finished else {}
-                logprobs = front.chat_logprobs(out.token_ids, out.logprobs, out.top_logprobs) if body.logprobs else None
-                reason = front.finish_reason(requests[k]) if out.finished else None
-                choice = {"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-                yield sse({**head, "choices": [choice], **usage_field})
+            async for chunk in chunks:
+                yield chunk
             if body.include_usage:
                 yield sse({**head, "choices": [], "usage": front.usage(requests, owner)})
-        except Exception as exc:  # headers are sent: report in-band, in OpenAI's error format
+        except Exception as exc:
             err = api_error_of(exc)
             yield sse(error_body(err.status, err.message, openai=True, code=err.code))
         finally:
