@@ -28,6 +28,8 @@ from loraserve.settings import Settings
 
 logger = logging.getLogger("loraserve.engine")
 
+IDLE_POLL_S = 0.0005  # how often an idle engine looks at in-flight adapter copies
+
 
 class Engine:
     """Builds and owns every part of a serving engine from :class:`Settings`."""
@@ -281,8 +283,12 @@ class Engine:
 
     def step(self) -> None:
         """Schedule, run the model, sample, and deliver outputs (engine thread only)."""
+        if self.lora is not None:
+            self.lora.before_schedule()
         plan = self.scheduler.schedule()
         if not plan:
+            if self.lora is not None and self.lora.copies_in_flight:
+                time.sleep(IDLE_POLL_S)  # nothing can run until a copy lands: poll it without spinning
             return
         self.step_count += 1
         try:

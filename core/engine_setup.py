@@ -76,6 +76,16 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable) 
         lora = LoRAManager(settings, plugins, model, backend, max_rank, targets, device, dtype, run_in_engine)
         logger.info("LoRA: backend %s, %d slots, max rank %d, modules %s, GPU pool %.1f MiB", backend_name,
                     settings.max_loras_per_batch, max_rank, ",".join(targets), lora.pool.nbytes / 2**20)
+        if settings.enable_lora_overlap_loading:
+            if device.type == "cuda":
+                from loraserve.lora.overlap import CudaStreamCopies
+
+                lora.copy_engine, lora.pin_host = CudaStreamCopies(device), True
+                logger.info("LoRA overlap loading: copies on a side stream, page-locked host copies of at most "
+                            "%d adapters", settings.host_cache_capacity)
+            else:
+                logger.info("LoRA overlap loading has no effect on %s: adapters are copied synchronously",
+                            device.type)
 
     kv_tokens = settings.max_total_tokens or kv_budget_tokens(model, device, dtype, settings.mem_fraction_static)
     num_blocks = max(1, kv_tokens // BLOCK_SIZE)
@@ -92,6 +102,7 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable) 
                          attention=attention)
     if lora is not None:
         lora.running = lambda: scheduler.running
+        lora.waiting = lambda: scheduler.waiting
     if device.type == "cuda" and not settings.disable_cuda_graph:
         why_not = None
         if settings.resolved_attention_backend() != "triton":

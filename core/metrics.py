@@ -5,7 +5,8 @@ tests build several apps side by side). Request metrics (requests by adapter and
 prompt and generation tokens, time to first token, time per output token, end-to-end latency) are
 recorded by the frontends' request runner when a request finishes or its client goes away. Engine
 state (queue length, running requests, KV-cache use, LoRA slots in use, host-cache size, loads,
-evictions, slot hits and misses) is read at scrape time from a snapshot the engine thread takes
+evictions, slot hits and misses, slot fills, bytes and seconds of adapter copies, copies in flight,
+prefetches, time requests waited for a copy) is read at scrape time from a snapshot the engine thread takes
 between steps. HTTP responses are counted by route and status by :class:`HttpMetricsMiddleware`.
 """
 
@@ -31,6 +32,7 @@ def engine_snapshot(engine: Any) -> dict[str, Any]:
     if lora is not None:
         snap.update(lora_slots_total=lora.pool.num_slots, lora_slots_in_use=len(lora.pool.resident()),
                     lora_host_cached=len(lora.host), lora_adapters=len(lora.registry.names()),
+                    lora_copies_in_flight=lora.copies_in_flight,
                     lora_counters=dict(lora.metrics))
     return snap
 
@@ -59,7 +61,9 @@ class _EngineCollector:
                        ("lora_slots_in_use", "GPU adapter slots holding an adapter or the base model.",
                         s["lora_slots_in_use"]),
                        ("lora_host_cache_adapters", "Adapters held in the host cache.", s["lora_host_cached"]),
-                       ("lora_adapters_loaded", "Adapters registered (loaded by name).", s["lora_adapters"])]
+                       ("lora_adapters_loaded", "Adapters registered (loaded by name).", s["lora_adapters"]),
+                       ("lora_copies_in_flight", "Adapter copies to GPU slots not finished yet (overlap loading).",
+                        s["lora_copies_in_flight"])]
         for name, doc, value in gauges:
             family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
             family.add_metric([], float(value))
@@ -70,7 +74,16 @@ class _EngineCollector:
                                    ("lora_slot_hits", "Adapter lookups that found it in a GPU slot.", "hits"),
                                    ("lora_slot_misses", "Adapter lookups that had to copy it into a slot.", "misses"),
                                    ("lora_host_reloads", "Adapters re-read from their source after a host eviction.",
-                                    "host_reloads")):
+                                    "host_reloads"),
+                                   ("lora_slot_fills", "Adapter weights copied into a GPU slot.", "slot_fills"),
+                                   ("lora_copied_bytes", "Bytes of adapter weights copied host to GPU.",
+                                    "bytes_copied"),
+                                   ("lora_copy_seconds", "Time spent copying adapters into GPU slots (GPU-timed "
+                                    "with overlap loading).", "copy_seconds"),
+                                   ("lora_copy_wait_seconds", "Time requests waited for their adapter's copy "
+                                    "(overlap loading).", "copy_wait_seconds"),
+                                   ("lora_prefetches", "Adapter copies started for waiting requests before their "
+                                    "turn.", "prefetches")):
                 family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
                 family.add_metric([], float(counters.get(key, 0)))
                 yield family

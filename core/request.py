@@ -64,6 +64,7 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
     join_refusals: int = 0  # steps in which the scheduler's can_join refused it
+    copy_wait_start: float | None = None  # when it first waited for its adapter's copy (overlap loading)
 
     @property
     def num_tokens(self) -> int:

@@ -7,6 +7,8 @@ budget, the KV cache and ``max_running`` allow. A long prompt is cut into chunks
 admitted request is preempted (its blocks freed, recomputed later). Admission stops at the first
 waiting request that does not fit in the KV cache, so a large request is not starved by small ones
 behind it; a request refused for want of an adapter slot may be overtaken for a few steps only.
+A request whose adapter is still being copied to the GPU (``can_join`` answers :data:`COPYING`)
+is overtaken without limit: the copy finishes on its own, so nobody needs to stop for it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Callable
 
 from loraserve.kv_cache import KVCache, OutOfBlocks
 from loraserve.request import Request, Status
+
+#: ``can_join``'s answer for "not yet: its adapter is being copied into a GPU slot"
+COPYING = "copying"
 
 
 @dataclass
@@ -34,8 +39,9 @@ class ScheduledChunk:
 class Scheduler:
     """Owns the waiting queue and the running set; allocates and frees KV blocks for them.
 
-    :param can_join: optional ``can_join(request, step_requests) -> bool`` consulted before a
-        waiting request joins a step (the LoRA manager uses it to respect adapter slots).
+    :param can_join: optional ``can_join(request, step_requests)`` consulted before a waiting
+        request joins a step (the LoRA manager uses it to respect adapter slots): True to admit,
+        :data:`COPYING` to skip it for now, anything else to refuse it.
     :param on_preempt: optional callback when a running request is preempted.
     :param starvation_steps: how many steps a waiting request refused by ``can_join`` may be
         overtaken by later requests; after that, admission stops until it can join.
@@ -99,10 +105,12 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
-            if self.can_join is not None and not self.can_join(req, [c.request for c in plan]):
-                req.join_refusals += 1
-                if req.join_refusals >= self.starvation_steps:
-                    break
+            verdict = True if self.can_join is None else self.can_join(req, [c.request for c in plan])
+            if verdict is not True:
+                if verdict != COPYING:
+                    req.join_refusals += 1
+                    if req.join_refusals >= self.starvation_steps:
+                        break
                 skipped.append(self.waiting.popleft())
                 continue
             n = min(req.num_pending, budget, self.chunk_size)

@@ -115,7 +115,8 @@ class Settings(BaseSettings):
     max_loras_per_batch: int = Field(8, ge=1, **_opt(
         "Adapter slots per batch; the base model counts as one.", "lora"))
     max_loaded_loras: int | None = Field(None, ge=1, **_opt(
-        "Adapters kept in host memory (default: unbounded); at least --max-loras-per-batch.", "lora"))
+        "Adapters kept in host memory (default: unbounded, or 2 x --max-loras-per-batch with overlap "
+        "loading); at least --max-loras-per-batch.", "lora"))
     max_lora_rank: int | None = Field(None, ge=1, **_opt("Largest adapter rank (default: inferred from --lora-paths).", "lora"))
     lora_target_modules: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
         f"Modules adapters may target: names from {', '.join(SUPPORTED_LORA_MODULES + EXTRA_LORA_MODULES)}, "
@@ -128,7 +129,9 @@ class Settings(BaseSettings):
     max_lora_chunk_size: int = Field(16, **_opt(
         f"Tokens per chunk of the chunked SGMV backend, one of {', '.join(map(str, CHUNK_SIZES))}.", "lora"))
     enable_lora_overlap_loading: bool = Field(False, **_opt(
-        "Copy adapter weights to the GPU on a side stream while the batch keeps decoding.", "lora"))
+        "Copy adapter weights to the GPU on a side stream while the batch keeps decoding; host copies "
+        "are page-locked and --max-loaded-loras is at most 2 x --max-loras-per-batch. No effect on CPU.",
+        "lora"))
 
     # -- plugins ---------------------------------------------------------------------------------
     plugins: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
@@ -197,6 +200,12 @@ class Settings(BaseSettings):
         if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
             raise ValueError(f"--max-loaded-loras ({self.max_loaded_loras}) must be at least "
                              f"--max-loras-per-batch ({self.max_loras_per_batch})")
+        if (self.enable_lora_overlap_loading and self.max_loaded_loras is not None
+                and self.max_loaded_loras > 2 * self.max_loras_per_batch):
+            raise ValueError(f"--enable-lora-overlap-loading keeps every host adapter copy in page-locked memory, "
+                             f"so --max-loaded-loras ({self.max_loaded_loras}) may be at most 2 x "
+                             f"--max-loras-per-batch = {2 * self.max_loras_per_batch}; lower --max-loaded-loras, "
+                             "raise --max-loras-per-batch, or drop --enable-lora-overlap-loading")
         return self
 
     # -- derived values --------------------------------------------------------------------------
@@ -204,6 +213,14 @@ class Settings(BaseSettings):
     @property
     def lora_enabled(self) -> bool:
         return bool(self.enable_lora or self.lora_paths)
+
+    @property
+    def host_cache_capacity(self) -> int | None:
+        """Adapters the host cache holds: --max-loaded-loras, defaulting to 2 x --max-loras-per-batch
+        with overlap loading (page-locked memory is not unbounded) and to no limit without."""
+        if self.max_loaded_loras is None and self.enable_lora_overlap_loading:
+            return 2 * self.max_loras_per_batch
+        return self.max_loaded_loras
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -238,7 +255,6 @@ class Settings(BaseSettings):
 # flag -> predicate "the user asked for it". Entries leave this table as their features land.
 NOT_SUPPORTED_YET: dict[str, Any] = {
     "--tp-size > 1": lambda s: s.tp_size > 1,
-    "--enable-lora-overlap-loading": lambda s: s.enable_lora_overlap_loading,
 }
 
 

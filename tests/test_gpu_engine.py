@@ -100,3 +100,37 @@ def test_cuda_graphs_bfloat16_dummy_model_and_base_only():
         finally:
             engine.shutdown()
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+def test_overlap_loading_on_cuda_streams_matches_peft(setup, backend):
+    """float32, CUDA graphs on: adapters cycling through fewer slots than adapters give PEFT's greedy
+    tokens with overlap loading (copies on the load stream from page-locked host copies) and
+    without it; with it, every copy went through the stream and was timed on the GPU."""
+    from loraserve.engine import Engine
+    from loraserve.lora.overlap import CudaStreamCopies
+    from loraserve.settings import make_settings
+    from test_overlap_loading import ORDER
+
+    base, paths, peft = setup
+    batch = prompts(len(ORDER), seed=23)
+    expected, _ = peft_generate(peft, batch, ORDER)
+    for overlap in (True, False):
+        engine = Engine(make_settings(model_path=base, device="cuda", dtype="float32", max_total_tokens=2048,
+                                      lora_backend=backend, cuda_graph_max_bs=8, max_loras_per_batch=2,
+                                      max_running_requests=4, enable_lora_overlap_loading=overlap,
+                                      lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+        try:
+            lora = engine.lora
+            assert isinstance(lora.copy_engine, CudaStreamCopies) == overlap
+            results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ORDER)
+            assert [r["output_ids"] for r in results] == expected, f"overlap={overlap}"
+            assert engine.runner.graphs is not None and engine.runner.graphs.replays > 0
+            m = lora.metrics
+            assert m["slot_fills"] > len(ADAPTERS) and m["gpu_evictions"] > 0 and m["bytes_copied"] > 0
+            if overlap:
+                assert lora.copies_in_flight == 0 and m["copy_seconds"] > 0
+                assert all(t.is_pinned() for key in lora.host.keys() for t in lora.host.get(key).tensors())
+            lora.check_integrity()
+        finally:
+            engine.shutdown()

@@ -110,11 +110,25 @@ def test_unknown_backend_from_env_is_rejected_by_the_engine(installed_entry_poin
     assert "--lora-backend" in str(err.value) and "'cutlass'" in str(err.value) and "torch" in str(err.value)
 
 
-@pytest.mark.parametrize("kwargs", [{"tp_size": 2}, {"enable_lora_overlap_loading": True}])
+@pytest.mark.parametrize("kwargs", [{"tp_size": 2}])
 def test_flags_not_landed_yet_fail_clearly(kwargs):
     with pytest.raises(NotSupportedYet) as err:
         make_settings(**kwargs).check_supported()
     assert "not supported yet" in str(err.value)
+
+
+def test_overlap_loading_bounds_the_host_cache():
+    # page-locked host copies: at most 2 x --max-loras-per-batch, checked at start-up with the numbers
+    with pytest.raises(ConfigError) as err:
+        make_settings(enable_lora_overlap_loading=True, max_loras_per_batch=4, max_loaded_loras=9)
+    msg = str(err.value)
+    assert "--max-loaded-loras (9)" in msg and "2 x --max-loras-per-batch = 8" in msg
+    ok = make_settings(enable_lora_overlap_loading=True, max_loras_per_batch=4, max_loaded_loras=8)
+    ok.check_supported()
+    assert ok.host_cache_capacity == 8
+    assert make_settings(enable_lora_overlap_loading=True, max_loras_per_batch=3).host_cache_capacity == 6
+    assert make_settings(max_loras_per_batch=3).host_cache_capacity is None  # without the flag: unbounded
+    assert make_settings(max_loras_per_batch=3, max_loaded_loras=20).host_cache_capacity == 20
 
 
 def test_bad_value_names_the_flag_and_the_value():

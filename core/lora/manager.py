@@ -6,11 +6,18 @@ linear layer of the model, and answers the scheduler's question "may this reques
 Mutating calls run on the engine thread; ``load_adapter``/``unload_adapter`` do their slow parts
 (reading weights, waiting for in-flight requests) on the caller's thread and hand the state change
 to the engine thread through ``run_in_engine``.
+
+With a copy engine (``--enable-lora-overlap-loading`` on CUDA), filling a slot is asynchronous: the
+slot is assigned at once, the copy completes on its own stream, and ``can_join`` answers
+:data:`COPYING` until it has (the scheduler then lets later requests overtake without counting it
+as starvation). Before every step, :meth:`LoRAManager.before_schedule` collects finished copies
+and starts copies for adapters the waiting queue will need (prefetch).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -20,6 +27,7 @@ from loraserve.lora.adapter import BaseModelShape
 from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
+from loraserve.scheduler import COPYING
 
 logger = logging.getLogger("loraserve.lora")
 
@@ -39,7 +47,7 @@ class LoRAManager:
         self.loaders = [plugins.loaders.create(r.name) for r in plugins.loaders]
         self.resolvers = [plugins.resolvers.create(r.name, settings) for r in plugins.resolvers]
         self.registry = AdapterRegistry()
-        self.host = HostAdapterCache(settings.max_loaded_loras, plugins.eviction_policies.create(settings.lora_eviction_policy))
+        self.host = HostAdapterCache(settings.host_cache_capacity, plugins.eviction_policies.create(settings.lora_eviction_policy))
         modules, layers = {}, {}
         for layer, name, module in model.lora_targets():
             if any(m in self.target_modules for m in FUSED_MEMBERS[name]):
@@ -65,7 +73,19 @@ class LoRAManager:
         self._fused_modules = modules if a_storage is not None else {}
         self._fuse_now: dict[str, bool] = {}
         self.running: Callable[[], list] = lambda: []
-        self.metrics = {"loads": 0, "gpu_evictions": 0, "host_evictions": 0, "hits": 0, "misses": 0, "host_reloads": 0}
+        self.waiting: Callable[[], Any] = lambda: []
+        #: None: slots are filled synchronously on the compute stream; else an object with
+        #: ``asynchronous``, ``submit(fill) -> handle``, ``done(handle)`` and ``wait(handle) -> seconds``
+        #: (see loraserve.lora.overlap), set by the engine setup for --enable-lora-overlap-loading
+        self.copy_engine: Any = None
+        #: host copies in page-locked memory, in the pool's dtype (set with the copy engine)
+        self.pin_host = False
+        self.dtype = dtype
+        #: waiting requests scanned for adapters to prefetch, in queue order
+        self.prefetch_lookahead = 2 * settings.max_loras_per_batch
+        self.metrics = {"loads": 0, "gpu_evictions": 0, "host_evictions": 0, "hits": 0, "misses": 0, "host_reloads": 0,
+                        "slot_fills": 0, "bytes_copied": 0, "copy_seconds": 0.0, "copy_wait_seconds": 0.0,
+                        "prefetches": 0}
         self._active = False
         self._logits_info: LoRABatchInfo | None = None
         self._install_hooks(model)
@@ -114,8 +134,13 @@ class LoRAManager:
         raise UserError(f"no adapter loader can read {source!r}; give a PEFT adapter directory or hub id")
 
     def _read(self, name: str, source: str):
-        return self._loader_for(source).load(source, name=name, shape=self.shape, max_rank=self.max_rank,
-                                             target_modules=self.target_modules)
+        adapter = self._loader_for(source).load(source, name=name, shape=self.shape, max_rank=self.max_rank,
+                                                target_modules=self.target_modules)
+        if self.pin_host:
+            from loraserve.lora.overlap import pinned_copy
+
+            adapter = pinned_copy(adapter, self.dtype)
+        return adapter
 
     def load_adapter(self, name: str, source: str, pinned: bool = False) -> AdapterRef:
         """Load, validate and register an adapter; it is visible to requests only once complete."""
@@ -219,18 +244,35 @@ class LoRAManager:
     def _host_protected(self) -> set:
         return self._batch_keys() | {r.key for r in self.registry.refs() if r.pinned}
 
-    def can_join(self, request, step: list) -> bool:
+    def can_join(self, request, step: list):
+        """True if ``request`` may join a step with ``step`` (its adapter's slot is ready),
+        :data:`COPYING` while its adapter is being copied into a slot, else False."""
         key = self.key_of(request)
         batch = self._batch_keys(step)
         if key in batch:
             return True
-        if len(batch) >= self.pool.num_slots:
-            return False
-        return self._ensure_slot(request.lora, protected=batch) is not None
+        slot = self.pool.slot_of(key)
+        if slot is None:
+            if len(batch) >= self.pool.num_slots:
+                return False
+            slot = self._ensure_slot(request.lora, protected=batch)
+            if slot is None:
+                return False
+        else:
+            self.metrics["hits"] += 1
+            self.pool.policy.touch(key)
+        if slot in self.pool.loading and not self._copy_finished(slot):
+            if request.copy_wait_start is None:
+                request.copy_wait_start = time.perf_counter()
+            return COPYING
+        if request.copy_wait_start is not None:
+            self.metrics["copy_wait_seconds"] += time.perf_counter() - request.copy_wait_start
+            request.copy_wait_start = None
+        return True
 
     def _ensure_slot(self, ref: AdapterRef | None, protected: set) -> int | None:
-        """The GPU slot holding ``ref`` (None: the base model), loading it if needed; None if no
-        slot can be freed."""
+        """The GPU slot holding ``ref`` (None: the base model), starting its fill if needed; None
+        if no slot can be freed. The slot may still be loading (see ``pool.loading``)."""
         key = ref.key if ref is not None else BASE_KEY
         slot = self.pool.slot_of(key)
         if slot is not None:
@@ -246,8 +288,60 @@ class LoRAManager:
             self.pool.evict(slot)
             self.metrics["gpu_evictions"] += 1
             self._notify_evicted([victim], "gpu")
-        self.pool.load(slot, key, adapter)
+        self._fill(slot, key, adapter)
         return slot
+
+    def _fill(self, slot: int, key: tuple, adapter: Any | None) -> None:
+        self.pool.assign(slot, key, adapter)
+        if adapter is None:  # the base model: rank 0, nothing to copy
+            return
+        self.metrics["slot_fills"] += 1
+        engine = self.copy_engine
+        if engine is None or not engine.asynchronous:
+            t0 = time.perf_counter()
+            self.metrics["bytes_copied"] += self.pool.write(slot, adapter)
+            self.metrics["copy_seconds"] += time.perf_counter() - t0
+            return
+        handle = engine.submit(lambda: self.pool.write(slot, adapter, non_blocking=True))
+        handle["adapter"] = adapter  # the host copy stays alive until the copy is done
+        self.pool.loading[slot] = handle
+
+    def _copy_finished(self, slot: int) -> bool:
+        """Whether ``slot``'s copy is done (queried without blocking); if so, retire it."""
+        handle = self.pool.loading[slot]
+        if not self.copy_engine.done(handle):
+            return False
+        del self.pool.loading[slot]
+        self.metrics["copy_seconds"] += self.copy_engine.wait(handle)
+        self.metrics["bytes_copied"] += handle["bytes"]
+        return True
+
+    @property
+    def copies_in_flight(self) -> int:
+        return len(self.pool.loading)
+
+    def before_schedule(self) -> None:
+        """Retire finished copies and prefetch (engine thread, before each step's scheduling).
+
+        Prefetch scans the first ``prefetch_lookahead`` waiting requests in queue order and starts
+        copies for their adapters that are not resident, into free slots or slots whose adapter
+        neither the running batch nor an earlier request of the window needs."""
+        for slot in list(self.pool.loading):
+            self._copy_finished(slot)
+        if self.copy_engine is None or not self.copy_engine.asynchronous:
+            return
+        protected = self._batch_keys()
+        window = [r for _, r in zip(range(self.prefetch_lookahead), self.waiting())]
+        protected |= {self.key_of(r) for r in window if self.pool.slot_of(self.key_of(r)) is not None}
+        for r in window:
+            key = self.key_of(r)
+            if key in protected or r.lora is None:
+                continue
+            slot = self._ensure_slot(r.lora, protected)
+            if slot is None:
+                return
+            protected.add(key)
+            self.metrics["prefetches"] += 1
 
     def _host_copy(self, ref: AdapterRef):
         adapter = self.host.get(ref.key)
@@ -268,8 +362,8 @@ class LoRAManager:
     def _step_slots(self, chunks: list) -> list[int]:
         """The GPU slot of each chunk's adapter; marks every adapter of the step as used."""
         seg_slot = [self.pool.slot_of(self.key_of(c.request)) for c in chunks]
-        if any(s is None for s in seg_slot):
-            raise RuntimeError("a scheduled request's adapter is not in a GPU slot")
+        if any(s is None or s in self.pool.loading for s in seg_slot):
+            raise RuntimeError("a scheduled request's adapter is not in a GPU slot, or its copy has not finished")
         for key in {self.key_of(c.request) for c in chunks}:
             self.pool.policy.touch(key)
         return seg_slot

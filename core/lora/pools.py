@@ -5,7 +5,9 @@ policy picks a victim among the keys the caller does not protect. ``GpuAdapterPo
 fixed-size per-layer buffers the LoRA layers read (``A [slots, slices * max_rank, in]`` and
 ``B [slots, out, max_rank]``) and which key occupies each slot; the base model occupies a slot of
 rank 0 when it is in a batch, as in SGLang. Buffers are allocated once and only their contents
-change, so a captured CUDA graph stays valid. Keys are ``(name, version)``. Both pools have a
+change, so a captured CUDA graph stays valid. Keys are ``(name, version)``. A slot may be
+*loading*: assigned to a key while its weights are still being copied on a side stream (overlap
+loading); such a slot is never chosen as an eviction victim. Both pools have a
 ``check_integrity()`` the tests call.
 """
 
@@ -111,6 +113,8 @@ class GpuAdapterPool:
         self.ranks_host = [0] * num_slots
         self.scalings_host = [0.0] * num_slots
         self.pinned: set[Hashable] = set()
+        #: slot -> handle of the copy still filling it (overlap loading); see LoRAManager
+        self.loading: dict[int, Any] = {}
 
     @property
     def nbytes(self) -> int:
@@ -126,12 +130,14 @@ class GpuAdapterPool:
         return [k for k in self.slot_key if k is not None]
 
     def find_slot(self, protected: set) -> tuple[int | None, Hashable | None]:
-        """A free slot, or the slot of the policy's victim among unprotected, unpinned keys.
+        """A free slot, or the slot of the policy's victim among unprotected, unpinned keys whose
+        slot is not being filled.
 
         Returns ``(slot, victim_key)``; ``(None, None)`` when nothing can be freed."""
         if None in self.slot_key:
             return self.slot_key.index(None), None
-        victim = self.policy.victim([k for k in self.slot_key if k not in protected and k not in self.pinned])
+        victim = self.policy.victim([k for s, k in enumerate(self.slot_key)
+                                     if k not in protected and k not in self.pinned and s not in self.loading])
         if victim is None:
             return None, None
         return self.slot_key.index(victim), victim
@@ -141,39 +147,58 @@ class GpuAdapterPool:
         if key is not None:
             self.policy.remove(key)
             self.pinned.discard(key)
+        self.loading.pop(slot, None)  # a later copy into this slot is ordered after it on the same stream
         self.slot_key[slot] = None
         self.ranks_host[slot], self.scalings_host[slot] = 0, 0.0
         return key
 
     def load(self, slot: int, key: Hashable, adapter: Any | None) -> None:
-        """Put ``adapter`` (None for the base model) into ``slot``, replacing what was there."""
+        """Put ``adapter`` (None for the base model) into ``slot``, replacing what was there; the
+        copies are ordered on the current stream."""
+        self.assign(slot, key, adapter)
+        if adapter is not None:
+            self.write(slot, adapter)
+
+    def assign(self, slot: int, key: Hashable, adapter: Any | None) -> None:
+        """Record that ``slot`` holds ``key`` (rank and scaling from ``adapter``) without copying
+        weights; :meth:`write` fills it."""
+        if adapter is not None and adapter.rank > self.max_rank:
+            raise UserError(f"adapter rank {adapter.rank} exceeds --max-lora-rank {self.max_rank}")
         if self.slot_key[slot] is not None:
             self.evict(slot)
-        R = self.max_rank
-        if adapter is not None:
-            if adapter.rank > R:
-                raise UserError(f"adapter rank {adapter.rank} exceeds --max-lora-rank {R}")
-            for (layer, name), A_buf in self.A.items():
-                B_buf = self.B[(layer, name)]
-                A_buf[slot].zero_()
-                B_buf[slot].zero_()
-                w = self._weights_for(adapter, layer, name)
-                if w is None:
-                    continue
-                A, B = w
-                if layer < 0:
-                    r = A.shape[0]
-                    A_buf[slot, :r].copy_(A)
-                else:
-                    n_slices = len(self.offsets[name]) - 1
-                    r = A.shape[0] // n_slices
-                    for i in range(n_slices):
-                        A_buf[slot, i * R:i * R + r].copy_(A[i * r:(i + 1) * r])
-                B_buf[slot, :, :r].copy_(B)
         self.slot_key[slot] = key
         self.ranks_host[slot] = adapter.rank if adapter is not None else 0
         self.scalings_host[slot] = float(adapter.scaling) if adapter is not None else 0.0
         self.policy.insert(key)
+
+    def write(self, slot: int, adapter: Any, non_blocking: bool = False) -> int:
+        """Copy ``adapter``'s weights into ``slot`` on the current stream; returns the bytes copied.
+
+        Rows and columns past a module's rank are zeroed (the kernels never read them, but a slot
+        then holds exactly its adapter). A module at the full slot rank is one copy for A and one
+        for B; ``non_blocking`` makes copies from page-locked host memory asynchronous."""
+        R, copied = self.max_rank, 0
+        for (layer, name), A_buf in self.A.items():
+            B_buf = self.B[(layer, name)]
+            w = self._weights_for(adapter, layer, name)
+            if w is None:
+                A_buf[slot].zero_()
+                B_buf[slot].zero_()
+                continue
+            A, B = w
+            n_slices = 1 if layer < 0 else len(self.offsets[name]) - 1
+            r = A.shape[0] // n_slices
+            copied += A.numel() * A.element_size() + B.numel() * B.element_size()
+            if r == R:
+                A_buf[slot].copy_(A, non_blocking=non_blocking)
+                B_buf[slot].copy_(B, non_blocking=non_blocking)
+                continue
+            A_buf[slot].zero_()
+            B_buf[slot].zero_()
+            for i in range(n_slices):
+                A_buf[slot, i * R:i * R + r].copy_(A[i * r:(i + 1) * r], non_blocking=non_blocking)
+            B_buf[slot, :, :r].copy_(B, non_blocking=non_blocking)
+        return copied
 
     @staticmethod
     def _weights_for(adapter: Any, layer: int, name: str):
@@ -188,6 +213,9 @@ class GpuAdapterPool:
         missing = self.pinned - set(keys)
         if missing:
             raise RuntimeError(f"pinned adapters not resident: {missing}")
+        for slot in self.loading:
+            if self.slot_key[slot] is None:
+                raise RuntimeError(f"slot {slot} is being filled but holds no key")
         for slot, key in enumerate(self.slot_key):
             if key is None and self.ranks_host[slot] != 0:
                 raise RuntimeError(f"empty slot {slot} has rank {self.ranks_host[slot]}")

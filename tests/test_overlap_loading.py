@@ -1,0 +1,165 @@
+"""Overlap loading's scheduling logic on CPU, with a fake copy engine whose completion the test controls.
+
+The fake engine takes the place of the CUDA load stream: a submitted slot fill is not performed
+until the test's completion rule says so, and until then the slot holds poison (large random
+weights), so a request admitted before its copy finished would produce different tokens. The
+oracle is PEFT's mixed-batch generate, and the same engine without overlap loading.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraserve.engine import Engine
+from loraserve.scheduler import COPYING
+from loraserve.settings import make_settings
+from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
+
+
+class FakeCopies:
+    """A copy engine for tests: a fill completes at the ``delay``-th query of whether it is done
+    (the engine queries in-flight copies once per scheduling round, more when requests ask for
+    them); until then its slot holds poison. Records whether the engine kept stepping while
+    copies were in flight, and whether a slot being filled was ever reassigned."""
+
+    asynchronous = True
+
+    def __init__(self, engine: Engine, delay: int):
+        self.engine, self.delay = engine, delay
+        self.handles: list[dict] = []
+        self.steps_while_copying: set[int] = set()
+        self.violations: list[str] = []
+        self.submitted = 0
+
+    def submit(self, fill):
+        handle = {"fill": fill, "bytes": 0, "queries": 0, "done": False, "slot": None}
+        self.handles.append(handle)
+        self.submitted += 1
+        return handle
+
+    def _slot_of(self, handle) -> int:
+        pool = self.engine.lora.pool
+        if handle["slot"] is None:  # first look: find the slot and poison it
+            handle["slot"] = next(s for s, h in pool.loading.items() if h is handle)
+            handle["key"] = pool.slot_key[handle["slot"]]
+            gen = torch.Generator().manual_seed(len(self.handles))
+            for buf in (*pool.A.values(), *pool.B.values()):
+                buf[handle["slot"]].copy_(torch.randn(buf[handle["slot"]].shape, generator=gen) * 5)
+        return handle["slot"]
+
+    def done(self, handle) -> bool:
+        pool = self.engine.lora.pool
+        slot = self._slot_of(handle)
+        if pool.loading.get(slot) is not handle or pool.slot_key[slot] != handle["key"]:
+            self.violations.append(f"slot {slot} was reassigned while its copy was in flight")
+        handle["queries"] += 1
+        if handle["queries"] <= self.delay:
+            self.steps_while_copying.add(self.engine.step_count)
+            return False
+        if not handle["done"]:
+            handle["bytes"] = handle["fill"]()
+            handle["done"] = True
+        return True
+
+    def wait(self, handle) -> float:
+        assert handle["done"]
+        return 0.001
+
+
+def overlap_engine(base, paths, delay, **kwargs):
+    engine = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024,
+                                  lora_paths=[f"{n}={p}" for n, p in paths.items()], **kwargs))
+    engine.lora.copy_engine = FakeCopies(engine, delay)
+    return engine
+
+
+# more adapters than slots, base rows that can run while copies are in flight, repeats that hit
+ORDER = [None, "rank1", "rank3_rslora", None, "patterns", "one_layer", "rank1", "one_layer", "patterns",
+         "rank3_rslora", None, "rank1"]
+
+
+@pytest.mark.parametrize("delay", [0, 4, 12])
+def test_outputs_identical_with_overlap_loading(setup, delay):
+    base, paths, peft = setup
+    assert set(ORDER) - {None} == set(ADAPTERS)
+    batch = prompts(len(ORDER), seed=41)
+    expected, _ = peft_generate(peft, batch, ORDER)
+    settings = dict(max_loras_per_batch=2, enable_lora_overlap_loading=True, max_running_requests=4)
+    engine = overlap_engine(base, paths, delay, **settings)
+    try:
+        results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ORDER)
+        fake, m = engine.lora.copy_engine, engine.lora.metrics
+        assert [r["output_ids"] for r in results] == expected
+        assert fake.violations == []
+        assert fake.submitted == m["slot_fills"] > len(ADAPTERS)  # more adapters than slots: refills
+        assert m["gpu_evictions"] > 0
+        assert engine.lora.copies_in_flight == 0
+        if delay:
+            # the running batch kept decoding while copies were in flight, and requests waited for them
+            assert len(fake.steps_while_copying) >= 2
+            assert m["copy_wait_seconds"] > 0
+        engine.lora.check_integrity()
+        engine.kv.allocator.check_integrity()
+    finally:
+        engine.shutdown()
+    sync = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024,
+                                lora_paths=[f"{n}={p}" for n, p in paths.items()], max_loras_per_batch=2,
+                                max_running_requests=4))
+    try:
+        assert sync.lora.copy_engine is None  # without the flag (and on CPU): synchronous fills
+        assert [r["output_ids"] for r in sync.generate(input_ids=batch, sampling_params=GREEDY,
+                                                       lora_path=ORDER)] == expected
+    finally:
+        sync.shutdown()
+
+
+def test_flag_on_cpu_has_no_effect_beyond_the_log(setup, caplog):
+    base, paths, _ = setup
+    with caplog.at_level("INFO", logger="loraserve.engine"):
+        engine = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=512, max_loras_per_batch=3,
+                                      enable_lora_overlap_loading=True, lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+    try:
+        assert engine.lora.copy_engine is None and not engine.lora.pin_host
+        assert "overlap loading has no effect on cpu" in caplog.text
+        assert engine.lora.host.capacity == 6  # 2 x --max-loras-per-batch by default with the flag
+    finally:
+        engine.shutdown()
+
+
+def _waiting_request(engine, adapter):
+    req = engine.make_request(input_ids=[1, 2, 3], params=dict(GREEDY), lora=adapter)
+    engine.lora.acquire([req])
+    return req
+
+
+def test_loading_slot_is_never_evicted_and_prefetch_looks_ahead(setup):
+    """Driven step by step on the test thread: copies that never finish hold their slots against
+    every later request, and the queue's adapters are copied before their turn."""
+    base, paths, _ = setup
+    engine = overlap_engine(base, paths, delay=10**9, max_loras_per_batch=3, enable_lora_overlap_loading=True)
+    lora = engine.lora
+    try:
+        queue = [_waiting_request(engine, name) for name in ("rank1", "patterns", "one_layer", "rank3_rslora")]
+        for r in queue:
+            engine.scheduler.add(r)
+        lora.before_schedule()  # prefetch: the first three adapters take the three slots
+        assert lora.metrics["prefetches"] == 3 and lora.copies_in_flight == 3
+        loading = {s: lora.pool.slot_key[s] for s in lora.pool.loading}
+        for _ in range(3):
+            engine.step()  # nothing can run: every admission answers "copying" or finds no slot
+        assert engine.scheduler.running == []
+        assert {s: lora.pool.slot_key[s] for s in lora.pool.loading} == loading
+        assert lora.can_join(queue[0], []) == COPYING
+        assert lora.can_join(queue[3], []) is False  # no slot: the three being filled cannot be evicted
+        # the copies land: requests join in queue order, the fourth adapter still waits for a slot
+        lora.copy_engine.delay = 0
+        engine.step()
+        assert lora.copies_in_flight == 0
+        assert [r.adapter for r in engine.scheduler.running] == ["rank1", "patterns", "one_layer"]
+        lora.check_integrity()
+    finally:
+        for r in queue:
+            engine.scheduler.remove(r)
+            lora.release(r)
+        engine.shutdown()
