@@ -54,8 +54,11 @@ class Engine:
         self.lora = parts.lora
         self.backend_name = parts.backend_name
         self.outputs = OutputBuilder(self.tokenizer, parts.eos_token_ids)
-        if self.lora is not None:
-            for spec in self.settings.lora_paths or []:
+        if self.lora is not None and self.settings.lora_paths:
+            from tqdm.auto import tqdm
+
+            specs = self.settings.lora_paths
+            for spec in tqdm(specs, desc="loading adapters", unit="adapter", disable=len(specs) < 2):
                 self.lora.load_adapter(spec.lora_name, spec.lora_path, pinned=spec.pinned)
 
     # -- submitting work (any thread) -------------------------------------------------------------
