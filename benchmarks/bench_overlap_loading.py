@@ -21,93 +21,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
-
-import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench_serving  # noqa: E402
 import random_adapters  # noqa: E402
+from server_runs import parse_counters, serve_and_bench  # noqa: E402,F401 (parse_counters: re-exported)
 
-COUNTERS = ("slot_fills", "copied_bytes", "copy_seconds", "copy_wait_seconds", "prefetches", "slot_misses",
-            "evictions")
-
-
-def parse_counters(text: str) -> dict[str, float]:
-    """The ``loraserve_lora_*_total`` counters of a Prometheus text page (GPU evictions for the
-    labelled eviction counter)."""
-    out: dict[str, float] = {}
-    for name in COUNTERS:
-        label = r'\{tier="gpu"\}' if name == "evictions" else ""
-        m = re.search(rf"^loraserve_lora_{name}_total{label} ([0-9.eE+-]+)$", text, re.M)
-        if m:
-            out[name] = float(m.group(1))
-    return out
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the server was not healthy within {timeout:.0f} s")
-
-
-def server_command(args: argparse.Namespace, adapters: dict[str, Path], rank: int, overlap: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "loraserve", "--model-path", args.config_dir, "--load-format", "dummy",
-           "--port", str(args.port), "--max-loras-per-batch", str(args.max_loras_per_batch),
-           "--max-loaded-loras", str(args.max_loaded_loras), "--max-lora-rank", str(rank),
-           "--lora-paths", *[f"{name}={path}" for name, path in adapters.items()], "--log-level", "warning"]
+def server_flags(args: argparse.Namespace, adapters: dict[str, Path], rank: int, overlap: bool) -> list[str]:
+    flags = ["--model-path", args.config_dir, "--load-format", "dummy",
+             "--max-loras-per-batch", str(args.max_loras_per_batch), "--max-loaded-loras", str(args.max_loaded_loras),
+             "--max-lora-rank", str(rank), "--lora-paths", *[f"{name}={path}" for name, path in adapters.items()],
+             "--log-level", "warning"]
     if args.lora_backend:
-        cmd += ["--lora-backend", args.lora_backend]
+        flags += ["--lora-backend", args.lora_backend]
     if overlap:
-        cmd.append("--enable-lora-overlap-loading")
-    return cmd + list(args.server_arg)
+        flags.append("--enable-lora-overlap-loading")
+    return flags + list(args.server_arg)
 
 
 def run_one(args: argparse.Namespace, adapters: dict[str, Path], rank: int, overlap: bool, out_dir: Path) -> dict:
-    url = f"http://127.0.0.1:{args.port}"
-    cmd = server_command(args, adapters, rank, overlap)
-    log = open(out_dir / f"server_r{rank}_{'on' if overlap else 'off'}.log", "w")
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        wait_healthy(url, proc, args.startup_timeout)
-        startup_s = time.perf_counter() - start
-        result_file = out_dir / f"serving_r{rank}_{'on' if overlap else 'off'}.json"
-        code = bench_serving.main([
-            "--base-url", url, "--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
-            "--random-output-len", str(args.output_len), "--request-rate", str(args.request_rate),
-            "--lora-name", *adapters, "--lora-request-distribution", "distinct", "--seed", str(args.seed),
-            "--warmup-requests", str(args.warmup_requests), "--output-file", str(result_file), "--disable-tqdm"])
-        if code != 0:
-            raise RuntimeError(f"bench_serving failed (exit {code}); see {result_file}")
-        doc = json.loads(result_file.read_text())
-        doc["lora_counters"] = parse_counters(httpx.get(f"{url}/metrics", timeout=10).text)
-        doc["server"] = {"command": cmd[1:], "startup_s": startup_s}
-        return doc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    bench = ["--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
+             "--random-output-len", str(args.output_len), "--request-rate", str(args.request_rate),
+             "--lora-name", *adapters, "--lora-request-distribution", "distinct", "--seed", str(args.seed),
+             "--warmup-requests", str(args.warmup_requests)]
+    return serve_and_bench(server_flags(args, adapters, rank, overlap), bench, f"r{rank}_{'on' if overlap else 'off'}",
+                           out_dir, args.port, args.startup_timeout)
 
 
 def summary_row(rank: int, overlap: bool, doc: dict) -> dict[str, Any]:

@@ -46,7 +46,30 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.step_count = 0
-        parts = build_components(self.settings, self.plugins, self.call_in_engine)
+        #: steps run and their wall time (model, sampling, delivery), for steps that only decode
+        #: and for steps with prefill tokens: ``{kind: [steps, seconds]}``
+        self.step_stats: dict[str, list] = {"decode": [0, 0.0], "prefill": [0, 0.0]}
+        #: tensor parallelism (--tp-size > 1): this process is rank 0 and drives the other ranks
+        self.tp = None
+        if self.settings.tp_size > 1:
+            from loraserve.tp_engine import TPDriver, check_sizes, init_group
+
+            check_sizes(self.settings)  # refuse sizes the ranks cannot split before starting any process
+            self.tp = TPDriver(self.settings)
+            try:
+                init_group(0, self.settings.tp_size, self.tp.port, self.settings.resolved_device())
+            except BaseException:
+                self.tp.shutdown(timeout=5)
+                raise
+        try:
+            parts = build_components(self.settings, self.plugins, self.call_in_engine, tp_rank=0)
+        except BaseException:
+            self._stop_tp(timeout=5)
+            raise
+        if self.tp is not None:
+            parts.runner.before_step = self.tp.send_step
+            if parts.lora is not None:
+                parts.lora.mirror = self.tp.mirror_lora
         self.device, self.dtype = parts.device, parts.dtype
         self.model, self.config, self.tokenizer = parts.model, parts.config, parts.tokenizer
         self.model_name, self.context_len = parts.model_name, parts.context_len
@@ -247,6 +270,17 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._stop_tp(timeout)
+
+    def _stop_tp(self, timeout: float) -> None:
+        if self.tp is None:
+            return
+        import torch.distributed as dist
+
+        self.tp.shutdown(timeout)
+        self.tp = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def _loop(self) -> None:
         while True:
@@ -294,6 +328,8 @@ class Engine:
                 time.sleep(IDLE_POLL_S)  # nothing can run until a copy lands: poll it without spinning
             return
         self.step_count += 1
+        kind = "decode" if all(c.num_tokens == 1 for c in plan) else "prefill"
+        started = time.perf_counter()
         try:
             logits = self.runner.forward(plan)
             sampling = [c.request for c in plan if c.samples]
@@ -304,6 +340,9 @@ class Engine:
                                              [r.history for r in sampling], [r.generator for r in sampling])
                 for i, r in enumerate(sampling):
                     self._append_token(r, result, i)
+            stats = self.step_stats[kind]
+            stats[0] += 1
+            stats[1] += time.perf_counter() - started
         except Exception as exc:  # never let one bad step kill the loop: fail its requests
             logger.exception("step failed; its requests are finished with an error")
             for c in plan:

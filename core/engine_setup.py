@@ -49,15 +49,25 @@ class Components:
     eos_token_ids: set[int]
 
 
-def build_components(settings: Settings, plugins: Any, run_in_engine: Callable) -> Components:
+def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, tp_rank: int = 0) -> Components:
+    """Every part of one engine, or of rank ``tp_rank``'s shard with ``--tp-size > 1`` (the process
+    group must be initialised; every rank calls this at the same time, since the sizing below and
+    the CUDA-graph capture run collectives)."""
     device = to_torch_device(settings.resolved_device())
+    tp = None
+    if settings.tp_size > 1:
+        from loraserve.distributed import TensorParallel
+
+        tp = TensorParallel(tp_rank, settings.tp_size)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
     dtype = to_torch_dtype(settings.resolved_dtype(), device)
     backend_name = settings.resolved_backend()
     # both raise a ConfigError listing the registered names when the choice is unknown
     plugins.backends.get(backend_name)
     plugins.eviction_policies.get(settings.lora_eviction_policy)
     source = resolve_model_source(settings)
-    model, config = load_model(settings, plugins, device, dtype, source=source)
+    model, config = load_model(settings, plugins, device, dtype, source=source, tp=tp)
     try:
         tokenizer = load_tokenizer(settings, source)
     except ConfigError as exc:
@@ -88,6 +98,8 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable) 
                             device.type)
 
     kv_tokens = settings.max_total_tokens or kv_budget_tokens(model, device, dtype, settings.mem_fraction_static)
+    if tp is not None:  # every rank must hold the same blocks: the smallest budget wins
+        kv_tokens = min_over_ranks(kv_tokens, device)
     num_blocks = max(1, kv_tokens // BLOCK_SIZE)
     kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, num_blocks, BLOCK_SIZE, dtype, device)
     logger.info("KV cache: %d tokens (%d blocks of %d)", num_blocks * BLOCK_SIZE, num_blocks, BLOCK_SIZE)
@@ -124,6 +136,14 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable) 
                       model_name=settings.served_model_name or source.name, context_len=context_len, kv=kv,
                       scheduler=scheduler, runner=runner, sampler=Sampler(seed=settings.random_seed), lora=lora,
                       backend_name=backend_name, eos_token_ids=eos_ids(config, tokenizer, source))
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def make_attention(settings: Settings, kv: KVCache, model: torch.nn.Module, device: torch.device, max_seqs: int,

@@ -5,7 +5,7 @@ tests build several apps side by side). Request metrics (requests by adapter and
 prompt and generation tokens, time to first token, time per output token, end-to-end latency) are
 recorded by the frontends' request runner when a request finishes or its client goes away. Engine
 state (queue length, running requests, KV-cache use, LoRA slots in use, host-cache size, loads,
-evictions, slot hits and misses, slot fills, bytes and seconds of adapter copies, copies in flight,
+evictions, slot hits and misses, engine steps and their time by kind, slot fills, bytes and seconds of adapter copies, copies in flight,
 prefetches, time requests waited for a copy) is read at scrape time from a snapshot the engine thread takes
 between steps. HTTP responses are counted by route and status by :class:`HttpMetricsMiddleware`.
 """
@@ -27,7 +27,8 @@ def engine_snapshot(engine: Any) -> dict[str, Any]:
     """Engine gauges and LoRA counters; run it on the engine thread (``engine.call_in_engine``)."""
     alloc = engine.kv.allocator
     snap: dict[str, Any] = {"waiting": len(engine.scheduler.waiting), "running": len(engine.scheduler.running),
-                            "kv_blocks_total": alloc.num_blocks, "kv_blocks_free": alloc.num_free}
+                            "kv_blocks_total": alloc.num_blocks, "kv_blocks_free": alloc.num_free,
+                            "steps": {k: list(v) for k, v in engine.step_stats.items()}}
     lora = engine.lora
     if lora is not None:
         snap.update(lora_slots_total=lora.pool.num_slots, lora_slots_in_use=len(lora.pool.resident()),
@@ -68,6 +69,15 @@ class _EngineCollector:
             family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
             family.add_metric([], float(value))
             yield family
+        steps = CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine steps run, by kind (decode only, or with "
+                                    "prefill tokens).", labels=["kind"])
+        seconds = CounterMetricFamily(f"{PREFIX}_engine_step_seconds", "Wall time of engine steps (model, sampling, "
+                                      "delivery), by kind.", labels=["kind"])
+        for kind, (count, secs) in s.get("steps", {}).items():
+            steps.add_metric([kind], float(count))
+            seconds.add_metric([kind], float(secs))
+        yield steps
+        yield seconds
         counters = s.get("lora_counters")
         if counters is not None:
             for name, doc, key in (("lora_loads", "Adapters loaded (by name, including reloads).", "loads"),

@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -285,9 +285,15 @@ def iter_checkpoint(files: Sequence[Path], load_format: str, progress: bool | No
 
 @torch.no_grad()
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights in place, on the model's own device and dtype: normal(0, std), norms 1, biases 0."""
+    """Random weights in place, on the model's own device and dtype: normal(0, std), norms 1, biases 0.
+
+    A tensor-parallel shard (a model with ``tp.size > 1``) draws each parameter at its unsharded
+    shape and keeps its own part, so every rank holds a slice of the same model as a single-rank
+    run with the same seed (one unsharded parameter at a time is the extra memory)."""
     norm_params = {id(p) for name, m in model.named_modules() if "norm" in type(m).__name__.lower()
                    for p in m.parameters(recurse=False)}
+    tp = getattr(model, "tp", None)
+    sharded = tp is not None and tp.size > 1
     generators: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
         if id(param) in norm_params or name.endswith("norm.weight"):
@@ -296,16 +302,22 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02)
             param.zero_()
         else:
             gen = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
-            param.normal_(0.0, std, generator=gen)
+            if sharded:
+                full = torch.empty(model.full_parameter_shape(name), dtype=param.dtype, device=param.device)
+                param.copy_(model.shard_parameter(name, full.normal_(0.0, std, generator=gen)))
+            else:
+                param.normal_(0.0, std, generator=gen)
 
 
 def load_model(settings: "Settings", plugins: "PluginManager", device: torch.device | str | None = None,
-               dtype: torch.dtype | str | None = None, source: ModelSource | None = None):
+               dtype: torch.dtype | str | None = None, source: ModelSource | None = None, tp: Any = None):
     """Build and fill the base model. Returns ``(model, config)``; the model is in eval mode.
 
     ``device`` and ``dtype`` default to the settings' resolved values; names and torch objects
     both work. The architecture comes from ``config.architectures[0]`` through
-    ``plugins.models`` (an unknown one raises ConfigError listing the known ones).
+    ``plugins.models`` (an unknown one raises ConfigError listing the known ones). With ``tp`` (a
+    :class:`~loraserve.distributed.TensorParallel` of more than one rank) the factory gets it as
+    ``tp=`` and builds this rank's shard; weights are read whole and each rank keeps its part.
     """
     device = to_torch_device(device if device is not None else settings.resolved_device())
     dtype = to_torch_dtype(dtype if dtype is not None else settings.resolved_dtype(), device)
@@ -317,7 +329,16 @@ def load_model(settings: "Settings", plugins: "PluginManager", device: torch.dev
         config = hf_model.config
     else:
         config = load_config(source)
-    model = plugins.models.create(architecture(config), config, dtype, device)
+    if tp is None or tp.size == 1:
+        model = plugins.models.create(architecture(config), config, dtype, device)
+    else:
+        try:
+            model = plugins.models.create(architecture(config), config, dtype, device, tp=tp)
+        except TypeError as exc:
+            if "tp" not in str(exc):
+                raise
+            raise ConfigError(f"the model plugin for {architecture(config)} does not support tensor parallelism "
+                              "(its factory takes no tp argument); use --tp-size 1") from None
     if source.load_format == "dummy":
         init_dummy_weights(model, seed=settings.random_seed or 0)
     elif hf_model is not None:

@@ -33,10 +33,14 @@ class ModelRunner:
         self.attention = attention or PagedSDPAAttention(kv, sliding_window=getattr(model, "sliding_window", None))
         #: decode steps captured in CUDA graphs (set up by the engine on CUDA; None: always eager)
         self.graphs: Any = None
+        #: tensor parallelism: ``before_step(chunks)`` hands the step to the other ranks first
+        self.before_step: Callable[[list[ScheduledChunk]], None] | None = None
 
     @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns ``float32 [num_sampling_chunks, vocab]`` logits in plan order."""
+        if self.before_step is not None:
+            self.before_step(chunks)
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks)
         ids: list[int] = []

@@ -98,7 +98,8 @@ class Settings(BaseSettings):
         "Fraction of accelerator memory for weights, KV cache and LoRA slots.", "scheduling"))
     chunked_prefill_size: int | None = Field(None, ge=1, **_opt("Longest prompt piece prefilled in one step.", "scheduling"))
     max_prefill_tokens: int = Field(16384, ge=1, **_opt("Token budget of one scheduler step.", "scheduling"))
-    tp_size: int = Field(1, ge=1, **_opt("Tensor-parallel degree: number of worker processes.", "scheduling"))
+    tp_size: int = Field(1, ge=1, **_opt("Tensor-parallel degree: the model and every adapter split over this many GPUs (or CPU "
+        "processes): the serving process is rank 0 and starts the others.", "scheduling"))
     cuda_graph_max_bs: int | None = Field(None, ge=1, **_opt(
         "Largest decode batch captured in a CUDA graph (default: --max-running-requests, at most 256).", "scheduling"))
     disable_cuda_graph: bool = Field(False, **_opt("Do not capture decode steps in CUDA graphs.", "scheduling"))
@@ -254,7 +255,6 @@ class Settings(BaseSettings):
 
 # flag -> predicate "the user asked for it". Entries leave this table as their features land.
 NOT_SUPPORTED_YET: dict[str, Any] = {
-    "--tp-size > 1": lambda s: s.tp_size > 1,
 }
 
 

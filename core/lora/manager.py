@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from loraserve.errors import UserError
+from loraserve.errors import ConfigError, UserError
 from loraserve.lora.adapter import BaseModelShape
 from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
@@ -48,12 +48,19 @@ class LoRAManager:
         self.resolvers = [plugins.resolvers.create(r.name, settings) for r in plugins.resolvers]
         self.registry = AdapterRegistry()
         self.host = HostAdapterCache(settings.host_cache_capacity, plugins.eviction_policies.create(settings.lora_eviction_policy))
-        modules, layers = {}, {}
+        # local sizes under tensor parallelism; ``shard`` tells the pool how to cut full adapters
+        modules, layers, shard = {}, {}, {}
         for layer, name, module in model.lora_targets():
             if any(m in self.target_modules for m in FUSED_MEMBERS[name]):
                 modules[name] = (module.input_size, tuple(module.output_offsets))
                 layers[(layer, name)] = module
+                if getattr(module, "shard_spec", None) is not None:
+                    shard[name] = module.shard_spec
         extra = {}
+        tp_size = getattr(getattr(model, "tp", None), "size", 1)
+        if tp_size > 1 and any(m in self.target_modules for m in EXTRA_MODULES):
+            raise ConfigError(f"LoRA on embed_tokens/lm_head is not supported with --tp-size {tp_size} > 1 (they are "
+                              "vocab-parallel); drop them from --lora-target-modules or use --tp-size 1")
         if "embed_tokens" in self.target_modules or "lm_head" in self.target_modules:
             if not backend.supports_embedding:
                 raise UserError(f"LoRA backend {backend.name!r} does not support LoRA on embed_tokens/lm_head; "
@@ -69,7 +76,7 @@ class LoRAManager:
             a_storage = lambda layer, name, rows: layers[(layer, name)].append_rows(rows)  # noqa: E731
         self.pool = GpuAdapterPool(settings.max_loras_per_batch, max_rank, self.shape.num_layers, modules, extra,
                                    dtype, device, plugins.eviction_policies.create(settings.lora_eviction_policy),
-                                   a_storage=a_storage)
+                                   a_storage=a_storage, shard=shard)
         self._fused_modules = modules if a_storage is not None else {}
         self._fuse_now: dict[str, bool] = {}
         self.running: Callable[[], list] = lambda: []
@@ -81,6 +88,9 @@ class LoRAManager:
         #: host copies in page-locked memory, in the pool's dtype (set with the copy engine)
         self.pin_host = False
         self.dtype = dtype
+        #: tensor parallelism: ``mirror(event)`` replays every slot decision on the other ranks'
+        #: pools: ``("fill", slot, key, name, source)``, ``("evict", slot)``, ``("forget", key)``
+        self.mirror: Callable[[tuple], None] | None = None
         #: waiting requests scanned for adapters to prefetch, in queue order
         self.prefetch_lookahead = 2 * settings.max_loras_per_batch
         self.metrics = {"loads": 0, "gpu_evictions": 0, "host_evictions": 0, "hits": 0, "misses": 0, "host_reloads": 0,
@@ -171,10 +181,7 @@ class LoRAManager:
                 self.pool.pinned.add(ref.key)
             self.registry.add(ref)
         except Exception:
-            self.host.remove(ref.key)
-            slot = self.pool.slot_of(ref.key)
-            if slot is not None:
-                self.pool.evict(slot)
+            self._forget(ref.key)
             raise
         self.metrics["loads"] += 1
 
@@ -183,13 +190,19 @@ class LoRAManager:
         ref = self.registry.remove(name)
         self.registry.wait_idle(ref, timeout)
 
-        def free():
-            self.host.remove(ref.key)
-            slot = self.pool.slot_of(ref.key)
-            if slot is not None:
-                self.pool.evict(slot)
-        self.run_in_engine(free)
+        self.run_in_engine(lambda: self._forget(ref.key))
         self.plugins.notify("loraserve_adapter_unloaded", name=name, version=ref.version)
+
+    def _forget(self, key: tuple) -> None:
+        """Drop ``key`` from the host cache and its GPU slot (engine thread), on every rank."""
+        self.host.remove(key)
+        slot = self.pool.slot_of(key)
+        if slot is not None:
+            self.pool.evict(slot)
+            if self.mirror is not None:
+                self.mirror(("evict", slot))
+        if self.mirror is not None:
+            self.mirror(("forget", key))
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -293,6 +306,9 @@ class LoRAManager:
 
     def _fill(self, slot: int, key: tuple, adapter: Any | None) -> None:
         self.pool.assign(slot, key, adapter)
+        if self.mirror is not None:
+            self.mirror(("fill", slot, key, None if adapter is None else adapter.name,
+                         None if adapter is None else adapter.source))
         if adapter is None:  # the base model: rank 0, nothing to copy
             return
         self.metrics["slot_fills"] += 1
@@ -356,6 +372,8 @@ class LoRAManager:
         for name, version in keys:
             if tier == "host":
                 self.metrics["host_evictions"] += 1
+                if self.mirror is not None:
+                    self.mirror(("forget", (name, version)))
             if name:
                 self.plugins.notify("loraserve_adapter_evicted", name=name, version=version, tier=tier)
 

@@ -8,7 +8,10 @@ rank 0 when it is in a batch, as in SGLang. Buffers are allocated once and only 
 change, so a captured CUDA graph stays valid. Keys are ``(name, version)``. A slot may be
 *loading*: assigned to a key while its weights are still being copied on a side stream (overlap
 loading); such a slot is never chosen as an eviction victim. Both pools have a
-``check_integrity()`` the tests call.
+``check_integrity()`` the tests call. Under tensor parallelism each rank's pool is sized by its
+layers' local shapes and :meth:`GpuAdapterPool.write` cuts every full adapter tensor to the rank's
+part, as S-LoRA shards adapters: B by its output rows for column-parallel projections (A whole),
+A by its input columns for row-parallel ones (B whole).
 """
 
 from __future__ import annotations
@@ -87,13 +90,25 @@ class GpuAdapterPool:
     :param a_storage: optional ``(layer, name, rows) -> zeroed [rows, in]`` tensor that holds a
         layer's A buffer instead of a fresh allocation (the layer's weight with rows appended, so the
         base GEMM can do the shrink; see ``LoRALinear.append_rows``).
+    :param shard: tensor-parallel modules, fused name -> ``(parallel, rank, size)`` (a layer's
+        ``shard_spec``); ``modules`` then gives that rank's local sizes, and :meth:`write` takes
+        full adapter tensors and copies the rank's part: ``"column"``, B's rows of the rank's part
+        of every output slice (each of q, k and v cut by heads), A whole; ``"row"``, A's columns of
+        the rank's input features, B whole. Modules not named are replicated.
     """
 
     def __init__(self, num_slots: int, max_rank: int, num_layers: int, modules: dict[str, tuple[int, tuple[int, ...]]],
                  extra: dict[str, tuple[int, int]], dtype: torch.dtype, device: torch.device, policy: EvictionPolicy,
-                 a_storage: Callable[[int, str, int], torch.Tensor] | None = None):
+                 a_storage: Callable[[int, str, int], torch.Tensor] | None = None,
+                 shard: dict[str, tuple[str, int, int]] | None = None):
         self.num_slots, self.max_rank, self.policy = num_slots, max_rank, policy
         self.offsets = {name: offs for name, (_, offs) in modules.items()}
+        self.in_dims = {name: in_dim for name, (in_dim, _) in modules.items()}
+        self.shard = {name: spec for name, spec in (shard or {}).items() if spec is not None}
+        for name, (style, rank, size) in self.shard.items():
+            if name not in modules or style not in ("column", "row") or not 0 <= rank < size:
+                raise ValueError(f"shard spec {name!r}: {(style, rank, size)} must name a pooled module, a "
+                                 "'column' or 'row' style and a rank in [0, size)")
         R = max_rank
         self.A: dict[tuple[int, str], torch.Tensor] = {}
         self.B: dict[tuple[int, str], torch.Tensor] = {}
@@ -176,7 +191,11 @@ class GpuAdapterPool:
 
         Rows and columns past a module's rank are zeroed (the kernels never read them, but a slot
         then holds exactly its adapter). A module at the full slot rank is one copy for A and one
-        for B; ``non_blocking`` makes copies from page-locked host memory asynchronous."""
+        for B (one per output slice for a column-parallel B); ``non_blocking`` makes copies from
+        page-locked host memory asynchronous. The adapter's tensors are always the full model's;
+        a tensor-parallel module gets this rank's part (see ``shard``). A row-parallel A's columns
+        are a strided view of the host tensor, which torch stages through a contiguous
+        (pageable) copy, so that copy is not asynchronous."""
         R, copied = self.max_rank, 0
         for (layer, name), A_buf in self.A.items():
             B_buf = self.B[(layer, name)]
@@ -188,17 +207,38 @@ class GpuAdapterPool:
             A, B = w
             n_slices = 1 if layer < 0 else len(self.offsets[name]) - 1
             r = A.shape[0] // n_slices
-            copied += A.numel() * A.element_size() + B.numel() * B.element_size()
+            A, B_rows = self._local_parts(name, A, B) if layer >= 0 else (A, [(0, B.shape[0], B)])
+            copied += A.numel() * A.element_size() + sum(src.numel() * src.element_size() for _, _, src in B_rows)
             if r == R:
                 A_buf[slot].copy_(A, non_blocking=non_blocking)
-                B_buf[slot].copy_(B, non_blocking=non_blocking)
+                for lo, hi, src in B_rows:
+                    B_buf[slot, lo:hi].copy_(src, non_blocking=non_blocking)
                 continue
             A_buf[slot].zero_()
             B_buf[slot].zero_()
             for i in range(n_slices):
                 A_buf[slot, i * R:i * R + r].copy_(A[i * r:(i + 1) * r], non_blocking=non_blocking)
-            B_buf[slot, :, :r].copy_(B, non_blocking=non_blocking)
+            for lo, hi, src in B_rows:
+                B_buf[slot, lo:hi, :r].copy_(src, non_blocking=non_blocking)
         return copied
+
+    def _local_parts(self, name: str, A: torch.Tensor,
+                     B: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
+        """This rank's part of a module's full ``A [n * r, in]`` and ``B [out, r]``: A (a view) and
+        B as ``(local_lo, local_hi, rows)`` pieces, views of B's rows that fill the local rows
+        ``local_lo:local_hi`` of the slot's B."""
+        offs = self.offsets[name]
+        style, rank, size = self.shard.get(name, (None, 0, 1))
+        if style == "row":  # A's columns of this rank's input features; B whole
+            local_in = self.in_dims[name]
+            return A[:, rank * local_in:(rank + 1) * local_in], [(0, offs[-1], B)]
+        if style == "column":  # B's rows of this rank's part of every slice: slice i starts at size * offs[i]
+            pieces = []
+            for lo, hi in zip(offs, offs[1:]):
+                start = size * lo + rank * (hi - lo)
+                pieces.append((lo, hi, B[start:start + hi - lo]))
+            return A, pieces
+        return A, [(0, offs[-1], B)]
 
     @staticmethod
     def _weights_for(adapter: Any, layer: int, name: str):

@@ -9,6 +9,11 @@ to the weight (:meth:`LoRALinear.append_rows`); on steps where ``lora_fuse()`` s
 then gives the base output and every slot's ``x @ A^T`` (the shrink shares the GEMM's read of
 ``x``), and the hook gets those extra columns as a third argument.
 Parameters are created empty, directly on the target device and dtype; the loader fills them.
+Under tensor parallelism (a :class:`~loraserve.distributed.TensorParallel` of more than one rank) a
+layer holds this rank's shard, Megatron-style: a ``"column"`` layer a slice of every fused output
+slice (q, k and v each cut by heads), a ``"row"`` layer a slice of its input features followed by
+an all-reduce, and the embedding a slice of the vocabulary; ``input_size`` and ``output_offsets``
+are then the local sizes and :meth:`LoRALinear.shard_of` cuts a full checkpoint tensor to them.
 RMSNorm (with the residual add) and RoPE run as fused Triton kernels where
 :func:`~loraserve.models.fused.use_fused` says so (on CUDA, by default) and as the eager code here
 otherwise; the kernels round as this code does (:mod:`loraserve.models.fused` says where they differ).
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve.distributed import TensorParallel
 from loraserve.errors import ConfigError
 from loraserve.models import fused
 
@@ -38,37 +44,99 @@ def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> nn
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+PARALLEL_STYLES = ("column", "row")
+
+
 class LoRALinear(nn.Module):
     """A linear layer whose output may fuse several slices, with a LoRA hook.
 
-    :param input_size: features in.
+    :param input_size: features in (of the whole model, before any tensor-parallel sharding).
     :param output_sizes: size of each fused output slice (``[q, kv, kv]`` for qkv_proj,
-        ``[inter, inter]`` for gate_up_proj, ``[out]`` for a plain projection).
+        ``[inter, inter]`` for gate_up_proj, ``[out]`` for a plain projection), unsharded.
     :param bias: whether the layer has a bias.
+    :param parallel: ``"column"`` (each rank holds ``1/size`` of every output slice, the input
+        whole), ``"row"`` (each rank holds ``1/size`` of the input features and computes a partial
+        sum of the whole output, all-reduced at the end of :meth:`forward`) or None (replicated).
+    :param tp: the tensor-parallel group (None: one rank, no sharding whatever ``parallel`` says).
 
-    ``output_offsets`` holds the slice boundaries, ``(0, q, q+kv, q+2kv)`` for qkv_proj; the
-    LoRA backends read it to apply one adapter matrix pair per slice.
+    ``input_size``, ``output_sizes`` and ``output_offsets`` are this rank's: ``output_offsets``
+    holds the slice boundaries, ``(0, q, q+kv, q+2kv)`` for qkv_proj with q and kv the local
+    sizes; the LoRA backends read it to apply one adapter matrix pair per slice.
+    ``full_input_size`` and ``full_output_sizes`` are the unsharded sizes.
+
+    A row-parallel layer's LoRA hook sees the local input slice and the rank's *partial* output,
+    before the all-reduce, and adds its partial delta there. That is exact: with A cut by
+    columns like the weight, ``s * (x A^T) B^T = sum_r s * (x_r A_r^T) B^T``, so the one
+    all-reduce sums the base and LoRA partials together, and no extra communication is needed
+    (equivalent to all-reducing the partial shrink ``x_r A_r^T`` as S-LoRA does). Its bias is
+    added on rank 0 only, so the sum counts it once.
     """
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, *, parallel: str | None = None, tp: TensorParallel | None = None,
+                 name: str = "linear layer"):
         super().__init__()
         if input_size < 1 or not output_sizes or any(s < 1 for s in output_sizes):
             raise ConfigError(f"linear layer sizes must be positive: input {input_size}, outputs {tuple(output_sizes)}")
+        if parallel is not None and parallel not in PARALLEL_STYLES:
+            raise ValueError(f"parallel style {parallel!r} of {name}; use one of {PARALLEL_STYLES} or None")
+        self.tp = tp if tp is not None else TensorParallel()
+        #: how this layer is sharded, or None when it is not (replicated, or a single rank)
+        self.parallel = parallel if self.tp.size > 1 else None
+        self.full_input_size = int(input_size)
+        self.full_output_sizes: tuple[int, ...] = tuple(int(s) for s in output_sizes)
+        local_in, local_out = self.full_input_size, self.full_output_sizes
+        if self.parallel == "row":
+            local_in = self.tp.shard_size(self.full_input_size, f"{name} input size")
+        elif self.parallel == "column":
+            local_out = tuple(self.tp.shard_size(s, f"{name} output size") for s in self.full_output_sizes)
         offsets = [0]
-        for size in output_sizes:
-            offsets.append(offsets[-1] + int(size))
-        self.input_size = int(input_size)
-        self.output_sizes: tuple[int, ...] = tuple(int(s) for s in output_sizes)
+        for size in local_out:
+            offsets.append(offsets[-1] + size)
+        self.input_size = local_in
+        self.output_sizes: tuple[int, ...] = local_out
         self.output_offsets: tuple[int, ...] = tuple(offsets)
         self.output_size = offsets[-1]
         self.weight = _empty((self.output_size, self.input_size), dtype, device)
         self.bias = _empty((self.output_size,), dtype, device) if bias else None
+        # a row-parallel layer's ranks each produce a partial sum: only rank 0 adds the bias
+        self._adds_bias = not (self.parallel == "row" and self.tp.rank != 0)
         self.lora_hook: LoRAHook | None = None
         #: set with :meth:`append_rows`: whether this step's GEMM includes the appended rows
         self.lora_fuse: Callable[[], bool] | None = None
         self._weight_ext: torch.Tensor | None = None
         self._bias_ext: torch.Tensor | None = None
+
+    @property
+    def shard_spec(self) -> tuple[str, int, int] | None:
+        """``(parallel, rank, size)`` when this layer is sharded, else None: what the LoRA pool
+        needs to cut full adapter tensors to this rank's part."""
+        return None if self.parallel is None else (self.parallel, self.tp.rank, self.tp.size)
+
+    def full_shape(self, kind: str, slice_idx: int | None = None) -> tuple[int, ...]:
+        """The unsharded shape of ``kind`` (``"weight"`` or ``"bias"``), of all fused slices
+        or, with ``slice_idx``, of that one (a checkpoint's ``q_proj``)."""
+        out = sum(self.full_output_sizes) if slice_idx is None else self.full_output_sizes[slice_idx]
+        return (out, self.full_input_size) if kind == "weight" else (out,)
+
+    def shard_of(self, full: torch.Tensor, kind: str, slice_idx: int | None = None) -> torch.Tensor:
+        """This rank's part of an unsharded tensor of :meth:`full_shape` (a view when it can be).
+
+        Column-parallel: of every output slice, the rank's contiguous rows (for qkv_proj, its
+        heads of q, of k and of v). Row-parallel: the weight's columns of the rank's input
+        features; the bias whole. Unsharded: ``full`` itself."""
+        if self.parallel == "row" and kind == "weight":
+            start, stop = self.tp.shard_range(self.full_input_size, "input size")
+            return full[:, start:stop]
+        if self.parallel != "column":
+            return full
+        slices = range(len(self.full_output_sizes)) if slice_idx is None else [slice_idx]
+        parts, base = [], 0
+        for i in slices:
+            local = self.output_sizes[i]
+            parts.append(full[base + self.tp.rank * local:base + (self.tp.rank + 1) * local])
+            base += self.full_output_sizes[i]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def append_rows(self, rows: int) -> torch.Tensor:
         """Reallocate the weight as ``[out + rows, in]`` with zero rows after its own (the bias with
@@ -89,37 +157,64 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_fuse is not None and self.lora_fuse():
-            y = F.linear(x, self._weight_ext, self._bias_ext)
+            y = F.linear(x, self._weight_ext, self._bias_ext if self._adds_bias else None)
             out = y[:, :self.output_size]  # rows of stride out + rows: downstream ops take views
             self.lora_hook(x, out, y[:, self.output_size:])
-            return out
-        out = F.linear(x, self.weight, self.bias)
-        if self.lora_hook is not None:
-            self.lora_hook(x, out)  # adds the adapter delta in place
+        else:
+            out = F.linear(x, self.weight, self.bias if self._adds_bias else None)
+            if self.lora_hook is not None:
+                self.lora_hook(x, out)  # adds the adapter delta in place
+        if self.parallel == "row":
+            # one all-reduce sums the ranks' base and LoRA partials together (class docstring)
+            out = self.tp.all_reduce(out.contiguous())
         return out
 
     def extra_repr(self) -> str:
-        return f"in={self.input_size}, offsets={self.output_offsets}, bias={self.bias is not None}"
+        sharded = f", {self.parallel}-parallel {self.tp.rank}/{self.tp.size}" if self.parallel else ""
+        return f"in={self.input_size}, offsets={self.output_offsets}, bias={self.bias is not None}{sharded}"
 
 
 class LoRAEmbedding(nn.Module):
-    """Token embedding ``[vocab, hidden]`` with a LoRA hook called as ``hook(input_ids, out)``."""
+    """Token embedding ``[vocab, hidden]`` with a LoRA hook called as ``hook(input_ids, out)``.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, device: torch.device):
+    With a ``tp`` of more than one rank it is vocab-parallel: this rank holds rows
+    ``vocab_start:vocab_end``, looks up the ids that fall there, gives zeros for the others and
+    all-reduces, so every rank gets the whole embedding. ``num_embeddings`` is the local row count.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, device: torch.device,
+                 tp: TensorParallel | None = None):
         super().__init__()
-        self.num_embeddings = int(num_embeddings)
+        self.tp = tp if tp is not None else TensorParallel()
+        self.full_num_embeddings = int(num_embeddings)
+        self.vocab_start, self.vocab_end = self.tp.shard_range(self.full_num_embeddings, "vocab_size")
+        self.num_embeddings = self.vocab_end - self.vocab_start
         self.embedding_dim = int(embedding_dim)
         self.weight = _empty((self.num_embeddings, self.embedding_dim), dtype, device)
         self.lora_hook: LoRAHook | None = None
 
+    def full_shape(self, kind: str = "weight", slice_idx: int | None = None) -> tuple[int, ...]:
+        return self.full_num_embeddings, self.embedding_dim
+
+    def shard_of(self, full: torch.Tensor, kind: str = "weight", slice_idx: int | None = None) -> torch.Tensor:
+        """This rank's rows of an unsharded ``[vocab, hidden]`` tensor."""
+        return full[self.vocab_start:self.vocab_end]
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(input_ids, self.weight)
+        if self.tp.size == 1:
+            out = F.embedding(input_ids, self.weight)
+        else:
+            inside = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+            out = F.embedding(torch.where(inside, input_ids - self.vocab_start, 0), self.weight)
+            out.masked_fill_(~inside.unsqueeze(-1), 0.0)
+            out = self.tp.all_reduce(out)  # exactly one rank contributes each row: the sum is exact
         if self.lora_hook is not None:
             self.lora_hook(input_ids, out)
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}"
+        sharded = f", rows {self.vocab_start}:{self.vocab_end}" if self.tp.size > 1 else ""
+        return f"{self.full_num_embeddings}, {self.embedding_dim}{sharded}"
 
 
 class RMSNorm(nn.Module):

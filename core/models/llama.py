@@ -9,6 +9,10 @@ slices. :meth:`LlamaForCausalLM.load_weights` takes Hugging Face tensor names an
 Layers pass the residual stream beside the hidden states, so each residual add fuses into the next
 RMSNorm; with RoPE and SiLU-and-mul these run as Triton kernels where
 :func:`~loraserve.models.fused.use_fused` says so (``LORASERVE_FUSED_OPS=0`` keeps the eager code).
+Given a :class:`~loraserve.distributed.TensorParallel` of N ranks, one process per rank builds its
+shard (Megatron-style): qkv_proj and gate_up_proj column-parallel (1/N of the heads, of the kv
+heads and of the intermediate size), o_proj and down_proj row-parallel with an all-reduce,
+embed_tokens and lm_head vocab-parallel, and every rank gets the whole logits.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
+from loraserve.distributed import TensorParallel
 from loraserve.errors import ConfigError
 from loraserve.models import fused
 from loraserve.models.layers import LoRAEmbedding, LoRALinear, RMSNorm, RotaryEmbedding, rotate_qk
@@ -44,9 +49,12 @@ class LlamaAttention(nn.Module):
         dtype, device = model.dtype, model.device
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = model.num_heads, model.num_kv_heads, model.head_dim
-        self.q_size, self.kv_size = model.q_size, model.kv_size
-        self.qkv_proj = LoRALinear(model.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, dtype, device)
-        self.o_proj = LoRALinear(self.q_size, [model.hidden_size], o_bias, dtype, device)
+        self.q_size, self.kv_size = model.q_size, model.kv_size  # this rank's
+        q_full, kv_full = model.total_num_heads * self.head_dim, model.total_num_kv_heads * self.head_dim
+        self.qkv_proj = LoRALinear(model.hidden_size, [q_full, kv_full, kv_full], qkv_bias, dtype, device,
+                                   parallel="column", tp=model.tp, name="qkv_proj")
+        self.o_proj = LoRALinear(q_full, [model.hidden_size], o_bias, dtype, device, parallel="row", tp=model.tp,
+                                 name="o_proj")
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         T = hidden.shape[0]
@@ -66,10 +74,12 @@ class LlamaMLP(nn.Module):
         if hidden_act not in ACT2FN:
             raise ConfigError(f"hidden_act {hidden_act!r} in config.json is not a known activation; "
                               f"known: {', '.join(sorted(ACT2FN))}")
-        inter = model.intermediate_size
-        self.intermediate_size = inter
-        self.gate_up_proj = LoRALinear(model.hidden_size, [inter, inter], bias, model.dtype, model.device)
-        self.down_proj = LoRALinear(inter, [model.hidden_size], bias, model.dtype, model.device)
+        full = model.total_intermediate_size
+        self.intermediate_size = model.intermediate_size  # this rank's
+        self.gate_up_proj = LoRALinear(model.hidden_size, [full, full], bias, model.dtype, model.device,
+                                       parallel="column", tp=model.tp, name="gate_up_proj")
+        self.down_proj = LoRALinear(full, [model.hidden_size], bias, model.dtype, model.device, parallel="row",
+                                    tp=model.tp, name="down_proj")
         self.act_fn = ACT2FN[hidden_act]
         self.is_silu = hidden_act in ("silu", "swish")  # both are F.silu in transformers
 
@@ -106,7 +116,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, model: "LlamaForCausalLM", qkv_bias: bool, o_bias: bool):
         super().__init__()
-        self.embed_tokens = LoRAEmbedding(model.vocab_size, model.hidden_size, model.dtype, model.device)
+        self.embed_tokens = LoRAEmbedding(model.vocab_size, model.hidden_size, model.dtype, model.device, tp=model.tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(model, i, qkv_bias, o_bias) for i in range(model.num_layers))
         self.norm = RMSNorm(model.hidden_size, model.config.rms_norm_eps, model.dtype, model.device)
         self.rotary_emb = RotaryEmbedding(model.config, model.head_dim, model.device)
@@ -125,23 +135,37 @@ class LlamaForCausalLM(nn.Module):
     :param config: a ``transformers`` config (LlamaConfig, MistralConfig, Qwen2Config, ...).
     :param dtype: parameter dtype (``torch.dtype`` or a name such as ``"bfloat16"``).
     :param device: where parameters are created (``torch.device`` or a string); they start empty.
+    :param tp: this process's place in a tensor-parallel group (None: one rank, the whole model).
+
+    ``num_heads``, ``num_kv_heads``, ``q_size``, ``kv_size`` and ``intermediate_size`` are this
+    rank's (the KV cache and attention size themselves by them); ``total_num_heads``,
+    ``total_num_kv_heads`` and ``total_intermediate_size`` are the model's. ``vocab_size`` and
+    ``hidden_size`` are the model's: :meth:`compute_logits` returns the whole vocabulary.
+    A size the tensor-parallel size does not divide raises :class:`ConfigError` naming it.
     """
 
-    def __init__(self, config, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(self, config, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.config = config
+        self.tp = tp if tp is not None else TensorParallel()
         self.device = to_torch_device(device)
         self.dtype = to_torch_dtype(dtype, self.device)
         self.num_layers = _required(config, "num_hidden_layers")
         self.hidden_size = _required(config, "hidden_size")
-        self.num_heads = _required(config, "num_attention_heads")
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.intermediate_size = _required(config, "intermediate_size")
+        self.total_num_heads = _required(config, "num_attention_heads")
+        self.total_num_kv_heads = getattr(config, "num_key_value_heads", None) or self.total_num_heads
+        self.total_intermediate_size = _required(config, "intermediate_size")
         self.vocab_size = _required(config, "vocab_size")
-        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
-                              f"({self.num_kv_heads}) in config.json")
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.total_num_heads
+        if self.total_num_heads % self.total_num_kv_heads:
+            raise ConfigError(f"num_attention_heads ({self.total_num_heads}) must be a multiple of num_key_value_heads "
+                              f"({self.total_num_kv_heads}) in config.json")
+        # every rank holds whole heads (GQA groups stay on one rank) and equal slices of the rest
+        self.num_heads = self.tp.shard_size(self.total_num_heads, "num_attention_heads")
+        self.num_kv_heads = self.tp.shard_size(self.total_num_kv_heads, "num_key_value_heads")
+        self.intermediate_size = self.tp.shard_size(self.total_intermediate_size, "intermediate_size")
+        self.tp.shard_size(self.vocab_size, "vocab_size")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         self.q_size = self.num_heads * self.head_dim
@@ -157,7 +181,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         self.model = LlamaModel(self, qkv_bias, o_bias)
-        self.lm_head = LoRALinear(self.hidden_size, [self.vocab_size], False, self.dtype, self.device)
+        self.lm_head = LoRALinear(self.hidden_size, [self.vocab_size], False, self.dtype, self.device,
+                                  parallel="column", tp=self.tp, name="lm_head")
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -176,8 +201,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits ``[N, vocab]`` for hidden states ``[N, hidden]`` (usually each sequence's last)."""
-        return self.lm_head(hidden).float()
+        """float32 logits ``[N, vocab]`` for hidden states ``[N, hidden]`` (usually each sequence's last);
+        under tensor parallelism every rank gets the whole vocabulary's."""
+        return self.tp.all_gather(self.lm_head(hidden), dim=-1).float()
 
     def lora_targets(self) -> Iterator[tuple[int, str, LoRALinear]]:
         """``(layer_idx, name, module)`` for every LoRA-wrappable projection, layer by layer."""
@@ -217,15 +243,15 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 # a tied checkpoint may store the shared matrix under either name; embed_tokens wins
                 if "model.embed_tokens.weight" not in loaded:
-                    self._copy(name, self.model.embed_tokens.weight, tensor, 0, self.vocab_size)
+                    embed = self.model.embed_tokens
+                    self._copy(name, embed, embed.weight, "weight", None, tensor)
                     lm_head_as_embedding = True
                 continue
             target = self._locate(name)
             if target is None:
                 unexpected.append(name)
                 continue
-            param, start, stop = target
-            self._copy(name, param, tensor, start, stop)
+            self._copy(name, *target, tensor)
             loaded.add(name)
         if lm_head_as_embedding:
             loaded.add("model.embed_tokens.weight")
@@ -241,8 +267,9 @@ class LlamaForCausalLM(nn.Module):
                               f"{self.num_layers} layers): " + "; ".join(problems) +
                               ". Check that config.json belongs to these weights")
 
-    def _locate(self, name: str) -> tuple[nn.Parameter, int, int] | None:
-        """The parameter and the row range a Hugging Face tensor fills, or None if it has no place."""
+    def _locate(self, name: str) -> tuple[nn.Module, nn.Parameter, str, int | None] | None:
+        """The module, parameter, kind (weight/bias) and fused slice index a Hugging Face tensor
+        fills, or None if it has no place."""
         module_path, _, kind = name.rpartition(".")
         prefix, _, proj = module_path.rpartition(".")
         shard = None
@@ -255,19 +282,37 @@ class LlamaForCausalLM(nn.Module):
         param = getattr(module, kind, None) if kind in ("weight", "bias") else None
         if not isinstance(param, nn.Parameter):
             return None
-        if shard is None:
-            if isinstance(module, LoRALinear) and len(module.output_sizes) > 1:
-                return None  # a fused name in the checkpoint: we only accept the unfused Hugging Face names
-            return param, 0, param.shape[0]
-        start, stop = module.output_offsets[shard], module.output_offsets[shard + 1]
-        return param, start, stop
+        if shard is None and isinstance(module, LoRALinear) and len(module.output_sizes) > 1:
+            return None  # a fused name in the checkpoint: we only accept the unfused Hugging Face names
+        return module, param, kind, shard
 
-    def _copy(self, name: str, param: nn.Parameter, tensor: torch.Tensor, start: int, stop: int) -> None:
-        expected = (stop - start, *param.shape[1:])
+    def _copy(self, name: str, module: nn.Module, param: nn.Parameter, kind: str, slice_idx: int | None,
+              tensor: torch.Tensor) -> None:
+        """Check a full checkpoint tensor's shape and copy this rank's part of it into ``param``."""
+        sharded = hasattr(module, "shard_of")
+        expected = module.full_shape(kind, slice_idx) if sharded else tuple(param.shape)
         if tuple(tensor.shape) != expected:
             raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
                               f"{expected} from config.json; check that the config matches the weights")
-        param.data[start:stop].copy_(tensor)
+        local = module.shard_of(tensor, kind, slice_idx) if sharded else tensor
+        if slice_idx is None:
+            param.data.copy_(local)
+        else:
+            param.data[module.output_offsets[slice_idx]:module.output_offsets[slice_idx + 1]].copy_(local)
+
+    def full_parameter_shape(self, name: str) -> tuple[int, ...]:
+        """The unsharded shape of parameter ``name`` (as ``named_parameters`` lists it)."""
+        module, kind = self._owner(name)
+        return module.full_shape(kind) if hasattr(module, "full_shape") else tuple(getattr(module, kind).shape)
+
+    def shard_parameter(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of an unsharded tensor of :meth:`full_parameter_shape` for ``name``."""
+        module, kind = self._owner(name)
+        return module.shard_of(full, kind) if hasattr(module, "shard_of") else full
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        module_path, _, kind = name.rpartition(".")
+        return self.get_submodule(module_path), kind
 
 
 def _listing(names: list[str], limit: int = 12) -> str:

@@ -7,10 +7,10 @@ from loraserve import hookimpl
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-def _make(config, dtype, device):
+def _make(config, dtype, device, tp=None):
     from loraserve.models.llama import LlamaForCausalLM
 
-    return LlamaForCausalLM(config, dtype=dtype, device=device)
+    return LlamaForCausalLM(config, dtype=dtype, device=device, tp=tp)
 
 
 @hookimpl

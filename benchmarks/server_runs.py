@@ -1,0 +1,102 @@
+"""One benchmark run against a server of its own: start ``python -m loraserve`` with given flags,
+wait until ``/health`` answers, run :mod:`bench_serving` against it, read the server's LoRA counters
+from ``/metrics``, stop the server. Shared by the drivers that compare server settings
+(``bench_overlap_loading.py``, ``bench_tp.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import httpx
+
+import bench_serving
+
+COUNTERS = ("slot_fills", "copied_bytes", "copy_seconds", "copy_wait_seconds", "prefetches", "slot_misses",
+            "evictions")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """The ``loraserve_lora_*_total`` counters of a Prometheus text page (GPU evictions for the
+    labelled eviction counter)."""
+    out: dict[str, float] = {}
+    for name in COUNTERS:
+        label = r'\{tier="gpu"\}' if name == "evictions" else ""
+        m = re.search(rf"^loraserve_lora_{name}_total{label} ([0-9.eE+-]+)$", text, re.M)
+        if m:
+            out[name] = float(m.group(1))
+    return out
+
+
+def parse_step_times(text: str) -> dict[str, dict[str, float]]:
+    """Engine steps and their wall time by kind (``decode``, ``prefill``) from a Prometheus page,
+    with the mean step time in ms."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in ("decode", "prefill"):
+        n = re.search(rf'^loraserve_engine_steps_total{{kind="{kind}"}} ([0-9.eE+-]+)$', text, re.M)
+        t = re.search(rf'^loraserve_engine_step_seconds_total{{kind="{kind}"}} ([0-9.eE+-]+)$', text, re.M)
+        if n and t:
+            steps, secs = float(n.group(1)), float(t.group(1))
+            out[kind] = {"steps": steps, "seconds": secs, "mean_ms": secs / steps * 1e3 if steps else None}
+    return out
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before it was healthy")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the server was not healthy within {timeout:.0f} s")
+
+
+def serve_and_bench(server_flags: Sequence[str], bench_flags: Sequence[str], tag: str, out_dir: Path, port: int,
+                    startup_timeout: float = 600) -> dict:
+    """Run ``bench_serving`` (``bench_flags``, without ``--base-url``/``--output-file``) against a
+    fresh server (``server_flags``, without ``--port``); returns the result document with the
+    server's command, start-up time and LoRA counters added. The server's log is ``server_TAG.log``
+    in ``out_dir``."""
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "loraserve", *server_flags, "--port", str(port)]
+    log = open(out_dir / f"server_{tag}.log", "w")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_healthy(url, proc, startup_timeout)
+        startup_s = time.perf_counter() - start
+        result_file = out_dir / f"serving_{tag}.json"
+        code = bench_serving.main(["--base-url", url, *bench_flags, "--output-file", str(result_file),
+                                   "--disable-tqdm"])
+        if code != 0:
+            raise RuntimeError(f"bench_serving failed (exit {code}); see {result_file}")
+        doc = json.loads(result_file.read_text())
+        page = httpx.get(f"{url}/metrics", timeout=10).text
+        doc["lora_counters"] = parse_counters(page)
+        doc["engine_steps"] = parse_step_times(page)
+        doc["server"] = {"command": cmd[1:], "startup_s": startup_s}
+        return doc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

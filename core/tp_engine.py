@@ -1,0 +1,232 @@
+"""Tensor parallelism across processes: the driver in the serving process and the worker loop.
+
+With ``--tp-size N`` the serving process is rank 0: it keeps the HTTP server, the scheduler, the
+sampler and every LoRA decision, and runs its own shard of the model. It starts ``N - 1`` worker
+processes (ranks 1..N-1, one GPU each, or CPU processes with gloo); all ranks join one
+``torch.distributed`` group, and the model's collectives (the all-reduce after each row-parallel
+projection, the vocab-parallel embedding and logits) keep them in lock step. Before every step the
+driver sends each worker the step's chunks (tokens, positions, block table, adapter key); before a
+GPU slot is filled or emptied it sends that decision, so every rank's slot pool holds the same
+adapters in the same slots (one decision, made once, applied everywhere). Workers read adapter
+weights themselves from the adapter's source and keep only their shard on the GPU.
+
+A watchdog thread waits on the workers' process sentinels: a worker that exits unasked takes the
+server down with a message naming its rank and exit code, instead of leaving rank 0 blocked in a
+collective forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+from loraserve.errors import ConfigError
+
+logger = logging.getLogger("loraserve.tp")
+
+#: exit code of a server taken down by a dead worker
+WORKER_DIED_EXIT_CODE = 70
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_group(rank: int, size: int, port: int, device_type: str) -> None:
+    """Join the ``size``-rank group (NCCL on CUDA, gloo on CPU) over TCP on localhost."""
+    import datetime
+
+    import torch.distributed as dist
+
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        if torch.cuda.device_count() < size:
+            raise ConfigError(f"--tp-size {size} needs {size} CUDA devices, found {torch.cuda.device_count()}; "
+                              "lower --tp-size")
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(minutes=10))
+
+
+def check_sizes(settings: Any) -> None:
+    """The model's sizes against ``--tp-size``, from its config alone (a GGUF file is checked when
+    the model is built, since its config comes with the weights)."""
+    from loraserve.distributed import check_divisible
+    from loraserve.model_loader import load_config, resolve_model_source
+
+    source = resolve_model_source(settings)
+    if source.load_format != "gguf":
+        check_divisible(load_config(source), settings.tp_size)
+
+
+# -- what travels from the driver to the workers -------------------------------------------------
+
+@dataclass
+class _Request:
+    """The parts of a Request a worker's runner reads."""
+
+    ids: list[int]
+    first: int  # position of ids[0]
+    blocks: list[int]
+    num_tokens: int
+    lora: Any = None
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        return self.ids[start - self.first:end - self.first]
+
+
+@dataclass
+class _Chunk:
+    request: _Request
+    start: int
+    num_tokens: int
+    samples: bool = field(default=False)
+
+
+def describe_chunks(chunks: list) -> list[tuple]:
+    """A step's chunks as plain tuples: ``(ids, start, n, blocks, samples, lora_key)``."""
+    out = []
+    for c in chunks:
+        r = c.request
+        key = r.lora.key if getattr(r, "lora", None) is not None else None
+        out.append((r.token_slice(c.start, c.start + c.num_tokens), c.start, c.num_tokens, list(r.blocks),
+                    c.samples, key))
+    return out
+
+
+def rebuild_chunks(described: list[tuple]) -> list[_Chunk]:
+    chunks = []
+    for ids, start, n, blocks, samples, key in described:
+        lora = SimpleNamespace(key=tuple(key)) if key is not None else None
+        req = _Request(ids=list(ids), first=start, blocks=blocks, num_tokens=start + n + (0 if samples else 1),
+                       lora=lora)
+        chunks.append(_Chunk(req, start, n, samples))
+    return chunks
+
+
+# -- the driver (rank 0, in the serving process) --------------------------------------------------
+
+class TPDriver:
+    """Starts the workers, forwards steps and LoRA slot decisions to them, watches them."""
+
+    def __init__(self, settings: Any, on_worker_death: Callable[[str], None] | None = None):
+        self.size = settings.tp_size
+        self.port = free_port()
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        self._stopping = False
+        payload = settings.model_dump()
+        for rank in range(1, self.size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(payload, rank, self.port, child),
+                               name=f"loraserve-tp{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self.on_worker_death = on_worker_death or _exit_on_worker_death
+        self._watchdog = threading.Thread(target=self._watch, name="loraserve-tp-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        from multiprocessing.connection import wait
+
+        sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self.procs, start=1)}
+        while sentinels:
+            for s in wait(list(sentinels)):
+                rank, proc = sentinels.pop(s)
+                proc.join(1)
+                if not self._stopping:
+                    self.on_worker_death(f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}; "
+                                         "the server cannot continue without it (see that worker's log above)")
+                    return
+
+    def send(self, message: tuple) -> None:
+        for conn in self.conns:
+            conn.send(message)
+
+    def send_step(self, chunks: list) -> None:
+        self.send(("step", describe_chunks(chunks)))
+
+    def mirror_lora(self, event: tuple) -> None:
+        self.send(("lora",) + event)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        for conn in self.conns:
+            try:
+                conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _exit_on_worker_death(message: str) -> None:
+    logger.critical(message)
+    os._exit(WORKER_DIED_EXIT_CODE)
+
+
+# -- the worker (ranks 1..N-1, each in its own process) --------------------------------------------
+
+def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
+    """Build this rank's shard of every part and follow the driver's messages until told to stop."""
+    from loraserve.engine_setup import build_components
+    from loraserve.plugin_manager import PluginManager
+    from loraserve.settings import Settings
+
+    logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s tp{rank} %(name)s: %(message)s")
+    settings = Settings.model_validate(payload)
+    init_group(rank, settings.tp_size, port, settings.resolved_device())
+    plugins = PluginManager(allow=settings.plugins, deny=settings.disable_plugin, trace=settings.trace_plugins)
+    plugins.load()
+    parts = build_components(settings, plugins, run_in_engine=lambda fn: fn(), tp_rank=rank)
+    adapters: dict[tuple, Any] = {}
+    lora = parts.lora
+    while True:
+        message = conn.recv()
+        kind = message[0]
+        if kind == "stop":
+            break
+        if kind == "step":
+            with torch.inference_mode():
+                parts.runner.forward(rebuild_chunks(message[1]))
+        elif kind == "lora":
+            apply_lora_event(lora, adapters, message[1:])
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def apply_lora_event(lora: Any, adapters: dict, event: tuple) -> None:
+    """Replay one of the driver's slot decisions on this rank's pool (see LoRAManager.mirror)."""
+    kind = event[0]
+    if kind == "fill":
+        _, slot, key, name, source = event
+        key = tuple(key)
+        adapter = None
+        if name is not None:
+            adapter = adapters.get(key)
+            if adapter is None:
+                adapter = adapters[key] = lora._read(name, source)
+        lora.pool.assign(slot, key, adapter)
+        if adapter is not None:
+            lora.pool.write(slot, adapter)
+    elif kind == "evict":
+        lora.pool.evict(event[1])
+    elif kind == "forget":
+        adapters.pop(tuple(event[1]), None)
+    else:
+        raise RuntimeError(f"unknown LoRA event {event!r}")

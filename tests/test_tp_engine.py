@@ -1,0 +1,113 @@
+"""``--tp-size 2`` on CPU with gloo: the serving process is rank 0 and one worker process is rank 1.
+
+Oracles: PEFT's mixed-batch greedy generate and the same engine at ``--tp-size 1`` (tokens
+identical, log-probabilities within 1e-4), with mixed adapters and base rows, adapters cycling
+through fewer slots than adapters, and adapters loaded and unloaded while requests run. A worker
+that dies takes the serving process down with a message (checked in a subprocess), and sizes the
+tensor-parallel degree does not divide are refused naming the size.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from loraserve.engine import Engine
+from loraserve.errors import ConfigError
+from loraserve.settings import make_settings
+from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
+
+ORDER = [None, "rank1", "rank3_rslora", "patterns", None, "one_layer", "rank1", "patterns"]
+
+
+def tp_engine(base, paths, tp_size, **kwargs):
+    return Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024, tp_size=tp_size,
+                                lora_paths=[f"{n}={p}" for n, p in paths.items()], **kwargs))
+
+
+def logprobs(result) -> list[float]:
+    return [lp for lp, _ in result["meta_info"]["output_token_logprobs"]]
+
+
+def test_tp2_matches_tp1_and_peft_with_cycling_adapters(setup):
+    base, paths, peft = setup
+    batch = prompts(len(ORDER), seed=51)
+    expected, _ = peft_generate(peft, batch, ORDER)
+    results = {}
+    for size in (2, 1):
+        engine = tp_engine(base, paths, size, max_loras_per_batch=3, max_running_requests=4)
+        try:
+            assert (engine.tp is not None) == (size > 1)
+            results[size] = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ORDER)
+            assert engine.lora.metrics["gpu_evictions"] > 0  # more adapters than slots: slots were refilled
+            engine.lora.check_integrity()
+        finally:
+            engine.shutdown()
+    assert [r["output_ids"] for r in results[2]] == expected
+    assert [r["output_ids"] for r in results[1]] == expected
+    for a, b in zip(results[2], results[1]):
+        assert max(abs(x - y) for x, y in zip(logprobs(a), logprobs(b))) < 1e-4
+
+
+def test_tp2_dynamic_load_and_unload_during_generation(setup):
+    base, paths, peft = setup
+    names = list(ADAPTERS)
+    first = {n: paths[n] for n in names[:2]}
+    engine = tp_engine(base, first, 2, max_loras_per_batch=3, lora_target_modules=["all"], max_lora_rank=8)
+    try:
+        long = dict(GREEDY, max_new_tokens=100)  # long enough to be still decoding while adapters come and go
+        batch = prompts(2, seed=52)
+        box = {}
+        runner = threading.Thread(target=lambda: box.update(r=engine.generate(
+            input_ids=batch, sampling_params=long, lora_path=names[:2])))
+        runner.start()
+        engine.lora.load_adapter(names[2], paths[names[2]])
+        late = engine.generate(input_ids=prompts(1, seed=53), sampling_params=GREEDY, lora_path=[names[2]])
+        assert runner.is_alive()  # the load and the late request happened during the long generation
+        runner.join()
+        engine.lora.unload_adapter(names[0])
+        engine.lora.load_adapter(names[3], paths[names[3]])
+        after = engine.generate(input_ids=prompts(2, seed=54), sampling_params=GREEDY, lora_path=[names[3], names[1]])
+        # greedy: the first tokens of a longer generation are the shorter generation
+        first = [r["output_ids"][:GREEDY["max_new_tokens"]] for r in box["r"]]
+        for got, order, seed in ((first, names[:2], 52), ([r["output_ids"] for r in late], [names[2]], 53),
+                                 ([r["output_ids"] for r in after], [names[3], names[1]], 54)):
+            expected, _ = peft_generate(peft, prompts(len(order), seed=seed), order)
+            assert got == expected, order
+        assert names[0] not in engine.lora.registry.names()
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+def test_sizes_not_divisible_by_tp_size_are_refused(setup):
+    base, paths, _ = setup  # 4 heads, 2 KV heads: --tp-size 4 cannot split the KV heads
+    with pytest.raises(ConfigError) as err:
+        tp_engine(base, {}, 4)
+    msg = str(err.value)
+    assert "--tp-size 4" in msg and "2" in msg and "not divisible" in msg
+
+
+def test_dead_worker_takes_the_server_down_with_a_message(setup, tmp_path):
+    base, _, _ = setup
+    script = tmp_path / "serve.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, time
+        from loraserve.engine import Engine
+        from loraserve.settings import make_settings
+        engine = Engine(make_settings(model_path={base!r}, device="cpu", max_total_tokens=256, tp_size=2))
+        engine.generate(input_ids=[1, 2, 3], sampling_params={{"max_new_tokens": 2}})
+        os.kill(engine.tp.procs[0].pid, signal.SIGKILL)
+        time.sleep(60)
+        print("still running", flush=True)
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 70, proc.stderr[-2000:]
+    assert "tensor-parallel worker rank 1 exited" in proc.stderr and "still running" not in proc.stdout
