@@ -131,7 +131,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "decode_steps": doc["engine_steps"].get("decode", {}).get("steps")}
         runs.append({"row": row, "doc": doc})
         print(json.dumps(row), file=sys.stderr, flush=True)
-    collectives = {}
+    collectives: dict = {}
+    result = {"benchmark": "tensor_parallel", "device": _device(), "config": vars(args),
+              "summary": [r["row"] for r in runs], "decode_collectives_ms": collectives, "runs": runs}
+    _write(result, args.output_file)  # the serving runs are kept even if the collective timing fails
     if args.collective_batches:
         import torch
 
@@ -139,13 +142,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if size > 1 and torch.cuda.device_count() >= size:
                 collectives[size] = collective_times(size, config["hidden_size"], config["vocab_size"],
                                                      config["num_hidden_layers"], args.collective_batches)
-    result = {"benchmark": "tensor_parallel", "device": _device(), "config": vars(args),
-              "summary": [r["row"] for r in runs], "decode_collectives_ms": collectives, "runs": runs}
     print(format_summary(result))
-    if args.output_file:
-        Path(args.output_file).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {args.output_file}")
+    _write(result, args.output_file)
     return result
+
+
+def _write(result: dict, output_file: str | None) -> None:
+    if output_file:
+        Path(output_file).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {output_file}", file=sys.stderr)
 
 
 def format_summary(result: dict) -> str:

@@ -279,7 +279,8 @@ class Engine:
 
         self.tp.shutdown(timeout)
         self.tp = None
-        if dist.is_initialized():
+        # a worker was already gone: NCCL could block tearing down with it, gloo does not
+        if dist.is_initialized() and dist.get_backend() == "gloo":
             dist.destroy_process_group()
 
     def _loop(self) -> None:

@@ -162,12 +162,17 @@ class TPDriver:
         self.send(("lora",) + event)
 
     def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the workers; every rank leaves the process group at the same time."""
+        import torch.distributed as dist
+
         self._stopping = True
         for conn in self.conns:
             try:
                 conn.send(("stop",))
             except (BrokenPipeError, OSError):
                 pass
+        if dist.is_initialized() and all(p.is_alive() for p in self.procs):
+            dist.destroy_process_group()
         for proc in self.procs:
             proc.join(timeout)
             if proc.is_alive():
@@ -188,6 +193,7 @@ def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
     from loraserve.settings import Settings
 
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s tp{rank} %(name)s: %(message)s")
+    _exit_with_parent()
     settings = Settings.model_validate(payload)
     init_group(rank, settings.tp_size, port, settings.resolved_device())
     plugins = PluginManager(allow=settings.plugins, deny=settings.disable_plugin, trace=settings.trace_plugins)
@@ -196,18 +202,34 @@ def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
     adapters: dict[tuple, Any] = {}
     lora = parts.lora
     while True:
-        message = conn.recv()
+        try:
+            message = conn.recv()
+        except EOFError:  # the serving process is gone
+            os._exit(1)
         kind = message[0]
         if kind == "stop":
-            break
+            import torch.distributed as dist
+
+            dist.destroy_process_group()  # together with rank 0 (NCCL tears communicators down collectively)
+            os._exit(0)
         if kind == "step":
             with torch.inference_mode():
                 parts.runner.forward(rebuild_chunks(message[1]))
         elif kind == "lora":
             apply_lora_event(lora, adapters, message[1:])
-    import torch.distributed as dist
 
-    dist.destroy_process_group()
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """Exit when the serving process dies, even if this rank is blocked in a collective with it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+    threading.Thread(target=watch, name="loraserve-tp-parent-watch", daemon=True).start()
 
 
 def apply_lora_event(lora: Any, adapters: dict, event: tuple) -> None:
