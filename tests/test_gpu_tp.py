@@ -16,7 +16,12 @@ import torch
 from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
 from test_tp_engine import ORDER
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
+from loraserve.errors import NotSupportedYet
+
+# --tp-size > 1 on CUDA is refused (settings.NOT_SUPPORTED_YET) until these pass: NCCL teardown hung on two
+# H200s (issue 9). Strict: once the refusal is lifted these must pass, and this mark must go.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
+              pytest.mark.xfail(raises=NotSupportedYet, strict=True, reason="CUDA tensor parallelism is refused")]
 
 CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 
