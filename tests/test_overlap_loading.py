@@ -163,3 +163,37 @@ def test_loading_slot_is_never_evicted_and_prefetch_looks_ahead(setup):
             engine.scheduler.remove(r)
             lora.release(r)
         engine.shutdown()
+
+
+def test_abort_and_unload_while_copies_are_in_flight(setup):
+    """A request aborted while its adapter is being copied leaves a consistent pool once the copy
+    lands; unloading an adapter whose copy is still in flight frees its slot at once."""
+    base, paths, peft = setup
+    engine = overlap_engine(base, paths, delay=10**9, max_loras_per_batch=3, enable_lora_overlap_loading=True)
+    lora = engine.lora
+    try:
+        waiting = [_waiting_request(engine, name) for name in ("rank1", "patterns")]
+        for r in waiting:
+            engine.scheduler.add(r)
+        lora.before_schedule()
+        assert lora.copies_in_flight == 2
+        slot_rank1 = lora.pool.slot_of(waiting[0].lora.key)
+        engine._abort(waiting[0].request_id)  # its copy goes on; nobody waits for it any more
+        assert waiting[0].finished and waiting[0].lora is None  # finished, its adapter reference released
+        engine._abort(waiting[1].request_id)
+        key = ("patterns", lora.registry.get("patterns").version)
+        lora.unload_adapter("patterns")  # in flight: the slot is emptied at once, its copy forgotten
+        assert lora.pool.slot_of(key) is None and lora.copies_in_flight == 1
+        lora.check_integrity()
+        lora.copy_engine.delay = 0
+        lora.before_schedule()  # the aborted request's copy lands and its slot becomes evictable
+        assert lora.copies_in_flight == 0 and lora.pool.slot_key[slot_rank1] is not None
+        lora.check_integrity()
+        # the slots are usable again: new requests get PEFT's answer
+        batch = prompts(2, seed=44)
+        expected, _ = peft_generate(peft, batch, ["one_layer", "rank1"])
+        out = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=["one_layer", "rank1"])
+        assert [r["output_ids"] for r in out] == expected
+        lora.check_integrity()
+    finally:
+        engine.shutdown()
