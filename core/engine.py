@@ -52,9 +52,9 @@ class Engine:
         #: tensor parallelism (--tp-size > 1): this process is rank 0 and drives the other ranks
         self.tp = None
         if self.settings.tp_size > 1:
-            from loraserve.tp_engine import TPDriver, check_sizes, init_group
+            from loraserve.tp_engine import TPDriver, check_before_start, init_group
 
-            check_sizes(self.settings)  # refuse sizes the ranks cannot split before starting any process
+            check_before_start(self.settings, self.plugins)
             self.tp = TPDriver(self.settings)
             try:
                 init_group(0, self.settings.tp_size, self.tp.port, self.settings.resolved_device())
@@ -277,6 +277,9 @@ class Engine:
             return
         import torch.distributed as dist
 
+        from loraserve.tp_engine import release_graphs
+
+        release_graphs(getattr(self, "runner", None))  # not built yet when the build itself failed
         self.tp.shutdown(timeout)
         self.tp = None
         # a worker was already gone: NCCL could block tearing down with it, gloo does not

@@ -58,12 +58,16 @@ def init_group(rank: int, size: int, port: int, device_type: str) -> None:
                             timeout=datetime.timedelta(minutes=10))
 
 
-def check_sizes(settings: Any) -> None:
-    """The model's sizes against ``--tp-size``, from its config alone (a GGUF file is checked when
-    the model is built, since its config comes with the weights)."""
+def check_before_start(settings: Any, plugins: Any) -> None:
+    """What can be refused before any worker starts (a worker failing its start would take the
+    server down with its own traceback instead of this process's clear error): the backend and
+    eviction names, and the model's sizes against ``--tp-size``, from its config alone (a GGUF
+    file is checked when the model is built, since its config comes with the weights)."""
     from loraserve.distributed import check_divisible
     from loraserve.model_loader import load_config, resolve_model_source
 
+    plugins.backends.get(settings.resolved_backend())
+    plugins.eviction_policies.get(settings.lora_eviction_policy)
     source = resolve_model_source(settings)
     if source.load_format != "gguf":
         check_divisible(load_config(source), settings.tp_size)
@@ -179,6 +183,19 @@ class TPDriver:
                 proc.kill()
 
 
+def release_graphs(runner: Any) -> None:
+    """Drop a runner's captured CUDA graphs before the process group is destroyed: graphs that
+    captured NCCL collectives are known to make ``destroy_process_group`` hang while they live
+    (pytorch/pytorch#115388)."""
+    import gc
+
+    if getattr(runner, "graphs", None) is not None:
+        runner.graphs = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
 def _exit_on_worker_death(message: str) -> None:
     logger.critical(message)
     os._exit(WORKER_DIED_EXIT_CODE)
@@ -208,6 +225,7 @@ def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
             os._exit(1)
         kind = message[0]
         if kind == "stop":
+            release_graphs(parts.runner)
             import torch.distributed as dist
 
             dist.destroy_process_group()  # together with rank 0 (NCCL tears communicators down collectively)

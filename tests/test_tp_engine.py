@@ -94,6 +94,13 @@ def test_sizes_not_divisible_by_tp_size_are_refused(setup):
     assert "--tp-size 4" in msg and "2" in msg and "not divisible" in msg
 
 
+def test_bad_backend_is_refused_before_any_worker_starts(setup):
+    base, paths, _ = setup
+    with pytest.raises(ConfigError) as err:
+        tp_engine(base, paths, 2, lora_backend="cutlass")
+    assert "'cutlass'" in str(err.value)
+
+
 def test_dead_worker_takes_the_server_down_with_a_message(setup, tmp_path):
     base, _, _ = setup
     script = tmp_path / "serve.py"
