@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import random_adapters  # noqa: E402
-from server_runs import parse_counters, serve_and_bench  # noqa: E402,F401 (parse_counters: re-exported)
+from server_runs import serve_and_bench  # noqa: E402
 
 def server_flags(args: argparse.Namespace, adapters: dict[str, Path], rank: int, overlap: bool) -> list[str]:
     flags = ["--model-path", args.config_dir, "--load-format", "dummy",

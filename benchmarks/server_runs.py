@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ from typing import Sequence
 import httpx
 
 import bench_serving
+from loraserve.tp_engine import free_port  # noqa: F401 (the drivers' port picker)
 
 COUNTERS = ("slot_fills", "copied_bytes", "copy_seconds", "copy_wait_seconds", "prefetches", "slot_misses",
             "evictions")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_counters(text: str) -> dict[str, float]:

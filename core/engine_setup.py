@@ -63,9 +63,7 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, 
             device = torch.device("cuda", torch.cuda.current_device())
     dtype = to_torch_dtype(settings.resolved_dtype(), device)
     backend_name = settings.resolved_backend()
-    # both raise a ConfigError listing the registered names when the choice is unknown
-    plugins.backends.get(backend_name)
-    plugins.eviction_policies.get(settings.lora_eviction_policy)
+    check_plugin_choices(settings, plugins)
     source = resolve_model_source(settings)
     model, config = load_model(settings, plugins, device, dtype, source=source, tp=tp)
     try:
@@ -136,6 +134,12 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, 
                       model_name=settings.served_model_name or source.name, context_len=context_len, kv=kv,
                       scheduler=scheduler, runner=runner, sampler=Sampler(seed=settings.random_seed), lora=lora,
                       backend_name=backend_name, eos_token_ids=eos_ids(config, tokenizer, source))
+
+
+def check_plugin_choices(settings: Settings, plugins: Any) -> None:
+    """Raise a ConfigError listing the registered names when the backend or eviction policy is unknown."""
+    plugins.backends.get(settings.resolved_backend())
+    plugins.eviction_policies.get(settings.lora_eviction_policy)
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:

@@ -22,13 +22,14 @@ import multiprocessing as mp
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 
 from loraserve.errors import ConfigError
+from loraserve.scheduler import ScheduledChunk
 
 logger = logging.getLogger("loraserve.tp")
 
@@ -64,10 +65,10 @@ def check_before_start(settings: Any, plugins: Any) -> None:
     eviction names, and the model's sizes against ``--tp-size``, from its config alone (a GGUF
     file is checked when the model is built, since its config comes with the weights)."""
     from loraserve.distributed import check_divisible
+    from loraserve.engine_setup import check_plugin_choices
     from loraserve.model_loader import load_config, resolve_model_source
 
-    plugins.backends.get(settings.resolved_backend())
-    plugins.eviction_policies.get(settings.lora_eviction_policy)
+    check_plugin_choices(settings, plugins)
     source = resolve_model_source(settings)
     if source.load_format != "gguf":
         check_divisible(load_config(source), settings.tp_size)
@@ -89,14 +90,6 @@ class _Request:
         return self.ids[start - self.first:end - self.first]
 
 
-@dataclass
-class _Chunk:
-    request: _Request
-    start: int
-    num_tokens: int
-    samples: bool = field(default=False)
-
-
 def describe_chunks(chunks: list) -> list[tuple]:
     """A step's chunks as plain tuples: ``(ids, start, n, blocks, samples, lora_key)``."""
     out = []
@@ -108,13 +101,15 @@ def describe_chunks(chunks: list) -> list[tuple]:
     return out
 
 
-def rebuild_chunks(described: list[tuple]) -> list[_Chunk]:
+def rebuild_chunks(described: list[tuple]) -> list[ScheduledChunk]:
+    """The driver's chunks again; a chunk samples exactly when it reaches its request's last known
+    token, so that is what the stand-in request's length says."""
     chunks = []
     for ids, start, n, blocks, samples, key in described:
         lora = SimpleNamespace(key=tuple(key)) if key is not None else None
         req = _Request(ids=list(ids), first=start, blocks=blocks, num_tokens=start + n + (0 if samples else 1),
                        lora=lora)
-        chunks.append(_Chunk(req, start, n, samples))
+        chunks.append(ScheduledChunk(req, start, n))
     return chunks
 
 
@@ -261,9 +256,7 @@ def apply_lora_event(lora: Any, adapters: dict, event: tuple) -> None:
             adapter = adapters.get(key)
             if adapter is None:
                 adapter = adapters[key] = lora._read(name, source)
-        lora.pool.assign(slot, key, adapter)
-        if adapter is not None:
-            lora.pool.write(slot, adapter)
+        lora.pool.load(slot, key, adapter)
     elif kind == "evict":
         lora.pool.evict(event[1])
     elif kind == "forget":

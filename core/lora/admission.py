@@ -43,16 +43,11 @@ class SlotAdmission:
         batch = self._batch_keys(step)
         if key in batch:
             return True
-        slot = self.pool.slot_of(key)
+        if len(batch) >= self.pool.num_slots:
+            return False
+        slot = self._ensure_slot(request.lora, protected=batch)
         if slot is None:
-            if len(batch) >= self.pool.num_slots:
-                return False
-            slot = self._ensure_slot(request.lora, protected=batch)
-            if slot is None:
-                return False
-        else:
-            self.metrics["hits"] += 1
-            self.pool.policy.touch(key)
+            return False
         if slot in self.pool.loading and not self._copy_finished(slot):
             if request.copy_wait_start is None:
                 request.copy_wait_start = time.perf_counter()
