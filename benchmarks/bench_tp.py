@@ -47,8 +47,11 @@ def _collectives_worker(rank: int, size: int, port: int, hidden: int, vocab: int
     import torch
     import torch.distributed as dist
 
+    import gc
+
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            device_id=torch.device("cuda", rank))
     dt = getattr(torch, dtype)
     for b in batches:
         x = torch.randn(b, hidden, dtype=dt, device="cuda")
@@ -75,6 +78,9 @@ def _collectives_worker(rank: int, size: int, port: int, hidden: int, vocab: int
         torch.cuda.synchronize()
         if rank == 0:
             out[b] = start.elapsed_time(end) / iters
+        del graph  # a graph holding NCCL work must go before the group does (pytorch/pytorch#115388)
+        gc.collect()
+        torch.cuda.synchronize()
     dist.destroy_process_group()
 
 
@@ -90,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--request-rate", type=float, default=float("inf"))
     p.add_argument("--max-concurrency", type=int, default=64)
-    p.add_argument("--warmup-requests", type=int, default=16)
+    p.add_argument("--warmup-requests", type=int, default=16,
+                   help="untimed requests of the same workload first; step times count from after them")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--collective-batches", type=int, nargs="*", default=[1, 8, 32, 64],
                    help="decode batch sizes whose collectives are timed on their own (CUDA only; none: skip)")
@@ -110,8 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                      seed=args.seed, dtype="bfloat16") if args.num_adapters else {}
     bench = ["--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
              "--random-output-len", str(args.output_len), "--request-rate", str(args.request_rate),
-             "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed),
-             "--warmup-requests", str(args.warmup_requests)]
+             "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed)]
     if adapters:
         bench += ["--lora-name", *adapters, "--lora-request-distribution", args.distribution]
     runs = []
@@ -121,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if adapters:
             flags += ["--lora-paths", *[f"{n}={p}" for n, p in adapters.items()], "--max-lora-rank", str(args.rank)]
         print(f"--tp-size {size}: starting the server", file=sys.stderr, flush=True)
-        doc = serve_and_bench(flags, bench, f"tp{size}", work, free_port(), args.startup_timeout)
+        doc = serve_and_bench(flags, bench, f"tp{size}", work, free_port(), args.startup_timeout,
+                              prewarm=args.warmup_requests)
         r = doc["results"]
         row = {"tp_size": size, "completed": r["completed"], "failed": r["failed"],
                "output_throughput": r["output_throughput"], "total_throughput": r["total_throughput"],

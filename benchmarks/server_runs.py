@@ -62,12 +62,26 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the server was not healthy within {timeout:.0f} s")
 
 
+def diff_steps(after: dict, before: dict) -> dict:
+    """Step counts and seconds of ``after`` less ``before`` (two :func:`parse_step_times` results)."""
+    out = {}
+    for kind, a in after.items():
+        b = before.get(kind, {"steps": 0.0, "seconds": 0.0})
+        steps, secs = a["steps"] - b["steps"], a["seconds"] - b["seconds"]
+        out[kind] = {"steps": steps, "seconds": secs, "mean_ms": secs / steps * 1e3 if steps else None}
+    return out
+
+
 def serve_and_bench(server_flags: Sequence[str], bench_flags: Sequence[str], tag: str, out_dir: Path, port: int,
-                    startup_timeout: float = 600) -> dict:
+                    startup_timeout: float = 600, prewarm: int = 0) -> dict:
     """Run ``bench_serving`` (``bench_flags``, without ``--base-url``/``--output-file``) against a
     fresh server (``server_flags``, without ``--port``); returns the result document with the
     server's command, start-up time and LoRA counters added. The server's log is ``server_TAG.log``
-    in ``out_dir``."""
+    in ``out_dir``.
+
+    ``prewarm``: first run the same workload cut to that many requests, untimed (compiles every
+    kernel the shapes need), and count engine steps from there on: the document's ``engine_steps``
+    then cover the timed run alone (its own warm-up requests are dropped)."""
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "loraserve", *server_flags, "--port", str(port)]
     log = open(out_dir / f"server_{tag}.log", "w")
@@ -77,14 +91,24 @@ def serve_and_bench(server_flags: Sequence[str], bench_flags: Sequence[str], tag
         wait_healthy(url, proc, startup_timeout)
         startup_s = time.perf_counter() - start
         result_file = out_dir / f"serving_{tag}.json"
-        code = bench_serving.main(["--base-url", url, *bench_flags, "--output-file", str(result_file),
-                                   "--disable-tqdm"])
+        flags = ["--base-url", url, *bench_flags]
+        before: dict = {}
+        if prewarm:
+            warm_file = out_dir / f"serving_{tag}_prewarm.json"
+            code = bench_serving.main([*flags, "--num-prompts", str(prewarm), "--warmup-requests", "0",
+                                       "--output-file", str(warm_file), "--disable-tqdm"])
+            if code != 0:
+                raise RuntimeError(f"the pre-warm run failed (exit {code}); see {warm_file}")
+            before = parse_step_times(httpx.get(f"{url}/metrics", timeout=10).text)
+            flags += ["--warmup-requests", "0"]  # argparse keeps the last value given
+        code = bench_serving.main([*flags, "--output-file", str(result_file), "--disable-tqdm"])
         if code != 0:
             raise RuntimeError(f"bench_serving failed (exit {code}); see {result_file}")
         doc = json.loads(result_file.read_text())
         page = httpx.get(f"{url}/metrics", timeout=10).text
         doc["lora_counters"] = parse_counters(page)
-        doc["engine_steps"] = parse_step_times(page)
+        doc["engine_steps"] = diff_steps(parse_step_times(page), before)
+        doc["engine_steps_scope"] = "the timed run only" if prewarm else "every step since start-up"
         doc["server"] = {"command": cmd[1:], "startup_s": startup_s}
         return doc
     finally:

@@ -255,8 +255,6 @@ class Settings(BaseSettings):
 
 # flag -> predicate "the user asked for it". Entries leave this table as their features land.
 NOT_SUPPORTED_YET: dict[str, Any] = {
-    # works on CPU (gloo); on CUDA the NCCL path serves but its teardown is not sound yet (issue 9)
-    "--tp-size > 1 on CUDA": lambda s: s.tp_size > 1 and s.resolved_device() == "cuda",
 }
 
 
