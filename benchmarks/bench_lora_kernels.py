@@ -180,6 +180,63 @@ class Case:
         del graphs
         return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
+    def time_epilogue(self, backend, rounds: int = 3) -> dict:
+        """For o_proj and down_proj (consumed by the next RMSNorm with its residual add) and
+        gate_up_proj (consumed by SiLU-and-mul): microseconds per layer of the base GEMM + consumer,
+        of the GEMM over ``[W; A]`` + consumer taking the expand (``LoRAEpilogue``), and of the GEMM
+        over ``[W; A]`` + expand kernel + consumer; medians over interleaved rounds. Needs
+        :meth:`time_fused` first (it builds the extended weights). Also the relative error of the
+        epilogue's result against the in-place expand's, on layer 0."""
+        from loraserve.models import fused
+        from loraserve.models.epilogue import LoRAEpilogue
+
+        N, S, T = self.offsets[-1], len(self.offsets) - 1, self.T
+        gen = torch.Generator(device=DEVICE).manual_seed(2)
+        residual = torch.randn(T, N, device=DEVICE, generator=gen, dtype=DTYPE)
+        norm_w = torch.rand(N, device=DEVICE, generator=gen, dtype=DTYPE) + 0.5
+        backend.prepare(self.info)
+        info = self.info
+
+        def consume(y, lora=None):
+            if self.proj == "gate_up_proj":
+                return fused.silu_and_mul(y, N // 2, lora=lora)
+            return fused.rms_norm(y, norm_w, 1e-5, residual, lora=lora)[0]
+
+        def epilogue(y, B):
+            return LoRAEpilogue(h=y[:, N:], B=B, token_slot=info.token_slot, ranks=info.ranks,
+                                      scalings=info.scalings, n_slices=S, R=self.rank)
+
+        def plain():
+            for ext in self.ext:
+                consume(F.linear(self.x, ext[:N]))
+
+        def epi():
+            for ext, (A, B) in zip(self.ext, self.weights):
+                y = F.linear(self.x, ext)
+                consume(y[:, :N], epilogue(y, B))
+
+        def in_place():
+            for ext, (A, B) in zip(self.ext, self.weights):
+                y = F.linear(self.x, ext)
+                backend.run_lora(self.x, A, B, y[:, :N], self.offsets, shrunk=y[:, N:])
+                consume(y[:, :N])
+        graphs = {"plain_total_us": graph_of(plain), "epi_total_us": graph_of(epi),
+                  "in_place_total_us": graph_of(in_place)}
+        times = {k: [] for k in graphs}
+        for _ in range(rounds):
+            for k, g in graphs.items():
+                times[k].append(bench(g.replay) / self.layers * 1e3)
+        del graphs
+        out = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        (A, B), ext = self.weights[0], self.ext[0]
+        y = F.linear(self.x, ext)
+        base = consume(y[:, :N]).float()
+        got = consume(y[:, :N], epilogue(y, B)).float()
+        backend.run_lora(self.x, A, B, y[:, :N], self.offsets, shrunk=y[:, N:])
+        ref = consume(y[:, :N]).float()
+        out["rel_err_vs_in_place"] = ((got - ref).norm() / (ref - base).norm().clamp_min(1e-30)).item()
+        return out
+
     def check_fused(self, backend) -> float:
         """Relative error of the fused path against the backend's own shrink, on layer 0."""
         N = self.offsets[-1]
@@ -312,6 +369,90 @@ def run(args) -> dict:
             result["prepare_us"].append({"backend": name, "tokens": T, "adapters": n, "requests": segs,
                                          "us": time_prepare(name, T, n, segs)})
     return result
+
+
+EPILOGUE_PROJS = ("o_proj", "gate_up_proj", "down_proj")
+
+
+def epilogue_cases():
+    """Decode cases for the expand left to the consumer: the target's (16+ adapters) at every rank,
+    and a few with one or eight adapters."""
+    for T in (32, 64, 128, 256):
+        for n in (32, 64):
+            if n <= T:
+                for r in RANKS:
+                    yield "decode", [1] * T, n, r
+    for T, n in ((1, 1), (8, 8), (64, 8)):
+        for r in (8, 16):
+            yield "decode", [1] * T, n, r
+
+
+def run_epilogue(args) -> dict:
+    """csgmv, per projection with a consumer: the expand in place (``csgmv+gemm``: GEMM over [W; A],
+    expand kernel, consumer) against the expand left to the consumer (``csgmv+epi``), each less the
+    base GEMM + consumer, in one run."""
+    ceilings = measure_ceilings()
+    props = torch.cuda.get_device_properties(0)
+    result = {"device": props.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "ceilings": ceilings, "config": {"dtype": str(DTYPE), "csgmv_max_chunk": args.max_chunk,
+                                               "timing": "CUDA graphs over 2-8 layers' weights, cold L2, median of "
+                                                         "3 interleaved rounds; LoRA time = total - (base GEMM + "
+                                                         "consumer)"},
+              "cases": []}
+    t0 = time.time()
+    for phase, seg_lens, n, r in epilogue_cases():
+        for proj in EPILOGUE_PROJS:
+            case = Case(proj, seg_lens, n, r)
+            backend = make_backend("csgmv", args.max_chunk)
+            case.time_fused(backend, rounds=1)
+            m = case.time_epilogue(backend)
+            limit_us = max(case.bytes / (ceilings["copy_GBps"] * 1e3), case.flops / (ceilings["bf16_TFLOPs"] * 1e6))
+            for name, total in (("csgmv+gemm", m["in_place_total_us"]), ("csgmv+epi", m["epi_total_us"])):
+                t = total - m["plain_total_us"]
+                result["cases"].append({"phase": phase, "proj": proj, "tokens": case.T, "adapters": n, "rank": r,
+                                        "backend": name, "bytes": case.bytes, "time_us": t, "limit_us": limit_us,
+                                        "frac_limit": limit_us / t if t > 0 else float("inf"), **m})
+            case.free()
+            del case
+        torch.cuda.empty_cache()
+        print(f"  T={sum(seg_lens)} adapters={n} rank={r} done ({time.time() - t0:.0f}s)", flush=True)
+    return result
+
+
+def summarize_epilogue(result: dict) -> str:
+    lines = [f"# LoRA expand left to the consumer, on {result['device']}", "",
+             f"{result['date']}; {result['config']['timing']}. `gemm` = GEMM over [W; A] + expand kernel; "
+             "`epi` = GEMM over [W; A] + consumer taking the expand (RMSNorm for o/down, SiLU-and-mul for gate_up).",
+             "", "| proj | tokens | adapters | rank | limit us | gemm us | epi us | gemm % of limit | epi % of limit | "
+             "rel err |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by = {}
+    for c in result["cases"]:
+        by.setdefault((c["proj"], c["tokens"], c["adapters"], c["rank"]), {})[c["backend"]] = c
+    for key, v in by.items():
+        g, e = v["csgmv+gemm"], v["csgmv+epi"]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {g['limit_us']:.1f} | {g['time_us']:.1f} | "
+                     f"{e['time_us']:.1f} | {100 * min(1.0, g['frac_limit']):.0f}% | "
+                     f"{100 * min(1.0, e['frac_limit']):.0f}% | {e['rel_err_vs_in_place']:.1e} |")
+    lines.append("")
+    # "auto": the path the backend's rule (TiledLoRABackend.use_epilogue) picks, on these measurements
+    from types import SimpleNamespace
+
+    from loraserve.plugins.backend_triton.backend import TiledLoRABackend
+
+    rule = SimpleNamespace(tuning={"epilogue": None})
+    auto = []
+    for (proj, T, n, r), v in by.items():
+        S = len(PROJECTIONS[proj][1]) - 1
+        pick = "csgmv+epi" if TiledLoRABackend.use_epilogue(rule, T, r, S) else "csgmv+gemm"
+        auto.append({**v[pick], "backend": "csgmv auto"})
+    for name in ("csgmv+gemm", "csgmv+epi", "csgmv auto"):
+        rows = auto if name == "csgmv auto" else result["cases"]
+        sel = [c for c in rows if c["backend"] == name and c["adapters"] >= 16]
+        for r in sorted({c["rank"] for c in sel}):
+            fr = sorted(c["frac_limit"] for c in sel if c["rank"] == r)
+            lines.append(f"- {name}, rank {r}, >= 16 adapters: {sum(f >= 0.75 for f in fr)}/{len(fr)} reach 75% of "
+                         f"their limit; median {100 * min(1.0, fr[len(fr) // 2]):.0f}%")
+    return "\n".join(lines) + "\n"
 
 
 SWEEP = {  # representative cases and the launch-parameter variants tried on each
@@ -495,6 +636,8 @@ def main() -> None:
                         help="only these decode token counts, e.g. 1,8,32 (to split the grid over several runs)")
     parser.add_argument("--no-prepare", dest="prepare", action="store_false", help="skip timing prepare()")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--epilogue", action="store_true",
+                        help="only compare the in-place expand with the expand left to the consumer (csgmv)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="merge result files of one device (parts of the grid) into one JSON + summary")
     args = parser.parse_args()
@@ -520,6 +663,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = torch.cuda.get_device_name(0).replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
+    if args.epilogue:
+        result = run_epilogue(args)
+        (out / f"lora_epilogue_{slug}.json").write_text(json.dumps(result, indent=1))
+        summary = summarize_epilogue(result)
+        (out / f"lora_epilogue_{slug}.md").write_text(summary)
+        print(summary)
+        return
     if args.sweep:
         rows = sweep(args)
         (out / f"lora_kernels_sweep_{slug}.json").write_text(json.dumps(rows, indent=1))

@@ -231,9 +231,9 @@ def test_model_forward_is_the_same_with_fused_ops(gen, monkeypatch, dtype):
     positions = torch.arange(9, device=DEVICE) + 3
     calls: dict[str, int] = {}
     for name in ("rms_norm", "silu_and_mul", "rotary"):
-        def counted(*args, _fn=getattr(fused, name), _name=name):
+        def counted(*args, _fn=getattr(fused, name), _name=name, **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*args)
+            return _fn(*args, **kwargs)
         monkeypatch.setattr(fused, name, counted)
     with torch.no_grad():
         got = model(ids, positions, DenseCausalAttention())

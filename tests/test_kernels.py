@@ -171,6 +171,39 @@ def test_fused_shrink_cost_model_and_argument_checks(gen):
         torch_backend.checked_batch(x, A, B, base, cfg["offsets"], torch.zeros(1, A.shape[0] * A.shape[1]))
 
 
+def test_epilogue_rule_env_override_and_what_the_backend_hands_out(gen, monkeypatch):
+    """When the expand is left to the consumer (measured on an H100: rank <= 16, <= 128 tokens,
+    gate_up at rank 16 <= 64), what forces it, and which projections can take it at all."""
+    monkeypatch.delenv("LORASERVE_LORA_EPILOGUE", raising=False)
+    backend = make_backend("csgmv")
+    assert backend.use_epilogue(128, 8, 2) and backend.use_epilogue(128, 16, 1)
+    assert not backend.use_epilogue(129, 8, 1) and not backend.use_epilogue(1, 32, 1)
+    assert backend.use_epilogue(64, 16, 2) and not backend.use_epilogue(65, 16, 2)
+    monkeypatch.setenv("LORASERVE_LORA_EPILOGUE", "1")
+    assert backend.use_epilogue(4096, 128, 2)
+    monkeypatch.setenv("LORASERVE_LORA_EPILOGUE", "0")
+    assert not backend.use_epilogue(1, 8, 1)
+    assert make_backend("csgmv", tuning={"epilogue": True}).use_epilogue(1, 8, 1)  # tuning beats the variable
+    monkeypatch.setenv("LORASERVE_LORA_EPILOGUE", "sometimes")
+    with pytest.raises(ValueError, match="LORASERVE_LORA_EPILOGUE='sometimes'; use 1, 0 or auto"):
+        backend.use_epilogue(1, 8, 1)
+    monkeypatch.setenv("LORASERVE_LORA_EPILOGUE", "1")
+    monkeypatch.setenv("LORASERVE_FUSED_OPS", "1")  # the consumers' kernels run (interpreter)
+    cfg = CASES["one token"]
+    x, A, B, base, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
+                                      cfg["in_dim"], cfg["R"], torch.float32)
+    backend.prepare(info)
+    n_slots, R = A.shape[0], cfg["R"]
+    one = backend.expand_epilogue(B[:, :8].contiguous(), (0, 8), torch.zeros(1, n_slots * R))
+    assert one is not None and one.n_slices == 1 and one.R == R and one.token_slot is info.token_slot
+    # three slices (qkv) or unequal slices: no consumer can take them
+    assert backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 8, 12), torch.zeros(1, n_slots * 3 * R)) is None
+    assert backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 12), torch.zeros(1, n_slots * 2 * R)) is None
+    monkeypatch.setenv("LORASERVE_FUSED_OPS", "0")  # eager consumers: the expand kernel is cheaper
+    assert backend.expand_epilogue(B[:, :8].contiguous(), (0, 8), torch.zeros(1, n_slots * R)) is None
+    assert TorchLoRABackend(DEVICE).expand_epilogue(B, (0, 8), torch.zeros(1, 1)) is None
+
+
 @pytest.mark.parametrize("case", ["qkv: 3 unequal slices, mixed ranks incl. 0, slot spans chunks",
                                   "even sizes (unmasked k and rank blocks), 3 slices"])
 @pytest.mark.parametrize("name", ["triton", "csgmv"])
@@ -281,6 +314,57 @@ def test_engine_greedy_tokens_match_torch_backend(tiny_adapters):
     expected = [r["output_ids"] for r in results["torch"]]
     assert len({tuple(t) for t in expected[:2]}) == 2  # the adapters really differ
     for name in ("triton+gemm", "csgmv+gemm", "csgmv+kernel"):
+        assert [r["output_ids"] for r in results[name]] == expected, name
+        for ours, ref in zip(results[name], results["torch"]):
+            a = [lp for lp, _ in ours["meta_info"]["output_token_logprobs"]]
+            b = [lp for lp, _ in ref["meta_info"]["output_token_logprobs"]]
+            assert max(abs(p - q) for p, q in zip(a, b)) < 1e-3
+
+
+def test_engine_expand_left_to_the_norm_and_silu_matches_torch_backend(tiny_adapters, monkeypatch):
+    """The expand of o_proj, gate_up_proj and down_proj done by the kernels that consume their
+    outputs (RMSNorm, SiLU-and-mul: ``LoRAEpilogue``), fused ops on under the interpreter: the same
+    greedy tokens as backend_torch, and as the in-place expand, with the epilogue really taken."""
+    from loraserve.engine import Engine
+    from loraserve.settings import make_settings
+
+    monkeypatch.setenv("LORASERVE_FUSED_OPS", "1")
+    base, paths = tiny_adapters
+    gen = torch.Generator().manual_seed(8)
+    prompts = torch.randint(0, 256, (4, 5), generator=gen).tolist()
+    adapters = ["qv8", "all3", None, "qv8"]
+    params = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True, "return_logprob": True}
+    results, taken = {}, {}
+    for name in ("torch", "csgmv+epilogue", "csgmv+in-place"):
+        backend, _, how = name.partition("+")
+        engine = Engine(make_settings(model_path=base, device=DEVICE, dtype="float32", max_total_tokens=256,
+                                      lora_backend=backend, lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+        try:
+            lora_backend = engine.lora.backend
+            sizes, layers = (engine.model.hidden_size, engine.model.intermediate_size), engine.model.num_layers
+            if how:
+                lora_backend.tuning.update(fused_shrink=True, epilogue=how == "epilogue")
+                inner = lora_backend.expand_epilogue
+                counts = taken[name] = {"epilogues": 0, "offsets": set()}
+
+                def counting(B, offsets, shrunk, inner=inner, counts=counts):
+                    ep = inner(B, offsets, shrunk)
+                    if ep is not None:
+                        counts["epilogues"] += 1
+                        counts["offsets"].add(tuple(offsets))
+                    return ep
+                monkeypatch.setattr(lora_backend, "expand_epilogue", counting)
+            results[name] = engine.generate(input_ids=prompts, sampling_params=params, lora_path=adapters)
+        finally:
+            engine.shutdown()
+    # every step, every layer: o_proj and down_proj (one slice of hidden), gate_up_proj (two slices)
+    assert taken["csgmv+epilogue"]["epilogues"] > 0 and taken["csgmv+in-place"]["epilogues"] == 0
+    hidden, inter = sizes
+    assert taken["csgmv+epilogue"]["offsets"] == {(0, hidden), (0, inter, 2 * inter)}
+    assert taken["csgmv+epilogue"]["epilogues"] % (3 * layers) == 0
+    expected = [r["output_ids"] for r in results["torch"]]
+    assert len({tuple(t) for t in expected[:2]}) == 2  # the adapters really differ
+    for name in ("csgmv+epilogue", "csgmv+in-place"):
         assert [r["output_ids"] for r in results[name]] == expected, name
         for ours, ref in zip(results[name], results["torch"]):
             a = [lp for lp, _ in ours["meta_info"]["output_token_logprobs"]]

@@ -11,7 +11,7 @@ capacity. ``backend_torch`` defines the expected numbers.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -84,6 +84,16 @@ class LoRABackend:
             if shrunk.dtype != x.dtype:
                 raise ValueError(f"shrunk has dtype {shrunk.dtype}, expected {x.dtype}")
         return self.batch, n_slices
+
+    def expand_epilogue(self, B: torch.Tensor, output_offsets: Sequence[int], shrunk: torch.Tensor) -> Any:
+        """Optionally leave this step's expand to the kernel that consumes the projection's output.
+
+        Called instead of ``run_lora(..., shrunk=shrunk)`` for projections whose consumer can add the
+        delta itself (o_proj and down_proj into the next RMSNorm, gate_up_proj into SiLU-and-mul).
+        Return a :class:`~loraserve.models.epilogue.LoRAEpilogue` to take that path, or None (the
+        default) to have ``run_lora`` add the delta in place as usual. Decide from host integers only
+        (a decode step may be captured in a CUDA graph)."""
+        return None
 
     def run_lora_embedding(self, input_ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                            base_out: torch.Tensor) -> None:

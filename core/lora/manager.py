@@ -123,11 +123,18 @@ class LoRAManager(SlotAdmission):
             model.model.embed_tokens.lora_hook = embed_hook
 
     def _linear_hook(self, A: torch.Tensor, B: torch.Tensor, offsets: tuple[int, ...]):
-        def hook(x, out, shrunk=None):
+        def hook(x, out, shrunk=None, defer=False):
+            """Add the delta into ``out``; with ``defer`` (the layer's consumer can add it) the
+            backend may instead return a LoRAEpilogue for that consumer, which is returned."""
             if shrunk is not None:  # the base GEMM did the shrink (only on steps where _fuse_now says so)
+                if defer:
+                    epilogue = self.backend.expand_epilogue(B, offsets, shrunk)
+                    if epilogue is not None:
+                        return epilogue
                 self.backend.run_lora(x, A, B, out, offsets, shrunk=shrunk)
             elif self._active:
                 self.backend.run_lora(x, A, B, out, offsets)
+            return None
         return hook
 
     # -- loading and unloading (caller thread) ----------------------------------------------------

@@ -2,7 +2,8 @@
 
 Settings carry names (``"bfloat16"``, ``"cuda"``); model code and tests pass torch objects. Both
 are accepted everywhere a model is built or loaded, and a bad name says which names work. Also
-here: whether Triton kernels run on a device (CUDA, or the CPU under Triton's interpreter).
+here: whether Triton kernels run on a device (CUDA, or the CPU under Triton's interpreter), and the
+layout check the fused kernels share.
 """
 
 from __future__ import annotations
@@ -54,3 +55,13 @@ def triton_interpreter_on() -> bool:
 def runs_triton(device: torch.device) -> bool:
     """Whether Triton kernels can run on ``device``: CUDA, or the CPU under the interpreter."""
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on())
+
+
+def check_rows(name: str, t: torch.Tensor, dims: int) -> None:
+    """Refuse ``t`` unless it is ``dims``-d with a contiguous last dim and a float dtype the fused
+    kernels take (a ValueError naming ``name``)."""
+    if t.dim() != dims or t.stride(-1) != 1:
+        raise ValueError(f"{name} must be a {dims}-d tensor with a contiguous last dim, "
+                         f"got shape {tuple(t.shape)} strides {t.stride()}")
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} has dtype {t.dtype}; the fused kernels take float32, bfloat16 or float16")

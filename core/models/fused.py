@@ -16,6 +16,12 @@ every call so that a test or a debugging session can compare both paths in one p
 ``TRITON_INTERPRET=1`` (tests/test_fused_ops.py does; the interpreter costs ~10 ms a launch, so the
 rest of the CPU test suite keeps the eager code); ``0`` keeps the eager code everywhere. Grids come
 from tensor shapes only, never from device data, so every launch can be captured in a CUDA graph.
+
+A projection's LoRA expand may be left to the kernel that consumes the projection's output
+(``lora=``, a :class:`~loraserve.models.epilogue.LoRAEpilogue`): :func:`rms_norm` adds it to ``x``
+(o_proj, down_proj) and :func:`silu_and_mul` to gate and up (gate_up_proj) before their own work,
+so the output is read and written once and the expand needs no launch of its own; tokens without
+an adapter load nothing of it and come out bit-identical to ``lora=None``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import os
 
 import torch
 
-from loraserve.models.dtypes import triton_interpreter_on
+from loraserve.models.dtypes import check_rows, triton_interpreter_on
+from loraserve.models.epilogue import LoRAEpilogue, apply_epilogue, rms_norm_eager, silu_and_mul_eager
 
 try:
     import triton
@@ -74,16 +81,57 @@ def _round(x, DT: tl.constexpr):
     return y
 
 
+@_device_fn
+def _lora_expand(v, rows, cols, col_ok, T, h_ptr, stride_h, b_ptr, slot_ptr, ranks_ptr, scal_ptr,
+                 s: tl.constexpr, S: tl.constexpr, N_OUT: tl.constexpr, R: tl.constexpr,
+                 BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr, DT: tl.constexpr):
+    """``v`` (float32 ``[ROWS, BLOCK_N]``: columns ``cols`` of slice ``s`` of a projection's output,
+    rows ``rows`` ``[ROWS, 1]``) with each row's LoRA expand added and rounded to ``DT`` as the
+    in-place expand kernel rounds it; rows of no adapter or rank 0 come back as they were."""
+    slot = tl.load(slot_ptr + rows, mask=rows < T, other=-1)
+    rank = tl.load(ranks_ptr + slot, mask=slot >= 0, other=0)
+    active = rank > 0
+    scaling = tl.load(scal_ptr + slot, mask=active, other=0.0)
+    slot3 = slot.to(tl.int64)[:, :, None]
+    h_row = h_ptr + rows.to(tl.int64)[:, :, None] * stride_h + slot3 * (S * R) + s * R
+    b_rows = b_ptr + slot3 * (N_OUT * R) + (s * (N_OUT // S) + cols).to(tl.int64)[:, :, None] * R
+    h_ok = active[:, :, None]
+    b_ok = h_ok & col_ok[:, :, None]
+    rank3 = rank[:, :, None]
+    acc = tl.zeros_like(v)
+    # Inactive rows load nothing; when no row is active the loop runs no iteration at all
+    for r0 in range(0, tl.max(rank), BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)[None, None, :]
+        if EVEN_R:  # every block that starts below the rank lies inside B's rows: no data-dependent mask
+            hv = tl.load(h_row + r, mask=h_ok, other=0.0)
+            b = tl.load(b_rows + r, mask=b_ok, other=0.0)
+        else:
+            hv = tl.load(h_row + r, mask=h_ok & (r < R), other=0.0)
+            b = tl.load(b_rows + r, mask=b_ok & (r < R), other=0.0)
+        # Past the rank h and B may hold anything, NaN included: select, never multiply by a mask
+        keep = r < rank3
+        hv = tl.where(keep, hv.to(tl.float32), 0.0)
+        b = tl.where(keep, b.to(tl.float32), 0.0)
+        acc += tl.sum(hv * b, axis=2)
+    # A select, not ``v + 0``: that would turn a -0.0 of a row without an adapter into +0.0
+    return tl.where(active, _round(v + acc * scaling, DT), v)
+
+
 @_jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, T, stride_x, stride_r, eps,
+                     h_ptr, b_ptr, slot_ptr, ranks_ptr, scal_ptr, stride_h,
                      N: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, CUDA_MATH: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, CUDA_MATH: tl.constexpr, HAS_LORA: tl.constexpr,
+                     R: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
     DT: tl.constexpr = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     mask = (rows < T) & (cols < N)
     rows = rows.to(tl.int64)
     h = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        h = _lora_expand(h, rows, cols, cols < N, T, h_ptr, stride_h, b_ptr, slot_ptr, ranks_ptr, scal_ptr,
+                         0, 1, N, R, BLOCK_R, EVEN_R, DT)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         h = _round(r + h, DT)
@@ -104,8 +152,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, T, stride_x, s
 
 
 @_jit
-def _silu_and_mul_kernel(gu_ptr, out_ptr, T, stride_gu, I: tl.constexpr, BLOCK: tl.constexpr,
-                         ROWS: tl.constexpr, CUDA_MATH: tl.constexpr):
+def _silu_and_mul_kernel(gu_ptr, out_ptr, T, stride_gu, h_ptr, b_ptr, slot_ptr, ranks_ptr, scal_ptr, stride_h,
+                         I: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, CUDA_MATH: tl.constexpr,
+                         HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
     DT: tl.constexpr = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
@@ -113,6 +162,11 @@ def _silu_and_mul_kernel(gu_ptr, out_ptr, T, stride_gu, I: tl.constexpr, BLOCK: 
     rows = rows.to(tl.int64)
     gate = tl.load(gu_ptr + rows * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + rows * stride_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LORA:  # slice 0 of h and B is gate's, slice 1 up's
+        gate = _lora_expand(gate, rows, cols, cols < I, T, h_ptr, stride_h, b_ptr, slot_ptr, ranks_ptr, scal_ptr,
+                            0, 2, 2 * I, R, BLOCK_R, EVEN_R, DT)
+        up = _lora_expand(up, rows, cols, cols < I, T, h_ptr, stride_h, b_ptr, slot_ptr, ranks_ptr, scal_ptr,
+                          1, 2, 2 * I, R, BLOCK_R, EVEN_R, DT)
     # torch's SiLU is x / (1 + exp(-x)) in float32 with an IEEE division; on CUDA its exp is
     # expf, which libdevice's exp is (tl.exp would be the faster, less accurate ex2.approx)
     if CUDA_MATH:
@@ -180,61 +234,98 @@ def _rows_per_program(t: torch.Tensor, n_rows: int, row_elems: int, on_gpu: int)
     return max(1, min(_pow2(n_rows), 16384 // _pow2(row_elems)))
 
 
-def _check_rows(name: str, t: torch.Tensor, dims: int) -> None:
-    if t.dim() != dims or t.stride(-1) != 1:
-        raise ValueError(f"{name} must be a {dims}-d tensor with a contiguous last dim, "
-                         f"got shape {tuple(t.shape)} strides {t.stride()}")
-    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{name} has dtype {t.dtype}; the fused kernels take float32, bfloat16 or float16")
+def _lora_launch(lora: LoRAEpilogue | None, like: torch.Tensor, block_r: int | None,
+                 gpu_block_r: int) -> tuple[tuple, dict]:
+    """The kernels' LoRA arguments: pointers and h's row stride, and the constexprs."""
+    if lora is None:  # placeholders the kernel never reads
+        return (like,) * 5 + (0,), dict(HAS_LORA=False, R=1, BLOCK_R=1, EVEN_R=True)
+    if block_r is None:
+        block_r = min(_pow2(lora.R), gpu_block_r if like.is_cuda else 16)
+    _check_block("block_r", block_r)
+    return ((lora.h, lora.B, lora.token_slot, lora.ranks, lora.scalings, lora.h.stride(0)),
+            dict(HAS_LORA=True, R=lora.R, BLOCK_R=block_r, EVEN_R=lora.R % block_r == 0))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def _check_block(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1 or value & (value - 1)):
+        raise ValueError(f"{name} is {value!r}; it must be a power of two")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             lora: LoRAEpilogue | None = None, *, block_r: int | None = None,
+             num_warps: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of ``x`` ``[T, hidden]`` (rows may be strided), computed as ``RMSNorm.forward`` does.
 
     With ``residual`` (same shape and dtype) it first forms ``h = residual + x`` rounded to the dtype,
     exactly as eager ``residual + x``, and returns ``(norm(h), h)``: ``h`` is the new residual stream.
     Both outputs are new contiguous tensors.
+
+    With ``lora`` (``n_slices=1``, ``out_total == hidden``), ``x`` is first replaced by ``x`` with
+    the LoRA delta added, as :func:`apply_epilogue` adds it; ``x`` itself is not written. Where
+    :func:`use_fused` says no, that runs eagerly (:func:`apply_epilogue`, :func:`rms_norm_eager`);
+    without ``lora`` this always launches the kernel, the caller having asked :func:`use_fused`.
+    ``block_r`` (ranks per step of the LoRA loop) and ``num_warps`` tune the kernel.
     """
-    _check_rows("x", x, 2)
+    check_rows("x", x, 2)
     T, N = x.shape
     if weight.shape != (N,) or weight.dtype != x.dtype or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous [{N}] {x.dtype} tensor, got {tuple(weight.shape)} "
                          f"{weight.dtype}")
     if residual is not None:
-        _check_rows("residual", residual, 2)
+        check_rows("residual", residual, 2)
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
                              f"{tuple(x.shape)} {x.dtype}")
+    if lora is not None:
+        lora.check_output("x", x, 1)
+        if not use_fused(x):
+            return rms_norm_eager(apply_epilogue(x, lora), weight, eps, residual)
     out = torch.empty((T, N), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
     if T > 0:
         block = _pow2(N)
         rows = _rows_per_program(x, T, N, 1)
+        lora_args, lora_consts = _lora_launch(lora, x, block_r, 8)
+        if num_warps is None:  # with LoRA a B tile [block, block_r] sits beside the row: more warps
+            held = block * (2 if lora is not None else 1)
+            num_warps = 4 if held <= 1024 else 8 if held <= 4096 else 16
         _rms_norm_kernel[(triton.cdiv(T, rows),)](
             x, residual if residual is not None else x, weight, out, res_out, T, x.stride(0),
-            residual.stride(0) if residual is not None else 0, float(eps),
+            residual.stride(0) if residual is not None else 0, float(eps), *lora_args,
             N=N, BLOCK_N=block, ROWS=rows, HAS_RESIDUAL=residual is not None, CUDA_MATH=x.is_cuda,
-            num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16, enable_fp_fusion=False,
-            enable_reflect_ftz=False)
+            **lora_consts, num_warps=num_warps, enable_fp_fusion=False, enable_reflect_ftz=False)
     return (out, res_out) if residual is not None else out
 
 
-def silu_and_mul(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, intermediate: int, lora: LoRAEpilogue | None = None, *,
+                 block_n: int | None = None, block_r: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """``silu(gate) * up`` ``[T, intermediate]`` from ``gate_up`` ``[T, 2 * intermediate]`` (gate
-    first; rows may be strided), rounded as eager ``F.silu(gate) * up``."""
-    _check_rows("gate_up", gate_up, 2)
+    first; rows may be strided), rounded as eager ``F.silu(gate) * up``.
+
+    With ``lora`` (``n_slices=2``: slice 0 gate's, slice 1 up's), gate and up each first get their
+    slice's delta, as :func:`apply_epilogue` adds it; ``gate_up`` itself is not written. Where
+    :func:`use_fused` says no, that runs eagerly (:func:`apply_epilogue`, :func:`silu_and_mul_eager`);
+    without ``lora`` this always launches the kernel. ``block_n`` (columns per program),
+    ``block_r`` (ranks per step of the LoRA loop) and ``num_warps`` tune the kernel."""
+    check_rows("gate_up", gate_up, 2)
     T = gate_up.shape[0]
     if intermediate < 1 or gate_up.shape[1] != 2 * intermediate:
         raise ValueError(f"gate_up has shape {tuple(gate_up.shape)}; expected [T, 2 * {intermediate}]")
+    _check_block("block_n", block_n)
+    if lora is not None:
+        lora.check_output("gate_up", gate_up, 2)
+        if not use_fused(gate_up):
+            return silu_and_mul_eager(apply_epilogue(gate_up, lora), intermediate)
     out = torch.empty((T, intermediate), dtype=gate_up.dtype, device=gate_up.device)
     if T > 0:
-        block = min(_pow2(intermediate), 1024 if gate_up.is_cuda else 4096)
-        rows = _rows_per_program(gate_up, T, block, 1)
-        grid = (triton.cdiv(T, rows), triton.cdiv(intermediate, block))
-        _silu_and_mul_kernel[grid](gate_up, out, T, gate_up.stride(0), I=intermediate, BLOCK=block, ROWS=rows,
-                                   CUDA_MATH=gate_up.is_cuda, num_warps=4, enable_fp_fusion=False,
-                                   enable_reflect_ftz=False)
+        if block_n is None:  # with LoRA, two B tiles [block, block_r] per step: narrower blocks on the GPU
+            block_n = min(_pow2(intermediate), (128 if lora else 1024) if gate_up.is_cuda else 4096)
+        rows = _rows_per_program(gate_up, T, block_n, 1)
+        lora_args, lora_consts = _lora_launch(lora, gate_up, block_r, 16)
+        grid = (triton.cdiv(T, rows), triton.cdiv(intermediate, block_n))
+        _silu_and_mul_kernel[grid](gate_up, out, T, gate_up.stride(0), *lora_args, I=intermediate, BLOCK=block_n,
+                                   ROWS=rows, CUDA_MATH=gate_up.is_cuda, **lora_consts, num_warps=num_warps,
+                                   enable_fp_fusion=False, enable_reflect_ftz=False)
     return out
 
 
@@ -243,8 +334,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     """Rotate q ``[T, heads, head_dim]`` and k ``[T, kv_heads, head_dim]`` (views with any token and
     head strides, contiguous last dim) by ``cos``/``sin`` ``[T, head_dim]``, NeoX half rotation, as
     :func:`~loraserve.models.layers.apply_rotary` rounds it. Returns new contiguous q and k."""
-    _check_rows("q", q, 3)
-    _check_rows("k", k, 3)
+    check_rows("q", q, 3)
+    check_rows("k", k, 3)
     T, HQ, D = q.shape
     HK = k.shape[1]
     if k.shape[0] != T or k.shape[2] != D or k.dtype != q.dtype or D % 2:

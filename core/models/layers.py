@@ -30,6 +30,7 @@ from torch import nn
 from loraserve.distributed import TensorParallel
 from loraserve.errors import ConfigError
 from loraserve.models import fused
+from loraserve.models.epilogue import LoRAEpilogue, apply_epilogue
 
 #: ``hook(x, out)`` (or ``hook(x, out, shrunk)``, see :meth:`LoRALinear.append_rows`) for linear layers,
 #: ``hook(input_ids, out)`` for the embedding; edits ``out`` in place.
@@ -104,6 +105,11 @@ class LoRALinear(nn.Module):
         self.lora_hook: LoRAHook | None = None
         #: set with :meth:`append_rows`: whether this step's GEMM includes the appended rows
         self.lora_fuse: Callable[[], bool] | None = None
+        #: set by the model when the kernel that consumes this layer's output can add the LoRA
+        #: delta itself (:class:`~loraserve.models.epilogue.LoRAEpilogue`): the model then takes it
+        #: with :meth:`take_epilogue` right after the call and must hand it to that kernel
+        self.lora_defer = False
+        self._epilogue: LoRAEpilogue | None = None
         self._weight_ext: torch.Tensor | None = None
         self._bias_ext: torch.Tensor | None = None
 
@@ -155,11 +161,20 @@ class LoRALinear(nn.Module):
             self._bias_ext = bias
         return full[self.output_size:]
 
+    def take_epilogue(self) -> LoRAEpilogue | None:
+        """The LoRA delta the last call left to the output's consumer (see ``lora_defer``), or None."""
+        epilogue, self._epilogue = self._epilogue, None
+        return epilogue
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._epilogue = None
         if self.lora_fuse is not None and self.lora_fuse():
             y = F.linear(x, self._weight_ext, self._bias_ext if self._adds_bias else None)
             out = y[:, :self.output_size]  # rows of stride out + rows: downstream ops take views
-            self.lora_hook(x, out, y[:, self.output_size:])
+            if self.lora_defer and self.parallel != "row":  # a row layer's delta must precede its all-reduce
+                self._epilogue = self.lora_hook(x, out, y[:, self.output_size:], defer=True)
+            else:
+                self.lora_hook(x, out, y[:, self.output_size:])
         else:
             out = F.linear(x, self.weight, self.bias if self._adds_bias else None)
             if self.lora_hook is not None:
@@ -229,10 +244,13 @@ class RMSNorm(nn.Module):
         self.eps = float(eps)
         self.weight = _empty((hidden_size,), dtype, device)
 
-    def forward(self, x: torch.Tensor,
-                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                lora: LoRAEpilogue | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``lora``: a LoRA delta left by the projection that produced ``x``, added to ``x`` first."""
         if x.dim() == 2 and x.stride(-1) == 1 and x.dtype == self.weight.dtype and fused.use_fused(x):
-            return fused.rms_norm(x, self.weight, self.eps, residual)
+            return fused.rms_norm(x, self.weight, self.eps, residual, lora=lora)
+        if lora is not None:
+            x = apply_epilogue(x, lora)
         if residual is None:
             return self._norm(x)
         h = residual + x

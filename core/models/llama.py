@@ -25,6 +25,7 @@ from torch import nn
 from loraserve.distributed import TensorParallel
 from loraserve.errors import ConfigError
 from loraserve.models import fused
+from loraserve.models.epilogue import LoRAEpilogue, apply_epilogue
 from loraserve.models.layers import LoRAEmbedding, LoRALinear, RMSNorm, RotaryEmbedding, rotate_qk
 from loraserve.models.dtypes import to_torch_device, to_torch_dtype
 
@@ -55,6 +56,7 @@ class LlamaAttention(nn.Module):
                                    parallel="column", tp=model.tp, name="qkv_proj")
         self.o_proj = LoRALinear(q_full, [model.hidden_size], o_bias, dtype, device, parallel="row", tp=model.tp,
                                  name="o_proj")
+        self.o_proj.lora_defer = True  # the post-attention norm adds the delta (LlamaDecoderLayer.forward)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         T = hidden.shape[0]
@@ -82,11 +84,17 @@ class LlamaMLP(nn.Module):
                                     tp=model.tp, name="down_proj")
         self.act_fn = ACT2FN[hidden_act]
         self.is_silu = hidden_act in ("silu", "swish")  # both are F.silu in transformers
+        # the consumers add these projections' LoRA deltas: SiLU-and-mul, and the next layer's norm
+        self.gate_up_proj.lora_defer = self.is_silu
+        self.down_proj.lora_defer = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        lora = self.gate_up_proj.take_epilogue()  # only with SiLU (lora_defer)
         if self.is_silu and gate_up.stride(-1) == 1 and fused.use_fused(gate_up):
-            return self.down_proj(fused.silu_and_mul(gate_up, self.intermediate_size))
+            return self.down_proj(fused.silu_and_mul(gate_up, self.intermediate_size, lora=lora))
+        if lora is not None:
+            gate_up = apply_epilogue(gate_up, lora)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
@@ -101,15 +109,18 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(model, bool(getattr(cfg, "mlp_bias", False)), getattr(cfg, "hidden_act", "silu"))
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                residual: torch.Tensor | None = None,
+                lora: LoRAEpilogue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mlp_out, residual)``: the residual stream is ``residual + hidden`` (or ``hidden`` alone
-        for the first layer, whose input is the embedding); the next norm adds the MLP output to it."""
+        for the first layer, whose input is the embedding); the next norm adds the MLP output to it.
+        ``lora``: the previous layer's down_proj delta, left to this layer's first norm."""
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, self.input_layernorm(hidden, lora=lora)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, lora=lora)
         hidden = self.self_attn(hidden, cos, sin, attn)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual,
+                                                         lora=self.self_attn.o_proj.take_epilogue())
         return self.mlp(hidden), residual
 
 
@@ -195,10 +206,11 @@ class LlamaForCausalLM(nn.Module):
                              "must both be flat [T] tensors of the same length")
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, hidden.dtype)
-        residual = None
+        residual, lora = None, None
         for layer in self.model.layers:
-            hidden, residual = layer(hidden, cos, sin, attn, residual)
-        return self.model.norm(hidden, residual)[0]
+            hidden, residual = layer(hidden, cos, sin, attn, residual, lora)
+            lora = layer.mlp.down_proj.take_epilogue()  # added by the next norm
+        return self.model.norm(hidden, residual, lora=lora)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[N, vocab]`` for hidden states ``[N, hidden]`` (usually each sequence's last);

@@ -14,6 +14,7 @@ adapter shared by several requests is read once per segment (Punica/S-LoRA's SGM
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -30,6 +31,26 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SLICES_PER_EXPAND = 3
 LAUNCH_BYTES = 4_000_000  # a kernel launch and its ramp, in bytes the device could have moved (~1.3 us)
 COMPUTE_BOUND_TOKENS = 512  # from here a bf16 GEMM of Llama shapes is bound by arithmetic on an H100
+# The expand is left to the output's consumer (norm, SiLU-and-mul) on steps of at most this many
+# tokens and pools of at most this rank: those kernels read each row's B themselves, which pays
+# while the launch it saves outweighs rereading B for tokens that share an adapter. Measured on an
+# H100 (benchmarks/results/lora_epilogue_*): at rank 8 it wins every decode case up to 128 tokens,
+# at rank 16 those of o_proj and down_proj, and gate_up_proj's up to 64 tokens; from rank 64, or at
+# 256 tokens, the expand kernel wins.
+EPILOGUE_MAX_TOKENS = 128
+EPILOGUE_MAX_RANK = 16
+EPILOGUE_MAX_TOKENS_TWO_SLICES_RANK_16 = 64
+
+
+def epilogue_env() -> bool | None:
+    """``LORASERVE_LORA_EPILOGUE``: ``1`` leaves every expand it can to the output's consumer, ``0``
+    none, unset or ``auto`` as measured (:meth:`TiledLoRABackend.use_epilogue`); for A/B runs."""
+    mode = os.environ.get("LORASERVE_LORA_EPILOGUE", "auto").strip().lower()
+    if mode in ("", "auto"):
+        return None
+    if mode in ("0", "1"):
+        return mode == "1"
+    raise ValueError(f"LORASERVE_LORA_EPILOGUE={mode!r}; use 1, 0 or auto")
 
 
 def check_device(backend: str, device: torch.device | str) -> torch.device:
@@ -199,6 +220,35 @@ class TiledLoRABackend(LoRABackend):
         used = min(num_tokens, num_slots) * n_slices * max_rank
         separate = LAUNCH_BYTES + 2 * (used * in_dim * 2 + num_tokens * in_dim * 2)
         return fused <= separate
+
+    def use_epilogue(self, num_tokens: int, max_rank: int, n_slices: int = 1) -> bool:
+        """Whether a step leaves the expand of a projection with ``n_slices`` output slices to the
+        output's consumer (``tuning["epilogue"]`` overrides): decode-sized steps with a low-rank pool
+        (``EPILOGUE_MAX_TOKENS``, ``EPILOGUE_MAX_RANK``; the pool's rank capacity decides, since
+        it is a host integer)."""
+        forced = self.tuning.get("epilogue")
+        if forced is None:
+            forced = epilogue_env()
+        if forced is not None:
+            return bool(forced)
+        if max_rank > EPILOGUE_MAX_RANK:
+            return False
+        if n_slices > 1 and max_rank > 8:
+            return num_tokens <= EPILOGUE_MAX_TOKENS_TWO_SLICES_RANK_16
+        return num_tokens <= EPILOGUE_MAX_TOKENS
+
+    def expand_epilogue(self, B: torch.Tensor, output_offsets: Sequence[int], shrunk: torch.Tensor) -> Any:
+        from loraserve.models import fused
+        from loraserve.models.epilogue import LoRAEpilogue
+
+        batch = self.batch
+        n_slices = len(output_offsets) - 1
+        widths = {output_offsets[i + 1] - output_offsets[i] for i in range(n_slices)}
+        if (batch is None or n_slices not in (1, 2) or len(widths) != 1 or not fused.use_fused(shrunk)
+                or not self.use_epilogue(batch.num_tokens, batch.max_rank, n_slices)):
+            return None
+        return LoRAEpilogue(h=shrunk, B=B, token_slot=batch.token_slot, ranks=batch.ranks,
+                                  scalings=batch.scalings, n_slices=n_slices, R=batch.max_rank)
 
     def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
                  output_offsets: Sequence[int], shrunk: torch.Tensor | None = None) -> None:
