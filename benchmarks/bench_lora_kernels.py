@@ -180,7 +180,7 @@ class Case:
         del graphs
         return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
-    def time_epilogue(self, backend, rounds: int = 3) -> dict:
+    def time_epilogue(self, backend, rounds: int = 3, consumer_kw: dict | None = None) -> dict:
         """For o_proj and down_proj (consumed by the next RMSNorm with its residual add) and
         gate_up_proj (consumed by SiLU-and-mul): microseconds per layer of the base GEMM + consumer,
         of the GEMM over ``[W; A]`` + consumer taking the expand (``LoRAEpilogue``), and of the GEMM
@@ -197,10 +197,12 @@ class Case:
         backend.prepare(self.info)
         info = self.info
 
+        kw = consumer_kw or {}
+
         def consume(y, lora=None):
             if self.proj == "gate_up_proj":
-                return fused.silu_and_mul(y, N // 2, lora=lora)
-            return fused.rms_norm(y, norm_w, 1e-5, residual, lora=lora)[0]
+                return fused.silu_and_mul(y, N // 2, lora=lora, **(kw if lora is not None else {}))
+            return fused.rms_norm(y, norm_w, 1e-5, residual, lora=lora, **(kw if lora is not None else {}))[0]
 
         def epilogue(y, B):
             return LoRAEpilogue(h=y[:, N:], B=B, token_slot=info.token_slot, ranks=info.ranks,
@@ -417,6 +419,36 @@ def run_epilogue(args) -> dict:
         torch.cuda.empty_cache()
         print(f"  T={sum(seg_lens)} adapters={n} rank={r} done ({time.time() - t0:.0f}s)", flush=True)
     return result
+
+
+EPILOGUE_SWEEP = {
+    "cases": [([1] * 32, 32, 8), ([1] * 64, 64, 8), ([1] * 128, 64, 8), ([1] * 64, 32, 16), ([1] * 128, 64, 16)],
+    "rms_norm": [{}, {"block_r": 16}, {"num_warps": 8}, {"num_warps": 4}, {"block_r": 4}, {"block_r": 16, "num_warps": 8}],
+    "silu_and_mul": [{}, {"block_n": 256}, {"block_n": 512, "num_warps": 8}, {"block_n": 64}, {"block_r": 8},
+                     {"block_n": 256, "num_warps": 8}, {"num_warps": 2}, {"block_n": 1024, "num_warps": 8}],
+}
+
+
+def sweep_epilogue(args) -> list[dict]:
+    """The consumers' launch parameters with the LoRA epilogue, on representative low-rank cases:
+    LoRA time (GEMM over [W; A] + consumer with the epilogue, less base GEMM + consumer) per variant."""
+    rows = []
+    for seg_lens, n, r in EPILOGUE_SWEEP["cases"]:
+        for proj, key in (("o_proj", "rms_norm"), ("down_proj", "rms_norm"), ("gate_up_proj", "silu_and_mul")):
+            case = Case(proj, seg_lens, n, r)
+            backend = make_backend("csgmv", args.max_chunk)
+            case.time_fused(backend, rounds=1)
+            for kw in EPILOGUE_SWEEP[key]:
+                m = case.time_epilogue(backend, rounds=3, consumer_kw=kw)
+                rows.append({"proj": proj, "tokens": case.T, "adapters": n, "rank": r, "consumer_kw": kw,
+                             "epi_us": m["epi_total_us"] - m["plain_total_us"],
+                             "gemm_us": m["in_place_total_us"] - m["plain_total_us"], "bytes": case.bytes})
+                print(f"{proj} T={case.T} n={n} r={r} {kw}: epi {rows[-1]['epi_us']:.1f} us, "
+                      f"in place {rows[-1]['gemm_us']:.1f} us", flush=True)
+            case.free()
+            del case
+        torch.cuda.empty_cache()
+    return rows
 
 
 def summarize_epilogue(result: dict) -> str:
@@ -663,6 +695,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = torch.cuda.get_device_name(0).replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
+    if args.epilogue and args.sweep:
+        rows = sweep_epilogue(args)
+        (out / f"lora_epilogue_sweep_{slug}.json").write_text(json.dumps(rows, indent=1))
+        return
     if args.epilogue:
         result = run_epilogue(args)
         (out / f"lora_epilogue_{slug}.json").write_text(json.dumps(result, indent=1))

@@ -321,7 +321,7 @@ def silu_and_mul(gate_up: torch.Tensor, intermediate: int, lora: LoRAEpilogue | 
         if block_n is None:  # with LoRA, two B tiles [block, block_r] per step: narrower blocks on the GPU
             block_n = min(_pow2(intermediate), (128 if lora else 1024) if gate_up.is_cuda else 4096)
         rows = _rows_per_program(gate_up, T, block_n, 1)
-        lora_args, lora_consts = _lora_launch(lora, gate_up, block_r, 16)
+        lora_args, lora_consts = _lora_launch(lora, gate_up, block_r, 8)  # 8: lora_epilogue_sweep_*.json
         grid = (triton.cdiv(T, rows), triton.cdiv(intermediate, block_n))
         _silu_and_mul_kernel[grid](gate_up, out, T, gate_up.stride(0), *lora_args, I=intermediate, BLOCK=block_n,
                                    ROWS=rows, CUDA_MATH=gate_up.is_cuda, **lora_consts, num_warps=num_warps,
