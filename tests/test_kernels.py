@@ -194,14 +194,14 @@ def test_epilogue_rule_env_override_and_what_the_backend_hands_out(gen, monkeypa
                                       cfg["in_dim"], cfg["R"], torch.float32)
     backend.prepare(info)
     n_slots, R = A.shape[0], cfg["R"]
-    one = backend.expand_epilogue(B[:, :8].contiguous(), (0, 8), torch.zeros(1, n_slots * R))
+    one = backend.expand_epilogue(B[:, :8].contiguous(), (0, 8), torch.zeros(1, n_slots * R, device=DEVICE))
     assert one is not None and one.n_slices == 1 and one.R == R and one.token_slot is info.token_slot
     # three slices (qkv) or unequal slices: no consumer can take them
-    assert backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 8, 12), torch.zeros(1, n_slots * 3 * R)) is None
-    assert backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 12), torch.zeros(1, n_slots * 2 * R)) is None
+    assert backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 8, 12), torch.zeros(1, n_slots * 3 * R, device=DEVICE)) is None
+    assert backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 12), torch.zeros(1, n_slots * 2 * R, device=DEVICE)) is None
     monkeypatch.setenv("LORASERVE_FUSED_OPS", "0")  # eager consumers: the expand kernel is cheaper
-    assert backend.expand_epilogue(B[:, :8].contiguous(), (0, 8), torch.zeros(1, n_slots * R)) is None
-    assert TorchLoRABackend(DEVICE).expand_epilogue(B, (0, 8), torch.zeros(1, 1)) is None
+    assert backend.expand_epilogue(B[:, :8].contiguous(), (0, 8), torch.zeros(1, n_slots * R, device=DEVICE)) is None
+    assert TorchLoRABackend(DEVICE).expand_epilogue(B, (0, 8), torch.zeros(1, 1, device=DEVICE)) is None
 
 
 @pytest.mark.parametrize("case", ["qkv: 3 unequal slices, mixed ranks incl. 0, slot spans chunks",

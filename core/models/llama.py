@@ -9,6 +9,9 @@ slices. :meth:`LlamaForCausalLM.load_weights` takes Hugging Face tensor names an
 Layers pass the residual stream beside the hidden states, so each residual add fuses into the next
 RMSNorm; with RoPE and SiLU-and-mul these run as Triton kernels where
 :func:`~loraserve.models.fused.use_fused` says so (``LORASERVE_FUSED_OPS=0`` keeps the eager code).
+o_proj, down_proj and (with SiLU) gate_up_proj are marked ``lora_defer``: when the LoRA backend
+leaves their expand to the consumer, the model takes it from the layer (``take_epilogue``) and hands
+it to the next RMSNorm or to SiLU-and-mul.
 Given a :class:`~loraserve.distributed.TensorParallel` of N ranks, one process per rank builds its
 shard (Megatron-style): qkv_proj and gate_up_proj column-parallel (1/N of the heads, of the kv
 heads and of the intermediate size), o_proj and down_proj row-parallel with an all-reduce,
