@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -99,10 +100,12 @@ def lora_manager(model, adapters: dict[str, str], backend: str = "torch"):
     plugins = PluginManager().load()
     if backend == "torch":
         kernels = plugins.backends.create("torch", settings, "cpu")
-    else:  # the Triton kernels under the interpreter, with the shrink forced into the base GEMM
+    else:  # the Triton kernels under the interpreter, with the shrink forced into the base GEMM and,
+        # for "csgmv_epilogue", the expands the model's consumers can take left to them
         from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend
 
-        kernels = ChunkedSgmvLoRABackend("cpu", tuning={"fused_shrink": True})
+        kernels = ChunkedSgmvLoRABackend("cpu", tuning={"fused_shrink": True,
+                                                        "epilogue": backend == "csgmv_epilogue"})
     manager = LoRAManager(settings, plugins, model, kernels, MAX_RANK, LORA_TARGETS, torch.device("cpu"),
                           torch.float32, run_in_engine=lambda fn: fn())
     for name, path in adapters.items():
@@ -124,11 +127,20 @@ def run_cases(cases: dict, tp: TensorParallel | None) -> dict:
     out["dummy"] = run_steps(dummy, prompt_ids(BASE_PROMPT_LENS, seed=1))
     config, weights_path = cases["base"]["llama_gqa"]
     rows = [a for a, _ in LORA_ROWS]
-    for backend in ("torch", "csgmv") if runs_triton(torch.device("cpu")) else ("torch",):
+    for backend in ("torch", "csgmv", "csgmv_epilogue") if runs_triton(torch.device("cpu")) else ("torch",):
         model = LlamaForCausalLM(config, tp=tp)
         model.load_weights(torch.load(weights_path).items())
         manager = lora_manager(model, cases["adapters"], backend)
-        out[f"lora_{backend}"] = run_steps(model, prompt_ids([n for _, n in LORA_ROWS], seed=2), rows, manager)
+        # the epilogue needs the consumers' kernels, which run on CPU only when asked (interpreter)
+        fused_ops = os.environ.get("LORASERVE_FUSED_OPS")
+        os.environ["LORASERVE_FUSED_OPS"] = "1" if backend == "csgmv_epilogue" else (fused_ops or "auto")
+        try:
+            out[f"lora_{backend}"] = run_steps(model, prompt_ids([n for _, n in LORA_ROWS], seed=2), rows, manager)
+        finally:
+            if fused_ops is None:
+                os.environ.pop("LORASERVE_FUSED_OPS")
+            else:
+                os.environ["LORASERVE_FUSED_OPS"] = fused_ops
         manager.check_integrity()
     return out
 
@@ -228,10 +240,12 @@ def test_tp2_dummy_weights_are_the_single_rank_model(results):
         assert_same_run(results[rank]["dummy"], results["tp1"]["dummy"])
 
 
-@pytest.mark.parametrize("backend", ["torch", "csgmv"])
+@pytest.mark.parametrize("backend", ["torch", "csgmv", "csgmv_epilogue"])
 def test_tp2_mixed_lora_batch_matches_tp1_and_peft(results, cases, backend):
     """Two adapters and base rows in one batch; csgmv takes the shrink from the base GEMM (A rows
-    appended to each layer's local weight)."""
+    appended to each layer's local weight); with the epilogue, SiLU-and-mul adds gate_up's local
+    delta (column-parallel) and the norms o_proj's and down_proj's at tp 1, while at tp 2 those
+    row-parallel deltas stay before the all-reduce."""
     from peft import PeftModel
 
     key = f"lora_{backend}"
