@@ -172,7 +172,12 @@ class Case:
         def separate():
             for ext, (A, B) in zip(self.ext, self.weights):
                 backend.run_lora(self.x, A, B, F.linear(self.x, ext[:N]), self.offsets)
-        graphs = {"gemm_us": graph_of(gemm), "separate_total_us": graph_of(separate), "fused_total_us": graph_of(fused)}
+        return self.interleaved({"gemm_us": gemm, "separate_total_us": separate, "fused_total_us": fused}, rounds)
+
+    def interleaved(self, steps: dict, rounds: int) -> dict:
+        """Microseconds per layer of each step (a CUDA graph of each), medians over ``rounds``
+        interleaved rounds so that clock drift hits all of them alike."""
+        graphs = {k: graph_of(fn) for k, fn in steps.items()}
         times = {k: [] for k in graphs}
         for _ in range(rounds):
             for k, g in graphs.items():
@@ -196,7 +201,6 @@ class Case:
         norm_w = torch.rand(N, device=DEVICE, generator=gen, dtype=DTYPE) + 0.5
         backend.prepare(self.info)
         info = self.info
-
         kw = consumer_kw or {}
 
         def consume(y, lora=None):
@@ -206,7 +210,7 @@ class Case:
 
         def epilogue(y, B):
             return LoRAEpilogue(h=y[:, N:], B=B, token_slot=info.token_slot, ranks=info.ranks,
-                                      scalings=info.scalings, n_slices=S, R=self.rank)
+                                scalings=info.scalings, n_slices=S, R=self.rank)
 
         def plain():
             for ext in self.ext:
@@ -222,14 +226,7 @@ class Case:
                 y = F.linear(self.x, ext)
                 backend.run_lora(self.x, A, B, y[:, :N], self.offsets, shrunk=y[:, N:])
                 consume(y[:, :N])
-        graphs = {"plain_total_us": graph_of(plain), "epi_total_us": graph_of(epi),
-                  "in_place_total_us": graph_of(in_place)}
-        times = {k: [] for k in graphs}
-        for _ in range(rounds):
-            for k, g in graphs.items():
-                times[k].append(bench(g.replay) / self.layers * 1e3)
-        del graphs
-        out = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        out = self.interleaved({"plain_total_us": plain, "epi_total_us": epi, "in_place_total_us": in_place}, rounds)
         (A, B), ext = self.weights[0], self.ext[0]
         y = F.linear(self.x, ext)
         base = consume(y[:, :N]).float()

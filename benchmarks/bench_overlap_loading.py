@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import random_adapters  # noqa: E402
-from server_runs import serve_and_bench  # noqa: E402
+from server_runs import add_run_args, serve_and_bench, work_dir, workload_flags  # noqa: E402
 
 def server_flags(args: argparse.Namespace, adapters: dict[str, Path], rank: int, overlap: bool) -> list[str]:
     flags = ["--model-path", args.config_dir, "--load-format", "dummy",
@@ -45,10 +44,8 @@ def server_flags(args: argparse.Namespace, adapters: dict[str, Path], rank: int,
 
 
 def run_one(args: argparse.Namespace, adapters: dict[str, Path], rank: int, overlap: bool, out_dir: Path) -> dict:
-    bench = ["--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
-             "--random-output-len", str(args.output_len), "--request-rate", str(args.request_rate),
-             "--lora-name", *adapters, "--lora-request-distribution", "distinct", "--seed", str(args.seed),
-             "--warmup-requests", str(args.warmup_requests)]
+    bench = workload_flags(args) + ["--lora-name", *adapters, "--lora-request-distribution", "distinct",
+                                    "--warmup-requests", str(args.warmup_requests)]
     return serve_and_bench(server_flags(args, adapters, rank, overlap), bench, f"r{rank}_{'on' if overlap else 'off'}",
                            out_dir, args.port, args.startup_timeout)
 
@@ -125,18 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-requests", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--port", type=int, default=30077)
-    p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--modes", nargs="+", choices=("off", "on"), default=["off", "on"])
-    p.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeat)")
-    p.add_argument("--work-dir", default=None, help="adapters, server logs and per-run JSON (default: a temp dir)")
-    p.add_argument("--output-file", default=None, help="write every run and the summary here (JSON)")
+    add_run_args(p, "overlap-bench-")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="overlap-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args)
     config = random_adapters.load_config(args.config_dir)
     runs, rows = [], []
     for rank in args.ranks:

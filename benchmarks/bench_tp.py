@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import random_adapters  # noqa: E402
-from server_runs import free_port, serve_and_bench  # noqa: E402
+from server_runs import add_run_args, free_port, serve_and_bench, work_dir, workload_flags  # noqa: E402
 
 
 def collective_times(tp_size: int, hidden: int, vocab: int, num_layers: int, batches: Sequence[int],
@@ -101,23 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--collective-batches", type=int, nargs="*", default=[1, 8, 32, 64],
                    help="decode batch sizes whose collectives are timed on their own (CUDA only; none: skip)")
-    p.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeat)")
-    p.add_argument("--startup-timeout", type=float, default=600)
-    p.add_argument("--work-dir", default=None)
-    p.add_argument("--output-file", default=None)
+    add_run_args(p, "tp-bench-")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="tp-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args)
     config = random_adapters.load_config(args.config_dir)
     adapters = random_adapters.write_random_adapters(config, work / "adapters", args.num_adapters, rank=args.rank,
                                                      seed=args.seed, dtype="bfloat16") if args.num_adapters else {}
-    bench = ["--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
-             "--random-output-len", str(args.output_len), "--request-rate", str(args.request_rate),
-             "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed)]
+    bench = workload_flags(args) + ["--max-concurrency", str(args.max_concurrency)]
     if adapters:
         bench += ["--lora-name", *adapters, "--lora-request-distribution", args.distribution]
     runs = []

@@ -5,11 +5,13 @@ from ``/metrics``, stop the server. Shared by the drivers that compare server se
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +20,30 @@ import httpx
 
 import bench_serving
 from loraserve.tp_engine import free_port  # noqa: F401 (the drivers' port picker)
+
+def add_run_args(p: argparse.ArgumentParser, work_prefix: str) -> None:
+    """The arguments every driver takes for its servers and output files."""
+    p.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeat)")
+    p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--work-dir", default=None,
+                   help=f"adapters, server logs and per-run JSON (default: a temp dir {work_prefix}*)")
+    p.add_argument("--output-file", default=None, help="write every run and the summary here (JSON)")
+    p.set_defaults(work_prefix=work_prefix)
+
+
+def work_dir(args: argparse.Namespace) -> Path:
+    """``--work-dir``, created, or a new temporary directory."""
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix=args.work_prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def workload_flags(args: argparse.Namespace) -> list[str]:
+    """``bench_serving`` flags of the workload the drivers share: prompts, lengths, rate, seed."""
+    return ["--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
+            "--random-output-len", str(args.output_len), "--request-rate", str(args.request_rate),
+            "--seed", str(args.seed)]
+
 
 COUNTERS = ("slot_fills", "copied_bytes", "copy_seconds", "copy_wait_seconds", "prefetches", "slot_misses",
             "evictions")

@@ -18,6 +18,7 @@ import os
 import socket
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -132,15 +133,9 @@ def run_cases(cases: dict, tp: TensorParallel | None) -> dict:
         model.load_weights(torch.load(weights_path).items())
         manager = lora_manager(model, cases["adapters"], backend)
         # the epilogue needs the consumers' kernels, which run on CPU only when asked (interpreter)
-        fused_ops = os.environ.get("LORASERVE_FUSED_OPS")
-        os.environ["LORASERVE_FUSED_OPS"] = "1" if backend == "csgmv_epilogue" else (fused_ops or "auto")
-        try:
+        fused_ops = {"LORASERVE_FUSED_OPS": "1"} if backend == "csgmv_epilogue" else {}
+        with mock.patch.dict(os.environ, fused_ops):
             out[f"lora_{backend}"] = run_steps(model, prompt_ids([n for _, n in LORA_ROWS], seed=2), rows, manager)
-        finally:
-            if fused_ops is None:
-                os.environ.pop("LORASERVE_FUSED_OPS")
-            else:
-                os.environ["LORASERVE_FUSED_OPS"] = fused_ops
         manager.check_integrity()
     return out
 

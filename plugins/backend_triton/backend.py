@@ -24,7 +24,9 @@ import triton
 from loraserve.errors import ConfigError
 from loraserve.lora.backend import LoRABackend
 from loraserve.lora.batch_info import LoRABatchInfo
+from loraserve.models import fused
 from loraserve.models.dtypes import runs_triton
+from loraserve.models.epilogue import LoRAEpilogue
 from loraserve.plugins.backend_triton import kernels
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -238,9 +240,6 @@ class TiledLoRABackend(LoRABackend):
         return num_tokens <= EPILOGUE_MAX_TOKENS
 
     def expand_epilogue(self, B: torch.Tensor, output_offsets: Sequence[int], shrunk: torch.Tensor) -> Any:
-        from loraserve.models import fused
-        from loraserve.models.epilogue import LoRAEpilogue
-
         batch = self.batch
         n_slices = len(output_offsets) - 1
         widths = {output_offsets[i + 1] - output_offsets[i] for i in range(n_slices)}
