@@ -27,9 +27,24 @@ GROUP_TITLES = {"model": "model", "server": "HTTP server", "scheduling": "schedu
 REGISTRY_CHOICES = {"lora_backend": "backends", "lora_eviction_policy": "eviction_policies"}
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """Root logging at ``level`` with timestamped lines; replaces any earlier configuration.
+
+    uvicorn is started with ``log_config=None``, so its loggers use these handlers too.
+    """
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
+
+
 def _literal_choices(annotation: Any) -> list[str] | None:
+    """The values of ``Literal[...]``, also inside ``Literal[...] | None``."""
     if typing.get_origin(annotation) is typing.Literal:
         return [str(a) for a in typing.get_args(annotation)]
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(arg) is typing.Literal:
+            return [str(a) for a in typing.get_args(arg)]
     return None
 
 
@@ -40,11 +55,13 @@ def build_parser(plugins: PluginManager | None = None, prog: str = "loraserve") 
     and the environment and the field defaults apply to the rest.
     """
     parser = argparse.ArgumentParser(
-        prog=prog, argument_default=argparse.SUPPRESS,
+        prog=prog, argument_default=argparse.SUPPRESS, allow_abbrev=False,  # a typo must not pick another flag
         description="Serve one base LLM with many LoRA adapters. Subcommands: "
-                    "'loraserve plugins [--all]' lists plugins as JSON; 'loraserve [serve] FLAGS' starts the server.",
+                    "'loraserve plugins' lists plugins as JSON; 'loraserve [serve] [MODEL] FLAGS' starts the server.",
         epilog="Every flag can also be set as an environment variable: LORASERVE_<FLAG_NAME_IN_CAPITALS>.")
     parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
+    parser.add_argument("model_tag", nargs="?", metavar="MODEL",
+                        help="the model to serve, as vLLM's positional argument: the same as --model-path")
     groups: dict[str, Any] = {}
     for name, info in Settings.model_fields.items():
         extra = dict(info.json_schema_extra or {})
@@ -75,7 +92,7 @@ def build_parser(plugins: PluginManager | None = None, prog: str = "loraserve") 
 
 def _plugin_manager(argv: Sequence[str]) -> PluginManager:
     """Load plugins honouring --disable-plugin / --plugins (or their env vars) before full parsing."""
-    pre = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    pre = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False)
     pre.add_argument("--disable-plugin", action="append", dest="disable_plugin")
     pre.add_argument("--plugins", nargs="+", dest="plugins")
     pre.add_argument("--trace-plugins", action="store_true", dest="trace_plugins")
@@ -85,24 +102,35 @@ def _plugin_manager(argv: Sequence[str]) -> PluginManager:
 
 
 def parse_settings(argv: Sequence[str], plugins: PluginManager) -> Settings:
-    args = build_parser(plugins).parse_args(argv)
-    return make_settings(**vars(args))
+    parser = build_parser(plugins)
+    values = vars(parser.parse_args(argv))
+    model = values.pop("model_tag", None)
+    if model is not None:
+        given = values.get("model_path")
+        if given is not None and given != model:
+            parser.error(f"the model is given twice, as {model!r} and as --model-path {given!r}; give one")
+        values["model_path"] = model
+    return make_settings(**values)
 
 
 def cmd_plugins(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loraserve plugins", description="List loaded plugins as JSON.")
-    parser.add_argument("--all", action="store_true", help="include the built-in plugins")
+    parser = argparse.ArgumentParser(prog="loraserve plugins", allow_abbrev=False,
+                                     description="List plugins as JSON, built-in ones marked \"builtin\": true.")
+    parser.add_argument("--external", action="store_true", help="list only plugins that are not built in")
+    parser.add_argument("--all", action="store_true", help="(the default) list built-in plugins too")
     parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME")
     args = parser.parse_args(argv)
+    if args.all and args.external:
+        parser.error("--all and --external contradict each other; give one")
     pm = _plugin_manager(["--disable-plugin=" + n for n in args.disable_plugin])
-    print(json.dumps(pm.describe(include_builtin=args.all), indent=2))
+    print(json.dumps(pm.describe(include_builtin=not args.external), indent=2))
     return 0
 
 
 def cmd_serve(argv: Sequence[str]) -> int:
     pm = _plugin_manager(argv)
     settings = parse_settings(argv, pm)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     from loraserve.server import serve
 
     return serve(settings, pm)
@@ -113,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "serve"
     if argv and argv[0] in SUBCOMMANDS:
         command, argv = argv[0], argv[1:]
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers:  # until the settings are read (an embedding program keeps its own)
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         return {"serve": cmd_serve, "plugins": cmd_plugins}[command](argv)
     except LoraserveError as exc:

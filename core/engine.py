@@ -84,6 +84,27 @@ class Engine:
             for spec in tqdm(specs, desc="loading adapters", unit="adapter", disable=len(specs) < 2):
                 self.lora.load_adapter(spec.lora_name, spec.lora_path, pinned=spec.pinned)
 
+    def effective_settings(self) -> dict[str, Any]:
+        """The settings as this engine runs them: every ``auto``/unset input replaced by what was chosen
+        (device, dtype, backends, KV-cache tokens, batch limits, LoRA limits); the API key redacted."""
+        info = self.settings.model_dump(mode="json")
+        if info.get("api_key"):
+            info["api_key"] = "<set>"  # never echo the secret
+        graphs = getattr(self.runner, "graphs", None)
+        info.update(device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+                    attention_backend=self.settings.resolved_attention_backend(),
+                    served_model_name=self.model_name, context_length=self.context_len,
+                    max_total_tokens=self.kv.allocator.capacity_tokens,
+                    max_running_requests=self.scheduler.max_running,
+                    chunked_prefill_size=self.scheduler.chunk_size,
+                    cuda_graph_max_bs=max(graphs.sizes) if graphs is not None else None,
+                    disable_cuda_graph=graphs is None, enable_lora=self.lora is not None,
+                    lora_backend=self.backend_name if self.lora is not None else None)
+        if self.lora is not None:
+            info.update(max_lora_rank=self.lora.max_rank, lora_target_modules=list(self.lora.target_modules),
+                        max_loaded_loras=self.lora.host.capacity)
+        return info
+
     # -- submitting work (any thread) -------------------------------------------------------------
 
     def make_request(self, prompt: str | None = None, input_ids: Sequence[int] | None = None,
@@ -386,6 +407,8 @@ class Engine:
         if self.lora is not None:
             self.lora.release(r)
         self._deliver(r, finished=True)
+        logger.debug("request %s finished (%s): adapter %r, %d prompt and %d output tokens", r.request_id, reason,
+                     r.adapter, len(r.prompt_ids), len(r.output_ids))
         self.plugins.notify("loraserve_request_finished", request_id=r.request_id, adapter=r.adapter,
                             prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.output_ids),
                             finish_reason=reason)

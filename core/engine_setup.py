@@ -82,8 +82,9 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, 
         max_rank, targets = infer_lora_limits(settings, plugins)
         backend = plugins.backends.create(backend_name, settings, device)
         lora = LoRAManager(settings, plugins, model, backend, max_rank, targets, device, dtype, run_in_engine)
-        logger.info("LoRA: backend %s, %d slots, max rank %d, modules %s, GPU pool %.1f MiB", backend_name,
-                    settings.max_loras_per_batch, max_rank, ",".join(targets), lora.pool.nbytes / 2**20)
+        logger.info("LoRA: backend %s, %d slots, max rank %d, modules %s, LoRA slot pool %.1f MiB on %s",
+                    backend_name, settings.max_loras_per_batch, max_rank, ",".join(targets), lora.pool.nbytes / 2**20,
+                    device.type)
         if settings.enable_lora_overlap_loading:
             if device.type == "cuda":
                 from loraserve.lora.overlap import CudaStreamCopies

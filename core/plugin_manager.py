@@ -116,6 +116,7 @@ class PluginManager:
         try:
             plugin = ep.load()
             self._pm.register(plugin, name=ep.name)
+            logger.debug("plugin %r loaded from %s (%s %s)", ep.name, ep.value, info.distribution, info.version)
         except Exception as exc:  # a broken plugin must not take the engine down
             info.status, info.error = "failed", f"{type(exc).__name__}: {exc}"
             logger.error("plugin %r (%s) failed to load and is skipped: %s", ep.name, ep.value, info.error)

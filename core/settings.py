@@ -12,7 +12,7 @@ Precedence: CLI flag > ``LORASERVE_*`` environment variable > default.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,19 +32,41 @@ def _opt(description: str, group: str, **extra: Any) -> dict[str, Any]:
 
 
 class LoRAPathSpec(BaseModel):
-    """One start-up adapter from --lora-paths."""
+    """One start-up adapter from --lora-paths (or vLLM's spelling, --lora-modules)."""
 
     lora_name: str
     lora_path: str
     pinned: bool = False
 
+    # vLLM's --lora-modules JSON keys -> ours
+    VLLM_KEYS: ClassVar[dict[str, str]] = {"name": "lora_name", "path": "lora_path"}
+
+    @classmethod
+    def _from_mapping(cls, data: Any, text: str) -> "LoRAPathSpec":
+        if not isinstance(data, dict):
+            raise ValueError(f"--lora-paths entry {text!r} must be a JSON object, not a JSON {type(data).__name__}")
+        data = dict(data)
+        data.pop("base_model_name", None)  # vLLM lists it as the parent in /v1/models; ours is the one base
+        for vllm_key, key in cls.VLLM_KEYS.items():
+            if vllm_key in data:
+                if key in data:
+                    raise ValueError(f"--lora-paths entry {text!r} gives both {key!r} and {vllm_key!r}; give one")
+                data[key] = data.pop(vllm_key)
+        unknown = set(data) - {"lora_name", "lora_path", "pinned"}
+        if unknown or "lora_name" not in data or "lora_path" not in data:
+            raise ValueError(f"--lora-paths entry {text!r} needs keys lora_name and lora_path (vLLM's name and "
+                             f"path are accepted too, and optionally pinned)"
+                             f"{'; unknown keys: ' + ', '.join(sorted(unknown)) if unknown else ''}")
+        return cls.model_validate(data)
+
     @classmethod
     def parse(cls, value: Any) -> "LoRAPathSpec":
-        """Accept ``PATH``, ``NAME=PATH`` or JSON ``{"lora_name", "lora_path", "pinned"}``."""
+        """Accept ``PATH``, ``NAME=PATH`` or JSON ``{"lora_name", "lora_path", "pinned"}`` (SGLang) or
+        ``{"name", "path", "base_model_name"}`` (vLLM's --lora-modules)."""
         if isinstance(value, LoRAPathSpec):
             return value
         if isinstance(value, dict):
-            return cls.model_validate(value)
+            return cls._from_mapping(value, json.dumps(value))
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"--lora-paths entry {value!r} is empty; use PATH, NAME=PATH or a JSON object")
         text = value.strip()
@@ -54,11 +76,7 @@ class LoRAPathSpec(BaseModel):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"--lora-paths entry {text!r} is not valid JSON ({exc.msg}); "
                                  'write {"lora_name": "NAME", "lora_path": "PATH", "pinned": false}') from None
-            unknown = set(data) - {"lora_name", "lora_path", "pinned"}
-            if unknown or "lora_name" not in data or "lora_path" not in data:
-                raise ValueError(f"--lora-paths entry {text!r} needs keys lora_name and lora_path "
-                                 f"(and optionally pinned){'; unknown keys: ' + ', '.join(sorted(unknown)) if unknown else ''}")
-            return cls.model_validate(data)
+            return cls._from_mapping(data, text)
         if "=" in text:
             name, path = text.split("=", 1)
             if not name or not path:
@@ -75,7 +93,8 @@ class Settings(BaseSettings):
 
     # -- model -----------------------------------------------------------------------------------
     model_path: str | None = Field(None, **_opt(
-        "Hugging Face model directory, hub id or GGUF file. Default: the embedded SmolLM2-135M-Instruct.", "model"))
+        "Hugging Face model directory, hub id or GGUF file (also the positional MODEL of 'loraserve serve MODEL'). "
+        "Default: the embedded SmolLM2-135M-Instruct.", "model", aliases=["--model"]))
     tokenizer_path: str | None = Field(None, **_opt("Tokenizer directory or hub id (default: --model-path).", "model"))
     load_format: Literal["auto", "safetensors", "pt", "gguf", "dummy"] = Field("auto", **_opt(
         "How to read weights; 'dummy' makes random weights of the model's real shape (benchmarks).", "model"))
@@ -111,8 +130,9 @@ class Settings(BaseSettings):
     # -- LoRA ------------------------------------------------------------------------------------
     enable_lora: bool | None = Field(None, **_opt("Serve LoRA adapters (implied by --lora-paths).", "lora"))
     lora_paths: Annotated[list[LoRAPathSpec] | None, NoDecode] = Field(None, **_opt(
-        'Adapters to load at start-up, each PATH, NAME=PATH or JSON {"lora_name","lora_path","pinned"}.',
-        "lora", nargs="+", metavar="ADAPTER"))
+        'Adapters to load at start-up, each PATH, NAME=PATH or JSON {"lora_name","lora_path","pinned"} '
+        '(--lora-modules, vLLM\'s spelling, also takes {"name","path","base_model_name"}).',
+        "lora", nargs="+", metavar="ADAPTER", aliases=["--lora-modules"]))
     max_loras_per_batch: int = Field(8, ge=1, **_opt(
         "Adapter slots per batch; the base model counts as one.", "lora"))
     max_loaded_loras: int | None = Field(None, ge=1, **_opt(
@@ -128,7 +148,8 @@ class Settings(BaseSettings):
     lora_eviction_policy: str = Field("lru", **_opt(
         "Which adapter to evict when a slot or the host cache is full.", "lora", aliases=["--eviction"]))
     max_lora_chunk_size: int = Field(16, **_opt(
-        f"Tokens per chunk of the chunked SGMV backend, one of {', '.join(map(str, CHUNK_SIZES))}.", "lora"))
+        f"Tokens per chunk of the chunked SGMV backend, one of {', '.join(map(str, CHUNK_SIZES))}.", "lora",
+        metavar="{" + ",".join(map(str, CHUNK_SIZES)) + "}"))
     enable_lora_overlap_loading: bool = Field(False, **_opt(
         "Copy adapter weights to the GPU on a side stream while the batch keeps decoding; host copies "
         "are page-locked and --max-loaded-loras is at most 2 x --max-loras-per-batch. No effect on CPU.",

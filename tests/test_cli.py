@@ -39,8 +39,8 @@ def test_plugins_all_lists_every_builtin_package(capsys):
         assert row["status"] == "loaded" and row["hooks"] and row["registered"], row
 
 
-def test_plugins_without_all_hides_builtins(capsys):
-    assert main(["plugins"]) == 0
+def test_plugins_external_hides_builtins(capsys):
+    assert main(["plugins", "--external"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert all(not row["builtin"] for row in rows)
 

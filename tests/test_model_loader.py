@@ -152,6 +152,34 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
         embedded.embedded_model_dir()
 
 
+@pytest.mark.parametrize("package", embedded.CONVERSION_PACKAGES)
+def test_conversion_without_its_dependency_names_the_package(package, tmp_path, monkeypatch):
+    """A fresh machine with an empty cache and a package of the demo extra missing gets a message."""
+    monkeypatch.setenv("LORASERVE_CACHE_DIR", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(ConfigError, match=rf"needs the Python package\(s\) {package}.*pip install 'loraserve\[demo\]'"):
+        embedded.embedded_model_dir()
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("error", [ValueError("accelerate is required when loading a GGUF file"),
+                                   ImportError("No module named 'gguf'"), OSError("unreadable file")])
+def test_a_failing_conversion_ends_in_a_message_not_a_traceback(error, tmp_path, monkeypatch):
+    import transformers
+
+    def fail(*a, **k):
+        raise error
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    target = tmp_path / "conv" / "smollm2"
+    with pytest.raises(ConfigError, match=rf"{type(error).__name__}: {error}.*loraserve\[demo\].*--model-path"):
+        embedded.convert_gguf(gguf, target)
+    assert not target.exists() and list((tmp_path / "conv").iterdir()) == []
+
+
 def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
     """A failure half-way leaves neither the target nor a temp dir; a retry completes it."""
     import transformers

@@ -15,12 +15,15 @@ other ranks' pools follow. It reads the manager's ``pool``, ``host``, ``metrics`
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from loraserve.lora.pools import BASE_KEY
 from loraserve.lora.registry import AdapterRef
 from loraserve.scheduler import COPYING
+
+logger = logging.getLogger("loraserve.lora")
 
 
 class SlotAdmission:
@@ -149,4 +152,5 @@ class SlotAdmission:
                 if self.mirror is not None:
                     self.mirror(("forget", (name, version)))
             if name:
+                logger.debug("adapter %r (version %d) evicted from the %s tier", name, version, tier)
                 self.plugins.notify("loraserve_adapter_evicted", name=name, version=version, tier=tier)

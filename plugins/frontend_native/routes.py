@@ -231,15 +231,9 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
 
     @app.get("/get_server_info")
     async def get_server_info() -> dict:
-        info = settings.model_dump(mode="json")
-        if info.get("api_key"):
-            info["api_key"] = "<set>"  # never echo the secret
-        info.update(version=__version__, served_model_name=engine.model_name, context_length=engine.context_len,
-                    resolved_device=str(engine.device), resolved_dtype=str(engine.dtype).removeprefix("torch."),
-                    resolved_lora_backend=engine.backend_name if engine.lora is not None else None,
-                    kv_cache_tokens=engine.kv.allocator.capacity_tokens,
-                    max_running_requests_effective=engine.scheduler.max_running,
-                    frontends=[e.name for e in engine.plugins.frontends], loaded_adapters=_loaded())
+        info = engine.effective_settings()
+        info.update(version=__version__, frontends=[e.name for e in engine.plugins.frontends],
+                    loaded_adapters=_loaded())
         return info
 
     @app.get("/metrics")
