@@ -2,20 +2,26 @@
 
 Each app owns a :class:`ServerMetrics` with its own ``CollectorRegistry`` (no global registry, so
 tests build several apps side by side). Request metrics (requests by adapter and finish reason,
-prompt and generation tokens, time to first token, time per output token, end-to-end latency) are
-recorded by the frontends' request runner when a request finishes or its client goes away. Engine
-state (queue length, running requests, KV-cache use, LoRA slots in use, host-cache size, loads,
-evictions, slot hits and misses, engine steps and their time by kind, slot fills, bytes and seconds of adapter copies, copies in flight,
-prefetches, time requests waited for a copy) is read at scrape time from a snapshot the engine thread takes
-between steps. HTTP responses are counted by route and status by :class:`HttpMetricsMiddleware`.
+prompt and generation tokens by adapter, time to first token, time per output token, end-to-end
+latency) are recorded by the frontends' request runner when a request finishes or its client goes
+away. Engine state (queue length, running requests, KV-cache use, LoRA slots in use, host-cache
+size, loads, evictions, slot hits and misses, engine steps and their time by kind, slot fills, bytes
+and seconds of adapter copies, copies in flight, prefetches, time requests waited for a copy, which
+memory tier holds each loaded adapter, and vLLM's ``lora_requests_info``) is read at scrape time
+from a snapshot the engine thread takes between steps. HTTP responses are counted by route and
+status by :class:`HttpMetricsMiddleware`. Adapter label values are only names of adapters the engine
+loaded (requests naming others are refused before they run), so series stay bounded. No
+``_created`` series is exposed: routers and dashboards do not use them and they double the output.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 PREFIX = "loraserve"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -34,8 +40,30 @@ def engine_snapshot(engine: Any) -> dict[str, Any]:
         snap.update(lora_slots_total=lora.pool.num_slots, lora_slots_in_use=len(lora.pool.resident()),
                     lora_host_cached=len(lora.host), lora_adapters=len(lora.registry.names()),
                     lora_copies_in_flight=lora.copies_in_flight,
-                    lora_counters=dict(lora.metrics))
+                    lora_counters=dict(lora.metrics), lora_residency=_residency(lora),
+                    lora_requests_info=_lora_requests_info(engine))
     return snap
+
+
+def _residency(lora: Any) -> list[tuple[str, int, bool, bool, bool]]:
+    """``(adapter, rank, pinned, in a GPU slot, in the host cache)`` of each registered adapter.
+
+    Only registered adapters are listed: an adapter being unloaded leaves the list at once (its
+    weights may stay in memory until its last request finishes), and the base model's slot key is
+    no adapter. A slot whose copy is still in flight (overlap loading) counts as GPU-resident: the
+    adapter needs no further copy."""
+    gpu, host = set(lora.pool.resident()), set(lora.host.keys())
+    return [(ref.name, ref.rank, ref.pinned, ref.key in gpu, ref.key in host)
+            for ref in sorted(lora.registry.refs(), key=lambda r: r.name)]
+
+
+def _lora_requests_info(engine: Any) -> dict[str, Any]:
+    """vLLM's ``lora_requests_info``: the adapters of running and of waiting requests, the adapters
+    a batch may hold, and when this was seen (unix seconds)."""
+    def names(requests: Any) -> str:
+        return ",".join(sorted({r.adapter for r in requests if r.adapter}))
+    return {"running": names(engine.scheduler.running), "waiting": names(engine.scheduler.waiting),
+            "max_lora": engine.settings.max_loras_per_batch, "time": time.time()}
 
 
 class _EngineCollector:
@@ -102,6 +130,39 @@ class _EngineCollector:
             family.add_metric(["gpu"], float(counters.get("gpu_evictions", 0)))
             family.add_metric(["host"], float(counters.get("host_evictions", 0)))
             yield family
+        residency = s.get("lora_residency")
+        if residency is not None:
+            family = GaugeMetricFamily(f"{PREFIX}_lora_adapter_resident", "1 when the memory tier (gpu: a GPU "
+                                       "adapter slot, host: the host cache) holds the loaded adapter, else 0.",
+                                       labels=["adapter", "rank", "pinned", "tier"])
+            for adapter, rank, pinned, on_gpu, on_host in residency:
+                labels = [adapter, str(rank), "true" if pinned else "false"]
+                family.add_metric([*labels, "gpu"], 1.0 if on_gpu else 0.0)
+                family.add_metric([*labels, "host"], 1.0 if on_host else 0.0)
+            yield family
+        info = s.get("lora_requests_info")
+        if info is not None:
+            family = GaugeMetricFamily(f"{PREFIX}_lora_requests_info", "Adapters of running and of waiting "
+                                       "requests (comma-separated names) and max_lora (--max-loras-per-batch); the "
+                                       "value is when the engine was seen (unix seconds), as vLLM's "
+                                       "lora_requests_info.",
+                                       labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+            family.add_metric([info["running"], info["waiting"], str(info["max_lora"])], info["time"])
+            yield family
+
+
+class _WithoutCreated(Collector):
+    """A view of a registry whose families lack the ``<name>_created`` samples that prometheus_client
+    adds to counters and histograms. (``prometheus_client.disable_created_metrics()`` would do it for
+    every registry of the process, a global switch.)"""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():  # fresh Metric objects on every collect: safe to trim
+            family.samples = [s for s in family.samples if s.name != f"{family.name}_created"]
+            yield family
 
 
 class ServerMetrics:
@@ -114,9 +175,10 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "Finished generation requests, by adapter and finish reason.",
                                 ["adapter", "finish_reason"], registry=r)
-        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
-        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Generated tokens of finished requests.",
-                                         registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests, by adapter.",
+                                     ["adapter"], registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Generated tokens of finished requests, by "
+                                         "adapter.", ["adapter"], registry=r)
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time from arrival to the first token.",
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds",
@@ -128,13 +190,15 @@ class ServerMetrics:
                             ["route", "status"], registry=r)
         self._engine = _EngineCollector()
         r.register(self._engine)
+        self._exposed = _WithoutCreated(r)
 
     def observe_finished(self, request: Any, finish_reason: str, now: float) -> None:
         """Record one request that finished (or whose client went away) at ``now`` (perf_counter)."""
         completion = len(request.output_ids)
-        self.requests.labels(adapter=request.adapter or "", finish_reason=finish_reason).inc()
-        self.prompt_tokens.inc(len(request.prompt_ids))
-        self.generation_tokens.inc(completion)
+        adapter = request.adapter or ""
+        self.requests.labels(adapter=adapter, finish_reason=finish_reason).inc()
+        self.prompt_tokens.labels(adapter=adapter).inc(len(request.prompt_ids))
+        self.generation_tokens.labels(adapter=adapter).inc(completion)
         end = request.finish_time if request.finish_time is not None else now
         if request.first_token_time is not None:
             self.ttft.observe(request.first_token_time - request.arrival_time)
@@ -144,7 +208,7 @@ class ServerMetrics:
 
     def render(self, snapshot: dict[str, Any]) -> bytes:
         self._engine.snapshot = snapshot
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
 
 
 class HttpMetricsMiddleware:
