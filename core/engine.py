@@ -20,6 +20,7 @@ import torch
 
 from loraserve.engine_setup import build_components
 from loraserve.errors import UserError
+from loraserve.intake import Intake
 from loraserve.outputs import OutputBuilder
 from loraserve.plugin_manager import PluginManager
 from loraserve.request import Request, RequestOutput, Status
@@ -77,12 +78,15 @@ class Engine:
         self.lora = parts.lora
         self.backend_name = parts.backend_name
         self.outputs = OutputBuilder(self.tokenizer, parts.eos_token_ids)
+        #: prompt-size and queue bounds, and thread-safe tokenization
+        self.intake = Intake(self.tokenizer, self.context_len, self.settings.max_queued_requests,
+                             self.settings.max_prompt_chars)
         if self.lora is not None and self.settings.lora_paths:
             from tqdm.auto import tqdm
 
             specs = self.settings.lora_paths
             for spec in tqdm(specs, desc="loading adapters", unit="adapter", disable=len(specs) < 2):
-                self.lora.load_adapter(spec.lora_name, spec.lora_path, pinned=spec.pinned)
+                self.lora.load_adapter(spec.lora_name, spec.lora_path, pinned=spec.pinned, runtime=False)
 
     def effective_settings(self) -> dict[str, Any]:
         """The settings as this engine runs them: every ``auto``/unset input replaced by what was chosen
@@ -95,6 +99,7 @@ class Engine:
                     attention_backend=self.settings.resolved_attention_backend(),
                     served_model_name=self.model_name, context_length=self.context_len,
                     max_total_tokens=self.kv.allocator.capacity_tokens,
+                    max_prompt_chars=self.intake.max_prompt_chars,
                     max_running_requests=self.scheduler.max_running,
                     chunked_prefill_size=self.scheduler.chunk_size,
                     cuda_graph_max_bs=max(graphs.sizes) if graphs is not None else None,
@@ -121,9 +126,7 @@ class Engine:
                 raise UserError("give either 'text' (a prompt) or 'input_ids'")
             if not isinstance(prompt, str):
                 raise UserError(f"the prompt must be a string, got {type(prompt).__name__}")
-            if self.tokenizer is None:
-                raise UserError("this model has no tokenizer (dummy weights?); send 'input_ids' instead of text")
-            input_ids = self.tokenizer.encode(prompt)
+            input_ids = self.intake.tokenize(prompt)  # TooLarge before tokenizing a huge prompt
         ids = list(input_ids)
         if not ids:
             raise UserError("the prompt is empty; send at least one token")
@@ -153,13 +156,19 @@ class Engine:
                             "start the server with a larger --max-total-tokens")
 
     def submit(self, requests: Sequence[Request]) -> None:
-        """Queue requests for the engine thread (atomically: they join the same step if they fit)."""
-        if self.lora is not None:
-            self.lora.acquire(list(requests))  # raises UserError for unknown adapters
+        """Queue requests for the engine thread (atomically: they join the same step if they fit);
+        QueueFull when they would take the waiting queue past ``--max-queued-requests``."""
+        requests = list(requests)
+        self.intake.reserve(len(requests), len(self.scheduler.waiting))
+        acquired = False
         try:
-            self._post(lambda: [self._add(r) for r in requests])
-        except Exception:
             if self.lora is not None:
+                self.lora.acquire(requests)  # raises UserError for unknown adapters
+                acquired = True
+            self._post(lambda: self._admit(requests))
+        except BaseException:
+            self.intake.release(len(requests))
+            if acquired:
                 for r in requests:
                     self.lora.release(r)
             raise
@@ -331,6 +340,13 @@ class Engine:
                     for r in list(self.scheduler.running) + list(self.scheduler.waiting):
                         r.error = f"{type(exc).__name__}: {exc}"
                         self._finish(r, "error")
+
+    def _admit(self, requests: list[Request]) -> None:
+        try:
+            for r in requests:
+                self._add(r)
+        finally:
+            self.intake.release(len(requests))  # after they joined the queue: never under-counted
 
     def _add(self, request: Request) -> None:
         if request.params.max_new_tokens == 0:  # nothing to generate: done without touching the model

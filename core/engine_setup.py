@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -21,6 +21,9 @@ from loraserve.models.dtypes import runs_triton, to_torch_device, to_torch_dtype
 from loraserve.sampling import Sampler
 from loraserve.scheduler import Scheduler
 from loraserve.settings import EXTRA_LORA_MODULES, SUPPORTED_LORA_MODULES, Settings
+
+if TYPE_CHECKING:
+    from loraserve.lora.policy import AdapterSourcePolicy
 
 logger = logging.getLogger("loraserve.engine")
 
@@ -78,10 +81,13 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, 
     lora = None
     if settings.lora_enabled:
         from loraserve.lora.manager import LoRAManager
+        from loraserve.lora.policy import AdapterSourcePolicy
 
-        max_rank, targets = infer_lora_limits(settings, plugins)
+        policy = AdapterSourcePolicy.from_settings(settings)
+        max_rank, targets = infer_lora_limits(settings, plugins, policy)
         backend = plugins.backends.create(backend_name, settings, device)
-        lora = LoRAManager(settings, plugins, model, backend, max_rank, targets, device, dtype, run_in_engine)
+        lora = LoRAManager(settings, plugins, model, backend, max_rank, targets, device, dtype, run_in_engine,
+                           policy=policy)
         logger.info("LoRA: backend %s, %d slots, max rank %d, modules %s, LoRA slot pool %.1f MiB on %s",
                     backend_name, settings.max_loras_per_batch, max_rank, ",".join(targets), lora.pool.nbytes / 2**20,
                     device.type)
@@ -199,17 +205,21 @@ def kv_budget_tokens(model: torch.nn.Module, device: torch.device, dtype: torch.
     return int(tokens)
 
 
-def infer_lora_limits(settings: Settings, plugins: Any) -> tuple[int, list[str]]:
-    """--max-lora-rank and --lora-target-modules, inferred from --lora-paths when not given (as SGLang)."""
+def infer_lora_limits(settings: Settings, plugins: Any,
+                      policy: AdapterSourcePolicy | None = None) -> tuple[int, list[str]]:
+    """--max-lora-rank and --lora-target-modules, inferred from --lora-paths when not given (as SGLang);
+    ``policy`` (an AdapterSourcePolicy) is asked before an adapter's config is read."""
     ranks, modules = [], set()
     if settings.lora_paths and (settings.max_lora_rank is None or settings.lora_target_modules is None):
         loaders = [plugins.loaders.create(r.name) for r in plugins.loaders]
         for spec in settings.lora_paths:
+            if policy is not None:
+                policy.check_source(spec.lora_path, runtime=False)
             loader = next((ld for ld in loaders if ld.can_load(spec.lora_path)), None)
             if loader is None:
                 raise ConfigError(f"--lora-paths {spec.lora_name}={spec.lora_path}: no adapter loader can read "
                                   "it; give a PEFT adapter directory")
-            summary = loader.peek(spec.lora_path)
+            summary = loader.peek(spec.lora_path, policy=policy)
             ranks.append(summary.rank)
             modules |= set(summary.target_modules)
     max_rank = settings.max_lora_rank or max(ranks, default=DEFAULT_MAX_LORA_RANK)

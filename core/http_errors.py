@@ -4,8 +4,14 @@ Every client mistake becomes a 4xx with a message that says what to change; only
 Routes under ``/v1/`` (the OpenAI API) answer in OpenAI's error format ``{"error": {"message",
 "type", "param", "code"}}`` with ``code`` a string such as ``model_not_found``; native routes answer
 ``{"error": {"message", "type", "code"}}`` with the HTTP status as ``code``, as SGLang does.
-:func:`read_json` and :func:`parse_body` turn a request body into a validated pydantic model and
-turn pydantic's complaints into one readable message. Imported only by the server and frontends.
+A ``UserError`` answers its class's ``http_status`` (400, 403, 404, 413, 429); 429 and 503 answers carry
+``Retry-After``.
+Every message is made encodable and cut to :data:`MAX_MESSAGE_CHARS` before it is rendered, so
+echoing client data can never fail the response. :func:`read_json` reads a body in chunks, refusing
+one over ``--max-request-body-bytes`` with a 413 before reading the rest, and parses it with the
+bounds of ``loraserve.safe_json`` (off the event loop when large); :func:`parse_body` turns it into
+a validated pydantic model and pydantic's complaints into one readable message. Imported only by the
+server and frontends.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from loraserve.errors import UserError
+from loraserve import safe_json
+from loraserve.errors import QueueFull, UserError
 
 logger = logging.getLogger("loraserve.server")
 
@@ -30,15 +39,20 @@ M = TypeVar("M", bound=BaseModel)
 NATIVE_UNDER_V1 = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                 500: "internal_server_error", 503: "service_unavailable"}
+                 429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
+RETRY_AFTER_S = 1  # Retry-After of a 429 (queue full) or 503 (shutting down, overloaded)
+MAX_MESSAGE_CHARS = 4000  # an error message echoing a huge client value is cut to this
+PARSE_IN_THREAD_BYTES = 64 * 1024  # bodies at least this large are parsed off the event loop
 
 
 class APIError(Exception):
     """An HTTP error with a status and a message that says what to change."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers
 
 
 class ClientDisconnected(Exception):
@@ -55,50 +69,100 @@ def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") and path not in NATIVE_UNDER_V1
 
 
+def safe_text(text: str, most: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` with lone surrogates escaped (so it always encodes as UTF-8), cut to ``most`` characters."""
+    if len(text) > most:
+        text = f"{text[:most]}... ({len(text) - most} more characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, openai: bool, code: str | None = None, param: str | None = None) -> dict:
+    message = safe_text(message)
     if openai:
+        param = safe_text(param, 200) if param is not None else None
         return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "invalid_request_error"),
                           "param": param, "code": code}}
     return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "invalid_request_error"), "code": status}}
 
 
+def retry_after(status: int, headers: dict | None = None) -> dict | None:
+    """``headers`` plus ``Retry-After`` when ``status`` is one a client should retry (429, 503)."""
+    if status in (429, 503):
+        return {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
+    return headers
+
+
 def error_response(path: str, status: int, message: str, code: str | None = None, param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
+    headers = retry_after(status, headers)
     return JSONResponse(error_body(status, message, is_openai_path(path), code, param), status_code=status,
                         headers=headers)
 
 
+def _describe(exc: BaseException) -> str:
+    """``exc``'s type and the start of its text, safe to send (its ``__str__`` may fail or hold anything)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "its message could not be read"
+    return f"{type(exc).__name__}: {safe_text(text, 200)}" if text else type(exc).__name__
+
+
 def api_error_of(exc: BaseException) -> APIError:
-    """The APIError a stream reports for ``exc`` once its headers are already sent."""
+    """The APIError to answer for ``exc`` (also what a stream reports once its headers are sent)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), code="rate_limit_exceeded")
     if isinstance(exc, UserError):
-        return APIError(400, str(exc))
-    return APIError(500, f"internal error ({type(exc).__name__}: {exc}); this is a bug, please report it")
+        return APIError(exc.http_status, str(exc))
+    return APIError(500, f"internal error ({_describe(exc)}); this is a bug, please report it")
 
 
 # -- request bodies ---------------------------------------------------------------------------------
 
 
-async def read_json(request: Request) -> Any:
-    """The request body as JSON, or a 400 that says what is wrong with it."""
-    body = await request.body()
-    if not body.strip():
-        raise APIError(400, "the request body is empty; send a JSON object with Content-Type: application/json")
+def _too_large(size: str, limit: int) -> APIError:
+    return APIError(413, f"the request body is {size}, more than the limit of {limit} bytes "
+                         "(--max-request-body-bytes); send a smaller body, or split the request")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, read chunk by chunk; a 413 as soon as Content-Length or the bytes read pass ``limit``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):  # 18 digits: never int()'s limit
+        shown = declared if len(declared) <= 18 else f"a {len(declared)}-digit number of"
+        raise _too_large(f"{shown} bytes (its Content-Length)", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large("larger than that", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a request body with ``safe_json``'s bounds, or raise a 400 that says what is wrong."""
     try:
-        return json.loads(body)
+        return safe_json.loads(body)
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not UTF-8 text; send a JSON object encoded as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} column "
                             f"{exc.colno}); send a JSON object") from None
+    except safe_json.UnsafeJSON as exc:
+        raise APIError(400, str(exc)) from None
 
 
-def _where(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+async def read_json(request: Request) -> Any:
+    """The request body as JSON, or a 413 (too large) or 400 that says what is wrong with it."""
+    body = await read_body(request, request.app.state.settings.max_request_body_bytes)
+    if not body.strip():
+        raise APIError(400, "the request body is empty; send a JSON object with Content-Type: application/json")
+    if len(body) >= PARSE_IN_THREAD_BYTES:  # parsing megabytes would stall every other request
+        return await run_in_threadpool(parse_json, body)
+    return parse_json(body)
 
 
 def _shown(value: Any) -> str:
@@ -111,7 +175,7 @@ def validation_message(exc: ValidationError, model: type[BaseModel] | None = Non
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err.get("loc", ()) if p != "body")
-        where = _where(loc) or "the request body"
+        where = safe_json.field_path(loc) or "the request body"
         kind = err.get("type", "")
         msg = err.get("msg", "").removeprefix("Value error, ")
         if kind == "extra_forbidden":
@@ -148,18 +212,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(request.url.path, exc.status, exc.message, exc.code, exc.param)
+        return error_response(request.url.path, exc.status, exc.message, exc.code, exc.param, exc.headers)
 
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError) -> JSONResponse:
-        return error_response(request.url.path, 400, str(exc))
+        err = api_error_of(exc)  # the UserError's http_status
+        return error_response(request.url.path, err.status, err.message, err.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         lines = []
         for err in exc.errors():
             loc = tuple(p for p in err.get("loc", ()) if p not in ("body", "query", "path"))
-            lines.append(f"{_where(loc) or 'the request'}: {err.get('msg', '')}")
+            lines.append(f"{safe_json.field_path(loc) or 'the request'}: {err.get('msg', '')}")
         return error_response(request.url.path, 400, "; ".join(lines))
 
     @app.exception_handler(StarletteHTTPException)
@@ -173,6 +238,10 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         return error_response(path, exc.status_code, message, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client left while sending its body: nobody reads this
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

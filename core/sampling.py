@@ -27,6 +27,10 @@ from loraserve.errors import UserError
 SAMPLING_EPS = 1e-6
 # OpenAI's limit on ``top_logprobs``; the vocabulary size bounds it further when known.
 MAX_TOP_LOGPROBS = 20
+# Stop strings are searched in the output text after every token, so their number and length are
+# bounded: far above OpenAI's 4 stop sequences, far below what would slow a step.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1000
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 _INT_FIELDS = ("max_new_tokens", "top_k", "n", "top_logprobs_num")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
@@ -108,6 +112,9 @@ class SamplingParams:
             raise UserError(f"sampling parameter seed must be an integer or null, got "
                             f"{type(self.seed).__name__} {self.seed!r}")
         stop = self.stop
+        if isinstance(stop, (list, tuple)) and len(stop) > MAX_STOP_STRINGS:  # before looking at each one
+            raise UserError(f"sampling parameter stop has {len(stop)} strings; allowed: at most {MAX_STOP_STRINGS}, "
+                            f"each at most {MAX_STOP_CHARS} characters")
         if not (stop is None or isinstance(stop, str)
                 or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))):
             raise UserError(f"sampling parameter stop must be a string, a list of strings or null, got {stop!r}")
@@ -145,6 +152,10 @@ class SamplingParams:
             raise _invalid("top_logprobs_num", self.top_logprobs_num, f"0 <= top_logprobs_num <= {most}")
         if any(s == "" for s in self.stop):
             raise _invalid("stop", self.stop, "non-empty strings")
+        longest = max(map(len, self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise UserError(f"sampling parameter stop has a string of {longest} characters; allowed: at most "
+                            f"{MAX_STOP_CHARS} characters each")
         upper = "" if vocab_size is None else f" and < vocab size {vocab_size}"
         for t in self.stop_token_ids:
             if t < 0 or (vocab_size is not None and t >= vocab_size):

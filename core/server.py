@@ -5,8 +5,8 @@ built-in native and OpenAI APIs are two of them), installs the error handlers, t
 check (every endpoint but ``/health`` needs ``Authorization: Bearer KEY``) and the HTTP metrics.
 :func:`serve` builds the engine, listens on ``--host``/``--port``, prints the URL once it accepts
 connections, and on SIGINT/SIGTERM shuts down in order: stop accepting, let in-flight requests
-finish for up to ``GRACE_S`` seconds, abort the rest (their clients get a 503 error, streams an
-error event), stop the engine. The engine itself never imports this module or FastAPI.
+finish for up to ``--shutdown-grace-period`` seconds, abort the rest (their clients get a 503 error,
+streams an error event), stop the engine. The engine itself never imports this module or FastAPI.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from loraserve.settings import Settings
 
 logger = logging.getLogger("loraserve.server")
 
-GRACE_S = 10.0  # how long in-flight requests may run on after SIGINT/SIGTERM before they are aborted
 OPEN_PATHS = frozenset({"/health"})
 
 
@@ -106,7 +105,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class LoraserveServer(uvicorn.Server):
     """uvicorn's server, plus: print the URL when ready; on shutdown, drain, then stop the engine."""
 
-    def __init__(self, app: FastAPI, engine: Engine, settings: Settings, grace_s: float = GRACE_S):
+    def __init__(self, app: FastAPI, engine: Engine, settings: Settings, grace_s: float | None = None):
+        """``grace_s``: how long in-flight requests may run on after SIGINT/SIGTERM before they are
+        aborted (default ``--shutdown-grace-period``)."""
+        grace_s = settings.shutdown_grace_period if grace_s is None else grace_s
         config = uvicorn.Config(app, log_config=None, log_level=settings.log_level, lifespan="off",
                                 timeout_graceful_shutdown=int(grace_s) + 5)
         super().__init__(config)

@@ -2,7 +2,9 @@
 
 :class:`Generations` turns validated inputs into engine requests (fanning ``n > 1`` out into ``n``
 requests, with seeds ``seed, seed+1, ...`` when a seed is given, so the samples differ but stay
-reproducible), runs them to completion or as a stream, and records their metrics. A client that
+reproducible; one HTTP request may ask for at most ``--max-sequences-per-request`` sequences, inputs
+x n), runs them to completion or as a stream, and records their metrics. Tokenizing and validating
+run in a worker thread, so a long prompt never stalls the event loop (and /health with it). A client that
 disconnects has its requests aborted at once (their KV blocks are freed before the next step),
 whether it was waiting for a whole response or reading a stream. A request the engine ended with
 an error, or aborted because the server is shutting down, becomes an :class:`APIError` (500, 503).
@@ -19,14 +21,14 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Sequence
 
 from fastapi import Request as HttpRequest
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
-from loraserve.errors import UserError
+from loraserve.errors import TooLarge, UserError
 from loraserve.http_errors import APIError, ClientDisconnected
 from loraserve.metrics import ServerMetrics
 from loraserve.request import Request, RequestOutput
 
-MAX_N = 64  # most samples one HTTP request may ask for (n)
 SHUTTING_DOWN = "the server is shutting down and accepts no new requests; retry against another instance"
 
 
@@ -40,13 +42,28 @@ class Item:
     adapter: str | None
 
 
-def fan_out(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """``n`` copies of ``params`` with ``n=1``; copy ``j`` gets seed ``seed + j`` when a seed is set."""
+def samples_of(params: dict[str, Any], most: int) -> int:
+    """The ``n`` of ``params`` (1 when unset), or a UserError unless it is an integer from 1 to ``most``."""
     n = params.get("n", 1)
     if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise UserError(f"n={n!r} is invalid; send an integer from 1 to {MAX_N}")
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        raise UserError(f"n={n!r} is invalid; send an integer from 1 to {most} (--max-sequences-per-request)")
+    return n
+
+
+def check_sequences(inputs: int, sequences: int, most: int) -> None:
+    """TooLarge when one HTTP request asks for more than ``most`` sequences (``inputs`` x n)."""
+    if sequences > most:
+        raise TooLarge(f"this request asks for {sequences} sequences ({inputs} input(s) x n), more than the "
+                       f"{most} allowed per request (--max-sequences-per-request); split it into several "
+                       "requests or lower n")
+
+
+def fan_out(params: dict[str, Any], most: int) -> list[dict[str, Any]]:
+    """``n`` copies of ``params`` with ``n=1`` (``n`` at most ``most``); copy ``j`` gets seed ``seed + j``
+    when a seed is set."""
+    n = samples_of(params, most)
     seed = params.get("seed")
     copies = []
     for j in range(n):
@@ -112,17 +129,22 @@ class Generations:
         if getattr(self.state, "draining", False):
             raise APIError(503, SHUTTING_DOWN)
 
-    def build(self, items: Sequence[Item]) -> list[Request]:
-        """Validate and tokenize every item (raises UserError naming the bad one); submits nothing."""
+    async def build(self, items: Sequence[Item]) -> list[Request]:
+        """Validate and tokenize every item in a worker thread (raises UserError naming the bad one);
+        submits nothing."""
         self.check_accepting()
+        return await run_in_threadpool(self._build, items)
+
+    def _build(self, items: Sequence[Item]) -> list[Request]:
         requests = []
         for k, item in enumerate(items):
             try:
                 requests.append(self.engine.make_request(prompt=item.prompt, input_ids=item.input_ids,
                                                          params=item.params, lora=item.adapter))
             except UserError as exc:
-                where = f"input {k}: " if len(items) > 1 else ""
-                raise UserError(f"{where}{exc}") from None
+                if len(items) > 1:
+                    exc.args = (f"input {k}: {exc}",)  # the same exception: a TooLarge stays a 413
+                raise exc from None
         return requests
 
     def _observe(self, r: Request, reason: str | None) -> None:

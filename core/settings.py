@@ -12,12 +12,14 @@ Precedence: CLI flag > ``LORASERVE_*`` environment variable > default.
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from loraserve.errors import ConfigError, NotSupportedYet
+from loraserve.errors import ConfigError, NotSupportedYet, UserError
+from loraserve.lora.policy import check_adapter_name, check_hub_entries
 
 # Modules a LoRA adapter may target, in the names PEFT uses for Llama-family models.
 SUPPORTED_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -40,6 +42,14 @@ class LoRAPathSpec(BaseModel):
 
     # vLLM's --lora-modules JSON keys -> ours
     VLLM_KEYS: ClassVar[dict[str, str]] = {"name": "lora_name", "path": "lora_path"}
+
+    @field_validator("lora_name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        try:
+            return check_adapter_name(value)
+        except UserError as exc:  # pydantic reports ValueErrors only
+            raise ValueError(f"{exc}; name an adapter whose PATH is no valid name with NAME=PATH") from None
 
     @classmethod
     def _from_mapping(cls, data: Any, text: str) -> "LoRAPathSpec":
@@ -109,6 +119,22 @@ class Settings(BaseSettings):
     port: int = Field(30000, ge=1, le=65535, **_opt("Port the HTTP server listens on.", "server"))
     api_key: str | None = Field(None, **_opt("Require 'Authorization: Bearer KEY' on every endpoint but /health.", "server"))
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", **_opt("Logging level.", "server"))
+    # bounds on what one client can make the server hold (body, sequences, queue, prompt) and the shutdown wait
+    max_request_body_bytes: int = Field(32 * 2**20, ge=1, **_opt(
+        "Largest HTTP request body in bytes; a larger one is refused with 413 before it is read in full "
+        "(default 32 MiB).", "server"))
+    max_sequences_per_request: int = Field(256, ge=1, **_opt(
+        "Most sequences one HTTP request may ask for: inputs x n (a /generate batch, or OpenAI prompts x n); "
+        "more is refused with 413, and an n above it with 400.", "server"))
+    max_queued_requests: int = Field(4096, ge=1, **_opt(
+        "Most requests waiting to be scheduled; a request that would queue beyond it is refused with 429 and "
+        "Retry-After.", "server"))
+    max_prompt_chars: int | None = Field(None, ge=1, **_opt(
+        "Longest text prompt in characters, refused with 413 before it is tokenized (default: 32 x the context "
+        "length).", "server"))
+    shutdown_grace_period: float = Field(10.0, ge=0, **_opt(
+        "Seconds in-flight requests may run on after SIGINT/SIGTERM before they are aborted (their clients get "
+        "503).", "server"))
 
     # -- scheduling and memory -------------------------------------------------------------------
     max_running_requests: int | None = Field(None, ge=1, **_opt("Most requests decoding at once.", "scheduling"))
@@ -154,6 +180,26 @@ class Settings(BaseSettings):
         "Copy adapter weights to the GPU on a side stream while the batch keeps decoding; host copies "
         "are page-locked and --max-loaded-loras is at most 2 x --max-loras-per-batch. No effect on CPU.",
         "lora"))
+    # who decides what adapters may be loaded (see loraserve.lora.policy); the defaults are SGLang's
+    lora_allowed_dirs: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
+        "Load adapters only from inside these directories, for start-up --lora-paths and runtime loads alike: "
+        "the adapter directory and every file read from it must resolve (symbolic links followed) inside one "
+        "of them, else 403. Hub ids are governed by --lora-allow-hub instead. Default: any local directory "
+        f"(LORASERVE_LORA_ALLOWED_DIRS separates them with {os.pathsep!r}).", "lora", nargs="+", metavar="DIR"))
+    lora_allow_hub: bool = Field(False, **_opt(
+        "Let runtime loads (/load_lora_adapter, adapter resolvers) fetch adapters named by a Hugging Face hub "
+        "id (org/name); without it they are refused with 403. Start-up --lora-paths may always name hub ids.",
+        "lora"))
+    lora_allowed_hub_repos: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
+        "Hub organisations (ORG) or repositories (ORG/REPO) runtime loads may fetch from without "
+        "--lora-allow-hub; others are refused with 403.", "lora", nargs="+", metavar="ORG_OR_ORG/REPO"))
+    disable_lora_runtime_updates: bool = Field(False, **_opt(
+        "Refuse /load_lora_adapter and /unload_lora_adapter (and their /v1/ aliases) with 403 and consult no "
+        "adapter resolver: only the start-up --lora-paths adapters are served.", "lora"))
+    lora_unload_timeout: float = Field(30.0, ge=0, **_opt(
+        "Seconds an HTTP unload waits for the adapter's in-flight requests; the name is hidden at once, and "
+        "when requests still run after this the answer is 202 (pending) and the memory is freed when the last "
+        "one finishes.", "lora", metavar="SECONDS"))
 
     # -- plugins ---------------------------------------------------------------------------------
     plugins: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
@@ -202,6 +248,19 @@ class Settings(BaseSettings):
         if value not in CHUNK_SIZES:
             raise ValueError(f"must be one of {', '.join(map(str, CHUNK_SIZES))}, not {value}")
         return value
+
+    @field_validator("lora_allowed_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment variable: separated as PATH is
+            return [d for d in value.split(os.pathsep) if d.strip()]
+        return value
+
+    @field_validator("lora_allowed_hub_repos", mode="before")
+    @classmethod
+    def _check_hub_repos(cls, value: Any) -> Any:
+        value = cls._split_names(value)
+        return check_hub_entries(value) if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Settings":

@@ -68,9 +68,10 @@ def make_engine(adapters: list[str] = ("alpha", "beta"), **kwargs) -> Engine:
 
 
 class RunningServer:
-    """uvicorn serving ``create_app(engine)`` on 127.0.0.1:<free port> in a daemon thread."""
+    """uvicorn serving ``create_app(engine)`` on 127.0.0.1:<free port> in a daemon thread; ``grace_s``
+    None takes the engine's --shutdown-grace-period."""
 
-    def __init__(self, engine: Engine, grace_s: float = 5.0):
+    def __init__(self, engine: Engine, grace_s: float | None = 5.0):
         self.engine = engine
         self.app = create_app(engine)
         self.server = LoraserveServer(self.app, engine, engine.settings, grace_s=grace_s)

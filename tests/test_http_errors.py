@@ -30,7 +30,7 @@ CASES = [
     ("POST", "/generate", {"text": "x", "sampling_params": {"n": 0}}, 400, "n=0 is invalid"),
     ("POST", "/generate", {"input_ids": [1, 99999999]}, 400, "outside the vocabulary"),
     ("POST", "/generate", {"input_ids": []}, 400, "'input_ids' must be a non-empty list"),
-    ("POST", "/generate", {"text": "x", "lora_path": "nope"}, 400, "unknown adapter 'nope'"),
+    ("POST", "/generate", {"text": "x", "lora_path": "nope"}, 404, "unknown adapter 'nope'"),
     ("POST", "/generate", {"text": ["a", "b"], "lora_path": ["alpha"]}, 400, "lora_path has 1 entries"),
     ("POST", "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 600}}, 400,
      "more than the model's context length of 512"),
@@ -107,7 +107,7 @@ def test_bad_input_gets_a_4xx_with_a_message_then_the_server_still_serves(client
 
 def test_bad_stream_request_is_refused_before_the_stream_starts(client):
     res = client.post("/generate", json={"text": "x", "stream": True, "lora_path": "nope"})
-    assert res.status_code == 400 and "unknown adapter" in res.json()["error"]["message"]
+    assert res.status_code == 404 and "unknown adapter" in res.json()["error"]["message"]
     res = client.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "stream": True,
                                                     "max_tokens": 5000})
     assert res.status_code == 400 and "context length" in res.json()["error"]["message"]

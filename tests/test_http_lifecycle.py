@@ -53,7 +53,7 @@ def test_load_use_unload_reload_while_other_requests_stream():
             unload = c.post("/unload_lora_adapter", json={"lora_name": "gamma"})
             assert unload.status_code == 200 and "gamma" not in unload.json()["loaded_adapters"]
             gone = c.post("/generate", json={"text": "use", "sampling_params": GREEDY, "lora_path": "gamma"})
-            assert gone.status_code == 400 and "unknown adapter 'gamma'" in gone.json()["error"]["message"]
+            assert gone.status_code == 404 and "unknown adapter 'gamma'" in gone.json()["error"]["message"]
             assert "gamma" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
             # reload the name with other weights: a new version, never the old weights
             reload = c.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": paths["beta"]})
@@ -124,11 +124,15 @@ def test_client_giving_up_on_a_whole_response_frees_its_request(served):
 def test_shutdown_drains_then_answers_leftover_requests_with_an_error():
     engine = make_engine(adapters=[])
     server = RunningServer(engine, grace_s=0.5)
+    gate = threading.Event()  # holds the engine thread until both requests are in, so both are in flight
+    engine.start()
+    threading.Thread(target=engine.call_in_engine, args=(lambda: gate.wait(30),), daemon=True).start()
     short, long = {}, {}
     start_stream(server.url, {"text": "short", "sampling_params": GREEDY, "stream": True}, short)
     thread = start_stream(server.url, {"text": "long", "sampling_params": {**LONG_STREAM, "max_new_tokens": 480},
                                        "stream": True}, long)
-    assert wait_until(lambda: len(engine.scheduler.running) == 2)
+    assert wait_until(lambda: engine.intake.pending == 2)
+    gate.set()
     server.stop()
     thread.join(30)
     assert not server.thread.is_alive()

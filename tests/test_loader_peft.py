@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.lora.loader import AdapterError, AdapterLoader, allowed_modules
 from loraserve.plugins.backend_torch.backend import TorchLoRABackend
 from loraserve.plugins.loader_peft.loader import PeftAdapterLoader
+from loraserve.plugins.loader_peft.patterns import MATCH_BUDGET_S, MAX_PATTERN_CHARS, PatternBudget
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -254,6 +256,54 @@ def test_config_refusals_name_the_field(good, shape, loader, changes, words):
         loader.load(str(good), name="x", shape=shape)
     for w in words:
         assert w in str(err.value), (w, str(err.value))
+
+
+# -- bounded regexes -------------------------------------------------------------------------------
+
+SLOW_REGEX = "(.*){1,32000}[bc]"  # backtracks for seconds on every module name, in regex as in re
+
+
+@pytest.mark.parametrize("changes, shown", [
+    (dict(target_modules="(?:.|.){0,20}Z"), "(?:.|.){0,20}Z"),  # 25 s to refuse with re; regex is quick
+    (dict(target_modules=SLOW_REGEX), SLOW_REGEX),
+    (dict(exclude_modules=SLOW_REGEX), SLOW_REGEX),
+    (dict(rank_pattern={SLOW_REGEX: 2}), SLOW_REGEX),
+    (dict(alpha_pattern={SLOW_REGEX: 2}), SLOW_REGEX),
+    (dict(layers_to_transform=[0], layers_pattern=SLOW_REGEX), SLOW_REGEX),
+])
+def test_catastrophic_regexes_are_refused_in_bounded_time(good, shape, loader, changes, shown):
+    edit_config(good, **changes)
+    started = time.perf_counter()
+    with pytest.raises(AdapterError) as err:
+        loader.load(str(good), name="x", shape=shape)
+    assert time.perf_counter() - started < 2.5
+    assert repr(shown) in str(err.value)
+    if shown == SLOW_REGEX:
+        assert f"takes more than {MATCH_BUDGET_S:g} s" in str(err.value)
+
+
+def test_long_regexes_are_refused(good, shape, loader):
+    long_regex = "|".join([".*q_proj"] * 100)
+    assert len(long_regex) > MAX_PATTERN_CHARS
+    for changes in (dict(target_modules=long_regex), dict(exclude_modules=long_regex),
+                    dict(rank_pattern={long_regex: 2})):
+        edit_config(good, **changes)
+        with pytest.raises(AdapterError, match=f"{len(long_regex)} characters long, more than the {MAX_PATTERN_CHARS}"):
+            loader.load(str(good), name="x", shape=shape)
+        edit_config(good, target_modules=["q_proj", "v_proj"], exclude_modules=None, rank_pattern={})
+    edit_config(good, target_modules="|".join([".*q_proj"] * 50) + "|.*v_proj")  # under the limit: as PEFT reads it
+    assert set(loader.load(str(good), name="x", shape=shape).weights) == {(0, "qkv_proj"), (1, "qkv_proj")}
+
+
+def test_the_regex_time_budget_is_shared_by_every_match_of_one_config():
+    budget = PatternBudget("adapter_config.json", seconds=0.2)
+    assert budget.fullmatch(r".*q_proj", "model.layers.0.self_attn.q_proj", "target_modules")
+    started = time.perf_counter()
+    with pytest.raises(AdapterError, match="takes more than 0.2 s"):
+        budget.fullmatch(SLOW_REGEX, "model.layers.0.self_attn.q_proj", "target_modules")
+    assert time.perf_counter() - started < 1.0 and budget.left <= 0
+    with pytest.raises(AdapterError, match="takes more than 0.2 s"):  # spent: even a quick regex is refused now
+        budget.fullmatch(r".*q_proj", "model.layers.0.self_attn.q_proj", "target_modules")
 
 
 def test_rank_above_max_lora_rank(good, base, shape, loader, tmp_path):

@@ -11,10 +11,13 @@ loader words them the same way.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple
 
 from loraserve.errors import UserError
 from loraserve.lora.adapter import SUPPORTED_MODULES, BaseModelShape, LoRAAdapter
+
+if TYPE_CHECKING:
+    from loraserve.lora.policy import AdapterSourcePolicy
 
 
 class AdapterError(UserError):
@@ -45,6 +48,10 @@ class AdapterLoader:
       adapter can never become visible. It validates against ``shape`` (every tensor fits the base
       model), ``max_rank`` (no module's rank exceeds it; ``None`` = no limit) and
       ``target_modules`` (every targeted module is allowed; ``None`` = any supported module).
+    - Given a ``policy`` (:class:`~loraserve.lora.policy.AdapterSourcePolicy`), :meth:`load` and
+      :meth:`peek` pass every local file they open through ``policy.check_file`` first, so no
+      file outside ``--lora-allowed-dirs`` is read (a symbolic link leading out is refused). The
+      engine has already checked the source itself with ``policy.check_source``.
     - :meth:`peek` reads only the adapter's configuration and returns its :class:`AdapterSummary`,
       so the engine can infer ``--max-lora-rank`` and ``--lora-target-modules`` from the start-up
       adapters (the largest rank, the union of target modules) before sizing its GPU pool.
@@ -56,10 +63,11 @@ class AdapterLoader:
         raise NotImplementedError
 
     def load(self, source: str, *, name: str, shape: BaseModelShape, max_rank: int | None = None,
-             target_modules: Iterable[str] | None = None) -> LoRAAdapter:
+             target_modules: Iterable[str] | None = None, policy: AdapterSourcePolicy | None = None) -> LoRAAdapter:
         raise NotImplementedError
 
-    def peek(self, source: str, shape: BaseModelShape | None = None) -> AdapterSummary:
+    def peek(self, source: str, shape: BaseModelShape | None = None, *,
+             policy: AdapterSourcePolicy | None = None) -> AdapterSummary:
         raise NotImplementedError
 
 

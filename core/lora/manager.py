@@ -7,7 +7,10 @@ GPU slots (synchronous, or on a copy engine with overlap loading) are in
 :mod:`loraserve.lora.admission`, mixed into the manager. Mutating calls run on the engine thread;
 ``load_adapter``/``unload_adapter`` do their slow parts (reading weights, waiting for in-flight
 requests) on the caller's thread and hand the state change to the engine thread through
-``run_in_engine``.
+``run_in_engine``. A load checks everything (the name, the :class:`AdapterSourcePolicy`, the files,
+the config, the weights) before it changes any state, and undoes what it did if registering fails,
+so a refused load leaves nothing behind. An unload whose wait for in-flight requests timed out
+leaves the adapter *pending*: the release of its last request frees its memory, on the engine thread.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Any, Callable
 
 import torch
 
-from loraserve.errors import ConfigError, UserError
+from loraserve.errors import ConfigError, NotFound, UserError
 from loraserve.lora.adapter import BaseModelShape
 from loraserve.lora.admission import SlotAdmission
 from loraserve.lora.batch_info import LoRABatchInfo
+from loraserve.lora.policy import AdapterSourcePolicy, check_adapter_name, shown
 from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
 
@@ -34,13 +38,17 @@ EXTRA_MODULES = ("embed_tokens", "lm_head")
 class LoRAManager(SlotAdmission):
     def __init__(self, settings: Any, plugins: Any, model: torch.nn.Module, backend: Any, max_rank: int,
                  target_modules: list[str], device: torch.device, dtype: torch.dtype,
-                 run_in_engine: Callable[[Callable[[], Any]], Any]):
+                 run_in_engine: Callable[[Callable[[], Any]], Any], policy: AdapterSourcePolicy | None = None):
         self.settings, self.plugins, self.backend = settings, plugins, backend
         self.device, self.run_in_engine = device, run_in_engine
+        #: where adapters may come from (default: anywhere, as SGLang)
+        self.policy = policy if policy is not None else AdapterSourcePolicy()
         self.shape = BaseModelShape.from_config(model.config)
         self.max_rank, self.target_modules = max_rank, list(target_modules)
         self.loaders = [plugins.loaders.create(r.name) for r in plugins.loaders]
-        self.resolvers = [plugins.resolvers.create(r.name, settings) for r in plugins.resolvers]
+        # a resolver loads adapters on demand: a runtime update the operator may have switched off
+        self.resolvers = [plugins.resolvers.create(r.name, settings) for r in plugins.resolvers
+                          ] if self.policy.runtime_updates else []
         self.registry = AdapterRegistry()
         self.host = HostAdapterCache(settings.host_cache_capacity, plugins.eviction_policies.create(settings.lora_eviction_policy))
         # local sizes under tensor parallelism; ``shard`` tells the pool how to cut full adapters
@@ -143,21 +151,25 @@ class LoRAManager(SlotAdmission):
         for loader in self.loaders:
             if loader.can_load(source):
                 return loader
-        raise UserError(f"no adapter loader can read {source!r}; give a PEFT adapter directory or hub id")
+        raise UserError(f"no adapter loader can read {shown(source, 300)}; give a PEFT adapter directory or hub id")
 
     def _read(self, name: str, source: str):
         adapter = self._loader_for(source).load(source, name=name, shape=self.shape, max_rank=self.max_rank,
-                                                target_modules=self.target_modules)
+                                                target_modules=self.target_modules, policy=self.policy)
         if self.pin_host:
             from loraserve.lora.overlap import pinned_copy
 
             adapter = pinned_copy(adapter, self.dtype)
         return adapter
 
-    def load_adapter(self, name: str, source: str, pinned: bool = False) -> AdapterRef:
-        """Load, validate and register an adapter; it is visible to requests only once complete."""
-        if not isinstance(name, str) or not name or name in ("base",):
-            raise UserError(f"invalid adapter name {name!r}; use a non-empty name other than 'base'")
+    def load_adapter(self, name: str, source: str, pinned: bool = False, *, runtime: bool = True) -> AdapterRef:
+        """Load, validate and register an adapter; it is visible to requests only once complete, and a
+        refused load leaves nothing behind. ``runtime``: a load after start-up, which may fetch from
+        the hub only as the policy allows (start-up ``--lora-paths`` pass False)."""
+        check_adapter_name(name)
+        if not isinstance(pinned, bool):
+            raise UserError(f"pinned must be true or false, got {shown(pinned)}")
+        self.policy.check_source(source, runtime=runtime)
         if self.registry.get(name) is not None:
             raise UserError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         adapter = self._read(name, source)  # slow, outside the engine thread; raises before any state changes
@@ -187,13 +199,32 @@ class LoRAManager(SlotAdmission):
             raise
         self.metrics["loads"] += 1
 
-    def unload_adapter(self, name: str, timeout: float | None = None) -> None:
-        """Remove ``name`` for new requests at once, wait for its in-flight requests, free memory."""
+    def unload_adapter(self, name: str, timeout: float | None = None) -> int:
+        """Remove ``name`` for new requests at once, wait up to ``timeout`` seconds (None: as long as it
+        takes) for its in-flight requests, then free its memory. Returns 0 when the memory is freed,
+        else the number of requests still holding it: the last of them frees it when it finishes."""
+        check_adapter_name(name)
         ref = self.registry.remove(name)
         self.registry.wait_idle(ref, timeout)
+        return self.run_in_engine(lambda: self._free_or_defer(ref))
 
-        self.run_in_engine(lambda: self._forget(ref.key))
-        self.plugins.notify("loraserve_adapter_unloaded", name=name, version=ref.version)
+    def _free_or_defer(self, ref: AdapterRef) -> int:
+        """Free an unloaded adapter now, or leave it pending until its last request (engine thread)."""
+        held = self.registry.defer_free(ref)
+        if held:
+            self.pool.pinned.discard(ref.key)  # evictable once idle; a reload may pin the new version
+            return held
+        self._free(ref)
+        return 0
+
+    def _free(self, ref: AdapterRef) -> None:
+        self._forget(ref.key)
+        self.plugins.notify("loraserve_adapter_unloaded", name=ref.name, version=ref.version)
+
+    def unloading_adapters(self) -> list[dict]:
+        """Adapters unloaded by name whose memory waits for their in-flight requests."""
+        return [{"name": r.name, "version": r.version, "source": r.source, "in_flight": r.in_flight}
+                for r in sorted(self.registry.pending(), key=lambda r: r.version)]
 
     def _forget(self, key: tuple) -> None:
         """Drop ``key`` from the host cache and its GPU slot (engine thread), on every rank."""
@@ -222,11 +253,15 @@ class LoRAManager(SlotAdmission):
                 taken.append(r)
         except Exception:
             for r in taken:
-                self.registry.release(r.lora)
-                r.lora = None
+                self.release(r)
             raise
 
     def _resolve(self, name: str) -> AdapterRef:
+        try:
+            check_adapter_name(name)
+        except UserError:  # no such name can be loaded, so no resolver is asked
+            raise NotFound(f"unknown adapter {shown(name)}; adapter names are 1 to 256 characters from A-Z a-z "
+                            "0-9 . _ / @ + -; GET /v1/models lists the loaded ones") from None
         for resolver in self.resolvers:
             source = resolver.resolve(name)
             if source is not None:
@@ -239,13 +274,17 @@ class LoRAManager(SlotAdmission):
                 if ref is not None:
                     return ref
         known = ", ".join(sorted(self.registry.names())) or "none"
-        raise UserError(f"unknown adapter {name!r}; loaded adapters: {known}. Load it first "
+        raise NotFound(f"unknown adapter {name!r}; loaded adapters: {known}. Load it first "
                         "(POST /load_lora_adapter) or start with --lora-paths")
 
     def release(self, request) -> None:
-        if request.lora is not None:
-            self.registry.release(request.lora)
-            request.lora = None
+        """Drop the request's adapter ref (any thread); the last request of a pending unload frees it."""
+        ref, request.lora = request.lora, None
+        if ref is not None and self.registry.release(ref):
+            try:
+                self.run_in_engine(lambda: self._free(ref))
+            except UserError:  # the engine is stopping: nothing to free any more
+                pass
 
     # -- the step's batch info (engine thread) ----------------------------------------------------
 
@@ -338,7 +377,8 @@ class LoRAManager(SlotAdmission):
         """Pools consistent, and every adapter they hold is registered or still held by a request."""
         self.pool.check_integrity()
         self.host.check_integrity()
-        live = {r.key for r in self.registry.refs()} | {self.key_of(r) for r in self.running()} | {BASE_KEY}
+        live = ({r.key for r in self.registry.refs()} | {r.key for r in self.registry.pending()}
+                | {self.key_of(r) for r in self.running()} | {BASE_KEY})
         for key in [*self.pool.resident(), *self.host.keys()]:
             if key not in live:
                 raise RuntimeError(f"adapter {key} is still in memory but neither registered nor in use")

@@ -3,8 +3,10 @@
 A name maps to an :class:`AdapterRef`. Loading a name gives it a fresh version id, so the host
 cache and the GPU pool, which key on ``(name, version)``, can never serve the weights of an
 earlier load under a reloaded name. ``in_flight`` counts the requests holding the ref; unloading
-removes the name at once and then waits until that count reaches zero. The registry is the one
-piece of LoRA state that request threads touch, so it has its own lock.
+removes the name at once and then waits until that count reaches zero, or, when the wait timed out,
+marks the ref *pending* (:meth:`AdapterRegistry.defer_free`): the release that brings its count to
+zero says so, and whoever made it frees the memory. The registry is the one piece of LoRA state
+that request threads touch, so it has its own lock.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class AdapterRegistry:
 
     def __init__(self) -> None:
         self._refs: dict[str, AdapterRef] = {}
+        self._pending: dict[tuple[str, int], AdapterRef] = {}  # unloaded, freed by their last release
         self._versions = itertools.count(1)
         self._cond = threading.Condition()
 
@@ -70,12 +73,15 @@ class AdapterRegistry:
                 ref.in_flight += 1
             return ref
 
-    def release(self, ref: AdapterRef) -> None:
+    def release(self, ref: AdapterRef) -> bool:
+        """Drop one request's hold on ``ref``; True when that was the last hold on a pending ref,
+        which the caller must then free (it is no longer pending)."""
         with self._cond:
             ref.in_flight -= 1
             if ref.in_flight < 0:
                 raise RuntimeError(f"adapter {ref.name!r} released more often than acquired")
             self._cond.notify_all()
+            return ref.in_flight == 0 and self._pending.pop(ref.key, None) is not None
 
     def remove(self, name: str) -> AdapterRef:
         """Make ``name`` unknown to new requests at once; returns its ref."""
@@ -91,3 +97,18 @@ class AdapterRegistry:
         """Block until no request holds ``ref``; returns False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: ref.in_flight == 0, timeout)
+
+    def defer_free(self, ref: AdapterRef) -> int:
+        """Mark the removed ``ref`` pending and return how many requests hold it; 0 (not marked) when
+        none does, and the caller frees it now."""
+        with self._cond:
+            if not ref.unloaded:
+                raise RuntimeError(f"adapter {ref.name!r} is still registered; remove it before freeing it")
+            if ref.in_flight:
+                self._pending[ref.key] = ref
+            return ref.in_flight
+
+    def pending(self) -> list[AdapterRef]:
+        """Unloaded refs whose memory waits for their last in-flight request."""
+        with self._cond:
+            return list(self._pending.values())

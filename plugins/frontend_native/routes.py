@@ -5,10 +5,12 @@ lists), ``sampling_params`` (one object, or a list aligned with the batch), ``lo
 adapter name, or a list aligned with the batch, ``null`` meaning the base model),
 ``return_logprob``/``top_logprobs_num`` and ``stream``. It answers one SGLang-style result
 (``text``, ``output_ids``, ``meta_info``) per input, a list for a batch; ``n > 1`` in the sampling
-parameters gives ``n`` results per input. Streams are server-sent events carrying the text and token
-ids so far (as SGLang streams them), with ``index`` for a batch, ending with ``data: [DONE]``.
+parameters gives ``n`` results per input, at most ``--max-sequences-per-request`` in all (413 beyond).
+Streams are server-sent events carrying the text and token ids so far (as SGLang streams them), with
+``index`` for a batch, ending with ``data: [DONE]``.
 Adapters are loaded with ``POST /load_lora_adapter`` and unloaded with ``POST /unload_lora_adapter``
-(also under ``/v1/``, as vLLM names them), answering ``{success, error_message, loaded_adapters}``.
+(also under ``/v1/``, as vLLM names them), answering ``{success, error_message, loaded_adapters}``;
+those routes live in :mod:`.adapters`.
 """
 
 from __future__ import annotations
@@ -17,29 +19,19 @@ import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from loraserve import __version__
 from loraserve.errors import UserError
-from loraserve.http_errors import (APIError, ClientDisconnected, StrictModel, api_error_of, error_body, parse_body,
-                                   read_json)
+from loraserve.http_errors import APIError, ClientDisconnected, api_error_of, error_body, read_json
 from loraserve.metrics import engine_snapshot
-from loraserve.serving import EventStream, Generations, Item, fan_out, sse
+from loraserve.plugins.frontend_native.adapters import add_adapter_routes, loaded_adapters
+from loraserve.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
 
 GENERATE_FIELDS = ("text", "input_ids", "sampling_params", "lora_path", "stream", "return_logprob",
                    "top_logprobs_num")
 HEALTH_TIMEOUT_S = 20.0
-
-
-class LoadAdapterBody(StrictModel):
-    lora_name: str
-    lora_path: str
-    pinned: bool = False
-
-
-class UnloadAdapterBody(StrictModel):
-    lora_name: str
 
 
 def _is_ids(value: Any) -> bool:
@@ -62,8 +54,9 @@ def _per_input(body: dict, key: str, n: int, check, what: str) -> list:
     return values
 
 
-def parse_generate(body: Any) -> tuple[list[Item], bool, bool]:
-    """The inputs of a /generate body, whether it asked for a single result, and whether to stream."""
+def parse_generate(body: Any, max_sequences: int) -> tuple[list[Item], bool, bool]:
+    """The inputs of a /generate body, whether it asked for a single result, and whether to stream;
+    TooLarge when they ask for more than ``max_sequences`` sequences (inputs x n)."""
     if not isinstance(body, dict):
         raise UserError(f"the request body must be a JSON object, got a JSON {type(body).__name__}")
     unknown = sorted(k for k in body if k not in GENERATE_FIELDS)
@@ -96,6 +89,7 @@ def parse_generate(body: Any) -> tuple[list[Item], bool, bool]:
     logprob = _per_input(body, "return_logprob", n, lambda v: isinstance(v, bool), "true or false")
     tops = _per_input(body, "top_logprobs_num", n, lambda v: isinstance(v, int) and not isinstance(v, bool),
                       "an integer")
+    check_sequences(n, sum(samples_of(p or {}, max_sequences) for p in params), max_sequences)
     items = []
     for (prompt, token_ids), p, lora, lp, top in zip(inputs, params, loras, logprob, tops):
         p = dict(p or {})
@@ -103,7 +97,7 @@ def parse_generate(body: Any) -> tuple[list[Item], bool, bool]:
             p["return_logprob"] = lp
         if top is not None:
             p["top_logprobs_num"] = top
-        copies = fan_out(p)
+        copies = fan_out(p, max_sequences)
         single = single and len(copies) == 1
         items += [Item(prompt, token_ids, c, lora) for c in copies]
     return items, single, stream
@@ -122,8 +116,8 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
 
     @app.post("/generate")
     async def generate(request: Request) -> Any:
-        items, single, stream = parse_generate(await read_json(request))
-        requests = gens.build(items)
+        items, single, stream = parse_generate(await read_json(request), settings.max_sequences_per_request)
+        requests = await gens.build(items)
         try:
             if stream:
                 return EventStream(_stream_events(await gens.open_stream(request, requests), requests, single))
@@ -160,47 +154,7 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
             await events.aclose()  # aborts unfinished requests when the client went away
         yield sse("[DONE]")
 
-    @app.post("/load_lora_adapter")
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request) -> JSONResponse:
-        async def load() -> None:
-            body = parse_body(LoadAdapterBody, await read_json(request))
-            lora = _lora_or_error()
-            gens.check_accepting()
-            try:
-                await run_in_threadpool(lora.load_adapter, body.lora_name, body.lora_path, body.pinned)
-            except UserError:
-                raise
-            except Exception as exc:  # a corrupt or unreadable adapter: never half-loaded, the server lives on
-                raise UserError(f"could not load adapter {body.lora_name!r} from {body.lora_path!r} "
-                                f"({type(exc).__name__}: {exc}); check the adapter files") from None
-        return await _adapter_call(load)
-
-    @app.post("/unload_lora_adapter")
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request) -> JSONResponse:
-        async def unload() -> None:
-            body = parse_body(UnloadAdapterBody, await read_json(request))
-            await run_in_threadpool(_lora_or_error().unload_adapter, body.lora_name)
-        return await _adapter_call(unload)
-
-    def _lora_or_error() -> Any:
-        if engine.lora is None:
-            raise UserError("LoRA is not enabled on this server; start it with --enable-lora (and "
-                            "--max-lora-rank/--lora-target-modules) or --lora-paths")
-        return engine.lora
-
-    def _loaded() -> dict[str, str]:
-        return {a["name"]: a["source"] for a in engine.lora.loaded_adapters()} if engine.lora is not None else {}
-
-    async def _adapter_call(fn) -> JSONResponse:
-        try:
-            await fn()
-        except (APIError, UserError) as exc:
-            err = api_error_of(exc)
-            return JSONResponse({"success": False, "error_message": err.message, "loaded_adapters": _loaded()},
-                                status_code=err.status)
-        return JSONResponse({"success": True, "error_message": None, "loaded_adapters": _loaded()})
+    add_adapter_routes(app, engine, settings)
 
     @app.get("/health")
     async def health() -> Response:
@@ -211,8 +165,8 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
     @app.get("/health_generate")
     async def health_generate(request: Request) -> Response:
         token = getattr(engine.tokenizer, "bos_token_id", None) if engine.tokenizer is not None else None
-        [r] = gens.build([Item(None, [token if isinstance(token, int) else 0],
-                               {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}, None)])
+        [r] = await gens.build([Item(None, [token if isinstance(token, int) else 0],
+                                     {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}, None)])
         try:
             await asyncio.wait_for(gens.complete(request, [r]), HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -233,7 +187,8 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
     async def get_server_info() -> dict:
         info = engine.effective_settings()
         info.update(version=__version__, frontends=[e.name for e in engine.plugins.frontends],
-                    loaded_adapters=_loaded())
+                    loaded_adapters=loaded_adapters(engine),
+                    unloading_adapters=engine.lora.unloading_adapters() if engine.lora is not None else [])
         return info
 
     @app.get("/metrics")

@@ -5,8 +5,10 @@ means that adapter, and ``BASE:ADAPTER`` (split at the first colon) names an ada
 anything else is a 404 ``model_not_found``. ``/v1/models`` lists the base model (``parent`` null,
 ``root`` its path) and every loaded adapter (``parent`` the base model, ``root`` its source).
 ``n > 1`` fans out into ``n`` engine requests (see ``loraserve.serving``); choice ``i * n + j`` is
-sample ``j`` of prompt ``i``. Usage counts each prompt once. Streams follow OpenAI's chunk format,
-with a final usage chunk when ``stream_options.include_usage`` is set, and end with ``[DONE]``.
+sample ``j`` of prompt ``i``; prompts x n may be at most ``--max-sequences-per-request`` (413 beyond).
+The chat template and tokenization run in a worker thread. Usage counts each prompt once. Streams
+follow OpenAI's chunk format, with a final usage chunk when ``stream_options.include_usage`` is set,
+and end with ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from loraserve.errors import UserError
 from loraserve.http_errors import APIError, ClientDisconnected, api_error_of, error_body, parse_body, read_json
 from loraserve.plugins.frontend_openai.protocol import ChatCompletionRequest, CompletionRequest
-from loraserve.serving import EventStream, Generations, Item, fan_out, sse
+from loraserve.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs_num": "logprobs"}
@@ -88,25 +90,28 @@ class OpenAIFrontend:
         self.gens.outcome(r)  # abort/error become a 503/500
         return FINISH_REASONS.get(r.finish_reason, r.finish_reason)
 
-    def build(self, prompts: list[tuple[str | None, list[int] | None]], params: dict, adapter: str | None,
-              renames: dict[str, str], default_max: bool = False) -> tuple[list, list[int]]:
+    async def build(self, prompts: list[tuple[str | None, list[int] | None]], params: dict, adapter: str | None,
+                    renames: dict[str, str], default_max: bool = False) -> tuple[list, list[int]]:
         """Engine requests for every prompt x n, and the prompt index of each. ``renames`` maps the
         engine's parameter names to the request's, so that a message names the field the client sent."""
+        most = self.settings.max_sequences_per_request
         try:
+            check_sequences(len(prompts), len(prompts) * samples_of(params, most), most)
             items, owner = [], []
             for i, (text, ids) in enumerate(prompts):
                 p = dict(params)
                 if default_max and "max_new_tokens" not in p:
                     p["max_new_tokens"] = self.room_after(len(ids))
-                for copy in fan_out(p):
+                for copy in fan_out(p, most):
                     items.append(Item(text, ids, copy, adapter))
                     owner.append(i)
-            return self.gens.build(items), owner
+            return await self.gens.build(items), owner
         except UserError as exc:
             message = str(exc).replace("sampling parameter ", "")
             for ours, theirs in renames.items():
                 message = message.replace(ours, theirs)
-            raise UserError(message) from None
+            exc.args = (message,)  # the same exception: a TooLarge stays a 413
+            raise exc from None
 
     def room_after(self, prompt_len: int) -> int:
         """The most tokens a request with this prompt can generate (context and KV cache)."""
@@ -137,7 +142,8 @@ class OpenAIFrontend:
                                            add_generation_prompt=True)
         except Exception as exc:  # jinja's TemplateError, raise_exception() in the template, ...
             raise UserError(f"the chat template rejected the messages ({exc}); fix the message roles or order") from None
-        return list(tok.encode(text, add_special_tokens=False))  # the template already holds special tokens
+        # the template already holds the special tokens; TooLarge before tokenizing a huge text
+        return self.engine.intake.tokenize(text, add_special_tokens=False)
 
     # -- logprobs -------------------------------------------------------------------------------
 
@@ -182,7 +188,7 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         body = parse_body(CompletionRequest, await read_json(request))
         adapter = await front.resolve(body.model)
         prompts = body.prompts()
-        requests, owner = front.build(prompts, body.sampling_params(), adapter, COMPLETION_NAMES)
+        requests, owner = await front.build(prompts, body.sampling_params(), adapter, COMPLETION_NAMES)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = [(text if text is not None else front.engine.tokenizer.decode(ids) if front.engine.tokenizer else "")
                 if body.echo else "" for text, ids in prompts]
@@ -224,8 +230,9 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
     async def chat_completions(request: Request) -> Any:
         body = parse_body(ChatCompletionRequest, await read_json(request))
         adapter = await front.resolve(body.model)
-        ids = front.chat_prompt(body)
-        requests, owner = front.build([(None, ids)], body.sampling_params(), adapter, CHAT_NAMES, default_max=True)
+        ids = await run_in_threadpool(front.chat_prompt, body)  # jinja and the tokenizer: off the event loop
+        requests, owner = await front.build([(None, ids)], body.sampling_params(), adapter, CHAT_NAMES,
+                                            default_max=True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": body.model}
         try:

@@ -8,19 +8,21 @@ a list entry matches a module whose full name equals it or ends with ``"." + ent
 a regex that must ``re.fullmatch`` the full name (and then ``layers_to_transform`` does not apply,
 as in PEFT); a ``rank_pattern`` / ``alpha_pattern`` key is a regex matched at the end of the name
 after a dot, the first matching key winning. Full names are those of ``LlamaForCausalLM``
-(``model.layers.3.self_attn.q_proj``, ``model.embed_tokens``, ``lm_head``).
+(``model.layers.3.self_attn.q_proj``, ``model.embed_tokens``, ``lm_head``). Every regex of a
+config is bounded in length and in matching time (see :mod:`.patterns`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any
 
 from loraserve.lora.adapter import LAYER_MODULES, SUPPORTED_MODULES, lora_scaling
 from loraserve.lora.loader import AdapterError
+from loraserve.plugins.loader_peft.patterns import PatternBudget, check_pattern
 
 CONFIG_NAME = "adapter_config.json"
 _SUBLAYER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -87,6 +89,8 @@ class PeftLoraConfig:
     layers_pattern: tuple[str, ...] | None
     fan_in_fan_out: bool
     raw: dict[str, Any]
+    #: the time this config's regexes may still spend matching module names
+    budget: PatternBudget = dataclass_field(compare=False, repr=False)
 
     @classmethod
     def read(cls, directory: Path) -> "PeftLoraConfig":
@@ -122,10 +126,7 @@ class PeftLoraConfig:
             if targets.lower() == "all-linear":
                 targets = LAYER_MODULES  # PEFT: every linear layer but the output layer
             else:
-                try:
-                    re.compile(targets)
-                except re.error as exc:
-                    raise AdapterError(f"{path}: target_modules = {targets!r} is not a valid regex ({exc})") from None
+                check_pattern(path, "target_modules", targets)
         elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
             for t in targets:
                 leaf = t.rsplit(".", 1)[-1]
@@ -139,7 +140,9 @@ class PeftLoraConfig:
         exclude = data.get("exclude_modules")
         if isinstance(exclude, list):
             exclude = tuple(exclude)
-        elif exclude is not None and not isinstance(exclude, str):
+        elif isinstance(exclude, str):
+            check_pattern(path, "exclude_modules", exclude)
+        elif exclude is not None:
             raise bad("exclude_modules", "a list of module names, a regex string or null")
 
         rank_pattern = data.get("rank_pattern") or {}
@@ -152,10 +155,7 @@ class PeftLoraConfig:
             raise bad("alpha_pattern", "an object mapping module-name patterns to numbers")
         for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
             for key in pattern:
-                try:
-                    re.compile(key)
-                except re.error as exc:
-                    raise AdapterError(f"{path}: {field} key {key!r} is not a valid regex ({exc})") from None
+                check_pattern(path, f"{field} key", key)
 
         layers = data.get("layers_to_transform")
         if isinstance(layers, int) and not isinstance(layers, bool):
@@ -171,11 +171,14 @@ class PeftLoraConfig:
             pattern = tuple(pattern) or None
         elif pattern is not None:
             raise bad("layers_pattern", "a string, a list of strings or null")
+        for p in pattern or ():
+            check_pattern(path, "layers_pattern", p)
 
         return cls(path=path, r=r, lora_alpha=float(alpha), target_modules=targets, exclude_modules=exclude,
                    use_rslora=bool(data.get("use_rslora", False)), rank_pattern=dict(rank_pattern),
                    alpha_pattern={k: float(v) for k, v in alpha_pattern.items()}, layers_to_transform=layers,
-                   layers_pattern=pattern, fan_in_fan_out=bool(data.get("fan_in_fan_out", False)), raw=data)
+                   layers_pattern=pattern, fan_in_fan_out=bool(data.get("fan_in_fan_out", False)), raw=data,
+                   budget=PatternBudget(path))
 
     # -- matching (peft.tuners.tuners_utils.check_target_module_exists) ---------------------------
 
@@ -184,12 +187,12 @@ class PeftLoraConfig:
         ex = self.exclude_modules
         if ex is not None:
             if isinstance(ex, str):
-                if re.fullmatch(ex, key):
+                if self.budget.fullmatch(ex, key, "exclude_modules"):
                     return False
             elif key in ex or any(key.endswith(f".{e}") for e in ex):
                 return False
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, key) is not None
+            return self.budget.fullmatch(self.target_modules, key, "target_modules")
         if key in self.target_modules:
             return True
         if not any(key.endswith(f".{t}") for t in self.target_modules):
@@ -201,7 +204,7 @@ class PeftLoraConfig:
         else:
             match = None
             for p in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+                match = self.budget.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key, "layers_pattern", p)
                 if match is not None:
                     break
         return match is not None and int(match.group("idx")) in self.layers_to_transform
@@ -226,19 +229,19 @@ class PeftLoraConfig:
 
     # -- per-module rank and scaling (peft.utils.other.get_pattern_key) ---------------------------
 
-    def _pattern_key(self, pattern: dict[str, Any], key: str) -> str | None:
+    def _pattern_key(self, pattern: dict[str, Any], key: str, field: str) -> str | None:
         for p in pattern:
-            if re.match(rf"(.*\.)?({p})$", key):
+            if self.budget.match(rf"(.*\.)?({p})$", key, f"{field} key", p):
                 return p
         return None
 
     def module_rank(self, key: str) -> tuple[int, str]:
         """(rank, where it comes from) for the module with full name ``key``."""
-        p = self._pattern_key(self.rank_pattern, key)
+        p = self._pattern_key(self.rank_pattern, key, "rank_pattern")
         return (self.r, "r") if p is None else (self.rank_pattern[p], f"rank_pattern[{p!r}]")
 
     def module_scaling(self, key: str) -> float:
-        p = self._pattern_key(self.alpha_pattern, key)
+        p = self._pattern_key(self.alpha_pattern, key, "alpha_pattern")
         alpha = self.lora_alpha if p is None else self.alpha_pattern[p]
         return lora_scaling(self.module_rank(key)[0], alpha, self.use_rslora)
 

@@ -5,42 +5,49 @@ A source is either an existing directory or a hub id (``org/name``) fetched with
 time, so it never touches the network. Weights come from ``adapter_model.safetensors`` or, failing
 that, ``adapter_model.bin`` read with ``torch.load(weights_only=True)``. This module also refuses
 adapters that add tokens, judged from the tokenizer files save_pretrained() leaves beside them.
-Every failure is an AdapterError naming the file.
+Every failure is an AdapterError naming the file. Given the engine's
+:class:`~loraserve.lora.policy.AdapterSourcePolicy`, a local directory and every file of it this
+plugin may open (:data:`ADAPTER_FILES`) must resolve inside ``--lora-allowed-dirs``
+(:func:`confine`); hub snapshots are the hub's, governed by the hub settings the engine checked.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from loraserve.lora.loader import AdapterError
+from loraserve.lora.policy import looks_like_hub_id
 from loraserve.plugins.loader_peft.config import CONFIG_NAME, read_json
+
+if TYPE_CHECKING:
+    from loraserve.lora.policy import AdapterSourcePolicy
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 _TOKENIZER_FILES = ("added_tokens.json", "tokenizer.json", "tokenizer_config.json")
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def looks_like_hub_id(source: str) -> bool:
-    """``org/name`` that is not an existing local path."""
-    return (_HUB_ID.fullmatch(source) is not None and ".." not in source
-            and not Path(source).expanduser().exists())
+#: every file this plugin may open in an adapter directory
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, *_TOKENIZER_FILES)
 
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def resolve_directory(source: str, *, config_only: bool = False) -> Path:
-    """The local directory holding the adapter's files, downloading a hub id when needed."""
+def resolve_directory(source: str, *, config_only: bool = False, policy: AdapterSourcePolicy | None = None) -> Path:
+    """The local directory holding the adapter's files, downloading a hub id when needed; a local one is
+    first :func:`confine`-d by ``policy``."""
     if not isinstance(source, str) or not source.strip():
         raise AdapterError(f"adapter source {source!r} is empty; pass a PEFT adapter directory or a hub id (org/name)")
     path = Path(source).expanduser()
+    if policy is not None and not looks_like_hub_id(source):
+        policy.check_file(path, "adapter source")
     if path.is_dir():
+        if policy is not None:
+            confine(path, policy)
         return path
     if path.exists():
         raise AdapterError(f"adapter source {source!r} is a file; pass the directory that holds {CONFIG_NAME} "
@@ -50,6 +57,16 @@ def resolve_directory(source: str, *, config_only: bool = False) -> Path:
                            f"pass a directory that holds {CONFIG_NAME}")
     patterns = [CONFIG_NAME] if config_only else [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, *_TOKENIZER_FILES]
     return _download(source, patterns)
+
+
+def confine(directory: Path, policy: AdapterSourcePolicy) -> None:
+    """Refuse (``AdapterRefused``) an adapter directory any of whose :data:`ADAPTER_FILES` resolves
+    outside ``--lora-allowed-dirs``, before any of them is read."""
+    policy.check_file(directory, "adapter directory")
+    for name in ADAPTER_FILES:
+        path = directory / name
+        if os.path.lexists(path):  # a dangling link may still lead out: refuse it too
+            policy.check_file(path)
 
 
 def _download(repo_id: str, patterns: list[str]) -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
@@ -28,6 +28,9 @@ from loraserve.lora.loader import AdapterError, AdapterLoader, AdapterSummary, c
 from loraserve.plugins.loader_peft.config import CONFIG_NAME, PeftLoraConfig, canonical_modules
 from loraserve.plugins.loader_peft.files import (BIN_NAME, SAFETENSORS_NAME, check_vocabulary, looks_like_hub_id,
                                                  read_weights, resolve_directory)
+
+if TYPE_CHECKING:
+    from loraserve.lora.policy import AdapterSourcePolicy
 
 _LORA_KEY = re.compile(r"(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
 _EMBEDDING_KEY = re.compile(r"(?P<module>.+?)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?")
@@ -50,17 +53,18 @@ class PeftAdapterLoader(AdapterLoader):
             return any((path / f).is_file() for f in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME))
         return looks_like_hub_id(source)
 
-    def peek(self, source: str, shape: BaseModelShape | None = None) -> AdapterSummary:
-        config = PeftLoraConfig.read(resolve_directory(source, config_only=True))
+    def peek(self, source: str, shape: BaseModelShape | None = None, *,
+             policy: AdapterSourcePolicy | None = None) -> AdapterSummary:
+        config = PeftLoraConfig.read(resolve_directory(source, config_only=True, policy=policy))
         targeted = config.targeted_modules(shape.num_layers if shape is not None else _PEEK_LAYERS)
         return AdapterSummary(rank=max(config.module_rank(k)[0] for k in targeted),
                               target_modules=frozenset(module for _, module in targeted.values()))
 
     def load(self, source: str, *, name: str, shape: BaseModelShape, max_rank: int | None = None,
-             target_modules: Iterable[str] | None = None) -> LoRAAdapter:
+             target_modules: Iterable[str] | None = None, policy: AdapterSourcePolicy | None = None) -> LoRAAdapter:
         if not isinstance(name, str) or not name:
             raise AdapterError(f"adapter name {name!r} is empty; give the adapter a name")
-        directory = resolve_directory(source)
+        directory = resolve_directory(source, policy=policy)
         config = PeftLoraConfig.read(directory)
         check_vocabulary(directory, shape.vocab_size)
         targeted = config.targeted_modules(shape.num_layers)

@@ -1,0 +1,109 @@
+"""The adapter routes of the native API: ``POST /load_lora_adapter`` and ``/unload_lora_adapter``.
+
+Both are also served under ``/v1/`` (vLLM's names) and answer SGLang's ``{success, error_message,
+loaded_adapters}`` (``loaded_adapters`` maps each name to its source). They change server state, so
+they take only ``Content-Type: application/json`` (415 otherwise): a browser sends a cross-site
+``text/plain`` or form POST without asking the server first, a JSON one it does not. With
+``--disable-lora-runtime-updates`` both answer 403; a load the source policy refuses is a 403 too.
+An unload hides the name at once and waits up to ``--lora-unload-timeout`` seconds for the
+adapter's in-flight requests; when some still run it answers 202 with ``"pending": true``, and the
+adapter's memory is freed when the last of them finishes (``/get_server_info`` lists it under
+``unloading_adapters`` until then).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from loraserve.errors import UserError
+from loraserve.http_errors import (APIError, StrictModel, api_error_of, parse_body, read_json, retry_after,
+                                   safe_text)
+from loraserve.lora.policy import shown
+
+JSON_TYPE = "application/json"
+
+
+class LoadAdapterBody(StrictModel):
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+
+class UnloadAdapterBody(StrictModel):
+    lora_name: str
+
+
+def require_json(request: Request) -> None:
+    """A 415 unless the request says its body is JSON (a state change no cross-site form can make)."""
+    given = request.headers.get("content-type")
+    if given is None or given.split(";", 1)[0].strip().lower() != JSON_TYPE:
+        what = "no Content-Type" if given is None else f"Content-Type {shown(given)}"
+        raise APIError(415, f"{request.url.path} takes a JSON body, but the request has {what}; send the header "
+                            f"'Content-Type: {JSON_TYPE}'")
+
+
+def loaded_adapters(engine: Any) -> dict[str, str]:
+    """Name -> source of every loaded adapter, as the adapter routes and /get_server_info answer."""
+    return {a["name"]: a["source"] for a in engine.lora.loaded_adapters()} if engine.lora is not None else {}
+
+
+def add_adapter_routes(app: FastAPI, engine: Any, settings: Any) -> None:
+    gens = app.state.generations
+
+    def writable(request: Request) -> Any:
+        """The LoRA manager, once the request may change adapters at all (415, 400, 403 otherwise)."""
+        require_json(request)
+        if engine.lora is None:
+            raise UserError("LoRA is not enabled on this server; start it with --enable-lora (and "
+                            "--max-lora-rank/--lora-target-modules) or --lora-paths")
+        engine.lora.policy.check_runtime_updates()
+        return engine.lora
+
+    @app.post("/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> JSONResponse:
+        async def load() -> None:
+            lora = writable(request)
+            body = parse_body(LoadAdapterBody, await read_json(request))
+            gens.check_accepting()
+            try:
+                await run_in_threadpool(lora.load_adapter, body.lora_name, body.lora_path, body.pinned)
+            except UserError:
+                raise
+            except Exception as exc:  # a corrupt or unreadable adapter: never half-loaded, the server lives on
+                raise UserError(f"could not load adapter {shown(body.lora_name)} from {shown(body.lora_path, 300)} "
+                                f"({type(exc).__name__}: {exc}); check the adapter files") from None
+        return await _adapter_call(load)
+
+    @app.post("/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> JSONResponse:
+        async def unload() -> JSONResponse | None:
+            lora = writable(request)
+            body = parse_body(UnloadAdapterBody, await read_json(request))
+            held = await run_in_threadpool(lora.unload_adapter, body.lora_name, settings.lora_unload_timeout)
+            if not held:
+                return None
+            requests = "1 in-flight request finishes" if held == 1 else f"{held} in-flight requests finish"
+            return JSONResponse({"success": True, "pending": True, "error_message": None,
+                                 "message": f"adapter {body.lora_name!r} is unloaded for new requests; its memory is "
+                                            f"freed when its {requests} (still running after "
+                                            f"--lora-unload-timeout {settings.lora_unload_timeout:g} s)",
+                                 "loaded_adapters": loaded_adapters(engine)}, status_code=202)
+        return await _adapter_call(unload)
+
+    async def _adapter_call(fn: Callable[[], Awaitable[JSONResponse | None]]) -> JSONResponse:
+        try:
+            answer = await fn()
+        except (APIError, UserError) as exc:
+            err = api_error_of(exc)
+            return JSONResponse({"success": False, "error_message": safe_text(err.message),
+                                 "loaded_adapters": loaded_adapters(engine)}, status_code=err.status,
+                                headers=retry_after(err.status))
+        if answer is not None:
+            return answer
+        return JSONResponse({"success": True, "error_message": None, "loaded_adapters": loaded_adapters(engine)})
