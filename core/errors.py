@@ -1,7 +1,7 @@
 """The exception types loraserve raises for problems a user or plugin author can fix.
 
 Every message says what was wrong and what to change. Each ``UserError`` class names the HTTP
-status the frontends answer it with (``http_status``: 400, or 403, 404, 413, 429 for the subclasses
+status the frontends answer it with (``http_status``: 400, or 403, 404, 409, 413, 429 for the subclasses
 below); anything else is a bug.
 """
 
@@ -40,6 +40,12 @@ class NotFound(UserError):
     """The request names something that does not exist, such as an unknown adapter; HTTP answers 404."""
 
     http_status = 404
+
+
+class Conflict(UserError):
+    """The request conflicts with the server's state (a name already loaded, no slot to pin); HTTP answers 409."""
+
+    http_status = 409
 
 
 class TooLarge(UserError):

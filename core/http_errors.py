@@ -195,7 +195,7 @@ def validation_message(exc: ValidationError, model: type[BaseModel] | None = Non
 def parse_body(model: type[M], data: Any) -> M:
     """Validate ``data`` (parsed JSON) as ``model``; a 400 listing every problem otherwise."""
     if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, got a JSON {type(data).__name__}")
+        raise APIError(400, f"the request body must be a JSON object, got a JSON {safe_json.json_type(data)}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -243,10 +243,37 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _gone(request: Request, exc: ClientDisconnect) -> Response:
         return Response(status_code=499)  # the client left while sending its body: nobody reads this
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(request.url.path, 500, api_error_of(exc).message)
+    app.add_middleware(BugBoundary)  # the first one added is the innermost
+
+
+class BugBoundary:
+    """Answers an unhandled exception (a bug) with a 500 JSON error and keeps the connection open.
+
+    Starlette's own handler for ``Exception`` sends its response and then re-raises, after which
+    uvicorn closes the connection, so a client's next request on that keep-alive connection fails.
+    An exception after the response started (a stream) cannot be answered: it propagates.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            logger.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            await error_response(scope.get("path", ""), 500, api_error_of(exc).message)(scope, receive, send)
 
 
 def _endpoint_list(app: FastAPI) -> str:

@@ -14,11 +14,13 @@ Imported by ``loraserve.http_errors``; knows nothing of HTTP.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 MAX_DEPTH = 64  # nesting of arrays and objects; our bodies need 4
 MAX_INT_DIGITS = 20  # 2**64 has 20 digits: seeds are the largest integers we take
 _SHOWN_KEY = 40  # characters of a key shown in a field path
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 class UnsafeJSON(ValueError):
@@ -43,16 +45,30 @@ def _parse_constant(name: str) -> _Refused:
     return _Refused(name, "NaN and Infinity are not JSON; send a finite number")
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: null, boolean, integer, number, string, array or object."""
+    for kind, name in ((type(None), "null"), (bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                       (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
 def field_path(loc: tuple) -> str:
-    """``("messages", 0, "content")`` as ``messages[0].content``; long keys are cut short."""
+    """``("messages", 0, "content")`` as ``messages[0].content``; a key that is not a plain name (empty,
+    spaces, quotes) is shown quoted in brackets, as ``[""]``; long keys are cut short."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
             continue
         text = str(part)
+        plain = _PLAIN_KEY.fullmatch(text) is not None
         text = text if len(text) <= _SHOWN_KEY else text[:_SHOWN_KEY - 3] + "..."
-        out += f".{text}" if out else text
+        if not plain:
+            out += f"[{json.dumps(text)}]"
+        else:
+            out += f".{text}" if out else text
     return out
 
 
@@ -113,7 +129,12 @@ def check_tree(value: Any) -> None:
 
 
 def loads(data: bytes | str) -> Any:
-    """Parse ``data`` as JSON and check it (see the module docstring); json's own errors pass through."""
+    """Parse ``data`` as JSON and check it (see the module docstring); json's own errors pass through.
+
+    Bytes must be UTF-8 (a UnicodeDecodeError otherwise): ``json.loads`` alone would guess UTF-16 or
+    UTF-32 from the first bytes, and a body is UTF-8 (RFC 8259)."""
+    if isinstance(data, (bytes, bytearray)):
+        data = data.decode("utf-8")
     try:
         value = json.loads(data, parse_int=_parse_int, parse_constant=_parse_constant)
     except RecursionError:  # json's C parser recurses once per level: far deeper than MAX_DEPTH

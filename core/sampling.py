@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from loraserve.errors import UserError
+from loraserve.safe_json import field_path
 
 # Below this temperature a request decodes greedily, as in SGLang; dividing logits by a
 # near-zero temperature would overflow float32 without changing the argmax.
@@ -89,7 +90,7 @@ class SamplingParams:
         if not isinstance(data, Mapping):
             raise UserError(f"sampling parameters must be a JSON object, got {type(data).__name__}")
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in known)
+        unknown = sorted(field_path((str(k),)) for k in data if k not in known)
         if unknown:
             raise UserError(f"unknown sampling parameter(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
         values = {k: v for k, v in data.items() if v is not None or known[k].default is None}

@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from loraserve import __version__
+from loraserve import __version__, openapi
 from loraserve.engine import Engine
 from loraserve.errors import ConfigError, PluginError
 from loraserve.http_errors import error_body, install_error_handlers, is_openai_path
@@ -71,6 +71,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     app.state.draining = False
     app.state.generations = Generations(engine, metrics, app.state)
     install_error_handlers(app)
+    openapi.install(app)
     frontends = engine.plugins.frontends
     if not len(frontends):
         logger.warning("no HTTP frontend plugin is loaded (were frontend_native and frontend_openai disabled?); "
@@ -90,7 +91,10 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port``, or a ConfigError that says which flag to change."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) on accepted connections only
+    # when the listening socket says TCP, and with Nagle on every keep-alive answer written in two
+    # pieces (headers, body) waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

@@ -156,7 +156,7 @@ def _bad_adapters(root) -> dict[str, tuple[str, int, str]]:
                                    target_modules=["q_proj"], seed=3)
     slow = write_adapter_dir(root / "slow-regex", {"target_modules": "(.*){1,32000}[bc]"}, {})
     return {"hub-id": (HUB_ID, 403, "--lora-allow-hub"),
-            "missing": (str(root / "missing"), 400, "no adapter loader can read"),
+            "missing": (str(root / "missing"), 404, "no adapter loader can read"),
             "bad-json": (str(bad_json), 400, "is not valid JSON"),
             "no-weights": (str(no_weights), 400, "holds neither"),
             "dora": (str(dora), 400, "DoRA adapters are not supported"),
@@ -191,7 +191,7 @@ def test_refused_pins_leave_nothing_even_after_reaching_the_host_cache(served):
     paths = assets().adapters
     assert load(client, "pinned-one", paths["beta"], pinned=True).status_code == 200
     res = load(client, "pinned-two", paths["gamma"], pinned=True)  # one slot stays free for the rest
-    assert res.status_code == 400 and "at most --max-loras-per-batch - 1 = 1" in res.json()["error_message"]
+    assert res.status_code == 409 and "at most --max-loras-per-batch - 1 = 1" in res.json()["error_message"]
     assert_nothing_of(client, engine, "pinned-two", paths["gamma"])
     assert client.post("/unload_lora_adapter", json={"lora_name": "pinned-one"}).status_code == 200
     # both slots busy with running requests: the pin fails after the host copy was made, and is undone
@@ -200,7 +200,7 @@ def test_refused_pins_leave_nothing_even_after_reaching_the_host_cache(served):
     try:
         assert sorted(str(r.adapter) for r in engine.scheduler.running) == ["None", "alpha"]
         res = load(client, "pin-busy", paths["gamma"], pinned=True)
-        assert res.status_code == 400 and "no GPU slot can be freed" in res.json()["error_message"]
+        assert res.status_code == 409 and "no GPU slot can be freed" in res.json()["error_message"]
         assert all(key[0] != "pin-busy" for key in engine.lora.host.keys())
     finally:
         for stream in streams:

@@ -193,14 +193,14 @@ def test_adapter_load_and_unload_answers(served):
         assert res.json() == {"success": True, "error_message": None,
                               "loaded_adapters": {**{n: assets().adapters[n] for n in ("alpha", "beta")}, "gamma": path}}
         again = client.post(f"{prefix}/load_lora_adapter", json={"lora_name": "gamma", "lora_path": path})
-        assert again.status_code == 400 and again.json()["success"] is False
+        assert again.status_code == 409 and again.json()["success"] is False
         assert "already loaded" in again.json()["error_message"]
         got = client.post("/generate", json={"text": "g", "sampling_params": GREEDY, "lora_path": "gamma"}).json()
         same(got, engine.generate("g", GREEDY, "gamma"))
         res = client.post(f"{prefix}/unload_lora_adapter", json={"lora_name": "gamma"})
         assert res.status_code == 200 and "gamma" not in res.json()["loaded_adapters"]
         res = client.post(f"{prefix}/unload_lora_adapter", json={"lora_name": "gamma"})
-        assert res.status_code == 400 and "no adapter named 'gamma'" in res.json()["error_message"]
+        assert res.status_code == 404 and "no adapter named 'gamma'" in res.json()["error_message"]
 
 
 def test_the_engine_imports_without_the_http_stack():

@@ -16,11 +16,12 @@ leaves the adapter *pending*: the release of its last request frees its memory, 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable
 
 import torch
 
-from loraserve.errors import ConfigError, NotFound, UserError
+from loraserve.errors import ConfigError, Conflict, NotFound, UserError
 from loraserve.lora.adapter import BaseModelShape
 from loraserve.lora.admission import SlotAdmission
 from loraserve.lora.batch_info import LoRABatchInfo
@@ -151,7 +152,8 @@ class LoRAManager(SlotAdmission):
         for loader in self.loaders:
             if loader.can_load(source):
                 return loader
-        raise UserError(f"no adapter loader can read {shown(source, 300)}; give a PEFT adapter directory or hub id")
+        missing = NotFound if not os.path.exists(source) else UserError
+        raise missing(f"no adapter loader can read {shown(source, 300)}; give a PEFT adapter directory or hub id")
 
     def _read(self, name: str, source: str):
         adapter = self._loader_for(source).load(source, name=name, shape=self.shape, max_rank=self.max_rank,
@@ -171,7 +173,7 @@ class LoRAManager(SlotAdmission):
             raise UserError(f"pinned must be true or false, got {shown(pinned)}")
         self.policy.check_source(source, runtime=runtime)
         if self.registry.get(name) is not None:
-            raise UserError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+            raise Conflict(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         adapter = self._read(name, source)  # slow, outside the engine thread; raises before any state changes
         ref = AdapterRef(name=name, version=self.registry.new_version(), source=source, pinned=pinned, rank=adapter.rank)
         self.run_in_engine(lambda: self._commit(ref, adapter))
@@ -181,7 +183,7 @@ class LoRAManager(SlotAdmission):
 
     def _commit(self, ref: AdapterRef, adapter: Any) -> None:
         if ref.pinned and sum(r.pinned for r in self.registry.refs()) + 1 > self.pool.num_slots - 1:
-            raise UserError(f"at most --max-loras-per-batch - 1 = {self.pool.num_slots - 1} adapters may be pinned; "
+            raise Conflict(f"at most --max-loras-per-batch - 1 = {self.pool.num_slots - 1} adapters may be pinned; "
                             f"unpin or unload one, or raise --max-loras-per-batch")
         evicted = self.host.make_room(self._host_protected())
         self._notify_evicted(evicted, "host")
@@ -190,7 +192,7 @@ class LoRAManager(SlotAdmission):
             if ref.pinned:
                 slot = self._ensure_slot(ref, protected=self._batch_keys())
                 if slot is None:
-                    raise UserError("no GPU slot can be freed to pin this adapter: every slot is pinned or in use "
+                    raise Conflict("no GPU slot can be freed to pin this adapter: every slot is pinned or in use "
                                     "by running requests; try again later or unpin an adapter")
                 self.pool.pinned.add(ref.key)
             self.registry.add(ref)
@@ -267,9 +269,8 @@ class LoRAManager(SlotAdmission):
             if source is not None:
                 try:
                     self.load_adapter(name, source)
-                except UserError as exc:
-                    if "already loaded" not in str(exc):
-                        raise
+                except Conflict:
+                    pass  # a concurrent request loaded it first
                 ref = self.registry.acquire(name)
                 if ref is not None:
                     return ref

@@ -30,7 +30,12 @@ MAX_NAME_CHARS = 256
 NAME_CHARS = "A-Z a-z 0-9 . _ / @ + -"
 RESERVED_NAMES = frozenset({"base"})
 MAX_SOURCE_CHARS = 4096  # PATH_MAX on Linux
-_NAME = re.compile(r"[A-Za-z0-9._/@+\-]+")
+# stated in the OpenAPI document too: the characters, and no ".." between slashes
+NAME_PATTERN = r"^(?!(.*/)?\.\.(/|$))[A-Za-z0-9._/@+\-]+$"
+_NAME = re.compile(NAME_PATTERN)
+# control characters (Unicode category Cc) are refused in a source; stated in the OpenAPI document too
+SOURCE_PATTERN = "^[^\u0000-\u001f\u007f-\u009f]*$"
+_CONTROL = re.compile("[\u0000-\u001f\u007f-\u009f]")
 # A Hugging Face repository id: ORG/NAME (huggingface_hub's own rule, without the length limit).
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HUB_ENTRY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(?:/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
@@ -53,7 +58,7 @@ def shown(value: Any, most: int = _SHOWN_CHARS) -> str:
 def check_adapter_name(name: Any) -> str:
     """Return ``name`` if it is a valid adapter name, else raise a UserError naming it and the rule."""
     rule = (f"an adapter name is 1 to {MAX_NAME_CHARS} characters from {NAME_CHARS} (no spaces, ':' or '='), "
-            f"and not {', '.join(repr(n) for n in sorted(RESERVED_NAMES))}")
+            f"with no '..' between slashes, and not {', '.join(repr(n) for n in sorted(RESERVED_NAMES))}")
     if not isinstance(name, str):
         raise UserError(f"invalid adapter name {shown(name)} (a {type(name).__name__}); {rule}")
     if name in RESERVED_NAMES or len(name) > MAX_NAME_CHARS or _NAME.fullmatch(name) is None:
@@ -66,7 +71,7 @@ def check_source_text(source: Any) -> str:
     if not isinstance(source, str) or not source.strip():
         raise UserError(f"adapter source {shown(source)} is empty or not a string; pass a PEFT adapter directory "
                         "or a hub id (org/name)")
-    if len(source) > MAX_SOURCE_CHARS or not source.isprintable() or not _encodes(source):
+    if len(source) > MAX_SOURCE_CHARS or _CONTROL.search(source) is not None or not _encodes(source):
         raise UserError(f"adapter source {shown(source)} holds control characters or undecodable text, or is "
                         f"longer than {MAX_SOURCE_CHARS} characters; pass a plain directory path or hub id")
     return source

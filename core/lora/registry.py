@@ -15,7 +15,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
-from loraserve.errors import UserError
+from loraserve.errors import Conflict, NotFound
 
 
 @dataclass(eq=False)
@@ -50,7 +50,7 @@ class AdapterRegistry:
     def add(self, ref: AdapterRef) -> None:
         with self._cond:
             if ref.name in self._refs:
-                raise UserError(f"an adapter named {ref.name!r} is already loaded; unload it first or pick another name")
+                raise Conflict(f"an adapter named {ref.name!r} is already loaded; unload it first or pick another name")
             self._refs[ref.name] = ref
 
     def get(self, name: str) -> AdapterRef | None:
@@ -89,7 +89,7 @@ class AdapterRegistry:
             ref = self._refs.pop(name, None)
             if ref is None:
                 known = ", ".join(sorted(self._refs)) or "none"
-                raise UserError(f"no adapter named {name!r} is loaded; loaded adapters: {known}")
+                raise NotFound(f"no adapter named {name!r} is loaded; loaded adapters: {known}")
             ref.unloaded = True
             return ref
 

@@ -17,24 +17,33 @@ from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from loraserve.errors import UserError
 from loraserve.http_errors import (APIError, StrictModel, api_error_of, parse_body, read_json, retry_after,
                                    safe_text)
-from loraserve.lora.policy import shown
+from loraserve.lora.policy import MAX_NAME_CHARS, MAX_SOURCE_CHARS, NAME_PATTERN, SOURCE_PATTERN, shown
+from loraserve.openapi import AdapterAnswer, errors, request_body
 
 JSON_TYPE = "application/json"
 
 
+# the name rule for the OpenAPI document; check_adapter_name enforces it with its own message
+NAME_SCHEMA = {"pattern": NAME_PATTERN, "minLength": 1, "maxLength": MAX_NAME_CHARS, "not": {"enum": ["base"]}}
+
+
 class LoadAdapterBody(StrictModel):
-    lora_name: str
-    lora_path: str
+    lora_name: str = Field(description="The name requests use.", json_schema_extra=NAME_SCHEMA)
+    lora_path: str = Field(description="A PEFT adapter directory (inside --lora-allowed-dirs when set), or a hub id "
+                                       "where the hub is allowed.", json_schema_extra={"minLength": 1,
+                                                                                       "maxLength": MAX_SOURCE_CHARS,
+                                                                                       "pattern": SOURCE_PATTERN})
     pinned: bool = False
 
 
 class UnloadAdapterBody(StrictModel):
-    lora_name: str
+    lora_name: str = Field(json_schema_extra=NAME_SCHEMA)
 
 
 def require_json(request: Request) -> None:
@@ -63,8 +72,13 @@ def add_adapter_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         engine.lora.policy.check_runtime_updates()
         return engine.lora
 
-    @app.post("/load_lora_adapter")
-    @app.post("/v1/load_lora_adapter")
+    answers = {"model": AdapterAnswer, "description": "The adapters loaded afterwards; on failure success is false "
+                                                          "and error_message says what to change."}
+
+    @app.post("/load_lora_adapter", openapi_extra=request_body(app, LoadAdapterBody),
+              responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers))
+    @app.post("/v1/load_lora_adapter", openapi_extra=request_body(app, LoadAdapterBody),
+              responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers))
     async def load_lora_adapter(request: Request) -> JSONResponse:
         async def load() -> None:
             lora = writable(request)
@@ -79,8 +93,13 @@ def add_adapter_routes(app: FastAPI, engine: Any, settings: Any) -> None:
                                 f"({type(exc).__name__}: {exc}); check the adapter files") from None
         return await _adapter_call(load)
 
-    @app.post("/unload_lora_adapter")
-    @app.post("/v1/unload_lora_adapter")
+    pending = {"model": AdapterAnswer, "description": "Unloaded for new requests; the memory is freed when its "
+                                                        "in-flight requests finish (pending: true)."}
+
+    @app.post("/unload_lora_adapter", openapi_extra=request_body(app, UnloadAdapterBody),
+              responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers), 202: pending})
+    @app.post("/v1/unload_lora_adapter", openapi_extra=request_body(app, UnloadAdapterBody),
+              responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers), 202: pending})
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         async def unload() -> JSONResponse | None:
             lora = writable(request)

@@ -19,14 +19,17 @@ import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from loraserve import __version__
 from loraserve.errors import UserError
 from loraserve.http_errors import APIError, ClientDisconnected, api_error_of, error_body, read_json
 from loraserve.metrics import engine_snapshot
+from loraserve.openapi import document_models, errors, request_body
 from loraserve.plugins.frontend_native.adapters import add_adapter_routes, loaded_adapters
+from loraserve.plugins.frontend_native.schema import GENERATE_OK, GenerateBody, GenerateResult
+from loraserve.safe_json import field_path, json_type
 from loraserve.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
 
 GENERATE_FIELDS = ("text", "input_ids", "sampling_params", "lora_path", "stream", "return_logprob",
@@ -58,8 +61,8 @@ def parse_generate(body: Any, max_sequences: int) -> tuple[list[Item], bool, boo
     """The inputs of a /generate body, whether it asked for a single result, and whether to stream;
     TooLarge when they ask for more than ``max_sequences`` sequences (inputs x n)."""
     if not isinstance(body, dict):
-        raise UserError(f"the request body must be a JSON object, got a JSON {type(body).__name__}")
-    unknown = sorted(k for k in body if k not in GENERATE_FIELDS)
+        raise UserError(f"the request body must be a JSON object, got a JSON {json_type(body)}")
+    unknown = sorted(field_path((k,)) for k in body if k not in GENERATE_FIELDS)
     if unknown:
         raise UserError(f"unknown field(s) {', '.join(unknown)}; allowed fields: {', '.join(GENERATE_FIELDS)}")
     text, ids = body.get("text"), body.get("input_ids")
@@ -113,8 +116,10 @@ def _partial(r: Any, text: str, ids: list[int], logprobs: list[float]) -> dict:
 
 def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
     gens: Generations = app.state.generations
+    document_models(app, GenerateResult)
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=request_body(app, GenerateBody), responses=errors(
+        400, 404, 413, 429, 499, 503, ok=GENERATE_OK))
     async def generate(request: Request) -> Any:
         items, single, stream = parse_generate(await read_json(request), settings.max_sequences_per_request)
         requests = await gens.build(items)
@@ -156,13 +161,15 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
 
     add_adapter_routes(app, engine, settings)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"], response_class=PlainTextResponse,
+             responses=errors(503, ok={"description": "The server is up (an empty body)."}))
     async def health() -> Response:
         if app.state.draining:
             raise APIError(503, "the server is shutting down")
-        return Response(status_code=200)
+        return PlainTextResponse("")
 
-    @app.get("/health_generate")
+    @app.get("/health_generate", response_class=PlainTextResponse, responses=errors(
+        429, 499, 503, ok={"description": "The engine generated one token (an empty body)."}))
     async def health_generate(request: Request) -> Response:
         token = getattr(engine.tokenizer, "bos_token_id", None) if engine.tokenizer is not None else None
         [r] = await gens.build([Item(None, [token if isinstance(token, int) else 0],
@@ -174,7 +181,7 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         except ClientDisconnected:
             return Response(status_code=499)
         gens.outcome(r)
-        return Response(status_code=200)
+        return PlainTextResponse("")
 
     @app.get("/get_model_info")
     async def get_model_info() -> dict:
@@ -191,7 +198,8 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
                     unloading_adapters=engine.lora.unloading_adapters() if engine.lora is not None else [])
         return info
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"description": "Prometheus text exposition.",
+                                          "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         def snapshot() -> dict:
             try:

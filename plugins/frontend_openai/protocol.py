@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loraserve.errors import UserError
 from loraserve.http_errors import StrictModel
+from loraserve.sampling import MAX_TOP_LOGPROBS
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -27,6 +28,25 @@ PASSTHROUGH = {"temperature": "temperature", "top_p": "top_p", "n": "n", "seed":
                "skip_special_tokens": "skip_special_tokens"}
 
 
+# What the fields typed Any (validated by hand, for OpenAI-style messages) take, for the OpenAPI document
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}, _IDS,
+                           {"type": "array", "items": _IDS, "minItems": 1}]}
+STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
+    "type": "object", "required": ["type", "text"], "additionalProperties": False,
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
+
+
+def _range(**bounds: Any) -> Any:
+    """``json_schema_extra`` stating the range a field's value must lie in (``null`` stays allowed)."""
+    def apply(schema: dict) -> None:
+        for option in schema.get("anyOf", [schema]):
+            if option.get("type") != "null":
+                option.update(bounds)
+    return apply
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
@@ -35,23 +55,23 @@ class _Sampling(StrictModel):
     """Fields shared by completions and chat completions."""
 
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
+    max_tokens: int | None = Field(None, json_schema_extra=_range(minimum=0))
+    temperature: float | None = Field(None, json_schema_extra=_range(minimum=0))
+    top_p: float | None = Field(None, json_schema_extra=_range(exclusiveMinimum=0, maximum=1))
+    n: int | None = Field(None, json_schema_extra=_range(minimum=1))
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Any = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
+    stop: Any = Field(None, json_schema_extra=STOP_SCHEMA)
+    seed: int | None = Field(None, json_schema_extra=_range(minimum=0, maximum=2**64 - 1))
+    presence_penalty: float | None = Field(None, json_schema_extra=_range(minimum=-2, maximum=2))
+    frequency_penalty: float | None = Field(None, json_schema_extra=_range(minimum=-2, maximum=2))
+    logit_bias: dict[str, Any] | None = Field(None, json_schema_extra=_range(maxProperties=0))  # refused
     user: str | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = Field(None, json_schema_extra=_range(minimum=-1))
+    min_p: float | None = Field(None, json_schema_extra=_range(minimum=0, maximum=1))
+    repetition_penalty: float | None = Field(None, json_schema_extra=_range(exclusiveMinimum=0))
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, json_schema_extra=_range(items={"type": "integer", "minimum": 0}))
     skip_special_tokens: bool | None = None
 
     @field_validator("stop", mode="before")
@@ -81,11 +101,11 @@ class _Sampling(StrictModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Any
-    logprobs: int | None = None
+    prompt: Any = Field(json_schema_extra=PROMPT_SCHEMA)
+    logprobs: int | None = Field(None, json_schema_extra=_range(minimum=0, maximum=MAX_TOP_LOGPROBS))
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: str | None = Field(None, json_schema_extra=_range(maxLength=0))  # insertion is refused
 
     @model_validator(mode="after")
     def _check_completion(self) -> "CompletionRequest":
@@ -125,8 +145,8 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(StrictModel):
-    role: str
-    content: Any = None
+    role: str = Field(json_schema_extra={"enum": list(CHAT_ROLES)})
+    content: Any = Field(None, json_schema_extra=CONTENT_SCHEMA)
     name: str | None = None
     tool_call_id: str | None = None
 
@@ -163,13 +183,14 @@ class ChatMessage(StrictModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    top_logprobs: int | None = Field(None, json_schema_extra=_range(minimum=0, maximum=MAX_TOP_LOGPROBS))
+    response_format: dict[str, Any] | None = Field(None, json_schema_extra=_range(
+        required=["type"], properties={"type": {"const": "text"}}))
+    tools: list[Any] | None = Field(None, json_schema_extra=_range(maxItems=0))  # function calling is refused
+    tool_choice: Any = Field(None, json_schema_extra={"enum": ["none", None]})
 
     @model_validator(mode="after")
     def _check_chat(self) -> "ChatCompletionRequest":

@@ -23,12 +23,18 @@ from starlette.concurrency import run_in_threadpool
 
 from loraserve.errors import UserError
 from loraserve.http_errors import APIError, ClientDisconnected, api_error_of, error_body, parse_body, read_json
+from loraserve.openapi import errors, request_body
 from loraserve.plugins.frontend_openai.protocol import ChatCompletionRequest, CompletionRequest
 from loraserve.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
-COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs_num": "logprobs"}
-CHAT_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs_num": "top_logprobs"}
+COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs_num": "logprobs", "input_ids": "prompt"}
+
+
+def chat_names(body: ChatCompletionRequest) -> dict[str, str]:
+    """Engine parameter -> the chat field the client sent (max_completion_tokens, or the older max_tokens)."""
+    limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    return {"max_new_tokens": limit, "top_logprobs_num": "top_logprobs"}
 
 
 class OpenAIFrontend:
@@ -172,18 +178,31 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
     front = OpenAIFrontend(app, engine, settings)
     gens = front.gens
 
-    @app.get("/v1/models")
+    completion_ok = {"description": "The completion; with stream=true, server-sent events of chunks ending with "
+                                     "'data: [DONE]'.",
+                     "content": {"application/json": {"schema": {"type": "object", "required": ["id", "choices"]}},
+                                 "text/event-stream": {}}}
+    card = {"type": "object", "required": ["id", "object", "parent", "root"]}
+
+    @app.get("/v1/models", responses=errors(ok={"description": "The base model and every adapter.", "content": {
+        "application/json": {"schema": {"type": "object", "required": ["data"],
+                                        "properties": {"data": {"type": "array", "items": card}}}}}}))
     async def list_models() -> dict:
         return {"object": "list", "data": front.model_cards()}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=errors(404, ok={"description": "One model card.", "content": {
+        "application/json": {"schema": card}}}))
     async def retrieve_model(model_id: str) -> dict:
-        for card in front.model_cards():
-            if card["id"] == model_id:
-                return card
+        cards = {card["id"]: card for card in front.model_cards()}
+        if model_id in cards:
+            return cards[model_id]
+        prefix, _, name = model_id.partition(":")  # BASE:ADAPTER, as the generation routes take it
+        if prefix == engine.model_name and name in cards and name != prefix:
+            return {**cards[name], "id": model_id}
         raise front._not_found(model_id, engine.lora.registry.names() if engine.lora is not None else [])
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(app, CompletionRequest),
+              responses=errors(400, 404, 413, 429, 499, 503, ok=completion_ok))
     async def completions(request: Request) -> Any:
         body = parse_body(CompletionRequest, await read_json(request))
         adapter = await front.resolve(body.model)
@@ -226,12 +245,13 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
             choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
             yield sse({**head, "choices": [choice], **usage_field})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(app, ChatCompletionRequest),
+              responses=errors(400, 404, 413, 429, 499, 503, ok=completion_ok))
     async def chat_completions(request: Request) -> Any:
         body = parse_body(ChatCompletionRequest, await read_json(request))
         adapter = await front.resolve(body.model)
         ids = await run_in_threadpool(front.chat_prompt, body)  # jinja and the tokenizer: off the event loop
-        requests, owner = await front.build([(None, ids)], body.sampling_params(), adapter, CHAT_NAMES,
+        requests, owner = await front.build([(None, ids)], body.sampling_params(), adapter, chat_names(body),
                                             default_max=True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": body.model}

@@ -49,8 +49,11 @@ class PeftAdapterLoader(AdapterLoader):
         if not isinstance(source, str) or not source.strip():
             return False
         path = Path(source).expanduser()
-        if path.is_dir():
-            return any((path / f).is_file() for f in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME))
+        try:
+            if path.is_dir():
+                return any((path / f).is_file() for f in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME))
+        except OSError:  # a name the file system cannot even look up (too long, say): not ours to read
+            return False
         return looks_like_hub_id(source)
 
     def peek(self, source: str, shape: BaseModelShape | None = None, *,
