@@ -53,7 +53,7 @@ def measure_ceilings() -> dict:
 
 def timed_engine(settings) -> tuple:
     """An engine whose runner records (tokens, decode-only, seconds) of every forward step."""
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
 
     engine = Engine(settings)
     steps: list[tuple[int, bool, float]] = []

@@ -1,6 +1,6 @@
 """Offline throughput of the loraserve engine through its Python API, with many random LoRA adapters.
 
-It builds an :class:`~loraserve.engine.Engine` for a model directory (``--model-path``, real
+It builds an :class:`~loraserve.engine.engine.Engine` for a model directory (``--model-path``, real
 weights, or with ``--load-format dummy`` random ones) or a bare config (``--config-dir``, always
 random weights), writes ``--num-adapters`` random PEFT adapters of that shape with
 ``random_adapters.py`` (into a temporary directory, or ``--adapter-dir`` to keep and reuse them),
@@ -309,7 +309,7 @@ def generate(engine: Any, requests: Sequence[RequestSpec], max_new_tokens: int |
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     device, dtype = resolve_device_dtype(args)

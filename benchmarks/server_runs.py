@@ -19,7 +19,7 @@ from typing import Sequence
 import httpx
 
 import bench_serving
-from loraserve.tp_engine import free_port  # noqa: F401 (the drivers' port picker)
+from loraserve.engine.tp import free_port  # noqa: F401 (the drivers' port picker)
 
 def add_run_args(p: argparse.ArgumentParser, work_prefix: str) -> None:
     """The arguments every driver takes for its servers and output files."""

@@ -91,7 +91,7 @@ class InProcessServer:
     """uvicorn serving ``engine`` on 127.0.0.1:<free port> in a daemon thread of this process."""
 
     def __init__(self, engine: Any, start_timeout_s: float = 60.0):
-        from loraserve.server import LoraserveServer, bind_socket, create_app
+        from loraserve.http.server import LoraserveServer, bind_socket, create_app
 
         self.engine = engine
         self.server = LoraserveServer(create_app(engine), engine, engine.settings, grace_s=2.0)
@@ -388,7 +388,7 @@ def percentiles(values: list[float]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     rss_at_start = rss_mib()

@@ -131,7 +131,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
     pm = _plugin_manager(argv)
     settings = parse_settings(argv, pm)
     configure_logging(settings.log_level)
-    from loraserve.server import serve
+    from loraserve.http.server import serve
 
     return serve(settings, pm)
 

@@ -8,7 +8,7 @@ more than 4,300 digits with a ValueError, and nothing we take needs more than 20
 ``Infinity`` literals (not JSON), and strings, keys included, holding a lone UTF-16 surrogate (a
 ``\\ud800`` escape without its pair: no tokenizer or UTF-8 encoder accepts one). The parse hooks
 return placeholders instead of raising, so that the check after parsing can name the field.
-Imported by ``loraserve.http_errors``; knows nothing of HTTP.
+Imported by ``loraserve.http.errors``; knows nothing of HTTP.
 """
 
 from __future__ import annotations

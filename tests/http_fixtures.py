@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraserve.engine import Engine
-from loraserve.server import LoraserveServer, bind_socket, create_app
+from loraserve.engine.engine import Engine
+from loraserve.http.server import LoraserveServer, bind_socket, create_app
 from loraserve.settings import make_settings
 from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model
 

@@ -20,9 +20,9 @@ if not torch.cuda.is_available():
     # Triton reads this when a kernel is decorated, so it must be set before the kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from loraserve.attention import PagedSDPAAttention  # noqa: E402
-from loraserve.attention_triton import PagedTritonAttention  # noqa: E402
-from loraserve.kv_cache import KVCache  # noqa: E402
+from loraserve.runner.attention import PagedSDPAAttention  # noqa: E402
+from loraserve.runner.attention_triton import PagedTritonAttention  # noqa: E402
+from loraserve.sched.kv_cache import KVCache  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -275,7 +275,7 @@ def test_gpu_cuda_graph_replays_with_new_metadata():
 def test_engine_with_triton_attention_matches_torch_native(tiny_model_dir):
     """The whole engine on the Triton attention (interpreter on CPU) gives the SDPA path's greedy
     tokens and log-probabilities, over prefill chunks, a cached prefix and decode steps."""
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     gen = torch.Generator().manual_seed(4)

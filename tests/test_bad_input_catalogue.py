@@ -38,7 +38,7 @@ from http_fixtures import GREEDY, RunningServer, assets, make_engine, wait_until
 ADAPTERS = ("alpha", "beta")
 VOCAB = 49152  # the SmolLM2 tokenizer's size, the tiny model's vocabulary
 KV_TOKENS = 384
-MAX_MESSAGE_CHARS = 4000  # loraserve.http_errors.MAX_MESSAGE_CHARS, plus the "... (N more characters)" tail
+MAX_MESSAGE_CHARS = 4000  # loraserve.http.errors.MAX_MESSAGE_CHARS, plus the "... (N more characters)" tail
 ADAPTER_ROUTES = ("/load_lora_adapter", "/unload_lora_adapter", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models/")
 TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",

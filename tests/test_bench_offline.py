@@ -208,7 +208,7 @@ def test_hf_peft_gives_the_engine_tokens_per_request(oracle_runs, model_dir):
 
 
 def test_hf_mixed_batch_with_base_rows_matches_the_engine(model_dir, tmp_path):
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     args = bench_hf_peft.build_parser().parse_args(["--model-path", str(model_dir), *RUN])

@@ -67,7 +67,7 @@ def test_example_plugin_is_listed(capsys):
 def test_example_plugin_is_selectable_and_builds_an_engine(installed_entry_points, tiny_model_dir):
     from conftest import make_manager
     from loraserve.cli import parse_settings
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve_example.backend import EinsumLoRABackend
     from loraserve_example.lfu import LFUPolicy
 

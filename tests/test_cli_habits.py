@@ -36,7 +36,7 @@ def test_positional_model_and_model_alias_both_set_model_path(pm):
 
 def test_positional_model_after_serve_subcommand(monkeypatch):
     seen = {}
-    monkeypatch.setattr("loraserve.server.serve", lambda settings, plugins: seen.setdefault("s", settings) and 0)
+    monkeypatch.setattr("loraserve.http.server.serve", lambda settings, plugins: seen.setdefault("s", settings) and 0)
     assert main(["serve", "/models/x", "--port", "1234", "--log-level", "warning"]) == 0
     assert seen["s"].model_path == "/models/x" and seen["s"].port == 1234
 

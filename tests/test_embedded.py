@@ -18,7 +18,7 @@ CAPITALS = ["Paris", "Berlin", "Rome", "Madrid", "London", "Tokyo", "Beijing", "
 @pytest.fixture(scope="module")
 def smol():
     pytest.importorskip("gguf")
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     engine = Engine(make_settings(device="cpu", max_total_tokens=4096, enable_lora=True, max_lora_rank=16))

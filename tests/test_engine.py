@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 
-from loraserve.engine import Engine
+from loraserve.engine.engine import Engine
 from loraserve.errors import UserError
 from loraserve.settings import make_settings
 from test_models import FAMILIES, make_config, make_hf

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def cuda_engine(base, paths, dtype):
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     return Engine(make_settings(model_path=base, device="cuda", dtype=dtype, max_total_tokens=2048,
@@ -47,7 +47,7 @@ def test_cuda_graphs_and_kernel_backends_match_peft(setup, backend):
     """float32: the kernel backends (shrink inside the base GEMM or not), the Triton attention, and
     decode steps replayed from CUDA graphs give PEFT's greedy tokens; graphs on and off agree
     token for token and within 1e-4 in log-probability, with batches that need padding rows."""
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     base, paths, peft = setup
@@ -82,7 +82,7 @@ def test_cuda_graphs_bfloat16_dummy_model_and_base_only():
     the graphs were replayed."""
     from pathlib import Path
 
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     config = Path(__file__).parent.parent / "benchmarks" / "configs" / "llama-3.2-1b"
@@ -107,7 +107,7 @@ def test_overlap_loading_on_cuda_streams_matches_peft(setup, backend):
     """float32, CUDA graphs on: adapters cycling through fewer slots than adapters give PEFT's greedy
     tokens with overlap loading (copies on the load stream from page-locked host copies) and
     without it; with it, every copy went through the stream and was timed on the GPU."""
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.lora.overlap import CudaStreamCopies
     from loraserve.settings import make_settings
     from test_overlap_loading import ORDER

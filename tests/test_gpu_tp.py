@@ -23,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 
 
 def _engine(**kwargs):
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     return Engine(make_settings(device="cuda", **kwargs))

@@ -116,7 +116,7 @@ def test_unparseable_in_python_is_a_400_naming_the_field(served, path, body, wan
 
 def test_error_messages_are_always_encodable_and_bounded(served, monkeypatch):
     _, client, engine = served
-    from loraserve.http_errors import api_error_of, error_response
+    from loraserve.http.errors import api_error_of, error_response
 
     def broken(_r):
         raise RuntimeError("bad \ud800 state")  # an exception text holding what UTF-8 cannot encode

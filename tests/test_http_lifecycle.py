@@ -114,9 +114,15 @@ def test_client_disconnecting_mid_stream_frees_its_request(served, path, body):
 def test_client_giving_up_on_a_whole_response_frees_its_request(served):
     server, engine = served
     before = _aborts(server.url)
+    entered, gate = threading.Event(), threading.Event()  # the engine is held: the request cannot finish first
+    threading.Thread(target=engine.call_in_engine, args=(lambda: entered.set() or gate.wait(30),), daemon=True).start()
+    assert entered.wait(10)
     body = {"text": "slow", "sampling_params": {**LONG_STREAM, "max_new_tokens": 450}}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/generate", json=body, timeout=0.5)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/generate", json=body, timeout=0.5)
+    finally:
+        gate.set()
     assert wait_until(lambda: _all_free(engine), timeout=10)
     assert _aborts(server.url) == before + 1
 

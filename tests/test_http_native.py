@@ -209,7 +209,7 @@ def test_the_engine_imports_without_the_http_stack():
 
     code = ("import sys\n"
             "for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client'): sys.modules[m] = None\n"
-            "import loraserve.engine, loraserve.cli\n"
+            "import loraserve.engine.engine, loraserve.cli\n"
             "from loraserve.plugin_manager import PluginManager\n"
             "print(sorted(PluginManager().load().frontends.names()))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

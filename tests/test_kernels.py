@@ -287,7 +287,7 @@ def tiny_adapters(tmp_path_factory):
 
 
 def test_engine_greedy_tokens_match_torch_backend(tiny_adapters):
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     base, paths = tiny_adapters
@@ -325,7 +325,7 @@ def test_engine_expand_left_to_the_norm_and_silu_matches_torch_backend(tiny_adap
     """The expand of o_proj, gate_up_proj and down_proj done by the kernels that consume their
     outputs (RMSNorm, SiLU-and-mul: ``LoRAEpilogue``), fused ops on under the interpreter: the same
     greedy tokens as backend_torch, and as the in-place expand, with the epilogue really taken."""
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     monkeypatch.setenv("LORASERVE_FUSED_OPS", "1")
@@ -457,8 +457,8 @@ def test_decode_graph_buffers_replay_the_captured_computation_on_cpu(tiny_adapte
     static buffers (ids, positions, attention metadata, LoRA slots/ranks/scalings) before rerunning
     it, as a replay does. Padding rows and the null LoRA slot must leave the real rows' greedy tokens
     and log-probabilities equal to eager decoding."""
-    from loraserve.cuda_graph import DecodeGraphs
-    from loraserve.engine import Engine
+    from loraserve.runner.cuda_graph import DecodeGraphs
+    from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
     base, paths = tiny_adapters

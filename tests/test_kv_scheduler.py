@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from loraserve.kv_cache import BlockAllocator, KVCache, OutOfBlocks
-from loraserve.request import Request
-from loraserve.scheduler import Scheduler
+from loraserve.sched.kv_cache import BlockAllocator, KVCache, OutOfBlocks
+from loraserve.sched.request import Request
+from loraserve.sched.scheduler import Scheduler
 
 
 class _Params:
@@ -166,7 +166,7 @@ def test_kv_budget_from_mem_fraction_static(monkeypatch):
     a fraction is refused with a message naming the flag (CUDA's memory query is simulated)."""
     from types import SimpleNamespace
 
-    from loraserve.engine_setup import BLOCK_SIZE, kv_budget_tokens
+    from loraserve.engine.builder import BLOCK_SIZE, kv_budget_tokens
     from loraserve.errors import ConfigError
 
     GiB = 1 << 30
@@ -182,7 +182,7 @@ def test_kv_budget_from_mem_fraction_static(monkeypatch):
 
 
 def test_cuda_graph_capture_sizes_cover_every_batch_up_to_the_max():
-    from loraserve.cuda_graph import capture_sizes
+    from loraserve.runner.cuda_graph import capture_sizes
 
     for max_bs in (1, 3, 64, 100, 256, 400):
         sizes = capture_sizes(max_bs)

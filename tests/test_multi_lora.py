@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from loraserve.engine import Engine
+from loraserve.engine.engine import Engine
 from loraserve.errors import UserError
 from loraserve.settings import make_settings
 from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model

@@ -57,7 +57,7 @@ def test_sampling_schema_names_every_sampling_parameter():
     from dataclasses import fields
 
     from loraserve.plugins.frontend_native.schema import SamplingParamsBody
-    from loraserve.sampling import SamplingParams
+    from loraserve.sched.sampling_params import SamplingParams
 
     assert set(SamplingParamsBody.model_fields) == {f.name for f in fields(SamplingParams)}
 

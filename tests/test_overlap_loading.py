@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraserve.engine import Engine
-from loraserve.scheduler import COPYING
+from loraserve.engine.engine import Engine
+from loraserve.sched.scheduler import COPYING
 from loraserve.settings import make_settings
 from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
 
@@ -116,7 +116,7 @@ def test_outputs_identical_with_overlap_loading(setup, delay):
 
 def test_flag_on_cpu_has_no_effect_beyond_the_log(setup, caplog):
     base, paths, _ = setup
-    with caplog.at_level("INFO", logger="loraserve.engine"):
+    with caplog.at_level("INFO", logger="loraserve.engine.engine"):
         engine = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=512, max_loras_per_batch=3,
                                       enable_lora_overlap_loading=True, lora_paths=[f"{n}={p}" for n, p in paths.items()]))
     try:

@@ -17,15 +17,9 @@ from transformers.generation.logits_process import (
 )
 
 from loraserve.errors import UserError
-from loraserve.sampling import (
-    MAX_TOP_LOGPROBS,
-    Sampler,
-    SamplingParams,
-    StopChecker,
-    TokenHistory,
-    finish_reason,
-    make_generator,
-)
+from loraserve.engine.stop import StopChecker, finish_reason
+from loraserve.runner.sampler import Sampler
+from loraserve.sched.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, TokenHistory, make_generator
 
 V = 37  # odd on purpose
 

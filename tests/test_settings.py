@@ -102,7 +102,7 @@ def test_unknown_backend_is_rejected_with_the_choices(pm, capsys):
 
 
 def test_unknown_backend_from_env_is_rejected_by_the_engine(installed_entry_points, monkeypatch, tiny_model_dir):
-    from loraserve.engine import Engine
+    from loraserve.engine.engine import Engine
 
     monkeypatch.setenv("LORASERVE_LORA_BACKEND", "cutlass")
     with pytest.raises(ConfigError) as err:

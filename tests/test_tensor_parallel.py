@@ -26,13 +26,13 @@ from transformers import Qwen2Config
 
 from loraserve.distributed import TensorParallel
 from loraserve.errors import ConfigError
-from loraserve.kv_cache import KVCache
+from loraserve.sched.kv_cache import KVCache
 from loraserve.lora.pools import GpuAdapterPool
-from loraserve.model_runner import ModelRunner
+from loraserve.runner.model_runner import ModelRunner
 from loraserve.models.dtypes import runs_triton
 from loraserve.models.llama import LlamaForCausalLM
-from loraserve.request import Request
-from loraserve.scheduler import ScheduledChunk
+from loraserve.sched.request import Request
+from loraserve.sched.scheduler import ScheduledChunk
 from lora_utils import make_peft_adapter, tiny_llama_config
 from test_models import make_hf
 

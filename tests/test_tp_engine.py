@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from loraserve.engine import Engine
+from loraserve.engine.engine import Engine
 from loraserve.errors import ConfigError
 from loraserve.settings import make_settings
 from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
@@ -106,7 +106,7 @@ def test_dead_worker_takes_the_server_down_with_a_message(setup, tmp_path):
     script = tmp_path / "serve.py"
     script.write_text(textwrap.dedent(f"""
         import os, signal, sys, time
-        from loraserve.engine import Engine
+        from loraserve.engine.engine import Engine
         from loraserve.settings import make_settings
         engine = Engine(make_settings(model_path={base!r}, device="cpu", max_total_tokens=256, tp_size=2))
         engine.generate(input_ids=[1, 2, 3], sampling_params={{"max_new_tokens": 2}})

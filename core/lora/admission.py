@@ -5,7 +5,7 @@ on the engine thread, whether a waiting request may join a step (a batch never h
 adapters, the base model included, than there are slots), which slot an adapter takes and which
 adapter is evicted for it, and how the slot is filled: synchronously on the compute stream, or,
 with a copy engine (``--enable-lora-overlap-loading`` on CUDA), asynchronously, in which case
-``can_join`` answers :data:`~loraserve.scheduler.COPYING` until the copy is done and
+``can_join`` answers :data:`~loraserve.sched.scheduler.COPYING` until the copy is done and
 :meth:`SlotAdmission.before_schedule` retires finished copies and prefetches adapters the waiting
 queue will need. Every slot decision is also handed to ``mirror`` (tensor parallelism), so the
 other ranks' pools follow. It reads the manager's ``pool``, ``host``, ``metrics``,
@@ -21,7 +21,7 @@ from typing import Any
 
 from loraserve.lora.pools import BASE_KEY
 from loraserve.lora.registry import AdapterRef
-from loraserve.scheduler import COPYING
+from loraserve.sched.scheduler import COPYING
 
 logger = logging.getLogger("loraserve.lora")
 

@@ -21,10 +21,10 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from loraserve.errors import UserError
-from loraserve.http_errors import (APIError, StrictModel, api_error_of, parse_body, read_json, retry_after,
+from loraserve.http.errors import (APIError, StrictModel, api_error_of, parse_body, read_json, retry_after,
                                    safe_text)
 from loraserve.lora.policy import MAX_NAME_CHARS, MAX_SOURCE_CHARS, NAME_PATTERN, SOURCE_PATTERN, shown
-from loraserve.openapi import AdapterAnswer, errors, request_body
+from loraserve.http.openapi import AdapterAnswer, errors, request_body
 
 JSON_TYPE = "application/json"
 

@@ -24,13 +24,13 @@ from starlette.concurrency import run_in_threadpool
 
 from loraserve import __version__
 from loraserve.errors import UserError
-from loraserve.http_errors import APIError, ClientDisconnected, api_error_of, error_body, read_json
-from loraserve.metrics import engine_snapshot
-from loraserve.openapi import document_models, errors, request_body
+from loraserve.http.errors import APIError, ClientDisconnected, api_error_of, error_body, read_json
+from loraserve.http.metrics import engine_snapshot
+from loraserve.http.openapi import document_models, errors, request_body
 from loraserve.plugins.frontend_native.adapters import add_adapter_routes, loaded_adapters
 from loraserve.plugins.frontend_native.schema import GENERATE_OK, GenerateBody, GenerateResult
 from loraserve.safe_json import field_path, json_type
-from loraserve.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
+from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
 
 GENERATE_FIELDS = ("text", "input_ids", "sampling_params", "lora_path", "stream", "return_logprob",
                    "top_logprobs_num")

@@ -1,12 +1,12 @@
 """The OpenAPI schemas of the native API: the ``/generate`` body, its sampling parameters and answers.
 
 ``/generate`` is parsed by :func:`.routes.parse_generate` and
-:meth:`loraserve.sampling.SamplingParams.from_dict`, which give the messages clients see; these
+:meth:`loraserve.sched.sampling_params.SamplingParams.from_dict`, which give the messages clients see; these
 models state the same types and ranges for the served document (``null`` for a sampling parameter
 means its default, as SGLang accepts). Rules a schema cannot state (exactly one of ``text`` and
 ``input_ids``, lists aligned with the batch, token ids below the vocabulary size, the prompt plus
 ``max_new_tokens`` within the context) are checked by the parser with a 400. A test keeps the
-sampling fields equal to :class:`~loraserve.sampling.SamplingParams`'.
+sampling fields equal to :class:`~loraserve.sched.sampling_params.SamplingParams`'.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraserve.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
+from loraserve.sched.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
 NonNegInt = Annotated[int, Field(ge=0)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]

@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from loraserve.errors import UserError
-from loraserve.http_errors import StrictModel
-from loraserve.sampling import MAX_TOP_LOGPROBS
+from loraserve.http.errors import StrictModel
+from loraserve.sched.sampling_params import MAX_TOP_LOGPROBS
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -4,7 +4,7 @@
 means that adapter, and ``BASE:ADAPTER`` (split at the first colon) names an adapter explicitly;
 anything else is a 404 ``model_not_found``. ``/v1/models`` lists the base model (``parent`` null,
 ``root`` its path) and every loaded adapter (``parent`` the base model, ``root`` its source).
-``n > 1`` fans out into ``n`` engine requests (see ``loraserve.serving``); choice ``i * n + j`` is
+``n > 1`` fans out into ``n`` engine requests (see ``loraserve.http.serving``); choice ``i * n + j`` is
 sample ``j`` of prompt ``i``; prompts x n may be at most ``--max-sequences-per-request`` (413 beyond).
 The chat template and tokenization run in a worker thread. Usage counts each prompt once. Streams
 follow OpenAI's chunk format, with a final usage chunk when ``stream_options.include_usage`` is set,
@@ -22,10 +22,10 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from loraserve.errors import UserError
-from loraserve.http_errors import APIError, ClientDisconnected, api_error_of, error_body, parse_body, read_json
-from loraserve.openapi import errors, request_body
+from loraserve.http.errors import APIError, ClientDisconnected, api_error_of, error_body, parse_body, read_json
+from loraserve.http.openapi import errors, request_body
 from loraserve.plugins.frontend_openai.protocol import ChatCompletionRequest, CompletionRequest
-from loraserve.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
+from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs_num": "logprobs", "input_ids": "prompt"}

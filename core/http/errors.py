@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from loraserve import safe_json
 from loraserve.errors import QueueFull, UserError
 
-logger = logging.getLogger("loraserve.server")
+logger = logging.getLogger("loraserve.http.server")
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -1,7 +1,7 @@
 """The served OpenAPI document: request bodies and error responses of every route.
 
-The routes read their bodies themselves (:func:`loraserve.http_errors.read_json`, bounded and safe
-JSON, then :func:`~loraserve.http_errors.parse_body`), so FastAPI cannot see them; each route states
+The routes read their bodies themselves (:func:`loraserve.http.errors.read_json`, bounded and safe
+JSON, then :func:`~loraserve.http.errors.parse_body`), so FastAPI cannot see them; each route states
 its body with :func:`request_body` (``openapi_extra``) and its error answers with :func:`errors`
 (``responses``). The body models are the same pydantic models the route validates with, so the
 document cannot drift from what is accepted; :func:`install` adds their schemas to the document's

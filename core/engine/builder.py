@@ -13,19 +13,19 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from loraserve.errors import ConfigError
-from loraserve.attention import PagedSDPAAttention
-from loraserve.kv_cache import KVCache
+from loraserve.runner.attention import PagedSDPAAttention
+from loraserve.sched.kv_cache import KVCache
 from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
-from loraserve.model_runner import ModelRunner
+from loraserve.runner.model_runner import ModelRunner
 from loraserve.models.dtypes import runs_triton, to_torch_device, to_torch_dtype
-from loraserve.sampling import Sampler
-from loraserve.scheduler import Scheduler
+from loraserve.runner.sampler import Sampler
+from loraserve.sched.scheduler import Scheduler
 from loraserve.settings import EXTRA_LORA_MODULES, SUPPORTED_LORA_MODULES, Settings
 
 if TYPE_CHECKING:
     from loraserve.lora.policy import AdapterSourcePolicy
 
-logger = logging.getLogger("loraserve.engine")
+logger = logging.getLogger("loraserve.engine.engine")
 
 BLOCK_SIZE = 16
 CPU_KV_BUDGET_BYTES = 1 << 30
@@ -128,7 +128,7 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, 
             why_not = (f"LoRA backend {backend_name!r} (or LoRA on embed_tokens/lm_head) reads host data; "
                        "use --lora-backend csgmv or triton")
         if why_not is None:
-            from loraserve.cuda_graph import DEFAULT_MAX_BS, DecodeGraphs
+            from loraserve.runner.cuda_graph import DEFAULT_MAX_BS, DecodeGraphs
 
             max_bs = min(settings.cuda_graph_max_bs or min(max_running, DEFAULT_MAX_BS), max_running)
             if lora is not None:
@@ -166,7 +166,7 @@ def make_attention(settings: Settings, kv: KVCache, model: torch.nn.Module, devi
     if not runs_triton(device):
         raise ConfigError(f"--attention-backend triton runs Triton kernels and needs a CUDA device, not {device.type!r}; "
                           "use --attention-backend torch_native (tests may set TRITON_INTERPRET=1)")
-    from loraserve.attention_triton import PagedTritonAttention
+    from loraserve.runner.attention_triton import PagedTritonAttention
 
     return PagedTritonAttention(kv, sliding_window=window, max_seqs=max_seqs,
                                 max_blocks_per_seq=-(-context_len // kv.block_size))

@@ -17,8 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from loraserve.kv_cache import KVCache, OutOfBlocks
-from loraserve.request import Request, Status
+from loraserve.sched.kv_cache import KVCache, OutOfBlocks
+from loraserve.sched.request import Request, Status
 
 #: ``can_join``'s answer for "not yet: its adapter is being copied into a GPU slot"
 COPYING = "copying"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraserve.kv_cache import KVCache
+from loraserve.sched.kv_cache import KVCache
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("loraserve.engine")
+logger = logging.getLogger("loraserve.engine.engine")
 
 DEFAULT_MAX_BS = 256
 

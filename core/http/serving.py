@@ -25,9 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from loraserve.errors import TooLarge, UserError
-from loraserve.http_errors import APIError, ClientDisconnected
-from loraserve.metrics import ServerMetrics
-from loraserve.request import Request, RequestOutput
+from loraserve.http.errors import APIError, ClientDisconnected
+from loraserve.http.metrics import ServerMetrics
+from loraserve.sched.request import Request, RequestOutput
 
 SHUTTING_DOWN = "the server is shutting down and accepts no new requests; retry against another instance"
 

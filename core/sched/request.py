@@ -40,7 +40,7 @@ class RequestOutput:
 class Request:
     request_id: str
     prompt_ids: list[int]
-    params: Any  # loraserve.sampling.SamplingParams
+    params: Any  # loraserve.sched.sampling_params.SamplingParams
     adapter: str | None = None
     lora: Any = None  # the LoRA manager's reference (name, version) while the request lives
     output_ids: list[int] = field(default_factory=list)
@@ -50,7 +50,7 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     generator: torch.Generator | None = None
-    history: Any = None  # loraserve.sampling.TokenHistory when the request has penalties
+    history: Any = None  # loraserve.sched.sampling_params.TokenHistory when the request has penalties
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     sink: Callable[[RequestOutput], None] | None = None

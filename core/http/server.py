@@ -21,16 +21,17 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from loraserve import __version__, openapi
-from loraserve.engine import Engine
+from loraserve import __version__
+from loraserve.http import openapi
+from loraserve.engine.engine import Engine
 from loraserve.errors import ConfigError, PluginError
-from loraserve.http_errors import error_body, install_error_handlers, is_openai_path
-from loraserve.metrics import HttpMetricsMiddleware, ServerMetrics
+from loraserve.http.errors import error_body, install_error_handlers, is_openai_path
+from loraserve.http.metrics import HttpMetricsMiddleware, ServerMetrics
 from loraserve.plugin_manager import PluginManager
-from loraserve.serving import Generations
+from loraserve.http.serving import Generations
 from loraserve.settings import Settings
 
-logger = logging.getLogger("loraserve.server")
+logger = logging.getLogger("loraserve.http.server")
 
 OPEN_PATHS = frozenset({"/health"})
 

@@ -16,18 +16,17 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
 
-import torch
 
-from loraserve.engine_setup import build_components
+from loraserve.engine.builder import build_components
 from loraserve.errors import UserError
-from loraserve.intake import Intake
-from loraserve.outputs import OutputBuilder
+from loraserve.engine.intake import Intake
+from loraserve.engine.outputs import OutputBuilder
 from loraserve.plugin_manager import PluginManager
-from loraserve.request import Request, RequestOutput, Status
-from loraserve.sampling import SamplingParams, TokenHistory, make_generator
+from loraserve.sched.request import Request, RequestOutput, Status
+from loraserve.sched.sampling_params import SamplingParams, TokenHistory, make_generator
 from loraserve.settings import Settings
 
-logger = logging.getLogger("loraserve.engine")
+logger = logging.getLogger("loraserve.engine.engine")
 
 IDLE_POLL_S = 0.0005  # how often an idle engine looks at in-flight adapter copies
 
@@ -53,7 +52,7 @@ class Engine:
         #: tensor parallelism (--tp-size > 1): this process is rank 0 and drives the other ranks
         self.tp = None
         if self.settings.tp_size > 1:
-            from loraserve.tp_engine import TPDriver, check_before_start, init_group
+            from loraserve.engine.tp import TPDriver, check_before_start, init_group
 
             check_before_start(self.settings, self.plugins)
             self.tp = TPDriver(self.settings)
@@ -307,7 +306,7 @@ class Engine:
             return
         import torch.distributed as dist
 
-        from loraserve.tp_engine import release_graphs
+        from loraserve.engine.tp import release_graphs
 
         release_graphs(getattr(self, "runner", None))  # not built yet when the build itself failed
         self.tp.shutdown(timeout)

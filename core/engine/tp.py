@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from loraserve.errors import ConfigError
-from loraserve.scheduler import ScheduledChunk
+from loraserve.sched.scheduler import ScheduledChunk
 
 logger = logging.getLogger("loraserve.tp")
 
@@ -65,7 +65,7 @@ def check_before_start(settings: Any, plugins: Any) -> None:
     eviction names, and the model's sizes against ``--tp-size``, from its config alone (a GGUF
     file is checked when the model is built, since its config comes with the weights)."""
     from loraserve.distributed import check_divisible
-    from loraserve.engine_setup import check_plugin_choices
+    from loraserve.engine.builder import check_plugin_choices
     from loraserve.model_loader import load_config, resolve_model_source
 
     check_plugin_choices(settings, plugins)
@@ -200,7 +200,7 @@ def _exit_on_worker_death(message: str) -> None:
 
 def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
     """Build this rank's shard of every part and follow the driver's messages until told to stop."""
-    from loraserve.engine_setup import build_components
+    from loraserve.engine.builder import build_components
     from loraserve.plugin_manager import PluginManager
     from loraserve.settings import Settings
 

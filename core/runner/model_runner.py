@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import torch
 
-from loraserve.attention import PagedSDPAAttention
-from loraserve.kv_cache import KVCache
-from loraserve.scheduler import ScheduledChunk
+from loraserve.runner.attention import PagedSDPAAttention
+from loraserve.sched.kv_cache import KVCache
+from loraserve.sched.scheduler import ScheduledChunk
 
 
 class ModelRunner:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraserve.request import Request, RequestOutput
-from loraserve.sampling import StopChecker, finish_reason
+from loraserve.sched.request import Request, RequestOutput
+from loraserve.engine.stop import StopChecker, finish_reason
 
 
 class _TextState:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraserve.kv_cache import KVCache
+from loraserve.sched.kv_cache import KVCache
 
 # Metadata rows: decode ``[ctx_len, q_row, write_slot, block table...]``, prefill ``[ctx_len, q_start,
 # q_len, block table...]``. One row per sequence keeps a whole step in one int32 buffer (one copy).
@@ -240,7 +240,7 @@ def _rows(buf: array.array, rows: list[tuple[int, int, int, list[int]]], width: 
 class PagedTritonAttention:
     """Per-step attention metadata plus the per-layer attention call, on Triton kernels.
 
-    The interface of :class:`~loraserve.attention.PagedSDPAAttention`: :meth:`begin_step` once per
+    The interface of :class:`~loraserve.runner.attention.PagedSDPAAttention`: :meth:`begin_step` once per
     step with ``(blocks, start, num_new_tokens)`` per sequence in packing order, then
     :meth:`attention` once per layer. ``begin_step`` builds all the step's metadata (cache slots to
     write, block tables, context lengths, query rows) in one host buffer and copies it to the device

@@ -1,0 +1,1 @@
+"""The model-runner stage: one forward step, CUDA graphs, the sampler and attention over the paged cache."""
