@@ -87,30 +87,6 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[str, dict[str, str]]:
     return model, {name: str(path) for name, path in zip(names, paths.values())}
 
 
-class InProcessServer:
-    """uvicorn serving ``engine`` on 127.0.0.1:<free port> in a daemon thread of this process."""
-
-    def __init__(self, engine: Any, start_timeout_s: float = 60.0):
-        from loraserve.http.server import LoraserveServer, bind_socket, create_app
-
-        self.engine = engine
-        self.server = LoraserveServer(create_app(engine), engine, engine.settings, grace_s=2.0)
-        sock = bind_socket("127.0.0.1", 0)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + start_timeout_s
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the soak server did not start")
-            time.sleep(0.02)
-        self.url = self.server.url
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.engine.shutdown()
-
-
 def rss_mib() -> float:
     """This process's resident memory now (psutil, else /proc/self/status VmRSS)."""
     try:
@@ -389,6 +365,7 @@ def percentiles(values: list[float]) -> dict:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from loraserve.engine.engine import Engine
+    from loraserve.http.server import ServerThread
     from loraserve.settings import make_settings
 
     rss_at_start = rss_mib()
@@ -402,7 +379,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max_loaded_loras=args.max_loaded_loras, served_model_name="soak-base", lora_unload_timeout=0.2,
             lora_paths=[f"{n}={p}" for n, p in adapters.items()], log_level="warning")
         engine = Engine(settings)
-        server = InProcessServer(engine)
+        server = ServerThread(engine, grace_s=2.0, start_timeout_s=60.0)
         try:
             refs = references(engine, server.url, engine.model_name, list(adapters), args.max_new_tokens)
             distinct = {p: len({tuple(refs["text"][(p, a)][0]) for a in (None, *adapters)})

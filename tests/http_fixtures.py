@@ -9,13 +9,12 @@ import atexit
 import functools
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraserve.engine.engine import Engine
-from loraserve.http.server import LoraserveServer, bind_socket, create_app
+from loraserve.http.server import ServerThread
 from loraserve.settings import make_settings
 from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model
 
@@ -67,28 +66,11 @@ def make_engine(adapters: list[str] = ("alpha", "beta"), **kwargs) -> Engine:
     return Engine(make_settings(**values))
 
 
-class RunningServer:
-    """uvicorn serving ``create_app(engine)`` on 127.0.0.1:<free port> in a daemon thread; ``grace_s``
-    None takes the engine's --shutdown-grace-period."""
+class RunningServer(ServerThread):
+    """The engine served on 127.0.0.1:<free port> in a daemon thread of the test process."""
 
     def __init__(self, engine: Engine, grace_s: float | None = 5.0):
-        self.engine = engine
-        self.app = create_app(engine)
-        self.server = LoraserveServer(self.app, engine, engine.settings, grace_s=grace_s)
-        sock = bind_socket("127.0.0.1", 0)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        self.url = self.server.url
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.engine.shutdown()
+        super().__init__(engine, grace_s=grace_s)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:

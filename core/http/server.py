@@ -15,6 +15,8 @@ import asyncio
 import logging
 import secrets
 import socket
+import threading
+import time
 from typing import Any
 
 import uvicorn
@@ -162,3 +164,29 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
         engine.shutdown()
         sock.close()
     return 0 if server.started else 1
+
+
+class ServerThread:
+    """``engine`` served by uvicorn in a daemon thread of this process, on ``host``:``port`` (0: a free
+    port), for tests, benchmarks and programs that embed loraserve; ``stop()`` also stops the engine.
+    ``grace_s`` None takes the engine's --shutdown-grace-period."""
+
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0, grace_s: float | None = None,
+                 start_timeout_s: float = 30.0):
+        self.engine = engine
+        self.app = create_app(engine)
+        self.server = LoraserveServer(self.app, engine, engine.settings, grace_s=grace_s)
+        sock = bind_socket(host, port)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start within {start_timeout_s:.0f} s")
+            time.sleep(0.02)
+        self.url = self.server.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.engine.shutdown()
