@@ -20,11 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from loraserve.errors import ConfigError, NotSupportedYet, UserError
 from loraserve.lora.policy import check_adapter_name, check_hub_entries
+from loraserve.lora.targets import SUPPORTED_MODULES, expand_all
 
-# Modules a LoRA adapter may target, in the names PEFT uses for Llama-family models.
-SUPPORTED_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# also accepted by name (not part of 'all'); served by backends with embedding support (torch)
-EXTRA_LORA_MODULES = ("embed_tokens", "lm_head")
 CHUNK_SIZES = (16, 32, 64, 128)
 
 
@@ -166,7 +163,7 @@ class Settings(BaseSettings):
         "loading); at least --max-loras-per-batch.", "lora"))
     max_lora_rank: int | None = Field(None, ge=1, **_opt("Largest adapter rank (default: inferred from --lora-paths).", "lora"))
     lora_target_modules: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
-        f"Modules adapters may target: names from {', '.join(SUPPORTED_LORA_MODULES + EXTRA_LORA_MODULES)}, "
+        f"Modules adapters may target: names from {', '.join(SUPPORTED_MODULES)}, "
         "or 'all' for the seven projections (default: inferred from --lora-paths, else all).", "lora",
         nargs="+", metavar="MODULE"))
     lora_backend: str | None = Field(None, **_opt(
@@ -235,12 +232,11 @@ class Settings(BaseSettings):
     def _check_modules(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        known = (*SUPPORTED_LORA_MODULES, *EXTRA_LORA_MODULES)
-        unknown = [m for m in value if m != "all" and m not in known]
+        unknown = [m for m in value if m != "all" and m not in SUPPORTED_MODULES]
         if unknown:
-            raise ValueError(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'all'")
-        expanded = [*SUPPORTED_LORA_MODULES, *value] if "all" in value else value
-        return [m for m in dict.fromkeys(expanded) if m != "all"]
+            raise ValueError(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(SUPPORTED_MODULES)} or "
+                             "'all'")
+        return expand_all(value)
 
     @field_validator("max_lora_chunk_size")
     @classmethod

@@ -486,7 +486,7 @@ CATALOGUE = [
     case("put-v1-unload-lora-adapter", "PUT", "/v1/unload_lora_adapter", {"lora_name": "alpha"}, 405,
          "does not accept PUT; use POST"),
     case("get-unload-lora-adapter", "GET", "/unload_lora_adapter", None, 405, "does not accept GET; use POST"),
-    case("post-health", "POST", "/health", None, 405, "/health does not accept POST; use HEAD, GET"),
+    case("post-health", "POST", "/health", None, 405, "/health does not accept POST; use GET, HEAD"),
     case("get-health-traversal", "GET", "/health/%2e%2e/%2e%2e/etc/passwd", None, 404,
          "there is no endpoint GET /health/../../etc/passwd"),
     case("put-health-generate", "PUT", "/health_generate", None, 405, "/health_generate does not accept PUT"),

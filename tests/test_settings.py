@@ -7,7 +7,8 @@ import pytest
 from conftest import make_manager
 from loraserve.cli import build_parser, parse_settings
 from loraserve.errors import ConfigError, NotSupportedYet
-from loraserve.settings import SUPPORTED_LORA_MODULES, Settings, make_settings
+from loraserve.lora.targets import LAYER_MODULES
+from loraserve.settings import Settings, make_settings
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +72,7 @@ def test_lora_paths_from_env_as_json_list(monkeypatch):
 
 
 def test_target_modules_all_expands():
-    assert make_settings(lora_target_modules=["all"]).lora_target_modules == list(SUPPORTED_LORA_MODULES)
+    assert make_settings(lora_target_modules=["all"]).lora_target_modules == list(LAYER_MODULES)
     assert make_settings(lora_target_modules="q_proj,v_proj").lora_target_modules == ["q_proj", "v_proj"]
 
 

@@ -20,7 +20,8 @@ from loraserve.runner.model_runner import ModelRunner
 from loraserve.models.dtypes import runs_triton, to_torch_device, to_torch_dtype
 from loraserve.runner.sampler import Sampler
 from loraserve.sched.scheduler import Scheduler
-from loraserve.settings import EXTRA_LORA_MODULES, SUPPORTED_LORA_MODULES, Settings
+from loraserve.lora.targets import LAYER_MODULES, SUPPORTED_MODULES
+from loraserve.settings import Settings
 
 if TYPE_CHECKING:
     from loraserve.lora.policy import AdapterSourcePolicy
@@ -226,9 +227,9 @@ def infer_lora_limits(settings: Settings, plugins: Any,
     if settings.lora_target_modules is not None:
         targets = list(settings.lora_target_modules)
     elif modules:
-        targets = [m for m in (*SUPPORTED_LORA_MODULES, *EXTRA_LORA_MODULES) if m in modules]
+        targets = [m for m in SUPPORTED_MODULES if m in modules]
     else:
-        targets = list(SUPPORTED_LORA_MODULES)
+        targets = list(LAYER_MODULES)
     return max_rank, targets
 
 

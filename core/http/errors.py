@@ -233,7 +233,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = f"there is no endpoint {method} {path}; see {_endpoint_list(app)}"
         elif exc.status_code == 405:
-            allowed = exc.headers.get("Allow", "") if exc.headers else ""
+            # Starlette builds Allow from a set: sort it, so the answer is the same in every process
+            allowed = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
+            exc.headers = {**(exc.headers or {}), "Allow": allowed}
             message = f"{path} does not accept {method}; use {allowed or 'another method'}"
         else:
             message = str(exc.detail)

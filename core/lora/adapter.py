@@ -16,24 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
-#: fused projection -> the PEFT module names of its slices, in output order
-FUSED_MODULES: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "down_proj": ("down_proj",),
-}
-#: PEFT module name -> (fused projection, slice index)
-FUSED_SLICE: dict[str, tuple[str, int]] = {
-    member: (fused, i) for fused, members in FUSED_MODULES.items() for i, member in enumerate(members)
-}
-#: PEFT names of the per-layer projections LoRA may target
-LAYER_MODULES: tuple[str, ...] = tuple(FUSED_SLICE)
-#: PEFT names of the model-level modules LoRA may target
-EMBEDDING_MODULES: tuple[str, ...] = ("embed_tokens", "lm_head")
-#: every PEFT module name an adapter may target
-SUPPORTED_MODULES: tuple[str, ...] = LAYER_MODULES + EMBEDDING_MODULES
-
+from loraserve.lora.targets import (EMBEDDING_MODULES, FUSED_MODULES, FUSED_SLICE, LAYER_MODULES,  # noqa: F401
+                                     SUPPORTED_MODULES)
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling of a module: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""

@@ -23,6 +23,7 @@ import torch
 
 from loraserve.errors import ConfigError, Conflict, NotFound, UserError
 from loraserve.lora.adapter import BaseModelShape
+from loraserve.lora.targets import EMBEDDING_MODULES, FUSED_MODULES
 from loraserve.lora.admission import SlotAdmission
 from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.lora.policy import AdapterSourcePolicy, check_adapter_name, shown
@@ -31,9 +32,6 @@ from loraserve.lora.registry import AdapterRef, AdapterRegistry
 
 logger = logging.getLogger("loraserve.lora")
 
-FUSED_MEMBERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
-                 "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-EXTRA_MODULES = ("embed_tokens", "lm_head")
 
 
 class LoRAManager(SlotAdmission):
@@ -55,14 +53,14 @@ class LoRAManager(SlotAdmission):
         # local sizes under tensor parallelism; ``shard`` tells the pool how to cut full adapters
         modules, layers, shard = {}, {}, {}
         for layer, name, module in model.lora_targets():
-            if any(m in self.target_modules for m in FUSED_MEMBERS[name]):
+            if any(m in self.target_modules for m in FUSED_MODULES[name]):
                 modules[name] = (module.input_size, tuple(module.output_offsets))
                 layers[(layer, name)] = module
                 if getattr(module, "shard_spec", None) is not None:
                     shard[name] = module.shard_spec
         extra = {}
         tp_size = getattr(getattr(model, "tp", None), "size", 1)
-        if tp_size > 1 and any(m in self.target_modules for m in EXTRA_MODULES):
+        if tp_size > 1 and any(m in self.target_modules for m in EMBEDDING_MODULES):
             raise ConfigError(f"LoRA on embed_tokens/lm_head is not supported with --tp-size {tp_size} > 1 (they are "
                               "vocab-parallel); drop them from --lora-target-modules or use --tp-size 1")
         if "embed_tokens" in self.target_modules or "lm_head" in self.target_modules:

@@ -27,6 +27,7 @@ from torch import nn
 
 from loraserve.distributed import TensorParallel
 from loraserve.errors import ConfigError
+from loraserve.lora.targets import FUSED_MODULES, FUSED_SLICE
 from loraserve.models import fused
 from loraserve.models.epilogue import LoRAEpilogue, apply_epilogue
 from loraserve.models.layers import LoRAEmbedding, LoRALinear, RMSNorm, RotaryEmbedding, rotate_qk
@@ -35,8 +36,7 @@ from loraserve.models.dtypes import to_torch_device, to_torch_dtype
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 # Hugging Face projection name -> (our fused projection, slice index)
-_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_FUSED = {hf: slot for hf, slot in FUSED_SLICE.items() if len(FUSED_MODULES[slot[0]]) > 1}
 _UNFUSED = {fused: [hf for hf, (f, _) in _FUSED.items() if f == fused] for fused in ("qkv_proj", "gate_up_proj")}
 
 
