@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from loraserve.lora.adapter import FUSED_MODULES, BaseModelShape
+from loraserve.lora.adapter import BaseModelShape
+from loraserve.lora.targets import FUSED_MODULES
 
 _SUBLAYER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}

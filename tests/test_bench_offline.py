@@ -20,7 +20,7 @@ import torch
 from lora_utils import fused_lora_delta, peft_fused_delta, peft_module, shape_of, tiny_llama_config, tiny_model
 from safetensors.torch import load_file
 
-from loraserve.lora.adapter import FUSED_MODULES
+from loraserve.lora.targets import FUSED_MODULES
 from loraserve.plugins.loader_peft.loader import PeftAdapterLoader
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -18,7 +18,8 @@ import torch
 from lora_utils import (fused_lora_delta, load_peft_model, make_peft_adapter, peft_fused_delta, peft_module,
                         peft_module_delta, shape_of, tiny_llama_config, tiny_model, write_adapter_dir)
 
-from loraserve.lora.adapter import FUSED_MODULES, BaseModelShape, LoRAAdapter
+from loraserve.lora.adapter import BaseModelShape, LoRAAdapter
+from loraserve.lora.targets import FUSED_MODULES
 from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.lora.loader import AdapterError, AdapterLoader, allowed_modules
 from loraserve.plugins.backend_torch.backend import TorchLoRABackend

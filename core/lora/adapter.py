@@ -16,8 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from loraserve.lora.targets import (EMBEDDING_MODULES, FUSED_MODULES, FUSED_SLICE, LAYER_MODULES,  # noqa: F401
-                                     SUPPORTED_MODULES)
+from loraserve.lora.targets import EMBEDDING_MODULES, FUSED_MODULES, FUSED_SLICE
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling of a module: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
@@ -66,7 +65,7 @@ class BaseModelShape:
                    intermediate_size=get("intermediate_size"), vocab_size=get("vocab_size"))
 
     def module_features(self) -> dict[str, tuple[int, int]]:
-        """``(in_features, out_features)`` of every PEFT module name in :data:`SUPPORTED_MODULES`.
+        """``(in_features, out_features)`` of every PEFT module name in :data:`loraserve.lora.targets.SUPPORTED_MODULES`.
 
         For ``embed_tokens`` "in" is the vocabulary (the rows of LoRA A's transpose) and "out" the
         hidden size, matching PEFT's ``lora_embedding_A [r, vocab]`` / ``lora_embedding_B [hidden, r]``.

@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple
 
 from loraserve.errors import UserError
-from loraserve.lora.adapter import SUPPORTED_MODULES, BaseModelShape, LoRAAdapter
+from loraserve.lora.adapter import BaseModelShape, LoRAAdapter
+from loraserve.lora.targets import SUPPORTED_MODULES
 
 if TYPE_CHECKING:
     from loraserve.lora.policy import AdapterSourcePolicy

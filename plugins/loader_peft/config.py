@@ -20,7 +20,8 @@ from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any
 
-from loraserve.lora.adapter import LAYER_MODULES, SUPPORTED_MODULES, lora_scaling
+from loraserve.lora.adapter import lora_scaling
+from loraserve.lora.targets import LAYER_MODULES, SUPPORTED_MODULES
 from loraserve.lora.loader import AdapterError
 from loraserve.plugins.loader_peft.patterns import PatternBudget, check_pattern
 
