@@ -379,7 +379,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max_loaded_loras=args.max_loaded_loras, served_model_name="soak-base", lora_unload_timeout=0.2,
             lora_paths=[f"{n}={p}" for n, p in adapters.items()], log_level="warning")
         engine = Engine(settings)
-        server = ServerThread(engine, grace_s=2.0, start_timeout_s=60.0)
+        server = ServerThread(engine, engine.settings, engine.plugins, grace_s=2.0, start_timeout_s=60.0)
         try:
             refs = references(engine, server.url, engine.model_name, list(adapters), args.max_new_tokens)
             distinct = {p: len({tuple(refs["text"][(p, a)][0]) for a in (None, *adapters)})

@@ -24,7 +24,10 @@ SUBCOMMANDS = ("serve", "plugins")
 GROUP_TITLES = {"model": "model", "server": "HTTP server", "scheduling": "scheduling and memory",
                 "lora": "LoRA", "plugins": "plugins"}
 # settings fields whose choices come from plugin registries
-REGISTRY_CHOICES = {"lora_backend": "backends", "lora_eviction_policy": "eviction_policies"}
+REGISTRY_CHOICES = {"lora_backend": "backends", "lora_eviction_policy": "eviction_policies",
+                    "attention_backend": "attention_backends"}
+# argparse destination of a plugin option: kept apart from the core settings' names
+PLUGIN_DEST_PREFIX = "plugin_option:"
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -38,21 +41,22 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
 
 
-def _literal_choices(annotation: Any) -> list[str] | None:
-    """The values of ``Literal[...]``, also inside ``Literal[...] | None``."""
+def _literal_choices(annotation: Any) -> list[Any] | None:
+    """The values of ``Literal[...]``, also inside ``Literal[...] | None`` (ints stay ints)."""
     if typing.get_origin(annotation) is typing.Literal:
-        return [str(a) for a in typing.get_args(annotation)]
+        return [a if isinstance(a, int) else str(a) for a in typing.get_args(annotation)]
     for arg in typing.get_args(annotation):
         if typing.get_origin(arg) is typing.Literal:
-            return [str(a) for a in typing.get_args(arg)]
+            return [a if isinstance(a, int) else str(a) for a in typing.get_args(arg)]
     return None
 
 
 def build_parser(plugins: PluginManager | None = None, prog: str = "loraserve") -> argparse.ArgumentParser:
-    """An argparse parser with one flag per :class:`Settings` field.
+    """An argparse parser with one flag per :class:`Settings` field and per plugin option.
 
     Every flag defaults to ``argparse.SUPPRESS``, so the namespace holds only what the user typed
-    and the environment and the field defaults apply to the rest.
+    and the environment and the field defaults apply to the rest. Plugin options get a group per
+    plugin and land under ``PLUGIN_DEST_PREFIX + name``.
     """
     parser = argparse.ArgumentParser(
         prog=prog, argument_default=argparse.SUPPRESS, allow_abbrev=False,  # a typo must not pick another flag
@@ -65,29 +69,44 @@ def build_parser(plugins: PluginManager | None = None, prog: str = "loraserve") 
     groups: dict[str, Any] = {}
     for name, info in Settings.model_fields.items():
         extra = dict(info.json_schema_extra or {})
-        group_key = extra.pop("group", "other")
-        group = groups.get(group_key)
-        if group is None:
-            group = groups[group_key] = parser.add_argument_group(GROUP_TITLES.get(group_key, group_key))
-        flags = [flag_name(name), *extra.pop("aliases", [])]
-        kwargs: dict[str, Any] = {"dest": name}
-        default = info.get_default(call_default_factory=True)
-        help_text = info.description or ""
-        if info.annotation in (bool, bool | None):
-            kwargs["action"] = "store_true"
-        else:
-            kwargs.update(extra)
-            choices = _literal_choices(info.annotation)
-            if name in REGISTRY_CHOICES and plugins is not None:
-                choices = plugins.registry(REGISTRY_CHOICES[name]).names()
-            if choices:
-                kwargs["choices"] = choices
-                if "metavar" not in kwargs:
-                    kwargs["metavar"] = "{" + ",".join(choices) + "}"
-            if default not in (None, []):
-                help_text += f" (default: {default})"
-        group.add_argument(*flags, help=help_text.replace("%", "%%"), **kwargs)
+        if extra.get("cli", True) is False:
+            continue
+        group_key = extra.get("group", "other")
+        if group_key not in groups:
+            groups[group_key] = parser.add_argument_group(GROUP_TITLES.get(group_key, group_key))
+        choices = None
+        if name in REGISTRY_CHOICES and plugins is not None:
+            choices = plugins.registry(REGISTRY_CHOICES[name]).names()
+        add_field(groups[group_key], name, info, name, choices)
+    for plugin, options_class in (plugins.option_classes() if plugins is not None else {}).items():
+        group = parser.add_argument_group(f"plugin {plugin}", (options_class.__doc__ or "").strip().split("\n")[0])
+        for name, info in options_class.model_fields.items():
+            add_field(group, name, info, PLUGIN_DEST_PREFIX + name)
     return parser
+
+
+def add_field(group: Any, name: str, info: Any, dest: str, choices: list[str] | None = None) -> None:
+    """Add the flag of one pydantic field (a core setting or a plugin option) to ``group``."""
+    extra = {k: v for k, v in (info.json_schema_extra or {}).items() if k not in ("group", "cli")}
+    flags = [flag_name(name), *extra.pop("aliases", [])]
+    kwargs: dict[str, Any] = {"dest": dest}
+    default = info.get_default(call_default_factory=True)
+    help_text = info.description or ""
+    if info.annotation in (bool, bool | None):
+        kwargs["action"] = "store_true"
+    else:
+        choices = choices or extra.pop("choices", None) or _literal_choices(info.annotation)
+        kwargs.update(extra)
+        if choices:
+            kwargs["choices"] = choices
+            if "metavar" not in kwargs:
+                kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}"
+            if all(isinstance(c, int) for c in choices):
+                kwargs["type"] = int
+        kwargs.setdefault("metavar", name.upper())
+        if default not in (None, []):
+            help_text += f" (default: {default})"
+    group.add_argument(*flags, help=help_text.replace("%", "%%"), **kwargs)
 
 
 def _plugin_manager(argv: Sequence[str]) -> PluginManager:
@@ -104,13 +123,19 @@ def _plugin_manager(argv: Sequence[str]) -> PluginManager:
 def parse_settings(argv: Sequence[str], plugins: PluginManager) -> Settings:
     parser = build_parser(plugins)
     values = vars(parser.parse_args(argv))
+    plugin_values = {k.removeprefix(PLUGIN_DEST_PREFIX): values.pop(k) for k in list(values)
+                     if k.startswith(PLUGIN_DEST_PREFIX)}
+    if plugin_values:
+        values["plugin_options"] = plugin_values
     model = values.pop("model_tag", None)
     if model is not None:
         given = values.get("model_path")
         if given is not None and given != model:
             parser.error(f"the model is given twice, as {model!r} and as --model-path {given!r}; give one")
         values["model_path"] = model
-    return make_settings(**values)
+    settings = make_settings(**values)
+    plugins.configure(settings.plugin_options)  # a bad plugin option fails here, before the model loads
+    return settings
 
 
 def cmd_plugins(argv: Sequence[str]) -> int:

@@ -13,13 +13,14 @@ import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pluggy
 
 from loraserve import hookspecs
 from loraserve.errors import ConfigError, PluginError
-from loraserve.registry import Registry
+from loraserve.plugin_options import PluginOptions, PluginOptionsTable
+from loraserve.plugin_registry import PluginRegistry
 
 logger = logging.getLogger("loraserve.plugin_manager")
 
@@ -30,6 +31,7 @@ BUILTIN_PREFIX = "loraserve.plugins."
 REGISTRY_KINDS: dict[str, tuple[str, str | None, str]] = {
     "backends": ("loraserve_register_backends", "--lora-backend", "LoRA backend"),
     "eviction_policies": ("loraserve_register_eviction_policies", "--lora-eviction-policy", "eviction policy"),
+    "attention_backends": ("loraserve_register_attention_backends", "--attention-backend", "attention backend"),
     "loaders": ("loraserve_register_loaders", None, "adapter loader"),
     "resolvers": ("loraserve_register_resolvers", None, "adapter resolver"),
     "frontends": ("loraserve_register_frontends", None, "frontend"),
@@ -76,12 +78,13 @@ class PluginManager:
                  entry_points: Iterable[importlib.metadata.EntryPoint] | None = None):
         self._pm = pluggy.PluginManager("loraserve")
         self._pm.add_hookspecs(hookspecs)
-        self._options = _LoadOptions(list(allow) if allow is not None else None, list(deny))
+        self._load_options = _LoadOptions(list(allow) if allow is not None else None, list(deny))
         self._trace = trace
         self._entry_points = entry_points
         self._loaded = False
         self._infos: dict[str, PluginInfo] = {}
-        self._registries: dict[str, Registry] = {}
+        self._registries: dict[str, PluginRegistry] = {}
+        self._options = PluginOptionsTable()
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -93,8 +96,8 @@ class PluginManager:
         eps = list(self._entry_points if self._entry_points is not None
                    else importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
         installed = {ep.name for ep in eps}
-        for option, names in (("LORASERVE_PLUGINS", self._options.allow or []),
-                              ("--disable-plugin", self._options.deny)):
+        for option, names in (("LORASERVE_PLUGINS", self._load_options.allow or []),
+                              ("--disable-plugin", self._load_options.deny)):
             unknown = sorted(set(names) - installed)
             if unknown:
                 raise ConfigError(f"{option} names {', '.join(map(repr, unknown))}, which is not an installed "
@@ -110,7 +113,7 @@ class PluginManager:
                           distribution=dist.metadata["Name"] if dist is not None else None,
                           version=dist.version if dist is not None else None)
         self._infos[ep.name] = info
-        if ep.name in self._options.deny or (self._options.allow is not None and ep.name not in self._options.allow):
+        if ep.name in self._load_options.deny or (self._load_options.allow is not None and ep.name not in self._load_options.allow):
             info.status = "disabled"
             return
         try:
@@ -125,13 +128,17 @@ class PluginManager:
         """Register a plugin object directly (tests, embedding applications)."""
         self._pm.register(plugin, name=name)
         self._infos[name] = PluginInfo(name=name, module=getattr(plugin, "__name__", type(plugin).__name__))
-        self._registries.clear()
+        self._forget_derived()
         self.check_pending()
 
     def unregister(self, name: str) -> None:
         self._pm.unregister(name=name)
         self._infos.pop(name, None)
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
         self._registries.clear()
+        self._options.classes = None
 
     def check_pending(self) -> None:
         """Fail loudly if a plugin implements a hook that does not exist (usually a typo)."""
@@ -152,44 +159,75 @@ class PluginManager:
 
     # -- registries -----------------------------------------------------------------------------
 
-    def registry(self, kind: str) -> Registry:
+    def registry(self, kind: str) -> PluginRegistry:
         """The registry of one kind (see ``REGISTRY_KINDS``), built on first use."""
         if kind not in REGISTRY_KINDS:
             raise KeyError(f"unknown registry kind {kind!r}; known: {', '.join(REGISTRY_KINDS)}")
         self.load()
         if kind not in self._registries:
             hook_name, flag, noun = REGISTRY_KINDS[kind]
-            reg = Registry(noun, flag)
+            reg = PluginRegistry(noun, flag, options_of=self.options_of)
             for impl in self._impls(hook_name):
-                def register(name, factory, description="", _plugin=impl.plugin_name):
-                    reg.add(name, factory, _plugin, description)
-                self._call_impl(hook_name, impl, {"register": register}, propagate=True)
+                def register(name, factory, description="", priority=None, _plugin=impl.plugin_name):
+                    reg.add(name, factory, _plugin, description, priority)
+                self._call_impl(hook_name, impl, {"register": register, "options": self.options_of(impl.plugin_name)},
+                                propagate=True)
             self._registries[kind] = reg
         return self._registries[kind]
 
     @property
-    def backends(self) -> Registry:
+    def backends(self) -> PluginRegistry:
         return self.registry("backends")
 
     @property
-    def eviction_policies(self) -> Registry:
+    def eviction_policies(self) -> PluginRegistry:
         return self.registry("eviction_policies")
 
     @property
-    def loaders(self) -> Registry:
+    def loaders(self) -> PluginRegistry:
         return self.registry("loaders")
 
     @property
-    def resolvers(self) -> Registry:
+    def resolvers(self) -> PluginRegistry:
         return self.registry("resolvers")
 
     @property
-    def frontends(self) -> Registry:
+    def frontends(self) -> PluginRegistry:
         return self.registry("frontends")
 
     @property
-    def models(self) -> Registry:
+    def models(self) -> PluginRegistry:
         return self.registry("models")
+
+    @property
+    def attention_backends(self) -> PluginRegistry:
+        return self.registry("attention_backends")
+
+    # -- plugin options -------------------------------------------------------------------------
+
+    def option_classes(self) -> dict[str, type[PluginOptions]]:
+        """plugin name -> the :class:`~loraserve.contract.PluginOptions` subclass it registered."""
+        self.load()
+        if self._options.classes is None:
+            classes: dict[str, type[PluginOptions]] = {}
+            for impl in self._impls("loraserve_register_options"):
+                def register(options_class, _plugin=impl.plugin_name):
+                    self._options.add(classes, _plugin, options_class)
+                self._call_impl("loraserve_register_options", impl, {"register": register}, propagate=True)
+            self._options.classes = classes
+        return self._options.classes
+
+    def configure(self, values: Mapping[str, Any]) -> None:
+        """Validate plugins' option values (``Settings.plugin_options``: option name -> value, the
+        environment filling the rest); raises ConfigError naming the flag. Registries are rebuilt,
+        since register hooks may read their plugin's options."""
+        self._options.configure(self.option_classes(), values)
+        self._registries.clear()
+
+    def options_of(self, plugin: str) -> PluginOptions | None:
+        """The validated options of ``plugin``, or None when it registered none."""
+        cls = self.option_classes().get(plugin)
+        return None if cls is None else self._options.instance(plugin, cls)
 
     # -- observers ------------------------------------------------------------------------------
 

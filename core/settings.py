@@ -22,9 +22,6 @@ from loraserve.errors import ConfigError, NotSupportedYet, UserError
 from loraserve.lora.policy import check_adapter_name, check_hub_entries
 from loraserve.lora.targets import SUPPORTED_MODULES, expand_all
 
-CHUNK_SIZES = (16, 32, 64, 128)
-
-
 def _opt(description: str, group: str, **extra: Any) -> dict[str, Any]:
     """Field metadata: help text, the --help group, and CLI extras (aliases, metavar)."""
     return {"description": description, "json_schema_extra": {"group": group, **extra}}
@@ -145,9 +142,10 @@ class Settings(BaseSettings):
     cuda_graph_max_bs: int | None = Field(None, ge=1, **_opt(
         "Largest decode batch captured in a CUDA graph (default: --max-running-requests, at most 256).", "scheduling"))
     disable_cuda_graph: bool = Field(False, **_opt("Do not capture decode steps in CUDA graphs.", "scheduling"))
-    attention_backend: Literal["triton", "torch_native"] | None = Field(None, **_opt(
-        "Attention over the paged KV cache: Triton kernels, or PyTorch SDPA per sequence "
-        "(default: triton on CUDA, torch_native on CPU).", "scheduling"))
+    attention_backend: str | None = Field(None, **_opt(
+        "Attention over the paged KV cache: Triton kernels, or PyTorch SDPA per sequence (default: the registered "
+        "attention backend with the highest priority on the device: triton on CUDA, torch_native on CPU).",
+        "scheduling"))
     random_seed: int | None = Field(None, **_opt("Seed for sampling without a per-request seed.", "scheduling"))
 
     # -- LoRA ------------------------------------------------------------------------------------
@@ -167,12 +165,10 @@ class Settings(BaseSettings):
         "or 'all' for the seven projections (default: inferred from --lora-paths, else all).", "lora",
         nargs="+", metavar="MODULE"))
     lora_backend: str | None = Field(None, **_opt(
-        "LoRA kernel backend (default: csgmv on CUDA, torch on CPU).", "lora", aliases=["--backend"]))
+        "LoRA kernel backend (default: the registered backend with the highest priority on the device: csgmv on "
+        "CUDA, torch on CPU, unless an installed plugin states a higher one).", "lora", aliases=["--backend"]))
     lora_eviction_policy: str = Field("lru", **_opt(
         "Which adapter to evict when a slot or the host cache is full.", "lora", aliases=["--eviction"]))
-    max_lora_chunk_size: int = Field(16, **_opt(
-        f"Tokens per chunk of the chunked SGMV backend, one of {', '.join(map(str, CHUNK_SIZES))}.", "lora",
-        metavar="{" + ",".join(map(str, CHUNK_SIZES)) + "}"))
     enable_lora_overlap_loading: bool = Field(False, **_opt(
         "Copy adapter weights to the GPU on a side stream while the batch keeps decoding; host copies "
         "are page-locked and --max-loaded-loras is at most 2 x --max-loras-per-batch. No effect on CPU.",
@@ -205,6 +201,9 @@ class Settings(BaseSettings):
     disable_plugin: Annotated[list[str], NoDecode] = Field(default_factory=list, **_opt(
         "Do not load this plugin (repeatable).", "plugins", action="append", metavar="NAME"))
     trace_plugins: bool = Field(False, **_opt("Log every plugin hook call (LORASERVE_TRACE_PLUGINS=1).", "plugins"))
+    plugin_options: dict[str, Any] = Field(default_factory=dict, **_opt(
+        "Values of plugins' own options by name (e.g. {\"max_lora_chunk_size\": 32}); the command line fills it "
+        "from the flags plugins declare, and the environment fills what it leaves out.", "plugins", cli=False))
 
     # -- field parsing ---------------------------------------------------------------------------
 
@@ -237,13 +236,6 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(SUPPORTED_MODULES)} or "
                              "'all'")
         return expand_all(value)
-
-    @field_validator("max_lora_chunk_size")
-    @classmethod
-    def _check_chunk(cls, value: int) -> int:
-        if value not in CHUNK_SIZES:
-            raise ValueError(f"must be one of {', '.join(map(str, CHUNK_SIZES))}, not {value}")
-        return value
 
     @field_validator("lora_allowed_dirs", mode="before")
     @classmethod
@@ -306,16 +298,6 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def resolved_backend(self) -> str:
-        if self.lora_backend is not None:
-            return self.lora_backend
-        return "csgmv" if self.resolved_device() == "cuda" else "torch"
-
-    def resolved_attention_backend(self) -> str:
-        if self.attention_backend is not None:
-            return self.attention_backend
-        return "triton" if self.resolved_device() == "cuda" else "torch_native"
-
     def resolved_dtype(self) -> str:
         aliases = {"float": "float32", "half": "float16"}
         if self.dtype != "auto":
@@ -338,18 +320,24 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def describe_validation_error(exc: ValidationError, fields: Any) -> list[str]:
+    """One line per error of ``exc``, naming the flag and environment variable of each field in ``fields``."""
+    lines = []
+    for err in exc.errors():
+        loc = err.get("loc") or ()
+        field = str(loc[0]) if loc else ""
+        where = f"{flag_name(field)} (env LORASERVE_{field.upper()})" if field in fields else "settings"
+        msg = err.get("msg", "").removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
+        lines.append(f"{where}: {msg}{shown}")
+    return lines
+
+
 def make_settings(**values: Any) -> Settings:
     """Build :class:`Settings`, turning pydantic's errors into one ConfigError that names the flags."""
     try:
         return Settings(**values)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = err.get("loc") or ()
-            field = str(loc[0]) if loc else ""
-            where = f"{flag_name(field)} (env LORASERVE_{field.upper()})" if field in Settings.model_fields else "settings"
-            msg = err.get("msg", "").removeprefix("Value error, ")
-            got = err.get("input")
-            shown = "" if isinstance(got, (dict, Settings)) or got is None else f" (got {got!r})"
-            lines.append(f"{where}: {msg}{shown}")
+        lines = describe_validation_error(exc, Settings.model_fields)
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model
+
 from loraserve.engine.engine import Engine
 from loraserve.http.server import ServerThread
 from loraserve.settings import make_settings
-from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model
 
 # name: (rank, alpha, target modules, seed)
 ADAPTERS = {
@@ -70,7 +71,7 @@ class RunningServer(ServerThread):
     """The engine served on 127.0.0.1:<free port> in a daemon thread of the test process."""
 
     def __init__(self, engine: Engine, grace_s: float | None = 5.0):
-        super().__init__(engine, grace_s=grace_s)
+        super().__init__(engine, engine.settings, engine.plugins, grace_s=grace_s)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from loraserve.runner.attention import PagedSDPAAttention  # noqa: E402
-from loraserve.runner.attention_triton import PagedTritonAttention  # noqa: E402
+from loraserve.plugins.attention_triton.attention import PagedTritonAttention  # noqa: E402
 from loraserve.sched.kv_cache import KVCache  # noqa: E402
 
 CUDA = torch.cuda.is_available()

@@ -8,6 +8,7 @@ import torch
 
 from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.plugins.backend_torch.backend import TorchLoRABackend
+from loraserve.testing import check_backend
 
 
 def formula(x, A, B, base, offsets, token_slot, ranks, scalings, R):
@@ -108,16 +109,9 @@ def test_shape_errors_name_the_tensor(gen):
         LoRABatchInfo.build([1], [5], [0, 1], [1.0, 1.0], 4)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_example_einsum_backend_matches_torch_backend(gen, case):
+def test_example_einsum_backend_matches_torch_backend():
+    """The conformance kit's cases (backend_torch the oracle). Finite garbage past each slot's rank, not
+    the kit's default NaN: einsum masks the rank by multiplying with 0 (see the example's own tests)."""
     example = pytest.importorskip("loraserve_example.backend")
-    cfg = CASES[case]
-    x, A, B, base, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
-                                      cfg["in_dim"], cfg["R"])
-    ref, out = base.clone(), base.clone()
-    oracle, backend = TorchLoRABackend(), example.EinsumLoRABackend()
-    oracle.prepare(info)
-    backend.prepare(info)
-    oracle.run_lora(x, A, B, ref, cfg["offsets"])
-    backend.run_lora(x, A, B, out, cfg["offsets"])
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    report = check_backend(example.EinsumLoRABackend, nan_padding=False)
+    assert report.ran["run_lora"] > 0 and report.ran["rank0_rows"] > 0

@@ -89,3 +89,40 @@ def test_example_plugin_can_be_disabled():
     listing = run_cli("plugins", "--disable-plugin", "example")
     rows = {row["name"]: row for row in json.loads(listing.stdout)}
     assert rows["example"]["status"] == "disabled" and rows["example"]["registered"] == {}
+
+
+def test_example_plugin_option_is_shown_in_help_under_its_name():
+    out = run_cli("--help")
+    assert out.returncode == 0, out.stderr
+    section = out.stdout[out.stdout.index("plugin example:"):]
+    assert "--einsum-priority EINSUM_PRIORITY" in section and "(default: -1)" in section
+    assert "--einsum-priority" not in run_cli("--disable-plugin", "example", "--help").stdout
+
+
+def test_example_backend_with_raised_priority_is_the_default(installed_entry_points, tiny_model_dir, monkeypatch):
+    from conftest import make_manager
+    from loraserve.cli import parse_settings
+    from loraserve.engine.engine import Engine
+    from loraserve_example.backend import EinsumLoRABackend
+
+    argv = ["--device", "cpu", "--enable-lora", "--max-lora-rank", "8", "--model-path", tiny_model_dir,
+            "--max-total-tokens", "256"]
+    pm = make_manager(installed_entry_points)
+    engine = Engine(parse_settings(argv, pm), pm)
+    assert engine.effective_settings()["lora_backend"] == "torch"  # -1 by default: chosen only by name
+    pm = make_manager(installed_entry_points)
+    engine = Engine(parse_settings([*argv, "--einsum-priority", "200"], pm), pm)
+    assert isinstance(engine.lora.backend, EinsumLoRABackend)
+    assert engine.effective_settings()["lora_backend"] == "einsum"
+    monkeypatch.setenv("LORASERVE_EINSUM_PRIORITY", "150")  # the option's environment variable does the same
+    pm = make_manager(installed_entry_points)
+    assert isinstance(Engine(parse_settings(argv, pm), pm).lora.backend, EinsumLoRABackend)
+
+
+def test_example_plugin_passes_the_conformance_kit(installed_entry_points):
+    from conftest import make_manager
+    from loraserve.testing import check_backend, check_eviction_policy
+
+    pm = make_manager(installed_entry_points)
+    check_backend(lambda device: pm.backends.create("einsum", None, device), device="cpu")
+    check_eviction_policy(lambda: pm.eviction_policies.create("lfu"))

@@ -240,12 +240,13 @@ def test_group_by_slot_is_a_stable_grouping(seg_lens, seg_slot, expected):
     assert starts.tolist()[1:] == [0, counts[1].item(), counts[1].item() + counts[2].item()]
 
 
-def test_factories_read_settings_and_refuse_cpu_without_interpreter(monkeypatch):
+def test_factories_read_options_and_refuse_cpu_without_interpreter(monkeypatch):
+    from loraserve.plugins.backend_csgmv import CsgmvOptions
     from loraserve.plugins.backend_csgmv import _make as make_csgmv
     from loraserve.plugins.backend_triton import _make as make_triton
     from loraserve.settings import make_settings
 
-    backend = make_csgmv(make_settings(max_lora_chunk_size=32, device="cpu"), DEVICE)
+    backend = make_csgmv(make_settings(device="cpu"), DEVICE, options=CsgmvOptions(max_lora_chunk_size=32))
     assert backend.name == "csgmv" and backend.max_chunk == 32 and not backend.supports_embedding
     assert make_triton(make_settings(device="cpu"), DEVICE).name == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")

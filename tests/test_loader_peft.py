@@ -21,7 +21,8 @@ from lora_utils import (fused_lora_delta, load_peft_model, make_peft_adapter, pe
 from loraserve.lora.adapter import BaseModelShape, LoRAAdapter
 from loraserve.lora.targets import FUSED_MODULES
 from loraserve.lora.batch_info import LoRABatchInfo
-from loraserve.lora.loader import AdapterError, AdapterLoader, allowed_modules
+from loraserve.contract import AdapterError, AdapterLoader
+from loraserve.lora.loader import allowed_modules
 from loraserve.plugins.backend_torch.backend import TorchLoRABackend
 from loraserve.plugins.loader_peft.loader import PeftAdapterLoader
 from loraserve.plugins.loader_peft.patterns import MATCH_BUDGET_S, MAX_PATTERN_CHARS, PatternBudget

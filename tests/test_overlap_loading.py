@@ -70,7 +70,7 @@ class FakeCopies:
 def overlap_engine(base, paths, delay, **kwargs):
     engine = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024,
                                   lora_paths=[f"{n}={p}" for n, p in paths.items()], **kwargs))
-    engine.lora.copy_engine = FakeCopies(engine, delay)
+    engine.lora.admission.copy_engine = FakeCopies(engine, delay)  # replaces the engine's (None on CPU)
     return engine
 
 
@@ -128,7 +128,7 @@ def test_flag_on_cpu_has_no_effect_beyond_the_log(setup, caplog):
 
 
 def _waiting_request(engine, adapter):
-    req = engine.make_request(input_ids=[1, 2, 3], params=dict(GREEDY), lora=adapter)
+    req = engine.make_request(input_ids=[1, 2, 3], params=dict(GREEDY), adapter=adapter)
     engine.lora.acquire([req])
     return req
 

@@ -27,9 +27,9 @@ def pm(installed_entry_points):
 
 def test_defaults_follow_sglang():
     s = Settings()
-    assert (s.max_loras_per_batch, s.max_lora_chunk_size, s.lora_eviction_policy, s.port, s.tp_size) == (8, 16, "lru", 30000, 1)
+    assert (s.max_loras_per_batch, s.lora_eviction_policy, s.port, s.tp_size) == (8, "lru", 30000, 1)
     assert s.max_loaded_loras is None and s.max_lora_rank is None and not s.enable_lora_overlap_loading
-    assert s.lora_backend is None and s.resolved_backend() in ("torch", "csgmv")
+    assert s.lora_backend is None and s.attention_backend is None  # chosen by the registries' priorities
 
 
 def test_every_sglang_flag_exists(pm):
@@ -80,7 +80,6 @@ def test_target_modules_all_expands():
     (["--max-loaded-loras", "4", "--max-loras-per-batch", "8"], ["--max-loaded-loras", "--max-loras-per-batch"]),
     (["--max-loras-per-batch", "2", "--lora-paths", '{"lora_name":"a","lora_path":"/a","pinned":true}',
       '{"lora_name":"b","lora_path":"/b","pinned":true}'], ["pins 2", "at most --max-loras-per-batch - 1 = 1"]),
-    (["--max-lora-chunk-size", "20"], ["--max-lora-chunk-size", "16, 32, 64, 128"]),
     (["--lora-target-modules", "qkv"], ["--lora-target-modules", "qkv", "q_proj"]),
     (["--lora-paths", "a=/x", "a=/y"], ["more than once", "a"]),
     (["--lora-paths", "{bad json"], ["not valid JSON", "lora_name"]),

@@ -13,18 +13,20 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from loraserve.errors import ConfigError
-from loraserve.runner.attention import PagedSDPAAttention
+from loraserve.contract import AttentionSpec
 from loraserve.sched.kv_cache import KVCache
 from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
 from loraserve.runner.model_runner import ModelRunner
-from loraserve.models.dtypes import runs_triton, to_torch_device, to_torch_dtype
+from loraserve.models.dtypes import to_torch_device, to_torch_dtype
 from loraserve.runner.sampler import Sampler
 from loraserve.sched.scheduler import Scheduler
 from loraserve.lora.targets import LAYER_MODULES, SUPPORTED_MODULES
 from loraserve.settings import Settings
 
 if TYPE_CHECKING:
+    from loraserve.lora.manager import LoRAManager
     from loraserve.lora.policy import AdapterSourcePolicy
+    from loraserve.runner.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger("loraserve.engine.engine")
 
@@ -50,13 +52,18 @@ class Components:
     sampler: Sampler
     lora: Any
     backend_name: str
+    attention_name: str
     eos_token_ids: set[int]
 
 
-def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, tp_rank: int = 0) -> Components:
+def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, tp_rank: int = 0, *,
+                     send_step: Callable[[list], None] | None = None,
+                     mirror_lora: Callable[[tuple], None] | None = None) -> Components:
     """Every part of one engine, or of rank ``tp_rank``'s shard with ``--tp-size > 1`` (the process
     group must be initialised; every rank calls this at the same time, since the sizing below and
-    the CUDA-graph capture run collectives)."""
+    the CUDA-graph capture run collectives). On rank 0 of several, ``send_step`` and ``mirror_lora``
+    (the :class:`~loraserve.engine.tp.TPDriver`'s) hand every step and every LoRA slot decision to
+    the other ranks."""
     device = to_torch_device(settings.resolved_device())
     tp = None
     if settings.tp_size > 1:
@@ -66,65 +73,107 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, 
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
     dtype = to_torch_dtype(settings.resolved_dtype(), device)
-    backend_name = settings.resolved_backend()
-    check_plugin_choices(settings, plugins)
+    backend_name, attention_name = choose_plugins(settings, plugins, device.type)
     source = resolve_model_source(settings)
     model, config = load_model(settings, plugins, device, dtype, source=source, tp=tp)
+    tokenizer = load_tokenizer_or_none(settings, source)
+    context_len = settings.context_length or getattr(config, "max_position_embeddings", None) or 4096
+    # The scheduler asks the LoRA manager whether a request may join a step, and the manager reads
+    # the scheduler's queues. The manager comes first (its slots take memory before the KV cache is
+    # sized from what is left), so it gets the queues as callables it calls only once both exist.
+    lora = build_lora(settings, plugins, model, backend_name, device, dtype, run_in_engine, mirror=mirror_lora,
+                      running=lambda: scheduler.running, waiting=lambda: scheduler.waiting)
+    kv = build_kv_cache(settings, model, device, dtype, tp)
+    scheduler = build_scheduler(settings, kv, device, lora)
+    max_running = scheduler.max_running
+    attention = plugins.attention_backends.create(attention_name, AttentionSpec(
+        kv=kv, device=device, sliding_window=getattr(model, "sliding_window", None), max_seqs=max_running,
+        context_len=context_len))
+    graphs = build_decode_graphs(settings, model, attention, lora, device, max_running, backend_name)
+    runner = ModelRunner(model, kv, device, prepare_lora=lora.prepare if lora is not None else None,
+                         attention=attention, graphs=graphs, before_step=send_step)
+    return Components(device=device, dtype=dtype, model=model, config=config, tokenizer=tokenizer,
+                      model_name=settings.served_model_name or source.name, context_len=context_len, kv=kv,
+                      scheduler=scheduler, runner=runner, sampler=Sampler(seed=settings.random_seed), lora=lora,
+                      backend_name=backend_name, attention_name=attention_name,
+                      eos_token_ids=eos_ids(config, tokenizer, source))
+
+
+def load_tokenizer_or_none(settings: Settings, source: Any) -> Any:
+    """The model's tokenizer; None (requests must send input_ids) when the model has none and no
+    ``--tokenizer-path`` was given."""
     try:
-        tokenizer = load_tokenizer(settings, source)
+        return load_tokenizer(settings, source)
     except ConfigError as exc:
         if settings.tokenizer_path is not None:
             raise
-        tokenizer = None
         logger.warning("%s; serving without a tokenizer: requests must send input_ids", exc)
-    context_len = settings.context_length or getattr(config, "max_position_embeddings", None) or 4096
+        return None
 
-    lora = None
-    if settings.lora_enabled:
-        from loraserve.lora.manager import LoRAManager
-        from loraserve.lora.policy import AdapterSourcePolicy
 
-        policy = AdapterSourcePolicy.from_settings(settings)
-        max_rank, targets = infer_lora_limits(settings, plugins, policy)
-        backend = plugins.backends.create(backend_name, settings, device)
-        lora = LoRAManager(settings, plugins, model, backend, max_rank, targets, device, dtype, run_in_engine,
-                           policy=policy)
-        logger.info("LoRA: backend %s, %d slots, max rank %d, modules %s, LoRA slot pool %.1f MiB on %s",
-                    backend_name, settings.max_loras_per_batch, max_rank, ",".join(targets), lora.pool.nbytes / 2**20,
-                    device.type)
-        if settings.enable_lora_overlap_loading:
-            if device.type == "cuda":
-                from loraserve.lora.overlap import CudaStreamCopies
+def build_lora(settings: Settings, plugins: Any, model: torch.nn.Module, backend_name: str, device: torch.device,
+               dtype: torch.dtype, run_in_engine: Callable, *, mirror: Callable[[tuple], None] | None,
+               running: Callable[[], list], waiting: Callable[[], Any]) -> LoRAManager | None:
+    """The LoRA manager and its GPU slot pool (None without LoRA); ``mirror``, ``running`` and
+    ``waiting`` go to its slot admission."""
+    if not settings.lora_enabled:
+        return None
+    from loraserve.lora.manager import LoRAManager
+    from loraserve.lora.policy import AdapterSourcePolicy
 
-                lora.copy_engine, lora.pin_host = CudaStreamCopies(device), True
-                logger.info("LoRA overlap loading: copies on a side stream, page-locked host copies of at most "
-                            "%d adapters", settings.host_cache_capacity)
-            else:
-                logger.info("LoRA overlap loading has no effect on %s: adapters are copied synchronously",
-                            device.type)
+    policy = AdapterSourcePolicy.from_settings(settings)
+    max_rank, targets = infer_lora_limits(settings, plugins, policy)
+    backend = plugins.backends.create(backend_name, settings, device)
+    copy_engine = None
+    if settings.enable_lora_overlap_loading and device.type == "cuda":
+        from loraserve.lora.overlap import CudaStreamCopies
 
+        copy_engine = CudaStreamCopies(device)
+    lora = LoRAManager(settings, plugins, model, backend, max_rank, targets, device, dtype, run_in_engine,
+                       policy=policy, running=running, waiting=waiting, copy_engine=copy_engine,
+                       pin_host=copy_engine is not None, mirror=mirror)
+    logger.info("LoRA: backend %s, %d slots, max rank %d, modules %s, LoRA slot pool %.1f MiB on %s",
+                backend_name, settings.max_loras_per_batch, max_rank, ",".join(targets), lora.pool.nbytes / 2**20,
+                device.type)
+    if copy_engine is not None:
+        logger.info("LoRA overlap loading: copies on a side stream, page-locked host copies of at most "
+                    "%d adapters", settings.host_cache_capacity)
+    elif settings.enable_lora_overlap_loading:
+        logger.info("LoRA overlap loading has no effect on %s: adapters are copied synchronously", device.type)
+    return lora
+
+
+def build_kv_cache(settings: Settings, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                   tp: Any) -> KVCache:
+    """The paged KV cache, sized from ``--max-total-tokens`` or the memory left (every rank of ``tp``
+    the same)."""
     kv_tokens = settings.max_total_tokens or kv_budget_tokens(model, device, dtype, settings.mem_fraction_static)
     if tp is not None:  # every rank must hold the same blocks: the smallest budget wins
         kv_tokens = min_over_ranks(kv_tokens, device)
     num_blocks = max(1, kv_tokens // BLOCK_SIZE)
     kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, num_blocks, BLOCK_SIZE, dtype, device)
     logger.info("KV cache: %d tokens (%d blocks of %d)", num_blocks * BLOCK_SIZE, num_blocks, BLOCK_SIZE)
+    return kv
+
+
+def build_scheduler(settings: Settings, kv: KVCache, device: torch.device, lora: LoRAManager | None) -> Scheduler:
+    """The scheduler; the LoRA manager, if any, answers whether a request may join a step."""
     cuda = device.type == "cuda"
-    scheduler = Scheduler(kv, max_running=settings.max_running_requests or (256 if cuda else 64),
-                          step_tokens=settings.max_prefill_tokens,
-                          chunk_size=settings.chunked_prefill_size or (8192 if cuda else 512),
-                          can_join=lora.can_join if lora is not None else None)
-    max_running = scheduler.max_running
-    attention = make_attention(settings, kv, model, device, max_running, context_len)
-    runner = ModelRunner(model, kv, device, prepare_lora=lora.prepare if lora is not None else None,
-                         attention=attention)
-    if lora is not None:
-        lora.running = lambda: scheduler.running
-        lora.waiting = lambda: scheduler.waiting
+    return Scheduler(kv, max_running=settings.max_running_requests or (256 if cuda else 64),
+                     step_tokens=settings.max_prefill_tokens,
+                     chunk_size=settings.chunked_prefill_size or (8192 if cuda else 512),
+                     can_join=lora.can_join if lora is not None else None)
+
+
+def build_decode_graphs(settings: Settings, model: torch.nn.Module, attention: Any, lora: LoRAManager | None,
+                        device: torch.device, max_running: int, backend_name: str) -> DecodeGraphs | None:
+    """Decode steps captured in CUDA graphs (:class:`~loraserve.runner.cuda_graph.DecodeGraphs`), or
+    None: not on CUDA, ``--disable-cuda-graph``, or a step that reads host data (logged)."""
+    graphs = None
     if device.type == "cuda" and not settings.disable_cuda_graph:
         why_not = None
-        if settings.resolved_attention_backend() != "triton":
-            why_not = "--attention-backend torch_native loops over sequences on the host"
+        if not attention.graph_capturable:
+            why_not = f"attention backend {attention.name!r} cannot run in CUDA graphs (use --attention-backend triton)"
         elif lora is not None and not lora.graph_capturable:
             why_not = (f"LoRA backend {backend_name!r} (or LoRA on embed_tokens/lm_head) reads host data; "
                        "use --lora-backend csgmv or triton")
@@ -134,20 +183,23 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, 
             max_bs = min(settings.cuda_graph_max_bs or min(max_running, DEFAULT_MAX_BS), max_running)
             if lora is not None:
                 lora.init_graph_buffers(max_bs)
-            runner.graphs = DecodeGraphs(model, attention, lora, device, max_bs)
-            runner.graphs.capture()
+            graphs = DecodeGraphs(model, attention, lora, device, max_bs)
+            graphs.capture()
         else:
             logger.warning("decode steps run without CUDA graphs: %s (--disable-cuda-graph silences this)", why_not)
-    return Components(device=device, dtype=dtype, model=model, config=config, tokenizer=tokenizer,
-                      model_name=settings.served_model_name or source.name, context_len=context_len, kv=kv,
-                      scheduler=scheduler, runner=runner, sampler=Sampler(seed=settings.random_seed), lora=lora,
-                      backend_name=backend_name, eos_token_ids=eos_ids(config, tokenizer, source))
+    return graphs
 
 
-def check_plugin_choices(settings: Settings, plugins: Any) -> None:
-    """Raise a ConfigError listing the registered names when the backend or eviction policy is unknown."""
-    plugins.backends.get(settings.resolved_backend())
+def choose_plugins(settings: Settings, plugins: Any, device_type: str) -> tuple[str, str]:
+    """The LoRA and attention backends' names: the flags', else the registered one with the highest
+    priority on the device. Raises a ConfigError listing the registered names when a flag names an
+    unknown backend or eviction policy."""
+    backend = settings.lora_backend or plugins.backends.default_for(device_type)
+    attention = settings.attention_backend or plugins.attention_backends.default_for(device_type)
+    plugins.backends.get(backend)
+    plugins.attention_backends.get(attention)
     plugins.eviction_policies.get(settings.lora_eviction_policy)
+    return backend, attention
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:
@@ -156,21 +208,6 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
-
-
-def make_attention(settings: Settings, kv: KVCache, model: torch.nn.Module, device: torch.device, max_seqs: int,
-                   context_len: int) -> Any:
-    """The attention implementation over the paged cache (``--attention-backend``)."""
-    window = getattr(model, "sliding_window", None)
-    if settings.resolved_attention_backend() == "torch_native":
-        return PagedSDPAAttention(kv, sliding_window=window)
-    if not runs_triton(device):
-        raise ConfigError(f"--attention-backend triton runs Triton kernels and needs a CUDA device, not {device.type!r}; "
-                          "use --attention-backend torch_native (tests may set TRITON_INTERPRET=1)")
-    from loraserve.runner.attention_triton import PagedTritonAttention
-
-    return PagedTritonAttention(kv, sliding_window=window, max_seqs=max_seqs,
-                                max_blocks_per_seq=-(-context_len // kv.block_size))
 
 
 def kv_budget_tokens(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,

@@ -4,7 +4,8 @@ Each ``Engine`` is self-contained (no module-level state), so tests build engine
 One engine thread runs the step loop; other threads (the HTTP server's event loop, a test)
 submit requests and aborts through a small inbox and receive :class:`RequestOutput` deltas
 through each request's sink. :meth:`Engine.generate` is the blocking Python API,
-:meth:`Engine.generate_async` and :meth:`Engine.stream` the asyncio ones.
+:meth:`Engine.generate_async` and :meth:`Engine.stream` the asyncio ones (SGLang's arguments).
+``Engine`` is an :class:`~loraserve.contract.EngineClient`, the surface the HTTP frontends use.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from functools import partial
+from typing import Any
 
-
+from loraserve.engine import adapters
 from loraserve.engine.builder import build_components
-from loraserve.errors import UserError
-from loraserve.engine.intake import Intake
+from loraserve.contract import EngineClient, EngineStats, ModelInfo
+from loraserve.engine.intake import Intake, check_fits, check_sampling_params, split_batch
 from loraserve.engine.outputs import OutputBuilder
+from loraserve.engine.stats import effective_settings, take_stats
+from loraserve.errors import UserError
 from loraserve.plugin_manager import PluginManager
 from loraserve.sched.request import Request, RequestOutput, Status
 from loraserve.sched.sampling_params import SamplingParams, TokenHistory, make_generator
@@ -31,14 +37,16 @@ logger = logging.getLogger("loraserve.engine.engine")
 IDLE_POLL_S = 0.0005  # how often an idle engine looks at in-flight adapter copies
 
 
-class Engine:
-    """Builds and owns every part of a serving engine from :class:`Settings`."""
+class Engine(EngineClient):
+    """Builds and owns every part of a serving engine from :class:`Settings`; the methods of
+    :class:`EngineClient` document themselves there."""
 
     def __init__(self, settings: Settings | None = None, plugins: PluginManager | None = None):
         self.settings = settings if settings is not None else Settings()
         self.plugins = plugins if plugins is not None else PluginManager(
             allow=self.settings.plugins, deny=self.settings.disable_plugin, trace=self.settings.trace_plugins)
         self.plugins.load()
+        self.plugins.configure(self.settings.plugin_options)
         self.settings.check_supported()
         self._ids = itertools.count()
         self._cond = threading.Condition()
@@ -62,20 +70,18 @@ class Engine:
                 self.tp.shutdown(timeout=5)
                 raise
         try:
-            parts = build_components(self.settings, self.plugins, self.call_in_engine, tp_rank=0)
+            parts = build_components(self.settings, self.plugins, self.call_in_engine, tp_rank=0,
+                                     send_step=self.tp.send_step if self.tp is not None else None,
+                                     mirror_lora=self.tp.mirror_lora if self.tp is not None else None)
         except BaseException:
             self._stop_tp(timeout=5)
             raise
-        if self.tp is not None:
-            parts.runner.before_step = self.tp.send_step
-            if parts.lora is not None:
-                parts.lora.mirror = self.tp.mirror_lora
         self.device, self.dtype = parts.device, parts.dtype
         self.model, self.config, self.tokenizer = parts.model, parts.config, parts.tokenizer
         self.model_name, self.context_len = parts.model_name, parts.context_len
         self.kv, self.scheduler, self.runner, self.sampler = parts.kv, parts.scheduler, parts.runner, parts.sampler
         self.lora = parts.lora
-        self.backend_name = parts.backend_name
+        self.backend_name, self.attention_name = parts.backend_name, parts.attention_name
         self.outputs = OutputBuilder(self.tokenizer, parts.eos_token_ids)
         #: prompt-size and queue bounds, and thread-safe tokenization
         self.intake = Intake(self.tokenizer, self.context_len, self.settings.max_queued_requests,
@@ -88,71 +94,29 @@ class Engine:
                 self.lora.load_adapter(spec.lora_name, spec.lora_path, pinned=spec.pinned, runtime=False)
 
     def effective_settings(self) -> dict[str, Any]:
-        """The settings as this engine runs them: every ``auto``/unset input replaced by what was chosen
-        (device, dtype, backends, KV-cache tokens, batch limits, LoRA limits); the API key redacted."""
-        info = self.settings.model_dump(mode="json")
-        if info.get("api_key"):
-            info["api_key"] = "<set>"  # never echo the secret
-        graphs = getattr(self.runner, "graphs", None)
-        info.update(device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-                    attention_backend=self.settings.resolved_attention_backend(),
-                    served_model_name=self.model_name, context_length=self.context_len,
-                    max_total_tokens=self.kv.allocator.capacity_tokens,
-                    max_prompt_chars=self.intake.max_prompt_chars,
-                    max_running_requests=self.scheduler.max_running,
-                    chunked_prefill_size=self.scheduler.chunk_size,
-                    cuda_graph_max_bs=max(graphs.sizes) if graphs is not None else None,
-                    disable_cuda_graph=graphs is None, enable_lora=self.lora is not None,
-                    lora_backend=self.backend_name if self.lora is not None else None)
-        if self.lora is not None:
-            info.update(max_lora_rank=self.lora.max_rank, lora_target_modules=list(self.lora.target_modules),
-                        max_loaded_loras=self.lora.host.capacity)
-        return info
+        return effective_settings(self.settings, device=self.device, dtype=self.dtype, model_name=self.model_name,
+                                  context_len=self.context_len, kv_tokens=self.kv.allocator.capacity_tokens,
+                                  max_prompt_chars=self.intake.max_prompt_chars, scheduler=self.scheduler,
+                                  runner=self.runner, lora=self.lora, backend_name=self.backend_name,
+                                  attention_name=self.attention_name)
 
     # -- submitting work (any thread) -------------------------------------------------------------
 
     def make_request(self, prompt: str | None = None, input_ids: Sequence[int] | None = None,
-                     params: SamplingParams | dict | None = None, lora: str | None = None,
+                     params: SamplingParams | dict | None = None, adapter: str | None = None,
                      request_id: str | None = None) -> Request:
-        """Validate and tokenize one request (raises :class:`UserError`); does not submit it."""
-        if isinstance(params, dict) or params is None:
-            params = SamplingParams.from_dict(params or {})
-        params.validate(vocab_size=self.model.vocab_size)
-        if params.n != 1:
-            raise UserError(f"n={params.n} is not supported yet; send n=1 (repeat the prompt for several samples)")
-        if input_ids is None:
-            if prompt is None:
-                raise UserError("give either 'text' (a prompt) or 'input_ids'")
-            if not isinstance(prompt, str):
-                raise UserError(f"the prompt must be a string, got {type(prompt).__name__}")
-            input_ids = self.intake.tokenize(prompt)  # TooLarge before tokenizing a huge prompt
-        ids = list(input_ids)
-        if not ids:
-            raise UserError("the prompt is empty; send at least one token")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model.vocab_size]
-        if bad:
-            raise UserError(f"input_ids contain {bad[0]!r}, outside the vocabulary [0, {self.model.vocab_size})")
-        self._check_fits(len(ids), params.max_new_tokens)
-        if lora is not None and self.lora is None:
-            raise UserError(f"adapter {lora!r} requested but LoRA is not enabled; start with --enable-lora "
+        params = check_sampling_params(params, self.model.vocab_size)
+        ids = self.intake.prompt_ids(prompt, input_ids, self.model.vocab_size)
+        check_fits(len(ids), params.max_new_tokens, self.context_len, self.kv.allocator.capacity_tokens)
+        if adapter is not None and self.lora is None:
+            raise UserError(f"adapter {adapter!r} requested but LoRA is not enabled; start with --enable-lora "
                             "or --lora-paths")
         rid = request_id or f"req-{next(self._ids)}"
-        req = Request(request_id=rid, prompt_ids=ids, params=params, adapter=lora,
+        req = Request(request_id=rid, prompt_ids=ids, params=params, adapter=adapter,
                       generator=make_generator(params.seed, self.device))
         if params.needs_penalties:
             req.history = TokenHistory(ids, self.model.vocab_size, device=self.device)
         return req
-
-    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
-        if prompt_len + max_new_tokens > self.context_len:
-            raise UserError(f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new_tokens}: together "
-                            f"more than the model's context length of {self.context_len} tokens; shorten the "
-                            "prompt or lower max_new_tokens")
-        capacity = self.kv.allocator.capacity_tokens
-        if prompt_len + max_new_tokens > capacity:
-            raise UserError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) can never fit "
-                            f"in the KV cache of {capacity} tokens; shorten the prompt, lower max_new_tokens or "
-                            "start the server with a larger --max-total-tokens")
 
     def submit(self, requests: Sequence[Request]) -> None:
         """Queue requests for the engine thread (atomically: they join the same step if they fit);
@@ -173,29 +137,25 @@ class Engine:
             raise
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (a client went away); its blocks are freed before the next step."""
         self._post(lambda: self._abort(request_id))
+
+    def final_output(self, request: Request) -> dict[str, Any]:
+        return self.outputs.final(request)
 
     def call_in_engine(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result (or raise its
         exception). Runs inline when called from the engine thread or before the loop started."""
         if self._thread is None or threading.current_thread() is self._thread:
             return fn()
-        done = threading.Event()
-        box: dict[str, Any] = {}
+        future: Future = Future()
 
         def run() -> None:
             try:
-                box["value"] = fn()
+                future.set_result(fn())
             except BaseException as exc:
-                box["error"] = exc
-            finally:
-                done.set()
+                future.set_exception(exc)
         self._post(run)
-        done.wait()
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
+        return future.result()
 
     def _post(self, fn: Callable[[], None]) -> None:
         with self._cond:
@@ -210,23 +170,15 @@ class Engine:
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list | None = None,
                  lora_path: str | None | list[str | None] = None,
                  input_ids: list[int] | list[list[int]] | None = None) -> dict | list[dict]:
-        """Generate for one prompt or a batch (SGLang's ``Engine.generate`` arguments); blocks."""
+        """Generate for one prompt or a batch; blocks. The arguments are SGLang's ``Engine.generate``
+        ones, so ``lora_path`` (an adapter name, or one per input) keeps SGLang's name here too."""
         requests, single = self._build_batch(prompt, sampling_params, lora_path, input_ids)
-        done = threading.Event()
-        remaining = [len(requests)]
-        lock = threading.Lock()
-
-        def sink(out: RequestOutput) -> None:
-            if out.finished:
-                with lock:
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
-                        done.set()
-
-        for r in requests:
-            r.sink = sink
+        finished = [threading.Event() for _ in requests]
+        for r, event in zip(requests, finished):
+            r.sink = lambda out, event=event: out.finished and event.set()
         self.submit(requests)
-        done.wait()
+        for event in finished:
+            event.wait()
         results = [self.outputs.final(r) for r in requests]
         return results[0] if single else results
 
@@ -241,7 +193,8 @@ class Engine:
     async def stream(self, prompt=None, sampling_params=None, lora_path=None, input_ids=None,
                      requests: list[Request] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield ``(index, delta)`` pairs as tokens are produced; aborts the requests if the
-        consumer stops early (a client disconnect)."""
+        consumer stops early (a client disconnect). Either ``requests`` (from :meth:`make_request`,
+        as :meth:`EngineClient.stream`) or SGLang's ``generate`` arguments."""
         if requests is None:
             requests, _ = self._build_batch(prompt, sampling_params, lora_path, input_ids)
         queue: asyncio.Queue = asyncio.Queue()
@@ -263,26 +216,51 @@ class Engine:
                     self.abort(r.request_id)
 
     def _build_batch(self, prompt, sampling_params, lora_path, input_ids) -> tuple[list[Request], bool]:
-        if (prompt is None) == (input_ids is None):
-            raise UserError("give exactly one of 'text' and 'input_ids'")
-        single = isinstance(prompt, str) if prompt is not None else bool(input_ids) and isinstance(input_ids[0], int)
-        items = [prompt] if isinstance(prompt, str) else prompt if prompt is not None else \
-            [input_ids] if single else input_ids
-        if not isinstance(items, list) or not items:
-            raise UserError("'text' must be a string or a non-empty list of strings")
-        n = len(items)
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
-        loras = lora_path if isinstance(lora_path, list) else [lora_path] * n
-        if len(params) != n or len(loras) != n:
-            raise UserError(f"the batch has {n} inputs but {len(params)} sampling_params and {len(loras)} "
-                            "lora_path entries; give one of each per input, or a single value for all")
-        requests = []
-        for item, p, lora in zip(items, params, loras):
-            if prompt is not None:
-                requests.append(self.make_request(prompt=item, params=p, lora=lora))
-            else:
-                requests.append(self.make_request(input_ids=item, params=p, lora=lora))
-        return requests, single
+        items, single = split_batch(prompt, sampling_params, lora_path, input_ids)
+        return [self.make_request(prompt=text, input_ids=ids, params=params, adapter=adapter)
+                for text, ids, params, adapter in items], single
+
+    # -- the model, adapters and stats (EngineClient; any thread unless it says otherwise) ---------
+
+    def model_info(self) -> ModelInfo:
+        path = self.settings.model_path or getattr(self.config, "_name_or_path", None) or self.model_name
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return ModelInfo(name=self.model_name, path=path, context_len=self.context_len,
+                         vocab_size=self.model.vocab_size, max_total_tokens=self.kv.allocator.capacity_tokens,
+                         lora_enabled=self.lora is not None, has_tokenizer=self.tokenizer is not None,
+                         bos_token_id=bos if isinstance(bos, int) else None)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.intake.apply_chat_template(messages)
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.intake.detokenize(token_ids, skip_special_tokens)
+
+    def loaded_adapters(self) -> list[dict[str, Any]]:
+        return self.lora.loaded_adapters() if self.lora is not None else []
+
+    def unloading_adapters(self) -> list[dict[str, Any]]:
+        return self.lora.unloading_adapters() if self.lora is not None else []
+
+    def is_servable(self, adapter: str) -> bool:
+        return adapters.is_servable(self.lora, adapter)
+
+    def check_adapter_updates(self) -> None:
+        adapters.check_updates(self.lora)
+
+    def load_adapter(self, adapter: str, source: str, pinned: bool = False) -> None:
+        adapters.load(self.lora, adapter, source, pinned)
+
+    def unload_adapter(self, adapter: str, timeout: float | None) -> int:
+        return adapters.unload(self.lora, adapter, timeout)
+
+    def stats(self) -> EngineStats:
+        take = partial(take_stats, self.scheduler, self.kv.allocator, self.lora, self.step_stats,
+                       self.settings.max_loras_per_batch)
+        try:
+            return self.call_in_engine(take)
+        except UserError:  # the engine is stopping: its state no longer changes
+            return take()
 
     # -- the engine thread --------------------------------------------------------------------------
 
@@ -293,7 +271,6 @@ class Engine:
                 self._thread.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the loop: running requests are aborted (they get an 'abort' finish)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -343,15 +320,12 @@ class Engine:
     def _admit(self, requests: list[Request]) -> None:
         try:
             for r in requests:
-                self._add(r)
+                if r.params.max_new_tokens == 0:  # nothing to generate: done without touching the model
+                    self._finish(r, "length")
+                else:
+                    self.scheduler.add(r)
         finally:
             self.intake.release(len(requests))  # after they joined the queue: never under-counted
-
-    def _add(self, request: Request) -> None:
-        if request.params.max_new_tokens == 0:  # nothing to generate: done without touching the model
-            self._finish(request, "length")
-            return
-        self.scheduler.add(request)
 
     def _abort(self, request_id: str) -> None:
         for r in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -379,7 +353,11 @@ class Engine:
                 result = self.sampler.sample(logits, [r.params for r in sampling],
                                              [r.history for r in sampling], [r.generator for r in sampling])
                 for i, r in enumerate(sampling):
-                    self._append_token(r, result, i)
+                    reason = self.outputs.append(r, result, i, self.context_len)
+                    if reason is not None:
+                        self._finish(r, reason)
+                    else:
+                        self._deliver(r, finished=False)
             stats = self.step_stats[kind]
             stats[0] += 1
             stats[1] += time.perf_counter() - started
@@ -389,23 +367,6 @@ class Engine:
                 if not c.request.finished:
                     c.request.error = f"{type(exc).__name__}: {exc}"
                     self._finish(c.request, "error")
-
-    def _append_token(self, r: Request, result: Any, i: int) -> None:
-        token = int(result.token_ids[i])
-        r.output_ids.append(token)
-        if r.history is not None:
-            r.history.append(token)
-        if r.params.return_logprob or r.params.top_logprobs_num:
-            r.logprobs.append(float(result.logprobs[i]))
-            if r.params.top_logprobs_num:
-                r.top_logprobs.append(result.top_logprobs[i])
-        if r.first_token_time is None:
-            r.first_token_time = time.perf_counter()
-        reason = self.outputs.advance(r, token, self.context_len)
-        if reason is not None:
-            self._finish(r, reason)
-        else:
-            self._deliver(r, finished=False)
 
     def _deliver(self, r: Request, finished: bool) -> None:
         if r.sink is None:

@@ -8,10 +8,11 @@ Text that could still turn into a stop string is held back from the stream until
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from loraserve.sched.request import Request, RequestOutput
 from loraserve.engine.stop import StopChecker, finish_reason
+from loraserve.sched.request import Request, RequestOutput
 
 
 class _TextState:
@@ -48,6 +49,21 @@ class OutputBuilder:
                 state.text += piece
         else:
             state.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=r.params.skip_special_tokens)
+
+    def append(self, r: Request, result: Any, i: int, context_len: int) -> str | None:
+        """Record the token sampled for ``r`` (row ``i`` of the sampler's ``result``: its id, and its
+        logprobs when asked for) and decode it; returns a finish reason or None."""
+        token = int(result.token_ids[i])
+        r.output_ids.append(token)
+        if r.history is not None:
+            r.history.append(token)
+        if r.params.return_logprob or r.params.top_logprobs_num:
+            r.logprobs.append(float(result.logprobs[i]))
+            if r.params.top_logprobs_num:
+                r.top_logprobs.append(result.top_logprobs[i])
+        if r.first_token_time is None:
+            r.first_token_time = time.perf_counter()
+        return self.advance(r, token, context_len)
 
     def advance(self, r: Request, token: int, context_len: int) -> str | None:
         """Account for the token just appended to ``r.output_ids``; returns a finish reason or None."""

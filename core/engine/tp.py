@@ -65,10 +65,10 @@ def check_before_start(settings: Any, plugins: Any) -> None:
     eviction names, and the model's sizes against ``--tp-size``, from its config alone (a GGUF
     file is checked when the model is built, since its config comes with the weights)."""
     from loraserve.distributed import check_divisible
-    from loraserve.engine.builder import check_plugin_choices
+    from loraserve.engine.builder import choose_plugins
     from loraserve.model_loader import load_config, resolve_model_source
 
-    check_plugin_choices(settings, plugins)
+    choose_plugins(settings, plugins, settings.resolved_device())
     source = resolve_model_source(settings)
     if source.load_format != "gguf":
         check_divisible(load_config(source), settings.tp_size)
@@ -185,7 +185,7 @@ def release_graphs(runner: Any) -> None:
     import gc
 
     if getattr(runner, "graphs", None) is not None:
-        runner.graphs = None
+        runner.drop_graphs()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -246,7 +246,7 @@ def _exit_with_parent(poll_s: float = 1.0) -> None:
 
 
 def apply_lora_event(lora: Any, adapters: dict, event: tuple) -> None:
-    """Replay one of the driver's slot decisions on this rank's pool (see LoRAManager.mirror)."""
+    """Replay one of the driver's slot decisions on this rank's pool (see SlotAdmission's ``mirror``)."""
     kind = event[0]
     if kind == "fill":
         _, slot, key, name, source = event
@@ -255,7 +255,7 @@ def apply_lora_event(lora: Any, adapters: dict, event: tuple) -> None:
         if name is not None:
             adapter = adapters.get(key)
             if adapter is None:
-                adapter = adapters[key] = lora._read(name, source)
+                adapter = adapters[key] = lora.read_adapter(name, source)
         lora.pool.load(slot, key, adapter)
     elif kind == "evict":
         lora.pool.evict(event[1])

@@ -179,7 +179,8 @@ def validation_message(exc: ValidationError, model: type[BaseModel] | None = Non
         kind = err.get("type", "")
         msg = err.get("msg", "").removeprefix("Value error, ")
         if kind == "extra_forbidden":
-            allowed = f"; allowed fields: {', '.join(model.model_fields)}" if model is not None and len(loc) == 1 else ""
+            listed = model is not None and len(loc) == 1
+            allowed = f"; allowed fields: {', '.join(model.model_fields)}" if listed else ""
             lines.append(f"unknown field {where!r}; remove it{allowed}")
         elif kind == "missing":
             lines.append(f"{where} is required; add it")

@@ -8,15 +8,16 @@ away. Engine state (queue length, running requests, KV-cache use, LoRA slots in 
 size, loads, evictions, slot hits and misses, engine steps and their time by kind, slot fills, bytes
 and seconds of adapter copies, copies in flight, prefetches, time requests waited for a copy, which
 memory tier holds each loaded adapter, and vLLM's ``lora_requests_info``) is read at scrape time
-from a snapshot the engine thread takes between steps. HTTP responses are counted by route and
-status by :class:`HttpMetricsMiddleware`. Adapter label values are only names of adapters the engine
+from :meth:`EngineClient.stats() <loraserve.contract.EngineClient.stats>`, a snapshot the
+engine takes between steps. HTTP responses are counted by route and status by
+:class:`HttpMetricsMiddleware`. Adapter label values are only names of adapters the engine
 loaded (requests naming others are refused before they run), so series stay bounded. No
 ``_created`` series is exposed: routers and dashboards do not use them and they double the output.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -29,48 +30,12 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-def engine_snapshot(engine: Any) -> dict[str, Any]:
-    """Engine gauges and LoRA counters; run it on the engine thread (``engine.call_in_engine``)."""
-    alloc = engine.kv.allocator
-    snap: dict[str, Any] = {"waiting": len(engine.scheduler.waiting), "running": len(engine.scheduler.running),
-                            "kv_blocks_total": alloc.num_blocks, "kv_blocks_free": alloc.num_free,
-                            "steps": {k: list(v) for k, v in engine.step_stats.items()}}
-    lora = engine.lora
-    if lora is not None:
-        snap.update(lora_slots_total=lora.pool.num_slots, lora_slots_in_use=len(lora.pool.resident()),
-                    lora_host_cached=len(lora.host), lora_adapters=len(lora.registry.names()),
-                    lora_copies_in_flight=lora.copies_in_flight,
-                    lora_counters=dict(lora.metrics), lora_residency=_residency(lora),
-                    lora_requests_info=_lora_requests_info(engine))
-    return snap
-
-
-def _residency(lora: Any) -> list[tuple[str, int, bool, bool, bool]]:
-    """``(adapter, rank, pinned, in a GPU slot, in the host cache)`` of each registered adapter.
-
-    Only registered adapters are listed: an adapter being unloaded leaves the list at once (its
-    weights may stay in memory until its last request finishes), and the base model's slot key is
-    no adapter. A slot whose copy is still in flight (overlap loading) counts as GPU-resident: the
-    adapter needs no further copy."""
-    gpu, host = set(lora.pool.resident()), set(lora.host.keys())
-    return [(ref.name, ref.rank, ref.pinned, ref.key in gpu, ref.key in host)
-            for ref in sorted(lora.registry.refs(), key=lambda r: r.name)]
-
-
-def _lora_requests_info(engine: Any) -> dict[str, Any]:
-    """vLLM's ``lora_requests_info``: the adapters of running and of waiting requests, the adapters
-    a batch may hold, and when this was seen (unix seconds)."""
-    def names(requests: Any) -> str:
-        return ",".join(sorted({r.adapter for r in requests if r.adapter}))
-    return {"running": names(engine.scheduler.running), "waiting": names(engine.scheduler.waiting),
-            "max_lora": engine.settings.max_loras_per_batch, "time": time.time()}
-
-
 class _EngineCollector:
-    """Turns the latest engine snapshot into metric families at scrape time."""
+    """Turns the latest engine snapshot (:class:`~loraserve.contract.EngineStats`) into metric
+    families at scrape time."""
 
     def __init__(self) -> None:
-        self.snapshot: dict[str, Any] = {}
+        self.snapshot: Mapping[str, Any] = {}
 
     def describe(self) -> list:
         return []  # families depend on whether LoRA is enabled; nothing to check at registration
@@ -206,7 +171,8 @@ class ServerMetrics:
                 self.tpot.observe((end - request.first_token_time) / (completion - 1))
         self.e2e.observe(end - request.arrival_time)
 
-    def render(self, snapshot: dict[str, Any]) -> bytes:
+    def render(self, snapshot: Mapping[str, Any]) -> bytes:
+        """The text exposition, with the engine's gauges from ``snapshot`` (``EngineClient.stats()``)."""
         self._engine.snapshot = snapshot
         return generate_latest(self._exposed)
 

@@ -1,12 +1,15 @@
 """The HTTP server: builds the FastAPI app from the frontend plugins and serves it with uvicorn.
 
-:func:`create_app` mounts every frontend registered through ``loraserve_register_frontends`` (the
-built-in native and OpenAI APIs are two of them), installs the error handlers, the ``--api-key``
-check (every endpoint but ``/health`` needs ``Authorization: Bearer KEY``) and the HTTP metrics.
-:func:`serve` builds the engine, listens on ``--host``/``--port``, prints the URL once it accepts
-connections, and on SIGINT/SIGTERM shuts down in order: stop accepting, let in-flight requests
-finish for up to ``--shutdown-grace-period`` seconds, abort the rest (their clients get a 503 error,
-streams an error event), stop the engine. The engine itself never imports this module or FastAPI.
+:func:`create_app` mounts every frontend the given plugin manager registered through
+``loraserve_register_frontends`` (the built-in native and OpenAI APIs are two of them), installs
+the error handlers, the ``--api-key`` check (every endpoint but ``/health`` needs
+``Authorization: Bearer KEY``) and the HTTP metrics. The server and its frontends see the engine
+only as an :class:`~loraserve.contract.EngineClient`, so it may live in this process or
+another. :func:`serve` builds the engine, listens on ``--host``/``--port``, prints the URL once it
+accepts connections, and on SIGINT/SIGTERM shuts down in order: stop accepting, let in-flight
+requests finish for up to ``--shutdown-grace-period`` seconds, abort the rest (their clients get a
+503 error, streams an error event), stop the engine. The engine itself never imports this module or
+FastAPI.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from loraserve import __version__
-from loraserve.http import openapi
+from loraserve.contract import EngineClient
 from loraserve.engine.engine import Engine
 from loraserve.errors import ConfigError, PluginError
+from loraserve.http import openapi
 from loraserve.http.errors import error_body, install_error_handlers, is_openai_path
 from loraserve.http.metrics import HttpMetricsMiddleware, ServerMetrics
-from loraserve.plugin_manager import PluginManager
 from loraserve.http.serving import Generations
+from loraserve.plugin_manager import PluginManager
 from loraserve.settings import Settings
 
 logger = logging.getLogger("loraserve.http.server")
@@ -61,12 +65,12 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
-def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` through every registered frontend.
+def create_app(engine: EngineClient, settings: Settings, plugins: PluginManager) -> FastAPI:
+    """The FastAPI app serving ``engine`` through every frontend ``plugins`` registered, with the
+    server's ``settings`` (its bounds, the API key; the frontends read theirs there too).
 
     The app does not own the engine: whoever built the engine shuts it down (:func:`serve` does).
     """
-    settings = settings if settings is not None else engine.settings
     app = FastAPI(title="loraserve", version=__version__,
                   description="Multi-LoRA LLM serving: SGLang's native API and the OpenAI API.")
     metrics = ServerMetrics()
@@ -75,7 +79,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     app.state.generations = Generations(engine, metrics, app.state)
     install_error_handlers(app)
     openapi.install(app)
-    frontends = engine.plugins.frontends
+    frontends = plugins.frontends
+    app.state.frontends = [entry.name for entry in frontends]  # /get_server_info lists them
     if not len(frontends):
         logger.warning("no HTTP frontend plugin is loaded (were frontend_native and frontend_openai disabled?); "
                        "the server has no endpoints")
@@ -112,7 +117,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class LoraserveServer(uvicorn.Server):
     """uvicorn's server, plus: print the URL when ready; on shutdown, drain, then stop the engine."""
 
-    def __init__(self, app: FastAPI, engine: Engine, settings: Settings, grace_s: float | None = None):
+    def __init__(self, app: FastAPI, engine: EngineClient, settings: Settings, grace_s: float | None = None):
         """``grace_s``: how long in-flight requests may run on after SIGINT/SIGTERM before they are
         aborted (default ``--shutdown-grace-period``)."""
         grace_s = settings.shutdown_grace_period if grace_s is None else grace_s
@@ -129,7 +134,7 @@ class LoraserveServer(uvicorn.Server):
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
-        print(f"loraserve: serving {self.engine.model_name} at {self.url} (OpenAI API: {self.url}/v1); "
+        print(f"loraserve: serving {self.engine.model_info().name} at {self.url} (OpenAI API: {self.url}/v1); "
               "Ctrl+C to stop", flush=True)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -155,10 +160,11 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
     except BaseException:
         sock.close()
         raise
-    logger.info("engine built: model=%s device=%s lora backend=%s eviction=%s", engine.model_name, engine.device,
-                engine.backend_name, settings.lora_eviction_policy)
+    info = engine.effective_settings()
+    logger.info("engine built: model=%s device=%s lora backend=%s eviction=%s", info["served_model_name"],
+                info["device"], info["lora_backend"], settings.lora_eviction_policy)
     try:
-        server = LoraserveServer(create_app(engine, settings), engine, settings)
+        server = LoraserveServer(create_app(engine, settings, plugins), engine, settings)
         server.run(sockets=[sock])
     finally:
         engine.shutdown()
@@ -168,14 +174,15 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
 
 class ServerThread:
     """``engine`` served by uvicorn in a daemon thread of this process, on ``host``:``port`` (0: a free
-    port), for tests, benchmarks and programs that embed loraserve; ``stop()`` also stops the engine.
-    ``grace_s`` None takes the engine's --shutdown-grace-period."""
+    port), with the frontends of ``plugins`` and the server ``settings`` (for an :class:`Engine`:
+    ``engine.settings``, ``engine.plugins``), for tests, benchmarks and programs that embed
+    loraserve; ``stop()`` also stops the engine. ``grace_s`` None takes --shutdown-grace-period."""
 
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0, grace_s: float | None = None,
-                 start_timeout_s: float = 30.0):
+    def __init__(self, engine: EngineClient, settings: Settings, plugins: PluginManager, host: str = "127.0.0.1",
+                 port: int = 0, grace_s: float | None = None, start_timeout_s: float = 30.0):
         self.engine = engine
-        self.app = create_app(engine)
-        self.server = LoraserveServer(self.app, engine, engine.settings, grace_s=grace_s)
+        self.app = create_app(engine, settings, plugins)
+        self.server = LoraserveServer(self.app, engine, settings, grace_s=grace_s)
         sock = bind_socket(host, port)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()

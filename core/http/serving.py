@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Sequence
+from typing import Any
 
 from fastapi import Request as HttpRequest
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
+from loraserve.contract import EngineClient
 from loraserve.errors import TooLarge, UserError
 from loraserve.http.errors import APIError, ClientDisconnected
 from loraserve.http.metrics import ServerMetrics
@@ -122,7 +124,7 @@ class EventStream(StreamingResponse):
 class Generations:
     """Runs the requests of HTTP calls on one engine and records their metrics."""
 
-    def __init__(self, engine: Any, metrics: ServerMetrics, app_state: Any):
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, app_state: Any):
         self.engine, self.metrics, self.state = engine, metrics, app_state
 
     def check_accepting(self) -> None:
@@ -140,7 +142,7 @@ class Generations:
         for k, item in enumerate(items):
             try:
                 requests.append(self.engine.make_request(prompt=item.prompt, input_ids=item.input_ids,
-                                                         params=item.params, lora=item.adapter))
+                                                         params=item.params, adapter=item.adapter))
             except UserError as exc:
                 if len(items) > 1:
                     exc.args = (f"input {k}: {exc}",)  # the same exception: a TooLarge stays a 413

@@ -1,54 +1,85 @@
-"""Slot admission: the LoRA manager's answers to the scheduler, and the filling of GPU slots.
+"""Slot admission: which waiting request may join a step, and the filling of GPU adapter slots.
 
-:class:`SlotAdmission` is the part of :class:`~loraserve.lora.manager.LoRAManager` that decides,
-on the engine thread, whether a waiting request may join a step (a batch never holds more distinct
-adapters, the base model included, than there are slots), which slot an adapter takes and which
-adapter is evicted for it, and how the slot is filled: synchronously on the compute stream, or,
-with a copy engine (``--enable-lora-overlap-loading`` on CUDA), asynchronously, in which case
-``can_join`` answers :data:`~loraserve.sched.scheduler.COPYING` until the copy is done and
-:meth:`SlotAdmission.before_schedule` retires finished copies and prefetches adapters the waiting
-queue will need. Every slot decision is also handed to ``mirror`` (tensor parallelism), so the
-other ranks' pools follow. It reads the manager's ``pool``, ``host``, ``metrics``,
-``copy_engine``, ``mirror``, ``running``, ``waiting``, ``registry``, ``plugins``,
-``prefetch_lookahead`` and ``_read``.
+:class:`SlotAdmission` decides, on the engine thread, whether a waiting request may join a step (a
+batch never holds more distinct adapters, the base model included, than there are slots), which
+slot an adapter takes and which adapter is evicted for it, and how the slot is filled:
+synchronously on the compute stream, or, with a copy engine (``--enable-lora-overlap-loading`` on
+CUDA), asynchronously, in which case ``can_join`` answers :data:`~loraserve.sched.scheduler.COPYING`
+until the copy is done and :meth:`SlotAdmission.before_schedule` retires finished copies and
+prefetches adapters the waiting queue will need. Every slot decision is also handed to ``mirror``
+(tensor parallelism), so the other ranks' pools follow. The LoRA manager builds one and delegates
+to it; everything it reads arrives through its constructor, and it keeps its own counters.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from loraserve.lora.pools import BASE_KEY
-from loraserve.lora.registry import AdapterRef
+from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
+from loraserve.lora.registry import AdapterRef, AdapterRegistry
 from loraserve.sched.scheduler import COPYING
 
 logger = logging.getLogger("loraserve.lora")
 
 
+def key_of(request) -> tuple:
+    """The pool key of a request's adapter (:data:`BASE_KEY` for the base model)."""
+    return request.lora.key if request.lora is not None else BASE_KEY
+
+
 class SlotAdmission:
-    """Mixed into :class:`~loraserve.lora.manager.LoRAManager` (see the module docstring)."""
+    """Admits requests into steps and fills GPU slots (see the module docstring).
 
-    @staticmethod
-    def key_of(request) -> tuple:
-        return request.lora.key if request.lora is not None else BASE_KEY
+    :param pool: the GPU slot pool; its ``loading`` holds the handles of copies in flight.
+    :param host: the host cache the slots are filled from; an adapter evicted from it is read
+        again with ``read_adapter``.
+    :param registry: the loaded adapters (pinned ones stay in the host cache).
+    :param read_adapter: ``read_adapter(name, source)``: an adapter read from its source.
+    :param notify: ``notify(hook, **kwargs)``: calls a plugin hook (``loraserve_adapter_evicted``).
+    :param running: ``running()``: the scheduler's running requests, whose adapters hold slots.
+    :param waiting: ``waiting()``: the scheduler's waiting queue, in order, scanned for prefetches.
+    :param copy_engine: None: slots are filled synchronously on the compute stream; else an object
+        with ``asynchronous``, ``submit(fill) -> handle``, ``done(handle)`` and
+        ``wait(handle) -> seconds`` (see :mod:`loraserve.lora.overlap`).
+    :param mirror: tensor parallelism: ``mirror(event)`` replays every slot decision on the other
+        ranks' pools: ``("fill", slot, key, name, source)``, ``("evict", slot)``, ``("forget", key)``.
+    :param prefetch_lookahead: how many waiting requests, in queue order, are scanned for adapters
+        to prefetch.
+    """
 
-    def _batch_keys(self, step: list | None = None) -> set:
-        return {self.key_of(r) for r in self.running()} | {self.key_of(r) for r in step or []}
+    def __init__(self, pool: GpuAdapterPool, host: HostAdapterCache, registry: AdapterRegistry,
+                 read_adapter: Callable[[str, str], Any], notify: Callable[..., Any], *,
+                 running: Callable[[], list], waiting: Callable[[], Iterable], copy_engine: Any = None,
+                 mirror: Callable[[tuple], None] | None = None, prefetch_lookahead: int = 0):
+        self.pool, self.host, self.registry = pool, host, registry
+        self.read_adapter, self.notify = read_adapter, notify
+        self.running, self.waiting = running, waiting
+        self.copy_engine = copy_engine
+        self.mirror = mirror
+        self.prefetch_lookahead = prefetch_lookahead
+        self.metrics = {"gpu_evictions": 0, "host_evictions": 0, "hits": 0, "misses": 0, "host_reloads": 0,
+                        "slot_fills": 0, "bytes_copied": 0, "copy_seconds": 0.0, "copy_wait_seconds": 0.0,
+                        "prefetches": 0}
+
+    def batch_keys(self, step: list | None = None) -> set:
+        """The adapters of the running batch and of ``step``'s requests: their slots are protected."""
+        return {key_of(r) for r in self.running()} | {key_of(r) for r in step or []}
 
     def _host_protected(self) -> set:
-        return self._batch_keys() | {r.key for r in self.registry.refs() if r.pinned}
+        return self.batch_keys() | {r.key for r in self.registry.refs() if r.pinned}
 
     def can_join(self, request, step: list):
         """True if ``request`` may join a step with ``step`` (its adapter's slot is ready),
         :data:`COPYING` while its adapter is being copied into a slot, else False."""
-        key = self.key_of(request)
-        batch = self._batch_keys(step)
+        key = key_of(request)
+        batch = self.batch_keys(step)
         if key in batch:
             return True
         if len(batch) >= self.pool.num_slots:
             return False
-        slot = self._ensure_slot(request.lora, protected=batch)
+        slot = self.ensure_slot(request.lora, protected=batch)
         if slot is None:
             return False
         if slot in self.pool.loading and not self._copy_finished(slot):
@@ -60,7 +91,7 @@ class SlotAdmission:
             request.copy_wait_start = None
         return True
 
-    def _ensure_slot(self, ref: AdapterRef | None, protected: set) -> int | None:
+    def ensure_slot(self, ref: AdapterRef | None, protected: set) -> int | None:
         """The GPU slot holding ``ref`` (None: the base model), starting its fill if needed; None
         if no slot can be freed. The slot may still be loading (see ``pool.loading``)."""
         key = ref.key if ref is not None else BASE_KEY
@@ -123,27 +154,44 @@ class SlotAdmission:
             self._copy_finished(slot)
         if self.copy_engine is None or not self.copy_engine.asynchronous:
             return
-        protected = self._batch_keys()
+        protected = self.batch_keys()
         window = [r for _, r in zip(range(self.prefetch_lookahead), self.waiting())]
-        protected |= {self.key_of(r) for r in window if self.pool.slot_of(self.key_of(r)) is not None}
+        protected |= {key_of(r) for r in window if self.pool.slot_of(key_of(r)) is not None}
         for r in window:
-            key = self.key_of(r)
+            key = key_of(r)
             if key in protected or r.lora is None:
                 continue
-            slot = self._ensure_slot(r.lora, protected)
+            slot = self.ensure_slot(r.lora, protected)
             if slot is None:
                 return
             protected.add(key)
             self.metrics["prefetches"] += 1
 
+    # -- the host tier ----------------------------------------------------------------------------
+
+    def cache_on_host(self, key: tuple, adapter: Any) -> None:
+        """Put ``adapter`` in the host cache, evicting an adapter no request or pin protects if full."""
+        self._notify_evicted(self.host.make_room(self._host_protected() | {key}), "host")
+        self.host.put(key, adapter)
+
     def _host_copy(self, ref: AdapterRef):
         adapter = self.host.get(ref.key)
         if adapter is None:  # evicted from the host cache: reload from its source, transparently
-            adapter = self._read(ref.name, ref.source)
-            self._notify_evicted(self.host.make_room(self._host_protected() | {ref.key}), "host")
-            self.host.put(ref.key, adapter)
+            adapter = self.read_adapter(ref.name, ref.source)
+            self.cache_on_host(ref.key, adapter)
             self.metrics["host_reloads"] += 1
         return adapter
+
+    def forget(self, key: tuple) -> None:
+        """Drop ``key`` from the host cache and its GPU slot (engine thread), on every rank."""
+        self.host.remove(key)
+        slot = self.pool.slot_of(key)
+        if slot is not None:
+            self.pool.evict(slot)
+            if self.mirror is not None:
+                self.mirror(("evict", slot))
+        if self.mirror is not None:
+            self.mirror(("forget", key))
 
     def _notify_evicted(self, keys: list, tier: str) -> None:
         for name, version in keys:
@@ -153,4 +201,4 @@ class SlotAdmission:
                     self.mirror(("forget", (name, version)))
             if name:
                 logger.debug("adapter %r (version %d) evicted from the %s tier", name, version, tier)
-                self.plugins.notify("loraserve_adapter_evicted", name=name, version=version, tier=tier)
+                self.notify("loraserve_adapter_evicted", name=name, version=version, tier=tier)

@@ -1,39 +1,14 @@
-"""The ``EvictionPolicy`` contract that eviction plugins implement.
+"""A base for eviction policies that keep an order (LRU, FIFO).
 
-One policy object tracks one tier (the GPU slots, or the host cache). The pool tells it about
-every key it holds and asks it for a victim when it needs room; the pool, not the policy, decides
-which keys may be evicted (pinned adapters and adapters in the running batch are never offered).
+The contract is :class:`loraserve.contract.EvictionPolicy`; this base keeps keys in a dict whose
+order the subclass maintains and evicts the first candidate in it.
 """
 
 from __future__ import annotations
 
 from typing import Hashable, Iterable
 
-
-class EvictionPolicy:
-    """Base class of eviction policies.
-
-    - :meth:`insert` is called when ``key`` enters the tier; :meth:`touch` on every use while it
-      is there; :meth:`remove` when it leaves (evicted or unloaded). Removing an unknown key is a
-      no-op.
-    - :meth:`victim` returns one key from ``candidates`` (never a key outside it), or None when
-      ``candidates`` is empty. It must not change the policy's state: the pool calls
-      :meth:`remove` once it has actually evicted the key.
-    """
-
-    name = "abstract"
-
-    def insert(self, key: Hashable) -> None:
-        raise NotImplementedError
-
-    def touch(self, key: Hashable) -> None:
-        raise NotImplementedError
-
-    def remove(self, key: Hashable) -> None:
-        raise NotImplementedError
-
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
-        raise NotImplementedError
+from loraserve.contract import EvictionPolicy
 
 
 class OrderedEvictionPolicy(EvictionPolicy):

@@ -1,90 +1,17 @@
-"""Contracts of adapter loaders and resolvers, the error they raise, and the limit checks they share.
+"""The limit checks every adapter loader shares, so each words them the same way.
 
-An :class:`AdapterLoader` turns a source string (a directory, a hub id, anything its plugin
-understands) into a :class:`~loraserve.lora.adapter.LoRAAdapter`; an :class:`AdapterResolver` maps
-an adapter name nobody loaded to such a source. Both are registered by plugins through
-``loraserve_register_loaders`` / ``loraserve_register_resolvers``. Every refusal is an
-:class:`AdapterError` whose message names the offending field, tensor or flag and what to change.
-The engine-wide limits (``--max-lora-rank``, ``--lora-target-modules``) are checked here, so every
-loader words them the same way.
+The loader and resolver contracts (:class:`~loraserve.contract.AdapterLoader`,
+:class:`~loraserve.contract.AdapterResolver`, :class:`~loraserve.contract.AdapterError`) live in
+``loraserve.contract``; the engine-wide limits (``--max-lora-rank``, ``--lora-target-modules``) are
+checked here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple
+from typing import Iterable, Mapping
 
-from loraserve.errors import UserError
-from loraserve.lora.adapter import BaseModelShape, LoRAAdapter
+from loraserve.contract import AdapterError
 from loraserve.lora.targets import SUPPORTED_MODULES
-
-if TYPE_CHECKING:
-    from loraserve.lora.policy import AdapterSourcePolicy
-
-
-class AdapterError(UserError):
-    """An adapter cannot be loaded: missing or corrupt files, an unsupported feature, or weights
-    that do not fit the base model or the engine's limits. The message says what to change."""
-
-
-class AdapterSummary(NamedTuple):
-    """What an adapter needs from the engine, read without loading its weights."""
-
-    #: largest rank over the modules it targets
-    rank: int
-    #: PEFT module names it targets (``q_proj``, ..., ``embed_tokens``, ``lm_head``)
-    target_modules: frozenset[str]
-
-
-class AdapterLoader:
-    """Base class of adapter-format loaders.
-
-    Contract:
-
-    - A loader is **stateless**: it keeps nothing between calls, so one instance may serve
-      concurrent loads and a failed load leaves nothing behind.
-    - :meth:`can_load` is cheap (no weight reads, no network) and says whether ``source`` looks
-      like this loader's format. It never raises.
-    - :meth:`load` reads, validates and builds the whole adapter as CPU tensors before returning
-      it; on any problem it raises :class:`AdapterError` and returns nothing, so a half-loaded
-      adapter can never become visible. It validates against ``shape`` (every tensor fits the base
-      model), ``max_rank`` (no module's rank exceeds it; ``None`` = no limit) and
-      ``target_modules`` (every targeted module is allowed; ``None`` = any supported module).
-    - Given a ``policy`` (:class:`~loraserve.lora.policy.AdapterSourcePolicy`), :meth:`load` and
-      :meth:`peek` pass every local file they open through ``policy.check_file`` first, so no
-      file outside ``--lora-allowed-dirs`` is read (a symbolic link leading out is refused). The
-      engine has already checked the source itself with ``policy.check_source``.
-    - :meth:`peek` reads only the adapter's configuration and returns its :class:`AdapterSummary`,
-      so the engine can infer ``--max-lora-rank`` and ``--lora-target-modules`` from the start-up
-      adapters (the largest rank, the union of target modules) before sizing its GPU pool.
-    """
-
-    name = "abstract"
-
-    def can_load(self, source: str) -> bool:
-        raise NotImplementedError
-
-    def load(self, source: str, *, name: str, shape: BaseModelShape, max_rank: int | None = None,
-             target_modules: Iterable[str] | None = None, policy: AdapterSourcePolicy | None = None) -> LoRAAdapter:
-        raise NotImplementedError
-
-    def peek(self, source: str, shape: BaseModelShape | None = None, *,
-             policy: AdapterSourcePolicy | None = None) -> AdapterSummary:
-        raise NotImplementedError
-
-
-class AdapterResolver:
-    """Base class of adapter resolvers.
-
-    Contract: :meth:`resolve` maps an adapter name that a request used but nobody loaded to a
-    source string some loader's ``can_load`` accepts, or returns None when this resolver does not
-    know the name. It must not load weights itself and must not raise for an unknown name; it may
-    raise :class:`AdapterError` when it knows the name but the source is unusable.
-    """
-
-    name = "abstract"
-
-    def resolve(self, name: str) -> str | None:
-        raise NotImplementedError
 
 
 def allowed_modules(target_modules: Iterable[str] | None) -> frozenset[str] | None:

@@ -3,8 +3,8 @@
 It owns the registry, the host cache and the GPU pool, installs a LoRA hook on every targeted
 linear layer of the model, and builds each step's batch info (eagerly, or into the static buffers
 of a CUDA graph). The scheduler's question "may this request join the step?" and the filling of
-GPU slots (synchronous, or on a copy engine with overlap loading) are in
-:mod:`loraserve.lora.admission`, mixed into the manager. Mutating calls run on the engine thread;
+GPU slots (synchronous, or on a copy engine with overlap loading) are answered by the
+:class:`~loraserve.lora.admission.SlotAdmission` it holds. Mutating calls run on the engine thread;
 ``load_adapter``/``unload_adapter`` do their slow parts (reading weights, waiting for in-flight
 requests) on the caller's thread and hand the state change to the engine thread through
 ``run_in_engine``. A load checks everything (the name, the :class:`AdapterSourcePolicy`, the files,
@@ -24,7 +24,7 @@ import torch
 from loraserve.errors import ConfigError, Conflict, NotFound, UserError
 from loraserve.lora.adapter import BaseModelShape
 from loraserve.lora.targets import EMBEDDING_MODULES, FUSED_MODULES
-from loraserve.lora.admission import SlotAdmission
+from loraserve.lora.admission import SlotAdmission, key_of
 from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.lora.policy import AdapterSourcePolicy, check_adapter_name, shown
 from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
@@ -33,11 +33,16 @@ from loraserve.lora.registry import AdapterRef, AdapterRegistry
 logger = logging.getLogger("loraserve.lora")
 
 
+class LoRAManager:
+    """The adapters of one engine (see the module docstring). ``running``, ``waiting``,
+    ``copy_engine`` and ``mirror`` go to its :class:`SlotAdmission` (see there); ``pin_host`` keeps
+    host copies page-locked, in the pool's dtype (with a CUDA copy engine)."""
 
-class LoRAManager(SlotAdmission):
     def __init__(self, settings: Any, plugins: Any, model: torch.nn.Module, backend: Any, max_rank: int,
                  target_modules: list[str], device: torch.device, dtype: torch.dtype,
-                 run_in_engine: Callable[[Callable[[], Any]], Any], policy: AdapterSourcePolicy | None = None):
+                 run_in_engine: Callable[[Callable[[], Any]], Any], policy: AdapterSourcePolicy | None = None, *,
+                 running: Callable[[], list] = lambda: [], waiting: Callable[[], Any] = lambda: [],
+                 copy_engine: Any = None, pin_host: bool = False, mirror: Callable[[tuple], None] | None = None):
         self.settings, self.plugins, self.backend = settings, plugins, backend
         self.device, self.run_in_engine = device, run_in_engine
         #: where adapters may come from (default: anywhere, as SGLang)
@@ -50,6 +55,23 @@ class LoRAManager(SlotAdmission):
                           ] if self.policy.runtime_updates else []
         self.registry = AdapterRegistry()
         self.host = HostAdapterCache(settings.host_cache_capacity, plugins.eviction_policies.create(settings.lora_eviction_policy))
+        # the fused modules: those whose base GEMM may do the shrink
+        self.pool, self._fused_modules = self._make_pool(model, dtype)
+        self._fuse_now: dict[str, bool] = {}
+        self.pin_host, self.dtype = pin_host, dtype
+        # prefetch scans twice as many waiting requests as a batch has slots
+        self.admission = SlotAdmission(self.pool, self.host, self.registry, self.read_adapter, plugins.notify,
+                                       running=running, waiting=waiting, copy_engine=copy_engine, mirror=mirror,
+                                       prefetch_lookahead=2 * settings.max_loras_per_batch)
+        self.loads = 0
+        self._active = False
+        self._logits_info: LoRABatchInfo | None = None
+        self._install_hooks(model)
+
+    def _make_pool(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[GpuAdapterPool, dict]:
+        """The GPU slot pool for the targeted modules of ``model``, and the modules whose base GEMM
+        may do the shrink (``{name: (in_dim, output offsets)}``)."""
+        settings, backend = self.settings, self.backend
         # local sizes under tensor parallelism; ``shard`` tells the pool how to cut full adapters
         modules, layers, shard = {}, {}, {}
         for layer, name, module in model.lora_targets():
@@ -76,31 +98,10 @@ class LoRAManager(SlotAdmission):
         a_storage = None
         if getattr(backend, "supports_fused_shrink", False):
             a_storage = lambda layer, name, rows: layers[(layer, name)].append_rows(rows)  # noqa: E731
-        self.pool = GpuAdapterPool(settings.max_loras_per_batch, max_rank, self.shape.num_layers, modules, extra,
-                                   dtype, device, plugins.eviction_policies.create(settings.lora_eviction_policy),
-                                   a_storage=a_storage, shard=shard)
-        self._fused_modules = modules if a_storage is not None else {}
-        self._fuse_now: dict[str, bool] = {}
-        self.running: Callable[[], list] = lambda: []
-        self.waiting: Callable[[], Any] = lambda: []
-        #: None: slots are filled synchronously on the compute stream; else an object with
-        #: ``asynchronous``, ``submit(fill) -> handle``, ``done(handle)`` and ``wait(handle) -> seconds``
-        #: (see loraserve.lora.overlap), set by the engine setup for --enable-lora-overlap-loading
-        self.copy_engine: Any = None
-        #: host copies in page-locked memory, in the pool's dtype (set with the copy engine)
-        self.pin_host = False
-        self.dtype = dtype
-        #: tensor parallelism: ``mirror(event)`` replays every slot decision on the other ranks'
-        #: pools: ``("fill", slot, key, name, source)``, ``("evict", slot)``, ``("forget", key)``
-        self.mirror: Callable[[tuple], None] | None = None
-        #: waiting requests scanned for adapters to prefetch, in queue order
-        self.prefetch_lookahead = 2 * settings.max_loras_per_batch
-        self.metrics = {"loads": 0, "gpu_evictions": 0, "host_evictions": 0, "hits": 0, "misses": 0, "host_reloads": 0,
-                        "slot_fills": 0, "bytes_copied": 0, "copy_seconds": 0.0, "copy_wait_seconds": 0.0,
-                        "prefetches": 0}
-        self._active = False
-        self._logits_info: LoRABatchInfo | None = None
-        self._install_hooks(model)
+        pool = GpuAdapterPool(settings.max_loras_per_batch, self.max_rank, self.shape.num_layers, modules, extra,
+                              dtype, self.device, self.plugins.eviction_policies.create(settings.lora_eviction_policy),
+                              a_storage=a_storage, shard=shard)
+        return pool, modules if a_storage is not None else {}
 
     # -- model hooks ------------------------------------------------------------------------------
 
@@ -153,7 +154,9 @@ class LoRAManager(SlotAdmission):
         missing = NotFound if not os.path.exists(source) else UserError
         raise missing(f"no adapter loader can read {shown(source, 300)}; give a PEFT adapter directory or hub id")
 
-    def _read(self, name: str, source: str):
+    def read_adapter(self, name: str, source: str):
+        """``name``'s adapter read from ``source`` and checked against this manager's limits; changes
+        no state (any thread)."""
         adapter = self._loader_for(source).load(source, name=name, shape=self.shape, max_rank=self.max_rank,
                                                 target_modules=self.target_modules, policy=self.policy)
         if self.pin_host:
@@ -172,7 +175,7 @@ class LoRAManager(SlotAdmission):
         self.policy.check_source(source, runtime=runtime)
         if self.registry.get(name) is not None:
             raise Conflict(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
-        adapter = self._read(name, source)  # slow, outside the engine thread; raises before any state changes
+        adapter = self.read_adapter(name, source)  # slow, outside the engine thread; raises before any state changes
         ref = AdapterRef(name=name, version=self.registry.new_version(), source=source, pinned=pinned, rank=adapter.rank)
         self.run_in_engine(lambda: self._commit(ref, adapter))
         self.plugins.notify("loraserve_adapter_loaded", name=name, version=ref.version, source=source,
@@ -183,21 +186,19 @@ class LoRAManager(SlotAdmission):
         if ref.pinned and sum(r.pinned for r in self.registry.refs()) + 1 > self.pool.num_slots - 1:
             raise Conflict(f"at most --max-loras-per-batch - 1 = {self.pool.num_slots - 1} adapters may be pinned; "
                             f"unpin or unload one, or raise --max-loras-per-batch")
-        evicted = self.host.make_room(self._host_protected())
-        self._notify_evicted(evicted, "host")
-        self.host.put(ref.key, adapter)
+        self.admission.cache_on_host(ref.key, adapter)
         try:
             if ref.pinned:
-                slot = self._ensure_slot(ref, protected=self._batch_keys())
+                slot = self.admission.ensure_slot(ref, protected=self.admission.batch_keys())
                 if slot is None:
                     raise Conflict("no GPU slot can be freed to pin this adapter: every slot is pinned or in use "
                                     "by running requests; try again later or unpin an adapter")
                 self.pool.pinned.add(ref.key)
             self.registry.add(ref)
         except Exception:
-            self._forget(ref.key)
+            self.admission.forget(ref.key)
             raise
-        self.metrics["loads"] += 1
+        self.loads += 1
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> int:
         """Remove ``name`` for new requests at once, wait up to ``timeout`` seconds (None: as long as it
@@ -218,7 +219,7 @@ class LoRAManager(SlotAdmission):
         return 0
 
     def _free(self, ref: AdapterRef) -> None:
-        self._forget(ref.key)
+        self.admission.forget(ref.key)
         self.plugins.notify("loraserve_adapter_unloaded", name=ref.name, version=ref.version)
 
     def unloading_adapters(self) -> list[dict]:
@@ -226,16 +227,28 @@ class LoRAManager(SlotAdmission):
         return [{"name": r.name, "version": r.version, "source": r.source, "in_flight": r.in_flight}
                 for r in sorted(self.registry.pending(), key=lambda r: r.version)]
 
-    def _forget(self, key: tuple) -> None:
-        """Drop ``key`` from the host cache and its GPU slot (engine thread), on every rank."""
-        self.host.remove(key)
-        slot = self.pool.slot_of(key)
-        if slot is not None:
-            self.pool.evict(slot)
-            if self.mirror is not None:
-                self.mirror(("evict", slot))
-        if self.mirror is not None:
-            self.mirror(("forget", key))
+    # -- slot admission (engine thread; see loraserve.lora.admission) -----------------------------
+
+    def can_join(self, request, step: list):
+        """The scheduler's ``can_join`` (:meth:`SlotAdmission.can_join`)."""
+        return self.admission.can_join(request, step)
+
+    def before_schedule(self) -> None:
+        """Retire finished copies and prefetch (:meth:`SlotAdmission.before_schedule`)."""
+        self.admission.before_schedule()
+
+    @property
+    def copies_in_flight(self) -> int:
+        return self.admission.copies_in_flight
+
+    @property
+    def copy_engine(self) -> Any:
+        return self.admission.copy_engine
+
+    @property
+    def metrics(self) -> dict:
+        """Adapter loads, and slot admission's hits, misses, evictions, fills and copies."""
+        return {"loads": self.loads, **self.admission.metrics}
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -289,10 +302,10 @@ class LoRAManager(SlotAdmission):
 
     def _step_slots(self, chunks: list) -> list[int]:
         """The GPU slot of each chunk's adapter; marks every adapter of the step as used."""
-        seg_slot = [self.pool.slot_of(self.key_of(c.request)) for c in chunks]
+        seg_slot = [self.pool.slot_of(key_of(c.request)) for c in chunks]
         if any(s is None or s in self.pool.loading for s in seg_slot):
             raise RuntimeError("a scheduled request's adapter is not in a GPU slot, or its copy has not finished")
-        for key in {self.key_of(c.request) for c in chunks}:
+        for key in {key_of(c.request) for c in chunks}:
             self.pool.policy.touch(key)
         return seg_slot
 
@@ -377,7 +390,7 @@ class LoRAManager(SlotAdmission):
         self.pool.check_integrity()
         self.host.check_integrity()
         live = ({r.key for r in self.registry.refs()} | {r.key for r in self.registry.pending()}
-                | {self.key_of(r) for r in self.running()} | {BASE_KEY})
+                | self.admission.batch_keys() | {BASE_KEY})
         for key in [*self.pool.resident(), *self.host.keys()]:
             if key not in live:
                 raise RuntimeError(f"adapter {key} is still in memory but neither registered nor in use")

@@ -9,9 +9,9 @@ A *copy engine* turns "fill slot s with adapter a" into work that completes on i
   the compute stream after the copy (a device-side wait, no host synchronisation).
 - Tests use their own engine with the same three methods to control when copies complete.
 
-The LoRA manager admits a request into a batch only once its adapter's copy is done, and keeps
-scheduling everything else meanwhile. :func:`pinned_copy` gives the page-locked host copy of an
-adapter that makes the copies truly asynchronous.
+Slot admission (:mod:`loraserve.lora.admission`) admits a request into a batch only once its
+adapter's copy is done, and keeps scheduling everything else meanwhile. :func:`pinned_copy` gives
+the page-locked host copy of an adapter that makes the copies truly asynchronous.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Attention over the paged KV cache with PyTorch SDPA (the CPU path, and the CUDA fallback).
 
+The interface is :class:`loraserve.contract.AttentionBackend`; the built-in plugin ``attention_torch``
+registers this class as ``torch_native``.
+
 The model calls :meth:`PagedSDPAAttention.attention` once per layer with the step's new queries,
 keys and values (RoPE applied). The keys and values are written into the cache slots of their
 tokens, then each sequence attends over its whole cached context: causal within the new tokens,
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraserve.contract import AttentionBackend
 from loraserve.sched.kv_cache import KVCache
 
 
@@ -25,12 +29,14 @@ class _Seq:
     mask: torch.Tensor | None  # bool [q_len, ctx_len], True = attend; None = attend to all
 
 
-class PagedSDPAAttention:
-    """Per-step attention metadata plus the per-layer attention call."""
+class PagedSDPAAttention(AttentionBackend):
+    """Per-step attention metadata plus the per-layer attention call (``--attention-backend
+    torch_native``); loops over sequences on the host, so it never runs in a CUDA graph."""
+
+    name = "torch_native"
 
     def __init__(self, kv: KVCache, sliding_window: int | None = None):
-        self.kv = kv
-        self.sliding_window = sliding_window
+        super().__init__(kv, sliding_window)
         self._seqs: list[_Seq] = []
         self._write_slots: torch.Tensor | None = None
 

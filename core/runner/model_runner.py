@@ -22,19 +22,26 @@ class ModelRunner:
 
     :param prepare_lora: optional ``prepare_lora(chunks)`` called once per step before the
         forward pass (the LoRA manager builds the batch info and hands it to the backend).
+    :param graphs: optional decode steps captured in CUDA graphs
+        (:class:`~loraserve.runner.cuda_graph.DecodeGraphs`, already captured; None: always eager).
+    :param before_step: optional ``before_step(chunks)`` called first in every step (tensor
+        parallelism: hands the step to the other ranks).
     """
 
     def __init__(self, model: torch.nn.Module, kv: KVCache, device: torch.device,
-                 prepare_lora: Callable[[list[ScheduledChunk]], None] | None = None, attention: Any = None):
+                 prepare_lora: Callable[[list[ScheduledChunk]], None] | None = None, attention: Any = None,
+                 graphs: Any = None, before_step: Callable[[list[ScheduledChunk]], None] | None = None):
         self.model = model
         self.kv = kv
         self.device = device
         self.prepare_lora = prepare_lora
         self.attention = attention or PagedSDPAAttention(kv, sliding_window=getattr(model, "sliding_window", None))
-        #: decode steps captured in CUDA graphs (set up by the engine on CUDA; None: always eager)
-        self.graphs: Any = None
-        #: tensor parallelism: ``before_step(chunks)`` hands the step to the other ranks first
-        self.before_step: Callable[[list[ScheduledChunk]], None] | None = None
+        self.graphs = graphs
+        self.before_step = before_step
+
+    def drop_graphs(self) -> None:
+        """Forget the captured graphs (before the process group is destroyed); later steps run eagerly."""
+        self.graphs = None
 
     @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

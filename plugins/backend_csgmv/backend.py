@@ -24,7 +24,7 @@ from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.plugins.backend_triton.backend import (TiledLoRABackend, TilePlan, build_tiles, segment_tiles,
                                                          sgmv_block_m)
 
-CHUNK_SIZES = (16, 32, 64, 128)
+from loraserve.plugins.backend_csgmv import CHUNK_SIZES
 PREFILL_SEGMENT = 128  # mean tokens per segment from which per-segment tiles are used
 
 

@@ -17,4 +17,4 @@ def _make(settings=None, device="cuda"):
 
 @hookimpl
 def loraserve_register_backends(register):
-    register("triton", _make, description="SGMV Triton kernels, one segment per request")
+    register("triton", _make, description="SGMV Triton kernels, one segment per request", priority={"cuda": 50})

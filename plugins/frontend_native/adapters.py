@@ -8,23 +8,25 @@ they take only ``Content-Type: application/json`` (415 otherwise): a browser sen
 An unload hides the name at once and waits up to ``--lora-unload-timeout`` seconds for the
 adapter's in-flight requests; when some still run it answers 202 with ``"pending": true``, and the
 adapter's memory is freed when the last of them finishes (``/get_server_info`` lists it under
-``unloading_adapters`` until then).
+``unloading_adapters`` until then). The routes use only the engine's
+:class:`~loraserve.contract.EngineClient` adapter calls.
 """
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+from loraserve.contract import EngineClient
 from loraserve.errors import UserError
-from loraserve.http.errors import (APIError, StrictModel, api_error_of, parse_body, read_json, retry_after,
-                                   safe_text)
-from loraserve.lora.policy import MAX_NAME_CHARS, MAX_SOURCE_CHARS, NAME_PATTERN, SOURCE_PATTERN, shown
+from loraserve.http.errors import APIError, StrictModel, api_error_of, parse_body, read_json, retry_after, safe_text
 from loraserve.http.openapi import AdapterAnswer, errors, request_body
+from loraserve.lora.policy import MAX_NAME_CHARS, MAX_SOURCE_CHARS, NAME_PATTERN, SOURCE_PATTERN, shown
 
 JSON_TYPE = "application/json"
 
@@ -55,22 +57,18 @@ def require_json(request: Request) -> None:
                             f"'Content-Type: {JSON_TYPE}'")
 
 
-def loaded_adapters(engine: Any) -> dict[str, str]:
+def loaded_adapters(engine: EngineClient) -> dict[str, str]:
     """Name -> source of every loaded adapter, as the adapter routes and /get_server_info answer."""
-    return {a["name"]: a["source"] for a in engine.lora.loaded_adapters()} if engine.lora is not None else {}
+    return {a["name"]: a["source"] for a in engine.loaded_adapters()}
 
 
-def add_adapter_routes(app: FastAPI, engine: Any, settings: Any) -> None:
+def add_adapter_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     gens = app.state.generations
 
-    def writable(request: Request) -> Any:
-        """The LoRA manager, once the request may change adapters at all (415, 400, 403 otherwise)."""
+    def writable(request: Request) -> None:
+        """Raise unless the request may change adapters at all (415, 400, 403), before its body is read."""
         require_json(request)
-        if engine.lora is None:
-            raise UserError("LoRA is not enabled on this server; start it with --enable-lora (and "
-                            "--max-lora-rank/--lora-target-modules) or --lora-paths")
-        engine.lora.policy.check_runtime_updates()
-        return engine.lora
+        engine.check_adapter_updates()
 
     answers = {"model": AdapterAnswer, "description": "The adapters loaded afterwards; on failure success is false "
                                                           "and error_message says what to change."}
@@ -81,16 +79,10 @@ def add_adapter_routes(app: FastAPI, engine: Any, settings: Any) -> None:
               responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers))
     async def load_lora_adapter(request: Request) -> JSONResponse:
         async def load() -> None:
-            lora = writable(request)
+            writable(request)
             body = parse_body(LoadAdapterBody, await read_json(request))
             gens.check_accepting()
-            try:
-                await run_in_threadpool(lora.load_adapter, body.lora_name, body.lora_path, body.pinned)
-            except UserError:
-                raise
-            except Exception as exc:  # a corrupt or unreadable adapter: never half-loaded, the server lives on
-                raise UserError(f"could not load adapter {shown(body.lora_name)} from {shown(body.lora_path, 300)} "
-                                f"({type(exc).__name__}: {exc}); check the adapter files") from None
+            await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path, body.pinned)
         return await _adapter_call(load)
 
     pending = {"model": AdapterAnswer, "description": "Unloaded for new requests; the memory is freed when its "
@@ -102,9 +94,9 @@ def add_adapter_routes(app: FastAPI, engine: Any, settings: Any) -> None:
               responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers), 202: pending})
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         async def unload() -> JSONResponse | None:
-            lora = writable(request)
+            writable(request)
             body = parse_body(UnloadAdapterBody, await read_json(request))
-            held = await run_in_threadpool(lora.unload_adapter, body.lora_name, settings.lora_unload_timeout)
+            held = await run_in_threadpool(engine.unload_adapter, body.lora_name, settings.lora_unload_timeout)
             if not held:
                 return None
             requests = "1 in-flight request finishes" if held == 1 else f"{held} in-flight requests finish"

@@ -10,7 +10,8 @@ Streams are server-sent events carrying the text and token ids so far (as SGLang
 ``index`` for a batch, ending with ``data: [DONE]``.
 Adapters are loaded with ``POST /load_lora_adapter`` and unloaded with ``POST /unload_lora_adapter``
 (also under ``/v1/``, as vLLM names them), answering ``{success, error_message, loaded_adapters}``;
-those routes live in :mod:`.adapters`.
+those routes live in :mod:`.adapters`. The routes use only the engine's
+:class:`~loraserve.contract.EngineClient` surface.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from loraserve import __version__
+from loraserve.contract import EngineClient
 from loraserve.errors import UserError
 from loraserve.http.errors import APIError, ClientDisconnected, api_error_of, error_body, read_json
-from loraserve.http.metrics import engine_snapshot
 from loraserve.http.openapi import document_models, errors, request_body
+from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
 from loraserve.plugins.frontend_native.adapters import add_adapter_routes, loaded_adapters
 from loraserve.plugins.frontend_native.schema import GENERATE_OK, GenerateBody, GenerateResult
 from loraserve.safe_json import field_path, json_type
-from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
 
 GENERATE_FIELDS = ("text", "input_ids", "sampling_params", "lora_path", "stream", "return_logprob",
                    "top_logprobs_num")
@@ -38,7 +39,8 @@ HEALTH_TIMEOUT_S = 20.0
 
 
 def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
 
 
 def _per_input(body: dict, key: str, n: int, check, what: str) -> list:
@@ -88,13 +90,13 @@ def parse_generate(body: Any, max_sequences: int) -> tuple[list[Item], bool, boo
     if not isinstance(stream, bool):
         raise UserError(f"stream must be true or false, got {stream!r}")
     params = _per_input(body, "sampling_params", n, lambda v: isinstance(v, dict), "a JSON object")
-    loras = _per_input(body, "lora_path", n, lambda v: isinstance(v, str), "an adapter name or null")
+    adapters = _per_input(body, "lora_path", n, lambda v: isinstance(v, str), "an adapter name or null")
     logprob = _per_input(body, "return_logprob", n, lambda v: isinstance(v, bool), "true or false")
     tops = _per_input(body, "top_logprobs_num", n, lambda v: isinstance(v, int) and not isinstance(v, bool),
                       "an integer")
     check_sequences(n, sum(samples_of(p or {}, max_sequences) for p in params), max_sequences)
     items = []
-    for (prompt, token_ids), p, lora, lp, top in zip(inputs, params, loras, logprob, tops):
+    for (prompt, token_ids), p, adapter, lp, top in zip(inputs, params, adapters, logprob, tops):
         p = dict(p or {})
         if lp is not None:
             p["return_logprob"] = lp
@@ -102,7 +104,7 @@ def parse_generate(body: Any, max_sequences: int) -> tuple[list[Item], bool, boo
             p["top_logprobs_num"] = top
         copies = fan_out(p, max_sequences)
         single = single and len(copies) == 1
-        items += [Item(prompt, token_ids, c, lora) for c in copies]
+        items += [Item(prompt, token_ids, c, adapter) for c in copies]
     return items, single, stream
 
 
@@ -114,7 +116,7 @@ def _partial(r: Any, text: str, ids: list[int], logprobs: list[float]) -> dict:
     return {"text": text, "output_ids": list(ids), "meta_info": meta}
 
 
-def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
+def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     gens: Generations = app.state.generations
     document_models(app, GenerateResult)
 
@@ -131,7 +133,7 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
             return Response(status_code=499)
         for r in requests:
             gens.outcome(r)
-        results = [engine.outputs.final(r) for r in requests]
+        results = [engine.final_output(r) for r in requests]
         return results[0] if single else results
 
     async def _stream_events(events, requests: list, single: bool):
@@ -147,7 +149,7 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
                     except APIError as exc:
                         yield sse(_error_event(exc, None if single else index))
                         continue
-                    chunk = engine.outputs.final(r)
+                    chunk = engine.final_output(r)
                 else:
                     chunk = _partial(r, text, ids, lps)
                 if not single:
@@ -171,8 +173,8 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
     @app.get("/health_generate", response_class=PlainTextResponse, responses=errors(
         429, 499, 503, ok={"description": "The engine generated one token (an empty body)."}))
     async def health_generate(request: Request) -> Response:
-        token = getattr(engine.tokenizer, "bos_token_id", None) if engine.tokenizer is not None else None
-        [r] = await gens.build([Item(None, [token if isinstance(token, int) else 0],
+        token = engine.model_info().bos_token_id
+        [r] = await gens.build([Item(None, [token if token is not None else 0],
                                      {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}, None)])
         try:
             await asyncio.wait_for(gens.complete(request, [r]), HEALTH_TIMEOUT_S)
@@ -185,28 +187,23 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
 
     @app.get("/get_model_info")
     async def get_model_info() -> dict:
-        return {"model_path": _model_path(engine, settings), "tokenizer_path": settings.tokenizer_path,
-                "served_model_name": engine.model_name, "is_generation": True, "context_length": engine.context_len,
-                "vocab_size": engine.model.vocab_size, "lora_enabled": engine.lora is not None,
+        model = engine.model_info()
+        return {"model_path": model.path, "tokenizer_path": settings.tokenizer_path,
+                "served_model_name": model.name, "is_generation": True, "context_length": model.context_len,
+                "vocab_size": model.vocab_size, "lora_enabled": model.lora_enabled,
                 "preferred_sampling_params": None}
 
     @app.get("/get_server_info")
     async def get_server_info() -> dict:
         info = engine.effective_settings()
-        info.update(version=__version__, frontends=[e.name for e in engine.plugins.frontends],
-                    loaded_adapters=loaded_adapters(engine),
-                    unloading_adapters=engine.lora.unloading_adapters() if engine.lora is not None else [])
+        info.update(version=__version__, frontends=list(app.state.frontends),
+                    loaded_adapters=loaded_adapters(engine), unloading_adapters=engine.unloading_adapters())
         return info
 
     @app.get("/metrics", responses={200: {"description": "Prometheus text exposition.",
                                           "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
-        def snapshot() -> dict:
-            try:
-                return engine.call_in_engine(lambda: engine_snapshot(engine))
-            except UserError:  # the engine is stopping: its state no longer changes
-                return engine_snapshot(engine)
-        data = app.state.metrics.render(await run_in_threadpool(snapshot))
+        data = app.state.metrics.render(await run_in_threadpool(engine.stats))  # waits for the step to end
         return Response(data, media_type=app.state.metrics.content_type)
 
 
@@ -215,7 +212,3 @@ def _error_event(exc: APIError, index: int | None) -> dict:
     if index is not None:
         event["index"] = index
     return event
-
-
-def _model_path(engine: Any, settings: Any) -> str:
-    return settings.model_path or getattr(engine.config, "_name_or_path", None) or engine.model_name

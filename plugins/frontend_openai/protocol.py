@@ -84,7 +84,7 @@ class _Sampling(StrictModel):
         raise ValueError(f"must be a string or a list of strings, got {value!r}")
 
     @model_validator(mode="after")
-    def _check_common(self) -> "_Sampling":
+    def _check_common(self) -> _Sampling:
         if self.logit_bias:
             raise ValueError("logit_bias is not supported; remove it")
         if self.stream_options is not None and not self.stream:
@@ -97,7 +97,8 @@ class _Sampling(StrictModel):
 
     def sampling_params(self) -> dict[str, Any]:
         """The loraserve sampling parameters these fields ask for (unset fields keep the defaults)."""
-        return {ours: getattr(self, theirs) for theirs, ours in PASSTHROUGH.items() if getattr(self, theirs) is not None}
+        return {ours: getattr(self, theirs) for theirs, ours in PASSTHROUGH.items()
+                if getattr(self, theirs) is not None}
 
 
 class CompletionRequest(_Sampling):
@@ -108,7 +109,7 @@ class CompletionRequest(_Sampling):
     suffix: str | None = Field(None, json_schema_extra=_range(maxLength=0))  # insertion is refused
 
     @model_validator(mode="after")
-    def _check_completion(self) -> "CompletionRequest":
+    def _check_completion(self) -> CompletionRequest:
         if self.suffix:
             raise ValueError("suffix (insertion) is not supported; remove it")
         if self.best_of is not None and self.best_of != (self.n or 1):
@@ -193,7 +194,7 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Any = Field(None, json_schema_extra={"enum": ["none", None]})
 
     @model_validator(mode="after")
-    def _check_chat(self) -> "ChatCompletionRequest":
+    def _check_chat(self) -> ChatCompletionRequest:
         if not self.messages:
             raise ValueError("messages is empty; send at least one message")
         if self.tools:

@@ -8,24 +8,27 @@ anything else is a 404 ``model_not_found``. ``/v1/models`` lists the base model 
 sample ``j`` of prompt ``i``; prompts x n may be at most ``--max-sequences-per-request`` (413 beyond).
 The chat template and tokenization run in a worker thread. Usage counts each prompt once. Streams
 follow OpenAI's chunk format, with a final usage chunk when ``stream_options.include_usage`` is set,
-and end with ``[DONE]``.
+and end with ``[DONE]``. The routes use only the engine's :class:`~loraserve.contract.EngineClient`
+surface.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from loraserve.contract import EngineClient
 from loraserve.errors import UserError
 from loraserve.http.errors import APIError, ClientDisconnected, api_error_of, error_body, parse_body, read_json
 from loraserve.http.openapi import errors, request_body
-from loraserve.plugins.frontend_openai.protocol import ChatCompletionRequest, CompletionRequest
 from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
+from loraserve.plugins.frontend_openai.protocol import ChatCompletionRequest, CompletionRequest
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs_num": "logprobs", "input_ids": "prompt"}
@@ -38,49 +41,48 @@ def chat_names(body: ChatCompletionRequest) -> dict[str, str]:
 
 
 class OpenAIFrontend:
-    """The routes' shared state: the engine, the request runner and the model names."""
+    """The routes' shared state: the engine, the request runner and the model's facts."""
 
-    def __init__(self, app: FastAPI, engine: Any, settings: Any):
+    def __init__(self, app: FastAPI, engine: EngineClient, settings: Any):
         self.engine, self.settings = engine, settings
+        self.model = engine.model_info()  # fixed while the engine runs
         self.gens: Generations = app.state.generations
         self.created = int(time.time())
 
     # -- models ---------------------------------------------------------------------------------
 
+    def adapter_names(self) -> list[str]:
+        return [a["name"] for a in self.engine.loaded_adapters()]
+
     def model_cards(self) -> list[dict]:
-        e = self.engine
-        base = {"id": e.model_name, "object": "model", "created": self.created, "owned_by": "loraserve",
-                "root": self.settings.model_path or getattr(e.config, "_name_or_path", None) or e.model_name,
-                "parent": None, "max_model_len": e.context_len}
+        m = self.model
+        base = {"id": m.name, "object": "model", "created": self.created, "owned_by": "loraserve",
+                "root": m.path, "parent": None, "max_model_len": m.context_len}
         cards = [base]
-        for a in e.lora.loaded_adapters() if e.lora is not None else []:
+        for a in self.engine.loaded_adapters():
             cards.append({"id": a["name"], "object": "model", "created": self.created, "owned_by": "loraserve",
-                          "root": a["source"], "parent": e.model_name, "max_model_len": e.context_len})
+                          "root": a["source"], "parent": m.name, "max_model_len": m.context_len})
         return cards
 
     async def resolve(self, model: str) -> str | None:
         """The adapter ``model`` names, or None for the base model; 404 model_not_found otherwise."""
-        e = self.engine
-        base = e.model_name
+        base = self.model.name
         if model == base:
             return None
-        names = e.lora.registry.names() if e.lora is not None else []
-        name = model
+        names = self.adapter_names()
+        adapter = model
         if model not in names and ":" in model:
-            prefix, name = model.split(":", 1)
-            if prefix != base or not name:
-                raise self._not_found(model, names)
-        if name in names:
-            return name
-        if e.lora is not None and e.lora.resolvers and await run_in_threadpool(self._resolvable, name):
-            return name  # a resolver knows it: the engine loads it when the request arrives
-        raise self._not_found(model, names)
+            prefix, adapter = model.split(":", 1)
+            if prefix != base or not adapter:
+                raise self.not_found(model, names)
+        if adapter in names:
+            return adapter
+        if self.model.lora_enabled and await run_in_threadpool(self.engine.is_servable, adapter):
+            return adapter  # a resolver knows it: the engine loads it when the request arrives
+        raise self.not_found(model, names)
 
-    def _resolvable(self, name: str) -> bool:
-        return any(r.resolve(name) is not None for r in self.engine.lora.resolvers)
-
-    def _not_found(self, model: str, names: list[str]) -> APIError:
-        base = self.engine.model_name
+    def not_found(self, model: str, names: list[str]) -> APIError:
+        base = self.model.name
         adapters = ", ".join(repr(n) for n in sorted(names)) or "none loaded"
         return APIError(404, f"the model {model!r} does not exist; use {base!r} for the base model, an adapter name "
                              f"({adapters}) or '{base}:ADAPTER' (GET /v1/models lists them)",
@@ -89,8 +91,9 @@ class OpenAIFrontend:
     # -- helpers --------------------------------------------------------------------------------
 
     def token_text(self, token: int) -> str:
-        tok = self.engine.tokenizer
-        return f"token_id:{token}" if tok is None else tok.decode([token], skip_special_tokens=False)
+        if not self.model.has_tokenizer:
+            return f"token_id:{token}"
+        return self.engine.detokenize([token], skip_special_tokens=False)
 
     def finish_reason(self, r: Any) -> str:
         self.gens.outcome(r)  # abort/error become a 503/500
@@ -121,12 +124,11 @@ class OpenAIFrontend:
 
     def room_after(self, prompt_len: int) -> int:
         """The most tokens a request with this prompt can generate (context and KV cache)."""
-        e = self.engine
-        room = min(e.context_len, e.kv.allocator.capacity_tokens) - prompt_len
+        most = min(self.model.context_len, self.model.max_total_tokens)
+        room = most - prompt_len
         if room <= 0:
             raise UserError(f"the prompt has {prompt_len} tokens, which leaves no room to generate within "
-                            f"{min(e.context_len, e.kv.allocator.capacity_tokens)} tokens (the context length or "
-                            "the KV-cache size); shorten the messages")
+                            f"{most} tokens (the context length or the KV-cache size); shorten the messages")
         return room
 
     def usage(self, requests: list, owner: list[int]) -> dict:
@@ -136,20 +138,8 @@ class OpenAIFrontend:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        tok = self.engine.tokenizer
-        if tok is None:
-            raise UserError("this model has no tokenizer, which chat needs; start the server with --tokenizer-path, "
-                            "or use /v1/completions with token-id prompts")
-        if not getattr(tok, "chat_template", None):
-            raise UserError("the model's tokenizer has no chat template; use /v1/completions, or start the server "
-                            "with a --tokenizer-path that has one")
-        try:
-            text = tok.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
-                                           add_generation_prompt=True)
-        except Exception as exc:  # jinja's TemplateError, raise_exception() in the template, ...
-            raise UserError(f"the chat template rejected the messages ({exc}); fix the message roles or order") from None
-        # the template already holds the special tokens; TooLarge before tokenizing a huge text
-        return self.engine.intake.tokenize(text, add_special_tokens=False)
+        """The prompt ids of a chat (blocks: call it in a worker thread)."""
+        return self.engine.apply_chat_template([m.for_template() for m in body.messages])
 
     # -- logprobs -------------------------------------------------------------------------------
 
@@ -174,7 +164,7 @@ class OpenAIFrontend:
         return {"content": content}
 
 
-def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
+def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     front = OpenAIFrontend(app, engine, settings)
     gens = front.gens
 
@@ -197,9 +187,9 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         if model_id in cards:
             return cards[model_id]
         prefix, _, name = model_id.partition(":")  # BASE:ADAPTER, as the generation routes take it
-        if prefix == engine.model_name and name in cards and name != prefix:
+        if prefix == front.model.name and name in cards and name != prefix:
             return {**cards[name], "id": model_id}
-        raise front._not_found(model_id, engine.lora.registry.names() if engine.lora is not None else [])
+        raise front.not_found(model_id, front.adapter_names())
 
     @app.post("/v1/completions", openapi_extra=request_body(app, CompletionRequest),
               responses=errors(400, 404, 413, 429, 499, 503, ok=completion_ok))
@@ -209,7 +199,7 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         prompts = body.prompts()
         requests, owner = await front.build(prompts, body.sampling_params(), adapter, COMPLETION_NAMES)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = [(text if text is not None else front.engine.tokenizer.decode(ids) if front.engine.tokenizer else "")
+        echo = [(text if text is not None else engine.detokenize(ids) if front.model.has_tokenizer else "")
                 if body.echo else "" for text, ids in prompts]
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         try:
@@ -225,7 +215,7 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
             prefix = echo[owner[k]]
             logprobs = (front.completion_logprobs(r.output_ids, r.logprobs, r.top_logprobs, len(prefix))
                         if body.logprobs is not None else None)
-            choices.append({"index": k, "text": prefix + engine.outputs.final(r)["text"], "logprobs": logprobs,
+            choices.append({"index": k, "text": prefix + engine.final_output(r)["text"], "logprobs": logprobs,
                             "finish_reason": front.finish_reason(r)})
         return {**head, "choices": choices, "usage": front.usage(requests, owner), "system_fingerprint": None}
 
@@ -267,7 +257,7 @@ def add_routes(app: FastAPI, engine: Any, settings: Any) -> None:
         choices = []
         for k, r in enumerate(requests):
             logprobs = front.chat_logprobs(r.output_ids, r.logprobs, r.top_logprobs) if body.logprobs else None
-            choices.append({"index": k, "message": {"role": "assistant", "content": engine.outputs.final(r)["text"]},
+            choices.append({"index": k, "message": {"role": "assistant", "content": engine.final_output(r)["text"]},
                             "logprobs": logprobs, "finish_reason": front.finish_reason(r)})
         return {**head, "choices": choices, "usage": front.usage(requests, owner), "system_fingerprint": None}
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from loraserve.lora.adapter import lora_scaling
 from loraserve.lora.targets import LAYER_MODULES, SUPPORTED_MODULES
-from loraserve.lora.loader import AdapterError
+from loraserve.contract import AdapterError
 from loraserve.plugins.loader_peft.patterns import PatternBudget, check_pattern
 
 CONFIG_NAME = "adapter_config.json"
@@ -102,84 +102,20 @@ class PeftLoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: str) -> "PeftLoraConfig":
-        def bad(field: str, expected: str) -> AdapterError:
-            return AdapterError(f"{path}: {field} = {data.get(field)!r} is invalid; expected {expected}")
-
-        peft_type = data.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise AdapterError(f"{path}: peft_type = {peft_type!r}; only LoRA adapters (peft_type LORA) are supported")
-        for field, why in _REFUSED.items():
-            if data.get(field):
-                raise AdapterError(f"{path}: {field} = {data[field]!r}; {why}")
-        if data.get("bias", "none") != "none":
-            raise AdapterError(f"{path}: bias = {data['bias']!r}; trained biases are not supported, only "
-                               "bias='none'; retrain with bias='none'")
-
+        _check_supported(data, path)
         r = data.get("r", 8)
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise bad("r", "a positive integer")
+            raise _bad(data, path, "r", "a positive integer")
         alpha = data.get("lora_alpha", 8)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise bad("lora_alpha", "a number")
-
-        targets = data.get("target_modules")
-        if isinstance(targets, str):
-            if targets.lower() == "all-linear":
-                targets = LAYER_MODULES  # PEFT: every linear layer but the output layer
-            else:
-                check_pattern(path, "target_modules", targets)
-        elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
-            for t in targets:
-                leaf = t.rsplit(".", 1)[-1]
-                if leaf not in SUPPORTED_MODULES:
-                    raise AdapterError(f"{path}: target_modules entry {t!r} names module {leaf!r}, which "
-                                       f"loraserve does not support; supported: {', '.join(SUPPORTED_MODULES)}")
-            targets = tuple(targets)
-        else:
-            raise bad("target_modules", "a non-empty list of module names or a regex string")
-
-        exclude = data.get("exclude_modules")
-        if isinstance(exclude, list):
-            exclude = tuple(exclude)
-        elif isinstance(exclude, str):
-            check_pattern(path, "exclude_modules", exclude)
-        elif exclude is not None:
-            raise bad("exclude_modules", "a list of module names, a regex string or null")
-
-        rank_pattern = data.get("rank_pattern") or {}
-        alpha_pattern = data.get("alpha_pattern") or {}
-        if not isinstance(rank_pattern, dict) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rank_pattern.values()):
-            raise bad("rank_pattern", "an object mapping module-name patterns to positive integer ranks")
-        if not isinstance(alpha_pattern, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in alpha_pattern.values()):
-            raise bad("alpha_pattern", "an object mapping module-name patterns to numbers")
-        for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-            for key in pattern:
-                check_pattern(path, f"{field} key", key)
-
-        layers = data.get("layers_to_transform")
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            layers = (layers,)
-        elif isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            layers = tuple(layers) or None  # PEFT: an empty list means every layer
-        elif layers is not None:
-            raise bad("layers_to_transform", "an integer, a list of integers or null")
-        pattern = data.get("layers_pattern")
-        if isinstance(pattern, str):
-            pattern = (pattern,) if pattern else None
-        elif isinstance(pattern, list) and all(isinstance(p, str) for p in pattern):
-            pattern = tuple(pattern) or None
-        elif pattern is not None:
-            raise bad("layers_pattern", "a string, a list of strings or null")
-        for p in pattern or ():
-            check_pattern(path, "layers_pattern", p)
-
-        return cls(path=path, r=r, lora_alpha=float(alpha), target_modules=targets, exclude_modules=exclude,
-                   use_rslora=bool(data.get("use_rslora", False)), rank_pattern=dict(rank_pattern),
-                   alpha_pattern={k: float(v) for k, v in alpha_pattern.items()}, layers_to_transform=layers,
-                   layers_pattern=pattern, fan_in_fan_out=bool(data.get("fan_in_fan_out", False)), raw=data,
-                   budget=PatternBudget(path))
+            raise _bad(data, path, "lora_alpha", "a number")
+        rank_pattern, alpha_pattern = _rank_and_alpha_patterns(data, path)
+        layers, pattern = _layer_selection(data, path)
+        return cls(path=path, r=r, lora_alpha=float(alpha), target_modules=_targets(data, path),
+                   exclude_modules=_excluded(data, path), use_rslora=bool(data.get("use_rslora", False)),
+                   rank_pattern=dict(rank_pattern), alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+                   layers_to_transform=layers, layers_pattern=pattern,
+                   fan_in_fan_out=bool(data.get("fan_in_fan_out", False)), raw=data, budget=PatternBudget(path))
 
     # -- matching (peft.tuners.tuners_utils.check_target_module_exists) ---------------------------
 
@@ -253,3 +189,88 @@ class PeftLoraConfig:
         With ``lora_alpha = 0`` it is 1 so that modules given a non-zero alpha by alpha_pattern survive.
         """
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora) or 1.0
+
+
+# -- reading adapter_config.json, field by field ----------------------------------------------------
+
+
+def _bad(data: dict[str, Any], path: str, field: str, expected: str) -> AdapterError:
+    return AdapterError(f"{path}: {field} = {data.get(field)!r} is invalid; expected {expected}")
+
+
+def _check_supported(data: dict[str, Any], path: str) -> None:
+    """Refuse what loraserve does not serve: other PEFT types, refused features, trained biases."""
+    peft_type = data.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterError(f"{path}: peft_type = {peft_type!r}; only LoRA adapters (peft_type LORA) are supported")
+    for field, why in _REFUSED.items():
+        if data.get(field):
+            raise AdapterError(f"{path}: {field} = {data[field]!r}; {why}")
+    if data.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: bias = {data['bias']!r}; trained biases are not supported, only "
+                           "bias='none'; retrain with bias='none'")
+
+
+def _targets(data: dict[str, Any], path: str) -> str | tuple[str, ...]:
+    targets = data.get("target_modules")
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return LAYER_MODULES  # PEFT: every linear layer but the output layer
+        check_pattern(path, "target_modules", targets)
+        return targets
+    if isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
+        for t in targets:
+            leaf = t.rsplit(".", 1)[-1]
+            if leaf not in SUPPORTED_MODULES:
+                raise AdapterError(f"{path}: target_modules entry {t!r} names module {leaf!r}, which "
+                                   f"loraserve does not support; supported: {', '.join(SUPPORTED_MODULES)}")
+        return tuple(targets)
+    raise _bad(data, path, "target_modules", "a non-empty list of module names or a regex string")
+
+
+def _excluded(data: dict[str, Any], path: str) -> str | tuple[str, ...] | None:
+    exclude = data.get("exclude_modules")
+    if isinstance(exclude, list):
+        return tuple(exclude)
+    if isinstance(exclude, str):
+        check_pattern(path, "exclude_modules", exclude)
+        return exclude
+    if exclude is not None:
+        raise _bad(data, path, "exclude_modules", "a list of module names, a regex string or null")
+    return None
+
+
+def _rank_and_alpha_patterns(data: dict[str, Any], path: str) -> tuple[dict, dict]:
+    rank_pattern = data.get("rank_pattern") or {}
+    alpha_pattern = data.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rank_pattern.values()):
+        raise _bad(data, path, "rank_pattern", "an object mapping module-name patterns to positive integer ranks")
+    if not isinstance(alpha_pattern, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in alpha_pattern.values()):
+        raise _bad(data, path, "alpha_pattern", "an object mapping module-name patterns to numbers")
+    for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key in pattern:
+            check_pattern(path, f"{field} key", key)
+    return rank_pattern, alpha_pattern
+
+
+def _layer_selection(data: dict[str, Any], path: str) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
+    """``layers_to_transform`` and ``layers_pattern``, normalised to tuples (None: every layer)."""
+    layers = data.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    elif isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        layers = tuple(layers) or None  # PEFT: an empty list means every layer
+    elif layers is not None:
+        raise _bad(data, path, "layers_to_transform", "an integer, a list of integers or null")
+    pattern = data.get("layers_pattern")
+    if isinstance(pattern, str):
+        pattern = (pattern,) if pattern else None
+    elif isinstance(pattern, list) and all(isinstance(p, str) for p in pattern):
+        pattern = tuple(pattern) or None
+    elif pattern is not None:
+        raise _bad(data, path, "layers_pattern", "a string, a list of strings or null")
+    for p in pattern or ():
+        check_pattern(path, "layers_pattern", p)
+    return layers, pattern

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loraserve.lora.loader import AdapterError
+from loraserve.contract import AdapterError
 from loraserve.lora.policy import looks_like_hub_id
 from loraserve.plugins.loader_peft.config import CONFIG_NAME, read_json
 

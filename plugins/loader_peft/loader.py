@@ -24,7 +24,8 @@ import torch
 
 from loraserve.lora.adapter import BaseModelShape, LoRAAdapter, ModuleLoRA, build_adapter
 from loraserve.lora.targets import EMBEDDING_MODULES, SUPPORTED_MODULES
-from loraserve.lora.loader import AdapterError, AdapterLoader, AdapterSummary, check_max_rank, check_target_modules
+from loraserve.contract import AdapterError, AdapterLoader, AdapterSummary
+from loraserve.lora.loader import check_max_rank, check_target_modules
 from loraserve.plugins.loader_peft.config import CONFIG_NAME, PeftLoraConfig, canonical_modules
 from loraserve.plugins.loader_peft.files import (BIN_NAME, SAFETENSORS_NAME, check_vocabulary, looks_like_hub_id,
                                                  read_weights, resolve_directory)

@@ -18,7 +18,7 @@ import time
 
 import regex
 
-from loraserve.lora.loader import AdapterError
+from loraserve.contract import AdapterError
 
 MAX_PATTERN_CHARS = 512
 MATCH_BUDGET_S = 1.0

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from loraserve.lora.backend import LoRABackend, check_run_lora_args
+from loraserve.contract import LoRABackend, check_run_lora_args
 
 
 class EinsumLoRABackend(LoRABackend):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Hashable, Iterable
 
-from loraserve.lora.eviction import EvictionPolicy
+from loraserve.contract import EvictionPolicy
 
 
 class LFUPolicy(EvictionPolicy):
