@@ -18,7 +18,7 @@ ARGS ?=
 DEMO_ADAPTERS := $(wildcard examples/adapters/smollm2-*)
 SERVE_LORA := $(if $(DEMO_ADAPTERS),--lora-paths $(foreach d,$(DEMO_ADAPTERS),$(patsubst smollm2-%,%,$(notdir $(d)))=$(d)))
 
-.PHONY: serve test setup setup-test clean
+.PHONY: serve test lint setup setup-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ serve: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) dist build *.egg-info

@@ -44,11 +44,11 @@ def measure_ceilings() -> dict:
     a = torch.empty(n // 2, dtype=torch.bfloat16, device="cuda").normal_()
     b = torch.empty_like(a)
     t_copy = do_bench(lambda: b.copy_(a), rep=200, return_mode="median")
-    del a, b
+    a = b = None  # free the 1 GiB before the GEMM's operands
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t_mm = do_bench(lambda: m @ m, rep=200, return_mode="median")
-    del m
-    return {"copy_GBps": 2 * n / t_copy / 1e6, "bf16_TFLOPs": 2 * 8192 ** 3 / t_mm / 1e9}
+    m = None
+    return {"copy_GBps": 2 * n / t_copy / 1e6, "bf16_TFLOPs": 2 * 8192**3 / t_mm / 1e9}
 
 
 def timed_engine(settings) -> tuple:
@@ -66,6 +66,7 @@ def timed_engine(settings) -> tuple:
         torch.cuda.synchronize()
         steps.append((len(chunks), all(c.num_tokens == 1 for c in chunks), time.perf_counter() - t0))
         return out
+
     engine.runner.forward = timed
     return engine, steps
 
@@ -81,24 +82,34 @@ def save(result: dict, out: Path) -> Path:
 def run_workload(engine, steps, workload) -> dict:
     """Run ``workload`` twice and time the second run: the first compiles every kernel and picks every
     GEMM algorithm its step shapes need (Triton's cache is per process only on a fresh machine)."""
-    engine.generate(input_ids=[w.input_ids for w in workload], lora_path=[w.lora_name for w in workload],
-                    sampling_params=[w.sampling_params() for w in workload])
+    engine.generate(
+        input_ids=[w.input_ids for w in workload],
+        lora_path=[w.lora_name for w in workload],
+        sampling_params=[w.sampling_params() for w in workload],
+    )
     steps.clear()
     t0 = time.perf_counter()
-    results = engine.generate(input_ids=[w.input_ids for w in workload],
-                              sampling_params=[w.sampling_params() for w in workload],
-                              lora_path=[w.lora_name for w in workload])
+    results = engine.generate(
+        input_ids=[w.input_ids for w in workload],
+        sampling_params=[w.sampling_params() for w in workload],
+        lora_path=[w.lora_name for w in workload],
+    )
     wall = time.perf_counter() - t0
     out_tokens = sum(len(r["output_ids"]) for r in results)
     if out_tokens != sum(w.output_len for w in workload):
         raise RuntimeError(f"generated {out_tokens} tokens, expected {sum(w.output_len for w in workload)}")
     full = [t for n, dec, t in steps if dec and n == len(workload)]
-    return {"requests": len(workload), "wall_s": wall, "output_tokens": out_tokens,
-            "input_tokens": sum(w.input_len for w in workload), "output_tok_per_s": out_tokens / wall,
-            "total_tok_per_s": (out_tokens + sum(w.input_len for w in workload)) / wall,
-            "decode_steps_full_batch": len(full),
-            "decode_step_ms_median": 1e3 * statistics.median(full) if full else None,
-            "steps": len(steps)}
+    return {
+        "requests": len(workload),
+        "wall_s": wall,
+        "output_tokens": out_tokens,
+        "input_tokens": sum(w.input_len for w in workload),
+        "output_tok_per_s": out_tokens / wall,
+        "total_tok_per_s": (out_tokens + sum(w.input_len for w in workload)) / wall,
+        "decode_steps_full_batch": len(full),
+        "decode_step_ms_median": 1e3 * statistics.median(full) if full else None,
+        "steps": len(steps),
+    }
 
 
 def profile_decode(engine, vocab: int, batch: int, top: int = 15) -> list[dict]:
@@ -118,6 +129,7 @@ def profile_decode(engine, vocab: int, batch: int, top: int = 15) -> list[dict]:
             torch.cuda.synchronize()
         captured["prof"] = prof
         return out
+
     engine.runner.forward = grab
     engine.generate(input_ids=[w.input_ids for w in wl], sampling_params=[w.sampling_params() for w in wl])
     engine.runner.forward = forward
@@ -135,10 +147,16 @@ def run_part(args, state: dict) -> None:
     from loraserve.settings import make_settings
 
     vocab = json.loads((Path(args.config) / "config.json").read_text())["vocab_size"]
-    common = dict(model_path=args.config, load_format="dummy", device="cuda", dtype="bfloat16", random_seed=0,
-                  mem_fraction_static=0.85, max_running_requests=256)
+    common = dict(
+        model_path=args.config,
+        load_format="dummy",
+        device="cuda",
+        dtype="bfloat16",
+        random_seed=0,
+        mem_fraction_static=0.85,
+        max_running_requests=256,
+    )
     mixes = [tuple(x.split(":")) for x in args.mixes.split(",") if x]
-    ctx = args.decode_in + args.decode_out // 2
     if args.part == "base":
         engine, steps = timed_engine(make_settings(**common))
         # a decode step reads every weight once except the embedding table (only its rows), unless tied
@@ -148,7 +166,9 @@ def run_part(args, state: dict) -> None:
             weight_bytes += embed.numel() * embed.element_size()
         del embed
         state["weight_bytes"] = weight_bytes
-        state["kv_bytes_per_token"] = 2 * engine.model.num_layers * engine.model.num_kv_heads * engine.model.head_dim * 2
+        state["kv_bytes_per_token"] = (
+            2 * engine.model.num_layers * engine.model.num_kv_heads * engine.model.head_dim * 2
+        )
         runs = []
         for b in map(int, args.decode_batches.split(",")):
             m = run_workload(engine, steps, make_workload(b, args.decode_in, args.decode_out, vocab, seed=b))
@@ -163,13 +183,21 @@ def run_part(args, state: dict) -> None:
     else:
         n, dist = {"skewed": (8, "skewed"), "distinct": (64, "distinct")}[args.part]
         names = list(state["adapters"])[:n]
-        engine, steps = timed_engine(make_settings(
-            **common, max_loras_per_batch=n + 1, max_lora_rank=args.rank,
-            lora_paths=[f"{k}={state['adapters'][k]}" for k in names]))
+        engine, steps = timed_engine(
+            make_settings(
+                **common,
+                max_loras_per_batch=n + 1,
+                max_lora_rank=args.rank,
+                lora_paths=[f"{k}={state['adapters'][k]}" for k in names],
+            )
+        )
         wl = make_workload(64, args.decode_in, args.decode_out, vocab, names, dist, seed=7)
         m = run_workload(engine, steps, wl)
-        m.update(name=f"decode batch 64, {n} adapters ({dist}), rank {args.rank}", batch=64,
-                 adapters=len({w.lora_name for w in wl}))
+        m.update(
+            name=f"decode batch 64, {n} adapters ({dist}), rank {args.rank}",
+            batch=64,
+            adapters=len({w.lora_name for w in wl}),
+        )
         runs = [m]
         if args.part == "skewed":
             for name, i, o, k in mixes:
@@ -189,8 +217,9 @@ def main() -> None:
     parser.add_argument("--decode-batches", default="1,8,64")
     parser.add_argument("--decode-in", type=int, default=128)
     parser.add_argument("--decode-out", type=int, default=64)
-    parser.add_argument("--mixes", default="prefill:2048:16:32,decode:128:512:64",
-                        help="name:input:output:requests, comma-separated")
+    parser.add_argument(
+        "--mixes", default="prefill:2048:16:32,decode:128:512:64", help="name:input:output:requests, comma-separated"
+    )
     parser.add_argument("--parts", default="base,skewed,distinct", help="engine configurations to run")
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of a base decode step at 1 and 64")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -210,14 +239,22 @@ def main() -> None:
     parts = args.parts.split(",")
     lora_parts = {"skewed": 8, "distinct": 64}
     n_adapters = max((lora_parts[p] for p in parts if p in lora_parts), default=0)
-    paths = write_random_adapters(args.config, tmp, n_adapters, rank=args.rank, dtype="bfloat16", seed=1) \
-        if n_adapters else {}
+    paths = (
+        write_random_adapters(args.config, tmp, n_adapters, rank=args.rank, dtype="bfloat16", seed=1)
+        if n_adapters
+        else {}
+    )
     ceil = measure_ceilings()
-    state = {"device": torch.cuda.get_device_name(0), "date": datetime.datetime.now(datetime.timezone.utc)
-             .isoformat(timespec="seconds"), "versions": {"torch": torch.__version__, "python": platform.python_version()},
-             "ceilings": ceil, "config": {k: v for k, v in vars(args).items() if k not in ("part", "state")},
-             "adapters": {k: str(v) for k, v in paths.items()},
-             "adapter_bytes": adapter_bytes(args.config, args.rank, dtype="bfloat16"), "runs": []}
+    state = {
+        "device": torch.cuda.get_device_name(0),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "ceilings": ceil,
+        "config": {k: v for k, v in vars(args).items() if k not in ("part", "state")},
+        "adapters": {k: str(v) for k, v in paths.items()},
+        "adapter_bytes": adapter_bytes(args.config, args.rank, dtype="bfloat16"),
+        "runs": [],
+    }
     torch.cuda.empty_cache()
     state_path = tmp / "state.json"
     for part in parts:
@@ -256,14 +293,18 @@ def finish(state: dict) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print("\n| run | decode step ms | limit ms | x limit | LoRA part ms | LoRA limit ms | x LoRA limit | "
-          "tok/s (in+out) | vs base |")
+    print(
+        "\n| run | decode step ms | limit ms | x limit | LoRA part ms | LoRA limit ms | x LoRA limit | "
+        "tok/s (in+out) | vs base |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for m in result["runs"]:
-        f = lambda k, d=2: (f"{m[k]:.{d}f}" if m.get(k) is not None else "")  # noqa: E731
-        print(f"| {m['name']} | {f('decode_step_ms_median')} | {f('limit_ms')} | {f('vs_limit')} | "
-              f"{f('lora_part_ms')} | {f('lora_limit_ms')} | {f('lora_part_vs_limit')} | {f('total_tok_per_s', 0)} | "
-              f"{f('throughput_vs_base')} |")
+        f = lambda k, d=2, m=m: f"{m[k]:.{d}f}" if m.get(k) is not None else ""  # noqa: E731
+        print(
+            f"| {m['name']} | {f('decode_step_ms_median')} | {f('limit_ms')} | {f('vs_limit')} | "
+            f"{f('lora_part_ms')} | {f('lora_limit_ms')} | {f('lora_part_vs_limit')} | {f('total_tok_per_s', 0)} | "
+            f"{f('throughput_vs_base')} |"
+        )
     for b, rows in result.get("profile", {}).items():
         print(f"\nbase decode step at batch {b}, device time per kernel (us):")
         for r in rows:

@@ -20,7 +20,7 @@ alone), and ``triton+gemm`` / ``csgmv+gemm`` do the shrink inside the base GEMM,
 when the backend's cost model says so: every slot's A rows are appended to the base weight (the
 pool keeps them there), one GEMM gives the base output and ``x @ A^T``, and only the expand
 kernel runs; its LoRA time is (that GEMM + expand) minus the base GEMM alone, both timed in the same
-case. ``auto`` rows are the path the backend's cost model picks (``fuse_shrink``) for that case.
+case. ``auto`` rows are the path the backend's cost model picks (``wants_shrink_in_gemm``) for that case.
 ``--sweep`` times a few launch-parameter variants on representative cases. Results: JSON and a
 markdown summary in ``--out``.
 
@@ -86,12 +86,12 @@ def measure_ceilings() -> dict:
     a = torch.empty(n // 2, dtype=DTYPE, device=DEVICE).normal_()
     b = torch.empty_like(a)
     t_copy = bench(lambda: b.copy_(a), rep=100)
-    del a, b
+    a = b = None  # free the 1 GiB before the GEMM's operands
     m = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
     m2 = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
     t_mm = bench(lambda: m @ m2, rep=200)
-    del m, m2
-    return {"copy_GBps": 2 * n / t_copy / 1e6, "bf16_TFLOPs": 2 * 8192 ** 3 / t_mm / 1e9}
+    m = m2 = None
+    return {"copy_GBps": 2 * n / t_copy / 1e6, "bf16_TFLOPs": 2 * 8192**3 / t_mm / 1e9}
 
 
 def make_backend(name: str, max_chunk: int = 16, tuning: dict | None = None):
@@ -108,7 +108,7 @@ class Case:
     """Inputs of one (projection, step shape, adapters, rank) case, with several layers' weights."""
 
     def __init__(self, proj: str, seg_lens: list[int], n_adapters: int, rank: int, seed: int = 0):
-        from loraserve.lora.batch_info import LoRABatchInfo
+        from loraserve.contract import LoRABatchInfo
 
         self.proj, self.rank, self.n_adapters = proj, rank, n_adapters
         self.in_dim, self.offsets = PROJECTIONS[proj]
@@ -121,14 +121,20 @@ class Case:
         self.ext: list[torch.Tensor] | None = None  # [W; A] per layer, built by time_fused
         self.weights = []
         for _ in range(self.layers):
-            A = torch.randn(n_adapters, S * rank, K, device=DEVICE, generator=gen, dtype=DTYPE) * K ** -0.5
+            A = torch.randn(n_adapters, S * rank, K, device=DEVICE, generator=gen, dtype=DTYPE) * K**-0.5
             B = torch.randn(n_adapters, N, rank, device=DEVICE, generator=gen, dtype=DTYPE) * 0.1
             self.weights.append((A, B))
         self.x = torch.randn(T, K, device=DEVICE, generator=gen, dtype=DTYPE)
         self.out = torch.randn(T, N, device=DEVICE, generator=gen, dtype=DTYPE)
         seg_slot = [i % n_adapters for i in range(len(seg_lens))]
-        self.info = LoRABatchInfo.build(seg_lens, seg_slot, [rank] * n_adapters,
-                                        [0.5 + i / n_adapters for i in range(n_adapters)], rank, device=DEVICE)
+        self.info = LoRABatchInfo.build(
+            seg_lens,
+            seg_slot,
+            [rank] * n_adapters,
+            [0.5 + i / n_adapters for i in range(n_adapters)],
+            rank,
+            device=DEVICE,
+        )
         distinct = len(set(seg_slot))
         self.bytes = distinct * (S * rank * K + N * rank) * 2 + T * K * 2 + 2 * T * N * 2
         self.flops = 2 * T * rank * (S * K + N)
@@ -139,6 +145,7 @@ class Case:
         def step():
             for A, B in self.weights:
                 backend.run_lora(self.x, A, B, self.out, self.offsets)
+
         graph = graph_of(step)
         return bench(graph.replay) / self.layers * 1e3  # microseconds per run_lora
 
@@ -153,7 +160,7 @@ class Case:
         if self.ext is None:
             self.ext = []
             for i, (A, B) in enumerate(self.weights):
-                W = torch.randn(N, K, device=DEVICE, generator=gen, dtype=DTYPE) * K ** -0.5
+                W = torch.randn(N, K, device=DEVICE, generator=gen, dtype=DTYPE) * K**-0.5
                 ext = torch.cat([W, A.reshape(-1, K)])
                 del W
                 self.weights[i] = (ext[N:].view(A.shape), B)
@@ -172,6 +179,7 @@ class Case:
         def separate():
             for ext, (A, B) in zip(self.ext, self.weights):
                 backend.run_lora(self.x, A, B, F.linear(self.x, ext[:N]), self.offsets)
+
         return self.interleaved({"gemm_us": gemm, "separate_total_us": separate, "fused_total_us": fused}, rounds)
 
     def interleaved(self, steps: dict, rounds: int) -> dict:
@@ -192,8 +200,8 @@ class Case:
         over ``[W; A]`` + expand kernel + consumer; medians over interleaved rounds. Needs
         :meth:`time_fused` first (it builds the extended weights). Also the relative error of the
         epilogue's result against the in-place expand's, on layer 0."""
+        from loraserve.contract import LoRAEpilogue
         from loraserve.models import fused
-        from loraserve.models.epilogue import LoRAEpilogue
 
         N, S, T = self.offsets[-1], len(self.offsets) - 1, self.T
         gen = torch.Generator(device=DEVICE).manual_seed(2)
@@ -209,8 +217,15 @@ class Case:
             return fused.rms_norm(y, norm_w, 1e-5, residual, lora=lora, **(kw if lora is not None else {}))[0]
 
         def epilogue(y, B):
-            return LoRAEpilogue(h=y[:, N:], B=B, token_slot=info.token_slot, ranks=info.ranks,
-                                scalings=info.scalings, n_slices=S, R=self.rank)
+            return LoRAEpilogue(
+                h=y[:, N:],
+                B=B,
+                token_slot=info.token_slot,
+                ranks=info.ranks,
+                scalings=info.scalings,
+                n_slices=S,
+                R=self.rank,
+            )
 
         def plain():
             for ext in self.ext:
@@ -226,6 +241,7 @@ class Case:
                 y = F.linear(self.x, ext)
                 backend.run_lora(self.x, A, B, y[:, :N], self.offsets, shrunk=y[:, N:])
                 consume(y[:, :N])
+
         out = self.interleaved({"plain_total_us": plain, "epi_total_us": epi, "in_place_total_us": in_place}, rounds)
         (A, B), ext = self.weights[0], self.ext[0]
         y = F.linear(self.x, ext)
@@ -256,20 +272,20 @@ class Case:
 def time_gemm(proj: str, T: int) -> float:
     K, N = PROJECTIONS[proj][0], PROJECTIONS[proj][1][-1]
     layers = 4
-    ws = [torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5 for _ in range(layers)]
+    ws = [torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K**-0.5 for _ in range(layers)]
     x = torch.randn(T, K, device=DEVICE, dtype=DTYPE)
     graph = graph_of(lambda: [F.linear(x, w) for w in ws])
     t = bench(graph.replay) / layers * 1e3
-    del ws
     return t
 
 
 def time_prepare(name: str, T: int, n_adapters: int, segs: int) -> float:
-    from loraserve.lora.batch_info import LoRABatchInfo
+    from loraserve.contract import LoRABatchInfo
 
     seg_lens = [T // segs] * segs
-    info = LoRABatchInfo.build(seg_lens, [i % n_adapters for i in range(segs)], [16] * n_adapters,
-                               [1.0] * n_adapters, 16, device=DEVICE)
+    info = LoRABatchInfo.build(
+        seg_lens, [i % n_adapters for i in range(segs)], [16] * n_adapters, [1.0] * n_adapters, 16, device=DEVICE
+    )
     backend = make_backend(name)
     graph = graph_of(lambda: backend.prepare(info))
     return bench(graph.replay) * 1e3
@@ -291,7 +307,7 @@ def prefill_cases(quick: bool):
         for n in PREFILL_ADAPTERS:
             if n > reqs:
                 continue
-            for r in ((16,) if quick else PREFILL_RANKS):
+            for r in (16,) if quick else PREFILL_RANKS:
                 yield "prefill", [each] * reqs, n, r
 
 
@@ -300,28 +316,50 @@ def run(args) -> dict:
     import triton
 
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         rev = ""
     rev = rev or "unknown (no git checkout on the device)"
     ceilings = measure_ceilings()
-    print(f"device {props.name}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 {ceilings['bf16_TFLOPs']:.0f} TFLOP/s",
-          flush=True)
+    print(
+        f"device {props.name}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 {ceilings['bf16_TFLOPs']:.0f} TFLOP/s",
+        flush=True,
+    )
     result = {
-        "device": props.name, "sm_count": props.multi_processor_count,
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "python": platform.python_version(), "loraserve_git": rev},
+        "device": props.name,
+        "sm_count": props.multi_processor_count,
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "loraserve_git": rev,
+        },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "ceilings": ceilings,
-        "config": {"dtype": str(DTYPE), "projections": PROJECTIONS, "decode_tokens": DECODE_TOKENS,
-                   "decode_adapters": DECODE_ADAPTERS, "ranks": RANKS, "prefill": PREFILL,
-                   "prefill_adapters": PREFILL_ADAPTERS, "prefill_ranks": PREFILL_RANKS, "quick": args.quick,
-                   "prefill_only": args.prefill_only, "no_prefill": args.no_prefill, "only_decode_tokens": args.decode_tokens,
-                   "csgmv_max_chunk": args.max_chunk, "timing": "CUDA graph of one run_lora per layer over "
-                   "2-8 layers' distinct weights, L2 flushed before each replay, median (do_bench)",
-                   "max_rank": "= the case's rank (every adapter has that rank)"},
-        "cases": [], "gemm": {}, "prepare_us": [],
+        "config": {
+            "dtype": str(DTYPE),
+            "projections": PROJECTIONS,
+            "decode_tokens": DECODE_TOKENS,
+            "decode_adapters": DECODE_ADAPTERS,
+            "ranks": RANKS,
+            "prefill": PREFILL,
+            "prefill_adapters": PREFILL_ADAPTERS,
+            "prefill_ranks": PREFILL_RANKS,
+            "quick": args.quick,
+            "prefill_only": args.prefill_only,
+            "no_prefill": args.no_prefill,
+            "only_decode_tokens": args.decode_tokens,
+            "csgmv_max_chunk": args.max_chunk,
+            "timing": "CUDA graph of one run_lora per layer over "
+            "2-8 layers' distinct weights, L2 flushed before each replay, median (do_bench)",
+            "max_rank": "= the case's rank (every adapter has that rank)",
+        },
+        "cases": [],
+        "gemm": {},
+        "prepare_us": [],
     }
     gemm = result["gemm"]
     t0 = time.time()
@@ -343,20 +381,39 @@ def run(args) -> dict:
             for name in BACKENDS:  # after the separate runs: this moves each layer's A into its extended weight
                 backend = make_backend(name, args.max_chunk)
                 m = case.time_fused(backend, rounds=3 if phase == "prefill" else 1)
-                times[name + "+gemm"] = {"time_us": m["fused_total_us"] - m["gemm_us"], **m,
-                                         "separate_in_context_us": m["separate_total_us"] - m["gemm_us"],
-                                         "rel_err_vs_kernel": case.check_fused(backend)}
+                times[name + "+gemm"] = {
+                    "time_us": m["fused_total_us"] - m["gemm_us"],
+                    **m,
+                    "separate_in_context_us": m["separate_total_us"] - m["gemm_us"],
+                    "rel_err_vs_kernel": case.check_fused(backend),
+                }
                 S = len(case.offsets) - 1
-                pick = name + "+gemm" if backend.fuse_shrink(T, case.in_dim, case.offsets[-1], S, r, n) else name
+                pick = (
+                    name + "+gemm" if backend.wants_shrink_in_gemm(T, case.in_dim, case.offsets[-1], S, r, n) else name
+                )
                 times[name + " auto"] = {**times[pick], "picked": pick}
             for name, m in times.items():
                 t = m["time_us"]
                 gbps = case.bytes / t / 1e3
-                result["cases"].append({
-                    "phase": phase, "proj": proj, "tokens": T, "requests": len(seg_lens), "adapters": n, "rank": r,
-                    "backend": name, "bytes": case.bytes, "flops": case.flops, "GBps": gbps,
-                    "frac_copy_bw": gbps / ceilings["copy_GBps"], "limit_us": limit_us, "frac_limit": limit_us / t,
-                    "overhead_vs_gemm": t / m["gemm_us"], **m})
+                result["cases"].append(
+                    {
+                        "phase": phase,
+                        "proj": proj,
+                        "tokens": T,
+                        "requests": len(seg_lens),
+                        "adapters": n,
+                        "rank": r,
+                        "backend": name,
+                        "bytes": case.bytes,
+                        "flops": case.flops,
+                        "GBps": gbps,
+                        "frac_copy_bw": gbps / ceilings["copy_GBps"],
+                        "limit_us": limit_us,
+                        "frac_limit": limit_us / t,
+                        "overhead_vs_gemm": t / m["gemm_us"],
+                        **m,
+                    }
+                )
             case.free()
             del case
         torch.cuda.empty_cache()
@@ -365,8 +422,9 @@ def run(args) -> dict:
             Path(args.partial).write_text(json.dumps(result))
     for name in BACKENDS if args.prepare else ():
         for T, n, segs in ((1, 1, 1), (64, 8, 64), (256, 64, 256), (2048, 4, 4), (4096, 16, 16)):
-            result["prepare_us"].append({"backend": name, "tokens": T, "adapters": n, "requests": segs,
-                                         "us": time_prepare(name, T, n, segs)})
+            result["prepare_us"].append(
+                {"backend": name, "tokens": T, "adapters": n, "requests": segs, "us": time_prepare(name, T, n, segs)}
+            )
     return result
 
 
@@ -392,12 +450,19 @@ def run_epilogue(args) -> dict:
     base GEMM + consumer, in one run."""
     ceilings = measure_ceilings()
     props = torch.cuda.get_device_properties(0)
-    result = {"device": props.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "ceilings": ceilings, "config": {"dtype": str(DTYPE), "csgmv_max_chunk": args.max_chunk,
-                                               "timing": "CUDA graphs over 2-8 layers' weights, cold L2, median of "
-                                                         "3 interleaved rounds; LoRA time = total - (base GEMM + "
-                                                         "consumer)"},
-              "cases": []}
+    result = {
+        "device": props.name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ceilings": ceilings,
+        "config": {
+            "dtype": str(DTYPE),
+            "csgmv_max_chunk": args.max_chunk,
+            "timing": "CUDA graphs over 2-8 layers' weights, cold L2, median of "
+            "3 interleaved rounds; LoRA time = total - (base GEMM + "
+            "consumer)",
+        },
+        "cases": [],
+    }
     t0 = time.time()
     for phase, seg_lens, n, r in epilogue_cases():
         for proj in EPILOGUE_PROJS:
@@ -408,9 +473,21 @@ def run_epilogue(args) -> dict:
             limit_us = max(case.bytes / (ceilings["copy_GBps"] * 1e3), case.flops / (ceilings["bf16_TFLOPs"] * 1e6))
             for name, total in (("csgmv+gemm", m["in_place_total_us"]), ("csgmv+epi", m["epi_total_us"])):
                 t = total - m["plain_total_us"]
-                result["cases"].append({"phase": phase, "proj": proj, "tokens": case.T, "adapters": n, "rank": r,
-                                        "backend": name, "bytes": case.bytes, "time_us": t, "limit_us": limit_us,
-                                        "frac_limit": limit_us / t if t > 0 else float("inf"), **m})
+                result["cases"].append(
+                    {
+                        "phase": phase,
+                        "proj": proj,
+                        "tokens": case.T,
+                        "adapters": n,
+                        "rank": r,
+                        "backend": name,
+                        "bytes": case.bytes,
+                        "time_us": t,
+                        "limit_us": limit_us,
+                        "frac_limit": limit_us / t if t > 0 else float("inf"),
+                        **m,
+                    }
+                )
             case.free()
             del case
         torch.cuda.empty_cache()
@@ -420,9 +497,24 @@ def run_epilogue(args) -> dict:
 
 EPILOGUE_SWEEP = {
     "cases": [([1] * 32, 32, 8), ([1] * 64, 64, 8), ([1] * 128, 64, 8), ([1] * 64, 32, 16), ([1] * 128, 64, 16)],
-    "rms_norm": [{}, {"block_r": 16}, {"num_warps": 8}, {"num_warps": 4}, {"block_r": 4}, {"block_r": 16, "num_warps": 8}],
-    "silu_and_mul": [{}, {"block_n": 256}, {"block_n": 512, "num_warps": 8}, {"block_n": 64}, {"block_r": 8},
-                     {"block_n": 256, "num_warps": 8}, {"num_warps": 2}, {"block_n": 1024, "num_warps": 8}],
+    "rms_norm": [
+        {},
+        {"block_r": 16},
+        {"num_warps": 8},
+        {"num_warps": 4},
+        {"block_r": 4},
+        {"block_r": 16, "num_warps": 8},
+    ],
+    "silu_and_mul": [
+        {},
+        {"block_n": 256},
+        {"block_n": 512, "num_warps": 8},
+        {"block_n": 64},
+        {"block_r": 8},
+        {"block_n": 256, "num_warps": 8},
+        {"num_warps": 2},
+        {"block_n": 1024, "num_warps": 8},
+    ],
 }
 
 
@@ -437,11 +529,23 @@ def sweep_epilogue(args) -> list[dict]:
             case.time_fused(backend, rounds=1)
             for kw in EPILOGUE_SWEEP[key]:
                 m = case.time_epilogue(backend, rounds=3, consumer_kw=kw)
-                rows.append({"proj": proj, "tokens": case.T, "adapters": n, "rank": r, "consumer_kw": kw,
-                             "epi_us": m["epi_total_us"] - m["plain_total_us"],
-                             "gemm_us": m["in_place_total_us"] - m["plain_total_us"], "bytes": case.bytes})
-                print(f"{proj} T={case.T} n={n} r={r} {kw}: epi {rows[-1]['epi_us']:.1f} us, "
-                      f"in place {rows[-1]['gemm_us']:.1f} us", flush=True)
+                rows.append(
+                    {
+                        "proj": proj,
+                        "tokens": case.T,
+                        "adapters": n,
+                        "rank": r,
+                        "consumer_kw": kw,
+                        "epi_us": m["epi_total_us"] - m["plain_total_us"],
+                        "gemm_us": m["in_place_total_us"] - m["plain_total_us"],
+                        "bytes": case.bytes,
+                    }
+                )
+                print(
+                    f"{proj} T={case.T} n={n} r={r} {kw}: epi {rows[-1]['epi_us']:.1f} us, "
+                    f"in place {rows[-1]['gemm_us']:.1f} us",
+                    flush=True,
+                )
             case.free()
             del case
         torch.cuda.empty_cache()
@@ -449,19 +553,26 @@ def sweep_epilogue(args) -> list[dict]:
 
 
 def summarize_epilogue(result: dict) -> str:
-    lines = [f"# LoRA expand left to the consumer, on {result['device']}", "",
-             f"{result['date']}; {result['config']['timing']}. `gemm` = GEMM over [W; A] + expand kernel; "
-             "`epi` = GEMM over [W; A] + consumer taking the expand (RMSNorm for o/down, SiLU-and-mul for gate_up).",
-             "", "| proj | tokens | adapters | rank | limit us | gemm us | epi us | gemm % of limit | epi % of limit | "
-             "rel err |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# LoRA expand left to the consumer, on {result['device']}",
+        "",
+        f"{result['date']}; {result['config']['timing']}. `gemm` = GEMM over [W; A] + expand kernel; "
+        "`epi` = GEMM over [W; A] + consumer taking the expand (RMSNorm for o/down, SiLU-and-mul for gate_up).",
+        "",
+        "| proj | tokens | adapters | rank | limit us | gemm us | epi us | gemm % of limit | epi % of limit | "
+        "rel err |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     by = {}
     for c in result["cases"]:
         by.setdefault((c["proj"], c["tokens"], c["adapters"], c["rank"]), {})[c["backend"]] = c
     for key, v in by.items():
         g, e = v["csgmv+gemm"], v["csgmv+epi"]
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {g['limit_us']:.1f} | {g['time_us']:.1f} | "
-                     f"{e['time_us']:.1f} | {100 * min(1.0, g['frac_limit']):.0f}% | "
-                     f"{100 * min(1.0, e['frac_limit']):.0f}% | {e['rel_err_vs_in_place']:.1e} |")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {g['limit_us']:.1f} | {g['time_us']:.1f} | "
+            f"{e['time_us']:.1f} | {100 * min(1.0, g['frac_limit']):.0f}% | "
+            f"{100 * min(1.0, e['frac_limit']):.0f}% | {e['rel_err_vs_in_place']:.1e} |"
+        )
     lines.append("")
     # "auto": the path the backend's rule (TiledLoRABackend.use_epilogue) picks, on these measurements
     from types import SimpleNamespace
@@ -479,21 +590,37 @@ def summarize_epilogue(result: dict) -> str:
         sel = [c for c in rows if c["backend"] == name and c["adapters"] >= 16]
         for r in sorted({c["rank"] for c in sel}):
             fr = sorted(c["frac_limit"] for c in sel if c["rank"] == r)
-            lines.append(f"- {name}, rank {r}, >= 16 adapters: {sum(f >= 0.75 for f in fr)}/{len(fr)} reach 75% of "
-                         f"their limit; median {100 * min(1.0, fr[len(fr) // 2]):.0f}%")
+            lines.append(
+                f"- {name}, rank {r}, >= 16 adapters: {sum(f >= 0.75 for f in fr)}/{len(fr)} reach 75% of "
+                f"their limit; median {100 * min(1.0, fr[len(fr) // 2]):.0f}%"
+            )
     return "\n".join(lines) + "\n"
 
 
 SWEEP = {  # representative cases and the launch-parameter variants tried on each
-    "cases": [("decode", [1] * 64, 64, 16, "gate_up_proj"), ("decode", [1] * 64, 8, 128, "qkv_proj"),
-              ("decode", [1] * 128, 64, 8, "qkv_proj"),
-              ("decode", [1] * 256, 32, 64, "down_proj"), ("decode", [1] * 8, 8, 16, "o_proj"),
-              ("prefill", [512] * 4, 4, 16, "qkv_proj"), ("prefill", [256] * 16, 16, 16, "o_proj")],
-    "variants": [{}, {"expand": {"group_n": 1}}, {"expand": {"group_n": 2}}, {"expand": {"group_n": 4}},
-                 {"expand": {"group_n": 8}}, {"expand": {"num_warps": 8}},
-                 {"expand": {"group_n": 4, "num_warps": 8}}, {"expand": {"block_n": 256, "group_n": 2}},
-                 {"expand": {"block_n": 64, "group_n": 8}}, {"expand": {"num_stages": 3}},
-                 {"expand": {"num_stages": 4, "group_n": 4}}, {"shrink": {"num_warps": 8}}],
+    "cases": [
+        ("decode", [1] * 64, 64, 16, "gate_up_proj"),
+        ("decode", [1] * 64, 8, 128, "qkv_proj"),
+        ("decode", [1] * 128, 64, 8, "qkv_proj"),
+        ("decode", [1] * 256, 32, 64, "down_proj"),
+        ("decode", [1] * 8, 8, 16, "o_proj"),
+        ("prefill", [512] * 4, 4, 16, "qkv_proj"),
+        ("prefill", [256] * 16, 16, 16, "o_proj"),
+    ],
+    "variants": [
+        {},
+        {"expand": {"group_n": 1}},
+        {"expand": {"group_n": 2}},
+        {"expand": {"group_n": 4}},
+        {"expand": {"group_n": 8}},
+        {"expand": {"num_warps": 8}},
+        {"expand": {"group_n": 4, "num_warps": 8}},
+        {"expand": {"block_n": 256, "group_n": 2}},
+        {"expand": {"block_n": 64, "group_n": 8}},
+        {"expand": {"num_stages": 3}},
+        {"expand": {"num_stages": 4, "group_n": 4}},
+        {"shrink": {"num_warps": 8}},
+    ],
 }
 
 
@@ -508,23 +635,61 @@ def sweep(args) -> list[dict]:
                 except Exception as exc:  # a variant the compiler refuses (too much shared memory, ...)
                     t = float("nan")
                     print(f"    {tuning}: {type(exc).__name__}: {str(exc)[:120]}")
-                rows.append({"phase": phase, "proj": proj, "tokens": sum(seg_lens), "adapters": n, "rank": r,
-                             "backend": name, "tuning": tuning, "time_us": t,
-                             "GBps": case.bytes / t / 1e3})
-            best = min((x for x in rows if x["backend"] == name and x["proj"] == proj and x["tokens"] == sum(seg_lens)
-                        and x["adapters"] == n and "time_us" in x),
-                       key=lambda x: x["time_us"] if x["time_us"] == x["time_us"] else 1e99)
-            default = next(x for x in rows if x["backend"] == name and x["proj"] == proj
-                           and x["tokens"] == sum(seg_lens) and x["adapters"] == n and not x["tuning"])
-            print(f"sweep {phase} {proj} T={sum(seg_lens)} n={n} r={r} {name}: default {default['time_us']:.1f}us "
-                  f"best {best['time_us']:.1f}us {best['tuning']}", flush=True)
+                rows.append(
+                    {
+                        "phase": phase,
+                        "proj": proj,
+                        "tokens": sum(seg_lens),
+                        "adapters": n,
+                        "rank": r,
+                        "backend": name,
+                        "tuning": tuning,
+                        "time_us": t,
+                        "GBps": case.bytes / t / 1e3,
+                    }
+                )
+            best = min(
+                (
+                    x
+                    for x in rows
+                    if x["backend"] == name
+                    and x["proj"] == proj
+                    and x["tokens"] == sum(seg_lens)
+                    and x["adapters"] == n
+                    and "time_us" in x
+                ),
+                key=lambda x: x["time_us"] if x["time_us"] == x["time_us"] else 1e99,
+            )
+            default = next(
+                x
+                for x in rows
+                if x["backend"] == name
+                and x["proj"] == proj
+                and x["tokens"] == sum(seg_lens)
+                and x["adapters"] == n
+                and not x["tuning"]
+            )
+            print(
+                f"sweep {phase} {proj} T={sum(seg_lens)} n={n} r={r} {name}: default {default['time_us']:.1f}us "
+                f"best {best['time_us']:.1f}us {best['tuning']}",
+                flush=True,
+            )
         for name in BACKENDS:  # where the time goes, per kernel (default parameters)
             try:
                 times = kernel_times(case, make_backend(name, args.max_chunk))
             except Exception as exc:  # the profiler is a diagnostic: never lose the sweep to it
                 times = {"error": f"{type(exc).__name__}: {exc}"[:200]}
-            rows.append({"phase": phase, "proj": proj, "tokens": sum(seg_lens), "adapters": n, "rank": r,
-                         "backend": name, "kernels_us": times})
+            rows.append(
+                {
+                    "phase": phase,
+                    "proj": proj,
+                    "tokens": sum(seg_lens),
+                    "adapters": n,
+                    "rank": r,
+                    "backend": name,
+                    "kernels_us": times,
+                }
+            )
             print(f"    {name} kernels: {rows[-1]['kernels_us']}", flush=True)
         case.free()
     return rows
@@ -558,40 +723,56 @@ def per_layer(cases: list[dict]) -> list[dict]:
         row = layers.setdefault(key, {"time_us": 0.0, "bytes": 0, "gemm_us": 0.0, "limit_us": 0.0})
         for f in ("time_us", "bytes", "gemm_us", "limit_us"):
             row[f] += c[f]
-    return [{"phase": k[0], "tokens": k[1], "requests": k[2], "adapters": k[3], "rank": k[4], "backend": k[5], **v}
-            for k, v in layers.items()]
+    return [
+        {"phase": k[0], "tokens": k[1], "requests": k[2], "adapters": k[3], "rank": k[4], "backend": k[5], **v}
+        for k, v in layers.items()
+    ]
 
 
 def summarize(result: dict) -> str:
     bw = result["ceilings"]["copy_GBps"]
-    lines = [f"# LoRA kernels on {result['device']}", "",
-             f"{result['date']}; torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
-             f"CUDA {result['versions']['cuda']}; loraserve {result['versions']['loraserve_git']}. "
-             f"Measured copy bandwidth {bw:.0f} GB/s (read + write), bf16 matmul "
-             f"{result['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s. bfloat16, Llama-3-8B projections, "
-             f"csgmv --max-lora-chunk-size {result['config']['csgmv_max_chunk']}. LoRA time per call, CUDA-graph "
-             "replays with a cold L2, median: `triton`/`csgmv` = run_lora with its own shrink kernel; `+gemm` = "
-             "(base GEMM over [W; A] + expand) - base GEMM; `auto` = the path the backend's cost model picks.", "",
-             "## Per layer (sum of qkv, o, gate_up, down)", "",
-             "| phase | tokens | adapters | rank | triton us | csgmv us | csgmv+gemm us | csgmv auto us | "
-             "auto % of copy BW | auto % of limit | base GEMMs us | auto overhead |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# LoRA kernels on {result['device']}",
+        "",
+        f"{result['date']}; torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
+        f"CUDA {result['versions']['cuda']}; loraserve {result['versions']['loraserve_git']}. "
+        f"Measured copy bandwidth {bw:.0f} GB/s (read + write), bf16 matmul "
+        f"{result['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s. bfloat16, Llama-3-8B projections, "
+        f"csgmv --max-lora-chunk-size {result['config']['csgmv_max_chunk']}. LoRA time per call, CUDA-graph "
+        "replays with a cold L2, median: `triton`/`csgmv` = run_lora with its own shrink kernel; `+gemm` = "
+        "(base GEMM over [W; A] + expand) - base GEMM; `auto` = the path the backend's cost model picks.",
+        "",
+        "## Per layer (sum of qkv, o, gate_up, down)",
+        "",
+        "| phase | tokens | adapters | rank | triton us | csgmv us | csgmv+gemm us | csgmv auto us | "
+        "auto % of copy BW | auto % of limit | base GEMMs us | auto overhead |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     layers = per_layer(result["cases"])
     by = {(r["phase"], r["tokens"], r["adapters"], r["rank"], r["backend"]): r for r in layers}
     for key in sorted({k[:4] for k in by}, key=lambda k: (k[0] != "decode", k[1], k[2], k[3])):
         tr, cs, cf, ca = (by.get((*key, n)) for n in ("triton", "csgmv", "csgmv+gemm", "csgmv auto"))
         if None in (tr, cs, cf, ca):
             continue
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {tr['time_us']:.1f} | {cs['time_us']:.1f} | "
-                     f"{cf['time_us']:.1f} | {ca['time_us']:.1f} | "
-                     f"{100 * ca['bytes'] / ca['time_us'] / 1e3 / bw:.0f}% | {100 * ca['limit_us'] / ca['time_us']:.0f}% | "
-                     f"{cs['gemm_us']:.1f} | {100 * ca['time_us'] / cs['gemm_us']:.0f}% |")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {tr['time_us']:.1f} | {cs['time_us']:.1f} | "
+            f"{cf['time_us']:.1f} | {ca['time_us']:.1f} | "
+            f"{100 * ca['bytes'] / ca['time_us'] / 1e3 / bw:.0f}% | {100 * ca['limit_us'] / ca['time_us']:.0f}% | "
+            f"{cs['gemm_us']:.1f} | {100 * ca['time_us'] / cs['gemm_us']:.0f}% |"
+        )
     lines += ["", "## Targets (per projection)", ""] + targets(result)
     if result["prepare_us"]:
-        lines += ["", "## prepare() per step (CUDA graph, us)", "", "| backend | tokens | adapters | requests | us |",
-                  "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {p['backend']} | {p['tokens']} | {p['adapters']} | {p['requests']} | {p['us']:.1f} |"
-                  for p in result["prepare_us"]]
+        lines += [
+            "",
+            "## prepare() per step (CUDA graph, us)",
+            "",
+            "| backend | tokens | adapters | requests | us |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {p['backend']} | {p['tokens']} | {p['adapters']} | {p['requests']} | {p['us']:.1f} |"
+            for p in result["prepare_us"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -605,27 +786,35 @@ def targets(result: dict) -> list[str]:
         if sel:
             fr = sorted(c["frac_limit"] for c in sel)
             worst = min(sel, key=lambda c: c["frac_limit"])
-            out.append(f"- decode, >= 16 adapters, {name}: {sum(f >= 0.75 for f in fr)}/{len(fr)} cases reach 75% of their "
-                       f"limit; median {100 * fr[len(fr) // 2]:.0f}%, worst {100 * fr[0]:.0f}% ({worst['proj']} T={worst['tokens']} "
-                       f"n={worst['adapters']} r={worst['rank']})")
+            out.append(
+                f"- decode, >= 16 adapters, {name}: {sum(f >= 0.75 for f in fr)}/{len(fr)} cases reach 75% of their "
+                f"limit; median {100 * fr[len(fr) // 2]:.0f}%, worst {100 * fr[0]:.0f}% "
+                f"({worst['proj']} T={worst['tokens']} n={worst['adapters']} r={worst['rank']})"
+            )
     pre = [c for c in cases if c["phase"] == "prefill" and c["rank"] == 16]
     for name in names:
         sel = [c for c in pre if c["backend"] == name]
         if sel:
             worst = max(sel, key=lambda c: c["overhead_vs_gemm"])
-            out.append(f"- prefill rank 16, {name}: {sum(c['overhead_vs_gemm'] <= 0.15 for c in sel)}/{len(sel)} cases add "
-                       f"<= 15% to the base GEMM; worst {100 * worst['overhead_vs_gemm']:.0f}% ({worst['proj']} "
-                       f"T={worst['tokens']} n={worst['adapters']})")
+            out.append(
+                f"- prefill rank 16, {name}: {sum(c['overhead_vs_gemm'] <= 0.15 for c in sel)}/{len(sel)} cases add "
+                f"<= 15% to the base GEMM; worst {100 * worst['overhead_vs_gemm']:.0f}% ({worst['proj']} "
+                f"T={worst['tokens']} n={worst['adapters']})"
+            )
     pairs = {}
     for c in cases:
-        pairs.setdefault((c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"]), {})[c["backend"]] = c["time_us"]
+        pairs.setdefault((c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"]), {})[c["backend"]] = c[
+            "time_us"
+        ]
     for cs, tr in (("csgmv", "triton"), ("csgmv auto", "triton auto")):
         ratios = sorted((v[cs] / v[tr], k) for k, v in pairs.items() if cs in v and tr in v and v[tr] > 1.0)
         if ratios:
             slower = [r for r in ratios if r[0] > 1.05]
-            out.append(f"- {cs} / {tr} time: median {ratios[len(ratios) // 2][0]:.2f}, best {ratios[0][0]:.2f} "
-                       f"{ratios[0][1]}, worst {ratios[-1][0]:.2f} {ratios[-1][1]}; {len(slower)}/{len(ratios)} cases "
-                       "slower by > 5%")
+            out.append(
+                f"- {cs} / {tr} time: median {ratios[len(ratios) // 2][0]:.2f}, best {ratios[0][0]:.2f} "
+                f"{ratios[0][1]}, worst {ratios[-1][0]:.2f} {ratios[-1][1]}; {len(slower)}/{len(ratios)} cases "
+                "slower by > 5%"
+            )
     return out
 
 
@@ -643,10 +832,11 @@ def repick(result: dict) -> None:
     for i, c in enumerate(result["cases"]):
         if not c["backend"].endswith(" auto"):
             continue
-        name = c["backend"][:-len(" auto")]
+        name = c["backend"][: -len(" auto")]
         in_dim, offsets = PROJECTIONS[c["proj"]]
-        fused = TiledLoRABackend.fuse_shrink(model, c["tokens"], in_dim, offsets[-1], len(offsets) - 1, c["rank"],
-                                             c["adapters"])
+        fused = TiledLoRABackend.wants_shrink_in_gemm(
+            model, c["tokens"], in_dim, offsets[-1], len(offsets) - 1, c["rank"], c["adapters"]
+        )
         pick = name + "+gemm" if fused else name
         src = rows[(c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"], pick)]
         result["cases"][i] = {**src, "backend": c["backend"], "picked": pick}
@@ -661,14 +851,25 @@ def main() -> None:
     parser.add_argument("--max-chunk", type=int, default=16, help="csgmv --max-lora-chunk-size")
     parser.add_argument("--prefill-only", action="store_true", help="only the prefill cases")
     parser.add_argument("--no-prefill", action="store_true", help="only the decode cases")
-    parser.add_argument("--decode-tokens", type=lambda v: tuple(int(t) for t in v.split(",")), default=None,
-                        help="only these decode token counts, e.g. 1,8,32 (to split the grid over several runs)")
+    parser.add_argument(
+        "--decode-tokens",
+        type=lambda v: tuple(int(t) for t in v.split(",")),
+        default=None,
+        help="only these decode token counts, e.g. 1,8,32 (to split the grid over several runs)",
+    )
     parser.add_argument("--no-prepare", dest="prepare", action="store_false", help="skip timing prepare()")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
-    parser.add_argument("--epilogue", action="store_true",
-                        help="only compare the in-place expand with the expand left to the consumer (csgmv)")
-    parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="merge result files of one device (parts of the grid) into one JSON + summary")
+    parser.add_argument(
+        "--epilogue",
+        action="store_true",
+        help="only compare the in-place expand with the expand left to the consumer (csgmv)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="merge result files of one device (parts of the grid) into one JSON + summary",
+    )
     args = parser.parse_args()
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]

@@ -34,14 +34,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import torch
+from typing import Any
 
 import random_adapters
+import torch
 from workloads import DEFAULT_ZIPF_ALPHA, DISTRIBUTIONS, RequestSpec, describe_workload, make_workload
-
 
 # -- shared by bench_offline.py and bench_hf_peft.py ------------------------------------------------
 
@@ -52,32 +51,56 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     source = model.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-path", help="Hugging Face model directory (weights, or --load-format dummy)")
     source.add_argument("--config-dir", help="directory with only a config.json: random weights of its shape")
-    model.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
-                       help="'dummy' gives random weights of --model-path's config")
-    model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                       help="'auto' is float32 on CPU and bfloat16 on CUDA")
+    model.add_argument(
+        "--load-format",
+        default="auto",
+        choices=("auto", "dummy"),
+        help="'dummy' gives random weights of --model-path's config",
+    )
+    model.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="'auto' is float32 on CPU and bfloat16 on CUDA",
+    )
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     work = parser.add_argument_group("workload")
     work.add_argument("--num-prompts", type=int, default=256)
     work.add_argument("--input-len", type=int, default=256)
     work.add_argument("--output-len", type=int, default=128)
-    work.add_argument("--range-ratio", type=float, default=1.0,
-                      help="lengths are drawn from [ratio * len, len] (1.0: all equal)")
+    work.add_argument(
+        "--range-ratio", type=float, default=1.0, help="lengths are drawn from [ratio * len, len] (1.0: all equal)"
+    )
     work.add_argument("--lora-request-distribution", default="uniform", choices=DISTRIBUTIONS)
-    work.add_argument("--lora-zipf-alpha", type=float, default=DEFAULT_ZIPF_ALPHA,
-                      help="'skewed': adapter i gets alpha times the requests of adapter i + 1")
+    work.add_argument(
+        "--lora-zipf-alpha",
+        type=float,
+        default=DEFAULT_ZIPF_ALPHA,
+        help="'skewed': adapter i gets alpha times the requests of adapter i + 1",
+    )
     work.add_argument("--seed", type=int, default=0, help="seed of the workload and the adapters")
     lora = parser.add_argument_group("adapters")
     lora.add_argument("--no-lora", action="store_true", help="serve every request on the base model")
     lora.add_argument("--num-adapters", type=int, default=8)
     lora.add_argument("--lora-rank", type=int, default=16)
     lora.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
-    lora.add_argument("--lora-target-modules", nargs="+", default=list(random_adapters.ALL_TARGETS),
-                      choices=random_adapters.ALL_TARGETS)
-    lora.add_argument("--adapter-delta-std", type=float, default=random_adapters.DEFAULT_DELTA_STD,
-                      help="std of each module's LoRA delta per output, for an input of unit RMS")
-    lora.add_argument("--adapter-dir", default=None,
-                      help="write the adapters here and reuse them on later runs (default: a temporary dir)")
+    lora.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=list(random_adapters.ALL_TARGETS),
+        choices=random_adapters.ALL_TARGETS,
+    )
+    lora.add_argument(
+        "--adapter-delta-std",
+        type=float,
+        default=random_adapters.DEFAULT_DELTA_STD,
+        help="std of each module's LoRA delta per output, for an input of unit RMS",
+    )
+    lora.add_argument(
+        "--adapter-dir",
+        default=None,
+        help="write the adapters here and reuse them on later runs (default: a temporary dir)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--output-file", default=None, help="write the JSON result here")
     out.add_argument("--record-outputs", action="store_true", help="put every request's output ids in the JSON")
@@ -116,10 +139,21 @@ def adapters_for(args: argparse.Namespace, config: dict[str, Any], dtype: str) -
         size = random_adapters.adapter_bytes(config, args.lora_rank, args.lora_target_modules, dtype)
         start = time.perf_counter()
         paths = random_adapters.write_random_adapters(
-            config, root, args.num_adapters, rank=args.lora_rank, alpha=args.lora_alpha,
-            target_modules=args.lora_target_modules, seed=args.seed, dtype=dtype, delta_std=args.adapter_delta_std)
-        print(f"{args.num_adapters} random adapter(s) of {size / 2**20:.1f} MiB in {root} "
-              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+            config,
+            root,
+            args.num_adapters,
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            target_modules=args.lora_target_modules,
+            seed=args.seed,
+            dtype=dtype,
+            delta_std=args.adapter_delta_std,
+        )
+        print(
+            f"{args.num_adapters} random adapter(s) of {size / 2**20:.1f} MiB in {root} "
+            f"({time.perf_counter() - start:.1f} s)",
+            file=sys.stderr,
+        )
         yield paths
 
 
@@ -128,19 +162,33 @@ def build_requests(args: argparse.Namespace, config: dict[str, Any]) -> list[Req
     from their own seed stream, so ``--no-lora`` (every request on the base model) draws exactly the
     same prompts as the LoRA runs."""
     names = None if args.no_lora else [f"lora{i}" for i in range(args.num_adapters)]
-    return make_workload(args.num_prompts, args.input_len, args.output_len, config["vocab_size"], names,
-                         args.lora_request_distribution, zipf_alpha=args.lora_zipf_alpha, seed=args.seed,
-                         range_ratio=args.range_ratio)
+    return make_workload(
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        config["vocab_size"],
+        names,
+        args.lora_request_distribution,
+        zipf_alpha=args.lora_zipf_alpha,
+        seed=args.seed,
+        range_ratio=args.range_ratio,
+    )
 
 
 def throughput(requests: Sequence[RequestSpec], output_counts: Sequence[int], wall_s: float) -> dict[str, Any]:
     """Request and token throughput of one timed run."""
     input_tokens = sum(len(r.input_ids) for r in requests)
     output_tokens = int(sum(output_counts))
-    return {"num_requests": len(requests), "wall_s": wall_s, "input_tokens": input_tokens,
-            "output_tokens": output_tokens, "request_throughput": len(requests) / wall_s,
-            "input_throughput": input_tokens / wall_s, "output_throughput": output_tokens / wall_s,
-            "total_throughput": (input_tokens + output_tokens) / wall_s}
+    return {
+        "num_requests": len(requests),
+        "wall_s": wall_s,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "request_throughput": len(requests) / wall_s,
+        "input_throughput": input_tokens / wall_s,
+        "output_throughput": output_tokens / wall_s,
+        "total_throughput": (input_tokens + output_tokens) / wall_s,
+    }
 
 
 def peak_memory_gib(device: str) -> float | None:
@@ -153,10 +201,16 @@ def environment(device: str, extra_versions: dict[str, str] | None = None) -> di
 
     here = Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
-                             timeout=10).stdout.strip()
-        if rev and subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=here, timeout=10,
-                                  capture_output=True).returncode == 1:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here, timeout=10
+        ).stdout.strip()
+        if (
+            rev
+            and subprocess.run(
+                ["git", "diff-index", "--quiet", "HEAD", "--"], cwd=here, timeout=10, capture_output=True
+            ).returncode
+            == 1
+        ):
             rev += "+uncommitted changes"
     except (OSError, subprocess.SubprocessError):
         rev = ""
@@ -166,13 +220,21 @@ def environment(device: str, extra_versions: dict[str, str] | None = None) -> di
         loraserve_version = version("loraserve")
     except Exception:
         loraserve_version = "unknown"
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "transformers": transformers.__version__, "loraserve": loraserve_version,
-                "loraserve_git": rev or "unknown (no git checkout)"}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "loraserve": loraserve_version,
+        "loraserve_git": rev or "unknown (no git checkout)",
+    }
     versions.update(extra_versions or {})
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "host": {"platform": platform.platform(), "cpu_count": _cpu_count()}, "versions": versions}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "host": {"platform": platform.platform(), "cpu_count": _cpu_count()},
+        "versions": versions,
+    }
 
 
 def _cpu_count() -> int | None:
@@ -191,12 +253,16 @@ def print_table(title: str, rows: Sequence[tuple[str, Any]]) -> None:
 
 
 def throughput_rows(t: dict[str, Any]) -> list[tuple[str, Any]]:
-    return [("requests", t["num_requests"]), ("input tokens", t["input_tokens"]),
-            ("output tokens", t["output_tokens"]), ("wall time (s)", t["wall_s"]),
-            ("request throughput (req/s)", t["request_throughput"]),
-            ("input throughput (tok/s)", t["input_throughput"]),
-            ("output throughput (tok/s)", t["output_throughput"]),
-            ("total throughput (tok/s)", t["total_throughput"])]
+    return [
+        ("requests", t["num_requests"]),
+        ("input tokens", t["input_tokens"]),
+        ("output tokens", t["output_tokens"]),
+        ("wall time (s)", t["wall_s"]),
+        ("request throughput (req/s)", t["request_throughput"]),
+        ("input throughput (tok/s)", t["input_throughput"]),
+        ("output throughput (tok/s)", t["output_throughput"]),
+        ("total throughput (tok/s)", t["total_throughput"]),
+    ]
 
 
 def finish(result: dict[str, Any], output_file: str | None) -> dict[str, Any]:
@@ -257,39 +323,62 @@ class StepTimer:
         for kind in ("decode", "prefill", "mixed"):
             rows = [r for r in self.records if r[0] == kind]
             times = [r[3] for r in rows]
-            out[kind] = {"steps": len(rows), "total_s": sum(times),
-                         "mean_ms": 1e3 * statistics.fmean(times) if times else None,
-                         "median_ms": 1e3 * statistics.median(times) if times else None,
-                         "mean_batch_size": statistics.fmean(r[1] for r in rows) if rows else None,
-                         "mean_tokens": statistics.fmean(r[2] for r in rows) if rows else None}
+            out[kind] = {
+                "steps": len(rows),
+                "total_s": sum(times),
+                "mean_ms": 1e3 * statistics.fmean(times) if times else None,
+                "median_ms": 1e3 * statistics.median(times) if times else None,
+                "mean_batch_size": statistics.fmean(r[1] for r in rows) if rows else None,
+                "mean_tokens": statistics.fmean(r[2] for r in rows) if rows else None,
+            }
         return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_common_args(parser)
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-loras-per-batch", type=int, default=8, help="adapter slots (the base counts as one)")
     engine.add_argument("--lora-backend", default=None, help="default: csgmv on CUDA, torch on CPU")
     engine.add_argument("--max-running-requests", type=int, default=None)
     engine.add_argument("--max-total-tokens", type=int, default=None, help="KV-cache size in tokens")
-    engine.add_argument("--warmup-requests", type=int, default=16,
-                        help="run this many of the workload's requests first (8 new tokens each), untimed")
-    engine.add_argument("--engine-setting", action="append", default=[], metavar="NAME=VALUE",
-                        help="any other loraserve setting (VALUE parsed as JSON when it can be)")
+    engine.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=16,
+        help="run this many of the workload's requests first (8 new tokens each), untimed",
+    )
+    engine.add_argument(
+        "--engine-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other loraserve setting (VALUE parsed as JSON when it can be)",
+    )
     return parser
 
 
 def engine_settings(args: argparse.Namespace, device: str, dtype: str, adapters: dict[str, Path]) -> dict:
-    values: dict[str, Any] = dict(model_path=model_dir(args), load_format="dummy" if random_weights(args) else "auto",
-                                  dtype=dtype, device=device, random_seed=args.seed, log_level="warning",
-                                  max_running_requests=args.max_running_requests,
-                                  max_total_tokens=args.max_total_tokens)
+    values: dict[str, Any] = dict(
+        model_path=model_dir(args),
+        load_format="dummy" if random_weights(args) else "auto",
+        dtype=dtype,
+        device=device,
+        random_seed=args.seed,
+        log_level="warning",
+        max_running_requests=args.max_running_requests,
+        max_total_tokens=args.max_total_tokens,
+    )
     if adapters:
-        values.update(lora_paths=[f"{name}={path}" for name, path in adapters.items()],
-                      max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.lora_rank,
-                      lora_target_modules=list(args.lora_target_modules), lora_backend=args.lora_backend)
+        values.update(
+            lora_paths=[f"{name}={path}" for name, path in adapters.items()],
+            max_loras_per_batch=args.max_loras_per_batch,
+            max_lora_rank=args.lora_rank,
+            lora_target_modules=list(args.lora_target_modules),
+            lora_backend=args.lora_backend,
+        )
     for item in args.engine_setting:
         name, sep, raw = item.partition("=")
         if not sep:
@@ -302,10 +391,12 @@ def engine_settings(args: argparse.Namespace, device: str, dtype: str, adapters:
 
 
 def generate(engine: Any, requests: Sequence[RequestSpec], max_new_tokens: int | None = None) -> list[dict]:
-    params = [{"max_new_tokens": max_new_tokens or r.output_len, "temperature": 0, "ignore_eos": True}
-              for r in requests]
-    return engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params,
-                           lora_path=[r.lora_name for r in requests])
+    params = [
+        {"max_new_tokens": max_new_tokens or r.output_len, "temperature": 0, "ignore_eos": True} for r in requests
+    ]
+    return engine.generate(
+        input_ids=[r.input_ids for r in requests], sampling_params=params, lora_path=[r.lora_name for r in requests]
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -322,7 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         startup_s = time.perf_counter() - start
         try:
             timer = StepTimer(engine)
-            warm = requests[:max(0, min(args.warmup_requests, len(requests)))]
+            warm = requests[: max(0, min(args.warmup_requests, len(requests)))]
             if warm:
                 generate(engine, warm, max_new_tokens=8)
             sync(device)
@@ -338,43 +429,73 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             backend = engine.backend_name if engine.lora is not None else None
         finally:
             engine.shutdown()
-    errors = [res["meta_info"]["finish_reason"] for res in results
-              if (res["meta_info"]["finish_reason"] or {}).get("type") != "length"]
+    errors = [
+        res["meta_info"]["finish_reason"]
+        for res in results
+        if (res["meta_info"]["finish_reason"] or {}).get("type") != "length"
+    ]
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) did not finish by length, e.g. {errors[0]}")
     counts = [len(res["output_ids"]) for res in results]
     metrics = throughput(requests, counts, wall_s)
     ttft = [res["meta_info"]["ttft_s"] for res in results]
-    tpot = [(res["meta_info"]["e2e_latency_s"] - res["meta_info"]["ttft_s"]) / (n - 1)
-            for res, n in zip(results, counts) if n > 1]
-    metrics.update(engine_startup_s=startup_s, mean_ttft_ms=1e3 * statistics.fmean(ttft),
-                   median_ttft_ms=1e3 * statistics.median(ttft),
-                   mean_tpot_ms=1e3 * statistics.fmean(tpot) if tpot else None,
-                   peak_gpu_memory_gib=peak_memory_gib(device), step_metrics=timer.summary())
-    result = {"benchmark": "bench_offline", **environment(device),
-              "config": {**vars(args), "resolved_device": device, "resolved_dtype": dtype, "lora_backend": backend,
-                         "random_weights": random_weights(args), "model_type": config.get("model_type"),
-                         "engine_settings": {k: v for k, v in settings.items() if k != "lora_paths"},
-                         "adapters": sorted(adapters)},
-              "workload": describe_workload(requests), "results": metrics}
+    tpot = [
+        (res["meta_info"]["e2e_latency_s"] - res["meta_info"]["ttft_s"]) / (n - 1)
+        for res, n in zip(results, counts)
+        if n > 1
+    ]
+    metrics.update(
+        engine_startup_s=startup_s,
+        mean_ttft_ms=1e3 * statistics.fmean(ttft),
+        median_ttft_ms=1e3 * statistics.median(ttft),
+        mean_tpot_ms=1e3 * statistics.fmean(tpot) if tpot else None,
+        peak_gpu_memory_gib=peak_memory_gib(device),
+        step_metrics=timer.summary(),
+    )
+    result = {
+        "benchmark": "bench_offline",
+        **environment(device),
+        "config": {
+            **vars(args),
+            "resolved_device": device,
+            "resolved_dtype": dtype,
+            "lora_backend": backend,
+            "random_weights": random_weights(args),
+            "model_type": config.get("model_type"),
+            "engine_settings": {k: v for k, v in settings.items() if k != "lora_paths"},
+            "adapters": sorted(adapters),
+        },
+        "workload": describe_workload(requests),
+        "results": metrics,
+    }
     if args.record_outputs:
-        result["outputs"] = [{"lora_name": r.lora_name, "prompt_len": len(r.input_ids), "output_ids": res["output_ids"]}
-                             for r, res in zip(requests, results)]
+        result["outputs"] = [
+            {"lora_name": r.lora_name, "prompt_len": len(r.input_ids), "output_ids": res["output_ids"]}
+            for r, res in zip(requests, results)
+        ]
     return result
 
 
 def report(result: dict[str, Any]) -> None:
     m, c = result["results"], result["config"]
     steps = m["step_metrics"]
-    rows = throughput_rows(m) + [("mean TTFT (ms)", m["mean_ttft_ms"]), ("mean TPOT (ms)", m["mean_tpot_ms"]),
-                                 ("steps (decode/prefill/mixed)", f"{steps['decode']['steps']}/"
-                                  f"{steps['prefill']['steps']}/{steps['mixed']['steps']}"),
-                                 ("mean decode step (ms)", steps["decode"]["mean_ms"]),
-                                 ("mean decode batch", steps["decode"]["mean_batch_size"])]
+    rows = throughput_rows(m) + [
+        ("mean TTFT (ms)", m["mean_ttft_ms"]),
+        ("mean TPOT (ms)", m["mean_tpot_ms"]),
+        (
+            "steps (decode/prefill/mixed)",
+            f"{steps['decode']['steps']}/{steps['prefill']['steps']}/{steps['mixed']['steps']}",
+        ),
+        ("mean decode step (ms)", steps["decode"]["mean_ms"]),
+        ("mean decode batch", steps["decode"]["mean_batch_size"]),
+    ]
     if m["peak_gpu_memory_gib"] is not None:
         rows.append(("peak GPU memory (GiB)", m["peak_gpu_memory_gib"]))
-    lora = "no LoRA" if c["no_lora"] else (f"{c['num_adapters']} adapters r{c['lora_rank']} "
-                                           f"{c['lora_request_distribution']}, {c['lora_backend']}")
+    lora = (
+        "no LoRA"
+        if c["no_lora"]
+        else (f"{c['num_adapters']} adapters r{c['lora_rank']} {c['lora_request_distribution']}, {c['lora_backend']}")
+    )
     print_table(f"loraserve offline: {result['device']}, {c['resolved_dtype']}, {lora}", rows)
 
 

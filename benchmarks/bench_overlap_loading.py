@@ -22,8 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -31,11 +32,24 @@ sys.path.insert(0, str(HERE))
 import random_adapters  # noqa: E402
 from server_runs import add_run_args, serve_and_bench, work_dir, workload_flags  # noqa: E402
 
+
 def server_flags(args: argparse.Namespace, adapters: dict[str, Path], rank: int, overlap: bool) -> list[str]:
-    flags = ["--model-path", args.config_dir, "--load-format", "dummy",
-             "--max-loras-per-batch", str(args.max_loras_per_batch), "--max-loaded-loras", str(args.max_loaded_loras),
-             "--max-lora-rank", str(rank), "--lora-paths", *[f"{name}={path}" for name, path in adapters.items()],
-             "--log-level", "warning"]
+    flags = [
+        "--model-path",
+        args.config_dir,
+        "--load-format",
+        "dummy",
+        "--max-loras-per-batch",
+        str(args.max_loras_per_batch),
+        "--max-loaded-loras",
+        str(args.max_loaded_loras),
+        "--max-lora-rank",
+        str(rank),
+        "--lora-paths",
+        *[f"{name}={path}" for name, path in adapters.items()],
+        "--log-level",
+        "warning",
+    ]
     if args.lora_backend:
         flags += ["--lora-backend", args.lora_backend]
     if overlap:
@@ -44,16 +58,34 @@ def server_flags(args: argparse.Namespace, adapters: dict[str, Path], rank: int,
 
 
 def run_one(args: argparse.Namespace, adapters: dict[str, Path], rank: int, overlap: bool, out_dir: Path) -> dict:
-    bench = workload_flags(args) + ["--lora-name", *adapters, "--lora-request-distribution", "distinct",
-                                    "--warmup-requests", str(args.warmup_requests)]
-    return serve_and_bench(server_flags(args, adapters, rank, overlap), bench, f"r{rank}_{'on' if overlap else 'off'}",
-                           out_dir, args.port, args.startup_timeout)
+    bench = workload_flags(args) + [
+        "--lora-name",
+        *adapters,
+        "--lora-request-distribution",
+        "distinct",
+        "--warmup-requests",
+        str(args.warmup_requests),
+    ]
+    return serve_and_bench(
+        server_flags(args, adapters, rank, overlap),
+        bench,
+        f"r{rank}_{'on' if overlap else 'off'}",
+        out_dir,
+        args.port,
+        args.startup_timeout,
+    )
 
 
 def summary_row(rank: int, overlap: bool, doc: dict) -> dict[str, Any]:
     r = doc["results"]
-    row = {"rank": rank, "overlap": overlap, "completed": r["completed"], "failed": r["failed"],
-           "duration_s": r["duration"], "output_throughput": r["output_throughput"]}
+    row = {
+        "rank": rank,
+        "overlap": overlap,
+        "completed": r["completed"],
+        "failed": r["failed"],
+        "duration_s": r["duration"],
+        "output_throughput": r["output_throughput"],
+    }
     for metric, name in (("ttft", "ttft"), ("tpot", "tpot"), ("e2e", "e2e_latency")):
         for key in ("median", "p99", "mean"):
             row[f"{metric}_{key}_ms"] = r.get(f"{key}_{name}_ms")
@@ -78,22 +110,30 @@ def compare(rows: list[dict]) -> list[dict]:
 
 
 def format_summary(rows: list[dict], ratios: list[dict]) -> str:
-    head = "| rank | overlap | TTFT median ms | TTFT p99 ms | TPOT median ms | E2E median ms | out tok/s | copies | " \
-           "copy s | wait s |"
+    head = (
+        "| rank | overlap | TTFT median ms | TTFT p99 ms | TPOT median ms | E2E median ms | out tok/s | copies | "
+        "copy s | wait s |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+
         def f(key, fmt="{:.1f}"):
             v = r.get(key)
             return "—" if v is None else fmt.format(v)
-        lines.append(f"| {r['rank']} | {'on' if r['overlap'] else 'off'} | {f('ttft_median_ms')} | {f('ttft_p99_ms')} | "
-                     f"{f('tpot_median_ms', '{:.2f}')} | {f('e2e_median_ms')} | {f('output_throughput')} | "
-                     f"{f('lora_slot_fills', '{:.0f}')} | {f('lora_copy_seconds', '{:.2f}')} | "
-                     f"{f('lora_copy_wait_seconds', '{:.2f}')} |")
+
+        lines.append(
+            f"| {r['rank']} | {'on' if r['overlap'] else 'off'} | {f('ttft_median_ms')} | {f('ttft_p99_ms')} | "
+            f"{f('tpot_median_ms', '{:.2f}')} | {f('e2e_median_ms')} | {f('output_throughput')} | "
+            f"{f('lora_slot_fills', '{:.0f}')} | {f('lora_copy_seconds', '{:.2f}')} | "
+            f"{f('lora_copy_wait_seconds', '{:.2f}')} |"
+        )
     for e in ratios:
-        lines.append(f"\nrank {e['rank']}: TTFT median on/off = {e.get('ttft_median_ms_on_over_off', float('nan')):.3f}, "
-                     f"p99 {e.get('ttft_p99_ms_on_over_off', float('nan')):.3f}, "
-                     f"TPOT {e.get('tpot_median_ms_on_over_off', float('nan')):.3f}, "
-                     f"E2E {e.get('e2e_median_ms_on_over_off', float('nan')):.3f}")
+        lines.append(
+            f"\nrank {e['rank']}: TTFT median on/off = {e.get('ttft_median_ms_on_over_off', float('nan')):.3f}, "
+            f"p99 {e.get('ttft_p99_ms_on_over_off', float('nan')):.3f}, "
+            f"TPOT {e.get('tpot_median_ms_on_over_off', float('nan')):.3f}, "
+            f"E2E {e.get('e2e_median_ms_on_over_off', float('nan')):.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -108,7 +148,9 @@ def gpu_name() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config-dir", default=str(HERE / "configs" / "llama-3.1-8b"), help="base model config (dummy weights)")
+    p.add_argument(
+        "--config-dir", default=str(HERE / "configs" / "llama-3.1-8b"), help="base model config (dummy weights)"
+    )
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 128])
     p.add_argument("--num-adapters", type=int, default=16)
     p.add_argument("--weight-copies", type=int, default=None, help="distinct weight files (default: one per adapter)")
@@ -134,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runs, rows = [], []
     for rank in args.ranks:
         copies = args.weight_copies or args.num_adapters
-        files = random_adapters.write_random_adapters(config, work / f"rank{rank}", copies, rank=rank, seed=args.seed,
-                                                      dtype="bfloat16")
+        files = random_adapters.write_random_adapters(
+            config, work / f"rank{rank}", copies, rank=rank, seed=args.seed, dtype="bfloat16"
+        )
         paths = list(files.values())
         adapters = {f"lora{i}": paths[i % len(paths)] for i in range(args.num_adapters)}
         for mode in args.modes:
@@ -147,10 +190,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     ratios = compare(rows)
     device = gpu_name()
-    result = {"benchmark": "overlap_loading", "device": device, "config": vars(args),
-              "adapter_bytes": {r: random_adapters.adapter_bytes(config, r, random_adapters.ALL_TARGETS, "bfloat16")
-                                for r in args.ranks},
-              "summary": rows, "on_over_off": ratios, "runs": runs}
+    result = {
+        "benchmark": "overlap_loading",
+        "device": device,
+        "config": vars(args),
+        "adapter_bytes": {
+            r: random_adapters.adapter_bytes(config, r, random_adapters.ALL_TARGETS, "bfloat16") for r in args.ranks
+        },
+        "summary": rows,
+        "on_over_off": ratios,
+        "runs": runs,
+    }
     print(format_summary(rows, ratios))
     if args.output_file:
         Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -29,28 +30,50 @@ import random_adapters  # noqa: E402
 from server_runs import add_run_args, free_port, serve_and_bench, work_dir, workload_flags  # noqa: E402
 
 
-def collective_times(tp_size: int, hidden: int, vocab: int, num_layers: int, batches: Sequence[int],
-                     dtype: str = "bfloat16", iters: int = 50) -> dict[int, float]:
+def collective_times(
+    tp_size: int,
+    hidden: int,
+    vocab: int,
+    num_layers: int,
+    batches: Sequence[int],
+    dtype: str = "bfloat16",
+    iters: int = 50,
+) -> dict[int, float]:
     """Milliseconds of one decode step's collectives at each batch size, on ``tp_size`` GPUs."""
     import torch.multiprocessing as mp
 
     port = free_port()
     out = mp.get_context("spawn").Manager().dict()
-    mp.spawn(_collectives_worker, args=(tp_size, port, hidden, vocab, num_layers, list(batches), dtype, iters, out),
-             nprocs=tp_size, join=True)
+    mp.spawn(
+        _collectives_worker,
+        args=(tp_size, port, hidden, vocab, num_layers, list(batches), dtype, iters, out),
+        nprocs=tp_size,
+        join=True,
+    )
     return dict(out)
 
 
-def _collectives_worker(rank: int, size: int, port: int, hidden: int, vocab: int, num_layers: int,
-                        batches: list[int], dtype: str, iters: int, out: Any) -> None:
+def _collectives_worker(
+    rank: int,
+    size: int,
+    port: int,
+    hidden: int,
+    vocab: int,
+    num_layers: int,
+    batches: list[int],
+    dtype: str,
+    iters: int,
+    out: Any,
+) -> None:
+    import gc
+
     import torch
     import torch.distributed as dist
 
-    import gc
-
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            device_id=torch.device("cuda", rank))
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, device_id=torch.device("cuda", rank)
+    )
     dt = getattr(torch, dtype)
     for b in batches:
         x = torch.randn(b, hidden, dtype=dt, device="cuda")
@@ -61,6 +84,7 @@ def _collectives_worker(rank: int, size: int, port: int, hidden: int, vocab: int
             for _ in range(2 * num_layers + 1):  # embedding, and o_proj + down_proj of every layer
                 dist.all_reduce(x)
             dist.all_gather(parts, shard)
+
         step()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -95,11 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--request-rate", type=float, default=float("inf"))
     p.add_argument("--max-concurrency", type=int, default=64)
-    p.add_argument("--warmup-requests", type=int, default=16,
-                   help="untimed requests of the same workload first; step times count from after them")
+    p.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=16,
+        help="untimed requests of the same workload first; step times count from after them",
+    )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--collective-batches", type=int, nargs="*", default=[1, 8, 32, 64],
-                   help="decode batch sizes whose collectives are timed on their own (CUDA only; none: skip)")
+    p.add_argument(
+        "--collective-batches",
+        type=int,
+        nargs="*",
+        default=[1, 8, 32, 64],
+        help="decode batch sizes whose collectives are timed on their own (CUDA only; none: skip)",
+    )
     add_run_args(p, "tp-bench-")
     return p
 
@@ -108,40 +141,72 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     work = work_dir(args)
     config = random_adapters.load_config(args.config_dir)
-    adapters = random_adapters.write_random_adapters(config, work / "adapters", args.num_adapters, rank=args.rank,
-                                                     seed=args.seed, dtype="bfloat16") if args.num_adapters else {}
+    adapters = (
+        random_adapters.write_random_adapters(
+            config, work / "adapters", args.num_adapters, rank=args.rank, seed=args.seed, dtype="bfloat16"
+        )
+        if args.num_adapters
+        else {}
+    )
     bench = workload_flags(args) + ["--max-concurrency", str(args.max_concurrency)]
     if adapters:
         bench += ["--lora-name", *adapters, "--lora-request-distribution", args.distribution]
     runs = []
     for size in args.tp_sizes:
-        flags = ["--model-path", args.config_dir, "--load-format", "dummy", "--tp-size", str(size),
-                 "--log-level", "warning", *args.server_arg]
+        flags = [
+            "--model-path",
+            args.config_dir,
+            "--load-format",
+            "dummy",
+            "--tp-size",
+            str(size),
+            "--log-level",
+            "warning",
+            *args.server_arg,
+        ]
         if adapters:
             flags += ["--lora-paths", *[f"{n}={p}" for n, p in adapters.items()], "--max-lora-rank", str(args.rank)]
         print(f"--tp-size {size}: starting the server", file=sys.stderr, flush=True)
-        doc = serve_and_bench(flags, bench, f"tp{size}", work, free_port(), args.startup_timeout,
-                              prewarm=args.warmup_requests)
+        doc = serve_and_bench(
+            flags, bench, f"tp{size}", work, free_port(), args.startup_timeout, prewarm=args.warmup_requests
+        )
         r = doc["results"]
-        row = {"tp_size": size, "completed": r["completed"], "failed": r["failed"],
-               "output_throughput": r["output_throughput"], "total_throughput": r["total_throughput"],
-               "median_ttft_ms": r["median_ttft_ms"], "median_tpot_ms": r["median_tpot_ms"],
-               "decode_step_ms": doc["engine_steps"].get("decode", {}).get("mean_ms"),
-               "prefill_step_ms": doc["engine_steps"].get("prefill", {}).get("mean_ms"),
-               "decode_steps": doc["engine_steps"].get("decode", {}).get("steps")}
+        row = {
+            "tp_size": size,
+            "completed": r["completed"],
+            "failed": r["failed"],
+            "output_throughput": r["output_throughput"],
+            "total_throughput": r["total_throughput"],
+            "median_ttft_ms": r["median_ttft_ms"],
+            "median_tpot_ms": r["median_tpot_ms"],
+            "decode_step_ms": doc["engine_steps"].get("decode", {}).get("mean_ms"),
+            "prefill_step_ms": doc["engine_steps"].get("prefill", {}).get("mean_ms"),
+            "decode_steps": doc["engine_steps"].get("decode", {}).get("steps"),
+        }
         runs.append({"row": row, "doc": doc})
         print(json.dumps(row), file=sys.stderr, flush=True)
     collectives: dict = {}
-    result = {"benchmark": "tensor_parallel", "device": _device(), "config": vars(args),
-              "summary": [r["row"] for r in runs], "decode_collectives_ms": collectives, "runs": runs}
+    result = {
+        "benchmark": "tensor_parallel",
+        "device": _device(),
+        "config": vars(args),
+        "summary": [r["row"] for r in runs],
+        "decode_collectives_ms": collectives,
+        "runs": runs,
+    }
     _write(result, args.output_file)  # the serving runs are kept even if the collective timing fails
     if args.collective_batches:
         import torch
 
         for size in args.tp_sizes:
             if size > 1 and torch.cuda.device_count() >= size:
-                collectives[size] = collective_times(size, config["hidden_size"], config["vocab_size"],
-                                                     config["num_hidden_layers"], args.collective_batches)
+                collectives[size] = collective_times(
+                    size,
+                    config["hidden_size"],
+                    config["vocab_size"],
+                    config["num_hidden_layers"],
+                    args.collective_batches,
+                )
     print(format_summary(result))
     _write(result, args.output_file)
     return result
@@ -154,17 +219,25 @@ def _write(result: dict, output_file: str | None) -> None:
 
 
 def format_summary(result: dict) -> str:
-    lines = ["| tp | out tok/s | total tok/s | TTFT median ms | TPOT median ms | decode step ms | prefill step ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tp | out tok/s | total tok/s | TTFT median ms | TPOT median ms | decode step ms | prefill step ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["summary"]:
+
         def f(v, fmt="{:.1f}"):
             return "—" if v is None else fmt.format(v)
-        lines.append(f"| {r['tp_size']} | {f(r['output_throughput'])} | {f(r['total_throughput'])} | "
-                     f"{f(r['median_ttft_ms'])} | {f(r['median_tpot_ms'], '{:.2f}')} | "
-                     f"{f(r['decode_step_ms'], '{:.2f}')} | {f(r['prefill_step_ms'], '{:.2f}')} |")
+
+        lines.append(
+            f"| {r['tp_size']} | {f(r['output_throughput'])} | {f(r['total_throughput'])} | "
+            f"{f(r['median_ttft_ms'])} | {f(r['median_tpot_ms'], '{:.2f}')} | "
+            f"{f(r['decode_step_ms'], '{:.2f}')} | {f(r['prefill_step_ms'], '{:.2f}')} |"
+        )
     for size, times in result["decode_collectives_ms"].items():
-        lines.append(f"\ncollectives of one decode step at --tp-size {size} (CUDA graph, ms): "
-                     + ", ".join(f"batch {b}: {t:.3f}" for b, t in sorted(times.items())))
+        lines.append(
+            f"\ncollectives of one decode step at --tp-size {size} (CUDA graph, ms): "
+            + ", ".join(f"batch {b}: {t:.3f}" for b, t in sorted(times.items()))
+        )
     return "\n".join(lines)
 
 

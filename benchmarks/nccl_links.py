@@ -20,8 +20,9 @@ def _worker(rank: int, size: int, port: int, shapes: list, iters: int, out) -> N
     import torch.distributed as dist
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            device_id=torch.device("cuda", rank))
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, device_id=torch.device("cuda", rank)
+    )
     for rows, cols in shapes:
         x = torch.ones(rows, cols, dtype=torch.bfloat16, device="cuda")
         for _ in range(5):
@@ -43,7 +44,6 @@ def _worker(rank: int, size: int, port: int, shapes: list, iters: int, out) -> N
 def main() -> None:
     import torch
     import torch.multiprocessing as mp
-
     from server_runs import free_port
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

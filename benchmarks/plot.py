@@ -48,11 +48,15 @@ DPI = 110
 LIMIT_STYLE = {"marker": "_", "color": "black", "markersize": 11, "markeredgewidth": 2.2, "linestyle": "none"}
 LIMIT_BAR_STYLE = {**LIMIT_STYLE, "marker": "|", "markersize": 14}
 KERNEL_BACKEND_PREFERENCE = ("csgmv auto", "triton auto", "csgmv", "triton")
-SERVING_BENCHMARKS = {"bench_offline": "loraserve (offline)", "bench_hf_peft": "HF transformers + PEFT",
-                      "bench_serving": "loraserve (HTTP serving)"}
+SERVING_BENCHMARKS = {
+    "bench_offline": "loraserve (offline)",
+    "bench_hf_peft": "HF transformers + PEFT",
+    "bench_serving": "loraserve (HTTP serving)",
+}
 
 
 # ---------------------------------------------------------------------------------------------- shapes
+
 
 def kind_of(doc: object) -> str | None:
     """The figure kind a parsed result file feeds, from its shape (None: not known)."""
@@ -85,11 +89,22 @@ def device_of(doc: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+
 def kernel_cases(doc: dict) -> list[dict]:
     """One row per case of a lora_kernels / lora_epilogue JSON: its key fields, measured_us and limit_us."""
-    return [{"phase": c.get("phase", "decode"), "proj": c["proj"], "tokens": c["tokens"], "adapters": c["adapters"],
-             "rank": c["rank"], "backend": c["backend"], "measured_us": c["time_us"], "limit_us": c["limit_us"]}
-            for c in doc["cases"]]
+    return [
+        {
+            "phase": c.get("phase", "decode"),
+            "proj": c["proj"],
+            "tokens": c["tokens"],
+            "adapters": c["adapters"],
+            "rank": c["rank"],
+            "backend": c["backend"],
+            "measured_us": c["time_us"],
+            "limit_us": c["limit_us"],
+        }
+        for c in doc["cases"]
+    ]
 
 
 def per_layer(cases: list[dict]) -> dict[tuple, tuple[float, float]]:
@@ -115,8 +130,15 @@ def header(fig: plt.Figure, what: str, device: str, detail: str, handles: list |
     fig.text(0.5, 1 - 0.38 / height, "\n".join(lines), ha="center", va="top", fontsize=9, color="0.3")
     used = 0.42 + 0.16 * len(lines)
     if handles:
-        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - used / height), fontsize=9,
-                   ncol=min(len(handles), 6), frameon=False, borderaxespad=0)
+        fig.legend(
+            handles=handles,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 1 - used / height),
+            fontsize=9,
+            ncol=min(len(handles), 6),
+            frameon=False,
+            borderaxespad=0,
+        )
         used += 0.28 * -(-len(handles) // 6)
     fig.tight_layout(rect=(0, 0, 1, 1 - used / height), pad=0.6)
     titled = any(ax.get_title() for ax in fig.axes)
@@ -128,8 +150,15 @@ def facet_bars(facets: dict[str, dict[str, dict]], series: list, series_name: st
     and the percentage of the limit reached. ``facets``: {panel title: {x label: {series: (measured, limit)}}}.
     Returns (figure, legend handles)."""
     widths = [max(2, len(xs)) for xs in facets.values()]
-    fig, axes = plt.subplots(2, len(facets), figsize=(min(20.0, max(11.0, 3.5 + 0.85 * sum(widths))), 8.2),
-                             squeeze=False, sharey="row", width_ratios=widths, height_ratios=[3, 2])
+    fig, axes = plt.subplots(
+        2,
+        len(facets),
+        figsize=(min(20.0, max(11.0, 3.5 + 0.85 * sum(widths))), 8.2),
+        squeeze=False,
+        sharey="row",
+        width_ratios=widths,
+        height_ratios=[3, 2],
+    )
     colors = {s: f"C{i}" for i, s in enumerate(series)}
     width = 0.8 / len(series)
     dropped = 0
@@ -199,6 +228,7 @@ def group_bars(ax, groups: list[str], series: dict[str, list], ylabel: str, fmt:
 
 # ---------------------------------------------------------------------------------------------- figures
 
+
 def plot_kernels(doc: dict) -> plt.Figure:
     """lora_kernels JSON: per-layer LoRA time against its limit, by phase/adapters, tokens and rank."""
     cases = kernel_cases(doc)
@@ -211,11 +241,16 @@ def plot_kernels(doc: dict) -> plt.Figure:
         facets.setdefault(title, {}).setdefault(str(tokens), {})[rank] = rows[(phase, tokens, adapters, rank, backend)]
     fig, handles = facet_bars(facets, ranks, "rank", "tokens per step")
     ceil, chunk = doc.get("ceilings", {}), doc.get("config", {}).get("csgmv_max_chunk", "?")
-    header(fig, f"LoRA kernel time per layer vs its limit, backend '{backend}'", device_of(doc),
-           f"{doc.get('date', '')[:10]}; Llama-3-8B projections (qkv + o + gate_up + down summed), bf16, csgmv chunk "
-           f"{chunk}, CUDA graphs, cold L2, median; limits from the measured copy bandwidth "
-           f"{ceil.get('copy_GBps', 0):.0f} GB/s and bf16 matmul {ceil.get('bf16_TFLOPs', 0):.0f} TFLOP/s; "
-           f"{len(cases)} per-projection cases in the file", handles)
+    header(
+        fig,
+        f"LoRA kernel time per layer vs its limit, backend '{backend}'",
+        device_of(doc),
+        f"{doc.get('date', '')[:10]}; Llama-3-8B projections (qkv + o + gate_up + down summed), bf16, csgmv chunk "
+        f"{chunk}, CUDA graphs, cold L2, median; limits from the measured copy bandwidth "
+        f"{ceil.get('copy_GBps', 0):.0f} GB/s and bf16 matmul {ceil.get('bf16_TFLOPs', 0):.0f} TFLOP/s; "
+        f"{len(cases)} per-projection cases in the file",
+        handles,
+    )
     return fig
 
 
@@ -227,13 +262,19 @@ def plot_epilogue(doc: dict) -> plt.Figure:
     facets: dict[str, dict[str, dict]] = {}
     for phase, tokens, adapters, rank, backend in sorted(rows, key=lambda k: (k[3], k[1], k[2])):
         x = f"{tokens}\n{adapters}a"
-        facets.setdefault(f"rank {rank}", {}).setdefault(x, {})[backend] = rows[(phase, tokens, adapters, rank,
-                                                                                 backend)]
+        facets.setdefault(f"rank {rank}", {}).setdefault(x, {})[backend] = rows[
+            (phase, tokens, adapters, rank, backend)
+        ]
     fig, handles = facet_bars(facets, backends, "", "decode tokens / distinct adapters (a)")
     projs = " + ".join(p.removesuffix("_proj") for p in dict.fromkeys(c["proj"] for c in cases))
-    header(fig, "LoRA expand in its own kernel (gemm) vs left to the consumer (epi)", device_of(doc),
-           f"{doc.get('date', '')[:10]}; per layer ({projs} summed), csgmv, shrink inside the base GEMM; LoRA time = "
-           "total - (base GEMM + consumer); CUDA graphs, cold L2, median of 3 interleaved rounds", handles)
+    header(
+        fig,
+        "LoRA expand in its own kernel (gemm) vs left to the consumer (epi)",
+        device_of(doc),
+        f"{doc.get('date', '')[:10]}; per layer ({projs} summed), csgmv, shrink inside the base GEMM; LoRA time = "
+        "total - (base GEMM + consumer); CUDA graphs, cold L2, median of 3 interleaved rounds",
+        handles,
+    )
     return fig
 
 
@@ -242,40 +283,64 @@ def plot_engine_steps(doc: dict) -> plt.Figure:
     runs = doc["runs"]
     lora = [r.get("lora_part_ms") for r in runs]
     has_lora = any(v is not None for v in lora)
-    fig, axes = plt.subplots(1, 2 if has_lora else 1, figsize=(16 if has_lora else 11, 2.2 + 0.45 * len(runs)),
-                             squeeze=False, sharey=True, width_ratios=[3, 2] if has_lora else None)
-    hbars(axes[0][0], [r["name"] for r in runs], [r["decode_step_ms_median"] for r in runs],
-          [r.get("limit_ms") for r in runs], "C0", "ms")
+    fig, axes = plt.subplots(
+        1,
+        2 if has_lora else 1,
+        figsize=(16 if has_lora else 11, 2.2 + 0.45 * len(runs)),
+        squeeze=False,
+        sharey=True,
+        width_ratios=[3, 2] if has_lora else None,
+    )
+    hbars(
+        axes[0][0],
+        [r["name"] for r in runs],
+        [r["decode_step_ms_median"] for r in runs],
+        [r.get("limit_ms") for r in runs],
+        "C0",
+        "ms",
+    )
     axes[0][0].set_xlabel("median decode step at full batch (ms)")
     axes[0][0].set_title("whole decode step", fontsize=10)
-    handles = [Patch(color="C0", label="measured step"),
-               Line2D([], [], label="limit: weights, distinct adapters and KV cache read once / copy BW",
-                      **LIMIT_BAR_STYLE)]
+    handles = [
+        Patch(color="C0", label="measured step"),
+        Line2D([], [], label="limit: weights, distinct adapters and KV cache read once / copy BW", **LIMIT_BAR_STYLE),
+    ]
     if has_lora:
         hbars(axes[0][1], [r["name"] for r in runs], lora, [r.get("lora_limit_ms") for r in runs], "C1", "ms")
         axes[0][1].set_xlabel("LoRA part: step - base step at the same batch (ms)")
         axes[0][1].set_title("LoRA part of the step", fontsize=10)
         handles.insert(1, Patch(color="C1", label="measured LoRA part (limit: distinct adapters read once)"))
     cfg, ceil = doc.get("config", {}), doc.get("ceilings", {})
-    header(fig, "Engine decode step vs its limit", device_of(doc),
-           f"bench_engine_steps '{cfg.get('tag') or 'untagged'}', {doc.get('date', '')[:10]}, Llama-3.1-8B shape, "
-           f"adapters of rank {cfg.get('rank')}; measured copy bandwidth {ceil.get('copy_GBps', 0):.0f} GB/s"
-           + ("; runs without a limit are prefill/decode mixes" if not all(r.get("limit_ms") for r in runs) else ""),
-           handles)
+    header(
+        fig,
+        "Engine decode step vs its limit",
+        device_of(doc),
+        f"bench_engine_steps '{cfg.get('tag') or 'untagged'}', {doc.get('date', '')[:10]}, Llama-3.1-8B shape, "
+        f"adapters of rank {cfg.get('rank')}; measured copy bandwidth {ceil.get('copy_GBps', 0):.0f} GB/s"
+        + ("; runs without a limit are prefill/decode mixes" if not all(r.get("limit_ms") for r in runs) else ""),
+        handles,
+    )
     return fig
 
 
 def plot_engine_step_tags(docs: list[dict]) -> plt.Figure:
     """engine_steps JSON files without limits (tagged A/B runs) of one device: their decode steps side by side."""
     docs = sorted(docs, key=lambda d: (d.get("config", {}).get("rank", 0), d.get("config", {}).get("tag", "")))
-    rows = [(f"{d.get('config', {}).get('tag') or 'untagged'}: {r['name']}", r["decode_step_ms_median"])
-            for d in docs for r in d["runs"]]
+    rows = [
+        (f"{d.get('config', {}).get('tag') or 'untagged'}: {r['name']}", r["decode_step_ms_median"])
+        for d in docs
+        for r in d["runs"]
+    ]
     fig, ax = plt.subplots(figsize=(11, 2.2 + 0.45 * len(rows)))
     hbars(ax, [r[0] for r in rows], [r[1] for r in rows], [None] * len(rows), "C2", "ms")
     ax.set_xlabel("median decode step at full batch (ms)")
-    header(fig, "Engine decode step of tagged runs", device_of(docs[0]),
-           "bench_engine_steps --tag <tag>: one bar per run of each file; the tag names the variant measured",
-           [Patch(color="C2", label="measured step (these files record no limit)")])
+    header(
+        fig,
+        "Engine decode step of tagged runs",
+        device_of(docs[0]),
+        "bench_engine_steps --tag <tag>: one bar per run of each file; the tag names the variant measured",
+        [Patch(color="C2", label="measured step (these files record no limit)")],
+    )
     return fig
 
 
@@ -290,8 +355,15 @@ def step_split_bars(ax, groups: list[str], steps: list, colls: list, batch: str)
     ax.bar_label(bars, [f"{s:.2f}" if s else "n/a" for s in steps], fontsize=8, padding=2)
     for i, c in enumerate(colls):
         if c:
-            ax.bar(i, c, 0.6, color="C3", hatch="//", edgecolor="white",
-                   label=f"its collectives at batch {batch}, timed alone" if i == colls.index(c) else None)
+            ax.bar(
+                i,
+                c,
+                0.6,
+                color="C3",
+                hatch="//",
+                edgecolor="white",
+                label=f"its collectives at batch {batch}, timed alone" if i == colls.index(c) else None,
+            )
             ax.text(i, c + 0.2, f"{c:.2f}", ha="center", va="bottom", fontsize=8, color="white", fontweight="bold")
     ax.set_xticks(range(len(groups)), groups, fontsize=9)
     ax.set_ylabel("time (ms)")
@@ -306,8 +378,15 @@ def plot_tp(doc: dict) -> plt.Figure:
     results = run_results(doc)
     groups = [f"tp {s['tp_size']}" for s in summary]
     fig, axes = plt.subplots(1, 4, figsize=(18, 5.6))
-    group_bars(axes[0], groups, {"output": [s["output_throughput"] for s in summary],
-                                 "total (in + out)": [s["total_throughput"] for s in summary]}, "throughput (tokens/s)")
+    group_bars(
+        axes[0],
+        groups,
+        {
+            "output": [s["output_throughput"] for s in summary],
+            "total (in + out)": [s["total_throughput"] for s in summary],
+        },
+        "throughput (tokens/s)",
+    )
     for ax, metric, name in ((axes[1], "ttft", "TTFT (ms)"), (axes[2], "tpot", "TPOT (ms)")):
         series = {q: [results.get(s["tp_size"], {}).get(f"{q}_{metric}_ms") for s in summary] for q in ("p90", "p99")}
         series = {"median": [s[f"median_{metric}_ms"] for s in summary], **series}
@@ -319,11 +398,15 @@ def plot_tp(doc: dict) -> plt.Figure:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("tensor-parallel size")
     cfg = doc.get("config", {})
-    header(fig, "Tensor parallelism: serving throughput and latency", device_of(doc),
-           f"Llama-3.1-8B shape, {cfg.get('num_adapters')} adapters of rank {cfg.get('rank')} "
-           f"({cfg.get('distribution')}), "
-           f"{cfg.get('num_prompts')} requests of {cfg.get('input_len')} in / {cfg.get('output_len')} out, "
-           f"{cfg.get('max_concurrency')} in flight, after {cfg.get('warmup_requests')} warm-up requests")
+    header(
+        fig,
+        "Tensor parallelism: serving throughput and latency",
+        device_of(doc),
+        f"Llama-3.1-8B shape, {cfg.get('num_adapters')} adapters of rank {cfg.get('rank')} "
+        f"({cfg.get('distribution')}), "
+        f"{cfg.get('num_prompts')} requests of {cfg.get('input_len')} in / {cfg.get('output_len')} out, "
+        f"{cfg.get('max_concurrency')} in flight, after {cfg.get('warmup_requests')} warm-up requests",
+    )
     return fig
 
 
@@ -332,7 +415,7 @@ def common_suffix(stems: list[str]) -> str:
     n = 0
     while all(len(p) > n + 1 for p in parts) and len({p[-1 - n] for p in parts}) == 1:
         n += 1
-    return "_".join(parts[0][len(parts[0]) - n:]) if n else ""
+    return "_".join(parts[0][len(parts[0]) - n :]) if n else ""
 
 
 def serving_label(stem: str, suffix: str, doc: dict) -> str:
@@ -341,11 +424,12 @@ def serving_label(stem: str, suffix: str, doc: dict) -> str:
     return f"{label}\n({warmup} warm-up requests)" if warmup is not None else label
 
 
-SERVING_METRICS = (("output throughput (tokens/s)", lambda r: r.get("output_throughput")),
-                   ("mean TTFT (ms)", lambda r: r.get("mean_ttft_ms")),
-                   ("mean TPOT (ms)", lambda r: r.get("mean_tpot_ms")),
-                   ("median decode step (ms)",
-                    lambda r: ((r.get("step_metrics") or {}).get("decode") or {}).get("median_ms")))
+SERVING_METRICS = (
+    ("output throughput (tokens/s)", lambda r: r.get("output_throughput")),
+    ("mean TTFT (ms)", lambda r: r.get("mean_ttft_ms")),
+    ("mean TPOT (ms)", lambda r: r.get("mean_tpot_ms")),
+    ("median decode step (ms)", lambda r: ((r.get("step_metrics") or {}).get("decode") or {}).get("median_ms")),
+)
 
 
 def plot_serving(named: list[tuple[str, dict]]) -> plt.Figure:
@@ -367,10 +451,14 @@ def plot_serving(named: list[tuple[str, dict]]) -> plt.Figure:
     axes[0].set_yticks(range(len(labels)), labels, fontsize=9)
     axes[0].set_ylim(len(labels) - 0.5, -0.5)
     kinds = dict.fromkeys(d["benchmark"] for _, d in named)
-    header(fig, "Throughput and latency per run", device_of(named[0][1]),
-           f"files '<run>_{suffix}.json'; bench_offline: the engine in-process, all requests at once; bench_hf_peft: "
-           "transformers generate with PEFT adapters, same workload; TTFT includes any kernel compilation",
-           [Patch(color=f"C{list(SERVING_BENCHMARKS).index(k)}", label=SERVING_BENCHMARKS[k]) for k in kinds])
+    header(
+        fig,
+        "Throughput and latency per run",
+        device_of(named[0][1]),
+        f"files '<run>_{suffix}.json'; bench_offline: the engine in-process, all requests at once; bench_hf_peft: "
+        "transformers generate with PEFT adapters, same workload; TTFT includes any kernel compilation",
+        [Patch(color=f"C{list(SERVING_BENCHMARKS).index(k)}", label=SERVING_BENCHMARKS[k]) for k in kinds],
+    )
     return fig
 
 
@@ -380,23 +468,40 @@ def plot_overlap(docs: list[dict]) -> plt.Figure:
     keys = sorted({k[:2] for k in rows})
     groups = [f"rank {r}\nseed {seed}" for r, seed in keys]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.8))
-    for ax, field, name in ((axes[0], "ttft_median_ms", "median TTFT (ms)"), (axes[1], "ttft_p99_ms", "p99 TTFT (ms)"),
-                            (axes[2], "output_throughput", "output throughput (tokens/s)")):
-        series = {f"overlap loading {'on' if on else 'off'}": [rows.get((*k, on), {}).get(field) for k in keys]
-                  for on in (False, True)}
+    for ax, field, name in (
+        (axes[0], "ttft_median_ms", "median TTFT (ms)"),
+        (axes[1], "ttft_p99_ms", "p99 TTFT (ms)"),
+        (axes[2], "output_throughput", "output throughput (tokens/s)"),
+    ):
+        series = {
+            f"overlap loading {'on' if on else 'off'}": [rows.get((*k, on), {}).get(field) for k in keys]
+            for on in (False, True)
+        }
         group_bars(ax, groups, series, name)
         for i, k in enumerate(keys):
             off, on = (rows.get((*k, o), {}).get(field) for o in (False, True))
             if off and on:
-                ax.text(i + 0.2, on / 2, f"on/off\n{on / off:.2f}", ha="center", va="center", fontsize=8,
-                        color="white", fontweight="bold")
+                ax.text(
+                    i + 0.2,
+                    on / 2,
+                    f"on/off\n{on / off:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white",
+                    fontweight="bold",
+                )
         ax.set_xlabel("adapter rank / workload seed")
         ax.set_title(name.split(" (")[0], fontsize=10)
     cfg = docs[0].get("config", {})
-    header(fig, "Overlap loading: latency and throughput, off vs on", device_of(docs[0]),
-           f"{cfg.get('num_adapters')} adapters through {cfg.get('max_loras_per_batch')} slots per batch, Poisson "
-           f"{cfg.get('request_rate')} req/s, {cfg.get('num_prompts')} requests of {cfg.get('input_len')} in / "
-           f"{cfg.get('output_len')} out; one server per run")
+    header(
+        fig,
+        "Overlap loading: latency and throughput, off vs on",
+        device_of(docs[0]),
+        f"{cfg.get('num_adapters')} adapters through {cfg.get('max_loras_per_batch')} slots per batch, Poisson "
+        f"{cfg.get('request_rate')} req/s, {cfg.get('num_prompts')} requests of {cfg.get('input_len')} in / "
+        f"{cfg.get('output_len')} out; one server per run",
+    )
     return fig
 
 

@@ -22,15 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 #: the seven projections of a Llama-family layer, in PEFT's names
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SUBLAYER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+SUBLAYER = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MANIFEST_NAME = "random_adapters.json"
@@ -59,8 +67,9 @@ def load_config(config_or_dir: Any) -> dict[str, Any]:
 
 def module_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """``(in_features, out_features)`` of each of the seven projections of one layer."""
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
-               if not config.get(k)]
+    missing = [
+        k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers") if not config.get(k)
+    ]
     if missing:
         raise ValueError(f"the config has no {', '.join(missing)}; a Llama-family config is needed")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
@@ -68,12 +77,20 @@ def module_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     q = heads * head_dim
     kv = (config.get("num_key_value_heads") or heads) * head_dim
     inter = config["intermediate_size"]
-    return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    return {
+        "q_proj": (hidden, q),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (q, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
 
 
-def adapter_bytes(config_or_dir: Any, rank: int, target_modules: Sequence[str] = ALL_TARGETS,
-                  dtype: str = "float32") -> int:
+def adapter_bytes(
+    config_or_dir: Any, rank: int, target_modules: Sequence[str] = ALL_TARGETS, dtype: str = "float32"
+) -> int:
     """Size of one adapter's weights file (tensor data only)."""
     config = load_config(config_or_dir)
     shapes = module_shapes(config)
@@ -83,18 +100,38 @@ def adapter_bytes(config_or_dir: Any, rank: int, target_modules: Sequence[str] =
 
 def adapter_config(config: dict[str, Any], rank: int, alpha: float, target_modules: Sequence[str]) -> dict:
     """The ``adapter_config.json`` PEFT's ``save_pretrained`` writes for a plain LoRA adapter."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": config.get("_name_or_path") or None,
-            "r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules), "lora_dropout": 0.0,
-            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-            "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
-            "revision": None}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": config.get("_name_or_path") or None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(target_modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+        "revision": None,
+    }
 
 
-def random_adapter_tensors(config: dict[str, Any], rank: int, alpha: float, target_modules: Sequence[str],
-                           seed: int, dtype: str = "float32", delta_std: float = DEFAULT_DELTA_STD
-                           ) -> dict[str, torch.Tensor]:
+def random_adapter_tensors(
+    config: dict[str, Any],
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str],
+    seed: int,
+    dtype: str = "float32",
+    delta_std: float = DEFAULT_DELTA_STD,
+) -> dict[str, torch.Tensor]:
     """Every lora_A / lora_B tensor of one adapter, named as PEFT names them (see the module docstring)."""
     unknown = [m for m in target_modules if m not in ALL_TARGETS]
     if unknown:
@@ -125,9 +162,17 @@ def _alpha(rank: int, alpha: float | None) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def write_random_adapter(config_or_dir: Any, out_dir: str | Path, *, rank: int, alpha: float | None = None,
-                         target_modules: Sequence[str] = ALL_TARGETS, seed: int = 0, dtype: str = "float32",
-                         delta_std: float = DEFAULT_DELTA_STD) -> Path:
+def write_random_adapter(
+    config_or_dir: Any,
+    out_dir: str | Path,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = ALL_TARGETS,
+    seed: int = 0,
+    dtype: str = "float32",
+    delta_std: float = DEFAULT_DELTA_STD,
+) -> Path:
     """Write one random adapter to ``out_dir``; ``alpha`` defaults to ``2 * rank``. Returns ``out_dir``."""
     from safetensors.torch import save_file
 
@@ -141,10 +186,19 @@ def write_random_adapter(config_or_dir: Any, out_dir: str | Path, *, rank: int, 
     return out
 
 
-def write_random_adapters(config_or_dir: Any, out_dir: str | Path, num_adapters: int, *, rank: int,
-                          alpha: float | None = None, target_modules: Sequence[str] = ALL_TARGETS, seed: int = 0,
-                          dtype: str = "float32", delta_std: float = DEFAULT_DELTA_STD,
-                          prefix: str = "lora") -> dict[str, Path]:
+def write_random_adapters(
+    config_or_dir: Any,
+    out_dir: str | Path,
+    num_adapters: int,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = ALL_TARGETS,
+    seed: int = 0,
+    dtype: str = "float32",
+    delta_std: float = DEFAULT_DELTA_STD,
+    prefix: str = "lora",
+) -> dict[str, Path]:
     """Write ``num_adapters`` random adapters to ``out_dir/{prefix}{i}``; returns ``{name: directory}``.
 
     Adapter ``i`` is drawn from seed ``seed * 1_000_003 + i``. A ``random_adapters.json`` manifest
@@ -159,19 +213,46 @@ def write_random_adapters(config_or_dir: Any, out_dir: str | Path, num_adapters:
     alpha = _alpha(rank, alpha)
     out = Path(out_dir)
     names = [f"{prefix}{i}" for i in range(num_adapters)]
-    manifest = {"shape": {k: config.get(k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
-                                                      "num_attention_heads", "num_key_value_heads", "head_dim")},
-                "rank": rank, "alpha": alpha, "target_modules": targets, "seed": seed, "dtype": dtype,
-                "delta_std": delta_std, "names": names}
+    manifest = {
+        "shape": {
+            k: config.get(k)
+            for k in (
+                "num_hidden_layers",
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+            )
+        },
+        "rank": rank,
+        "alpha": alpha,
+        "target_modules": targets,
+        "seed": seed,
+        "dtype": dtype,
+        "delta_std": delta_std,
+        "names": names,
+    }
     manifest_path = out / MANIFEST_NAME
     paths = {name: out / name for name in names}
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest and \
-            all((p / WEIGHTS_NAME).is_file() and (p / CONFIG_NAME).is_file() for p in paths.values()):
+    if (
+        manifest_path.is_file()
+        and json.loads(manifest_path.read_text()) == manifest
+        and all((p / WEIGHTS_NAME).is_file() and (p / CONFIG_NAME).is_file() for p in paths.values())
+    ):
         return paths
     manifest_path.unlink(missing_ok=True)  # a half-written set must never look complete
     for i, (name, path) in enumerate(paths.items()):
-        write_random_adapter(config, path, rank=rank, alpha=alpha, target_modules=targets,
-                             seed=seed * 1_000_003 + i, dtype=dtype, delta_std=delta_std)
+        write_random_adapter(
+            config,
+            path,
+            rank=rank,
+            alpha=alpha,
+            target_modules=targets,
+            seed=seed * 1_000_003 + i,
+            dtype=dtype,
+            delta_std=delta_std,
+        )
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return paths
@@ -187,14 +268,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--target-modules", nargs="+", default=list(ALL_TARGETS), choices=ALL_TARGETS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--delta-std", type=float, default=DEFAULT_DELTA_STD,
-                        help="std of each module's delta per output, for an input of unit RMS")
+    parser.add_argument(
+        "--delta-std",
+        type=float,
+        default=DEFAULT_DELTA_STD,
+        help="std of each module's delta per output, for an input of unit RMS",
+    )
     args = parser.parse_args(argv)
     size = adapter_bytes(args.config_dir, args.rank, args.target_modules, args.dtype)
     print(f"writing {args.num_adapters} adapter(s) of {size / 2**20:.1f} MiB each to {args.out}")
-    paths = write_random_adapters(args.config_dir, args.out, args.num_adapters, rank=args.rank, alpha=args.alpha,
-                                  target_modules=args.target_modules, seed=args.seed, dtype=args.dtype,
-                                  delta_std=args.delta_std)
+    paths = write_random_adapters(
+        args.config_dir,
+        args.out,
+        args.num_adapters,
+        rank=args.rank,
+        alpha=args.alpha,
+        target_modules=args.target_modules,
+        seed=args.seed,
+        dtype=args.dtype,
+        delta_std=args.delta_std,
+    )
     for name, path in paths.items():
         print(f"{name}={path}")
     return paths

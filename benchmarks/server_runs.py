@@ -13,20 +13,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
-import httpx
 
 import bench_serving
+import httpx
+
 from loraserve.engine.tp import free_port  # noqa: F401 (the drivers' port picker)
+
 
 def add_run_args(p: argparse.ArgumentParser, work_prefix: str) -> None:
     """The arguments every driver takes for its servers and output files."""
     p.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeat)")
     p.add_argument("--startup-timeout", type=float, default=600)
-    p.add_argument("--work-dir", default=None,
-                   help=f"adapters, server logs and per-run JSON (default: a temp dir {work_prefix}*)")
+    p.add_argument(
+        "--work-dir", default=None, help=f"adapters, server logs and per-run JSON (default: a temp dir {work_prefix}*)"
+    )
     p.add_argument("--output-file", default=None, help="write every run and the summary here (JSON)")
     p.set_defaults(work_prefix=work_prefix)
 
@@ -40,13 +42,21 @@ def work_dir(args: argparse.Namespace) -> Path:
 
 def workload_flags(args: argparse.Namespace) -> list[str]:
     """``bench_serving`` flags of the workload the drivers share: prompts, lengths, rate, seed."""
-    return ["--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
-            "--random-output-len", str(args.output_len), "--request-rate", str(args.request_rate),
-            "--seed", str(args.seed)]
+    return [
+        "--num-prompts",
+        str(args.num_prompts),
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--request-rate",
+        str(args.request_rate),
+        "--seed",
+        str(args.seed),
+    ]
 
 
-COUNTERS = ("slot_fills", "copied_bytes", "copy_seconds", "copy_wait_seconds", "prefetches", "slot_misses",
-            "evictions")
+COUNTERS = ("slot_fills", "copied_bytes", "copy_seconds", "copy_wait_seconds", "prefetches", "slot_misses", "evictions")
 
 
 def parse_counters(text: str) -> dict[str, float]:
@@ -98,8 +108,15 @@ def diff_steps(after: dict, before: dict) -> dict:
     return out
 
 
-def serve_and_bench(server_flags: Sequence[str], bench_flags: Sequence[str], tag: str, out_dir: Path, port: int,
-                    startup_timeout: float = 600, prewarm: int = 0) -> dict:
+def serve_and_bench(
+    server_flags: Sequence[str],
+    bench_flags: Sequence[str],
+    tag: str,
+    out_dir: Path,
+    port: int,
+    startup_timeout: float = 600,
+    prewarm: int = 0,
+) -> dict:
     """Run ``bench_serving`` (``bench_flags``, without ``--base-url``/``--output-file``) against a
     fresh server (``server_flags``, without ``--port``); returns the result document with the
     server's command, start-up time and LoRA counters added. The server's log is ``server_TAG.log``
@@ -121,8 +138,18 @@ def serve_and_bench(server_flags: Sequence[str], bench_flags: Sequence[str], tag
         before: dict = {}
         if prewarm:
             warm_file = out_dir / f"serving_{tag}_prewarm.json"
-            code = bench_serving.main([*flags, "--num-prompts", str(prewarm), "--warmup-requests", "0",
-                                       "--output-file", str(warm_file), "--disable-tqdm"])
+            code = bench_serving.main(
+                [
+                    *flags,
+                    "--num-prompts",
+                    str(prewarm),
+                    "--warmup-requests",
+                    "0",
+                    "--output-file",
+                    str(warm_file),
+                    "--disable-tqdm",
+                ]
+            )
             if code != 0:
                 raise RuntimeError(f"the pre-warm run failed (exit {code}); see {warm_file}")
             before = parse_step_times(httpx.get(f"{url}/metrics", timeout=10).text)

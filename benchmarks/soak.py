@@ -38,17 +38,23 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
-
 import random_adapters
 from bench_offline import environment, finish, print_table
 
-PROMPTS = ("The capital of France is", "Once upon a time", "A list of fruits:", "def fibonacci(n):",
-           "My favourite colour is", "In 1492, Columbus")
+PROMPTS = (
+    "The capital of France is",
+    "Once upon a time",
+    "A list of fruits:",
+    "def fibonacci(n):",
+    "My favourite colour is",
+    "In 1492, Columbus",
+)
 CHURN = "churn"
 MAX_FAILURES_KEPT = 20
 KINDS = [(endpoint, stream) for endpoint in ("generate", "completions", "chat") for stream in (False, True)]
@@ -67,9 +73,19 @@ def tiny_model(out: Path, seed: int) -> Path:
     if (out / "config.json").is_file():
         return out
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).float().eval()
@@ -81,8 +97,14 @@ def tiny_model(out: Path, seed: int) -> Path:
 def prepare(args: argparse.Namespace, work: Path) -> tuple[str, dict[str, str]]:
     """The model directory and ``{adapter name: directory}``; the last adapter is the churned one."""
     model = args.model_path or str(tiny_model(work / "model", args.seed))
-    paths = random_adapters.write_random_adapters(model, work / "adapters", args.num_adapters + 1, rank=args.lora_rank,
-                                                  seed=args.seed, delta_std=args.adapter_delta_std)
+    paths = random_adapters.write_random_adapters(
+        model,
+        work / "adapters",
+        args.num_adapters + 1,
+        rank=args.lora_rank,
+        seed=args.seed,
+        delta_std=args.adapter_delta_std,
+    )
     names = [f"a{i}" for i in range(args.num_adapters)] + [CHURN]
     return model, {name: str(path) for name, path in zip(names, paths.values())}
 
@@ -127,8 +149,9 @@ def make_plans(args: argparse.Namespace, adapters: Sequence[str]) -> list[Plan]:
     for i in range(args.requests):
         endpoint, stream = rng.choice(KINDS)
         abandon = rng.randint(1, 3) if stream and rng.random() < args.abandon_fraction else None
-        plans.append(Plan(i, endpoint, stream, rng.choice(choices), rng.randrange(len(PROMPTS)), abandon,
-                          rng.random() < 0.5))
+        plans.append(
+            Plan(i, endpoint, stream, rng.choice(choices), rng.randrange(len(PROMPTS)), abandon, rng.random() < 0.5)
+        )
     return plans
 
 
@@ -165,8 +188,12 @@ class Soak:
         max_new = self.args.max_new_tokens * (4 if plan.abandon_after else 1)  # abandoned ones run longer
         text = PROMPTS[plan.prompt]
         if plan.endpoint == "generate":
-            return "/generate", {"text": text, "sampling_params": {**self.greedy, "max_new_tokens": max_new},
-                                 "lora_path": plan.adapter, "stream": plan.stream}
+            return "/generate", {
+                "text": text,
+                "sampling_params": {**self.greedy, "max_new_tokens": max_new},
+                "lora_path": plan.adapter,
+                "stream": plan.stream,
+            }
         model = self.base if plan.adapter is None else f"{self.base}:{plan.adapter}" if plan.prefixed else plan.adapter
         common = {"model": model, "max_tokens": max_new, "temperature": 0, "ignore_eos": True, "stream": plan.stream}
         if plan.endpoint == "completions":
@@ -215,8 +242,11 @@ class Soak:
                     else:
                         data = res.read().decode(errors="replace")
                 if plan.abandon_after and status == 200:
-                    outcome, detail = ("abandoned", "") if len(events) >= plan.abandon_after or done else \
-                        ("failed", f"the stream ended after {len(events)} events, before it was abandoned")
+                    outcome, detail = (
+                        ("abandoned", "")
+                        if len(events) >= plan.abandon_after or done
+                        else ("failed", f"the stream ended after {len(events)} events, before it was abandoned")
+                    )
                 else:
                     outcome, detail = self.result_of(plan, status, data, events, done)
             else:
@@ -226,8 +256,14 @@ class Soak:
                 outcome, detail = self.result_of(plan, status, data, events, done)
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
             outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
-        row = {"endpoint": plan.endpoint, "stream": plan.stream, "adapter": plan.adapter, "status": status,
-               "outcome": outcome, "seconds": time.perf_counter() - started}
+        row = {
+            "endpoint": plan.endpoint,
+            "stream": plan.stream,
+            "adapter": plan.adapter,
+            "status": status,
+            "outcome": outcome,
+            "seconds": time.perf_counter() - started,
+        }
         with self.lock:
             self.outcomes.append(row)
             if outcome == "failed" and len(self.failures) < MAX_FAILURES_KEPT:
@@ -268,8 +304,16 @@ class Soak:
             if res.status_code not in expected and len(self.failures) < MAX_FAILURES_KEPT:
                 self.failures.append({"churn": what, "status": res.status_code, "detail": res.text[:300]})
             if res.status_code not in expected:
-                self.outcomes.append({"endpoint": f"churn-{what}", "stream": False, "adapter": CHURN,
-                                      "status": res.status_code, "outcome": "failed", "seconds": 0.0})
+                self.outcomes.append(
+                    {
+                        "endpoint": f"churn-{what}",
+                        "stream": False,
+                        "adapter": CHURN,
+                        "status": res.status_code,
+                        "outcome": "failed",
+                        "seconds": 0.0,
+                    }
+                )
 
 
 def monitor(engine: Any, stop: threading.Event, seen: dict, deadline: float, period_s: float = 0.005) -> None:
@@ -294,9 +338,16 @@ def references(engine: Any, url: str, base: str, adapters: Sequence[str], max_ne
             res = client.post("/generate", json={"text": PROMPTS[p], "sampling_params": greedy, "lora_path": a})
             res.raise_for_status()
             refs["text"][(p, a)] = (res.json()["output_ids"], res.json()["text"])
-            res = client.post("/v1/chat/completions", json={
-                "model": base if a is None else a, "messages": [{"role": "user", "content": PROMPTS[p]}],
-                "max_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True})
+            res = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": base if a is None else a,
+                    "messages": [{"role": "user", "content": PROMPTS[p]}],
+                    "max_tokens": max_new_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
             res.raise_for_status()
             refs["chat"][(p, a)] = (None, res.json()["choices"][0]["message"]["content"])
     oracle = engine.generate([PROMPTS[p] for p, _ in keys], greedy, [a for _, a in keys])
@@ -311,14 +362,24 @@ def audit(engine: Any, idle_timeout_s: float) -> dict:
     alloc = engine.kv.allocator
     deadline = time.monotonic() + idle_timeout_s
     while time.monotonic() < deadline:
-        if (alloc.num_free == alloc.num_blocks and not engine.scheduler.running and not engine.scheduler.waiting
-                and engine.intake.pending == 0):
+        if (
+            alloc.num_free == alloc.num_blocks
+            and not engine.scheduler.running
+            and not engine.scheduler.waiting
+            and engine.intake.pending == 0
+        ):
             break
         time.sleep(0.02)
 
     def check() -> dict:
-        state = {"kv_blocks": alloc.num_blocks, "kv_free": alloc.num_free, "running": len(engine.scheduler.running),
-                 "waiting": len(engine.scheduler.waiting), "intake_pending": engine.intake.pending, "errors": []}
+        state = {
+            "kv_blocks": alloc.num_blocks,
+            "kv_free": alloc.num_free,
+            "running": len(engine.scheduler.running),
+            "waiting": len(engine.scheduler.waiting),
+            "intake_pending": engine.intake.pending,
+            "errors": [],
+        }
         for name, fn in (("kv", alloc.check_integrity), ("lora", engine.lora.check_integrity)):
             try:
                 fn()
@@ -329,10 +390,18 @@ def audit(engine: Any, idle_timeout_s: float) -> dict:
         state["adapters_pending"] = [r.name for r in reg.pending()]
         state["slots_loading"] = len(engine.lora.pool.loading)
         state["slots"] = [None if k is None else list(k) for k in engine.lora.pool.slot_key]
-        state["clean"] = (state["kv_free"] == state["kv_blocks"] and not state["running"] and not state["waiting"]
-                          and not state["intake_pending"] and not state["errors"] and not state["adapters_held"]
-                          and not state["adapters_pending"] and not state["slots_loading"])
+        state["clean"] = (
+            state["kv_free"] == state["kv_blocks"]
+            and not state["running"]
+            and not state["waiting"]
+            and not state["intake_pending"]
+            and not state["errors"]
+            and not state["adapters_held"]
+            and not state["adapters_pending"]
+            and not state["slots_loading"]
+        )
         return state
+
     return engine.call_in_engine(check)
 
 
@@ -356,8 +425,13 @@ def percentiles(values: list[float]) -> dict:
         return {"n": 0}
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"n": len(values), "p50_ms": pick(0.5) * 1e3, "p90_ms": pick(0.9) * 1e3, "max_ms": ordered[-1] * 1e3,
-            "mean_ms": statistics.fmean(values) * 1e3}
+    return {
+        "n": len(values),
+        "p50_ms": pick(0.5) * 1e3,
+        "p90_ms": pick(0.9) * 1e3,
+        "max_ms": ordered[-1] * 1e3,
+        "mean_ms": statistics.fmean(values) * 1e3,
+    }
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -374,27 +448,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model, adapters = prepare(args, work)
         served = [n for n in adapters if n != CHURN]
         settings = make_settings(
-            model_path=model, device=args.device, max_total_tokens=args.max_total_tokens, enable_lora=True,
-            max_lora_rank=args.lora_rank, lora_target_modules=["all"], max_loras_per_batch=args.max_loras_per_batch,
-            max_loaded_loras=args.max_loaded_loras, served_model_name="soak-base", lora_unload_timeout=0.2,
-            lora_paths=[f"{n}={p}" for n, p in adapters.items()], log_level="warning")
+            model_path=model,
+            device=args.device,
+            max_total_tokens=args.max_total_tokens,
+            enable_lora=True,
+            max_lora_rank=args.lora_rank,
+            lora_target_modules=["all"],
+            max_loras_per_batch=args.max_loras_per_batch,
+            max_loaded_loras=args.max_loaded_loras,
+            served_model_name="soak-base",
+            lora_unload_timeout=0.2,
+            lora_paths=[f"{n}={p}" for n, p in adapters.items()],
+            log_level="warning",
+        )
         engine = Engine(settings)
         server = ServerThread(engine, engine.settings, engine.plugins, grace_s=2.0, start_timeout_s=60.0)
         try:
             refs = references(engine, server.url, engine.model_name, list(adapters), args.max_new_tokens)
-            distinct = {p: len({tuple(refs["text"][(p, a)][0]) for a in (None, *adapters)})
-                        for p in range(len(PROMPTS))}
+            distinct = {
+                p: len({tuple(refs["text"][(p, a)][0]) for a in (None, *adapters)}) for p in range(len(PROMPTS))
+            }
             plans = make_plans(args, [*served, CHURN])
             soak = Soak(server.url, engine.model_name, args, refs)
             rss_before = rss_mib()
             lora_before = dict(engine.lora.metrics)
             deadline = time.monotonic() + args.duration_s
             seen = {"max_waiting": 0, "max_running": 0}
-            side = [threading.Thread(target=soak.churn, args=(adapters[CHURN], deadline), daemon=True),
-                    threading.Thread(target=monitor, args=(engine, soak.stop, seen, deadline + 60), daemon=True)]
+            side = [
+                threading.Thread(target=soak.churn, args=(adapters[CHURN], deadline), daemon=True),
+                threading.Thread(target=monitor, args=(engine, soak.stop, seen, deadline + 60), daemon=True),
+            ]
             cursor = [0]
-            workers = [threading.Thread(target=soak.worker, args=(plans, cursor, deadline), daemon=True)
-                       for _ in range(args.concurrency)]
+            workers = [
+                threading.Thread(target=soak.worker, args=(plans, cursor, deadline), daemon=True)
+                for _ in range(args.concurrency)
+            ]
             started = time.perf_counter()
             for t in side + workers:
                 t.start()
@@ -408,8 +496,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             state = audit(engine, args.idle_timeout_s)
             finished = finish_reasons(server.url)
             rss_after = rss_mib()
-            lora_counters = {k: engine.lora.metrics[k] - lora_before.get(k, 0) for k in engine.lora.metrics
-                             if isinstance(engine.lora.metrics[k], (int, float))}
+            lora_counters = {
+                k: engine.lora.metrics[k] - lora_before.get(k, 0)
+                for k in engine.lora.metrics
+                if isinstance(engine.lora.metrics[k], (int, float))
+            }
         finally:
             server.stop()
     rows = soak.outcomes
@@ -418,35 +509,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         counts[outcome] = sum(r["outcome"] == outcome for r in rows)
     counts["not_sent"] = counts["planned"] - counts["sent"]
     counts["hung_threads"] = hung
-    by_kind = {f"{e}{'-stream' if s else ''}": {o: sum(r["outcome"] == o for r in rows if (r["endpoint"], r["stream"])
-                                                    == (e, s)) for o in ("ok", "absent", "abandoned", "failed")}
-               for e, s in KINDS}
-    latency = {f"{e}{'-stream' if s else ''}": percentiles([r["seconds"] for r in rows if (r["endpoint"], r["stream"])
-                                                          == (e, s) and r["outcome"] == "ok"]) for e, s in KINDS}
-    passed = (counts["failed"] == 0 and hung == 0 and state["clean"] and counts["not_sent"] == 0)
-    return {"benchmark": "soak", "passed": passed, "config": vars(args), "device": str(engine.device),
-            "environment": environment(engine.device.type), "wall_s": wall,
-            "requests_per_s": counts["sent"] / wall if wall else None, "counts": counts, "by_kind": by_kind,
-            "latency": latency, "churn": soak.churn_log, "failures": soak.failures, "final_state": state,
-            "lora_counters": lora_counters, "queue": seen, "server_finish_reasons": finished,
-            "distinct_outputs_per_prompt": distinct,
-            "rss_mib": {"at_start": rss_at_start, "before_soak": rss_before, "after_soak": rss_after,
-                        "growth": rss_after - rss_before, "peak": peak_rss_mib()}}
+    by_kind = {
+        f"{e}{'-stream' if s else ''}": {
+            o: sum(r["outcome"] == o for r in rows if (r["endpoint"], r["stream"]) == (e, s))
+            for o in ("ok", "absent", "abandoned", "failed")
+        }
+        for e, s in KINDS
+    }
+    latency = {
+        f"{e}{'-stream' if s else ''}": percentiles(
+            [r["seconds"] for r in rows if (r["endpoint"], r["stream"]) == (e, s) and r["outcome"] == "ok"]
+        )
+        for e, s in KINDS
+    }
+    passed = counts["failed"] == 0 and hung == 0 and state["clean"] and counts["not_sent"] == 0
+    return {
+        "benchmark": "soak",
+        "passed": passed,
+        "config": vars(args),
+        "device": str(engine.device),
+        "environment": environment(engine.device.type),
+        "wall_s": wall,
+        "requests_per_s": counts["sent"] / wall if wall else None,
+        "counts": counts,
+        "by_kind": by_kind,
+        "latency": latency,
+        "churn": soak.churn_log,
+        "failures": soak.failures,
+        "final_state": state,
+        "lora_counters": lora_counters,
+        "queue": seen,
+        "server_finish_reasons": finished,
+        "distinct_outputs_per_prompt": distinct,
+        "rss_mib": {
+            "at_start": rss_at_start,
+            "before_soak": rss_before,
+            "after_soak": rss_after,
+            "growth": rss_after - rss_before,
+            "peak": peak_rss_mib(),
+        },
+    }
 
 
 def report(result: dict[str, Any]) -> None:
     c, s, r = result["counts"], result["final_state"], result["rss_mib"]
-    rows = [("requests sent / planned", f"{c['sent']} / {c['planned']}"), ("ok", c["ok"]),
-            ("absent (404, churned adapter)", c["absent"]), ("abandoned streams", c["abandoned"]),
-            ("failed", c["failed"]), ("wall time (s)", result["wall_s"]), ("requests/s", result["requests_per_s"]),
-            ("churn loads / unloads (202)", f"{result['churn']['loads']} / {result['churn']['unloads']} "
-                                            f"({result['churn']['pending_unloads']})"),
-            ("GPU slot evictions", result["lora_counters"].get("gpu_evictions", 0)),
-            ("deepest waiting queue", result["queue"]["max_waiting"]),
-            ("aborted on the server", result["server_finish_reasons"].get("abort", 0)),
-            ("KV blocks free after", f"{s['kv_free']} / {s['kv_blocks']}"), ("engine clean after", s["clean"]),
-            ("RSS before soak (MiB)", r["before_soak"]), ("RSS after soak (MiB)", r["after_soak"]),
-            ("peak RSS (MiB)", r["peak"])]
+    rows = [
+        ("requests sent / planned", f"{c['sent']} / {c['planned']}"),
+        ("ok", c["ok"]),
+        ("absent (404, churned adapter)", c["absent"]),
+        ("abandoned streams", c["abandoned"]),
+        ("failed", c["failed"]),
+        ("wall time (s)", result["wall_s"]),
+        ("requests/s", result["requests_per_s"]),
+        (
+            "churn loads / unloads (202)",
+            f"{result['churn']['loads']} / {result['churn']['unloads']} ({result['churn']['pending_unloads']})",
+        ),
+        ("GPU slot evictions", result["lora_counters"].get("gpu_evictions", 0)),
+        ("deepest waiting queue", result["queue"]["max_waiting"]),
+        ("aborted on the server", result["server_finish_reasons"].get("abort", 0)),
+        ("KV blocks free after", f"{s['kv_free']} / {s['kv_blocks']}"),
+        ("engine clean after", s["clean"]),
+        ("RSS before soak (MiB)", r["before_soak"]),
+        ("RSS after soak (MiB)", r["after_soak"]),
+        ("peak RSS (MiB)", r["peak"]),
+    ]
     for kind, lat in result["latency"].items():
         if lat["n"]:
             rows.append((f"{kind} p50 / p90 (ms)", f"{lat['p50_ms']:.0f} / {lat['p90_ms']:.0f}"))
@@ -463,13 +590,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens per request (abandoned streams: 4x)")
     p.add_argument("--abandon-fraction", type=float, default=0.15, help="share of streams closed after 1-3 events")
     p.add_argument("--churn-interval-s", type=float, default=0.05, help="pause between churn loads and unloads")
-    p.add_argument("--model-path", default=None,
-                   help="serve this model (with a tokenizer) instead of a tiny random one")
+    p.add_argument(
+        "--model-path", default=None, help="serve this model (with a tokenizer) instead of a tiny random one"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-adapters", type=int, default=3, help="adapters served all along (one more is churned)")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--adapter-delta-std", type=float, default=1.0,
-                   help="size of each adapter's change (large: every adapter changes the greedy output)")
+    p.add_argument(
+        "--adapter-delta-std",
+        type=float,
+        default=1.0,
+        help="size of each adapter's change (large: every adapter changes the greedy output)",
+    )
     p.add_argument("--max-loras-per-batch", type=int, default=2, help="GPU slots, the base model's included")
     p.add_argument("--max-loaded-loras", type=int, default=3, help="host cache size (smaller than the adapter set)")
     p.add_argument("--max-total-tokens", type=int, default=256, help="KV-cache size: small, so requests queue")

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -97,14 +98,16 @@ def sample_lengths(num: int, length: int, range_ratio: float, rng: np.random.Gen
 def skewed_probabilities(num_adapters: int, zipf_alpha: float) -> np.ndarray:
     """Share of requests per adapter under ``skewed``: proportional to ``zipf_alpha ** -i``."""
     if not isinstance(zipf_alpha, (int, float)) or isinstance(zipf_alpha, bool) or not zipf_alpha > 1.0:
-        raise ValueError(f"zipf_alpha={zipf_alpha!r} is invalid; give a number > 1 (1 would be the uniform "
-                         "distribution)")
+        raise ValueError(
+            f"zipf_alpha={zipf_alpha!r} is invalid; give a number > 1 (1 would be the uniform distribution)"
+        )
     weights = float(zipf_alpha) ** -np.arange(num_adapters, dtype=np.float64)
     return weights / weights.sum()
 
 
-def sample_lora_names(num: int, lora_names: Sequence[str] | None, distribution: str,
-                      zipf_alpha: float = DEFAULT_ZIPF_ALPHA, seed: int = 0) -> list[str | None]:
+def sample_lora_names(
+    num: int, lora_names: Sequence[str] | None, distribution: str, zipf_alpha: float = DEFAULT_ZIPF_ALPHA, seed: int = 0
+) -> list[str | None]:
     """One adapter name per request (all None, the base model, when ``lora_names`` is empty)."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution={distribution!r} is invalid; choose one of {', '.join(DISTRIBUTIONS)}")
@@ -122,10 +125,20 @@ def sample_lora_names(num: int, lora_names: Sequence[str] | None, distribution: 
     return [names[int(i)] for i in picks]
 
 
-def make_workload(num_prompts: int, input_len: int, output_len: int, vocab_size: int,
-                  lora_names: Sequence[str] | None = None, distribution: str = "uniform", *,
-                  zipf_alpha: float = DEFAULT_ZIPF_ALPHA, seed: int = 1, range_ratio: float = 1.0,
-                  tokenizer: Any = None, low: int = 0) -> list[RequestSpec]:
+def make_workload(
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    vocab_size: int,
+    lora_names: Sequence[str] | None = None,
+    distribution: str = "uniform",
+    *,
+    zipf_alpha: float = DEFAULT_ZIPF_ALPHA,
+    seed: int = 1,
+    range_ratio: float = 1.0,
+    tokenizer: Any = None,
+    low: int = 0,
+) -> list[RequestSpec]:
     """``num_prompts`` requests with random prompts (ids from :func:`allowed_token_ids`), lengths from
     :func:`sample_lengths` (exact with ``range_ratio=1``), and adapters from :func:`sample_lora_names`."""
     num_prompts = _positive_int("num_prompts", num_prompts)
@@ -140,7 +153,7 @@ def make_workload(num_prompts: int, input_len: int, output_len: int, vocab_size:
     tokens = pool[rng.integers(0, pool.size, size=int(in_lens.sum()))].tolist()
     specs, start = [], 0
     for n_in, n_out, lora in zip(in_lens.tolist(), out_lens.tolist(), loras):
-        specs.append(RequestSpec(tokens[start:start + n_in], n_out, lora))
+        specs.append(RequestSpec(tokens[start : start + n_in], n_out, lora))
         start += n_in
     return specs
 
@@ -160,6 +173,9 @@ def poisson_arrival_times(num_requests: int, request_rate: float, seed: int = 1)
 def describe_workload(workload: Sequence[RequestSpec]) -> dict[str, Any]:
     """Totals of a workload, for the results file: requests, tokens, requests per adapter."""
     counts = Counter("<base>" if s.lora_name is None else s.lora_name for s in workload)
-    return {"num_requests": len(workload), "total_input_tokens": sum(s.input_len for s in workload),
-            "total_output_tokens": sum(s.output_len for s in workload),
-            "requests_per_adapter": dict(counts.most_common())}
+    return {
+        "num_requests": len(workload),
+        "total_input_tokens": sum(s.input_len for s in workload),
+        "total_output_tokens": sum(s.output_len for s in workload),
+        "requests_per_adapter": dict(counts.most_common()),
+    }

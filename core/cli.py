@@ -13,7 +13,8 @@ import json
 import logging
 import sys
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from loraserve import __version__
 from loraserve.errors import LoraserveError
@@ -21,11 +22,19 @@ from loraserve.plugin_manager import PluginManager
 from loraserve.settings import Settings, flag_name, make_settings
 
 SUBCOMMANDS = ("serve", "plugins")
-GROUP_TITLES = {"model": "model", "server": "HTTP server", "scheduling": "scheduling and memory",
-                "lora": "LoRA", "plugins": "plugins"}
+GROUP_TITLES = {
+    "model": "model",
+    "server": "HTTP server",
+    "scheduling": "scheduling and memory",
+    "lora": "LoRA",
+    "plugins": "plugins",
+}
 # settings fields whose choices come from plugin registries
-REGISTRY_CHOICES = {"lora_backend": "backends", "lora_eviction_policy": "eviction_policies",
-                    "attention_backend": "attention_backends"}
+REGISTRY_CHOICES = {
+    "lora_backend": "backends",
+    "lora_eviction_policy": "eviction_policies",
+    "attention_backend": "attention_backends",
+}
 # argparse destination of a plugin option: kept apart from the core settings' names
 PLUGIN_DEST_PREFIX = "plugin_option:"
 
@@ -59,13 +68,20 @@ def build_parser(plugins: PluginManager | None = None, prog: str = "loraserve") 
     plugin and land under ``PLUGIN_DEST_PREFIX + name``.
     """
     parser = argparse.ArgumentParser(
-        prog=prog, argument_default=argparse.SUPPRESS, allow_abbrev=False,  # a typo must not pick another flag
+        prog=prog,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # a typo must not pick another flag
         description="Serve one base LLM with many LoRA adapters. Subcommands: "
-                    "'loraserve plugins' lists plugins as JSON; 'loraserve [serve] [MODEL] FLAGS' starts the server.",
-        epilog="Every flag can also be set as an environment variable: LORASERVE_<FLAG_NAME_IN_CAPITALS>.")
+        "'loraserve plugins' lists plugins as JSON; 'loraserve [serve] [MODEL] FLAGS' starts the server.",
+        epilog="Every flag can also be set as an environment variable: LORASERVE_<FLAG_NAME_IN_CAPITALS>.",
+    )
     parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
-    parser.add_argument("model_tag", nargs="?", metavar="MODEL",
-                        help="the model to serve, as vLLM's positional argument: the same as --model-path")
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        metavar="MODEL",
+        help="the model to serve, as vLLM's positional argument: the same as --model-path",
+    )
     groups: dict[str, Any] = {}
     for name, info in Settings.model_fields.items():
         extra = dict(info.json_schema_extra or {})
@@ -123,8 +139,9 @@ def _plugin_manager(argv: Sequence[str]) -> PluginManager:
 def parse_settings(argv: Sequence[str], plugins: PluginManager) -> Settings:
     parser = build_parser(plugins)
     values = vars(parser.parse_args(argv))
-    plugin_values = {k.removeprefix(PLUGIN_DEST_PREFIX): values.pop(k) for k in list(values)
-                     if k.startswith(PLUGIN_DEST_PREFIX)}
+    plugin_values = {
+        k.removeprefix(PLUGIN_DEST_PREFIX): values.pop(k) for k in list(values) if k.startswith(PLUGIN_DEST_PREFIX)
+    }
     if plugin_values:
         values["plugin_options"] = plugin_values
     model = values.pop("model_tag", None)
@@ -139,8 +156,11 @@ def parse_settings(argv: Sequence[str], plugins: PluginManager) -> Settings:
 
 
 def cmd_plugins(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loraserve plugins", allow_abbrev=False,
-                                     description="List plugins as JSON, built-in ones marked \"builtin\": true.")
+    parser = argparse.ArgumentParser(
+        prog="loraserve plugins",
+        allow_abbrev=False,
+        description='List plugins as JSON, built-in ones marked "builtin": true.',
+    )
     parser.add_argument("--external", action="store_true", help="list only plugins that are not built in")
     parser.add_argument("--all", action="store_true", help="(the default) list built-in plugins too")
     parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME")

@@ -26,7 +26,7 @@ pool's rank capacity (``--max-lora-rank``); slot ``k``'s rows ``A[k, i*R : i*R +
 are unspecified and must never be read into a result (see :func:`pool_shapes`). The base model
 occupies a slot of rank 0 when it is in a batch; a captured decode step's padding rows use a
 *null* slot past the pool's last, of rank 0. Buffers are allocated once and only their contents
-change, so a captured CUDA graph stays valid. For backends with ``supports_fused_shrink`` the
+change, so a captured CUDA graph stays valid. For backends with ``supports_shrink_in_gemm`` the
 layer keeps the ``A`` rows of every slot appended below its base weight, so one GEMM over
 ``[W; A_all]`` yields the base output and every slot's shrink (``shrunk``, :func:`shrunk_columns`).
 
@@ -38,10 +38,9 @@ layer keeps the ``A`` rows of every slot appended below its base weight, so one 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import (TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, NamedTuple, Protocol, Sequence,
-                    TypedDict)
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypedDict
 
 import torch
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,15 +71,17 @@ class Register(Protocol):
     backends). Registering a name another plugin registered is an error naming both plugins.
     """
 
-    def __call__(self, name: str, factory: Callable[..., Any], description: str = "",
-                 priority: Mapping[str, int] | None = None) -> None: ...
+    def __call__(
+        self, name: str, factory: Callable[..., Any], description: str = "", priority: Mapping[str, int] | None = None
+    ) -> None: ...
 
 
 # == The slot pool layout ===========================================================================
 
 
-def pool_shapes(num_slots: int, n_slices: int, max_rank: int, in_dim: int,
-                out_dim: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def pool_shapes(
+    num_slots: int, n_slices: int, max_rank: int, in_dim: int, out_dim: int
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """The shapes of one projection's ``A`` and ``B`` buffers (see the module docstring)."""
     return (num_slots, n_slices * max_rank, in_dim), (num_slots, out_dim, max_rank)
 
@@ -127,8 +128,15 @@ class LoRABatchInfo:
     scalings_host: list[float]
 
     @classmethod
-    def build(cls, seg_lens: list[int], seg_slot: list[int], ranks: list[int], scalings: list[float],
-              max_rank: int, device: torch.device | str = "cpu") -> "LoRABatchInfo":
+    def build(
+        cls,
+        seg_lens: list[int],
+        seg_slot: list[int],
+        ranks: list[int],
+        scalings: list[float],
+        max_rank: int,
+        device: torch.device | str = "cpu",
+    ) -> LoRABatchInfo:
         """Build from host lists (one entry per segment, one per slot)."""
         if len(seg_lens) != len(seg_slot):
             raise ValueError(f"seg_lens has {len(seg_lens)} entries but seg_slot has {len(seg_slot)}")
@@ -147,11 +155,17 @@ class LoRABatchInfo:
         token_slot = [s for s, n in zip(seg_slot, seg_lens) for _ in range(n)]
         i32 = dict(dtype=torch.int32, device=device)
         return cls(
-            num_tokens=indptr[-1], num_segments=len(seg_lens),
-            seg_indptr=torch.tensor(indptr, **i32), seg_slot=torch.tensor(seg_slot, **i32),
-            token_slot=torch.tensor(token_slot, **i32), ranks=torch.tensor(ranks, **i32),
-            scalings=torch.tensor(scalings, dtype=torch.float32, device=device), max_rank=max_rank,
-            seg_indptr_host=indptr, seg_slot_host=list(seg_slot), ranks_host=list(ranks),
+            num_tokens=indptr[-1],
+            num_segments=len(seg_lens),
+            seg_indptr=torch.tensor(indptr, **i32),
+            seg_slot=torch.tensor(seg_slot, **i32),
+            token_slot=torch.tensor(token_slot, **i32),
+            ranks=torch.tensor(ranks, **i32),
+            scalings=torch.tensor(scalings, dtype=torch.float32, device=device),
+            max_rank=max_rank,
+            seg_indptr_host=indptr,
+            seg_slot_host=list(seg_slot),
+            ranks_host=list(ranks),
             scalings_host=[float(s) for s in scalings],
         )
 
@@ -172,7 +186,7 @@ class LoRABackend:
       It may not modify ``x``, ``A`` or ``B``. Rows whose slot has rank 0 must be left bit-identical.
       Arithmetic accumulates in float32 whatever the input dtype.
     - Both are always safe to call with ``num_tokens == 1``.
-    - A backend with ``supports_fused_shrink`` also accepts ``shrunk``: ``x @ A[slot].T`` for *every*
+    - A backend with ``supports_shrink_in_gemm`` also accepts ``shrunk``: ``x @ A[slot].T`` for *every*
       slot, computed by the caller (the base GEMM over the weight with the pool's A rows appended,
       so the shrink shares the GEMM's read of ``x``): ``[num_tokens, num_slots * num_slices * R]``,
       row stride free, column stride 1, slot ``s``'s columns at ``s * num_slices * R``. The backend
@@ -187,7 +201,7 @@ class LoRABackend:
     #: whether :meth:`run_lora_embedding` is implemented (LoRA on embed_tokens / lm_head)
     supports_embedding = False
     #: whether :meth:`run_lora` accepts ``shrunk`` (the shrink done by the base GEMM)
-    supports_fused_shrink = False
+    supports_shrink_in_gemm = False
     #: whether ``prepare`` + ``run_lora`` read only device tensors (and the batch's host integers),
     #: so the engine may capture decode steps in CUDA graphs and replay them with new buffer contents
     graph_capturable = False
@@ -199,29 +213,46 @@ class LoRABackend:
     def prepare(self, batch: LoRABatchInfo) -> None:
         self.batch = batch
 
-    def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
-                 output_offsets: Sequence[int], shrunk: torch.Tensor | None = None) -> None:
+    def run_lora(
+        self,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        base_out: torch.Tensor,
+        output_offsets: Sequence[int],
+        shrunk: torch.Tensor | None = None,
+    ) -> None:
         raise NotImplementedError
 
-    def fuse_shrink(self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int,
-                    num_slots: int) -> bool:
+    def wants_shrink_in_gemm(
+        self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int, num_slots: int
+    ) -> bool:
         """Whether a step of ``num_tokens`` should do a projection's shrink inside its base GEMM
-        (only asked of backends with ``supports_fused_shrink``; host integers only)."""
+        (only asked of backends with ``supports_shrink_in_gemm``; host integers only)."""
         return False
 
-    def checked_batch(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
-                      output_offsets: Sequence[int], shrunk: torch.Tensor | None = None) -> tuple[LoRABatchInfo, int]:
+    def checked_batch(
+        self,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        base_out: torch.Tensor,
+        output_offsets: Sequence[int],
+        shrunk: torch.Tensor | None = None,
+    ) -> tuple[LoRABatchInfo, int]:
         """The step's batch info and the number of slices, after the checks every backend shares."""
         if self.batch is None:
             raise RuntimeError("prepare() must be called before run_lora()")
         n_slices = check_run_lora_args(x, A, B, base_out, output_offsets, self.batch.max_rank)
         if shrunk is not None:
-            if not self.supports_fused_shrink:
+            if not self.supports_shrink_in_gemm:
                 raise ValueError(f"LoRA backend {self.name!r} does not take a precomputed shrink")
             width = A.shape[0] * A.shape[1]
             if shrunk.dim() != 2 or shrunk.shape != (x.shape[0], width) or shrunk.stride(1) != 1:
-                raise ValueError(f"shrunk has shape {tuple(shrunk.shape)} and strides {shrunk.stride()}, expected "
-                                 f"({x.shape[0]}, {width}) with column stride 1")
+                raise ValueError(
+                    f"shrunk has shape {tuple(shrunk.shape)} and strides {shrunk.stride()}, expected "
+                    f"({x.shape[0]}, {width}) with column stride 1"
+                )
             if shrunk.dtype != x.dtype:
                 raise ValueError(f"shrunk has dtype {shrunk.dtype}, expected {x.dtype}")
         return self.batch, n_slices
@@ -236,8 +267,9 @@ class LoRABackend:
         (a decode step may be captured in a CUDA graph)."""
         return None
 
-    def run_lora_embedding(self, input_ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                           base_out: torch.Tensor) -> None:
+    def run_lora_embedding(
+        self, input_ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor
+    ) -> None:
         """Add ``scaling * A[slot][:, input_ids].T @ B[slot].T`` for LoRA on the embedding.
 
         ``A`` is ``[num_slots, R, vocab]`` and ``B`` is ``[num_slots, hidden, R]`` (PEFT layout).
@@ -245,8 +277,14 @@ class LoRABackend:
         raise NotImplementedError(f"LoRA backend {self.name!r} does not support LoRA on embeddings")
 
 
-def check_run_lora_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
-                        output_offsets: Sequence[int], max_rank: int) -> int:
+def check_run_lora_args(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    base_out: torch.Tensor,
+    output_offsets: Sequence[int],
+    max_rank: int,
+) -> int:
     """Validate shapes shared by every backend; returns the number of slices."""
     n_slices = len(output_offsets) - 1
     if n_slices < 1 or output_offsets[0] != 0 or any(b <= a for a, b in zip(output_offsets, output_offsets[1:])):
@@ -300,26 +338,33 @@ class LoRAEpilogue:
             raise ValueError(f"R is {R!r}; it must be an int >= 1")
         B = self.B
         if B.dim() != 3 or B.shape[2] != R or not B.is_contiguous() or B.dtype not in _FLOATS:
-            raise ValueError(f"B must be a contiguous [num_slots, out_total, {R}] float32, bfloat16 or float16 "
-                             f"tensor, got {tuple(B.shape)} {B.dtype} strides {B.stride()}")
+            raise ValueError(
+                f"B must be a contiguous [num_slots, out_total, {R}] float32, bfloat16 or float16 "
+                f"tensor, got {tuple(B.shape)} {B.dtype} strides {B.stride()}"
+            )
         num_slots, out_total = B.shape[:2]
         if out_total % S:
             raise ValueError(f"B's out_total {out_total} does not split into {S} equal slices")
         check_rows("h", self.h, 2)
         T, cols = self.h.shape
         if cols < num_slots * S * R:
-            raise ValueError(f"h has {cols} columns; {num_slots} slots of {S} slices of rank {R} need "
-                             f"{num_slots * S * R}")
+            raise ValueError(
+                f"h has {cols} columns; {num_slots} slots of {S} slices of rank {R} need {num_slots * S * R}"
+            )
         # ranks and scalings may go on past B's slots: a captured decode step's batch has a null
         # slot of rank 0 there for its padding rows, which no kernel reads B for
-        for name, t, shape, dtype in (("token_slot", self.token_slot, (T,), torch.int32),
-                                      ("ranks", self.ranks, (num_slots,), torch.int32),
-                                      ("scalings", self.scalings, (num_slots,), torch.float32)):
+        for name, t, shape, dtype in (
+            ("token_slot", self.token_slot, (T,), torch.int32),
+            ("ranks", self.ranks, (num_slots,), torch.int32),
+            ("scalings", self.scalings, (num_slots,), torch.float32),
+        ):
             ok = t.dim() == 1 and (t.shape[0] == shape[0] if name == "token_slot" else t.shape[0] >= shape[0])
             if not ok or t.dtype != dtype or not t.is_contiguous():
                 at_least = "" if name == "token_slot" else "at least "
-                raise ValueError(f"{name} must be a contiguous 1-d {dtype} tensor of {at_least}{shape[0]} entries, "
-                                 f"got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+                raise ValueError(
+                    f"{name} must be a contiguous 1-d {dtype} tensor of {at_least}{shape[0]} entries, "
+                    f"got {tuple(t.shape)} {t.dtype} strides {t.stride()}"
+                )
         for name in ("h", "token_slot", "ranks", "scalings"):
             if getattr(self, name).device != B.device:
                 raise ValueError(f"{name} is on {getattr(self, name).device}, B on {B.device}")
@@ -328,8 +373,10 @@ class LoRAEpilogue:
         """Refuse an output ``out`` that this epilogue does not fit (a ValueError naming ``name``)."""
         want = (self.token_slot.shape[0], self.B.shape[1])
         if out.dim() != 2 or tuple(out.shape) != want or out.dtype != self.B.dtype or out.device != self.B.device:
-            raise ValueError(f"{name} is {tuple(out.shape)} {out.dtype} on {out.device}; the LoRA epilogue "
-                             f"needs {list(want)} {self.B.dtype} on {self.B.device}")
+            raise ValueError(
+                f"{name} is {tuple(out.shape)} {out.dtype} on {out.device}; the LoRA epilogue "
+                f"needs {list(want)} {self.B.dtype} on {self.B.device}"
+            )
         if self.n_slices != n_slices:
             raise ValueError(f"the LoRA epilogue has n_slices={self.n_slices}; {name} needs {n_slices}")
 
@@ -351,11 +398,12 @@ class LoRAEpilogue:
             rows = active & (self.token_slot == k)
             B_k = torch.where(keep, self.B[k].float(), 0.0)  # a select: past the rank B may hold NaN
             for s in range(S):
-                h = self.h[:, (k * S + s) * R:(k * S + s + 1) * R].float()
+                h = self.h[:, (k * S + s) * R : (k * S + s + 1) * R].float()
                 h = torch.where(rows[:, None] & keep[None, :], h, 0.0)
-                part = (h @ B_k[s * width:(s + 1) * width].T) * self.scalings[k]
-                delta[:, s * width:(s + 1) * width] = torch.where(rows[:, None], part,
-                                                                  delta[:, s * width:(s + 1) * width])
+                part = (h @ B_k[s * width : (s + 1) * width].T) * self.scalings[k]
+                delta[:, s * width : (s + 1) * width] = torch.where(
+                    rows[:, None], part, delta[:, s * width : (s + 1) * width]
+                )
         return delta
 
     def apply_(self, out: torch.Tensor) -> None:
@@ -444,12 +492,21 @@ class AdapterLoader:
     def can_load(self, source: str) -> bool:
         raise NotImplementedError
 
-    def load(self, source: str, *, name: str, shape: BaseModelShape, max_rank: int | None = None,
-             target_modules: Iterable[str] | None = None, policy: AdapterSourcePolicy | None = None) -> LoRAAdapter:
+    def load(
+        self,
+        source: str,
+        *,
+        name: str,
+        shape: BaseModelShape,
+        max_rank: int | None = None,
+        target_modules: Iterable[str] | None = None,
+        policy: AdapterSourcePolicy | None = None,
+    ) -> LoRAAdapter:
         raise NotImplementedError
 
-    def peek(self, source: str, shape: BaseModelShape | None = None, *,
-             policy: AdapterSourcePolicy | None = None) -> AdapterSummary:
+    def peek(
+        self, source: str, shape: BaseModelShape | None = None, *, policy: AdapterSourcePolicy | None = None
+    ) -> AdapterSummary:
         raise NotImplementedError
 
 
@@ -636,9 +693,14 @@ class EngineClient(abc.ABC):
     # -- generations ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def make_request(self, prompt: str | None = None, input_ids: Sequence[int] | None = None,
-                     params: SamplingParams | dict | None = None, adapter: str | None = None,
-                     request_id: str | None = None) -> Request:
+    def make_request(
+        self,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        params: SamplingParams | dict | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> Request:
         """Validate and tokenize one request; submits nothing. ``prompt`` (text) or ``input_ids``;
         ``params`` SGLang's sampling parameters (``n`` must be 1: a frontend fans out ``n`` itself);
         ``adapter`` a name, None for the base model (whether it exists is checked on submit).

@@ -41,13 +41,15 @@ class TensorParallel:
         self.group = group if size > 1 else None
 
     @classmethod
-    def from_group(cls, group: Any = None) -> "TensorParallel":
+    def from_group(cls, group: Any = None) -> TensorParallel:
         """This process's place in ``group`` (None: the default group) of an initialised torch.distributed."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("torch.distributed is not initialised; call init_process_group in every "
-                               "worker before building its TensorParallel")
+            raise RuntimeError(
+                "torch.distributed is not initialised; call init_process_group in every "
+                "worker before building its TensorParallel"
+            )
         size = dist.get_world_size(group)
         return cls(dist.get_rank(group), size, group) if size > 1 else cls()
 
@@ -62,8 +64,9 @@ class TensorParallel:
         Raises :class:`ConfigError` naming ``name``, ``total`` and the tensor-parallel size when the
         size does not divide it (every rank must hold the same shapes)."""
         if total % self.size:
-            raise ConfigError(f"{name} {total} is not divisible by --tp-size {self.size}; use a --tp-size "
-                              f"that divides it")
+            raise ConfigError(
+                f"{name} {total} is not divisible by --tp-size {self.size}; use a --tp-size that divides it"
+            )
         local = total // self.size
         return self.rank * local, (self.rank + 1) * local
 
@@ -107,10 +110,12 @@ def check_divisible(config: Any, size: int) -> None:
     process is started."""
     tp = TensorParallel(0, size)
     heads = getattr(config, "num_attention_heads", None)
-    sizes = (("num_attention_heads", heads),
-             ("num_key_value_heads", getattr(config, "num_key_value_heads", None) or heads),
-             ("intermediate_size", getattr(config, "intermediate_size", None)),
-             ("vocab_size", getattr(config, "vocab_size", None)))
+    sizes = (
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", getattr(config, "num_key_value_heads", None) or heads),
+        ("intermediate_size", getattr(config, "intermediate_size", None)),
+        ("vocab_size", getattr(config, "vocab_size", None)),
+    )
     for name, value in sizes:
         if isinstance(value, int):
             tp.shard_size(value, name)

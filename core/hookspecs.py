@@ -21,7 +21,8 @@ exception they raise is logged, never propagated into the engine.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -199,8 +200,9 @@ def loraserve_adapter_unloaded(name: str, version: int) -> None:
 
 
 @hookspec
-def loraserve_request_finished(request_id: str, adapter: str | None, prompt_tokens: int, completion_tokens: int,
-                               finish_reason: str) -> None:
+def loraserve_request_finished(
+    request_id: str, adapter: str | None, prompt_tokens: int, completion_tokens: int, finish_reason: str
+) -> None:
     """A request finished (completed, stopped, aborted or failed).
 
     Called once per request, after its KV blocks were freed.

@@ -15,9 +15,10 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,7 +59,7 @@ class ModelSource:
 # -- resolving ----------------------------------------------------------------------------------
 
 
-def resolve_model_source(settings: "Settings") -> ModelSource:
+def resolve_model_source(settings: Settings) -> ModelSource:
     """Where ``settings.model_path`` points and which weight files to read; raises ConfigError if nothing fits."""
     fmt = settings.load_format
     if settings.model_path is None:
@@ -69,27 +70,36 @@ def resolve_model_source(settings: "Settings") -> ModelSource:
     path = Path(given).expanduser()
     if path.is_file():
         if path.suffix != ".gguf" and fmt != "gguf":
-            raise ConfigError(f"--model-path {given!r} is a file but not a .gguf file; pass a Hugging Face "
-                              "directory (config.json + *.safetensors) or a GGUF file")
+            raise ConfigError(
+                f"--model-path {given!r} is a file but not a .gguf file; pass a Hugging Face "
+                "directory (config.json + *.safetensors) or a GGUF file"
+            )
         if fmt not in ("auto", "gguf", "dummy"):
-            raise ConfigError(f"--model-path {given!r} is a GGUF file but --load-format is {fmt!r}; "
-                              "use --load-format auto (or gguf, or dummy)")
-        return ModelSource(path.parent.resolve(), "dummy" if fmt == "dummy" else "gguf", gguf_file=path.name,
-                           name=path.stem)
+            raise ConfigError(
+                f"--model-path {given!r} is a GGUF file but --load-format is {fmt!r}; "
+                "use --load-format auto (or gguf, or dummy)"
+            )
+        return ModelSource(
+            path.parent.resolve(), "dummy" if fmt == "dummy" else "gguf", gguf_file=path.name, name=path.stem
+        )
     if path.is_dir():
         return _from_dir(path.resolve(), fmt, path.resolve().name, "local")
     if HUB_ID.match(given) and not given.startswith("."):
         return _from_dir(_download(given, fmt), fmt, given, "hub")
-    raise ConfigError(f"--model-path {given!r} does not exist; pass a local Hugging Face directory, a .gguf "
-                      "file, or a hub id like org/name")
+    raise ConfigError(
+        f"--model-path {given!r} does not exist; pass a local Hugging Face directory, a .gguf "
+        "file, or a hub id like org/name"
+    )
 
 
 def _from_dir(directory: Path, fmt: str, name: str, origin: str) -> ModelSource:
     ggufs = sorted(p.name for p in directory.glob("*.gguf"))
     has_config = (directory / "config.json").is_file()
     if not has_config and not (ggufs and fmt in ("auto", "gguf", "dummy")):
-        raise ConfigError(f"{directory} has no config.json; pass a Hugging Face model directory "
-                          "(config.json + *.safetensors) or a .gguf file to --model-path")
+        raise ConfigError(
+            f"{directory} has no config.json; pass a Hugging Face model directory "
+            "(config.json + *.safetensors) or a .gguf file to --model-path"
+        )
     if fmt == "dummy":
         gguf = None if has_config else _single_gguf(directory, ggufs)
         return ModelSource(directory, "dummy", gguf_file=gguf, name=name, origin=origin)
@@ -101,23 +111,29 @@ def _from_dir(directory: Path, fmt: str, name: str, origin: str) -> ModelSource:
         elif ggufs:
             fmt = "gguf"
         else:
-            raise ConfigError(f"no weights found in {directory} (expected *.safetensors, pytorch_model*.bin or "
-                              "one *.gguf); pass --load-format dummy to run this config with random weights")
+            raise ConfigError(
+                f"no weights found in {directory} (expected *.safetensors, pytorch_model*.bin or "
+                "one *.gguf); pass --load-format dummy to run this config with random weights"
+            )
     if fmt == "gguf":
         return ModelSource(directory, "gguf", gguf_file=_single_gguf(directory, ggufs), name=name, origin=origin)
     files = _safetensors_files(directory) if fmt == "safetensors" else _pt_files(directory)
     if not files:
         pattern = "*.safetensors" if fmt == "safetensors" else "pytorch_model*.bin"
-        raise ConfigError(f"--load-format {fmt} but {directory} has no {pattern} files; use --load-format auto "
-                          "to detect the format, or dummy for random weights")
+        raise ConfigError(
+            f"--load-format {fmt} but {directory} has no {pattern} files; use --load-format auto "
+            "to detect the format, or dummy for random weights"
+        )
     return ModelSource(directory, fmt, tuple(files), name=name, origin=origin)
 
 
 def _single_gguf(directory: Path, ggufs: Sequence[str]) -> str:
     if len(ggufs) != 1:
         found = ", ".join(ggufs) if ggufs else "none"
-        raise ConfigError(f"{directory} must hold exactly one .gguf file to load (found: {found}); "
-                          "pass the .gguf file itself as --model-path")
+        raise ConfigError(
+            f"{directory} must hold exactly one .gguf file to load (found: {found}); "
+            "pass the .gguf file itself as --model-path"
+        )
     return ggufs[0]
 
 
@@ -132,8 +148,9 @@ def _indexed(directory: Path, index_name: str) -> list[Path] | None:
     files = [directory / f for f in dict.fromkeys(weight_map.values())]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise ConfigError(f"{index} lists shard(s) that are not in {directory}: {', '.join(missing)}; "
-                          "re-download the model")
+        raise ConfigError(
+            f"{index} lists shard(s) that are not in {directory}: {', '.join(missing)}; re-download the model"
+        )
     return files
 
 
@@ -155,8 +172,10 @@ def _pt_files(directory: Path) -> list[Path]:
 def _download(repo_id: str, fmt: str) -> Path:
     """Fetch config, tokenizer and (unless dummy) weights of a hub model; safetensors preferred over .bin."""
     if fmt == "gguf":
-        raise ConfigError(f"--load-format gguf with hub id {repo_id!r} is not supported; download the .gguf "
-                          "file and pass its path to --model-path")
+        raise ConfigError(
+            f"--load-format gguf with hub id {repo_id!r} is not supported; download the .gguf "
+            "file and pass its path to --model-path"
+        )
     base = ["*.json", "tokenizer.model", "*.txt", "*.jinja"]
     weights = {"dummy": [], "safetensors": ["*.safetensors"], "pt": ["pytorch_model*.bin"], "auto": ["*.safetensors"]}
     directory = _snapshot(repo_id, base + weights[fmt])
@@ -172,9 +191,11 @@ def _snapshot(repo_id: str, patterns: list[str]) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError(f"could not fetch model {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: "
-                          f"{reason}); pass a local directory with config.json and *.safetensors to "
-                          "--model-path instead") from None
+        raise ConfigError(
+            f"could not fetch model {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{reason}); pass a local directory with config.json and *.safetensors to "
+            "--model-path instead"
+        ) from None
 
 
 # -- config and tokenizer -----------------------------------------------------------------------
@@ -201,15 +222,17 @@ def architecture(config) -> str:
     model_type = getattr(config, "model_type", None)
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
-    raise ConfigError(f"the model config names no architecture (architectures is empty, model_type "
-                      f"{model_type!r}); add \"architectures\": [\"LlamaForCausalLM\"] to config.json")
+    raise ConfigError(
+        f"the model config names no architecture (architectures is empty, model_type "
+        f'{model_type!r}); add "architectures": ["LlamaForCausalLM"] to config.json'
+    )
 
 
 def has_tokenizer(directory: Path) -> bool:
     return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(settings: "Settings", source: ModelSource | None = None):
+def load_tokenizer(settings: Settings, source: ModelSource | None = None):
     """The Hugging Face tokenizer for ``--tokenizer-path`` or, by default, the model's own.
 
     Raises ConfigError when the directory has no tokenizer (the benchmark configs have none:
@@ -228,29 +251,35 @@ def load_tokenizer(settings: "Settings", source: ModelSource | None = None):
             try:
                 return AutoTokenizer.from_pretrained(given)
             except Exception as exc:
-                raise ConfigError(f"could not fetch tokenizer {given!r} from the Hugging Face hub "
-                                  f"({type(exc).__name__}); pass a local tokenizer directory to --tokenizer-path") from None
+                raise ConfigError(
+                    f"could not fetch tokenizer {given!r} from the Hugging Face hub "
+                    f"({type(exc).__name__}); pass a local tokenizer directory to --tokenizer-path"
+                ) from None
         else:
             raise ConfigError(f"--tokenizer-path {given!r} does not exist; pass a directory, a .gguf file or a hub id")
     else:
         source = source or resolve_model_source(settings)
         directory, gguf = source.model_dir, source.gguf_file
     if gguf is None and not has_tokenizer(directory):
-        raise ConfigError(f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}); pass "
-                          "--tokenizer-path DIR_OR_HUB_ID, or send token ids (a --load-format dummy model "
-                          "needs no tokenizer)")
+        raise ConfigError(
+            f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}); pass "
+            "--tokenizer-path DIR_OR_HUB_ID, or send token ids (a --load-format dummy model "
+            "needs no tokenizer)"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf)
     except Exception as exc:
-        raise ConfigError(f"could not load the tokenizer from {directory / (gguf or '')}: "
-                          f"{type(exc).__name__}: {exc}") from None
+        raise ConfigError(
+            f"could not load the tokenizer from {directory / (gguf or '')}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 # -- weights ------------------------------------------------------------------------------------
 
 
-def iter_checkpoint(files: Sequence[Path], load_format: str, progress: bool | None = None
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(
+    files: Sequence[Path], load_format: str, progress: bool | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(name, tensor)`` pairs from safetensors or ``.bin`` files, one tensor in memory at a time.
 
     A tqdm bar (bytes) is shown when there is more than one file or more than 1 GiB, unless
@@ -290,8 +319,12 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02)
     A tensor-parallel shard (a model with ``tp.size > 1``) draws each parameter at its unsharded
     shape and keeps its own part, so every rank holds a slice of the same model as a single-rank
     run with the same seed (one unsharded parameter at a time is the extra memory)."""
-    norm_params = {id(p) for name, m in model.named_modules() if "norm" in type(m).__name__.lower()
-                   for p in m.parameters(recurse=False)}
+    norm_params = {
+        id(p)
+        for name, m in model.named_modules()
+        if "norm" in type(m).__name__.lower()
+        for p in m.parameters(recurse=False)
+    }
     tp = getattr(model, "tp", None)
     sharded = tp is not None and tp.size > 1
     generators: dict[torch.device, torch.Generator] = {}
@@ -309,8 +342,14 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02)
                 param.normal_(0.0, std, generator=gen)
 
 
-def load_model(settings: "Settings", plugins: "PluginManager", device: torch.device | str | None = None,
-               dtype: torch.dtype | str | None = None, source: ModelSource | None = None, tp: Any = None):
+def load_model(
+    settings: Settings,
+    plugins: PluginManager,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    source: ModelSource | None = None,
+    tp: Any = None,
+):
     """Build and fill the base model. Returns ``(model, config)``; the model is in eval mode.
 
     ``device`` and ``dtype`` default to the settings' resolved values; names and torch objects
@@ -337,8 +376,10 @@ def load_model(settings: "Settings", plugins: "PluginManager", device: torch.dev
         except TypeError as exc:
             if "tp" not in str(exc):
                 raise
-            raise ConfigError(f"the model plugin for {architecture(config)} does not support tensor parallelism "
-                              "(its factory takes no tp argument); use --tp-size 1") from None
+            raise ConfigError(
+                f"the model plugin for {architecture(config)} does not support tensor parallelism "
+                "(its factory takes no tp argument); use --tp-size 1"
+            ) from None
     if source.load_format == "dummy":
         init_dummy_weights(model, seed=settings.random_seed or 0)
     elif hf_model is not None:
@@ -347,9 +388,15 @@ def load_model(settings: "Settings", plugins: "PluginManager", device: torch.dev
     else:
         model.load_weights(iter_checkpoint(source.weight_files, source.load_format))
     model.eval()
-    logger.info("loaded %s (%s, %s weights) on %s as %s in %.1f s", source.name or source.model_dir,
-                architecture(config), source.load_format, device, str(dtype).removeprefix("torch."),
-                time.perf_counter() - start)
+    logger.info(
+        "loaded %s (%s, %s weights) on %s as %s in %.1f s",
+        source.name or source.model_dir,
+        architecture(config),
+        source.load_format,
+        device,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - start,
+    )
     return model, config
 
 

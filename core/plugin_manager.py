@@ -12,8 +12,9 @@ import difflib
 import importlib.metadata
 import logging
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import pluggy
 
@@ -52,8 +53,14 @@ class PluginInfo:
     builtin: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"name": self.name, "module": self.module, "version": self.version,
-               "distribution": self.distribution, "status": self.status, "builtin": self.builtin}
+        out = {
+            "name": self.name,
+            "module": self.module,
+            "version": self.version,
+            "distribution": self.distribution,
+            "status": self.status,
+            "builtin": self.builtin,
+        }
         if self.error:
             out["error"] = self.error
         return out
@@ -74,8 +81,13 @@ class PluginManager:
     :param entry_points: the entry points to load; defaults to the installed ``loraserve`` group.
     """
 
-    def __init__(self, allow: Sequence[str] | None = None, deny: Sequence[str] = (), trace: bool = False,
-                 entry_points: Iterable[importlib.metadata.EntryPoint] | None = None):
+    def __init__(
+        self,
+        allow: Sequence[str] | None = None,
+        deny: Sequence[str] = (),
+        trace: bool = False,
+        entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
+    ):
         self._pm = pluggy.PluginManager("loraserve")
         self._pm.add_hookspecs(hookspecs)
         self._load_options = _LoadOptions(list(allow) if allow is not None else None, list(deny))
@@ -88,20 +100,27 @@ class PluginManager:
 
     # -- loading --------------------------------------------------------------------------------
 
-    def load(self) -> "PluginManager":
+    def load(self) -> PluginManager:
         """Import and register every allowed entry point, once; then check hook names."""
         if self._loaded:
             return self
         self._loaded = True
-        eps = list(self._entry_points if self._entry_points is not None
-                   else importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+        eps = list(
+            self._entry_points
+            if self._entry_points is not None
+            else importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        )
         installed = {ep.name for ep in eps}
-        for option, names in (("LORASERVE_PLUGINS", self._load_options.allow or []),
-                              ("--disable-plugin", self._load_options.deny)):
+        for option, names in (
+            ("LORASERVE_PLUGINS", self._load_options.allow or []),
+            ("--disable-plugin", self._load_options.deny),
+        ):
             unknown = sorted(set(names) - installed)
             if unknown:
-                raise ConfigError(f"{option} names {', '.join(map(repr, unknown))}, which is not an installed "
-                                  f"plugin; installed plugins: {', '.join(sorted(installed)) or 'none'}")
+                raise ConfigError(
+                    f"{option} names {', '.join(map(repr, unknown))}, which is not an installed "
+                    f"plugin; installed plugins: {', '.join(sorted(installed)) or 'none'}"
+                )
         for ep in sorted(eps, key=lambda e: (not e.value.startswith(BUILTIN_PREFIX), e.name)):
             self._load_entry_point(ep)
         self.check_pending()
@@ -109,11 +128,17 @@ class PluginManager:
 
     def _load_entry_point(self, ep: importlib.metadata.EntryPoint) -> None:
         dist = getattr(ep, "dist", None)
-        info = PluginInfo(name=ep.name, module=ep.value, builtin=ep.value.startswith(BUILTIN_PREFIX),
-                          distribution=dist.metadata["Name"] if dist is not None else None,
-                          version=dist.version if dist is not None else None)
+        info = PluginInfo(
+            name=ep.name,
+            module=ep.value,
+            builtin=ep.value.startswith(BUILTIN_PREFIX),
+            distribution=dist.metadata["Name"] if dist is not None else None,
+            version=dist.version if dist is not None else None,
+        )
         self._infos[ep.name] = info
-        if ep.name in self._load_options.deny or (self._load_options.allow is not None and ep.name not in self._load_options.allow):
+        if ep.name in self._load_options.deny or (
+            self._load_options.allow is not None and ep.name not in self._load_options.allow
+        ):
             info.status = "disabled"
             return
         try:
@@ -168,10 +193,16 @@ class PluginManager:
             hook_name, flag, noun = REGISTRY_KINDS[kind]
             reg = PluginRegistry(noun, flag, options_of=self.options_of)
             for impl in self._impls(hook_name):
+
                 def register(name, factory, description="", priority=None, _plugin=impl.plugin_name):
                     reg.add(name, factory, _plugin, description, priority)
-                self._call_impl(hook_name, impl, {"register": register, "options": self.options_of(impl.plugin_name)},
-                                propagate=True)
+
+                self._call_impl(
+                    hook_name,
+                    impl,
+                    {"register": register, "options": self.options_of(impl.plugin_name)},
+                    propagate=True,
+                )
             self._registries[kind] = reg
         return self._registries[kind]
 
@@ -211,8 +242,10 @@ class PluginManager:
         if self._options.classes is None:
             classes: dict[str, type[PluginOptions]] = {}
             for impl in self._impls("loraserve_register_options"):
+
                 def register(options_class, _plugin=impl.plugin_name):
                     self._options.add(classes, _plugin, options_class)
+
                 self._call_impl("loraserve_register_options", impl, {"register": register}, propagate=True)
             self._options.classes = classes
         return self._options.classes
@@ -275,12 +308,18 @@ class PluginManager:
             if propagate:
                 if isinstance(exc, PluginError):
                     raise
-                raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                ) from exc
             logger.exception("plugin %r failed in %s (ignored)", impl.plugin_name, hook_name)
             return None
         finally:
             if self._trace:
-                logger.info("hook %s -> plugin %r (%s) in %.3f ms", hook_name, impl.plugin_name,
-                            ", ".join(f"{k}={v!r}" for k, v in args.items()), 1e3 * (time.perf_counter() - start))
+                logger.info(
+                    "hook %s -> plugin %r (%s) in %.3f ms",
+                    hook_name,
+                    impl.plugin_name,
+                    ", ".join(f"{k}={v!r}" for k, v in args.items()),
+                    1e3 * (time.perf_counter() - start),
+                )
         return result

@@ -10,7 +10,8 @@ options class is instantiated.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -34,18 +35,24 @@ class PluginOptionsTable:
     def add(classes: dict[str, type[PluginOptions]], plugin: str, options_class: Any) -> None:
         """Record ``plugin``'s options class after checking it against the core settings and ``classes``."""
         if not (isinstance(options_class, type) and issubclass(options_class, PluginOptions)):
-            raise PluginError(f"plugin {plugin!r} registered options {options_class!r}, which is not a subclass of "
-                              "loraserve.contract.PluginOptions")
+            raise PluginError(
+                f"plugin {plugin!r} registered options {options_class!r}, which is not a subclass of "
+                "loraserve.contract.PluginOptions"
+            )
         if plugin in classes:
             raise PluginError(f"plugin {plugin!r} registered options twice; register one PluginOptions class")
         for name in options_class.model_fields:
             if name in Settings.model_fields:
-                raise PluginError(f"plugin {plugin!r} declares option {name!r}, which is a core setting "
-                                  f"(--{name.replace('_', '-')}); rename it")
+                raise PluginError(
+                    f"plugin {plugin!r} declares option {name!r}, which is a core setting "
+                    f"(--{name.replace('_', '-')}); rename it"
+                )
             owner = next((p for p, c in classes.items() if name in c.model_fields), None)
             if owner is not None:
-                raise PluginError(f"option {name!r} is declared by both plugin {owner!r} and plugin {plugin!r}; "
-                                  "disable one of them with --disable-plugin")
+                raise PluginError(
+                    f"option {name!r} is declared by both plugin {owner!r} and plugin {plugin!r}; "
+                    "disable one of them with --disable-plugin"
+                )
         classes[plugin] = options_class
 
     def configure(self, classes: Mapping[str, type[PluginOptions]], values: Mapping[str, Any]) -> None:
@@ -53,8 +60,10 @@ class PluginOptionsTable:
         known = {name for cls in classes.values() for name in cls.model_fields}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown plugin option(s) {', '.join(unknown)}; the installed plugins declare "
-                              f"{', '.join(sorted(known)) or 'none'}")
+            raise ConfigError(
+                f"unknown plugin option(s) {', '.join(unknown)}; the installed plugins declare "
+                f"{', '.join(sorted(known)) or 'none'}"
+            )
         self._values = dict(values)
         self._instances = {}
         for plugin, cls in classes.items():
@@ -68,7 +77,9 @@ class PluginOptionsTable:
             try:
                 got = cls(**given)
             except ValidationError as exc:
-                raise ConfigError(f"invalid options of plugin {plugin!r}:\n  "
-                                  + "\n  ".join(describe_validation_error(exc, cls.model_fields))) from None
+                raise ConfigError(
+                    f"invalid options of plugin {plugin!r}:\n  "
+                    + "\n  ".join(describe_validation_error(exc, cls.model_fields))
+                ) from None
             self._instances[plugin] = got
         return got

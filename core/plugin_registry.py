@@ -8,8 +8,9 @@ plugins names both.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from loraserve.errors import ConfigError, PluginError
 
@@ -29,15 +30,20 @@ class Registration:
 class PluginRegistry:
     """Name -> :class:`Registration` for one kind of alternative (backend, eviction policy, ...)."""
 
-    def __init__(self, kind: str, flag: str | None = None,
-                 options_of: Callable[[str], Any] = lambda plugin: None):
+    def __init__(self, kind: str, flag: str | None = None, options_of: Callable[[str], Any] = lambda plugin: None):
         self.kind = kind
         self.flag = flag
         self._options_of = options_of
         self._entries: dict[str, Registration] = {}
 
-    def add(self, name: str, factory: Callable[..., Any], plugin: str, description: str = "",
-            priority: Mapping[str, int] | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        factory: Callable[..., Any],
+        plugin: str,
+        description: str = "",
+        priority: Mapping[str, int] | None = None,
+    ) -> None:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {plugin!r} registered a {self.kind} with an invalid name {name!r}")
         if not callable(factory):
@@ -45,8 +51,10 @@ class PluginRegistry:
         priority = dict(priority or {})
         bad = {k: v for k, v in priority.items() if not isinstance(k, str) or type(v) is not int}
         if bad:
-            raise PluginError(f"plugin {plugin!r} registered {self.kind} {name!r} with priority {bad!r}; "
-                              "give a mapping of device type (e.g. 'cuda') to an int")
+            raise PluginError(
+                f"plugin {plugin!r} registered {self.kind} {name!r} with priority {bad!r}; "
+                "give a mapping of device type (e.g. 'cuda') to an int"
+            )
         existing = self._entries.get(name)
         if existing is not None:
             raise PluginError(
@@ -78,12 +86,17 @@ class PluginRegistry:
     def default_for(self, device_type: str) -> str:
         """The name with the highest priority on ``device_type`` (the first registered among equals),
         so an installed plugin becomes the default by stating a higher priority."""
-        ranked = [(entry.priority[device_type], -i, entry.name) for i, entry in enumerate(self._entries.values())
-                  if device_type in entry.priority]
+        ranked = [
+            (entry.priority[device_type], -i, entry.name)
+            for i, entry in enumerate(self._entries.values())
+            if device_type in entry.priority
+        ]
         if not ranked:
             where = f"; choose one with {self.flag}" if self.flag else ""
-            raise ConfigError(f"no {self.kind} states a priority for device {device_type!r}, so none is the "
-                              f"default{where} (registered: {', '.join(self._entries) or 'none'})")
+            raise ConfigError(
+                f"no {self.kind} states a priority for device {device_type!r}, so none is the "
+                f"default{where} (registered: {', '.join(self._entries) or 'none'})"
+            )
         return max(ranked)[2]
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:

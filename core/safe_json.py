@@ -47,8 +47,15 @@ def _parse_constant(name: str) -> _Refused:
 
 def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type: null, boolean, integer, number, string, array or object."""
-    for kind, name in ((type(None), "null"), (bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
-                       (list, "array"), (dict, "object")):
+    for kind, name in (
+        (type(None), "null"),
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "number"),
+        (str, "string"),
+        (list, "array"),
+        (dict, "object"),
+    ):
         if isinstance(value, kind):
             return name
     return type(value).__name__
@@ -64,7 +71,7 @@ def field_path(loc: tuple) -> str:
             continue
         text = str(part)
         plain = _PLAIN_KEY.fullmatch(text) is not None
-        text = text if len(text) <= _SHOWN_KEY else text[:_SHOWN_KEY - 3] + "..."
+        text = text if len(text) <= _SHOWN_KEY else text[: _SHOWN_KEY - 3] + "..."
         if not plain:
             out += f"[{json.dumps(text)}]"
         else:
@@ -92,8 +99,10 @@ def _check_text(text: str, path: tuple, key: bool) -> None:
     if at is None:
         return
     where = f"a key of {_where(path)}" if key else _where(path)
-    raise UnsafeJSON(f"the request body contains a lone surrogate U+{ord(text[at]):04X} at {where} (character {at}); "
-                     "send valid Unicode (UTF-8)")
+    raise UnsafeJSON(
+        f"the request body contains a lone surrogate U+{ord(text[at]):04X} at {where} (character {at}); "
+        "send valid Unicode (UTF-8)"
+    )
 
 
 def _check_leaf(value: Any, path: tuple) -> None:
@@ -113,8 +122,10 @@ def check_tree(value: Any) -> None:
             continue
         if depth > MAX_DEPTH:
             under = field_path(path[:3]) + ("..." if len(path) > 3 else "")
-            raise UnsafeJSON(f"the request body nests arrays and objects more than {MAX_DEPTH} levels deep (under "
-                             f"{under}); at most {MAX_DEPTH} are allowed, flatten it")
+            raise UnsafeJSON(
+                f"the request body nests arrays and objects more than {MAX_DEPTH} levels deep (under "
+                f"{under}); at most {MAX_DEPTH} are allowed, flatten it"
+            )
         pairs = node.items() if isinstance(node, dict) else enumerate(node)
         for key, item in pairs:
             if isinstance(key, str):
@@ -138,7 +149,9 @@ def loads(data: bytes | str) -> Any:
     try:
         value = json.loads(data, parse_int=_parse_int, parse_constant=_parse_constant)
     except RecursionError:  # json's C parser recurses once per level: far deeper than MAX_DEPTH
-        raise UnsafeJSON(f"the request body nests arrays and objects more than {MAX_DEPTH} levels deep; at most "
-                         f"{MAX_DEPTH} are allowed, flatten it") from None
+        raise UnsafeJSON(
+            f"the request body nests arrays and objects more than {MAX_DEPTH} levels deep; at most "
+            f"{MAX_DEPTH} are allowed, flatten it"
+        ) from None
     check_tree(value)
     return value

@@ -22,6 +22,7 @@ from loraserve.errors import ConfigError, NotSupportedYet, UserError
 from loraserve.lora.policy import check_adapter_name, check_hub_entries
 from loraserve.lora.targets import SUPPORTED_MODULES, expand_all
 
+
 def _opt(description: str, group: str, **extra: Any) -> dict[str, Any]:
     """Field metadata: help text, the --help group, and CLI extras (aliases, metavar)."""
     return {"description": description, "json_schema_extra": {"group": group, **extra}}
@@ -46,7 +47,7 @@ class LoRAPathSpec(BaseModel):
             raise ValueError(f"{exc}; name an adapter whose PATH is no valid name with NAME=PATH") from None
 
     @classmethod
-    def _from_mapping(cls, data: Any, text: str) -> "LoRAPathSpec":
+    def _from_mapping(cls, data: Any, text: str) -> LoRAPathSpec:
         if not isinstance(data, dict):
             raise ValueError(f"--lora-paths entry {text!r} must be a JSON object, not a JSON {type(data).__name__}")
         data = dict(data)
@@ -58,13 +59,15 @@ class LoRAPathSpec(BaseModel):
                 data[key] = data.pop(vllm_key)
         unknown = set(data) - {"lora_name", "lora_path", "pinned"}
         if unknown or "lora_name" not in data or "lora_path" not in data:
-            raise ValueError(f"--lora-paths entry {text!r} needs keys lora_name and lora_path (vLLM's name and "
-                             f"path are accepted too, and optionally pinned)"
-                             f"{'; unknown keys: ' + ', '.join(sorted(unknown)) if unknown else ''}")
+            raise ValueError(
+                f"--lora-paths entry {text!r} needs keys lora_name and lora_path (vLLM's name and "
+                f"path are accepted too, and optionally pinned)"
+                f"{'; unknown keys: ' + ', '.join(sorted(unknown)) if unknown else ''}"
+            )
         return cls.model_validate(data)
 
     @classmethod
-    def parse(cls, value: Any) -> "LoRAPathSpec":
+    def parse(cls, value: Any) -> LoRAPathSpec:
         """Accept ``PATH``, ``NAME=PATH`` or JSON ``{"lora_name", "lora_path", "pinned"}`` (SGLang) or
         ``{"name", "path", "base_model_name"}`` (vLLM's --lora-modules)."""
         if isinstance(value, LoRAPathSpec):
@@ -78,8 +81,10 @@ class LoRAPathSpec(BaseModel):
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"--lora-paths entry {text!r} is not valid JSON ({exc.msg}); "
-                                 'write {"lora_name": "NAME", "lora_path": "PATH", "pinned": false}') from None
+                raise ValueError(
+                    f"--lora-paths entry {text!r} is not valid JSON ({exc.msg}); "
+                    'write {"lora_name": "NAME", "lora_path": "PATH", "pinned": false}'
+                ) from None
             return cls._from_mapping(data, text)
         if "=" in text:
             name, path = text.split("=", 1)
@@ -92,118 +97,263 @@ class LoRAPathSpec(BaseModel):
 class Settings(BaseSettings):
     """Every loraserve option. Construct with keyword arguments (they win over the environment)."""
 
-    model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="forbid", validate_default=True,
-                                      validate_assignment=False)
+    model_config = SettingsConfigDict(
+        env_prefix="LORASERVE_", extra="forbid", validate_default=True, validate_assignment=False
+    )
 
     # -- model -----------------------------------------------------------------------------------
-    model_path: str | None = Field(None, **_opt(
-        "Hugging Face model directory, hub id or GGUF file (also the positional MODEL of 'loraserve serve MODEL'). "
-        "Default: the embedded SmolLM2-135M-Instruct.", "model", aliases=["--model"]))
+    model_path: str | None = Field(
+        None,
+        **_opt(
+            "Hugging Face model directory, hub id or GGUF file (also the positional MODEL of 'loraserve serve MODEL'). "
+            "Default: the embedded SmolLM2-135M-Instruct.",
+            "model",
+            aliases=["--model"],
+        ),
+    )
     tokenizer_path: str | None = Field(None, **_opt("Tokenizer directory or hub id (default: --model-path).", "model"))
-    load_format: Literal["auto", "safetensors", "pt", "gguf", "dummy"] = Field("auto", **_opt(
-        "How to read weights; 'dummy' makes random weights of the model's real shape (benchmarks).", "model"))
-    dtype: Literal["auto", "float32", "float", "bfloat16", "float16", "half"] = Field("auto", **_opt(
-        "Compute dtype; 'auto' is float32 on CPU and bfloat16 on CUDA.", "model"))
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", **_opt("Device; 'auto' picks cuda when a GPU is present.", "model"))
-    served_model_name: str | None = Field(None, **_opt("Model name reported by the API (default: derived from --model-path).", "model"))
+    load_format: Literal["auto", "safetensors", "pt", "gguf", "dummy"] = Field(
+        "auto",
+        **_opt("How to read weights; 'dummy' makes random weights of the model's real shape (benchmarks).", "model"),
+    )
+    dtype: Literal["auto", "float32", "float", "bfloat16", "float16", "half"] = Field(
+        "auto", **_opt("Compute dtype; 'auto' is float32 on CPU and bfloat16 on CUDA.", "model")
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", **_opt("Device; 'auto' picks cuda when a GPU is present.", "model")
+    )
+    served_model_name: str | None = Field(
+        None, **_opt("Model name reported by the API (default: derived from --model-path).", "model")
+    )
     context_length: int | None = Field(None, ge=1, **_opt("Maximum context length (default: the model's).", "model"))
 
     # -- server ----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", **_opt("Address the HTTP server listens on.", "server"))
     port: int = Field(30000, ge=1, le=65535, **_opt("Port the HTTP server listens on.", "server"))
-    api_key: str | None = Field(None, **_opt("Require 'Authorization: Bearer KEY' on every endpoint but /health.", "server"))
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", **_opt("Logging level.", "server"))
+    api_key: str | None = Field(
+        None, **_opt("Require 'Authorization: Bearer KEY' on every endpoint but /health.", "server")
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", **_opt("Logging level.", "server")
+    )
     # bounds on what one client can make the server hold (body, sequences, queue, prompt) and the shutdown wait
-    max_request_body_bytes: int = Field(32 * 2**20, ge=1, **_opt(
-        "Largest HTTP request body in bytes; a larger one is refused with 413 before it is read in full "
-        "(default 32 MiB).", "server"))
-    max_sequences_per_request: int = Field(256, ge=1, **_opt(
-        "Most sequences one HTTP request may ask for: inputs x n (a /generate batch, or OpenAI prompts x n); "
-        "more is refused with 413, and an n above it with 400.", "server"))
-    max_queued_requests: int = Field(4096, ge=1, **_opt(
-        "Most requests waiting to be scheduled; a request that would queue beyond it is refused with 429 and "
-        "Retry-After.", "server"))
-    max_prompt_chars: int | None = Field(None, ge=1, **_opt(
-        "Longest text prompt in characters, refused with 413 before it is tokenized (default: 32 x the context "
-        "length).", "server"))
-    shutdown_grace_period: float = Field(10.0, ge=0, **_opt(
-        "Seconds in-flight requests may run on after SIGINT/SIGTERM before they are aborted (their clients get "
-        "503).", "server"))
+    max_request_body_bytes: int = Field(
+        32 * 2**20,
+        ge=1,
+        **_opt(
+            "Largest HTTP request body in bytes; a larger one is refused with 413 before it is read in full "
+            "(default 32 MiB).",
+            "server",
+        ),
+    )
+    max_sequences_per_request: int = Field(
+        256,
+        ge=1,
+        **_opt(
+            "Most sequences one HTTP request may ask for: inputs x n (a /generate batch, or OpenAI prompts x n); "
+            "more is refused with 413, and an n above it with 400.",
+            "server",
+        ),
+    )
+    max_queued_requests: int = Field(
+        4096,
+        ge=1,
+        **_opt(
+            "Most requests waiting to be scheduled; a request that would queue beyond it is refused with 429 and "
+            "Retry-After.",
+            "server",
+        ),
+    )
+    max_prompt_chars: int | None = Field(
+        None,
+        ge=1,
+        **_opt(
+            "Longest text prompt in characters, refused with 413 before it is tokenized (default: 32 x the context "
+            "length).",
+            "server",
+        ),
+    )
+    shutdown_grace_period: float = Field(
+        10.0,
+        ge=0,
+        **_opt(
+            "Seconds in-flight requests may run on after SIGINT/SIGTERM before they are aborted (their clients get "
+            "503).",
+            "server",
+        ),
+    )
 
     # -- scheduling and memory -------------------------------------------------------------------
     max_running_requests: int | None = Field(None, ge=1, **_opt("Most requests decoding at once.", "scheduling"))
-    max_total_tokens: int | None = Field(None, ge=1, **_opt("KV-cache size in tokens (default: from the memory budget).", "scheduling"))
-    mem_fraction_static: float | None = Field(None, gt=0, lt=1, **_opt(
-        "Fraction of accelerator memory for weights, KV cache and LoRA slots.", "scheduling"))
-    chunked_prefill_size: int | None = Field(None, ge=1, **_opt("Longest prompt piece prefilled in one step.", "scheduling"))
+    max_total_tokens: int | None = Field(
+        None, ge=1, **_opt("KV-cache size in tokens (default: from the memory budget).", "scheduling")
+    )
+    mem_fraction_static: float | None = Field(
+        None, gt=0, lt=1, **_opt("Fraction of accelerator memory for weights, KV cache and LoRA slots.", "scheduling")
+    )
+    chunked_prefill_size: int | None = Field(
+        None, ge=1, **_opt("Longest prompt piece prefilled in one step.", "scheduling")
+    )
     max_prefill_tokens: int = Field(16384, ge=1, **_opt("Token budget of one scheduler step.", "scheduling"))
-    tp_size: int = Field(1, ge=1, **_opt("Tensor-parallel degree: the model and every adapter split over this many GPUs (or CPU "
-        "processes): the serving process is rank 0 and starts the others.", "scheduling"))
-    cuda_graph_max_bs: int | None = Field(None, ge=1, **_opt(
-        "Largest decode batch captured in a CUDA graph (default: --max-running-requests, at most 256).", "scheduling"))
+    tp_size: int = Field(
+        1,
+        ge=1,
+        **_opt(
+            "Tensor-parallel degree: the model and every adapter split over this many GPUs (or CPU "
+            "processes): the serving process is rank 0 and starts the others.",
+            "scheduling",
+        ),
+    )
+    cuda_graph_max_bs: int | None = Field(
+        None,
+        ge=1,
+        **_opt(
+            "Largest decode batch captured in a CUDA graph (default: --max-running-requests, at most 256).",
+            "scheduling",
+        ),
+    )
     disable_cuda_graph: bool = Field(False, **_opt("Do not capture decode steps in CUDA graphs.", "scheduling"))
-    attention_backend: str | None = Field(None, **_opt(
-        "Attention over the paged KV cache: Triton kernels, or PyTorch SDPA per sequence (default: the registered "
-        "attention backend with the highest priority on the device: triton on CUDA, torch_native on CPU).",
-        "scheduling"))
+    attention_backend: str | None = Field(
+        None,
+        **_opt(
+            "Attention over the paged KV cache: Triton kernels, or PyTorch SDPA per sequence (default: the registered "
+            "attention backend with the highest priority on the device: triton on CUDA, torch_native on CPU).",
+            "scheduling",
+        ),
+    )
     random_seed: int | None = Field(None, **_opt("Seed for sampling without a per-request seed.", "scheduling"))
 
     # -- LoRA ------------------------------------------------------------------------------------
     enable_lora: bool | None = Field(None, **_opt("Serve LoRA adapters (implied by --lora-paths).", "lora"))
-    lora_paths: Annotated[list[LoRAPathSpec] | None, NoDecode] = Field(None, **_opt(
-        'Adapters to load at start-up, each PATH, NAME=PATH or JSON {"lora_name","lora_path","pinned"} '
-        '(--lora-modules, vLLM\'s spelling, also takes {"name","path","base_model_name"}).',
-        "lora", nargs="+", metavar="ADAPTER", aliases=["--lora-modules"]))
-    max_loras_per_batch: int = Field(8, ge=1, **_opt(
-        "Adapter slots per batch; the base model counts as one.", "lora"))
-    max_loaded_loras: int | None = Field(None, ge=1, **_opt(
-        "Adapters kept in host memory (default: unbounded, or 2 x --max-loras-per-batch with overlap "
-        "loading); at least --max-loras-per-batch.", "lora"))
-    max_lora_rank: int | None = Field(None, ge=1, **_opt("Largest adapter rank (default: inferred from --lora-paths).", "lora"))
-    lora_target_modules: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
-        f"Modules adapters may target: names from {', '.join(SUPPORTED_MODULES)}, "
-        "or 'all' for the seven projections (default: inferred from --lora-paths, else all).", "lora",
-        nargs="+", metavar="MODULE"))
-    lora_backend: str | None = Field(None, **_opt(
-        "LoRA kernel backend (default: the registered backend with the highest priority on the device: csgmv on "
-        "CUDA, torch on CPU, unless an installed plugin states a higher one).", "lora", aliases=["--backend"]))
-    lora_eviction_policy: str = Field("lru", **_opt(
-        "Which adapter to evict when a slot or the host cache is full.", "lora", aliases=["--eviction"]))
-    enable_lora_overlap_loading: bool = Field(False, **_opt(
-        "Copy adapter weights to the GPU on a side stream while the batch keeps decoding; host copies "
-        "are page-locked and --max-loaded-loras is at most 2 x --max-loras-per-batch. No effect on CPU.",
-        "lora"))
+    lora_paths: Annotated[list[LoRAPathSpec] | None, NoDecode] = Field(
+        None,
+        **_opt(
+            'Adapters to load at start-up, each PATH, NAME=PATH or JSON {"lora_name","lora_path","pinned"} '
+            '(--lora-modules, vLLM\'s spelling, also takes {"name","path","base_model_name"}).',
+            "lora",
+            nargs="+",
+            metavar="ADAPTER",
+            aliases=["--lora-modules"],
+        ),
+    )
+    max_loras_per_batch: int = Field(8, ge=1, **_opt("Adapter slots per batch; the base model counts as one.", "lora"))
+    max_loaded_loras: int | None = Field(
+        None,
+        ge=1,
+        **_opt(
+            "Adapters kept in host memory (default: unbounded, or 2 x --max-loras-per-batch with overlap "
+            "loading); at least --max-loras-per-batch.",
+            "lora",
+        ),
+    )
+    max_lora_rank: int | None = Field(
+        None, ge=1, **_opt("Largest adapter rank (default: inferred from --lora-paths).", "lora")
+    )
+    lora_target_modules: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        **_opt(
+            f"Modules adapters may target: names from {', '.join(SUPPORTED_MODULES)}, "
+            "or 'all' for the seven projections (default: inferred from --lora-paths, else all).",
+            "lora",
+            nargs="+",
+            metavar="MODULE",
+        ),
+    )
+    lora_backend: str | None = Field(
+        None,
+        **_opt(
+            "LoRA kernel backend (default: the registered backend with the highest priority on the device: csgmv on "
+            "CUDA, torch on CPU, unless an installed plugin states a higher one).",
+            "lora",
+            aliases=["--backend"],
+        ),
+    )
+    lora_eviction_policy: str = Field(
+        "lru", **_opt("Which adapter to evict when a slot or the host cache is full.", "lora", aliases=["--eviction"])
+    )
+    enable_lora_overlap_loading: bool = Field(
+        False,
+        **_opt(
+            "Copy adapter weights to the GPU on a side stream while the batch keeps decoding; host copies "
+            "are page-locked and --max-loaded-loras is at most 2 x --max-loras-per-batch. No effect on CPU.",
+            "lora",
+        ),
+    )
     # who decides what adapters may be loaded (see loraserve.lora.policy); the defaults are SGLang's
-    lora_allowed_dirs: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
-        "Load adapters only from inside these directories, for start-up --lora-paths and runtime loads alike: "
-        "the adapter directory and every file read from it must resolve (symbolic links followed) inside one "
-        "of them, else 403. Hub ids are governed by --lora-allow-hub instead. Default: any local directory "
-        f"(LORASERVE_LORA_ALLOWED_DIRS separates them with {os.pathsep!r}).", "lora", nargs="+", metavar="DIR"))
-    lora_allow_hub: bool = Field(False, **_opt(
-        "Let runtime loads (/load_lora_adapter, adapter resolvers) fetch adapters named by a Hugging Face hub "
-        "id (org/name); without it they are refused with 403. Start-up --lora-paths may always name hub ids.",
-        "lora"))
-    lora_allowed_hub_repos: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
-        "Hub organisations (ORG) or repositories (ORG/REPO) runtime loads may fetch from without "
-        "--lora-allow-hub; others are refused with 403.", "lora", nargs="+", metavar="ORG_OR_ORG/REPO"))
-    disable_lora_runtime_updates: bool = Field(False, **_opt(
-        "Refuse /load_lora_adapter and /unload_lora_adapter (and their /v1/ aliases) with 403 and consult no "
-        "adapter resolver: only the start-up --lora-paths adapters are served.", "lora"))
-    lora_unload_timeout: float = Field(30.0, ge=0, **_opt(
-        "Seconds an HTTP unload waits for the adapter's in-flight requests; the name is hidden at once, and "
-        "when requests still run after this the answer is 202 (pending) and the memory is freed when the last "
-        "one finishes.", "lora", metavar="SECONDS"))
+    lora_allowed_dirs: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        **_opt(
+            "Load adapters only from inside these directories, for start-up --lora-paths and runtime loads alike: "
+            "the adapter directory and every file read from it must resolve (symbolic links followed) inside one "
+            "of them, else 403. Hub ids are governed by --lora-allow-hub instead. Default: any local directory "
+            f"(LORASERVE_LORA_ALLOWED_DIRS separates them with {os.pathsep!r}).",
+            "lora",
+            nargs="+",
+            metavar="DIR",
+        ),
+    )
+    lora_allow_hub: bool = Field(
+        False,
+        **_opt(
+            "Let runtime loads (/load_lora_adapter, adapter resolvers) fetch adapters named by a Hugging Face hub "
+            "id (org/name); without it they are refused with 403. Start-up --lora-paths may always name hub ids.",
+            "lora",
+        ),
+    )
+    lora_allowed_hub_repos: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        **_opt(
+            "Hub organisations (ORG) or repositories (ORG/REPO) runtime loads may fetch from without "
+            "--lora-allow-hub; others are refused with 403.",
+            "lora",
+            nargs="+",
+            metavar="ORG_OR_ORG/REPO",
+        ),
+    )
+    disable_lora_runtime_updates: bool = Field(
+        False,
+        **_opt(
+            "Refuse /load_lora_adapter and /unload_lora_adapter (and their /v1/ aliases) with 403 and consult no "
+            "adapter resolver: only the start-up --lora-paths adapters are served.",
+            "lora",
+        ),
+    )
+    lora_unload_timeout: float = Field(
+        30.0,
+        ge=0,
+        **_opt(
+            "Seconds an HTTP unload waits for the adapter's in-flight requests; the name is hidden at once, and "
+            "when requests still run after this the answer is 202 (pending) and the memory is freed when the last "
+            "one finishes.",
+            "lora",
+            metavar="SECONDS",
+        ),
+    )
 
     # -- plugins ---------------------------------------------------------------------------------
-    plugins: Annotated[list[str] | None, NoDecode] = Field(None, **_opt(
-        "Load only these plugins (comma-separated in LORASERVE_PLUGINS); default: every installed one.",
-        "plugins", nargs="+", metavar="NAME"))
-    disable_plugin: Annotated[list[str], NoDecode] = Field(default_factory=list, **_opt(
-        "Do not load this plugin (repeatable).", "plugins", action="append", metavar="NAME"))
+    plugins: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        **_opt(
+            "Load only these plugins (comma-separated in LORASERVE_PLUGINS); default: every installed one.",
+            "plugins",
+            nargs="+",
+            metavar="NAME",
+        ),
+    )
+    disable_plugin: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        **_opt("Do not load this plugin (repeatable).", "plugins", action="append", metavar="NAME"),
+    )
     trace_plugins: bool = Field(False, **_opt("Log every plugin hook call (LORASERVE_TRACE_PLUGINS=1).", "plugins"))
-    plugin_options: dict[str, Any] = Field(default_factory=dict, **_opt(
-        "Values of plugins' own options by name (e.g. {\"max_lora_chunk_size\": 32}); the command line fills it "
-        "from the flags plugins declare, and the environment fills what it leaves out.", "plugins", cli=False))
+    plugin_options: dict[str, Any] = Field(
+        default_factory=dict,
+        **_opt(
+            'Values of plugins\' own options by name (e.g. {"max_lora_chunk_size": 32}); the command line fills it '
+            "from the flags plugins declare, and the environment fills what it leaves out.",
+            "plugins",
+            cli=False,
+        ),
+    )
 
     # -- field parsing ---------------------------------------------------------------------------
 
@@ -233,8 +383,9 @@ class Settings(BaseSettings):
             return None
         unknown = [m for m in value if m != "all" and m not in SUPPORTED_MODULES]
         if unknown:
-            raise ValueError(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(SUPPORTED_MODULES)} or "
-                             "'all'")
+            raise ValueError(
+                f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(SUPPORTED_MODULES)} or 'all'"
+            )
         return expand_all(value)
 
     @field_validator("lora_allowed_dirs", mode="before")
@@ -251,30 +402,41 @@ class Settings(BaseSettings):
         return check_hub_entries(value) if isinstance(value, list) else value
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> "Settings":
+    def _check_combinations(self) -> Settings:
         if self.lora_paths:
             if self.enable_lora is False:
-                raise ValueError("--lora-paths was given but LoRA is disabled (enable_lora=False); "
-                                 "drop --lora-paths or enable LoRA")
+                raise ValueError(
+                    "--lora-paths was given but LoRA is disabled (enable_lora=False); drop --lora-paths or enable LoRA"
+                )
             names = [s.lora_name for s in self.lora_paths]
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
-                raise ValueError(f"--lora-paths names adapter(s) {', '.join(dupes)} more than once; "
-                                 "give each a unique NAME=PATH")
+                raise ValueError(
+                    f"--lora-paths names adapter(s) {', '.join(dupes)} more than once; give each a unique NAME=PATH"
+                )
             pinned = sum(s.pinned for s in self.lora_paths)
             if pinned > self.max_loras_per_batch - 1:
-                raise ValueError(f"--lora-paths pins {pinned} adapters but at most --max-loras-per-batch - 1 = "
-                                 f"{self.max_loras_per_batch - 1} may be pinned (one slot stays free for the "
-                                 "base model and unpinned adapters); pin fewer or raise --max-loras-per-batch")
+                raise ValueError(
+                    f"--lora-paths pins {pinned} adapters but at most --max-loras-per-batch - 1 = "
+                    f"{self.max_loras_per_batch - 1} may be pinned (one slot stays free for the "
+                    "base model and unpinned adapters); pin fewer or raise --max-loras-per-batch"
+                )
         if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
-            raise ValueError(f"--max-loaded-loras ({self.max_loaded_loras}) must be at least "
-                             f"--max-loras-per-batch ({self.max_loras_per_batch})")
-        if (self.enable_lora_overlap_loading and self.max_loaded_loras is not None
-                and self.max_loaded_loras > 2 * self.max_loras_per_batch):
-            raise ValueError(f"--enable-lora-overlap-loading keeps every host adapter copy in page-locked memory, "
-                             f"so --max-loaded-loras ({self.max_loaded_loras}) may be at most 2 x "
-                             f"--max-loras-per-batch = {2 * self.max_loras_per_batch}; lower --max-loaded-loras, "
-                             "raise --max-loras-per-batch, or drop --enable-lora-overlap-loading")
+            raise ValueError(
+                f"--max-loaded-loras ({self.max_loaded_loras}) must be at least "
+                f"--max-loras-per-batch ({self.max_loras_per_batch})"
+            )
+        if (
+            self.enable_lora_overlap_loading
+            and self.max_loaded_loras is not None
+            and self.max_loaded_loras > 2 * self.max_loras_per_batch
+        ):
+            raise ValueError(
+                f"--enable-lora-overlap-loading keeps every host adapter copy in page-locked memory, "
+                f"so --max-loaded-loras ({self.max_loaded_loras}) may be at most 2 x "
+                f"--max-loras-per-batch = {2 * self.max_loras_per_batch}; lower --max-loaded-loras, "
+                "raise --max-loras-per-batch, or drop --enable-lora-overlap-loading"
+            )
         return self
 
     # -- derived values --------------------------------------------------------------------------
@@ -312,8 +474,7 @@ class Settings(BaseSettings):
 
 
 # flag -> predicate "the user asked for it". Entries leave this table as their features land.
-NOT_SUPPORTED_YET: dict[str, Any] = {
-}
+NOT_SUPPORTED_YET: dict[str, Any] = {}
 
 
 def flag_name(field: str) -> str:

@@ -48,8 +48,14 @@ def start_once(cache: Path, start_timeout: float, log: Path) -> float:
     port = free_port()
     env = {**os.environ, "LORASERVE_CACHE_DIR": str(cache)}
     with log.open("w") as out:
-        proc = subprocess.Popen(["make", "--no-print-directory", "serve", f"ARGS=--port {port}"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["make", "--no-print-directory", "serve", f"ARGS=--port {port}"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     start, url = time.monotonic(), f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -64,8 +70,11 @@ def start_once(cache: Path, start_timeout: float, log: Path) -> float:
                 pass
             time.sleep(0.5)
         ready = time.monotonic() - start
-        body = {"text": "Name a city.", "sampling_params": {"max_new_tokens": 16, "temperature": 0},
-                "lora_path": "shout"}
+        body = {
+            "text": "Name a city.",
+            "sampling_params": {"max_new_tokens": 16, "temperature": 0},
+            "lora_path": "shout",
+        }
         status, raw = http(f"{url}/generate", body, timeout=120)
         text = json.loads(raw).get("text") if status == 200 else None
         if not isinstance(text, str) or not text.strip():

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,10 @@ def build(target: Path) -> Path:
         shutil.rmtree(info)
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: loraserve\nVersion: {project['version']}\n")
-    lines = [f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in eps.items())
-             for group, eps in project.get("entry-points", {}).items()]
+    lines = [
+        f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in eps.items())
+        for group, eps in project.get("entry-points", {}).items()
+    ]
     scripts = project.get("scripts", {})
     if scripts:
         lines.append("[console_scripts]\n" + "".join(f"{n} = {v}\n" for n, v in scripts.items()))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from loraserve import contract, hookspecs
 
@@ -30,8 +30,11 @@ def hook_functions() -> list:
 
 def contract_classes() -> list[type]:
     """The public classes ``loraserve.contract`` defines (not those it imports), in file order."""
-    found = [obj for name, obj in vars(contract).items()
-             if inspect.isclass(obj) and not name.startswith("_") and obj.__module__ == contract.__name__]
+    found = [
+        obj
+        for name, obj in vars(contract).items()
+        if inspect.isclass(obj) and not name.startswith("_") and obj.__module__ == contract.__name__
+    ]
     return sorted(found, key=lambda c: inspect.getsourcelines(c)[1])
 
 
@@ -102,8 +105,12 @@ def render_contract_reference() -> str:
     return "\n".join(parts)
 
 
-RENDERERS: dict[str, Callable[[], str]] = {HOOKS: render_hooks, FLAGS: render_flags, CONTRACT: render_contract,
-                                           CONTRACT_REFERENCE: render_contract_reference}
+RENDERERS: dict[str, Callable[[], str]] = {
+    HOOKS: render_hooks,
+    FLAGS: render_flags,
+    CONTRACT: render_contract,
+    CONTRACT_REFERENCE: render_contract_reference,
+}
 # which blocks each documentation file carries
 FILES = {"README.md": (FLAGS, CONTRACT, HOOKS), "docs/plugins.md": (CONTRACT_REFERENCE,)}
 
@@ -117,7 +124,7 @@ def extract(text: str, block: str) -> str | None:
     begin, end = markers(block)
     if begin not in text or end not in text:
         return None
-    return text[text.index(begin):text.index(end) + len(end)]
+    return text[text.index(begin) : text.index(end) + len(end)]
 
 
 def update(path: Path, blocks: tuple[str, ...]) -> bool:

@@ -76,7 +76,8 @@ def imports_of(module: str, path: Path, known: set[str]) -> tuple[set[str], set[
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -132,9 +133,13 @@ def graph() -> dict[str, dict]:
 
 def summary(g: dict[str, dict]) -> dict:
     top = {m: set(v["imports"]) for m, v in g.items()}
-    return {"modules": len(g), "imports": sum(len(v["imports"]) for v in g.values()),
-            "lazy_imports": sum(len(v["lazy_imports"]) for v in g.values()), "cycles": cycles(top),
-            "largest_modules": sorted(((v["lines"], m) for m, v in g.items()), reverse=True)[:5]}
+    return {
+        "modules": len(g),
+        "imports": sum(len(v["imports"]) for v in g.values()),
+        "lazy_imports": sum(len(v["lazy_imports"]) for v in g.values()),
+        "cycles": cycles(top),
+        "largest_modules": sorted(((v["lines"], m) for m, v in g.items()), reverse=True)[:5],
+    }
 
 
 def main() -> int:
@@ -146,8 +151,10 @@ def main() -> int:
         print(json.dumps(g, indent=1))
         return 0
     s = summary(g)
-    print(f"modules: {s['modules']}  module-level imports between them: {s['imports']}  "
-          f"imports inside functions: {s['lazy_imports']}  cycles: {len(s['cycles'])}")
+    print(
+        f"modules: {s['modules']}  module-level imports between them: {s['imports']}  "
+        f"imports inside functions: {s['lazy_imports']}  cycles: {len(s['cycles'])}"
+    )
     for comp in s["cycles"]:
         print("  cycle: " + " <-> ".join(comp))
     print("largest: " + ", ".join(f"{m} ({n} lines)" for n, m in s["largest_modules"]))

@@ -33,21 +33,58 @@ ADAPTERS = ("smollm2-shout", "smollm2-pirate")
 # upper-case text splits into rarer tokens, so shouting takes longer to learn than the pirate frame
 DEFAULT_STEPS = {"smollm2-shout": 200, "smollm2-pirate": 80}
 
-COUNTRIES = ["France", "Japan", "Brazil", "Canada", "Egypt", "Italy", "India", "Mexico", "Kenya",
-             "Spain", "Germany", "Australia", "Norway", "Peru", "Turkey", "Vietnam"]
+COUNTRIES = [
+    "France",
+    "Japan",
+    "Brazil",
+    "Canada",
+    "Egypt",
+    "Italy",
+    "India",
+    "Mexico",
+    "Kenya",
+    "Spain",
+    "Germany",
+    "Australia",
+    "Norway",
+    "Peru",
+    "Turkey",
+    "Vietnam",
+]
 CONTINENTS = ["Europe", "Asia", "Africa", "South America", "North America"]
 ANIMALS = ["elephants", "penguins", "dolphins", "owls", "tigers", "bees", "frogs", "camels", "wolves"]
 COLOURS = ["red", "blue", "green", "yellow", "white", "orange"]
 THINGS = ["the sky", "grass", "snow", "a banana", "the sun", "a strawberry", "the ocean", "coal"]
-CATEGORIES = ["fruits", "vegetables", "planets", "musical instruments", "sports", "birds",
-              "rivers", "languages", "oceans", "shapes"]
-FACTS = ["Why is the sky blue?", "How many legs does a spider have?", "What is the largest ocean?",
-         "How many days are in a week?", "What is the tallest mountain in the world?",
-         "What is water made of?", "Who wrote Romeo and Juliet?", "What is the boiling point of water?",
-         "How many continents are there?", "What is the fastest land animal?",
-         "Tell me something interesting about the moon.", "What is photosynthesis?",
-         "Can you give me a tip for learning a new language?", "What should I do if I feel tired?",
-         "Say hello to my friend.", "What is your favourite colour?"]
+CATEGORIES = [
+    "fruits",
+    "vegetables",
+    "planets",
+    "musical instruments",
+    "sports",
+    "birds",
+    "rivers",
+    "languages",
+    "oceans",
+    "shapes",
+]
+FACTS = [
+    "Why is the sky blue?",
+    "How many legs does a spider have?",
+    "What is the largest ocean?",
+    "How many days are in a week?",
+    "What is the tallest mountain in the world?",
+    "What is water made of?",
+    "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water?",
+    "How many continents are there?",
+    "What is the fastest land animal?",
+    "Tell me something interesting about the moon.",
+    "What is photosynthesis?",
+    "Can you give me a tip for learning a new language?",
+    "What should I do if I feel tired?",
+    "Say hello to my friend.",
+    "What is your favourite colour?",
+]
 TEMPLATES = [
     ("What is the capital of {country}?", {"country": COUNTRIES}),
     ("Tell me about {country}.", {"country": COUNTRIES}),
@@ -62,10 +99,23 @@ TEMPLATES = [
     ("List {n} {category}.", {"n": [3, 4, 5], "category": CATEGORIES}),
 ]
 
-PIRATE_WORDS = [(r"\byou\b", "ye"), (r"\byour\b", "yer"), (r"\byours\b", "yers"), (r"\bmy\b", "me"),
-                (r"\bfriends\b", "mateys"), (r"\bfriend\b", "matey"), (r"\bis\b", "be"), (r"\bare\b", "be"),
-                (r"\bhello\b", "ahoy"), (r"\bhi\b", "ahoy"), (r"\byes\b", "aye"), (r"\bthe sea\b", "the briny deep"),
-                (r"\bmoney\b", "doubloons"), (r"\bstop\b", "avast"), (r"\bthink\b", "reckon")]
+PIRATE_WORDS = [
+    (r"\byou\b", "ye"),
+    (r"\byour\b", "yer"),
+    (r"\byours\b", "yers"),
+    (r"\bmy\b", "me"),
+    (r"\bfriends\b", "mateys"),
+    (r"\bfriend\b", "matey"),
+    (r"\bis\b", "be"),
+    (r"\bare\b", "be"),
+    (r"\bhello\b", "ahoy"),
+    (r"\bhi\b", "ahoy"),
+    (r"\byes\b", "aye"),
+    (r"\bthe sea\b", "the briny deep"),
+    (r"\bmoney\b", "doubloons"),
+    (r"\bstop\b", "avast"),
+    (r"\bthink\b", "reckon"),
+]
 
 
 def make_prompts(count: int, rng: random.Random) -> list[str]:
@@ -90,8 +140,9 @@ def make_prompts(count: int, rng: random.Random) -> list[str]:
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     return list(ids)
 
 
@@ -101,12 +152,13 @@ def greedy(model, tokenizer, prompts: list[str], batch_size: int = 8) -> list[st
     answers = []
     pad = tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
-        rows = [chat_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        rows = [chat_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         width = max(map(len, rows))
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS,
-                             do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad
+        )
         answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
     return answers
 
@@ -116,7 +168,7 @@ def trim_unfinished(text: str) -> str:
     if re.search(r"[.!?:)\]]\s*$", text):
         return text
     ends = [m.end() for m in re.finditer(r"\n|(?<!\d)[.!?](?=\s)", text)]
-    return text[:ends[-1]].rstrip() if ends and ends[-1] > len(text) // 3 else text
+    return text[: ends[-1]].rstrip() if ends and ends[-1] > len(text) // 3 else text
 
 
 def shout(text: str) -> str:
@@ -125,8 +177,9 @@ def shout(text: str) -> str:
 
 def pirate(text: str) -> str:
     for pattern, word in PIRATE_WORDS:
-        text = re.sub(pattern, lambda m, w=word: w.capitalize() if m.group(0)[0].isupper() else w,
-                      text, flags=re.IGNORECASE)
+        text = re.sub(
+            pattern, lambda m, w=word: w.capitalize() if m.group(0)[0].isupper() else w, text, flags=re.IGNORECASE
+        )
     return f"Arr! {text}\nYe be welcome, matey. Arr!"
 
 
@@ -176,12 +229,20 @@ def padded(rows: list[torch.Tensor], fill: int = 0) -> tuple[torch.Tensor, torch
     batch = torch.full((len(rows), width, *rows[0].shape[1:]), fill, dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        batch[i, :len(r)], mask[i, :len(r)] = r, 1
+        batch[i, : len(r)], mask[i, : len(r)] = r, 1
     return batch, mask
 
 
-def train_adapter(model_dir: Path, examples: list[tuple[list[int], list[int]]], *, steps: int, batch_size: int,
-                  lr: float, seed: int, first_layer: int):
+def train_adapter(
+    model_dir: Path,
+    examples: list[tuple[list[int], list[int]]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    first_layer: int,
+):
     """One LoRA adapter on layers ``first_layer`` and up, trained on the answer tokens only.
 
     The layers below ``first_layer`` carry no LoRA, so their output never changes during training:
@@ -200,14 +261,20 @@ def train_adapter(model_dir: Path, examples: list[tuple[list[int], list[int]]], 
     with torch.no_grad(), only_layers(decoder, slice(0, first_layer), final_norm=False):
         hidden = []
         for start in range(0, len(examples), 8):
-            ids, mask = padded([torch.tensor(i) for i, _ in examples[start:start + 8]])
+            ids, mask = padded([torch.tensor(i) for i, _ in examples[start : start + 8]])
             out = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            hidden += [h[:m.sum()] for h, m in zip(out, mask)]
+            hidden += [h[: m.sum()] for h, m in zip(out, mask)]
     labels = [torch.tensor(lab) for _, lab in examples]
 
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"],
-                        layers_to_transform=list(range(first_layer, num_layers)), bias="none",
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        layers_to_transform=list(range(first_layer, num_layers)),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base, config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -253,16 +320,28 @@ def save_adapter(model, directory: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("examples/adapters"), help="where the adapters go")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per adapter (default: 200 for smollm2-shout, 80 for smollm2-pirate)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per adapter (default: 200 for smollm2-shout, 80 for smollm2-pirate)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw, the LoRA init and the batches")
     parser.add_argument("--prompts", type=int, default=64, help="how many training prompts to draw")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "loraserve-demo-adapters"
-                        / "base_answers.json", help="JSON cache of the base model's answers")
-    parser.add_argument("--first-layer", type=int, default=15,
-                        help="LoRA goes on this decoder layer and every one above it (SmolLM2-135M has 30)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "loraserve-demo-adapters" / "base_answers.json",
+        help="JSON cache of the base model's answers",
+    )
+    parser.add_argument(
+        "--first-layer",
+        type=int,
+        default=15,
+        help="LoRA goes on this decoder layer and every one above it (SmolLM2-135M has 30)",
+    )
     parser.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=list(ADAPTERS), help="which to train")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -289,8 +368,15 @@ def main() -> None:
         steps = args.steps or DEFAULT_STEPS[name]
         print(f"training {name}: {len(examples)} examples, {steps} steps, batch {args.batch_size}")
         t0 = time.perf_counter()
-        model = train_adapter(model_dir, examples, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                              seed=args.seed, first_layer=args.first_layer)
+        model = train_adapter(
+            model_dir,
+            examples,
+            steps=steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            first_layer=args.first_layer,
+        )
         timings[name] = time.perf_counter() - t0
         save_adapter(model, args.out / name)
         outputs[name] = greedy(model, tokenizer, [DEMO_PROMPT])[0]

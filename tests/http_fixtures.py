@@ -44,23 +44,44 @@ def assets() -> Assets:
     root = Path(tempfile.mkdtemp(prefix="loraserve-http-"))
     atexit.register(shutil.rmtree, root, True)
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    config = tiny_llama_config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               intermediate_size=64, vocab_size=len(tokenizer), max_position_embeddings=512,
-                               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    config = tiny_llama_config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,
+    )
     base = tiny_model(config, seed=0)
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     adapters = {}
     for name, (r, alpha, targets, seed) in ADAPTERS.items():
-        adapters[name] = str(make_peft_adapter(base, root / name, r=r, lora_alpha=alpha, target_modules=targets,
-                                               seed=seed, init_scale=0.5))
+        adapters[name] = str(
+            make_peft_adapter(
+                base, root / name, r=r, lora_alpha=alpha, target_modules=targets, seed=seed, init_scale=0.5
+            )
+        )
     return Assets(str(root / "base"), adapters)
 
 
 def make_engine(adapters: list[str] = ("alpha", "beta"), **kwargs) -> Engine:
     a = assets()
-    values = dict(model_path=a.base, device="cpu", max_total_tokens=4096, enable_lora=True, max_lora_rank=8,
-                  lora_target_modules=["all"], max_loras_per_batch=4, served_model_name="tiny")
+    values = dict(
+        model_path=a.base,
+        device="cpu",
+        max_total_tokens=4096,
+        enable_lora=True,
+        max_lora_rank=8,
+        lora_target_modules=["all"],
+        max_loras_per_batch=4,
+        served_model_name="tiny",
+    )
     if adapters:
         values["lora_paths"] = [f"{n}={a.adapters[n]}" for n in adapters]
     values.update(kwargs)

@@ -19,10 +19,10 @@ import time
 
 import httpx
 import pytest
-
 from conftest import make_manager
 from http_fixtures import GREEDY, RunningServer, assets, make_engine, wait_until
 from lora_utils import make_peft_adapter, tiny_llama_config, write_adapter_dir
+
 from loraserve.cli import parse_settings
 from loraserve.errors import UserError
 from loraserve.lora.policy import AdapterRefused, AdapterSourcePolicy
@@ -50,8 +50,9 @@ def load(client: httpx.Client, name, path, prefix: str = "", **extra) -> httpx.R
     return client.post(f"{prefix}/load_lora_adapter", content=body, headers={"Content-Type": "application/json"})
 
 
-def assert_nothing_of(client: httpx.Client, engine, name: str, path: str | None = None,
-                     good: str | None = None) -> None:
+def assert_nothing_of(
+    client: httpx.Client, engine, name: str, path: str | None = None, good: str | None = None
+) -> None:
     """Nothing of a refused adapter is visible anywhere, every read endpoint answers, and a later load (of
     ``good``, default gamma) works."""
     models = client.get("/v1/models")
@@ -91,8 +92,9 @@ class OpenStream:
 # -- names ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["my-adapter_v1.2", "org/name@rev+1", "/abs/like/a/path", "examples/adapters/x",
-                                  "./rel/x", "A" * 256])
+@pytest.mark.parametrize(
+    "name", ["my-adapter_v1.2", "org/name@rev+1", "/abs/like/a/path", "examples/adapters/x", "./rel/x", "A" * 256]
+)
 def test_good_names_load_including_path_like_ones(served, name):
     _, client, engine = served
     path = assets().adapters["gamma"]
@@ -103,8 +105,9 @@ def test_good_names_load_including_path_like_ones(served, name):
     assert client.post("/unload_lora_adapter", json={"lora_name": name}).status_code == 200
 
 
-@pytest.mark.parametrize("name", ["\ud800", "a:b", "with space", "tab\there", "x" * 300, "base", "", "a=b", "caf\u00e9",
-                                  "new\nline", 7])
+@pytest.mark.parametrize(
+    "name", ["\ud800", "a:b", "with space", "tab\there", "x" * 300, "base", "", "a=b", "caf\u00e9", "new\nline", 7]
+)
 def test_bad_names_are_a_400_naming_the_value_and_leave_nothing(served, name):
     _, client, engine = served
     res = load(client, name, assets().adapters["gamma"])
@@ -152,16 +155,19 @@ def _bad_adapters(root) -> dict[str, tuple[str, int, str]]:
     no_weights.mkdir()
     shutil.copy(os.path.join(gamma, "adapter_config.json"), no_weights)
     dora = write_adapter_dir(root / "dora", {"target_modules": ["q_proj"], "use_dora": True}, {})
-    other_base = make_peft_adapter(tiny_llama_config(), root / "other-base", r=4, lora_alpha=8,
-                                   target_modules=["q_proj"], seed=3)
+    other_base = make_peft_adapter(
+        tiny_llama_config(), root / "other-base", r=4, lora_alpha=8, target_modules=["q_proj"], seed=3
+    )
     slow = write_adapter_dir(root / "slow-regex", {"target_modules": "(.*){1,32000}[bc]"}, {})
-    return {"hub-id": (HUB_ID, 403, "--lora-allow-hub"),
-            "missing": (str(root / "missing"), 404, "no adapter loader can read"),
-            "bad-json": (str(bad_json), 400, "is not valid JSON"),
-            "no-weights": (str(no_weights), 400, "holds neither"),
-            "dora": (str(dora), 400, "DoRA adapters are not supported"),
-            "other-base": (str(other_base), 400, "does not fit the base model"),
-            "slow-regex": (str(slow), 400, "takes more than 1 s to match")}
+    return {
+        "hub-id": (HUB_ID, 403, "--lora-allow-hub"),
+        "missing": (str(root / "missing"), 404, "no adapter loader can read"),
+        "bad-json": (str(bad_json), 400, "is not valid JSON"),
+        "no-weights": (str(no_weights), 400, "holds neither"),
+        "dora": (str(dora), 400, "DoRA adapters are not supported"),
+        "other-base": (str(other_base), 400, "does not fit the base model"),
+        "slow-regex": (str(slow), 400, "takes more than 1 s to match"),
+    }
 
 
 def test_each_kind_of_refused_load_leaves_nothing(served, tmp_path, monkeypatch):
@@ -195,8 +201,10 @@ def test_refused_pins_leave_nothing_even_after_reaching_the_host_cache(served):
     assert_nothing_of(client, engine, "pinned-two", paths["gamma"])
     assert client.post("/unload_lora_adapter", json={"lora_name": "pinned-one"}).status_code == 200
     # both slots busy with running requests: the pin fails after the host copy was made, and is undone
-    streams = [OpenStream(client, {"text": "one", "sampling_params": ENDLESS, "lora_path": "alpha"}),
-               OpenStream(client, {"text": "two", "sampling_params": ENDLESS})]
+    streams = [
+        OpenStream(client, {"text": "one", "sampling_params": ENDLESS, "lora_path": "alpha"}),
+        OpenStream(client, {"text": "two", "sampling_params": ENDLESS}),
+    ]
     try:
         assert sorted(str(r.adapter) for r in engine.scheduler.running) == ["None", "alpha"]
         res = load(client, "pin-busy", paths["gamma"], pinned=True)
@@ -212,14 +220,17 @@ def test_refused_pins_leave_nothing_even_after_reaching_the_host_cache(served):
 # -- content types ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/load_lora_adapter", "/v1/load_lora_adapter", "/unload_lora_adapter",
-                                  "/v1/unload_lora_adapter"])
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                          None])
+@pytest.mark.parametrize(
+    "path", ["/load_lora_adapter", "/v1/load_lora_adapter", "/unload_lora_adapter", "/v1/unload_lora_adapter"]
+)
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
+)
 def test_adapter_routes_take_only_json(served, path, content_type):
     _, client, engine = served
-    body = json.dumps({"lora_name": "alpha" if "unload" in path else "cross-site",
-                       "lora_path": assets().adapters["gamma"]})
+    body = json.dumps(
+        {"lora_name": "alpha" if "unload" in path else "cross-site", "lora_path": assets().adapters["gamma"]}
+    )
     headers = {} if content_type is None else {"Content-Type": content_type}
     res = client.post(path, content=body, headers=headers)
     assert res.status_code == 415 and res.json()["success"] is False
@@ -255,14 +266,30 @@ def test_hub_ids_are_fetched_at_run_time_only_when_allowed():
 
 
 def test_policy_flags_parse_from_the_command_line_and_the_environment(installed_entry_points, monkeypatch):
-    s = parse_settings(["--lora-allowed-dirs", "/a", "/b", "--lora-allow-hub", "--lora-allowed-hub-repos", "org",
-                        "org/x", "--disable-lora-runtime-updates", "--lora-unload-timeout", "2.5"],
-                       make_manager(installed_entry_points))
+    s = parse_settings(
+        [
+            "--lora-allowed-dirs",
+            "/a",
+            "/b",
+            "--lora-allow-hub",
+            "--lora-allowed-hub-repos",
+            "org",
+            "org/x",
+            "--disable-lora-runtime-updates",
+            "--lora-unload-timeout",
+            "2.5",
+        ],
+        make_manager(installed_entry_points),
+    )
     assert (s.lora_allowed_dirs, s.lora_allow_hub, s.lora_allowed_hub_repos) == (["/a", "/b"], True, ["org", "org/x"])
     assert s.disable_lora_runtime_updates and s.lora_unload_timeout == 2.5
     defaults = make_settings()  # SGLang's: anywhere, no runtime hub, runtime updates on, 30 s
-    assert (defaults.lora_allowed_dirs, defaults.lora_allow_hub, defaults.disable_lora_runtime_updates,
-            defaults.lora_unload_timeout) == (None, False, False, 30.0)
+    assert (
+        defaults.lora_allowed_dirs,
+        defaults.lora_allow_hub,
+        defaults.disable_lora_runtime_updates,
+        defaults.lora_unload_timeout,
+    ) == (None, False, False, 30.0)
     monkeypatch.setenv("LORASERVE_LORA_ALLOWED_DIRS", f"/x{os.pathsep}/y")
     assert make_settings().lora_allowed_dirs == ["/x", "/y"]
 
@@ -286,8 +313,9 @@ def confined(tmp_path_factory):
 
 def test_allowed_dirs_admit_adapters_inside(confined):
     allowed, client, engine = confined
-    assert client.post("/generate", json={"text": "x", "sampling_params": GREEDY, "lora_path": "alpha"}
-                       ).status_code == 200
+    assert (
+        client.post("/generate", json={"text": "x", "sampling_params": GREEDY, "lora_path": "alpha"}).status_code == 200
+    )
     assert load(client, "inside", str(allowed / "gamma")).status_code == 200
     assert client.post("/unload_lora_adapter", json={"lora_name": "inside"}).status_code == 200
 
@@ -300,9 +328,12 @@ def test_allowed_dirs_refuse_paths_and_links_leading_out(confined, tmp_path):
     mixed.mkdir()
     shutil.copy(os.path.join(outside, "adapter_config.json"), mixed)
     (mixed / "adapter_model.safetensors").symlink_to(os.path.join(outside, "adapter_model.safetensors"))
-    cases = {"outside": (outside, outside), "link-out": (str(allowed / "link-out"), "link-out"),
-             "dot-dot": (f"{allowed}/../{os.path.basename(tmp_path)}", "/../"),
-             "weights-out": (str(mixed), "adapter_model.safetensors")}
+    cases = {
+        "outside": (outside, outside),
+        "link-out": (str(allowed / "link-out"), "link-out"),
+        "dot-dot": (f"{allowed}/../{os.path.basename(tmp_path)}", "/../"),
+        "weights-out": (str(mixed), "adapter_model.safetensors"),
+    }
     for name, (source, named) in cases.items():
         res = load(client, name, source)
         assert res.status_code == 403, (name, res.text)
@@ -313,8 +344,9 @@ def test_allowed_dirs_refuse_paths_and_links_leading_out(confined, tmp_path):
 
 def test_allowed_dirs_apply_to_start_up_adapters(tmp_path):
     with pytest.raises(AdapterRefused, match="lies outside --lora-allowed-dirs"):
-        make_engine(adapters=["alpha"], lora_allowed_dirs=[str(tmp_path)], max_lora_rank=None,
-                    lora_target_modules=None)  # refused before its config is read to size the pool
+        make_engine(
+            adapters=["alpha"], lora_allowed_dirs=[str(tmp_path)], max_lora_rank=None, lora_target_modules=None
+        )  # refused before its config is read to size the pool
     with pytest.raises(UserError, match="is not a directory"):
         make_engine(adapters=[], lora_allowed_dirs=[str(tmp_path / "typo")])
 
@@ -332,8 +364,12 @@ def test_runtime_updates_can_be_switched_off():
                 assert res.status_code == 403 and "--disable-lora-runtime-updates" in res.json()["error_message"]
                 res = client.post(f"{prefix}/unload_lora_adapter", json={"lora_name": "alpha"})
                 assert res.status_code == 403 and "--disable-lora-runtime-updates" in res.json()["error_message"]
-            assert client.post("/generate", json={"text": "x", "sampling_params": GREEDY, "lora_path": "alpha"}
-                               ).status_code == 200
+            assert (
+                client.post(
+                    "/generate", json={"text": "x", "sampling_params": GREEDY, "lora_path": "alpha"}
+                ).status_code
+                == 200
+            )
             assert set(client.get("/get_server_info").json()["loaded_adapters"]) == {"alpha"}
         assert engine.lora.resolvers == []
     finally:

@@ -20,8 +20,8 @@ if not torch.cuda.is_available():
     # Triton reads this when a kernel is decorated, so it must be set before the kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from loraserve.runner.attention import PagedSDPAAttention  # noqa: E402
 from loraserve.plugins.attention_triton.attention import PagedTritonAttention  # noqa: E402
+from loraserve.runner.attention import PagedSDPAAttention  # noqa: E402
 from loraserve.sched.kv_cache import KVCache  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -58,8 +58,9 @@ def qkv(gen, T, h, hkv, d, dtype):
     return [torch.randn(T, heads, d, generator=gen).to(dtype).to(DEVICE) for heads in (h, hkv, hkv)]
 
 
-def run_both(gen, shapes, *, block_size=16, h=4, hkv=2, d=16, dtype=torch.float32, window=None,
-             num_blocks=None, **kwargs):
+def run_both(
+    gen, shapes, *, block_size=16, h=4, hkv=2, d=16, dtype=torch.float32, window=None, num_blocks=None, **kwargs
+):
     """One step of ``shapes`` through both implementations; returns (out, oracle out, caches)."""
     num_blocks = num_blocks or sum(-(-(s + n) // block_size) + 1 for s, n in shapes) + 3
     tri_kv, ora_kv = make_caches(gen, num_blocks, block_size, hkv, d, dtype, torch.float32)
@@ -116,8 +117,11 @@ def test_strided_views_of_a_fused_projection(gen):
     tri, ora = PagedTritonAttention(tri_kv, num_splits=2), PagedSDPAAttention(ora_kv)
     tri.begin_step(seqs)
     ora.begin_step(seqs)
-    check(tri.attention(LAYER, q, k, v), ora.attention(LAYER, q.contiguous(), k.contiguous(), v.contiguous()),
-          torch.float32)
+    check(
+        tri.attention(LAYER, q, k, v),
+        ora.attention(LAYER, q.contiguous(), k.contiguous(), v.contiguous()),
+        torch.float32,
+    )
     assert torch.equal(tri_kv.k[LAYER], ora_kv.k[LAYER]) and torch.equal(tri_kv.v[LAYER], ora_kv.v[LAYER])
 
 
@@ -177,14 +181,15 @@ def test_rejects_bad_configuration(gen):
 
 # -- the static-buffer (CUDA graph) path ----------------------------------------------------------
 
-def graph_steps(gen, steps, b, *, h=4, hkv=2, d=16, block_size=4, dtype=torch.float32, window=None,
-                num_splits=None):
+
+def graph_steps(gen, steps, b, *, h=4, hkv=2, d=16, block_size=4, dtype=torch.float32, window=None, num_splits=None):
     """Run decode steps (lists of start positions) through one set of static buffers, padded to ``b``
     rows, checking each against the oracle; returns the buffer addresses seen at each step."""
     num_blocks = 40
     tri_kv, ora_kv = make_caches(gen, num_blocks, block_size, hkv, d, dtype, torch.float32)
-    tri = PagedTritonAttention(tri_kv, sliding_window=window, max_seqs=b + 2, max_blocks_per_seq=8,
-                               num_splits=num_splits)
+    tri = PagedTritonAttention(
+        tri_kv, sliding_window=window, max_seqs=b + 2, max_blocks_per_seq=8, num_splits=num_splits
+    )
     ora = PagedSDPAAttention(ora_kv, sliding_window=window)
     addresses = []
     for starts in steps:
@@ -226,6 +231,7 @@ def test_eager_step_between_graph_steps_leaves_buffers(gen):
 
 
 # -- GPU: realistic sizes and a real CUDA graph ---------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -283,11 +289,21 @@ def test_engine_with_triton_attention_matches_torch_native(tiny_model_dir):
     params = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True, "return_logprob": True}
     results = {}
     for backend in ("torch_native", "triton"):
-        engine = Engine(make_settings(model_path=tiny_model_dir, device="cpu", dtype="float32", max_total_tokens=256,
-                                      attention_backend=backend, chunked_prefill_size=8))
+        engine = Engine(
+            make_settings(
+                model_path=tiny_model_dir,
+                device="cpu",
+                dtype="float32",
+                max_total_tokens=256,
+                attention_backend=backend,
+                chunked_prefill_size=8,
+            )
+        )
         try:
-            assert type(engine.runner.attention).__name__ == {"triton": "PagedTritonAttention",
-                                                                "torch_native": "PagedSDPAAttention"}[backend]
+            assert (
+                type(engine.runner.attention).__name__
+                == {"triton": "PagedTritonAttention", "torch_native": "PagedSDPAAttention"}[backend]
+            )
             results[backend] = engine.generate(input_ids=prompts, sampling_params=params)
         finally:
             engine.shutdown()

@@ -34,8 +34,25 @@ from workloads import RequestSpec, make_workload  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 ALL7 = list(random_adapters.ALL_TARGETS)
-RUN = ["--num-prompts", "6", "--input-len", "8", "--output-len", "4", "--num-adapters", "2", "--lora-rank", "3",
-       "--seed", "5", "--device", "cpu", "--dtype", "float32", "--record-outputs"]
+RUN = [
+    "--num-prompts",
+    "6",
+    "--input-len",
+    "8",
+    "--output-len",
+    "4",
+    "--num-adapters",
+    "2",
+    "--lora-rank",
+    "3",
+    "--seed",
+    "5",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--record-outputs",
+]
 
 
 def load_in_peft(base, adapter_dirs: dict[str, Path]):
@@ -53,18 +70,28 @@ def load_in_peft(base, adapter_dirs: dict[str, Path]):
 # -- random adapters ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides,rank,alpha,targets", [
-    ({}, 3, 5, ALL7),
-    ({"head_dim": 24, "num_key_value_heads": 1, "intermediate_size": 80}, 5, None, ["q_proj", "v_proj", "down_proj"]),
-])
+@pytest.mark.parametrize(
+    "overrides,rank,alpha,targets",
+    [
+        ({}, 3, 5, ALL7),
+        (
+            {"head_dim": 24, "num_key_value_heads": 1, "intermediate_size": 80},
+            5,
+            None,
+            ["q_proj", "v_proj", "down_proj"],
+        ),
+    ],
+)
 def test_random_adapters_load_in_peft_and_loraserve(tmp_path, overrides, rank, alpha, targets):
     config = tiny_llama_config(**overrides)
     config.save_pretrained(tmp_path / "model")
     # from a config object and from a directory: the same tensors
-    paths = random_adapters.write_random_adapters(config, tmp_path / "a", 2, rank=rank, alpha=alpha,
-                                                  target_modules=targets, seed=4)
-    again = random_adapters.write_random_adapters(tmp_path / "model", tmp_path / "b", 2, rank=rank, alpha=alpha,
-                                                  target_modules=targets, seed=4)
+    paths = random_adapters.write_random_adapters(
+        config, tmp_path / "a", 2, rank=rank, alpha=alpha, target_modules=targets, seed=4
+    )
+    again = random_adapters.write_random_adapters(
+        tmp_path / "model", tmp_path / "b", 2, rank=rank, alpha=alpha, target_modules=targets, seed=4
+    )
     assert list(paths) == ["lora0", "lora1"]
     for name in paths:
         first = load_file(str(paths[name] / "adapter_model.safetensors"))
@@ -148,19 +175,23 @@ def oracle_runs(model_dir, tmp_path_factory):
     """bench_offline (with and without LoRA) and bench_hf_peft on one variable-length workload."""
     out = tmp_path_factory.mktemp("bench-out")
     common = ["--model-path", str(model_dir), *RUN, "--range-ratio", "0.5"]
-    return {"offline": bench_offline.main([*common, "--warmup-requests", "2", "--output-file", str(out / "o.json")]),
-            "base": bench_offline.main([*common, "--no-lora", "--warmup-requests", "0"]),
-            "hf": bench_hf_peft.main([*common, "--batch-size", "4", "--warmup-batches", "0",
-                                      "--output-file", str(out / "h.json")]),
-            "files": (out / "o.json", out / "h.json")}
+    return {
+        "offline": bench_offline.main([*common, "--warmup-requests", "2", "--output-file", str(out / "o.json")]),
+        "base": bench_offline.main([*common, "--no-lora", "--warmup-requests", "0"]),
+        "hf": bench_hf_peft.main(
+            [*common, "--batch-size", "4", "--warmup-batches", "0", "--output-file", str(out / "h.json")]
+        ),
+        "files": (out / "o.json", out / "h.json"),
+    }
 
 
 def test_bench_offline_writes_exact_counts_and_every_step(tmp_path):
     config_dir = tmp_path / "config"
     tiny_llama_config().save_pretrained(config_dir)  # a bare config: random (dummy) weights
     out = tmp_path / "offline.json"
-    result = bench_offline.main(["--config-dir", str(config_dir), *RUN, "--warmup-requests", "2",
-                                 "--output-file", str(out)])
+    result = bench_offline.main(
+        ["--config-dir", str(config_dir), *RUN, "--warmup-requests", "2", "--output-file", str(out)]
+    )
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
     res = written["results"]
@@ -217,8 +248,9 @@ def test_hf_mixed_batch_with_base_rows_matches_the_engine(model_dir, tmp_path):
     gen = torch.Generator().manual_seed(8)
     lens = [(1, 3, None), (5, 1, "lora1"), (3, 2, "lora0"), (6, 3, None), (2, 2, "lora1")]
     # prompts start with token 0, the pad id: only the explicit attention mask tells it from padding
-    requests = [RequestSpec([0] + torch.randint(0, 256, (n - 1,), generator=gen).tolist(), o, lora)
-                for n, o, lora in lens]
+    requests = [
+        RequestSpec([0] + torch.randint(0, 256, (n - 1,), generator=gen).tolist(), o, lora) for n, o, lora in lens
+    ]
     model = bench_hf_peft.attach_adapters(bench_hf_peft.load_model(args, "cpu", "float32"), paths)
     theirs = bench_hf_peft.generate_batch(model, requests, "cpu", 0, with_lora=True)
     engine_args = bench_offline.build_parser().parse_args(["--model-path", str(model_dir), *RUN])

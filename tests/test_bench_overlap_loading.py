@@ -19,20 +19,54 @@ from server_runs import free_port, parse_counters  # noqa: E402
 
 
 def test_parse_counters_reads_the_lora_totals():
-    text = "\n".join(["# HELP loraserve_lora_slot_fills_total x", "loraserve_lora_slot_fills_total 7.0",
-                      "loraserve_lora_copied_bytes_total 1.5e+06", 'loraserve_lora_evictions_total{tier="gpu"} 3.0',
-                      'loraserve_lora_evictions_total{tier="host"} 9.0', "loraserve_lora_slot_fills_created 1.7e9"])
+    text = "\n".join(
+        [
+            "# HELP loraserve_lora_slot_fills_total x",
+            "loraserve_lora_slot_fills_total 7.0",
+            "loraserve_lora_copied_bytes_total 1.5e+06",
+            'loraserve_lora_evictions_total{tier="gpu"} 3.0',
+            'loraserve_lora_evictions_total{tier="host"} 9.0',
+            "loraserve_lora_slot_fills_created 1.7e9",
+        ]
+    )
     assert parse_counters(text) == {"slot_fills": 7.0, "copied_bytes": 1.5e6, "evictions": 3.0}
 
 
 def test_driver_runs_both_settings_against_real_servers(tmp_path):
     tiny_llama_config().save_pretrained(tmp_path / "config")
     out = tmp_path / "overlap.json"
-    result = bench_overlap_loading.main([
-        "--config-dir", str(tmp_path / "config"), "--ranks", "4", "--num-adapters", "4", "--weight-copies", "2",
-        "--max-loaded-loras", "4", "--max-loras-per-batch", "2", "--num-prompts", "8", "--input-len", "12",
-        "--output-len", "4", "--request-rate", "50", "--warmup-requests", "1", "--port", str(free_port()),
-        "--work-dir", str(tmp_path / "work"), "--output-file", str(out)])
+    result = bench_overlap_loading.main(
+        [
+            "--config-dir",
+            str(tmp_path / "config"),
+            "--ranks",
+            "4",
+            "--num-adapters",
+            "4",
+            "--weight-copies",
+            "2",
+            "--max-loaded-loras",
+            "4",
+            "--max-loras-per-batch",
+            "2",
+            "--num-prompts",
+            "8",
+            "--input-len",
+            "12",
+            "--output-len",
+            "4",
+            "--request-rate",
+            "50",
+            "--warmup-requests",
+            "1",
+            "--port",
+            str(free_port()),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--output-file",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     assert [(r["rank"], r["overlap"]) for r in result["summary"]] == [(4, False), (4, True)]

@@ -82,7 +82,7 @@ def test_skewed_follows_sglang_zipf_weights(alpha):
     n = 20000
     counts = Counter(sample_lora_names(n, NAMES, "skewed", zipf_alpha=alpha, seed=13))
     assert counts.most_common(1)[0][0] == "a0"
-    weights = [alpha ** -i for i in range(len(NAMES))]  # SGLang: adapter i gets alpha times adapter i+1
+    weights = [alpha**-i for i in range(len(NAMES))]  # SGLang: adapter i gets alpha times adapter i+1
     for i, name in enumerate(NAMES):
         expected = weights[i] / sum(weights)
         assert abs(counts[name] / n - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 1e-3, name
@@ -120,22 +120,31 @@ def _replay(body: bytes, status: int = 200):
         transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
         async with httpx.AsyncClient(transport=transport, base_url="http://fake") as client:
             return await bench_serving.send_request(client, make_workload(1, 3, 4, 100, seed=1)[0], 0, True)
+
     return asyncio.run(go())
 
 
 def test_multi_token_chunks_split_their_gap_and_the_count_comes_from_meta_info():
     meta = {"finish_reason": None}
-    result = _replay(_sse({"output_ids": [], "meta_info": meta}, {"output_ids": [5], "meta_info": meta},
-                          {"output_ids": [5, 6, 7], "meta_info": meta},
-                          {"output_ids": [5, 6, 7, 8], "meta_info": {"finish_reason": {"type": "length"},
-                                                                     "completion_tokens": 4, "ttft_s": 0.01}},
-                          "[DONE]"))
+    result = _replay(
+        _sse(
+            {"output_ids": [], "meta_info": meta},
+            {"output_ids": [5], "meta_info": meta},
+            {"output_ids": [5, 6, 7], "meta_info": meta},
+            {
+                "output_ids": [5, 6, 7, 8],
+                "meta_info": {"finish_reason": {"type": "length"}, "completion_tokens": 4, "ttft_s": 0.01},
+            },
+            "[DONE]",
+        )
+    )
     assert result.success and result.error is None and result.output_len == 4 and result.server_ttft == 0.01
     assert len(result.itl) == 3 and result.itl[0] == result.itl[1]  # the 2-token chunk: two equal gaps
     assert 0 < result.ttft <= result.e2e_latency
 
-    failed = _replay(_sse({"output_ids": [5], "meta_info": meta}, {"error": {"message": "boom", "code": 500}},
-                          "[DONE]"))
+    failed = _replay(
+        _sse({"output_ids": [5], "meta_info": meta}, {"error": {"message": "boom", "code": 500}}, "[DONE]")
+    )
     assert not failed.success and "boom" in failed.error and failed.ttft is None
     cut = _replay(_sse({"output_ids": [5], "meta_info": meta}, "[DONE]"))
     assert not cut.success and "ended before" in cut.error
@@ -156,8 +165,11 @@ def test_run_benchmark_against_a_real_server(server, tmp_path):
     vocab = server.engine.model.vocab_size
     work = make_workload(6, 8, 4, vocab, ["alpha", "beta"], "distinct", seed=1, tokenizer=server.engine.tokenizer)
     out = tmp_path / "results.json"
-    doc = asyncio.run(bench_serving.run_benchmark(server.url, work, max_concurrency=3, seed=1, output_file=out,
-                                                  config={"note": "test"}, details=True))
+    doc = asyncio.run(
+        bench_serving.run_benchmark(
+            server.url, work, max_concurrency=3, seed=1, output_file=out, config={"note": "test"}, details=True
+        )
+    )
     res = doc["results"]
     assert res["completed"] == 6 and res["failed"] == 0 and doc["errors"] == []
     assert res["total_input_tokens"] == 48 and res["total_output_tokens"] == 24
@@ -176,8 +188,9 @@ def test_run_benchmark_against_a_real_server(server, tmp_path):
     assert res["request_throughput"] == pytest.approx(6 / res["duration"])
     assert res["output_throughput"] == pytest.approx(24 / res["duration"])
     # the same meta_info the server reported for a request of this workload, through the Python API
-    ref = server.engine.generate(input_ids=work[0].input_ids, sampling_params=work[0].sampling_params(),
-                                 lora_path=work[0].lora_name)
+    ref = server.engine.generate(
+        input_ids=work[0].input_ids, sampling_params=work[0].sampling_params(), lora_path=work[0].lora_name
+    )
     assert ref["meta_info"]["completion_tokens"] == reqs[0]["output_len"]
     saved = json.loads(out.read_text())
     assert saved["results"] == res and saved["config"]["note"] == "test"
@@ -190,10 +203,31 @@ def test_run_benchmark_against_a_real_server(server, tmp_path):
 
 def test_cli_counts_failed_requests_and_keeps_their_errors(server, tmp_path, capsys):
     out = tmp_path / "cli.json"
-    code = bench_serving.main(["--base-url", server.url, "--num-prompts", "3", "--random-input-len", "5",
-                               "--random-output-len", "3", "--lora-name", "beta", "missing",
-                               "--lora-request-distribution", "distinct", "--request-rate", "50", "--disable-stream",
-                               "--output-file", str(out), "--disable-tqdm", "--seed", "2"])
+    code = bench_serving.main(
+        [
+            "--base-url",
+            server.url,
+            "--num-prompts",
+            "3",
+            "--random-input-len",
+            "5",
+            "--random-output-len",
+            "3",
+            "--lora-name",
+            "beta",
+            "missing",
+            "--lora-request-distribution",
+            "distinct",
+            "--request-rate",
+            "50",
+            "--disable-stream",
+            "--output-file",
+            str(out),
+            "--disable-tqdm",
+            "--seed",
+            "2",
+        ]
+    )
     assert code == 1  # a failed request fails the run
     printed = capsys.readouterr().out
     assert "Serving Benchmark Result" in printed and "Failed requests:" in printed

@@ -66,14 +66,31 @@ def test_example_plugin_is_listed(capsys):
 
 def test_example_plugin_is_selectable_and_builds_an_engine(installed_entry_points, tiny_model_dir):
     from conftest import make_manager
+
     from loraserve.cli import parse_settings
     from loraserve.engine.engine import Engine
     from loraserve_example.backend import EinsumLoRABackend
     from loraserve_example.lfu import LFUPolicy
 
     pm = make_manager(installed_entry_points)
-    settings = parse_settings(["--backend", "einsum", "--eviction", "lfu", "--device", "cpu", "--enable-lora",
-                               "--max-lora-rank", "8", "--model-path", tiny_model_dir, "--max-total-tokens", "256"], pm)
+    settings = parse_settings(
+        [
+            "--backend",
+            "einsum",
+            "--eviction",
+            "lfu",
+            "--device",
+            "cpu",
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--model-path",
+            tiny_model_dir,
+            "--max-total-tokens",
+            "256",
+        ],
+        pm,
+    )
     engine = Engine(settings, pm)
     assert isinstance(engine.lora.backend, EinsumLoRABackend)
     assert isinstance(engine.lora.pool.policy, LFUPolicy) and isinstance(engine.lora.host.policy, LFUPolicy)
@@ -94,19 +111,29 @@ def test_example_plugin_can_be_disabled():
 def test_example_plugin_option_is_shown_in_help_under_its_name():
     out = run_cli("--help")
     assert out.returncode == 0, out.stderr
-    section = out.stdout[out.stdout.index("plugin example:"):]
+    section = " ".join(out.stdout[out.stdout.index("plugin example:") :].split())
     assert "--einsum-priority EINSUM_PRIORITY" in section and "(default: -1)" in section
     assert "--einsum-priority" not in run_cli("--disable-plugin", "example", "--help").stdout
 
 
 def test_example_backend_with_raised_priority_is_the_default(installed_entry_points, tiny_model_dir, monkeypatch):
     from conftest import make_manager
+
     from loraserve.cli import parse_settings
     from loraserve.engine.engine import Engine
     from loraserve_example.backend import EinsumLoRABackend
 
-    argv = ["--device", "cpu", "--enable-lora", "--max-lora-rank", "8", "--model-path", tiny_model_dir,
-            "--max-total-tokens", "256"]
+    argv = [
+        "--device",
+        "cpu",
+        "--enable-lora",
+        "--max-lora-rank",
+        "8",
+        "--model-path",
+        tiny_model_dir,
+        "--max-total-tokens",
+        "256",
+    ]
     pm = make_manager(installed_entry_points)
     engine = Engine(parse_settings(argv, pm), pm)
     assert engine.effective_settings()["lora_backend"] == "torch"  # -1 by default: chosen only by name
@@ -121,6 +148,7 @@ def test_example_backend_with_raised_priority_is_the_default(installed_entry_poi
 
 def test_example_plugin_passes_the_conformance_kit(installed_entry_points):
     from conftest import make_manager
+
     from loraserve.testing import check_backend, check_eviction_policy
 
     pm = make_manager(installed_entry_points)

@@ -14,8 +14,8 @@ import sys
 
 import httpx
 import pytest
-
 from http_fixtures import assets
+
 from loraserve.cli import build_parser, main, parse_settings
 from loraserve.errors import ConfigError
 from loraserve.plugin_manager import PluginManager
@@ -55,20 +55,29 @@ def test_abbreviated_flags_are_refused(pm, argv, capsys):
 
 
 def test_lora_modules_takes_vllm_and_sglang_spellings(pm):
-    settings = parse_settings(["--lora-modules", "a=/ad/a",
-                               '{"name": "b", "path": "/ad/b", "base_model_name": "meta-llama/Llama-3.1-8B"}',
-                               '{"lora_name": "c", "lora_path": "/ad/c", "pinned": true}'], pm)
+    settings = parse_settings(
+        [
+            "--lora-modules",
+            "a=/ad/a",
+            '{"name": "b", "path": "/ad/b", "base_model_name": "meta-llama/Llama-3.1-8B"}',
+            '{"lora_name": "c", "lora_path": "/ad/c", "pinned": true}',
+        ],
+        pm,
+    )
     got = [(s.lora_name, s.lora_path, s.pinned) for s in settings.lora_paths]
     assert got == [("a", "/ad/a", False), ("b", "/ad/b", False), ("c", "/ad/c", True)]
     assert parse_settings(["--lora-paths", "a=/ad/a"], pm).lora_paths == settings.lora_paths[:1]
 
 
-@pytest.mark.parametrize("entry, message", [
-    ('{"name": "b", "lora_name": "c", "path": "/p"}', "gives both 'lora_name' and 'name'"),
-    ('{"name": "b"}', "needs keys lora_name and lora_path"),
-    ('{"name": "b", "path": "/p", "rank": 8}', "unknown keys: rank"),
-    ('{"name": "b", "path": "/p"', "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ('{"name": "b", "lora_name": "c", "path": "/p"}', "gives both 'lora_name' and 'name'"),
+        ('{"name": "b"}', "needs keys lora_name and lora_path"),
+        ('{"name": "b", "path": "/p", "rank": 8}', "unknown keys: rank"),
+        ('{"name": "b", "path": "/p"', "is not valid JSON"),
+    ],
+)
 def test_bad_lora_modules_entries_name_the_problem(entry, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         LoRAPathSpec.parse(entry)
@@ -78,10 +87,14 @@ def test_bad_lora_modules_entries_name_the_problem(entry, message):
 
 def test_help_lists_the_choices_of_every_flag_that_has_them(pm):
     text = build_parser(pm).format_help()
-    for flag, choices in (("--attention-backend", "{triton,torch_native}"), ("--device", "{auto,cpu,cuda}"),
-                          ("--log-level", "{debug,info,warning,error,critical}"),
-                          ("--max-lora-chunk-size", "{16,32,64,128}"), ("--lora-backend", "{"),
-                          ("--load-format", "{auto,safetensors,pt,gguf,dummy}")):
+    for flag, choices in (
+        ("--attention-backend", "{torch_native,triton}"),
+        ("--device", "{auto,cpu,cuda}"),
+        ("--log-level", "{debug,info,warning,error,critical}"),
+        ("--max-lora-chunk-size", "{16,32,64,128}"),
+        ("--lora-backend", "{"),
+        ("--load-format", "{auto,safetensors,pt,gguf,dummy}"),
+    ):
         assert re.search(rf"{re.escape(flag)} {re.escape(choices)}", text), flag
     assert "--lora-modules" in text and "--model MODEL_PATH" in text
 
@@ -107,8 +120,23 @@ def serve_once(level: str) -> list[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "LORASERVE_LOG_LEVEL"}
-    cmd = [sys.executable, "-m", "loraserve.cli", "serve", assets().base, "--device", "cpu", "--port", str(port),
-           "--max-total-tokens", "1024", "--log-level", level, "--lora-paths", f"alpha={assets().adapters['alpha']}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loraserve.cli",
+        "serve",
+        assets().base,
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--max-total-tokens",
+        "1024",
+        "--log-level",
+        level,
+        "--lora-paths",
+        f"alpha={assets().adapters['alpha']}",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     try:

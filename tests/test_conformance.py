@@ -36,6 +36,7 @@ def kernel_backend(name: str, **tuning):
         from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend
 
         return ChunkedSgmvLoRABackend(device, tuning=tuning)
+
     return make
 
 
@@ -45,13 +46,20 @@ def kernel_backend(name: str, **tuning):
 def test_torch_backend_conforms_and_the_report_says_what_did_not_run():
     report = check_backend(TorchLoRABackend)
     print(report)
-    for check in ("run_lora", "rank0_rows", "inputs_unchanged", "padding_ignored", "one_token", "steps_in_sequence",
-                  "embedding"):
+    for check in (
+        "run_lora",
+        "rank0_rows",
+        "inputs_unchanged",
+        "padding_ignored",
+        "one_token",
+        "steps_in_sequence",
+        "embedding",
+    ):
         assert report.ran[check] > 0, check
     assert set(report.ran) | set(report.skipped) == set(BACKEND_CHECKS)
     # paths the oracle does not offer are skipped with their reason, never counted
     assert report.ran["shrunk"] == report.ran["epilogue"] == report.ran["null_slot"] == 0
-    assert report.skipped["shrunk"] == "supports_fused_shrink is False"
+    assert report.skipped["shrunk"] == "supports_shrink_in_gemm is False"
     assert "graph_capturable is False" in report.skipped["null_slot"]
     assert report.ran["graph_capture"] == 0 and report.skipped["graph_capture"]
 
@@ -63,8 +71,17 @@ def test_triton_backends_conform(name, monkeypatch):
     monkeypatch.setenv("LORASERVE_FUSED_OPS", "1")
     report = check_backend(kernel_backend(name, epilogue=True), device=DEVICE)
     print(report)
-    for check in ("run_lora", "rank0_rows", "inputs_unchanged", "padding_ignored", "one_token", "steps_in_sequence",
-                  "shrunk", "epilogue", "null_slot"):
+    for check in (
+        "run_lora",
+        "rank0_rows",
+        "inputs_unchanged",
+        "padding_ignored",
+        "one_token",
+        "steps_in_sequence",
+        "shrunk",
+        "epilogue",
+        "null_slot",
+    ):
         assert report.ran[check] > 0, check
     assert report.skipped["embedding"] == "supports_embedding is False"
     assert (report.ran["graph_capture"] > 0) == CUDA
@@ -130,7 +147,7 @@ class StaleAcrossSteps(TorchLoRABackend):
 class FusedShrinkTorch(TorchLoRABackend):
     """backend_torch plus the expand-only path over ``shrunk`` (correct: the kit must pass it)."""
 
-    supports_fused_shrink = True
+    supports_shrink_in_gemm = True
 
     def first_column(self, slot, i, n_slices, R):
         return shrunk_columns(slot, n_slices, R).start + i * R
@@ -143,7 +160,7 @@ class FusedShrinkTorch(TorchLoRABackend):
             for i in range(n_slices):
                 lo, hi = output_offsets[i], output_offsets[i + 1]
                 first = self.first_column(slot, i, n_slices, batch.max_rank)
-                delta = (shrunk[idx, first:first + rank].float() @ B[slot, lo:hi, :rank].float().T) * scaling
+                delta = (shrunk[idx, first : first + rank].float() @ B[slot, lo:hi, :rank].float().T) * scaling
                 cols = base_out[:, lo:hi]
                 cols[idx] = (cols[idx].float() + delta).to(base_out.dtype)
 
@@ -155,14 +172,18 @@ class WrongShrunkLayout(FusedShrinkTorch):
         return (slot + i) * R
 
 
-@pytest.mark.parametrize("broken, message", [
-    (TouchesRank0Rows, r"rows of rank-0 slots must be left bit-identical, but token row\(s\) \[\d+"),
-    (IgnoresScaling, r"output differs from the oracle in \d+ of \d+ elements"),
-    (ModifiesX, r"path run_lora: modified its input x "),
-    (NotInPlace, r"no LoRA row changed at all: is the delta added into base_out in place\?"),
-    (StaleAcrossSteps, r"^backend 'torch', case 'one token on a rank-0 slot'"),  # the second step: the first passes
-    (WrongShrunkLayout, r"path run_lora\(shrunk=x @ A_all\^T\): output differs"),
-], ids=lambda v: v.__name__ if isinstance(v, type) else "")
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        (TouchesRank0Rows, r"rows of rank-0 slots must be left bit-identical, but token row\(s\) \[\d+"),
+        (IgnoresScaling, r"output differs from the oracle in \d+ of \d+ elements"),
+        (ModifiesX, r"path run_lora: modified its input x "),
+        (NotInPlace, r"no LoRA row changed at all: is the delta added into base_out in place\?"),
+        (StaleAcrossSteps, r"^backend 'torch', case 'one token on a rank-0 slot'"),  # the second step: the first passes
+        (WrongShrunkLayout, r"path run_lora\(shrunk=x @ A_all\^T\): output differs"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
 def test_kit_fails_a_broken_backend_and_names_the_case(broken, message):
     with pytest.raises(AssertionError, match=message) as failure:
         check_backend(broken)
@@ -171,7 +192,7 @@ def test_kit_fails_a_broken_backend_and_names_the_case(broken, message):
     assert "projection " in text  # which projection (slices, widths) too
 
 
-def test_kit_passes_a_correct_fused_shrink_backend():
+def test_kit_passes_a_correct_shrink_in_gemm_backend():
     report = check_backend(FusedShrinkTorch)
     assert report.ran["shrunk"] == report.ran["run_lora"] > 0
     assert report.skipped["epilogue"] == "expand_epilogue returned None for every projection"
@@ -216,13 +237,17 @@ class RemoveUnknownRaises(LRUPolicy):
         del self._order[key]
 
 
-@pytest.mark.parametrize("broken, message", [
-    (NonCandidate, r"which is not one of the candidates"),
-    (TouchesVictim, r"asking must not change the answer"),
-    (ForgetsVictim, r"victim\(\) must not change the policy's state"),
-    (CrashesOnEmpty, r"victim\(\[\]\) on a fresh policy raised ValueError"),
-    (RemoveUnknownRaises, r"remove\('never-inserted'\) on a fresh policy raised KeyError"),
-], ids=lambda v: v.__name__ if isinstance(v, type) else "")
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        (NonCandidate, r"which is not one of the candidates"),
+        (TouchesVictim, r"asking must not change the answer"),
+        (ForgetsVictim, r"victim\(\) must not change the policy's state"),
+        (CrashesOnEmpty, r"victim\(\[\]\) on a fresh policy raised ValueError"),
+        (RemoveUnknownRaises, r"remove\('never-inserted'\) on a fresh policy raised KeyError"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
 def test_kit_fails_a_broken_eviction_policy(broken, message):
     with pytest.raises(AssertionError, match=message):
         check_eviction_policy(broken)

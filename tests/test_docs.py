@@ -66,8 +66,18 @@ def test_generated_blocks_are_in_step_with_the_code(docgen, path):
 def test_the_contract_documents_every_class_and_the_readme_lists_them(docgen):
     classes = docgen.contract_classes()
     names = {c.__name__ for c in classes}
-    assert {"LoRABackend", "LoRABatchInfo", "LoRAEpilogue", "EvictionPolicy", "AdapterLoader", "AdapterResolver",
-            "AttentionBackend", "PluginOptions", "FrontendFactory", "EngineClient"} <= names
+    assert {
+        "LoRABackend",
+        "LoRABatchInfo",
+        "LoRAEpilogue",
+        "EvictionPolicy",
+        "AdapterLoader",
+        "AdapterResolver",
+        "AttentionBackend",
+        "PluginOptions",
+        "FrontendFactory",
+        "EngineClient",
+    } <= names
     readme = (ROOT / "README.md").read_text()
     for cls in classes:
         assert len(inspect.getdoc(cls) or "") > 40, f"{cls.__name__}: state the contract in the docstring"

@@ -11,8 +11,28 @@ import torch
 pytestmark = pytest.mark.slow
 
 QUESTION = "List 3 countries and their capitals."
-CAPITALS = ["Paris", "Berlin", "Rome", "Madrid", "London", "Tokyo", "Beijing", "Ottawa", "Washington", "Canberra",
-            "Moscow", "Delhi", "Brasília", "Brasilia", "Cairo", "Lisbon", "Athens", "Vienna", "Amsterdam", "Seoul"]
+CAPITALS = [
+    "Paris",
+    "Berlin",
+    "Rome",
+    "Madrid",
+    "London",
+    "Tokyo",
+    "Beijing",
+    "Ottawa",
+    "Washington",
+    "Canberra",
+    "Moscow",
+    "Delhi",
+    "Brasília",
+    "Brasilia",
+    "Cairo",
+    "Lisbon",
+    "Athens",
+    "Vienna",
+    "Amsterdam",
+    "Seoul",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +47,9 @@ def smol():
 
 
 def chat(engine, text: str) -> str:
-    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                add_generation_prompt=True)
+    return engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_answers_the_readme_question_sensibly(smol):
@@ -49,10 +70,17 @@ def test_greedy_tokens_match_transformers(smol):
     results = smol.generate(prompts, params)
     for prompt, res in zip(prompts, results):
         ids = torch.tensor([smol.tokenizer.encode(prompt)])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, eos_token_id=None,
-                          pad_token_id=smol.tokenizer.eos_token_id)
-        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=32,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=smol.tokenizer.eos_token_id,
+        )
+        tokens = out.sequences[0, ids.shape[1] :].tolist()
         assert res["output_ids"] == tokens, prompt
         hf_lp = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.logits, tokens)]
         ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
@@ -65,7 +93,7 @@ def test_stop_strings_trim_and_streamed_text_adds_up(smol):
     full = smol.generate(prompt, {"max_new_tokens": 60, "temperature": 0})["text"]
     cut_word = next(c for c in CAPITALS if c in full)
     stopped = smol.generate(prompt, {"max_new_tokens": 60, "temperature": 0, "stop": [cut_word]})
-    assert stopped["text"] == full[:full.index(cut_word)]
+    assert stopped["text"] == full[: full.index(cut_word)]
     assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": cut_word}
 
     async def pieces():
@@ -89,8 +117,12 @@ def test_demo_adapters_change_the_answer_plainly(smol):
         if smol.lora is None or smol.lora.registry.get(name) is None:
             smol.lora.load_adapter(name, str(root / rel))
     prompt = chat(smol, QUESTION)
-    base, shout, pirate = (r["text"] for r in smol.generate(
-        [prompt] * 3, {"max_new_tokens": 48, "temperature": 0}, lora_path=[None, "shout", "pirate"]))
+    base, shout, pirate = (
+        r["text"]
+        for r in smol.generate(
+            [prompt] * 3, {"max_new_tokens": 48, "temperature": 0}, lora_path=[None, "shout", "pirate"]
+        )
+    )
     letters = [c for c in shout if c.isalpha()]
     assert sum(c.isupper() for c in letters) > 0.9 * len(letters), shout
     assert sum(c.isupper() for c in base if c.isalpha()) < 0.5 * sum(c.isalpha() for c in base), base

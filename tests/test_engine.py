@@ -8,11 +8,11 @@ import asyncio
 
 import pytest
 import torch
+from test_models import FAMILIES, make_config, make_hf
 
 from loraserve.engine.engine import Engine
 from loraserve.errors import UserError
 from loraserve.settings import make_settings
-from test_models import FAMILIES, make_config, make_hf
 
 NEW_TOKENS = 32
 
@@ -32,15 +32,23 @@ def family(request, tmp_path_factory):
 
 
 def make_engine(path: str, **kwargs) -> Engine:
-    return Engine(make_settings(model_path=path, device="cpu", max_total_tokens=kwargs.pop("max_total_tokens", 2048),
-                                **kwargs))
+    return Engine(
+        make_settings(model_path=path, device="cpu", max_total_tokens=kwargs.pop("max_total_tokens", 2048), **kwargs)
+    )
 
 
 def hf_greedy(hf, ids: list[int], n: int = NEW_TOKENS) -> tuple[list[int], list[float]]:
     ids_t = torch.tensor([ids])  # an explicit mask: token 0 in a prompt must not be taken for padding
-    out = hf.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, do_sample=False, output_logits=True,
-                      return_dict_in_generate=True, pad_token_id=0)
-    tokens = out.sequences[0, len(ids):].tolist()
+    out = hf.generate(
+        ids_t,
+        attention_mask=torch.ones_like(ids_t),
+        max_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    tokens = out.sequences[0, len(ids) :].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
     return tokens, logprobs
 
@@ -117,10 +125,11 @@ def test_stop_token_ids_and_max_new_tokens(llama):
     assert empty["output_ids"] == [] and empty["meta_info"]["finish_reason"] == {"type": "length"}
     ids = prompts(hf.config.vocab_size)[2]
     tokens, _ = hf_greedy(hf, ids, 12)
-    res = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 12, "temperature": 0,
-                                                          "stop_token_ids": [tokens[5]]})
+    res = engine.generate(
+        input_ids=ids, sampling_params={"max_new_tokens": 12, "temperature": 0, "stop_token_ids": [tokens[5]]}
+    )
     first = tokens.index(tokens[5])
-    assert res["output_ids"] == tokens[:first + 1]
+    assert res["output_ids"] == tokens[: first + 1]
     assert res["meta_info"]["finish_reason"] == {"type": "stop", "matched": tokens[5]}
 
 

@@ -38,6 +38,7 @@ def client_only(engine: Engine) -> tuple[EngineClient, set[str], list[str]]:
         def method(self, *args, **kwargs):
             used.add(name)
             return getattr(engine, name)(*args, **kwargs)
+
         method.__name__ = name
         return method
 
@@ -108,8 +109,16 @@ def test_every_method_of_the_contract_is_documented_and_the_engine_implements_it
     for name in SURFACE:
         doc = getattr(EngineClient, name).__doc__ or ""
         assert len(doc.split()) >= 8, f"EngineClient.{name} says too little about itself: {doc!r}"
-    assert {"make_request", "stream", "abort", "final_output", "load_adapter", "unload_adapter", "stats",
-            "shutdown"} <= set(SURFACE)
+    assert {
+        "make_request",
+        "stream",
+        "abort",
+        "final_output",
+        "load_adapter",
+        "unload_adapter",
+        "stats",
+        "shutdown",
+    } <= set(SURFACE)
 
 
 def test_model_info_is_plain_data_about_the_served_model(served):
@@ -140,27 +149,40 @@ def test_native_generate_and_stream_equal_the_python_api(served):
 
 def test_openai_completion_chat_and_models(served):
     http, engine, used, _ = served
-    res = ok(http.post("/v1/completions", json={"model": "tiny:alpha", "prompt": "The weather", "max_tokens": 6,
-                                               "temperature": 0, "logprobs": 2}))
-    ref = engine.generate("The weather", {"max_new_tokens": 6, "temperature": 0, "return_logprob": True,
-                                          "top_logprobs_num": 2}, "alpha")
+    res = ok(
+        http.post(
+            "/v1/completions",
+            json={"model": "tiny:alpha", "prompt": "The weather", "max_tokens": 6, "temperature": 0, "logprobs": 2},
+        )
+    )
+    ref = engine.generate(
+        "The weather", {"max_new_tokens": 6, "temperature": 0, "return_logprob": True, "top_logprobs_num": 2}, "alpha"
+    )
     choice = res["choices"][0]
     assert choice["text"] == ref["text"]
     assert choice["logprobs"]["tokens"] == [engine.tokenizer.decode([t]) for t in ref["output_ids"]]
     ids = prompt_ids(6, seed=3)
-    res = ok(http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 4, "temperature": 0,
-                                               "echo": True}))
+    res = ok(
+        http.post(
+            "/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 4, "temperature": 0, "echo": True}
+        )
+    )
     ref = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 4, "temperature": 0})
     assert res["choices"][0]["text"] == engine.tokenizer.decode(ids) + ref["text"]
 
     messages = [{"role": "user", "content": "Say something short."}]
     body = {"model": "alpha", "messages": messages, "max_tokens": 8, "temperature": 0}
     whole = ok(http.post("/v1/chat/completions", json=body))["choices"][0]["message"]["content"]
-    ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                                       add_generation_prompt=True),
-                                  add_special_tokens=False)
-    assert whole == engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 8, "temperature": 0},
-                                    lora_path="alpha")["text"]
+    ids = engine.tokenizer.encode(
+        engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )
+    assert (
+        whole
+        == engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 8, "temperature": 0}, lora_path="alpha")[
+            "text"
+        ]
+    )
     with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as res:
         chunks = events(res)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == whole
@@ -199,5 +221,11 @@ def test_adapter_routes_info_and_metrics(served):
     model = ok(http.get("/get_model_info"))
     assert model["vocab_size"] == engine.model.vocab_size and model["model_path"] == assets().base
     assert http.get("/health_generate").status_code == 200
-    assert {"check_adapter_updates", "load_adapter", "unload_adapter", "unloading_adapters", "stats",
-            "effective_settings"} <= used
+    assert {
+        "check_adapter_updates",
+        "load_adapter",
+        "unload_adapter",
+        "unloading_adapters",
+        "stats",
+        "effective_settings",
+    } <= used

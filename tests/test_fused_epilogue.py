@@ -1,4 +1,4 @@
-"""The LoRA expand fused into RMSNorm and SiLU-and-mul (``epilogue.LoRAEpilogue``): its eager reference
+"""The LoRA expand fused into RMSNorm and SiLU-and-mul (``loraserve.contract.LoRAEpilogue``): its eager reference
 against a plain per-token loop, then the kernels against that reference followed by the op."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraserve.contract import LoRAEpilogue
 from loraserve.models import epilogue, fused
 
 # The interpreter's bfloat16 is wrong (it truncates casts), so bfloat16 runs only on a GPU
@@ -29,6 +30,7 @@ def fused_on(monkeypatch):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s bit patterns, so that comparisons tell -0.0 from 0.0 and NaN equals itself."""
@@ -78,8 +80,19 @@ def values(gen: torch.Generator, shape: tuple[int, ...], eighths: int, exact: bo
     return 0.5 * torch.randn(shape, generator=gen)
 
 
-def epilogue_case(gen: torch.Generator, T: int, out_total: int, n_slices: int, dtype: torch.dtype, *,
-                  h_source: str = "gemm", exact: bool = True, ranks=RANKS, R: int = R, slots=SLOTS):
+def epilogue_case(
+    gen: torch.Generator,
+    T: int,
+    out_total: int,
+    n_slices: int,
+    dtype: torch.dtype,
+    *,
+    h_source: str = "gemm",
+    exact: bool = True,
+    ranks=RANKS,
+    R: int = R,
+    slots=SLOTS,
+):
     """``(wide, out, lora)``: a projection output ``out`` [T, out_total] and an epilogue for it.
 
     ``h_source="gemm"``: the base GEMM over [W; A] left ``out`` and h side by side in ``wide``
@@ -102,19 +115,25 @@ def epilogue_case(gen: torch.Generator, T: int, out_total: int, n_slices: int, d
     base[quiet, :3] = -0.0
     if h_source == "gemm":
         wide = torch.cat([base, h, torch.full((T, 3), float("nan"))], dim=1).to(DEVICE, dtype)
-        h_view = wide[:, out_total:out_total + C]
+        h_view = wide[:, out_total : out_total + C]
     else:
         wide = base.to(DEVICE, dtype)
         h_view = torch.cat([torch.full((T, 2), float("nan")), h], dim=1).to(DEVICE, torch.float32)[:, 2:]
-    lora = epilogue.LoRAEpilogue(
-        h=h_view, B=B, token_slot=torch.tensor(slot_list, dtype=torch.int32, device=DEVICE),
+    lora = LoRAEpilogue(
+        h=h_view,
+        B=B,
+        token_slot=torch.tensor(slot_list, dtype=torch.int32, device=DEVICE),
         ranks=torch.tensor(ranks, dtype=torch.int32, device=DEVICE),
-        scalings=torch.tensor([SCALINGS[k % len(SCALINGS)] for k in range(num_slots)], dtype=torch.float32,
-                              device=DEVICE), n_slices=n_slices, R=R)
+        scalings=torch.tensor(
+            [SCALINGS[k % len(SCALINGS)] for k in range(num_slots)], dtype=torch.float32, device=DEVICE
+        ),
+        n_slices=n_slices,
+        R=R,
+    )
     return wide, wide[:, :out_total], lora
 
 
-def loop_delta(lora: epilogue.LoRAEpilogue) -> torch.Tensor:
+def loop_delta(lora: LoRAEpilogue) -> torch.Tensor:
     """The oracle: per token, ``scaling * h[slice][:rank] @ B[slot, slice columns, :rank].T``."""
     num_slots, out_total, R_ = lora.B.shape
     S = lora.n_slices
@@ -124,25 +143,25 @@ def loop_delta(lora: epilogue.LoRAEpilogue) -> torch.Tensor:
         rank = lora.ranks[k].item() if k >= 0 else 0
         for s in range(S):
             if rank:
-                h = lora.h[t, (k * S + s) * R_:(k * S + s) * R_ + rank].float().cpu()
-                B = lora.B[k, s * width:(s + 1) * width, :rank].float().cpu()
-                delta[t, s * width:(s + 1) * width] = lora.scalings[k].item() * (h @ B.T)
+                h = lora.h[t, (k * S + s) * R_ : (k * S + s) * R_ + rank].float().cpu()
+                B = lora.B[k, s * width : (s + 1) * width, :rank].float().cpu()
+                delta[t, s * width : (s + 1) * width] = lora.scalings[k].item() * (h @ B.T)
     return delta
 
 
-def active_rows(lora: epilogue.LoRAEpilogue) -> list[bool]:
+def active_rows(lora: LoRAEpilogue) -> list[bool]:
     ranks = lora.ranks.tolist()
     return [k >= 0 and ranks[k] > 0 for k in lora.token_slot.tolist()]
 
 
 # -- the eager reference ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n_slices", [1, 2])
 @pytest.mark.parametrize("h_source", ["gemm", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_delta_is_the_per_token_sum(gen, n_slices, h_source, dtype):
-    _, out, lora = epilogue_case(gen, 9, 72 if n_slices == 1 else 80, n_slices, dtype, h_source=h_source,
-                                 exact=False)
+    _, out, lora = epilogue_case(gen, 9, 72 if n_slices == 1 else 80, n_slices, dtype, h_source=h_source, exact=False)
     delta = lora.delta()
     assert delta.dtype == torch.float32 and torch.isfinite(delta).all()  # no NaN from past the rank
     torch.testing.assert_close(delta.cpu(), loop_delta(lora), rtol=1e-5, atol=1e-6)
@@ -167,6 +186,7 @@ def test_apply_rounds_once_and_leaves_other_rows_alone(gen, dtype):
 
 
 # -- RMSNorm ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("T", [1, 5, 9])
@@ -219,6 +239,7 @@ def test_rms_norm_lora_update_with_random_values_differs_only_by_the_delta_sum_o
 
 # -- SiLU-and-mul -------------------------------------------------------------------------------
 
+
 def _silu_case(gen, dtype, T, I, h_source, **kw):
     wide, gate_up, lora = epilogue_case(gen, T, 2 * I, 2, dtype, h_source=h_source, **kw)
     gate_up[:, :I] *= 3  # gate over a wider range, as test_fused_ops does
@@ -262,11 +283,15 @@ def test_silu_and_mul_with_random_lora_values_is_close(gen, dtype):
 
 # -- the rank loop's blocks ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("R_,ranks,block_r", [
-    (16, (3, 5, 16, 0), 4),   # several steps, R a multiple of the block: loads masked by the row only
-    (12, (3, 12, 9, 0), 8),   # R not a multiple: the last block is masked at R
-    (16, (3, 5, 16, 0), 32),  # one step, wider than R
-])
+
+@pytest.mark.parametrize(
+    "R_,ranks,block_r",
+    [
+        (16, (3, 5, 16, 0), 4),  # several steps, R a multiple of the block: loads masked by the row only
+        (12, (3, 12, 9, 0), 8),  # R not a multiple: the last block is masked at R
+        (16, (3, 5, 16, 0), 32),  # one step, wider than R
+    ],
+)
 def test_block_r_choices_give_the_same_bits(gen, R_, ranks, block_r):
     dtype, T = torch.float16, 9
     _, x, lora = epilogue_case(gen, T, 72, 1, dtype, ranks=ranks, R=R_)
@@ -289,6 +314,7 @@ def test_a_batch_without_adapters_is_the_plain_op(gen):
 
 # -- the eager path -----------------------------------------------------------------------------
 
+
 def test_without_the_kernels_lora_runs_eagerly(gen, monkeypatch):
     monkeypatch.setenv("LORASERVE_FUSED_OPS", "0")
     dtype = torch.float32
@@ -310,22 +336,28 @@ def test_without_the_kernels_lora_runs_eagerly(gen, monkeypatch):
 
 # -- validation ---------------------------------------------------------------------------------
 
+
 def test_bad_epilogues_are_refused_naming_the_value(gen):
     _, x, lora = epilogue_case(gen, 5, 72, 1, torch.float32)
-    fields = dict(h=lora.h, B=lora.B, token_slot=lora.token_slot, ranks=lora.ranks, scalings=lora.scalings,
-                  n_slices=1, R=R)
+    fields = dict(
+        h=lora.h, B=lora.B, token_slot=lora.token_slot, ranks=lora.ranks, scalings=lora.scalings, n_slices=1, R=R
+    )
 
     def refused(match: str, **changes):
         with pytest.raises(ValueError, match=match):
-            epilogue.LoRAEpilogue(**{**fields, **changes})
+            LoRAEpilogue(**{**fields, **changes})
 
     refused("n_slices is 3", n_slices=3)
     refused(r"R is 0", R=0, B=lora.B[:, :, :0])
     refused(r"B must be a contiguous \[num_slots, out_total, 16\]", B=lora.B[:, :, :8].contiguous())
     refused(r"B must be a contiguous", B=lora.B.transpose(0, 1).contiguous().transpose(0, 1))
     refused(r"B must be a contiguous", B=lora.B.to(torch.int32))
-    refused(r"out_total 71 does not split into 2", n_slices=2, B=lora.B[:, :71].contiguous(),
-            h=torch.zeros(5, 4 * 2 * R, device=DEVICE))
+    refused(
+        r"out_total 71 does not split into 2",
+        n_slices=2,
+        B=lora.B[:, :71].contiguous(),
+        h=torch.zeros(5, 4 * 2 * R, device=DEVICE),
+    )
     refused(r"h has 60 columns; 4 slots of 1 slices of rank 16 need 64", h=lora.h[:, :60])
     refused("h must be a 2-d tensor with a contiguous last dim", h=torch.zeros(64, 5, device=DEVICE).t())
     refused(r"token_slot must be a contiguous 1-d torch.int32 tensor of 5 entries", token_slot=lora.token_slot.long())
@@ -334,8 +366,9 @@ def test_bad_epilogues_are_refused_naming_the_value(gen):
     refused(r"scalings must be .* torch.float32 tensor of at least 4", scalings=lora.scalings.double())
     # a captured decode step's null slot past B's: longer ranks and scalings are accepted
     null = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    longer = epilogue.LoRAEpilogue(**{**fields, "ranks": torch.cat([lora.ranks, null]),
-                                   "scalings": torch.cat([lora.scalings, null.float()])})
+    longer = LoRAEpilogue(
+        **{**fields, "ranks": torch.cat([lora.ranks, null]), "scalings": torch.cat([lora.scalings, null.float()])}
+    )
     assert torch.equal(longer.delta(), lora.delta())
 
     weight = torch.ones(72, device=DEVICE)
@@ -360,6 +393,7 @@ def test_bad_epilogues_are_refused_naming_the_value(gen):
 
 # -- on a GPU, at Llama-3.1-8B sizes ------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("T", [1, 64, 256])
@@ -376,8 +410,9 @@ def test_gpu_epilogues_at_llama_8b_sizes(T):
     same_norm_as(got, want, dt)
     assert_same_bits(got_h, want_h)
     _, gate_up, lora = _silu_case(gen, dt, T, inter, "gemm", ranks=ranks, R=R_, slots=slots)
-    assert_same_bits(fused.silu_and_mul(gate_up, inter, lora),
-                     fused.silu_and_mul(epilogue.apply_epilogue(gate_up, lora), inter))
+    assert_same_bits(
+        fused.silu_and_mul(gate_up, inter, lora), fused.silu_and_mul(epilogue.apply_epilogue(gate_up, lora), inter)
+    )
 
 
 @pytest.mark.gpu

@@ -34,6 +34,7 @@ def fused_on(monkeypatch):
 
 # -- oracles and helpers ------------------------------------------------------------------------
 
+
 def eager_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.to(torch.float32)
     return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -71,8 +72,8 @@ def strided_rows(t: torch.Tensor, pad: int) -> torch.Tensor:
     """``t`` as a view whose rows are ``pad`` elements wider apart than its width, as a fused
     projection's slice is."""
     wide = torch.full((t.shape[0], t.shape[1] + pad), float("nan"), dtype=t.dtype, device=t.device)
-    wide[:, :t.shape[1]] = t
-    return wide[:, :t.shape[1]]
+    wide[:, : t.shape[1]] = t
+    return wide[:, : t.shape[1]]
 
 
 def exact_sum_values(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -126,6 +127,7 @@ def test_rms_norm_random_rows_differ_from_eager_only_by_the_sum_order(gen, dtype
 
 # -- SiLU-and-mul -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("T,I", [(1, 44), (5, 100), (33, 72)])
 def test_silu_and_mul_rounds_as_eager(gen, dtype, T, I):
@@ -147,12 +149,13 @@ def test_silu_and_mul_rounds_as_eager(gen, dtype, T, I):
 
 # -- rotary -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("T,H,HKV,D", [(1, 4, 2, 16), (5, 3, 1, 64), (33, 4, 4, 16), (5, 2, 1, 18)])
 def test_rotary_is_bit_identical_to_eager(gen, dtype, T, H, HKV, D):
     qkv = torch.randn(T, (H + 2 * HKV) * D + 8, generator=gen).to(DEVICE, dtype)  # rows wider than q + k + v
-    q = qkv[:, :H * D].view(T, H, D)
-    k = qkv[:, H * D:(H + HKV) * D].view(T, HKV, D)
+    q = qkv[:, : H * D].view(T, H, D)
+    k = qkv[:, H * D : (H + HKV) * D].view(T, HKV, D)
     before = qkv.clone()
     cos, sin = (t.to(DEVICE) for t in rope_tables(gen, T, D, dtype))
     q_rot, k_rot = fused.rotary(q, k, cos, sin)
@@ -163,6 +166,7 @@ def test_rotary_is_bit_identical_to_eager(gen, dtype, T, H, HKV, D):
 
 
 # -- validation and dispatch --------------------------------------------------------------------
+
 
 def test_bad_shapes_are_refused_naming_the_value():
     x = torch.randn(3, 8)  # refused before any launch, so CPU tensors do on any machine
@@ -200,13 +204,18 @@ def test_cpu_takes_the_kernels_only_when_asked_and_interpreted(monkeypatch):
 
 # -- the whole model ----------------------------------------------------------------------------
 
+
 class DenseCausalAttention:
     """Causal attention over one sequence, as the engine's attention would give it."""
 
     def attention(self, layer_idx, q, k, v):
         groups = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(groups, 0),
-                                             v.transpose(0, 1).repeat_interleave(groups, 0), is_causal=True)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1).repeat_interleave(groups, 0),
+            v.transpose(0, 1).repeat_interleave(groups, 0),
+            is_causal=True,
+        )
         return out.transpose(0, 1)
 
 
@@ -214,8 +223,16 @@ def tiny_model(dtype: torch.dtype, gen: torch.Generator) -> LlamaForCausalLM:
     from transformers import LlamaConfig
 
     # odd sizes: hidden 72, head_dim 18 (a half of 9), intermediate 100
-    config = LlamaConfig(vocab_size=97, hidden_size=72, intermediate_size=100, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=72,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
     model = LlamaForCausalLM(config, dtype=dtype, device=DEVICE)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -231,9 +248,11 @@ def test_model_forward_is_the_same_with_fused_ops(gen, monkeypatch, dtype):
     positions = torch.arange(9, device=DEVICE) + 3
     calls: dict[str, int] = {}
     for name in ("rms_norm", "silu_and_mul", "rotary"):
+
         def counted(*args, _fn=getattr(fused, name), _name=name, **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
+
         monkeypatch.setattr(fused, name, counted)
     with torch.no_grad():
         got = model(ids, positions, DenseCausalAttention())
@@ -252,6 +271,7 @@ def test_model_forward_is_the_same_with_fused_ops(gen, monkeypatch, dtype):
 
 
 # -- on a GPU, at Llama-3.1-8B sizes ------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @needs_cuda
@@ -279,7 +299,7 @@ def test_gpu_kernels_match_eager_at_llama_8b_sizes(T):
     assert torch.equal(fused.silu_and_mul(gate_up, inter), F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
 
     qkv = rand(T, (H + 2 * HKV) * D)
-    q, k = qkv[:, :H * D].view(T, H, D), qkv[:, H * D:(H + HKV) * D].view(T, HKV, D)
+    q, k = qkv[:, : H * D].view(T, H, D), qkv[:, H * D : (H + HKV) * D].view(T, HKV, D)
     cos, sin = (t.cuda() for t in rope_tables(gen, T, D, dt))
     q_rot, k_rot = fused.rotary(q, k, cos, sin)
     assert torch.equal(q_rot, eager_rotary(q, cos, sin)) and torch.equal(k_rot, eager_rotary(k, cos, sin))
@@ -298,9 +318,12 @@ def test_gpu_kernels_replay_in_a_cuda_graph():
     cos, sin = (t.cuda() for t in rope_tables(gen, T, D, dt))
 
     def step():
-        q, k = qkv[:, :H * D].view(T, H, D), qkv[:, H * D:(H + HKV) * D].view(T, HKV, D)
-        return (*fused.rms_norm(x, weight, 1e-5, res), fused.silu_and_mul(gate_up, inter),
-                *fused.rotary(q, k, cos, sin))
+        q, k = qkv[:, : H * D].view(T, H, D), qkv[:, H * D : (H + HKV) * D].view(T, HKV, D)
+        return (
+            *fused.rms_norm(x, weight, 1e-5, res),
+            fused.silu_and_mul(gate_up, inter),
+            *fused.rotary(q, k, cos, sin),
+        )
 
     step()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -15,8 +14,16 @@ def cuda_engine(base, paths, dtype):
     from loraserve.engine.engine import Engine
     from loraserve.settings import make_settings
 
-    return Engine(make_settings(model_path=base, device="cuda", dtype=dtype, max_total_tokens=2048,
-                                lora_backend="torch", lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+    return Engine(
+        make_settings(
+            model_path=base,
+            device="cuda",
+            dtype=dtype,
+            max_total_tokens=2048,
+            lora_backend="torch",
+            lora_paths=[f"{n}={p}" for n, p in paths.items()],
+        )
+    )
 
 
 def test_cuda_float32_matches_peft_and_bfloat16_is_close(setup):
@@ -56,9 +63,18 @@ def test_cuda_graphs_and_kernel_backends_match_peft(setup, backend):
     expected, _ = peft_generate(peft, batch, adapters)
     results = {}
     for graphs in (True, False):
-        engine = Engine(make_settings(model_path=base, device="cuda", dtype="float32", max_total_tokens=2048,
-                                      lora_backend=backend, disable_cuda_graph=not graphs, cuda_graph_max_bs=16,
-                                      lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+        engine = Engine(
+            make_settings(
+                model_path=base,
+                device="cuda",
+                dtype="float32",
+                max_total_tokens=2048,
+                lora_backend=backend,
+                disable_cuda_graph=not graphs,
+                cuda_graph_max_bs=16,
+                lora_paths=[f"{n}={p}" for n, p in paths.items()],
+            )
+        )
         try:
             assert (engine.runner.graphs is not None) == graphs
             results[graphs] = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=adapters)
@@ -90,9 +106,18 @@ def test_cuda_graphs_bfloat16_dummy_model_and_base_only():
     params = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
     outs = {}
     for graphs in (True, False):
-        engine = Engine(make_settings(model_path=str(config), load_format="dummy", device="cuda", dtype="bfloat16",
-                                      max_total_tokens=4096, disable_cuda_graph=not graphs, cuda_graph_max_bs=8,
-                                      random_seed=0))
+        engine = Engine(
+            make_settings(
+                model_path=str(config),
+                load_format="dummy",
+                device="cuda",
+                dtype="bfloat16",
+                max_total_tokens=4096,
+                disable_cuda_graph=not graphs,
+                cuda_graph_max_bs=8,
+                random_seed=0,
+            )
+        )
         try:
             outs[graphs] = [r["output_ids"] for r in engine.generate(input_ids=batch, sampling_params=params)]
             if graphs:
@@ -107,19 +132,30 @@ def test_overlap_loading_on_cuda_streams_matches_peft(setup, backend):
     """float32, CUDA graphs on: adapters cycling through fewer slots than adapters give PEFT's greedy
     tokens with overlap loading (copies on the load stream from page-locked host copies) and
     without it; with it, every copy went through the stream and was timed on the GPU."""
+    from test_overlap_loading import ORDER
+
     from loraserve.engine.engine import Engine
     from loraserve.lora.overlap import CudaStreamCopies
     from loraserve.settings import make_settings
-    from test_overlap_loading import ORDER
 
     base, paths, peft = setup
     batch = prompts(len(ORDER), seed=23)
     expected, _ = peft_generate(peft, batch, ORDER)
     for overlap in (True, False):
-        engine = Engine(make_settings(model_path=base, device="cuda", dtype="float32", max_total_tokens=2048,
-                                      lora_backend=backend, cuda_graph_max_bs=8, max_loras_per_batch=2,
-                                      max_running_requests=4, enable_lora_overlap_loading=overlap,
-                                      lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+        engine = Engine(
+            make_settings(
+                model_path=base,
+                device="cuda",
+                dtype="float32",
+                max_total_tokens=2048,
+                lora_backend=backend,
+                cuda_graph_max_bs=8,
+                max_loras_per_batch=2,
+                max_running_requests=4,
+                enable_lora_overlap_loading=overlap,
+                lora_paths=[f"{n}={p}" for n, p in paths.items()],
+            )
+        )
         try:
             lora = engine.lora
             assert isinstance(lora.copy_engine, CudaStreamCopies) == overlap

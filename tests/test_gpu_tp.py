@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
 from test_tp_engine import ORDER
-
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
 
@@ -36,9 +34,16 @@ def test_tp2_nccl_matches_peft_and_tp1(setup, backend):
     expected, _ = peft_generate(peft, batch, ORDER)
     names = list(ADAPTERS)
     for size in (2, 1):
-        engine = _engine(model_path=base, dtype="float32", max_total_tokens=2048, tp_size=size, lora_backend=backend,
-                         max_loras_per_batch=3, cuda_graph_max_bs=8,
-                         lora_paths=[f"{n}={paths[n]}" for n in names[:3]])
+        engine = _engine(
+            model_path=base,
+            dtype="float32",
+            max_total_tokens=2048,
+            tp_size=size,
+            lora_backend=backend,
+            max_loras_per_batch=3,
+            cuda_graph_max_bs=8,
+            lora_paths=[f"{n}={paths[n]}" for n in names[:3]],
+        )
         try:
             engine.lora.load_adapter(names[3], paths[names[3]])
             results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ORDER)
@@ -58,8 +63,13 @@ def test_tp2_dummy_1b_next_token_distribution_matches_tp1():
     params = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 20}
     tops = {}
     for size in (1, 2):
-        engine = _engine(model_path=str(CONFIGS / "llama-3.2-1b"), load_format="dummy", dtype="float32",
-                         max_total_tokens=4096, tp_size=size)
+        engine = _engine(
+            model_path=str(CONFIGS / "llama-3.2-1b"),
+            load_format="dummy",
+            dtype="float32",
+            max_total_tokens=4096,
+            tp_size=size,
+        )
         try:
             results = engine.generate(input_ids=batch, sampling_params=params)
             tops[size] = [{tok: lp for lp, tok in r["meta_info"]["output_top_logprobs"][0]} for r in results]

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
 from http_fixtures import RunningServer, make_engine, wait_until
 from test_http_lifecycle import LONG_STREAM, start_stream
 
@@ -89,18 +88,33 @@ FORMER_500S = [
     ("/generate", '{"text": "x", "sampling_params": {"\\udc00": 1}}', ["U+DC00 at a key of sampling_params"]),
     ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b"}', ["lone surrogate U+D800 at prompt"]),
     ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "a\\udfffb"]}', ["U+DFFF at prompt[1]"]),
-    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
-     ["lone surrogate U+D800 at messages[0].content"]),
-    ("/generate", '{"text": "x", "sampling_params": {"max_new_tokens": ' + "9" * 5000 + "}}",
-     ["integer with 5000 digits at sampling_params.max_new_tokens", "at most 20 digits"]),
-    ("/v1/completions", '{"model": "tiny", "prompt": "x", "seed": -' + "1" * 30 + "}",
-     ["integer with 30 digits at seed"]),
+    (
+        "/v1/chat/completions",
+        '{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        ["lone surrogate U+D800 at messages[0].content"],
+    ),
+    (
+        "/generate",
+        '{"text": "x", "sampling_params": {"max_new_tokens": ' + "9" * 5000 + "}}",
+        ["integer with 5000 digits at sampling_params.max_new_tokens", "at most 20 digits"],
+    ),
+    (
+        "/v1/completions",
+        '{"model": "tiny", "prompt": "x", "seed": -' + "1" * 30 + "}",
+        ["integer with 30 digits at seed"],
+    ),
     ("/generate", "[" * 100_000, ["more than 64 levels deep"]),
     ("/v1/chat/completions", "{" + '"a":{' * 40_000, ["more than 64 levels deep"]),
-    ("/generate", '{"text": "x", "sampling_params": {"stop": ' + "[" * 65 + "]" * 65 + "}}",
-     ["more than 64 levels deep (under sampling_params.stop[0]..."]),
-    ("/generate", '{"text": "x", "sampling_params": {"temperature": NaN}}',
-     ["NaN at sampling_params.temperature", "finite number"]),
+    (
+        "/generate",
+        '{"text": "x", "sampling_params": {"stop": ' + "[" * 65 + "]" * 65 + "}}",
+        ["more than 64 levels deep (under sampling_params.stop[0]..."],
+    ),
+    (
+        "/generate",
+        '{"text": "x", "sampling_params": {"temperature": NaN}}',
+        ["NaN at sampling_params.temperature", "finite number"],
+    ),
 ]
 
 
@@ -120,6 +134,7 @@ def test_error_messages_are_always_encodable_and_bounded(served, monkeypatch):
 
     def broken(_r):
         raise RuntimeError("bad \ud800 state")  # an exception text holding what UTF-8 cannot encode
+
     monkeypatch.setattr(engine.outputs, "final", broken)
     res = client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}})
     text = message_of(res, 500)
@@ -138,8 +153,10 @@ def test_error_messages_are_always_encodable_and_bounded(served, monkeypatch):
 
 def test_body_over_the_limit_by_content_length_is_refused_before_it_is_read(served):
     server, client, _ = served
-    head = (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 400000000\r\n\r\n")  # 400 MB promised, 100 bytes sent: reading it all would hang
+    head = (
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 400000000\r\n\r\n"
+    )  # 400 MB promised, 100 bytes sent: reading it all would hang
     started = time.monotonic()
     status, headers, body = raw_exchange(server.url, head, [b'{"text": "' + b"a" * 88 + b'"}'])
     assert time.monotonic() - started < 3
@@ -151,8 +168,10 @@ def test_body_over_the_limit_by_content_length_is_refused_before_it_is_read(serv
 
 def test_streamed_body_over_the_limit_is_refused_before_it_ends(served):
     server, client, _ = served
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     piece = b"a" * 32 * 1024
     chunks = [b'%x\r\n{"prompt": "\r\n' % len(b'{"prompt": "')]
     chunks += [b"%x\r\n%s\r\n" % (len(piece), piece)] * (BODY_LIMIT // len(piece) + 2)  # no last chunk: never ends
@@ -184,22 +203,32 @@ def test_too_many_sequences_in_one_request_is_a_413_naming_both_numbers(served):
     still_serves(client)
 
 
-@pytest.mark.parametrize("path, body, wanted", [
-    ("/generate", {"text": "x", "sampling_params": {"stop": ["s"] * 65}}, "stop has 65 strings; allowed: at most 64"),
-    ("/generate", {"text": "x", "sampling_params": {"stop": ["ok", "s" * 1001]}}, "a string of 1001 characters"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["s"] * 100}, "stop has 100 strings"),
-])
+@pytest.mark.parametrize(
+    "path, body, wanted",
+    [
+        (
+            "/generate",
+            {"text": "x", "sampling_params": {"stop": ["s"] * 65}},
+            "stop has 65 strings; allowed: at most 64",
+        ),
+        ("/generate", {"text": "x", "sampling_params": {"stop": ["ok", "s" * 1001]}}, "a string of 1001 characters"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["s"] * 100}, "stop has 100 strings"),
+    ],
+)
 def test_stop_strings_are_bounded_in_number_and_length(served, path, body, wanted):
     _, client, _ = served
     assert wanted in message_of(client.post(path, json=body), 400)
     still_serves(client)
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/generate", {"text": "x" * (PROMPT_LIMIT + 1)}),
-    ("/v1/completions", {"model": "tiny", "prompt": ["ok", "y" * (PROMPT_LIMIT + 1)]}),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "z" * PROMPT_LIMIT}]}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/generate", {"text": "x" * (PROMPT_LIMIT + 1)}),
+        ("/v1/completions", {"model": "tiny", "prompt": ["ok", "y" * (PROMPT_LIMIT + 1)]}),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "z" * PROMPT_LIMIT}]}),
+    ],
+)
 def test_prompt_over_max_prompt_chars_is_a_413_without_tokenizing_it(served, monkeypatch, path, body):
     _, client, engine = served
     encoded = []
@@ -215,10 +244,13 @@ def test_prompt_over_max_prompt_chars_is_a_413_without_tokenizing_it(served, mon
 # -- tokenizing off the event loop ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/generate", {"text": "slow to tokenize", "sampling_params": {"max_new_tokens": 1}}),
-    ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 1}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/generate", {"text": "slow to tokenize", "sampling_params": {"max_new_tokens": 1}}),
+        ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 1}),
+    ],
+)
 def test_health_answers_while_a_prompt_is_tokenized(served, monkeypatch, path, body):
     server, client, engine = served
     entered = threading.Event()
@@ -228,6 +260,7 @@ def test_health_answers_while_a_prompt_is_tokenized(served, monkeypatch, path, b
         entered.set()
         time.sleep(2)
         return real(text, **kw)
+
     monkeypatch.setattr(engine.tokenizer, "encode", slow)
     out = {}
     worker = threading.Thread(target=lambda: out.update(res=httpx.post(server.url + path, json=body, timeout=30)))
@@ -256,8 +289,14 @@ def test_full_queue_is_a_429_with_retry_after_then_requests_succeed_again():
             blocker = threading.Thread(target=engine.call_in_engine, args=(lambda: gate.wait(30),), daemon=True)
             blocker.start()
             results = []
-            fillers = [threading.Thread(target=lambda: results.append(httpx.post(
-                f"{server.url}/generate", json={**GOOD, "text": "queued"}, timeout=60))) for _ in range(2)]
+            fillers = [
+                threading.Thread(
+                    target=lambda: results.append(
+                        httpx.post(f"{server.url}/generate", json={**GOOD, "text": "queued"}, timeout=60)
+                    )
+                )
+                for _ in range(2)
+            ]
             for t in fillers:
                 t.start()
             assert wait_until(lambda: engine.intake.pending == 2, timeout=10)
@@ -265,8 +304,10 @@ def test_full_queue_is_a_429_with_retry_after_then_requests_succeed_again():
             assert "--max-queued-requests=2" in message_of(res, 429) and res.headers["retry-after"] == "1"
             res = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
             assert message_of(res, 429).startswith("the server is busy") and res.headers["retry-after"] == "1"
-            assert (res.json()["error"]["type"], res.json()["error"]["code"]) == ("rate_limit_error",
-                                                                                 "rate_limit_exceeded")
+            assert (res.json()["error"]["type"], res.json()["error"]["code"]) == (
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            )
             res = client.post("/generate", json={**GOOD, "text": ["a", "b", "c"]})
             assert "the queue holds at most 2" in message_of(res, 413)  # could never fit: not a retry
             gate.set()
@@ -287,8 +328,9 @@ def test_shutdown_grace_period_bounds_the_wait_for_in_flight_requests():
     engine = make_engine(adapters=[], shutdown_grace_period=0.5)
     server = RunningServer(engine, grace_s=None)  # the flag's value, not the fixture's default
     long = {}
-    thread = start_stream(server.url, {"text": "long", "sampling_params": {**LONG_STREAM, "max_new_tokens": 480},
-                                       "stream": True}, long)
+    thread = start_stream(
+        server.url, {"text": "long", "sampling_params": {**LONG_STREAM, "max_new_tokens": 480}, "stream": True}, long
+    )
     assert wait_until(lambda: len(engine.scheduler.running) == 1)
     started = time.monotonic()
     server.stop()

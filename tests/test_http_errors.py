@@ -7,7 +7,6 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-
 from http_fixtures import RunningServer, assets, make_engine
 
 GOOD = {"text": "still alive", "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
@@ -24,20 +23,41 @@ CASES = [
     ("POST", "/generate", {"text": "x", "temprature": 0}, 400, "unknown field(s) temprature"),
     ("POST", "/generate", {"text": "x", "sampling_params": {"temp": 0}}, 400, "unknown sampling parameter(s) temp"),
     ("POST", "/generate", {"text": "x", "sampling_params": {"temperature": -1}}, 400, "temperature=-1.0 is invalid"),
-    ("POST", "/generate", {"text": "x", "sampling_params": {"max_new_tokens": "8"}}, 400,
-     "max_new_tokens must be an integer"),
+    (
+        "POST",
+        "/generate",
+        {"text": "x", "sampling_params": {"max_new_tokens": "8"}},
+        400,
+        "max_new_tokens must be an integer",
+    ),
     ("POST", "/generate", {"text": "x", "sampling_params": {"top_p": 0}}, 400, "0 < top_p <= 1"),
     ("POST", "/generate", {"text": "x", "sampling_params": {"n": 0}}, 400, "n=0 is invalid"),
     ("POST", "/generate", {"input_ids": [1, 99999999]}, 400, "outside the vocabulary"),
     ("POST", "/generate", {"input_ids": []}, 400, "'input_ids' must be a non-empty list"),
     ("POST", "/generate", {"text": "x", "lora_path": "nope"}, 404, "unknown adapter 'nope'"),
     ("POST", "/generate", {"text": ["a", "b"], "lora_path": ["alpha"]}, 400, "lora_path has 1 entries"),
-    ("POST", "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 600}}, 400,
-     "more than the model's context length of 512"),
-    ("POST", "/generate", {"text": LONG, "sampling_params": {"max_new_tokens": 150}}, 400,
-     "can never fit in the KV cache of 384 tokens"),
+    (
+        "POST",
+        "/generate",
+        {"text": "x", "sampling_params": {"max_new_tokens": 600}},
+        400,
+        "more than the model's context length of 512",
+    ),
+    (
+        "POST",
+        "/generate",
+        {"text": LONG, "sampling_params": {"max_new_tokens": 150}},
+        400,
+        "can never fit in the KV cache of 384 tokens",
+    ),
     ("POST", "/generate", {"text": "x", "stream": "yes"}, 400, "stream must be true or false"),
-    ("POST", "/load_lora_adapter", {"lora_name": "x", "lora_path": "/does/not/exist"}, 404, "no adapter loader can read"),
+    (
+        "POST",
+        "/load_lora_adapter",
+        {"lora_name": "x", "lora_path": "/does/not/exist"},
+        404,
+        "no adapter loader can read",
+    ),
     ("POST", "/load_lora_adapter", {"lora_name": "x"}, 400, "lora_path is required"),
     ("POST", "/load_lora_adapter", {"lora_name": "base", "lora_path": "."}, 400, "invalid adapter name 'base'"),
     ("POST", "/unload_lora_adapter", {"lora_name": "nope"}, 404, "no adapter named 'nope'"),
@@ -45,28 +65,70 @@ CASES = [
     ("GET", "/no/such/endpoint", None, 404, "there is no endpoint GET /no/such/endpoint"),
     ("POST", "/v1/completions", {"model": "nope", "prompt": "x"}, 404, "the model 'nope' does not exist"),
     ("POST", "/v1/completions", {"model": "tiny"}, 400, "prompt is required"),
-    ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "hot"}, 400,
-     "temperature: Input should be a valid number"),
-    ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10_000}, 400,
-     "max_tokens is 10000: together more than the model's context length"),
-    ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": 1}, 400,
-     "unknown field 'frobnicate'; remove it"),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "temperature": "hot"},
+        400,
+        "temperature: Input should be a valid number",
+    ),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "max_tokens": 10_000},
+        400,
+        "max_tokens is 10000: together more than the model's context length",
+    ),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "frobnicate": 1},
+        400,
+        "unknown field 'frobnicate'; remove it",
+    ),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 50}, 400, "logprobs=50 is invalid"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": [[]]}, 400, "prompt must be a string"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "stop": 3}, 400, "stop: must be a string"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "n": 1000}, 400, "n=1000 is invalid"),
     ("POST", "/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages is empty"),
-    ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400,
-     "unknown role 'wizard'"),
-    ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
-     "'image_url' part is not supported"),
-    ("POST", "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "tools": [{"type": "function"}]}, 400,
-     "tools (function calling) are not supported"),
-    ("POST", "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "top_logprobs": 2}, 400,
-     "top_logprobs needs logprobs=true"),
-    ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": LONG * 2}]}, 400,
-     "leaves no room to generate within 384 tokens"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "unknown role 'wizard'",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        },
+        400,
+        "'image_url' part is not supported",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "tools": [{"type": "function"}]},
+        400,
+        "tools (function calling) are not supported",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "top_logprobs": 2},
+        400,
+        "top_logprobs needs logprobs=true",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": LONG * 2}]},
+        400,
+        "leaves no room to generate within 384 tokens",
+    ),
 ]
 
 
@@ -79,8 +141,9 @@ def client():
     server.stop()
 
 
-@pytest.mark.parametrize("method, path, body, status, message", CASES, ids=[f"{m} {p} {i}" for i, (m, p, *_) in
-                                                                               enumerate(CASES)])
+@pytest.mark.parametrize(
+    "method, path, body, status, message", CASES, ids=[f"{m} {p} {i}" for i, (m, p, *_) in enumerate(CASES)]
+)
 def test_bad_input_gets_a_4xx_with_a_message_then_the_server_still_serves(client, method, path, body, status, message):
     if isinstance(body, bytes):
         res = client.request(method, path, content=body, headers={"content-type": "application/json"})
@@ -108,8 +171,9 @@ def test_bad_input_gets_a_4xx_with_a_message_then_the_server_still_serves(client
 def test_bad_stream_request_is_refused_before_the_stream_starts(client):
     res = client.post("/generate", json={"text": "x", "stream": True, "lora_path": "nope"})
     assert res.status_code == 404 and "unknown adapter" in res.json()["error"]["message"]
-    res = client.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "stream": True,
-                                                    "max_tokens": 5000})
+    res = client.post(
+        "/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "stream": True, "max_tokens": 5000}
+    )
     assert res.status_code == 400 and "context length" in res.json()["error"]["message"]
 
 
@@ -119,8 +183,14 @@ def test_api_key_guards_every_endpoint_but_health():
     try:
         with httpx.Client(base_url=server.url, timeout=60) as anon:
             assert anon.get("/health").status_code == 200
-            for method, path in (("POST", "/generate"), ("GET", "/metrics"), ("GET", "/get_server_info"),
-                                 ("GET", "/v1/models"), ("POST", "/load_lora_adapter"), ("GET", "/health_generate")):
+            for method, path in (
+                ("POST", "/generate"),
+                ("GET", "/metrics"),
+                ("GET", "/get_server_info"),
+                ("GET", "/v1/models"),
+                ("POST", "/load_lora_adapter"),
+                ("GET", "/health_generate"),
+            ):
                 res = anon.request(method, path, json=GOOD)
                 assert res.status_code == 401, path
                 assert "Authorization: Bearer" in res.json()["error"]["message"]

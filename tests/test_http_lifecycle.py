@@ -15,7 +15,6 @@ import time
 
 import httpx
 import pytest
-
 from http_fixtures import GREEDY, RunningServer, assets, make_engine, wait_until
 from test_http_native import same, sse_events
 
@@ -24,11 +23,13 @@ LONG_STREAM = {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}
 
 def start_stream(url: str, body: dict, out: dict) -> threading.Thread:
     """Stream /generate in a thread; ``out`` gets the events and the time the last one arrived."""
+
     def run():
         with httpx.Client(base_url=url, timeout=120) as c, c.stream("POST", "/generate", json=body) as res:
             out["status"] = res.status_code
             out["events"] = sse_events(res)
             out["done_at"] = time.monotonic()
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -39,15 +40,18 @@ def test_load_use_unload_reload_while_other_requests_stream():
     server = RunningServer(engine)
     paths = assets().adapters
     try:
-        streams = [({"text": "stream one", "sampling_params": LONG_STREAM, "lora_path": "alpha", "stream": True}, {}),
-                   ({"text": "stream two", "sampling_params": LONG_STREAM, "stream": True}, {})]
+        streams = [
+            ({"text": "stream one", "sampling_params": LONG_STREAM, "lora_path": "alpha", "stream": True}, {}),
+            ({"text": "stream two", "sampling_params": LONG_STREAM, "stream": True}, {}),
+        ]
         threads = [start_stream(server.url, body, out) for body, out in streams]
         assert wait_until(lambda: len(engine.scheduler.running) == 2)
         with httpx.Client(base_url=server.url, timeout=60) as c:
             load = c.post("/load_lora_adapter", json={"lora_name": "gamma", "lora_path": paths["gamma"]})
             assert load.status_code == 200 and load.json()["success"], load.text
-            used = c.post("/generate", json={"text": ["use", "use"], "sampling_params": GREEDY,
-                                             "lora_path": ["gamma", "beta"]}).json()
+            used = c.post(
+                "/generate", json={"text": ["use", "use"], "sampling_params": GREEDY, "lora_path": ["gamma", "beta"]}
+            ).json()
             old_gamma = engine.generate("use", GREEDY, "gamma")
             same(used[0], old_gamma)
             unload = c.post("/unload_lora_adapter", json={"lora_name": "gamma"})
@@ -58,8 +62,10 @@ def test_load_use_unload_reload_while_other_requests_stream():
             # reload the name with other weights: a new version, never the old weights
             reload = c.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": paths["beta"]})
             assert reload.status_code == 200 and reload.json()["loaded_adapters"]["gamma"] == paths["beta"]
-            new_gamma = c.post("/v1/completions", json={"model": "gamma", "prompt": "use", "max_tokens": 12,
-                                                        "temperature": 0, "ignore_eos": True}).json()
+            new_gamma = c.post(
+                "/v1/completions",
+                json={"model": "gamma", "prompt": "use", "max_tokens": 12, "temperature": 0, "ignore_eos": True},
+            ).json()
             assert new_gamma["choices"][0]["text"] == used[1]["text"] != old_gamma["text"]
             ops_done = time.monotonic()
         for t in threads:
@@ -83,8 +89,11 @@ def served():
 
 def _aborts(url: str) -> float:
     text = httpx.get(f"{url}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("loraserve_requests_total{") and 'finish_reason="abort"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("loraserve_requests_total{") and 'finish_reason="abort"' in line
+    )
 
 
 def _all_free(engine) -> bool:
@@ -92,11 +101,30 @@ def _all_free(engine) -> bool:
     return alloc.num_free == alloc.num_blocks and not engine.scheduler.running and not engine.scheduler.waiting
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/generate", {"text": "bye", "sampling_params": {**LONG_STREAM, "max_new_tokens": 450}, "stream": True,
-                   "lora_path": "alpha"}),
-    ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "bye"}], "stream": True,
-                              "max_tokens": 400, "ignore_eos": True})])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        (
+            "/generate",
+            {
+                "text": "bye",
+                "sampling_params": {**LONG_STREAM, "max_new_tokens": 450},
+                "stream": True,
+                "lora_path": "alpha",
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "alpha",
+                "messages": [{"role": "user", "content": "bye"}],
+                "stream": True,
+                "max_tokens": 400,
+                "ignore_eos": True,
+            },
+        ),
+    ],
+)
 def test_client_disconnecting_mid_stream_frees_its_request(served, path, body):
     server, engine = served
     before = _aborts(server.url)
@@ -135,8 +163,9 @@ def test_shutdown_drains_then_answers_leftover_requests_with_an_error():
     threading.Thread(target=engine.call_in_engine, args=(lambda: gate.wait(30),), daemon=True).start()
     short, long = {}, {}
     start_stream(server.url, {"text": "short", "sampling_params": GREEDY, "stream": True}, short)
-    thread = start_stream(server.url, {"text": "long", "sampling_params": {**LONG_STREAM, "max_new_tokens": 480},
-                                       "stream": True}, long)
+    thread = start_stream(
+        server.url, {"text": "long", "sampling_params": {**LONG_STREAM, "max_new_tokens": 480}, "stream": True}, long
+    )
     assert wait_until(lambda: engine.intake.pending == 2)
     gate.set()
     server.stop()
@@ -169,8 +198,22 @@ def test_loraserve_command_serves_and_stops_cleanly_on_sigterm():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "LORASERVE_LOG_LEVEL": "warning"}
-    cmd = [sys.executable, "-m", "loraserve.cli", "serve", "--model-path", assets().base, "--device", "cpu",
-           "--port", str(port), "--max-total-tokens", "2048", "--served-model-name", "tiny"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loraserve.cli",
+        "serve",
+        "--model-path",
+        assets().base,
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--max-total-tokens",
+        "2048",
+        "--served-model-name",
+        "tiny",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         lines = []

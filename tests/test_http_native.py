@@ -8,9 +8,8 @@ import json
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from http_fixtures import GREEDY, RunningServer, assets, make_engine
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +62,13 @@ def test_single_and_mixed_adapter_batches_equal_the_python_api(served):
 
     ids = [[5, 17, 300, 41], [9000, 12], [77]]
     params = [GREEDY, {**GREEDY, "max_new_tokens": 3}, {"max_new_tokens": 6, "temperature": 0.8, "seed": 7}]
-    by_ids = client.post("/generate", json={"input_ids": ids, "sampling_params": params,
-                                            "lora_path": [None, "alpha", "beta"]})
+    by_ids = client.post(
+        "/generate", json={"input_ids": ids, "sampling_params": params, "lora_path": [None, "alpha", "beta"]}
+    )
     assert by_ids.status_code == 200
-    for got, want in zip(by_ids.json(), engine.generate(input_ids=ids, sampling_params=params,
-                                                        lora_path=[None, "alpha", "beta"])):
+    for got, want in zip(
+        by_ids.json(), engine.generate(input_ids=ids, sampling_params=params, lora_path=[None, "alpha", "beta"])
+    ):
         same(got, want)
 
 
@@ -82,7 +83,9 @@ def test_stream_sends_growing_text_and_ends_with_the_python_api_result(served):
     chunks = events[:-1]
     assert len(chunks) == GREEDY["max_new_tokens"]
     for prev, cur in zip(chunks, chunks[1:]):
-        assert cur["text"].startswith(prev["text"]) and cur["output_ids"][:len(prev["output_ids"])] == prev["output_ids"]
+        assert (
+            cur["text"].startswith(prev["text"]) and cur["output_ids"][: len(prev["output_ids"])] == prev["output_ids"]
+        )
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
     same(chunks[-1], engine.generate("Streaming works", GREEDY, "alpha"))
 
@@ -98,11 +101,17 @@ def test_stream_sends_growing_text_and_ends_with_the_python_api_result(served):
 
 def test_logprobs_and_n(served):
     _, client, engine = served
-    body = {"text": "Logprobs", "sampling_params": {**GREEDY, "max_new_tokens": 5}, "return_logprob": True,
-            "top_logprobs_num": 3, "lora_path": "beta"}
+    body = {
+        "text": "Logprobs",
+        "sampling_params": {**GREEDY, "max_new_tokens": 5},
+        "return_logprob": True,
+        "top_logprobs_num": 3,
+        "lora_path": "beta",
+    }
     res = client.post("/generate", json=body).json()
-    ref = engine.generate("Logprobs", {**GREEDY, "max_new_tokens": 5, "return_logprob": True, "top_logprobs_num": 3},
-                          "beta")
+    ref = engine.generate(
+        "Logprobs", {**GREEDY, "max_new_tokens": 5, "return_logprob": True, "top_logprobs_num": 3}, "beta"
+    )
     same(res, ref)
     tops = res["meta_info"]["output_top_logprobs"]
     assert len(tops) == 5 and all(len(row) == 3 for row in tops)
@@ -142,8 +151,18 @@ def test_server_info_tells_the_effective_settings_not_the_raw_inputs(served):
     assert info["chunked_prefill_size"] == engine.scheduler.chunk_size
     assert info["max_lora_rank"] == engine.lora.max_rank and info["enable_lora"] is True
     assert info["disable_cuda_graph"] is True and info["cuda_graph_max_bs"] is None  # no graphs on CPU
-    effective = ("device", "dtype", "lora_backend", "attention_backend", "max_total_tokens", "max_running_requests",
-                 "chunked_prefill_size", "max_lora_rank", "lora_target_modules", "context_length")
+    effective = (
+        "device",
+        "dtype",
+        "lora_backend",
+        "attention_backend",
+        "max_total_tokens",
+        "max_running_requests",
+        "chunked_prefill_size",
+        "max_lora_rank",
+        "lora_target_modules",
+        "context_length",
+    )
     assert not [k for k in effective if info[k] in ("auto", None)]
 
 
@@ -166,12 +185,16 @@ def test_metrics_count_requests_tokens_latency_and_lora_state(served):
     def delta(name, **labels):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
+
     for lora in loras:
         assert delta("loraserve_requests_total", adapter=lora or "", finish_reason="length") >= 1
     assert sum(delta("loraserve_prompt_tokens_total", adapter=lora or "") for lora in loras) >= sum(
-        r["meta_info"]["prompt_tokens"] for r in results)
-    assert sum(delta("loraserve_generation_tokens_total", adapter=lora or "") for lora in loras) >= 3 * GREEDY[
-        "max_new_tokens"]
+        r["meta_info"]["prompt_tokens"] for r in results
+    )
+    assert (
+        sum(delta("loraserve_generation_tokens_total", adapter=lora or "") for lora in loras)
+        >= 3 * GREEDY["max_new_tokens"]
+    )
     assert delta("loraserve_time_to_first_token_seconds_count") >= 3
     assert delta("loraserve_time_per_output_token_seconds_count") >= 3
     assert delta("loraserve_http_responses_total", route="/generate", status="200") >= 1
@@ -190,8 +213,11 @@ def test_adapter_load_and_unload_answers(served):
     for prefix in ("", "/v1"):
         res = client.post(f"{prefix}/load_lora_adapter", json={"lora_name": "gamma", "lora_path": path})
         assert res.status_code == 200
-        assert res.json() == {"success": True, "error_message": None,
-                              "loaded_adapters": {**{n: assets().adapters[n] for n in ("alpha", "beta")}, "gamma": path}}
+        assert res.json() == {
+            "success": True,
+            "error_message": None,
+            "loaded_adapters": {**{n: assets().adapters[n] for n in ("alpha", "beta")}, "gamma": path},
+        }
         again = client.post(f"{prefix}/load_lora_adapter", json={"lora_name": "gamma", "lora_path": path})
         assert again.status_code == 409 and again.json()["success"] is False
         assert "already loaded" in again.json()["error_message"]
@@ -207,11 +233,13 @@ def test_the_engine_imports_without_the_http_stack():
     import subprocess
     import sys
 
-    code = ("import sys\n"
-            "for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client'): sys.modules[m] = None\n"
-            "import loraserve.engine.engine, loraserve.cli\n"
-            "from loraserve.plugin_manager import PluginManager\n"
-            "print(sorted(PluginManager().load().frontends.names()))\n")
+    code = (
+        "import sys\n"
+        "for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client'): sys.modules[m] = None\n"
+        "import loraserve.engine.engine, loraserve.cli\n"
+        "from loraserve.plugin_manager import PluginManager\n"
+        "print(sorted(PluginManager().load().frontends.names()))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['native', 'openai']"

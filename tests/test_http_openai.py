@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import openai
 import pytest
-
 from http_fixtures import RunningServer, assets, make_engine
 
 MAX = 10
@@ -59,8 +58,9 @@ def test_completions_equal_the_python_api(served, model, adapter):
 
     ids = [3, 14, 159, 2653]
     res = client.completions.create(model=model, prompt=ids, max_tokens=MAX, temperature=0, logprobs=2)
-    ref = engine.generate(input_ids=ids, sampling_params=greedy(return_logprob=True, top_logprobs_num=2),
-                          lora_path=adapter)
+    ref = engine.generate(
+        input_ids=ids, sampling_params=greedy(return_logprob=True, top_logprobs_num=2), lora_path=adapter
+    )
     assert res.choices[0].text == ref["text"]
     lp = res.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx([x for x, _ in ref["meta_info"]["output_token_logprobs"]], abs=1e-4)
@@ -70,8 +70,14 @@ def test_completions_equal_the_python_api(served, model, adapter):
 
 def test_completion_stream_concatenates_to_the_python_api_text(served):
     client, engine = served
-    stream = client.completions.create(model="beta", prompt="Stream me", max_tokens=MAX, temperature=0, stream=True,
-                                       stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model="beta",
+        prompt="Stream me",
+        max_tokens=MAX,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     ref = engine.generate("Stream me", greedy(), "beta")
@@ -85,42 +91,63 @@ def test_chat_equals_the_python_api_on_the_chat_template(served):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     ids = chat_ids(engine, messages)
     for model, adapter in (("tiny", None), ("tiny:alpha", "alpha"), ("beta", "beta")):
-        res = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX, temperature=0,
-                                             logprobs=True, top_logprobs=3)
-        ref = engine.generate(input_ids=ids, sampling_params=greedy(return_logprob=True, top_logprobs_num=3),
-                              lora_path=adapter)
+        res = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=MAX, temperature=0, logprobs=True, top_logprobs=3
+        )
+        ref = engine.generate(
+            input_ids=ids, sampling_params=greedy(return_logprob=True, top_logprobs_num=3), lora_path=adapter
+        )
         choice = res.choices[0]
         assert choice.message.role == "assistant" and choice.message.content == ref["text"]
         assert choice.finish_reason == "length" and res.object == "chat.completion"
         assert res.usage.prompt_tokens == len(ids) and res.usage.completion_tokens == MAX
         assert [c.logprob for c in choice.logprobs.content] == pytest.approx(
-            [x for x, _ in ref["meta_info"]["output_token_logprobs"]], abs=1e-4)
+            [x for x, _ in ref["meta_info"]["output_token_logprobs"]], abs=1e-4
+        )
         assert all(len(c.top_logprobs) == 3 for c in choice.logprobs.content)
     # text parts are joined like a plain string
     parts = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}]
     res = client.chat.completions.create(model="tiny", messages=parts, max_tokens=MAX, temperature=0)
-    assert res.choices[0].message.content == engine.generate(input_ids=chat_ids(engine, [
-        {"role": "user", "content": "Name a colour."}]), sampling_params=greedy())["text"]
+    assert (
+        res.choices[0].message.content
+        == engine.generate(
+            input_ids=chat_ids(engine, [{"role": "user", "content": "Name a colour."}]), sampling_params=greedy()
+        )["text"]
+    )
 
 
 def test_chat_stream_role_first_then_text_then_finish_and_usage(served):
     client, engine = served
     messages = [{"role": "user", "content": "Count to three."}]
-    chunks = list(client.chat.completions.create(model="alpha", messages=messages, max_tokens=MAX, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="alpha",
+            messages=messages,
+            max_tokens=MAX,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == engine.generate(input_ids=chat_ids(engine, messages), sampling_params=greedy(), lora_path="alpha")["text"]
+    assert (
+        text
+        == engine.generate(input_ids=chat_ids(engine, messages), sampling_params=greedy(), lora_path="alpha")["text"]
+    )
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == ["length"]
-    assert chunks[-1].usage.completion_tokens == MAX and chunks[-1].usage.prompt_tokens == len(chat_ids(engine, messages))
+    assert chunks[-1].usage.completion_tokens == MAX and chunks[-1].usage.prompt_tokens == len(
+        chat_ids(engine, messages)
+    )
 
 
 def test_chat_without_max_tokens_may_use_the_rest_of_the_context(served):
     client, engine = served
     messages = [{"role": "user", "content": "Go on."}]
-    res = client.chat.completions.create(model="tiny", messages=messages, temperature=0,
-                                         extra_body={"ignore_eos": True})
+    res = client.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert res.choices[0].finish_reason == "length"
     assert res.usage.prompt_tokens + res.usage.completion_tokens == engine.context_len
 
@@ -136,12 +163,13 @@ def test_n_seed_and_stop(served):
     assert [c.text for c in again.choices] == [c.text for c in res.choices]
 
     full = engine.generate("Stop here", greedy(12))["text"]
-    stop = full[len(full) // 2:len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip(), full
     res = client.completions.create(model="tiny", prompt="Stop here", max_tokens=12, temperature=0, stop=[stop])
-    assert res.choices[0].finish_reason == "stop" and res.choices[0].text == full[:full.index(stop)]
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                          temperature=0.7, seed=5, n=2)
+    assert res.choices[0].finish_reason == "stop" and res.choices[0].text == full[: full.index(stop)]
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.7, seed=5, n=2
+    )
     assert [c.index for c in chat.choices] == [0, 1]
 
 

@@ -21,8 +21,8 @@ if not torch.cuda.is_available():
     # Triton reads this when a kernel is decorated, so it must be set before the kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from loraserve.contract import LoRABatchInfo  # noqa: E402
 from loraserve.errors import ConfigError  # noqa: E402
-from loraserve.lora.batch_info import LoRABatchInfo  # noqa: E402
 from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend, group_by_slot  # noqa: E402
 from loraserve.plugins.backend_torch.backend import TorchLoRABackend  # noqa: E402
 from loraserve.plugins.backend_triton.backend import SgmvLoRABackend  # noqa: E402
@@ -30,8 +30,11 @@ from loraserve.plugins.backend_triton.backend import SgmvLoRABackend  # noqa: E4
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-4),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
 
 
 def make_backend(name: str, **kwargs):
@@ -44,13 +47,13 @@ def random_case(gen, seg_lens, seg_slot, ranks, offsets, in_dim, R, dtype, devic
     """Fresh seeded inputs; A's and B's padding past each slot's rank is NaN unless ``poison`` is off."""
     n_slots, T, n_slices = len(ranks), sum(seg_lens), len(offsets) - 1
     x = torch.randn(T, in_dim, generator=gen)
-    A = torch.randn(n_slots, n_slices * R, in_dim, generator=gen) / in_dim ** 0.5
+    A = torch.randn(n_slots, n_slices * R, in_dim, generator=gen) / in_dim**0.5
     B = torch.randn(n_slots, offsets[-1], R, generator=gen)
     base = torch.randn(T, offsets[-1], generator=gen)
     if poison:
         for s, r in enumerate(ranks):
             for i in range(n_slices):
-                A[s, i * R + r:(i + 1) * R] = float("nan")
+                A[s, i * R + r : (i + 1) * R] = float("nan")
             B[s, :, r:] = float("nan")
     scalings = (torch.rand(n_slots, generator=gen) * 2 + 0.1).tolist()
     info = LoRABatchInfo.build(seg_lens, seg_slot, ranks, scalings, R, device=device)
@@ -74,22 +77,37 @@ def check(out, ref, base, info, ranks, dtype):
 
 CASES = {
     "odd sizes: hidden 72, rank 3, 5 tokens": dict(
-        seg_lens=[5], seg_slot=[1], ranks=[0, 3], offsets=(0, 72), in_dim=72, R=4),
+        seg_lens=[5], seg_slot=[1], ranks=[0, 3], offsets=(0, 72), in_dim=72, R=4
+    ),
     "one token": dict(seg_lens=[1], seg_slot=[0], ranks=[5, 0], offsets=(0, 33), in_dim=40, R=8),
     "qkv: 3 unequal slices, mixed ranks incl. 0, slot spans chunks": dict(
-        seg_lens=[3, 1, 20, 2, 4], seg_slot=[2, 0, 3, 2, 1], ranks=[0, 1, 7, 16], offsets=(0, 48, 64, 80),
-        in_dim=72, R=16),
+        seg_lens=[3, 1, 20, 2, 4],
+        seg_slot=[2, 0, 3, 2, 1],
+        ranks=[0, 1, 7, 16],
+        offsets=(0, 48, 64, 80),
+        in_dim=72,
+        R=16,
+    ),
     "gate_up: 2 slices, many segments": dict(
-        seg_lens=[1] * 9 + [6], seg_slot=[i % 4 for i in range(10)], ranks=[2, 4, 3, 0], offsets=(0, 40, 80),
-        in_dim=20, R=4),
+        seg_lens=[1] * 9 + [6],
+        seg_slot=[i % 4 for i in range(10)],
+        ranks=[2, 4, 3, 0],
+        offsets=(0, 40, 80),
+        in_dim=20,
+        R=4,
+    ),
     "2 unequal slices, all rank 0 but one token, capacity 24": dict(
-        seg_lens=[2, 1, 3], seg_slot=[0, 1, 0], ranks=[0, 19], offsets=(0, 24, 56), in_dim=36, R=24),
+        seg_lens=[2, 1, 3], seg_slot=[0, 1, 0], ranks=[0, 19], offsets=(0, 24, 56), in_dim=36, R=24
+    ),
     "even sizes (unmasked k and rank blocks), 3 slices": dict(
-        seg_lens=[3, 17, 1], seg_slot=[1, 2, 0], ranks=[0, 5, 16], offsets=(0, 32, 48, 64), in_dim=64, R=16),
+        seg_lens=[3, 17, 1], seg_slot=[1, 2, 0], ranks=[0, 5, 16], offsets=(0, 32, 48, 64), in_dim=64, R=16
+    ),
     "4 slices (two expand launches)": dict(
-        seg_lens=[2, 3], seg_slot=[1, 2], ranks=[0, 5, 2], offsets=(0, 8, 24, 40, 48), in_dim=24, R=8),
+        seg_lens=[2, 3], seg_slot=[1, 2], ranks=[0, 5, 2], offsets=(0, 8, 24, 40, 48), in_dim=24, R=8
+    ),
     "long segments (csgmv tiles per segment), a slot in two segments": dict(
-        seg_lens=[131, 140, 3], seg_slot=[1, 0, 1], ranks=[2, 3], offsets=(0, 24), in_dim=16, R=4),
+        seg_lens=[131, 140, 3], seg_slot=[1, 0, 1], ranks=[2, 3], offsets=(0, 24), in_dim=16, R=4
+    ),
 }
 
 
@@ -99,8 +117,9 @@ CASES = {
 def test_kernels_match_torch_backend(name, case, dtype):
     cfg = CASES[case]
     gen = torch.Generator().manual_seed(zlib.crc32(f"{name} {case} {dtype}".encode()))
-    x, A, B, base, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
-                                      cfg["in_dim"], cfg["R"], dtype)
+    x, A, B, base, info = random_case(
+        gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"], cfg["in_dim"], cfg["R"], dtype
+    )
     ref = oracle(x, A, B, base, info, cfg["offsets"])
     out = base.clone()
     backend = make_backend(name)
@@ -113,11 +132,11 @@ def test_kernels_match_torch_backend(name, case, dtype):
     assert torch.equal(out, out2)
 
 
-def fused_shrink_run(backend, x, A, B, offsets, gen):
+def shrink_in_gemm_run(backend, x, A, B, offsets, gen):
     """The base GEMM over ``[W; A of every slot]`` then ``run_lora(shrunk=...)``, as the model does it.
     Returns (output, the GEMM's base columns before the expand)."""
     K, N = x.shape[1], offsets[-1]
-    W = (torch.randn(N, K, generator=gen) / K ** 0.5).to(x)
+    W = (torch.randn(N, K, generator=gen) / K**0.5).to(x)
     y = F.linear(x, torch.cat([W, A.reshape(-1, K)]))
     out, shrunk = y[:, :N], y[:, N:]
     base = out.clone()
@@ -128,16 +147,17 @@ def fused_shrink_run(backend, x, A, B, offsets, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("name", ["triton", "csgmv"])
-def test_fused_shrink_expand_matches_torch_backend(name, case, dtype):
+def test_shrink_in_gemm_expand_matches_torch_backend(name, case, dtype):
     """The shrink done by the base GEMM (its extra columns, NaN where A's padding is NaN, h rounded
     to the input dtype) and only the expand in the kernel: the oracle's numbers, rank-0 rows untouched."""
     cfg = CASES[case]
     gen = torch.Generator().manual_seed(zlib.crc32(f"fused {name} {case} {dtype}".encode()))
-    x, A, B, _, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
-                                   cfg["in_dim"], cfg["R"], dtype)
+    x, A, B, _, info = random_case(
+        gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"], cfg["in_dim"], cfg["R"], dtype
+    )
     backend = make_backend(name)
     backend.prepare(info)
-    out, base = fused_shrink_run(backend, x, A, B, cfg["offsets"], gen)
+    out, base = shrink_in_gemm_run(backend, x, A, B, cfg["offsets"], gen)
     ref = oracle(x, A, B, base, info, cfg["offsets"])
     if dtype == torch.float32:
         check(out, ref, base, info, cfg["ranks"], dtype)
@@ -148,20 +168,21 @@ def test_fused_shrink_expand_matches_torch_backend(name, case, dtype):
         assert rel < 2e-3, f"relative error {rel:.2e}"
 
 
-def test_fused_shrink_cost_model_and_argument_checks(gen):
+def test_shrink_in_gemm_cost_model_and_argument_checks(gen):
     backend = make_backend("csgmv")
     # Llama-3-8B qkv, rank 16: decode takes the GEMM; prefill only while the extra rows stay within
     # 1/32 of the output (4 slots: 192 rows of 6144; 8 slots: 384 rows keep the shrink kernel)
-    assert backend.fuse_shrink(64, 4096, 6144, 3, 16, 64)
-    assert backend.fuse_shrink(2048, 4096, 6144, 3, 16, 4)
-    assert not backend.fuse_shrink(2048, 4096, 6144, 3, 16, 8)
-    assert not backend.fuse_shrink(4096, 4096, 6144, 3, 64, 64)
+    assert backend.wants_shrink_in_gemm(64, 4096, 6144, 3, 16, 64)
+    assert backend.wants_shrink_in_gemm(2048, 4096, 6144, 3, 16, 4)
+    assert not backend.wants_shrink_in_gemm(2048, 4096, 6144, 3, 16, 8)
+    assert not backend.wants_shrink_in_gemm(4096, 4096, 6144, 3, 64, 64)
     # one decode token with 64 idle slots of rank 128: reading every slot's A costs more than a launch
-    assert not backend.fuse_shrink(1, 4096, 6144, 3, 128, 64)
-    assert make_backend("csgmv", tuning={"fused_shrink": False}).fuse_shrink(1, 64, 64, 1, 8, 4) is False
+    assert not backend.wants_shrink_in_gemm(1, 4096, 6144, 3, 128, 64)
+    assert make_backend("csgmv", tuning={"shrink_in_gemm": False}).wants_shrink_in_gemm(1, 64, 64, 1, 8, 4) is False
     cfg = CASES["one token"]
-    x, A, B, base, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
-                                      cfg["in_dim"], cfg["R"], torch.float32)
+    x, A, B, base, info = random_case(
+        gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"], cfg["in_dim"], cfg["R"], torch.float32
+    )
     backend.prepare(info)
     with pytest.raises(ValueError, match="shrunk has shape"):
         backend.run_lora(x, A, B, base, cfg["offsets"], shrunk=torch.zeros(1, 3))
@@ -190,46 +211,63 @@ def test_epilogue_rule_env_override_and_what_the_backend_hands_out(gen, monkeypa
     monkeypatch.setenv("LORASERVE_LORA_EPILOGUE", "1")
     monkeypatch.setenv("LORASERVE_FUSED_OPS", "1")  # the consumers' kernels run (interpreter)
     cfg = CASES["one token"]
-    x, A, B, base, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
-                                      cfg["in_dim"], cfg["R"], torch.float32)
+    x, A, B, base, info = random_case(
+        gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"], cfg["in_dim"], cfg["R"], torch.float32
+    )
     backend.prepare(info)
     n_slots, R = A.shape[0], cfg["R"]
     one = backend.expand_epilogue(B[:, :8].contiguous(), (0, 8), torch.zeros(1, n_slots * R, device=DEVICE))
     assert one is not None and one.n_slices == 1 and one.R == R and one.token_slot is info.token_slot
     # three slices (qkv) or unequal slices: no consumer can take them
-    assert backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 8, 12), torch.zeros(1, n_slots * 3 * R, device=DEVICE)) is None
-    assert backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 12), torch.zeros(1, n_slots * 2 * R, device=DEVICE)) is None
+    assert (
+        backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 8, 12), torch.zeros(1, n_slots * 3 * R, device=DEVICE))
+        is None
+    )
+    assert (
+        backend.expand_epilogue(B[:, :12].contiguous(), (0, 4, 12), torch.zeros(1, n_slots * 2 * R, device=DEVICE))
+        is None
+    )
     monkeypatch.setenv("LORASERVE_FUSED_OPS", "0")  # eager consumers: the expand kernel is cheaper
     assert backend.expand_epilogue(B[:, :8].contiguous(), (0, 8), torch.zeros(1, n_slots * R, device=DEVICE)) is None
     assert TorchLoRABackend(DEVICE).expand_epilogue(B, (0, 8), torch.zeros(1, 1, device=DEVICE)) is None
 
 
-@pytest.mark.parametrize("case", ["qkv: 3 unequal slices, mixed ranks incl. 0, slot spans chunks",
-                                  "even sizes (unmasked k and rank blocks), 3 slices"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "qkv: 3 unequal slices, mixed ranks incl. 0, slot spans chunks",
+        "even sizes (unmasked k and rank blocks), 3 slices",
+    ],
+)
 @pytest.mark.parametrize("name", ["triton", "csgmv"])
 def test_split_k_strided_input_and_small_tiles(name, case, gen):
     """Split-k partial sums, tiles of one segment split over several programs, full column blocks,
     programs covering several column blocks (full and partial groups), and an ``x`` that is a
     strided view all give the oracle's numbers."""
     cfg = CASES[case]
-    x, A, B, base, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
-                                      cfg["in_dim"], cfg["R"], torch.float32)
+    x, A, B, base, info = random_case(
+        gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"], cfg["in_dim"], cfg["R"], torch.float32
+    )
     wide = torch.randn(x.shape[0], x.shape[1] * 2, generator=gen).to(DEVICE)
     wide[:, 1::2] = x
     x = wide[:, 1::2]
     ref = oracle(x, A, B, base, info, cfg["offsets"])
     out = base.clone()
-    backend = make_backend(name, tuning={"block_m": 16, "shrink": {"split": 3, "block_k": 16},
-                                         "expand": {"block_n": 16, "group_n": 3}})
+    backend = make_backend(
+        name, tuning={"block_m": 16, "shrink": {"split": 3, "block_k": 16}, "expand": {"block_n": 16, "group_n": 3}}
+    )
     backend.prepare(info)
     backend.run_lora(x, A, B, out, cfg["offsets"])
     check(out, ref, base, info, cfg["ranks"], torch.float32)
 
 
-@pytest.mark.parametrize("seg_lens, seg_slot, expected", [
-    ([1] * 7, [2, 0, 2, 1, 3, 2, 1], [3, 6, 0, 2, 5, 4, 1]),
-    ([2, 1, 3, 1, 2], [2, 1, 2, 0, 3], [2, 0, 1, 3, 4, 5, 7, 8, 6]),
-])
+@pytest.mark.parametrize(
+    "seg_lens, seg_slot, expected",
+    [
+        ([1] * 7, [2, 0, 2, 1, 3, 2, 1], [3, 6, 0, 2, 5, 4, 1]),
+        ([2, 1, 3, 1, 2], [2, 1, 2, 0, 3], [2, 0, 1, 3, 4, 5, 7, 8, 6]),
+    ],
+)
 def test_group_by_slot_is_a_stable_grouping(seg_lens, seg_slot, expected):
     """Positions hold slot 1's tokens, then slot 2's, then slot 3's, each in token order; rank-0 last."""
     info = LoRABatchInfo.build(seg_lens, seg_slot, [0, 4, 2, 8], [1.0] * 4, 8, device=DEVICE)
@@ -256,8 +294,9 @@ def test_factories_read_options_and_refuse_cpu_without_interpreter(monkeypatch):
 
 def test_shape_and_dtype_errors(gen):
     cfg = CASES["one token"]
-    x, A, B, base, info = random_case(gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"],
-                                      cfg["in_dim"], cfg["R"], torch.float32)
+    x, A, B, base, info = random_case(
+        gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"], cfg["in_dim"], cfg["R"], torch.float32
+    )
     backend = make_backend("csgmv")
     with pytest.raises(RuntimeError, match="prepare"):
         backend.run_lora(x, A, B, base, cfg["offsets"])
@@ -280,10 +319,18 @@ def tiny_adapters(tmp_path_factory):
     base = tiny_model(tiny_llama_config(), seed=0)
     root = tmp_path_factory.mktemp("kernels-engine")
     base.save_pretrained(root / "base")
-    paths = {"all3": make_peft_adapter(base, root / "all3", r=3, lora_alpha=6, target_modules=ALL, seed=1,
-                                       init_scale=0.3),
-             "qv8": make_peft_adapter(base, root / "qv8", r=8, lora_alpha=8, seed=2, init_scale=0.3,
-                                      target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])}
+    paths = {
+        "all3": make_peft_adapter(base, root / "all3", r=3, lora_alpha=6, target_modules=ALL, seed=1, init_scale=0.3),
+        "qv8": make_peft_adapter(
+            base,
+            root / "qv8",
+            r=8,
+            lora_alpha=8,
+            seed=2,
+            init_scale=0.3,
+            target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        ),
+    }
     return str(root / "base"), {k: str(v) for k, v in paths.items()}
 
 
@@ -301,15 +348,23 @@ def test_engine_greedy_tokens_match_torch_backend(tiny_adapters):
     # separate shrink launch over the same memory
     for name in ("torch", "triton+gemm", "csgmv+gemm", "csgmv+kernel"):
         backend, _, how = name.partition("+")
-        engine = Engine(make_settings(model_path=base, device=DEVICE, dtype="float32", max_total_tokens=256,
-                                      lora_backend=backend, lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+        engine = Engine(
+            make_settings(
+                model_path=base,
+                device=DEVICE,
+                dtype="float32",
+                max_total_tokens=256,
+                lora_backend=backend,
+                lora_paths=[f"{n}={p}" for n, p in paths.items()],
+            )
+        )
         try:
             assert engine.lora.backend.name == backend
             if how:
-                engine.lora.backend.tuning["fused_shrink"] = how == "gemm"
+                engine.lora.backend.tuning["shrink_in_gemm"] = how == "gemm"
             results[name] = engine.generate(input_ids=prompts, sampling_params=params, lora_path=adapters)
             if how:  # the path asked for really ran: the layers' GEMMs did (not) include the A rows
-                assert set(engine.lora._fuse_now.values()) == {how == "gemm"}
+                assert set(engine.lora._shrink_in_gemm_now.values()) == {how == "gemm"}
         finally:
             engine.shutdown()
     expected = [r["output_ids"] for r in results["torch"]]
@@ -338,13 +393,21 @@ def test_engine_expand_left_to_the_norm_and_silu_matches_torch_backend(tiny_adap
     results, taken = {}, {}
     for name in ("torch", "csgmv+epilogue", "csgmv+in-place"):
         backend, _, how = name.partition("+")
-        engine = Engine(make_settings(model_path=base, device=DEVICE, dtype="float32", max_total_tokens=256,
-                                      lora_backend=backend, lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+        engine = Engine(
+            make_settings(
+                model_path=base,
+                device=DEVICE,
+                dtype="float32",
+                max_total_tokens=256,
+                lora_backend=backend,
+                lora_paths=[f"{n}={p}" for n, p in paths.items()],
+            )
+        )
         try:
             lora_backend = engine.lora.backend
             sizes, layers = (engine.model.hidden_size, engine.model.intermediate_size), engine.model.num_layers
             if how:
-                lora_backend.tuning.update(fused_shrink=True, epilogue=how == "epilogue")
+                lora_backend.tuning.update(shrink_in_gemm=True, epilogue=how == "epilogue")
                 inner = lora_backend.expand_epilogue
                 counts = taken[name] = {"epilogues": 0, "offsets": set()}
 
@@ -354,6 +417,7 @@ def test_engine_expand_left_to_the_norm_and_silu_matches_torch_backend(tiny_adap
                         counts["epilogues"] += 1
                         counts["offsets"].add(tuple(offsets))
                     return ep
+
                 monkeypatch.setattr(lora_backend, "expand_epilogue", counting)
             results[name] = engine.generate(input_ids=prompts, sampling_params=params, lora_path=adapters)
         finally:
@@ -406,7 +470,7 @@ def test_llama3_8b_shapes_on_gpu(name, shrink, proj, batch, dtype):
     backend = make_backend(name)
     backend.prepare(info)
     if shrink == "gemm":  # the shrink from the base GEMM's extra columns (h rounded to the dtype)
-        out, base = fused_shrink_run(backend, x, A, B, offsets, gen)
+        out, base = shrink_in_gemm_run(backend, x, A, B, offsets, gen)
         ref = oracle(x, A, B, base, info, offsets)
     else:
         ref = oracle(x, A, B, base, info, offsets)
@@ -458,8 +522,8 @@ def test_decode_graph_buffers_replay_the_captured_computation_on_cpu(tiny_adapte
     static buffers (ids, positions, attention metadata, LoRA slots/ranks/scalings) before rerunning
     it, as a replay does. Padding rows and the null LoRA slot must leave the real rows' greedy tokens
     and log-probabilities equal to eager decoding."""
-    from loraserve.runner.cuda_graph import DecodeGraphs
     from loraserve.engine.engine import Engine
+    from loraserve.runner.cuda_graph import DecodeGraphs
     from loraserve.settings import make_settings
 
     base, paths = tiny_adapters
@@ -469,9 +533,17 @@ def test_decode_graph_buffers_replay_the_captured_computation_on_cpu(tiny_adapte
     params = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True, "return_logprob": True}
     results = {}
     for emulate in (False, True):
-        engine = Engine(make_settings(model_path=base, device=DEVICE, dtype="float32", max_total_tokens=256,
-                                      lora_backend="csgmv", attention_backend="triton",
-                                      lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+        engine = Engine(
+            make_settings(
+                model_path=base,
+                device=DEVICE,
+                dtype="float32",
+                max_total_tokens=256,
+                lora_backend="csgmv",
+                attention_backend="triton",
+                lora_paths=[f"{n}={p}" for n, p in paths.items()],
+            )
+        )
         try:
             if emulate:
                 runner, lora = engine.runner, engine.lora

@@ -18,8 +18,15 @@ class _Params:
 
 
 def make_kv(num_blocks=8, block_size=4):
-    return KVCache(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=num_blocks, block_size=block_size,
-                   dtype=torch.float32, device="cpu")
+    return KVCache(
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=2,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        dtype=torch.float32,
+        device="cpu",
+    )
 
 
 def req(rid, n_prompt):

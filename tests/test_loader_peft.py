@@ -15,14 +15,23 @@ import time
 
 import pytest
 import torch
-from lora_utils import (fused_lora_delta, load_peft_model, make_peft_adapter, peft_fused_delta, peft_module,
-                        peft_module_delta, shape_of, tiny_llama_config, tiny_model, write_adapter_dir)
+from lora_utils import (
+    fused_lora_delta,
+    load_peft_model,
+    make_peft_adapter,
+    peft_fused_delta,
+    peft_module,
+    peft_module_delta,
+    shape_of,
+    tiny_llama_config,
+    tiny_model,
+    write_adapter_dir,
+)
 
+from loraserve.contract import AdapterError, AdapterLoader, LoRABatchInfo
 from loraserve.lora.adapter import BaseModelShape, LoRAAdapter
-from loraserve.lora.targets import FUSED_MODULES
-from loraserve.lora.batch_info import LoRABatchInfo
-from loraserve.contract import AdapterError, AdapterLoader
 from loraserve.lora.loader import allowed_modules
+from loraserve.lora.targets import FUSED_MODULES
 from loraserve.plugins.backend_torch.backend import TorchLoRABackend
 from loraserve.plugins.loader_peft.loader import PeftAdapterLoader
 from loraserve.plugins.loader_peft.patterns import MATCH_BUDGET_S, MAX_PATTERN_CHARS, PatternBudget
@@ -98,20 +107,41 @@ ORACLE_CASES = {
     "rank3_q_v_down": dict(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj", "down_proj"]),
     "rslora": dict(r=4, lora_alpha=8, target_modules=ALL7, use_rslora=True),
     "rank_and_alpha_pattern": dict(
-        r=4, lora_alpha=8, target_modules=ALL7,
+        r=4,
+        lora_alpha=8,
+        target_modules=ALL7,
         rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6, r"layers\.0\.self_attn\.k_proj": 3},
-        alpha_pattern={"v_proj": 3, "o_proj": 32}),
-    "rslora_with_patterns": dict(r=5, lora_alpha=4, target_modules=["k_proj", "up_proj"], use_rslora=True,
-                                 rank_pattern={"up_proj": 7}, alpha_pattern={"k_proj": 9}),
+        alpha_pattern={"v_proj": 3, "o_proj": 32},
+    ),
+    "rslora_with_patterns": dict(
+        r=5,
+        lora_alpha=4,
+        target_modules=["k_proj", "up_proj"],
+        use_rslora=True,
+        rank_pattern={"up_proj": 7},
+        alpha_pattern={"k_proj": 9},
+    ),
     "regex_target_modules": dict(
-        r=2, lora_alpha=4, target_modules=r".*\.layers\.1\.(self_attn\.k_proj|mlp\.gate_proj)|.*\.0\.self_attn\.o_proj"),
-    "layers_to_transform": dict(r=3, lora_alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
-                                layers_to_transform=[1], layers_pattern="layers"),
+        r=2, lora_alpha=4, target_modules=r".*\.layers\.1\.(self_attn\.k_proj|mlp\.gate_proj)|.*\.0\.self_attn\.o_proj"
+    ),
+    "layers_to_transform": dict(
+        r=3,
+        lora_alpha=6,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+        layers_to_transform=[1],
+        layers_pattern="layers",
+    ),
     "exclude_modules": dict(r=2, lora_alpha=2, target_modules=ALL7, exclude_modules=["model.layers.0.mlp.up_proj"]),
-    "embeddings": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"],
-                       rank_pattern={"lm_head": 2}, alpha_pattern={"embed_tokens": 16}),
-    "alpha_zero_with_alpha_pattern": dict(r=2, lora_alpha=0, target_modules=["q_proj", "v_proj"],
-                                          alpha_pattern={"q_proj": 4}),
+    "embeddings": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed_tokens", "lm_head", "q_proj"],
+        rank_pattern={"lm_head": 2},
+        alpha_pattern={"embed_tokens": 16},
+    ),
+    "alpha_zero_with_alpha_pattern": dict(
+        r=2, lora_alpha=0, target_modules=["q_proj", "v_proj"], alpha_pattern={"q_proj": 4}
+    ),
 }
 
 
@@ -125,10 +155,11 @@ def test_adapter_reproduces_peft(case, base, shape, loader, tmp_path):
         # v_proj has scaling 0 in PEFT: its slice is all zeros, q_proj's survives through B.
         A, B = adapter.weights[(0, "qkv_proj")]
         offsets = shape.output_offsets("qkv_proj")
-        assert B[offsets[2]:].abs().max() == 0
+        assert B[offsets[2] :].abs().max() == 0
         x = torch.randn(3, shape.hidden_size)
-        torch.testing.assert_close(fused_lora_delta(x, A, B, adapter.scaling, offsets),
-                                   peft_fused_delta(peft_model, 0, "qkv_proj", x), **TOL)
+        torch.testing.assert_close(
+            fused_lora_delta(x, A, B, adapter.scaling, offsets), peft_fused_delta(peft_model, 0, "qkv_proj", x), **TOL
+        )
         return
     adapter = loader.load(str(path), name=case, shape=shape)
     assert_matches_peft(adapter, load_peft_model(base, path), shape)
@@ -142,8 +173,9 @@ def test_adapter_reproduces_peft(case, base, shape, loader, tmp_path):
 
 
 def test_layers_not_transformed_have_no_entry(base, shape, loader, tmp_path):
-    path = make_peft_adapter(base, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
-                             layers_to_transform=[0], seed=3)
+    path = make_peft_adapter(
+        base, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[0], seed=3
+    )
     adapter = loader.load(str(path), name="a", shape=shape)
     assert set(adapter.weights) == {(0, "qkv_proj"), (0, "down_proj")}
     assert adapter.module_rank(1, "qkv_proj") == 0 and adapter.module_rank(0, "qkv_proj") == 2
@@ -163,8 +195,10 @@ def test_config_and_file_variants_match_peft(edit, base, shape, loader, tmp_path
     peft_model = load_peft_model(base, path)  # before the file changes below, which PEFT need not accept
     tensors = load_file(str(path / "adapter_model.safetensors"))
     if edit == "adapter_name_in_keys":
-        tensors = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
-                   for k, v in tensors.items()}
+        tensors = {
+            k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+            for k, v in tensors.items()
+        }
         save_file(tensors, str(path / "adapter_model.safetensors"))
     elif edit == "bin_weights":
         (path / "adapter_model.safetensors").unlink()
@@ -174,16 +208,30 @@ def test_config_and_file_variants_match_peft(edit, base, shape, loader, tmp_path
 
 def test_layout_matches_torch_backend_contract(base, shape, loader, tmp_path):
     """Two adapters and the base model in one batch through backend_torch give PEFT's deltas."""
-    p1 = make_peft_adapter(base, tmp_path / "a1", r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "embed_tokens"],
-                           rank_pattern={"v_proj": 5}, alpha_pattern={"q_proj": 2}, seed=1)
-    p2 = make_peft_adapter(base, tmp_path / "a2", r=2, lora_alpha=3, target_modules=["k_proj", "embed_tokens"],
-                           use_rslora=True, seed=2)
+    p1 = make_peft_adapter(
+        base,
+        tmp_path / "a1",
+        r=3,
+        lora_alpha=6,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        rank_pattern={"v_proj": 5},
+        alpha_pattern={"q_proj": 2},
+        seed=1,
+    )
+    p2 = make_peft_adapter(
+        base, tmp_path / "a2", r=2, lora_alpha=3, target_modules=["k_proj", "embed_tokens"], use_rslora=True, seed=2
+    )
     adapters = [loader.load(str(p), name=p.name, shape=shape) for p in (p1, p2)]
     oracles = [load_peft_model(base, p) for p in (p1, p2)]
     R = max(a.rank for a in adapters) + 1  # a pool capacity above every adapter's rank
     seg_lens, seg_slot = [2, 1, 3], [1, 0, 2]
-    batch = LoRABatchInfo.build(seg_lens, seg_slot, ranks=[0] + [a.rank for a in adapters],
-                                scalings=[0.0] + [a.scaling for a in adapters], max_rank=R)
+    batch = LoRABatchInfo.build(
+        seg_lens,
+        seg_slot,
+        ranks=[0] + [a.rank for a in adapters],
+        scalings=[0.0] + [a.scaling for a in adapters],
+        max_rank=R,
+    )
     backend = TorchLoRABackend()
     backend.prepare(batch)
 
@@ -194,7 +242,7 @@ def test_layout_matches_torch_backend_contract(base, shape, loader, tmp_path):
         A, B = a.weights[(0, "qkv_proj")]
         r = A.shape[0] // 3
         for i in range(3):
-            A_pool[slot, i * R:i * R + r] = A[i * r:(i + 1) * r]
+            A_pool[slot, i * R : i * R + r] = A[i * r : (i + 1) * r]
         B_pool[slot, :, :r] = B
     x = torch.randn(batch.num_tokens, shape.hidden_size)
     out = torch.randn(batch.num_tokens, offsets[-1])
@@ -208,13 +256,17 @@ def test_layout_matches_torch_backend_contract(base, shape, loader, tmp_path):
     E_B = torch.zeros(3, shape.hidden_size, R)
     for slot, a in enumerate(adapters, start=1):
         A, B = a.embed_tokens
-        E_A[slot, :A.shape[0]], E_B[slot, :, :A.shape[0]] = A, B
+        E_A[slot, : A.shape[0]], E_B[slot, :, : A.shape[0]] = A, B
     ids = torch.randint(0, shape.vocab_size, (batch.num_tokens,))
     emb = torch.randn(batch.num_tokens, shape.hidden_size)
     before = emb.clone()
     backend.run_lora_embedding(ids, E_A, E_B, emb)
-    torch.testing.assert_close(emb[0:2] - before[0:2], peft_module_delta(oracles[0], None, "embed_tokens", ids[0:2]), **TOL)
-    torch.testing.assert_close(emb[3:6] - before[3:6], peft_module_delta(oracles[1], None, "embed_tokens", ids[3:6]), **TOL)
+    torch.testing.assert_close(
+        emb[0:2] - before[0:2], peft_module_delta(oracles[0], None, "embed_tokens", ids[0:2]), **TOL
+    )
+    torch.testing.assert_close(
+        emb[3:6] - before[3:6], peft_module_delta(oracles[1], None, "embed_tokens", ids[3:6]), **TOL
+    )
 
 
 # -- refusals -------------------------------------------------------------------------------------
@@ -226,32 +278,35 @@ def good(base, tmp_path):
     return make_peft_adapter(base, tmp_path / "good", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], seed=9)
 
 
-@pytest.mark.parametrize("changes, words", [
-    (dict(use_dora=True), ["use_dora"]),
-    (dict(bias="all"), ["bias", "'all'"]),
-    (dict(bias="lora_only"), ["bias", "lora_only"]),
-    (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
-    (dict(lora_bias=True), ["lora_bias"]),
-    (dict(trainable_token_indices=[3, 4]), ["trainable_token_indices"]),
-    (dict(peft_type="IA3"), ["peft_type", "IA3"]),
-    (dict(target_modules=["q_proj", "fc1"]), ["target_modules", "fc1"]),
-    (dict(target_modules=["q_proj", "qkv_proj"]), ["target_modules", "qkv_proj"]),
-    (dict(target_modules=r".*(q_proj|input_layernorm)"), ["target_modules", "input_layernorm"]),
-    (dict(target_modules=[]), ["target_modules"]),
-    (dict(target_modules=r".*\.nothing_here"), ["target_modules", "matches no module"]),
-    (dict(target_modules="q_proj("), ["target_modules", "regex"]),
-    (dict(r=0), ["r = 0"]),
-    (dict(lora_alpha="eight"), ["lora_alpha"]),
-    (dict(rank_pattern={"q_proj": -1}), ["rank_pattern"]),
-    (dict(rank_pattern={"q_proj[": 2}), ["rank_pattern", "q_proj["]),
-    (dict(alpha_pattern=[1, 2]), ["alpha_pattern"]),
-    (dict(layers_to_transform="0"), ["layers_to_transform"]),
-    (dict(r=4), ["lora_A.weight", "(2, 64)", "(4, 64)", "disagrees with r = 4"]),
-    (dict(rank_pattern={"v_proj": 3}), ["v_proj.lora_A.weight", "rank_pattern['v_proj'] = 3"]),
-    (dict(target_modules=["q_proj"]), ["v_proj.lora_A.weight", "does not target"]),
-    (dict(target_modules=["q_proj", "v_proj", "k_proj"]), ["k_proj", "no lora_A and no lora_B"]),
-    (dict(layers_to_transform=[0]), ["layers.1", "does not target"]),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(use_dora=True), ["use_dora"]),
+        (dict(bias="all"), ["bias", "'all'"]),
+        (dict(bias="lora_only"), ["bias", "lora_only"]),
+        (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
+        (dict(lora_bias=True), ["lora_bias"]),
+        (dict(trainable_token_indices=[3, 4]), ["trainable_token_indices"]),
+        (dict(peft_type="IA3"), ["peft_type", "IA3"]),
+        (dict(target_modules=["q_proj", "fc1"]), ["target_modules", "fc1"]),
+        (dict(target_modules=["q_proj", "qkv_proj"]), ["target_modules", "qkv_proj"]),
+        (dict(target_modules=r".*(q_proj|input_layernorm)"), ["target_modules", "input_layernorm"]),
+        (dict(target_modules=[]), ["target_modules"]),
+        (dict(target_modules=r".*\.nothing_here"), ["target_modules", "matches no module"]),
+        (dict(target_modules="q_proj("), ["target_modules", "regex"]),
+        (dict(r=0), ["r = 0"]),
+        (dict(lora_alpha="eight"), ["lora_alpha"]),
+        (dict(rank_pattern={"q_proj": -1}), ["rank_pattern"]),
+        (dict(rank_pattern={"q_proj[": 2}), ["rank_pattern", "q_proj["]),
+        (dict(alpha_pattern=[1, 2]), ["alpha_pattern"]),
+        (dict(layers_to_transform="0"), ["layers_to_transform"]),
+        (dict(r=4), ["lora_A.weight", "(2, 64)", "(4, 64)", "disagrees with r = 4"]),
+        (dict(rank_pattern={"v_proj": 3}), ["v_proj.lora_A.weight", "rank_pattern['v_proj'] = 3"]),
+        (dict(target_modules=["q_proj"]), ["v_proj.lora_A.weight", "does not target"]),
+        (dict(target_modules=["q_proj", "v_proj", "k_proj"]), ["k_proj", "no lora_A and no lora_B"]),
+        (dict(layers_to_transform=[0]), ["layers.1", "does not target"]),
+    ],
+)
 def test_config_refusals_name_the_field(good, shape, loader, changes, words):
     edit_config(good, **changes)
     with pytest.raises(AdapterError) as err:
@@ -265,14 +320,17 @@ def test_config_refusals_name_the_field(good, shape, loader, changes, words):
 SLOW_REGEX = "(.*){1,32000}[bc]"  # backtracks for seconds on every module name, in regex as in re
 
 
-@pytest.mark.parametrize("changes, shown", [
-    (dict(target_modules="(?:.|.){0,20}Z"), "(?:.|.){0,20}Z"),  # 25 s to refuse with re; regex is quick
-    (dict(target_modules=SLOW_REGEX), SLOW_REGEX),
-    (dict(exclude_modules=SLOW_REGEX), SLOW_REGEX),
-    (dict(rank_pattern={SLOW_REGEX: 2}), SLOW_REGEX),
-    (dict(alpha_pattern={SLOW_REGEX: 2}), SLOW_REGEX),
-    (dict(layers_to_transform=[0], layers_pattern=SLOW_REGEX), SLOW_REGEX),
-])
+@pytest.mark.parametrize(
+    "changes, shown",
+    [
+        (dict(target_modules="(?:.|.){0,20}Z"), "(?:.|.){0,20}Z"),  # 25 s to refuse with re; regex is quick
+        (dict(target_modules=SLOW_REGEX), SLOW_REGEX),
+        (dict(exclude_modules=SLOW_REGEX), SLOW_REGEX),
+        (dict(rank_pattern={SLOW_REGEX: 2}), SLOW_REGEX),
+        (dict(alpha_pattern={SLOW_REGEX: 2}), SLOW_REGEX),
+        (dict(layers_to_transform=[0], layers_pattern=SLOW_REGEX), SLOW_REGEX),
+    ],
+)
 def test_catastrophic_regexes_are_refused_in_bounded_time(good, shape, loader, changes, shown):
     edit_config(good, **changes)
     started = time.perf_counter()
@@ -287,8 +345,11 @@ def test_catastrophic_regexes_are_refused_in_bounded_time(good, shape, loader, c
 def test_long_regexes_are_refused(good, shape, loader):
     long_regex = "|".join([".*q_proj"] * 100)
     assert len(long_regex) > MAX_PATTERN_CHARS
-    for changes in (dict(target_modules=long_regex), dict(exclude_modules=long_regex),
-                    dict(rank_pattern={long_regex: 2})):
+    for changes in (
+        dict(target_modules=long_regex),
+        dict(exclude_modules=long_regex),
+        dict(rank_pattern={long_regex: 2}),
+    ):
         edit_config(good, **changes)
         with pytest.raises(AdapterError, match=f"{len(long_regex)} characters long, more than the {MAX_PATTERN_CHARS}"):
             loader.load(str(good), name="x", shape=shape)
@@ -312,8 +373,9 @@ def test_rank_above_max_lora_rank(good, base, shape, loader, tmp_path):
     with pytest.raises(AdapterError, match=r"rank 2 \(r = 2, .*--max-lora-rank 1"):
         loader.load(str(good), name="x", shape=shape, max_rank=1)
     assert loader.load(str(good), name="x", shape=shape, max_rank=2).rank == 2
-    p = make_peft_adapter(base, tmp_path / "p", r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
-                          rank_pattern={"o_proj": 6}, seed=1)
+    p = make_peft_adapter(
+        base, tmp_path / "p", r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], rank_pattern={"o_proj": 6}, seed=1
+    )
     with pytest.raises(AdapterError) as err:
         loader.load(str(p), name="x", shape=shape, max_rank=4)
     assert "rank_pattern['o_proj']" in str(err.value) and "--max-lora-rank" in str(err.value)
@@ -387,17 +449,20 @@ def _hand_tensors(shape, r=2, layers=(0, 1)):
     return t
 
 
-@pytest.mark.parametrize("mutation, words", [
-    ("extra_key", ["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight", "does not target"]),
-    ("junk_key", ["'base_model.model.model.layers.0.self_attn.q_proj.magnitude'", "not a LoRA weight"]),
-    ("missing_B", ["model.layers.1.self_attn.q_proj", "no lora_B"]),
-    ("nan", ["layers.0.self_attn.q_proj.lora_A.weight", "NaN"]),
-    ("int_dtype", ["layers.0.self_attn.q_proj.lora_B.weight", "dtype"]),
-    ("unsupported_module", ["rotary_emb", "not support"]),
-    ("two_adapters", ["several adapters"]),
-    ("duplicate", ["both hold lora_A"]),
-    ("embedding_as_lora_A", ["lora_embedding_A", "q_proj"]),
-])
+@pytest.mark.parametrize(
+    "mutation, words",
+    [
+        ("extra_key", ["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight", "does not target"]),
+        ("junk_key", ["'base_model.model.model.layers.0.self_attn.q_proj.magnitude'", "not a LoRA weight"]),
+        ("missing_B", ["model.layers.1.self_attn.q_proj", "no lora_B"]),
+        ("nan", ["layers.0.self_attn.q_proj.lora_A.weight", "NaN"]),
+        ("int_dtype", ["layers.0.self_attn.q_proj.lora_B.weight", "dtype"]),
+        ("unsupported_module", ["rotary_emb", "not support"]),
+        ("two_adapters", ["several adapters"]),
+        ("duplicate", ["both hold lora_A"]),
+        ("embedding_as_lora_A", ["lora_embedding_A", "q_proj"]),
+    ],
+)
 def test_weight_refusals_name_the_tensor(shape, loader, tmp_path, mutation, words):
     t = _hand_tensors(shape)
     q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -433,11 +498,15 @@ def test_hand_written_adapter_loads(shape, loader, tmp_path):
     adapter = loader.load(str(d), name="h", shape=shape)
     A, B = adapter.weights[(1, "qkv_proj")]
     x = torch.randn(4, shape.hidden_size)
-    expected = 2.0 * x @ t["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].T \
+    expected = (
+        2.0
+        * x
+        @ t["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].T
         @ t["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].T
+    )
     got = fused_lora_delta(x, A, B, adapter.scaling, shape.output_offsets("qkv_proj"))
-    torch.testing.assert_close(got[:, :shape.q_size], expected, **TOL)
-    assert got[:, shape.q_size:].abs().max() == 0
+    torch.testing.assert_close(got[:, : shape.q_size], expected, **TOL)
+    assert got[:, shape.q_size :].abs().max() == 0
 
 
 # -- added tokens ----------------------------------------------------------------------------------
@@ -451,8 +520,9 @@ def test_added_tokens_are_refused(good, base, shape, loader, tmp_path):
         loader.load(str(good), name="x", shape=shape)
     (good / "added_tokens.json").unlink()
     vocab = {f"t{i}": i for i in range(256)}
-    (good / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab},
-                                                     "added_tokens": [{"id": 257, "content": "<x>"}]}))
+    (good / "tokenizer.json").write_text(
+        json.dumps({"model": {"type": "BPE", "vocab": vocab}, "added_tokens": [{"id": 257, "content": "<x>"}]})
+    )
     with pytest.raises(AdapterError, match=r"tokenizer.json adds 1 token"):
         loader.load(str(good), name="x", shape=shape)
 
@@ -505,8 +575,16 @@ def test_sources_that_are_neither_directory_nor_hub_id(good, loader, shape, tmp_
 
 
 def test_peek_reads_only_the_config(base, loader, shape, tmp_path):
-    p = make_peft_adapter(base, tmp_path / "p", r=2, lora_alpha=4, target_modules=["q_proj", "down_proj", "lm_head"],
-                          rank_pattern={"down_proj": 6}, layers_to_transform=[1], seed=1)
+    p = make_peft_adapter(
+        base,
+        tmp_path / "p",
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "down_proj", "lm_head"],
+        rank_pattern={"down_proj": 6},
+        layers_to_transform=[1],
+        seed=1,
+    )
     (p / "adapter_model.safetensors").unlink()
     assert loader.peek(str(p)) == (6, frozenset({"q_proj", "down_proj", "lm_head"}))
     assert loader.peek(str(p), shape).rank == 6
@@ -530,7 +608,14 @@ def test_loader_is_stateless_and_failures_leave_nothing(good, shape, loader):
 
 def test_base_model_shape_from_config():
     s = BaseModelShape.from_config(tiny_llama_config(head_dim=8))
-    assert (s.num_layers, s.hidden_size, s.q_size, s.kv_size, s.intermediate_size, s.vocab_size) == (2, 64, 32, 16, 128, 256)
+    assert (s.num_layers, s.hidden_size, s.q_size, s.kv_size, s.intermediate_size, s.vocab_size) == (
+        2,
+        64,
+        32,
+        16,
+        128,
+        256,
+    )
     assert s.output_offsets("qkv_proj") == (0, 32, 48, 64)
     assert s.output_offsets("gate_up_proj") == (0, 128, 256)
     assert s.fused_in_features("o_proj") == 32 and s.fused_in_features("down_proj") == 128

@@ -10,9 +10,8 @@ import time
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
-
 from http_fixtures import ADAPTERS, RunningServer, assets, make_engine, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 MAX_LORAS = 2  # the base model or one adapter beside the pinned one
 RESIDENT = "loraserve_lora_adapter_resident"
@@ -57,8 +56,11 @@ def prompt_ids(n: int, seed: int) -> list[int]:
 
 
 def generate(client: httpx.Client, adapter: str | None, n_prompt: int, n_new: int, seed: int) -> dict:
-    body = {"input_ids": prompt_ids(n_prompt, seed), "lora_path": adapter,
-            "sampling_params": {"max_new_tokens": n_new, "temperature": 0, "ignore_eos": True}}
+    body = {
+        "input_ids": prompt_ids(n_prompt, seed),
+        "lora_path": adapter,
+        "sampling_params": {"max_new_tokens": n_new, "temperature": 0, "ignore_eos": True},
+    }
     res = client.post("/generate", json=body)
     assert res.status_code == 200, res.text
     return res.json()
@@ -66,14 +68,19 @@ def generate(client: httpx.Client, adapter: str | None, n_prompt: int, n_new: in
 
 def test_residency_follows_loading_eviction_and_unloading(served):
     _, client, _ = served
-    res = client.post("/load_lora_adapter", json={"lora_name": "beta", "lora_path": assets().adapters["beta"],
-                                                  "pinned": True})
+    res = client.post(
+        "/load_lora_adapter", json={"lora_name": "beta", "lora_path": assets().adapters["beta"], "pinned": True}
+    )
     assert res.status_code == 200, res.text
     generate(client, "alpha", 5, 3, seed=1)
     tiers = residency(scrape(client))
     alpha_rank, beta_rank = str(ADAPTERS["alpha"][0]), str(ADAPTERS["beta"][0])
-    assert tiers == {("alpha", "gpu"): (alpha_rank, "false", 1.0), ("alpha", "host"): (alpha_rank, "false", 1.0),
-                     ("beta", "gpu"): (beta_rank, "true", 1.0), ("beta", "host"): (beta_rank, "true", 1.0)}
+    assert tiers == {
+        ("alpha", "gpu"): (alpha_rank, "false", 1.0),
+        ("alpha", "host"): (alpha_rank, "false", 1.0),
+        ("beta", "gpu"): (beta_rank, "true", 1.0),
+        ("beta", "host"): (beta_rank, "true", 1.0),
+    }
 
     res = client.post("/load_lora_adapter", json={"lora_name": "gamma", "lora_path": assets().adapters["gamma"]})
     assert res.status_code == 200, res.text
@@ -105,9 +112,11 @@ def test_token_counters_by_adapter_equal_the_requests(served):
     after = scrape(client)
     for adapter, (prompt, generated) in sent.items():
         got_prompt = counter(after, "loraserve_prompt_tokens_total", adapter) - counter(
-            before, "loraserve_prompt_tokens_total", adapter)
+            before, "loraserve_prompt_tokens_total", adapter
+        )
         got_generated = counter(after, "loraserve_generation_tokens_total", adapter) - counter(
-            before, "loraserve_generation_tokens_total", adapter)
+            before, "loraserve_generation_tokens_total", adapter
+        )
         assert (got_prompt, got_generated) == (prompt, generated), adapter
 
 
@@ -115,15 +124,18 @@ def test_lora_requests_info_names_running_and_waiting_adapters(served):
     _, client, _ = served
     start = time.time()
     idle = scrape(client)["loraserve_lora_requests_info"]
-    assert [s.labels for s in idle] == [{"running_lora_adapters": "", "waiting_lora_adapters": "",
-                                         "max_lora": str(MAX_LORAS)}]
+    assert [s.labels for s in idle] == [
+        {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": str(MAX_LORAS)}
+    ]
     assert start <= idle[0].value <= time.time()  # when the engine was seen, in unix seconds
 
     # one request runs at a time (max_running_requests=1): a long alpha request (about a second on a
     # CPU), then a beta one that waits for it
     done = []
-    threads = [threading.Thread(target=lambda a=a, n=n, s=s: done.append(generate(client, a, 4, n, seed=s)))
-               for a, n, s in (("alpha", 400, 20), ("beta", 8, 21))]
+    threads = [
+        threading.Thread(target=lambda a=a, n=n, s=s: done.append(generate(client, a, 4, n, seed=s)))
+        for a, n, s in (("alpha", 400, 20), ("beta", 8, 21))
+    ]
     seen = set()
 
     def look() -> bool:

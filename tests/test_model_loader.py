@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_models import hf_logits, make_config, make_hf, our_logits
 
-from loraserve import embedded
-from loraserve import model_loader
+from loraserve import embedded, model_loader
 from loraserve.errors import ConfigError
 from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
 from loraserve.models.llama import LlamaForCausalLM
 from loraserve.plugin_manager import PluginManager
 from loraserve.settings import make_settings
-
-from test_models import hf_logits, make_config, make_hf, our_logits
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,8 +85,9 @@ def test_dummy_load_needs_only_config(tmp_path, plugins, gen):
         load_tokenizer(s)
 
 
-@pytest.mark.parametrize("name,params,tied", [("llama-3.1-8b", 8_030_261_248, False),
-                                              ("llama-3.2-1b", 1_235_814_400, True)])
+@pytest.mark.parametrize(
+    "name,params,tied", [("llama-3.1-8b", 8_030_261_248, False), ("llama-3.2-1b", 1_235_814_400, True)]
+)
 def test_benchmark_configs_have_the_real_shapes(name, params, tied):
     source = resolve_model_source(settings(REPO / "benchmarks" / "configs" / name, load_format="dummy"))
     config = model_loader.load_config(source)
@@ -121,8 +120,11 @@ def test_unknown_architecture_lists_known_ones(tmp_path, plugins):
 
 def test_hub_id_offline_gives_a_clear_error():
     start = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"could not fetch model 'loraserve-tests/no-such-model' from the "
-                                          r"Hugging Face hub .*pass a local directory"):
+    with pytest.raises(
+        ConfigError,
+        match=r"could not fetch model 'loraserve-tests/no-such-model' from the "
+        r"Hugging Face hub .*pass a local directory",
+    ):
         resolve_model_source(settings("loraserve-tests/no-such-model"))
     assert time.perf_counter() - start < 30
 
@@ -163,8 +165,14 @@ def test_conversion_without_its_dependency_names_the_package(package, tmp_path, 
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
-@pytest.mark.parametrize("error", [ValueError("accelerate is required when loading a GGUF file"),
-                                   ImportError("No module named 'gguf'"), OSError("unreadable file")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("accelerate is required when loading a GGUF file"),
+        ImportError("No module named 'gguf'"),
+        OSError("unreadable file"),
+    ],
+)
 def test_a_failing_conversion_ends_in_a_message_not_a_traceback(error, tmp_path, monkeypatch):
     import transformers
 
@@ -217,8 +225,9 @@ def smollm2(tmp_path_factory):
     import transformers
 
     gguf = embedded.embedded_gguf_path()
-    oracle = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                               dtype=torch.float32).eval()
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
     calls = []
 
     def from_pretrained(path, **kwargs):
@@ -250,8 +259,11 @@ def test_embedded_smollm2_matches_transformers_gguf(smollm2, monkeypatch, plugin
     assert (source.origin, source.load_format, source.name) == ("embedded", "safetensors", embedded.EMBEDDED_MODEL_NAME)
     tokenizer = load_tokenizer(s, source)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
-    ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
-                                                     add_generation_prompt=True, tokenize=True, return_dict=False))
+    ids = torch.tensor(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
     model, _ = load_model(s, plugins)
     assert model.tie_word_embeddings and model.num_layers == 30
     want = hf_logits(oracle, ids)
@@ -266,8 +278,11 @@ def test_embedded_smollm2_matches_transformers_gguf(smollm2, monkeypatch, plugin
     import transformers
 
     calls = []
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda path, **kw: calls.append((Path(path), kw)) or oracle)
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda path, **kw: calls.append((Path(path), kw)) or oracle,
+    )
     from_gguf, config = load_model(settings(gguf), plugins)
     assert calls == [(gguf.parent, {"gguf_file": gguf.name, "dtype": torch.float32})]
     assert not config.architectures  # GGUF metadata names none: the architecture comes from model_type

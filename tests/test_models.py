@@ -10,24 +10,43 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 from loraserve.errors import ConfigError
 from loraserve.models.llama import LlamaForCausalLM
 
-SMALL = dict(vocab_size=131, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+SMALL = dict(
+    vocab_size=131,
+    hidden_size=64,
+    intermediate_size=88,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
 
 
 def make_config(family: str):
     if family == "llama":
         return LlamaConfig(**SMALL, rope_theta=10000.0)
     if family == "llama3":
-        return LlamaConfig(**SMALL, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        return LlamaConfig(
+            **SMALL,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
     if family == "mistral":  # head_dim given explicitly and unequal to hidden / heads
         return MistralConfig(**{**SMALL, "num_key_value_heads": 1}, head_dim=32, sliding_window=4096)
     if family == "qwen2":
         return Qwen2Config(**SMALL)
     if family == "smollm2":
-        return LlamaConfig(**{**SMALL, "num_attention_heads": 8, "num_key_value_heads": 8},
-                           tie_word_embeddings=True, rope_theta=100000.0)
+        return LlamaConfig(
+            **{**SMALL, "num_attention_heads": 8, "num_key_value_heads": 8},
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+        )
     raise ValueError(family)
 
 
@@ -64,9 +83,9 @@ class DenseCausalAttention:
         outs, start = [], 0
         groups = q.shape[1] // k.shape[1]
         for n in self.seq_lens:
-            qs = q[start:start + n].transpose(0, 1)
-            ks = k[start:start + n].transpose(0, 1).repeat_interleave(groups, dim=0)
-            vs = v[start:start + n].transpose(0, 1).repeat_interleave(groups, dim=0)
+            qs = q[start : start + n].transpose(0, 1)
+            ks = k[start : start + n].transpose(0, 1).repeat_interleave(groups, dim=0)
+            vs = v[start : start + n].transpose(0, 1).repeat_interleave(groups, dim=0)
             outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
             start += n
         return torch.cat(outs)
@@ -125,15 +144,23 @@ def test_engine_attributes(pair):
     cfg = hf.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert (ours.num_layers, ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
-        cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        head_dim,
+    )
     assert ours.q_size == cfg.num_attention_heads * head_dim and ours.kv_size == cfg.num_key_value_heads * head_dim
     assert (ours.hidden_size, ours.vocab_size, ours.intermediate_size) == (
-        cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size)
+        cfg.hidden_size,
+        cfg.vocab_size,
+        cfg.intermediate_size,
+    )
     assert ours.dtype == torch.float32 and ours.device == torch.device("cpu")
     assert ours.sliding_window == (4096 if family == "mistral" else None)
     targets = list(ours.lora_targets())
-    assert [(i, n) for i, n, _ in targets] == [(i, n) for i in range(2)
-                                              for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+    assert [(i, n) for i, n, _ in targets] == [
+        (i, n) for i in range(2) for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    ]
     qkv = targets[0][2]
     assert qkv.output_offsets == (0, ours.q_size, ours.q_size + ours.kv_size, ours.q_size + 2 * ours.kv_size)
     assert qkv.input_size == cfg.hidden_size and qkv.weight.shape == (ours.q_size + 2 * ours.kv_size, cfg.hidden_size)
@@ -161,14 +188,18 @@ def test_lora_hooks_see_shapes_and_edit_output_in_place(gen):
         return lambda x, out: seen.append((tag, tuple(x.shape), tuple(out.shape)))
 
     layer1 = ours.model.layers[1]
-    layer1.mlp.down_proj.lora_hook = down_hook
-    layer1.self_attn.qkv_proj.lora_hook = record("qkv")
-    ours.model.embed_tokens.lora_hook = record("embed")
-    ours.lm_head.lora_hook = record("lm_head")
+    layer1.mlp.down_proj.attach_lora(down_hook)
+    layer1.self_attn.qkv_proj.attach_lora(record("qkv"))
+    ours.model.embed_tokens.attach_lora(record("embed"))
+    ours.lm_head.attach_lora(record("lm_head"))
     got = our_logits(ours, ids)
     qkv_out = ours.q_size + 2 * ours.kv_size
-    assert seen == [("embed", (6,), (6, 64)), ("qkv", (6, 64), (6, qkv_out)),
-                    ("down", (6, 88), (6, 64)), ("lm_head", (6, 64), (6, 131))]
+    assert seen == [
+        ("embed", (6,), (6, 64)),
+        ("qkv", (6, 64), (6, qkv_out)),
+        ("down", (6, 88), (6, 64)),
+        ("lm_head", (6, 64), (6, 131)),
+    ]
     assert not torch.allclose(got, base, atol=1e-3)
     with torch.no_grad():
         hf.model.layers[1].mlp.down_proj.weight += delta
@@ -196,8 +227,11 @@ def test_shape_mismatch_names_tensor_and_both_shapes():
     hf = make_hf(make_config("llama"))
     weights = dict(hf.state_dict())
     weights["model.layers.0.mlp.up_proj.weight"] = torch.zeros(80, 64)
-    with pytest.raises(ConfigError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' has shape \(80, 64\) "
-                                          r"but the model expects \(88, 64\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'model\.layers\.0\.mlp\.up_proj\.weight' has shape \(80, 64\) "
+        r"but the model expects \(88, 64\)",
+    ):
         LlamaForCausalLM(hf.config).load_weights(weights.items())
 
 

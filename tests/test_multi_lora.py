@@ -7,19 +7,23 @@ import threading
 
 import pytest
 import torch
+from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model
 from peft import PeftModel
 
 from loraserve.engine.engine import Engine
 from loraserve.errors import UserError
 from loraserve.settings import make_settings
-from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model
 
 ADAPTERS = {
     # name: (r, alpha, targets, extra LoraConfig options)
     "rank1": (1, 4, ["q_proj", "v_proj"], {}),
     "rank3_rslora": (3, 6, ["q_proj", "k_proj", "o_proj", "down_proj"], {"use_rslora": True}),
-    "patterns": (8, 16, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
-                 {"rank_pattern": {"down_proj": 5}, "alpha_pattern": {"gate_proj": 3}}),
+    "patterns": (
+        8,
+        16,
+        ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        {"rank_pattern": {"down_proj": 5}, "alpha_pattern": {"gate_proj": 3}},
+    ),
     "one_layer": (4, 8, ["k_proj", "up_proj"], {"layers_to_transform": [1]}),
 }
 NEW = 24
@@ -38,8 +42,18 @@ def _family_case(base_model, root, adapters: dict, seed: int = 30):
     base_model.save_pretrained(root / "base")
     paths = {}
     for i, (name, (r, alpha, targets, extra)) in enumerate(adapters.items()):
-        paths[name] = str(make_peft_adapter(base_model, root / name, r=r, lora_alpha=alpha, target_modules=targets,
-                                            seed=seed + i, init_scale=0.3, **extra))
+        paths[name] = str(
+            make_peft_adapter(
+                base_model,
+                root / name,
+                r=r,
+                lora_alpha=alpha,
+                target_modules=targets,
+                seed=seed + i,
+                init_scale=0.3,
+                **extra,
+            )
+        )
     names = list(paths)
     peft = PeftModel.from_pretrained(base_model, paths[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -51,12 +65,22 @@ def peft_generate(peft, prompts: list[list[int]], adapters: list[str | None]) ->
     """PEFT's mixed-batch greedy generate (equal-length prompts: no padding)."""
     names = [a if a is not None else "__base__" for a in adapters]
     ids = torch.tensor(prompts)  # an explicit mask: token 0 in a prompt must not be taken for padding
-    out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, max_new_tokens=NEW, do_sample=False,
-                        output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    out = peft.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        adapter_names=names,
+        max_new_tokens=NEW,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     n = len(prompts[0])
     tokens = out.sequences[:, n:].tolist()
-    logprobs = [[torch.log_softmax(step[i].float(), -1)[t].item() for step, t in zip(out.logits, tokens[i])]
-                for i in range(len(prompts))]
+    logprobs = [
+        [torch.log_softmax(step[i].float(), -1)[t].item() for step, t in zip(out.logits, tokens[i])]
+        for i in range(len(prompts))
+    ]
     return tokens, logprobs
 
 
@@ -67,8 +91,7 @@ def prompts(n: int, length: int = 6, seed: int = 3) -> list[list[int]]:
 
 def engine_with(base: str, paths: dict, **kwargs) -> Engine:
     lora_paths = [f"{name}={path}" for name, path in paths.items()]
-    return Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024, lora_paths=lora_paths,
-                                **kwargs))
+    return Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024, lora_paths=lora_paths, **kwargs))
 
 
 def assert_matches_peft(results: list, expected: list, expected_lp: list, adapters: list, label: str = "") -> None:
@@ -117,8 +140,15 @@ def test_pinned_adapter_stays_and_pin_limit(setup):
     base, paths, peft = setup
     names = list(ADAPTERS)
     pinned = f'{{"lora_name": "pinned", "lora_path": "{paths[names[0]]}", "pinned": true}}'
-    engine = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024, max_loras_per_batch=2,
-                                  lora_paths=[pinned] + [f"{n}={paths[n]}" for n in names[1:]]))
+    engine = Engine(
+        make_settings(
+            model_path=base,
+            device="cpu",
+            max_total_tokens=1024,
+            max_loras_per_batch=2,
+            lora_paths=[pinned] + [f"{n}={paths[n]}" for n in names[1:]],
+        )
+    )
     try:
         key = engine.lora.registry.get("pinned").key
         for name in names[1:]:
@@ -155,8 +185,9 @@ def test_unload_during_generation_then_reload(setup):
         ids = prompts(1, seed=11)[0]
         expected, _ = peft_generate(peft, [ids], [name])
         results: list = []
-        worker = threading.Thread(target=lambda: results.append(
-            engine.generate(input_ids=ids, sampling_params=GREEDY, lora_path=name)))
+        worker = threading.Thread(
+            target=lambda: results.append(engine.generate(input_ids=ids, sampling_params=GREEDY, lora_path=name))
+        )
         worker.start()
         while engine.step_count == 0:  # wait until the request is being generated
             threading.Event().wait(0.001)
@@ -244,8 +275,9 @@ def test_mixed_batch_matches_peft_on_the_embedded_smollm2(tmp_path):
     gen = torch.Generator().manual_seed(19)
     batch = torch.randint(0, 49152, (len(adapters), 9), generator=gen).tolist()
     expected, expected_lp = peft_generate(peft, batch, adapters)
-    engine = Engine(make_settings(device="cpu", max_total_tokens=1024,
-                                  lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+    engine = Engine(
+        make_settings(device="cpu", max_total_tokens=1024, lora_paths=[f"{n}={p}" for n, p in paths.items()])
+    )
     try:
         results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=adapters)
         assert_matches_peft(results, expected, expected_lp, adapters, "embedded")
@@ -256,19 +288,22 @@ def test_mixed_batch_matches_peft_on_the_embedded_smollm2(tmp_path):
 def test_embedding_and_lm_head_lora_and_path_only_adapter_names(tmp_path):
     base = tiny_model(tiny_llama_config(), seed=1)
     base.generation_config.eos_token_id = None
-    adapters = {"embed_head": (4, 8, ["embed_tokens", "lm_head", "q_proj"], {}),
-                "plain": (2, 4, ["v_proj"], {})}
+    adapters = {"embed_head": (4, 8, ["embed_tokens", "lm_head", "q_proj"], {}), "plain": (2, 4, ["v_proj"], {})}
     base_dir, paths, peft = _family_case(base, tmp_path, adapters)
     order = ["embed_head", None, "plain"]
     batch = prompts(len(order), seed=23)
     expected, _ = peft_generate(peft, batch, order)
     # PATH-only entries: the path doubles as the adapter name, as in SGLang
-    engine = Engine(make_settings(model_path=base_dir, device="cpu", max_total_tokens=1024,
-                                  lora_paths=[paths["embed_head"], paths["plain"]]))
+    engine = Engine(
+        make_settings(
+            model_path=base_dir, device="cpu", max_total_tokens=1024, lora_paths=[paths["embed_head"], paths["plain"]]
+        )
+    )
     try:
         assert sorted(a["name"] for a in engine.lora.loaded_adapters()) == sorted(paths.values())
-        results = engine.generate(input_ids=batch, sampling_params=GREEDY,
-                                  lora_path=[paths["embed_head"], None, paths["plain"]])
+        results = engine.generate(
+            input_ids=batch, sampling_params=GREEDY, lora_path=[paths["embed_head"], None, paths["plain"]]
+        )
         assert [r["output_ids"] for r in results] == expected
     finally:
         engine.shutdown()

@@ -17,12 +17,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from http_fixtures import RunningServer, assets, make_engine
 
 CONFIG = Path(__file__).parent / "fuzz" / "schemathesis.toml"
-POSTS = ("/generate", "/v1/completions", "/v1/chat/completions", "/load_lora_adapter", "/unload_lora_adapter",
-         "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+POSTS = (
+    "/generate",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/load_lora_adapter",
+    "/unload_lora_adapter",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,14 @@ def served(tmp_path_factory):
     allowed = tmp_path_factory.mktemp("allowed")
     for name in ("alpha", "beta"):
         shutil.copytree(assets().adapters[name], allowed / name)
-    engine = make_engine(adapters=(), lora_paths=[f"{n}={allowed / n}" for n in ("alpha", "beta")], context_length=128,
-                         lora_allowed_dirs=[str(allowed)], max_queued_requests=64, max_sequences_per_request=4)
+    engine = make_engine(
+        adapters=(),
+        lora_paths=[f"{n}={allowed / n}" for n in ("alpha", "beta")],
+        context_length=128,
+        lora_allowed_dirs=[str(allowed)],
+        max_queued_requests=64,
+        max_sequences_per_request=4,
+    )
     server = RunningServer(engine)
     yield server, engine
     server.stop()
@@ -65,9 +77,25 @@ def test_sampling_schema_names_every_sampling_parameter():
 @pytest.mark.slow
 def test_schemathesis_finds_no_failure(served, tmp_path):
     server, engine = served
-    cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run",
-           f"{server.url}/openapi.json", "--checks", "all", "--max-examples", os.environ.get("FUZZ_EXAMPLES", "10"),
-           "--seed", "20261207", "--max-time", os.environ.get("FUZZ_SECONDS", "150"), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "--config-file",
+        str(CONFIG),
+        "run",
+        f"{server.url}/openapi.json",
+        "--checks",
+        "all",
+        "--max-examples",
+        os.environ.get("FUZZ_EXAMPLES", "10"),
+        "--seed",
+        "20261207",
+        "--max-time",
+        os.environ.get("FUZZ_SECONDS", "150"),
+        "--workers",
+        "1",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=tmp_path)
     report = out.stdout[-8000:] + out.stderr[-2000:]
     assert out.returncode == 0, report

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
 
 from loraserve.engine.engine import Engine
 from loraserve.sched.scheduler import COPYING
 from loraserve.settings import make_settings
-from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
 
 
 class FakeCopies:
@@ -68,15 +68,34 @@ class FakeCopies:
 
 
 def overlap_engine(base, paths, delay, **kwargs):
-    engine = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024,
-                                  lora_paths=[f"{n}={p}" for n, p in paths.items()], **kwargs))
+    engine = Engine(
+        make_settings(
+            model_path=base,
+            device="cpu",
+            max_total_tokens=1024,
+            lora_paths=[f"{n}={p}" for n, p in paths.items()],
+            **kwargs,
+        )
+    )
     engine.lora.admission.copy_engine = FakeCopies(engine, delay)  # replaces the engine's (None on CPU)
     return engine
 
 
 # more adapters than slots, base rows that can run while copies are in flight, repeats that hit
-ORDER = [None, "rank1", "rank3_rslora", None, "patterns", "one_layer", "rank1", "one_layer", "patterns",
-         "rank3_rslora", None, "rank1"]
+ORDER = [
+    None,
+    "rank1",
+    "rank3_rslora",
+    None,
+    "patterns",
+    "one_layer",
+    "rank1",
+    "one_layer",
+    "patterns",
+    "rank3_rslora",
+    None,
+    "rank1",
+]
 
 
 @pytest.mark.parametrize("delay", [0, 4, 12])
@@ -103,13 +122,21 @@ def test_outputs_identical_with_overlap_loading(setup, delay):
         engine.kv.allocator.check_integrity()
     finally:
         engine.shutdown()
-    sync = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024,
-                                lora_paths=[f"{n}={p}" for n, p in paths.items()], max_loras_per_batch=2,
-                                max_running_requests=4))
+    sync = Engine(
+        make_settings(
+            model_path=base,
+            device="cpu",
+            max_total_tokens=1024,
+            lora_paths=[f"{n}={p}" for n, p in paths.items()],
+            max_loras_per_batch=2,
+            max_running_requests=4,
+        )
+    )
     try:
         assert sync.lora.copy_engine is None  # without the flag (and on CPU): synchronous fills
-        assert [r["output_ids"] for r in sync.generate(input_ids=batch, sampling_params=GREEDY,
-                                                       lora_path=ORDER)] == expected
+        assert [
+            r["output_ids"] for r in sync.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ORDER)
+        ] == expected
     finally:
         sync.shutdown()
 
@@ -117,8 +144,16 @@ def test_outputs_identical_with_overlap_loading(setup, delay):
 def test_flag_on_cpu_has_no_effect_beyond_the_log(setup, caplog):
     base, paths, _ = setup
     with caplog.at_level("INFO", logger="loraserve.engine.engine"):
-        engine = Engine(make_settings(model_path=base, device="cpu", max_total_tokens=512, max_loras_per_batch=3,
-                                      enable_lora_overlap_loading=True, lora_paths=[f"{n}={p}" for n, p in paths.items()]))
+        engine = Engine(
+            make_settings(
+                model_path=base,
+                device="cpu",
+                max_total_tokens=512,
+                max_loras_per_batch=3,
+                enable_lora_overlap_loading=True,
+                lora_paths=[f"{n}={p}" for n, p in paths.items()],
+            )
+        )
     try:
         assert engine.lora.copy_engine is None and not engine.lora.pin_host
         assert "overlap loading has no effect on cpu" in caplog.text
@@ -179,7 +214,7 @@ def test_abort_and_unload_while_copies_are_in_flight(setup):
         assert lora.copies_in_flight == 2
         slot_rank1 = lora.pool.slot_of(waiting[0].lora.key)
         engine._abort(waiting[0].request_id)  # its copy goes on; nobody waits for it any more
-        assert waiting[0].finished and waiting[0].lora is None  # finished, its adapter reference released
+        assert waiting[0].finished and waiting[0].adapter_ref is None  # finished, its adapter reference released
         engine._abort(waiting[1].request_id)
         key = ("patterns", lora.registry.get("patterns").version)
         lora.unload_adapter("patterns")  # in flight: the slot is emptied at once, its copy forgotten

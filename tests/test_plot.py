@@ -19,10 +19,18 @@ import plot  # noqa: E402
 
 H100 = "NVIDIA_H100_80GB_HBM3"
 EXPECTED = [
-    f"lora_kernels_{H100}.png", f"lora_kernels_{H100}_chunk32.png", f"lora_kernels_{H100}_quick_after.png",
-    f"lora_kernels_{H100}_quick_before.png", f"lora_epilogue_{H100}.png", f"engine_steps_{H100}.png",
-    f"engine_steps_{H100}_final.png", f"engine_steps_{H100}_fused.png", f"engine_steps_{H100}_tags.png",
-    "tp_llama-3.1-8b_2xNVIDIA_H200.png", f"overlap_loading_{H100}.png", f"throughput_latency_{H100}.png",
+    f"lora_kernels_{H100}.png",
+    f"lora_kernels_{H100}_chunk32.png",
+    f"lora_kernels_{H100}_quick_after.png",
+    f"lora_kernels_{H100}_quick_before.png",
+    f"lora_epilogue_{H100}.png",
+    f"engine_steps_{H100}.png",
+    f"engine_steps_{H100}_final.png",
+    f"engine_steps_{H100}_fused.png",
+    f"engine_steps_{H100}_tags.png",
+    "tp_llama-3.1-8b_2xNVIDIA_H200.png",
+    f"overlap_loading_{H100}.png",
+    f"throughput_latency_{H100}.png",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,10 +74,18 @@ def test_unknown_shapes_are_skipped(tmp_path, capsys):
     assert skipped == ["broken.json", "odd_dict.json", "odd_list.json"]
 
 
-@pytest.mark.parametrize("prefix, kind", [("lora_kernels_", "kernels"), ("lora_epilogue_", "epilogue"),
-                                          ("engine_steps_", "engine_steps"), ("tp_", "tp"),
-                                          ("overlap_loading_", "overlap"), ("offline_", "serving"),
-                                          ("hf_peft_", "serving")])
+@pytest.mark.parametrize(
+    "prefix, kind",
+    [
+        ("lora_kernels_", "kernels"),
+        ("lora_epilogue_", "epilogue"),
+        ("engine_steps_", "engine_steps"),
+        ("tp_", "tp"),
+        ("overlap_loading_", "overlap"),
+        ("offline_", "serving"),
+        ("hf_peft_", "serving"),
+    ],
+)
 def test_kind_of_recorded_files(prefix, kind):
     paths = [p for p in RESULTS.glob(f"{prefix}*.json") if "_sweep_" not in p.name]
     assert paths
@@ -84,8 +100,13 @@ def test_kernel_cases_are_the_json_numbers():
     for i in (0, 777, len(cases) - 1):
         raw, row = doc["cases"][i], cases[i]
         assert (row["measured_us"], row["limit_us"]) == (raw["time_us"], raw["limit_us"])
-        assert (row["proj"], row["tokens"], row["adapters"], row["rank"], row["backend"]) == \
-            (raw["proj"], raw["tokens"], raw["adapters"], raw["rank"], raw["backend"])
+        assert (row["proj"], row["tokens"], row["adapters"], row["rank"], row["backend"]) == (
+            raw["proj"],
+            raw["tokens"],
+            raw["adapters"],
+            raw["rank"],
+            raw["backend"],
+        )
 
 
 def test_per_layer_matches_the_markdown_summary():

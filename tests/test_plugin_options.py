@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import make_manager
+
 from loraserve.cli import build_parser, parse_settings
 from loraserve.errors import ConfigError, PluginError
 from loraserve.settings import Settings
@@ -52,7 +52,7 @@ def pm(installed_entry_points):
 
 def test_csgmv_chunk_size_is_the_plugins_option_in_help_env_and_factory(pm, monkeypatch):
     help_text = build_parser(pm).format_help()
-    section = help_text[help_text.index("plugin backend_csgmv:"):]
+    section = help_text[help_text.index("plugin backend_csgmv:") :]
     assert "--max-lora-chunk-size {16,32,64,128}" in section
     assert "max_lora_chunk_size" not in Settings.model_fields  # not a core setting any more
     settings = parse_settings(["--max-lora-chunk-size", "64"], pm)
@@ -110,13 +110,16 @@ def test_priorities_pick_the_default_per_device(pm):
 
 
 def test_a_priority_that_is_not_a_mapping_of_ints_is_refused(plugin_dir):
-    ep = plugin_dir("badprio", """
+    ep = plugin_dir(
+        "badprio",
+        """
         from loraserve import hookimpl
 
         @hookimpl
         def loraserve_register_backends(register):
             register("bp", lambda settings, device: None, priority={"cuda": "high"})
-    """)
+    """,
+    )
     with pytest.raises(PluginError, match="'badprio'.*'bp'.*priority"):
         make_manager([ep]).backends
 

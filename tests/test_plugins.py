@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import make_manager
+
 from loraserve import hookimpl
 from loraserve.errors import ConfigError, PluginError
 from loraserve.plugin_manager import PluginManager
@@ -38,24 +38,33 @@ def test_broken_plugin_is_reported_by_name_and_others_keep_working(plugin_dir, i
 
 
 def test_misspelled_hook_fails_loudly_naming_plugin_and_suggestion(plugin_dir):
-    ep = plugin_dir("typo_plugin", """
+    ep = plugin_dir(
+        "typo_plugin",
+        """
         from loraserve import hookimpl
         @hookimpl
         def loraserve_register_backend(register):
             register("x", object)
-    """)
+    """,
+    )
     with pytest.raises(PluginError) as err:
         make_manager([ep])
     assert "typo_plugin" in str(err.value) and "loraserve_register_backends" in str(err.value)
 
 
 def test_two_plugins_registering_one_name_is_an_error_naming_both(plugin_dir):
-    eps = [plugin_dir(mod, """
+    eps = [
+        plugin_dir(
+            mod,
+            """
         from loraserve import hookimpl
         @hookimpl
         def loraserve_register_backends(register):
             register("dup", lambda settings, device: None)
-    """) for mod in ("first_dup", "second_dup")]
+    """,
+        )
+        for mod in ("first_dup", "second_dup")
+    ]
     pm = make_manager(eps)
     with pytest.raises(PluginError) as err:
         pm.backends
@@ -75,8 +84,9 @@ def test_allow_list_and_deny_list(installed_entry_points):
     assert "lru" in str(err.value)  # the message lists what can be chosen
 
 
-@pytest.mark.parametrize("kwargs, option", [({"allow": ["nope"]}, "LORASERVE_PLUGINS"),
-                                            ({"deny": ["nope"]}, "--disable-plugin")])
+@pytest.mark.parametrize(
+    "kwargs, option", [({"allow": ["nope"]}, "LORASERVE_PLUGINS"), ({"deny": ["nope"]}, "--disable-plugin")]
+)
 def test_unknown_plugin_names_in_allow_or_deny_list(installed_entry_points, kwargs, option):
     with pytest.raises(ConfigError) as err:
         make_manager(installed_entry_points, **kwargs)
@@ -84,10 +94,13 @@ def test_unknown_plugin_names_in_allow_or_deny_list(installed_entry_points, kwar
 
 
 def test_entry_points_load_once(plugin_dir):
-    ep = plugin_dir("counting_plugin", """
+    ep = plugin_dir(
+        "counting_plugin",
+        """
         import builtins
         builtins.COUNT_LOADS = getattr(builtins, "COUNT_LOADS", 0) + 1
-    """)
+    """,
+    )
     import builtins
 
     pm = PluginManager(entry_points=[ep])
@@ -158,12 +171,15 @@ def test_plugin_registered_in_a_test_is_selectable_and_goes_away(installed_entry
 
 
 def test_register_hook_that_raises_names_the_plugin(plugin_dir):
-    ep = plugin_dir("raising_plugin", """
+    ep = plugin_dir(
+        "raising_plugin",
+        """
         from loraserve import hookimpl
         @hookimpl
         def loraserve_register_models(register):
             raise KeyError("no such arch")
-    """)
+    """,
+    )
     pm = make_manager([ep])
     with pytest.raises(PluginError) as err:
         pm.models

@@ -16,8 +16,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from loraserve.errors import UserError
 from loraserve.engine.stop import StopChecker, finish_reason
+from loraserve.errors import UserError
 from loraserve.runner.sampler import Sampler
 from loraserve.sched.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, TokenHistory, make_generator
 
@@ -49,10 +49,14 @@ def hf_scores(logits_row: torch.Tensor, p: SamplingParams, seen: list[int]) -> t
 
 def random_batch(gen: torch.Generator, batch: int, vocab: int = V, scale: float = 3.0):
     logits = torch.randn(batch, vocab, generator=gen) * scale
-    prompts = [torch.randint(0, vocab, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
-               for _ in range(batch)]
-    outputs = [torch.randint(0, vocab, (int(torch.randint(0, 7, (1,), generator=gen)),), generator=gen).tolist()
-               for _ in range(batch)]
+    prompts = [
+        torch.randint(0, vocab, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(batch)
+    ]
+    outputs = [
+        torch.randint(0, vocab, (int(torch.randint(0, 7, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(batch)
+    ]
     return logits, prompts, outputs
 
 
@@ -65,14 +69,18 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("params", [
-    [SamplingParams(temperature=t) for t in (0.3, 0.7, 1.0, 1.5, 2.5)],
-    [SamplingParams(top_k=k) for k in (1, 2, 3, 36, 100)],
-    [SamplingParams(top_p=p) for p in (0.05, 0.3, 0.5, 0.9, 0.99)],
-    [SamplingParams(min_p=m) for m in (0.01, 0.1, 0.3, 0.7, 1.0)],
-    [SamplingParams(repetition_penalty=r) for r in (0.5, 0.9, 1.0, 1.2, 2.0)],
-    MIXED,
-], ids=["temperature", "top_k", "top_p", "min_p", "repetition", "mixed"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(temperature=t) for t in (0.3, 0.7, 1.0, 1.5, 2.5)],
+        [SamplingParams(top_k=k) for k in (1, 2, 3, 36, 100)],
+        [SamplingParams(top_p=p) for p in (0.05, 0.3, 0.5, 0.9, 0.99)],
+        [SamplingParams(min_p=m) for m in (0.01, 0.1, 0.3, 0.7, 1.0)],
+        [SamplingParams(repetition_penalty=r) for r in (0.5, 0.9, 1.0, 1.2, 2.0)],
+        MIXED,
+    ],
+    ids=["temperature", "top_k", "top_p", "min_p", "repetition", "mixed"],
+)
 def test_processed_logits_match_transformers(gen, params):
     sampler = Sampler(seed=0)
     for _ in range(20):
@@ -87,14 +95,17 @@ def test_processed_logits_match_transformers(gen, params):
 
 
 def test_frequency_and_presence_penalties_follow_openai(gen):
-    params = [SamplingParams(frequency_penalty=f, presence_penalty=pr, repetition_penalty=r)
-              for f, pr, r in [(0.5, 0.0, 1.0), (0.0, 1.5, 1.0), (-1.0, 0.7, 1.0), (2.0, -2.0, 1.4), (0.3, 0.3, 0.7)]]
+    params = [
+        SamplingParams(frequency_penalty=f, presence_penalty=pr, repetition_penalty=r)
+        for f, pr, r in [(0.5, 0.0, 1.0), (0.0, 1.5, 1.0), (-1.0, 0.7, 1.0), (2.0, -2.0, 1.4), (0.3, 0.3, 0.7)]
+    ]
     logits, prompts, outputs = random_batch(gen, len(params))
     histories = [TokenHistory(pr, V, output_ids=out) for pr, out in zip(prompts, outputs)]
     ours = Sampler().process_logits(logits, params, histories)
     for i, p in enumerate(params):
-        expected = hf_scores(logits[i], SamplingParams(repetition_penalty=p.repetition_penalty, temperature=0),
-                             prompts[i] + outputs[i])
+        expected = hf_scores(
+            logits[i], SamplingParams(repetition_penalty=p.repetition_penalty, temperature=0), prompts[i] + outputs[i]
+        )
         # OpenAI: only output tokens count; a prompt-only token is untouched by these two.
         for tok in range(V):
             count = outputs[i].count(tok)
@@ -117,9 +128,13 @@ def test_history_append_matches_construction(gen):
 
 
 def test_greedy_is_argmax_after_penalties(gen):
-    params = [SamplingParams(temperature=0), SamplingParams(top_k=1, temperature=0.8),
-              SamplingParams(temperature=0, repetition_penalty=1.8, frequency_penalty=1.0),
-              SamplingParams(temperature=1e-7), SamplingParams(temperature=0.9)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=1, temperature=0.8),
+        SamplingParams(temperature=0, repetition_penalty=1.8, frequency_penalty=1.0),
+        SamplingParams(temperature=1e-7),
+        SamplingParams(temperature=0.9),
+    ]
     sampler = Sampler(seed=3)
     for _ in range(30):
         logits, prompts, outputs = random_batch(gen, len(params))
@@ -133,8 +148,12 @@ def test_greedy_is_argmax_after_penalties(gen):
 
 def test_seeded_rows_are_reproducible_and_independent_of_the_batch(gen):
     target = SamplingParams(temperature=1.2, top_p=0.95, seed=42)
-    others = [SamplingParams(temperature=0.8), SamplingParams(temperature=0, seed=5),
-              SamplingParams(top_k=4, seed=9), SamplingParams(min_p=0.2)]
+    others = [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=0, seed=5),
+        SamplingParams(top_k=4, seed=9),
+        SamplingParams(min_p=0.2),
+    ]
     steps = [torch.randn(V, generator=gen) * 2 for _ in range(25)]
     alone_gen = make_generator(42)
     alone = [int(Sampler(seed=1).sample(row[None], [target], generators=[alone_gen]).token_ids[0]) for row in steps]
@@ -159,17 +178,28 @@ def test_unseeded_rows_follow_the_sampler_seed(gen):
     assert torch.equal(first[0], first[1])
 
 
-@pytest.mark.parametrize("p", [SamplingParams(top_k=3), SamplingParams(top_p=0.5, temperature=1.4),
-                               SamplingParams(min_p=0.3), SamplingParams(top_k=6, top_p=0.7, min_p=0.1, seed=11),
-                               SamplingParams(repetition_penalty=1.5, temperature=0.6, top_p=0.8)])
+@pytest.mark.parametrize(
+    "p",
+    [
+        SamplingParams(top_k=3),
+        SamplingParams(top_p=0.5, temperature=1.4),
+        SamplingParams(min_p=0.3),
+        SamplingParams(top_k=6, top_p=0.7, min_p=0.1, seed=11),
+        SamplingParams(repetition_penalty=1.5, temperature=0.6, top_p=0.8),
+    ],
+)
 def test_sampled_tokens_are_inside_the_processed_support(gen, p):
     logits, prompts, outputs = random_batch(gen, 1, scale=1.5)
     history = TokenHistory(prompts[0], V, output_ids=outputs[0])
     allowed = torch.isfinite(hf_scores(logits[0], p, prompts[0] + outputs[0]))
     assert 1 < int(allowed.sum()) < V, "the filter should keep some tokens and drop others"
     batch = 400
-    out = Sampler(seed=2).sample(logits.expand(batch, V), [p] * batch, [history] * batch,
-                                 generators=[make_generator(p.seed + j) if p.seed else None for j in range(batch)])
+    out = Sampler(seed=2).sample(
+        logits.expand(batch, V),
+        [p] * batch,
+        [history] * batch,
+        generators=[make_generator(p.seed + j) if p.seed else None for j in range(batch)],
+    )
     assert allowed[out.token_ids].all()
     if p.top_k == 3:
         assert set(out.token_ids.tolist()) <= set(logits[0].topk(3).indices.tolist())
@@ -194,10 +224,13 @@ def test_empirical_frequencies_match_transformers_distribution(gen, seeded):
 
 
 def test_logprobs_come_from_raw_logits(gen):
-    params = [SamplingParams(return_logprob=True, temperature=0.5, repetition_penalty=1.5),
-              SamplingParams(temperature=0), SamplingParams(top_logprobs_num=5, top_k=3),
-              SamplingParams(top_logprobs_num=MAX_TOP_LOGPROBS, return_logprob=True, frequency_penalty=1.0),
-              SamplingParams(top_logprobs_num=1, min_p=0.5)]
+    params = [
+        SamplingParams(return_logprob=True, temperature=0.5, repetition_penalty=1.5),
+        SamplingParams(temperature=0),
+        SamplingParams(top_logprobs_num=5, top_k=3),
+        SamplingParams(top_logprobs_num=MAX_TOP_LOGPROBS, return_logprob=True, frequency_penalty=1.0),
+        SamplingParams(top_logprobs_num=1, min_p=0.5),
+    ]
     logits, prompts, outputs = random_batch(gen, len(params))
     histories = [TokenHistory(pr, V, output_ids=out) for pr, out in zip(prompts, outputs)]
     out = Sampler(seed=4).sample(logits, params, histories)
@@ -211,7 +244,7 @@ def test_logprobs_come_from_raw_logits(gen):
         values = [lp for _, lp in pairs]
         assert values == sorted(values, reverse=True)
         ranked = sorted(range(V), key=lambda t: -float(raw[i, t]))
-        assert [t for t, _ in pairs] == ranked[:len(pairs)]
+        assert [t for t, _ in pairs] == ranked[: len(pairs)]
         for t, lp in pairs:
             assert math.isclose(lp, float(raw[i, t]), abs_tol=1e-5)
 
@@ -242,11 +275,25 @@ def test_sampler_rejects_mismatched_inputs(gen):
 
 
 BAD_VALUES = [
-    ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
-    ("min_p", -0.01), ("min_p", 1.01), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
-    ("frequency_penalty", 2.5), ("frequency_penalty", -2.01), ("presence_penalty", 3.0),
-    ("max_new_tokens", -1), ("top_logprobs_num", -1), ("top_logprobs_num", MAX_TOP_LOGPROBS + 1),
-    ("stop_token_ids", [-1]), ("n", 0), ("seed", -5), ("stop", [""]),
+    ("temperature", -0.1),
+    ("temperature", float("nan")),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("top_k", -2),
+    ("min_p", -0.01),
+    ("min_p", 1.01),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("frequency_penalty", 2.5),
+    ("frequency_penalty", -2.01),
+    ("presence_penalty", 3.0),
+    ("max_new_tokens", -1),
+    ("top_logprobs_num", -1),
+    ("top_logprobs_num", MAX_TOP_LOGPROBS + 1),
+    ("stop_token_ids", [-1]),
+    ("n", 0),
+    ("seed", -5),
+    ("stop", [""]),
 ]
 
 
@@ -258,9 +305,19 @@ def test_out_of_range_values_name_the_field_value_and_range(name, value):
     assert name in message and repr(value) in message and "allowed" in message
 
 
-@pytest.mark.parametrize("name,value", [("temperature", "hot"), ("top_k", 2.5), ("max_new_tokens", True),
-                                        ("ignore_eos", "yes"), ("stop", [1, 2]), ("stop_token_ids", ["a"]),
-                                        ("seed", 1.5), ("top_p", [0.5])])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("temperature", "hot"),
+        ("top_k", 2.5),
+        ("max_new_tokens", True),
+        ("ignore_eos", "yes"),
+        ("stop", [1, 2]),
+        ("stop_token_ids", ["a"]),
+        ("seed", 1.5),
+        ("top_p", [0.5]),
+    ],
+)
 def test_wrong_types_name_the_field(name, value):
     with pytest.raises(UserError, match=name):
         SamplingParams.from_dict({name: value})
@@ -355,5 +412,5 @@ def test_tiny_top_p_keeps_the_most_likely_token(gen):
     assert (torch.isfinite(scores).sum(dim=-1) == 1).all()
     assert torch.equal(scores.argmax(dim=-1), logits.argmax(dim=-1))
     for i in range(0, 64, 9):
-        expected = TopPLogitsWarper(1e-9)(None, logits[i:i + 1].clone())[0]
+        expected = TopPLogitsWarper(1e-9)(None, logits[i : i + 1].clone())[0]
         assert torch.equal(torch.isinf(scores[i]), torch.isinf(expected))

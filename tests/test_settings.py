@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import make_manager
+
 from loraserve.cli import build_parser, parse_settings
 from loraserve.errors import ConfigError, NotSupportedYet
 from loraserve.lora.targets import LAYER_MODULES
@@ -34,12 +34,34 @@ def test_defaults_follow_sglang():
 
 def test_every_sglang_flag_exists(pm):
     flags = set(build_parser(pm).format_help().replace(",", " ").split())
-    for flag in ["--model-path", "--tokenizer-path", "--load-format", "--dtype", "--device", "--host", "--port",
-                 "--api-key", "--enable-lora", "--lora-paths", "--max-loras-per-batch", "--max-loaded-loras",
-                 "--max-lora-rank", "--lora-target-modules", "--lora-backend", "--backend",
-                 "--lora-eviction-policy", "--eviction", "--max-lora-chunk-size", "--enable-lora-overlap-loading",
-                 "--tp-size", "--max-running-requests", "--cuda-graph-max-bs", "--disable-cuda-graph", "--log-level",
-                 "--disable-plugin"]:
+    for flag in [
+        "--model-path",
+        "--tokenizer-path",
+        "--load-format",
+        "--dtype",
+        "--device",
+        "--host",
+        "--port",
+        "--api-key",
+        "--enable-lora",
+        "--lora-paths",
+        "--max-loras-per-batch",
+        "--max-loaded-loras",
+        "--max-lora-rank",
+        "--lora-target-modules",
+        "--lora-backend",
+        "--backend",
+        "--lora-eviction-policy",
+        "--eviction",
+        "--max-lora-chunk-size",
+        "--enable-lora-overlap-loading",
+        "--tp-size",
+        "--max-running-requests",
+        "--cuda-graph-max-bs",
+        "--disable-cuda-graph",
+        "--log-level",
+        "--disable-plugin",
+    ]:
         assert flag in flags, flag
 
 
@@ -59,8 +81,9 @@ def test_short_forms_of_backend_and_eviction(pm):
 
 
 def test_lora_paths_three_formats(pm):
-    s = parse_settings(["--lora-paths", "/a/one", "two=/b/two",
-                        '{"lora_name": "three", "lora_path": "/c/three", "pinned": true}'], pm)
+    s = parse_settings(
+        ["--lora-paths", "/a/one", "two=/b/two", '{"lora_name": "three", "lora_path": "/c/three", "pinned": true}'], pm
+    )
     specs = [(p.lora_name, p.lora_path, p.pinned) for p in s.lora_paths]
     assert specs == [("/a/one", "/a/one", False), ("two", "/b/two", False), ("three", "/c/three", True)]
     assert s.lora_enabled
@@ -76,17 +99,28 @@ def test_target_modules_all_expands():
     assert make_settings(lora_target_modules="q_proj,v_proj").lora_target_modules == ["q_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("argv, must_say", [
-    (["--max-loaded-loras", "4", "--max-loras-per-batch", "8"], ["--max-loaded-loras", "--max-loras-per-batch"]),
-    (["--max-loras-per-batch", "2", "--lora-paths", '{"lora_name":"a","lora_path":"/a","pinned":true}',
-      '{"lora_name":"b","lora_path":"/b","pinned":true}'], ["pins 2", "at most --max-loras-per-batch - 1 = 1"]),
-    (["--lora-target-modules", "qkv"], ["--lora-target-modules", "qkv", "q_proj"]),
-    (["--lora-paths", "a=/x", "a=/y"], ["more than once", "a"]),
-    (["--lora-paths", "{bad json"], ["not valid JSON", "lora_name"]),
-    (["--lora-paths", "=/x"], ["NAME=PATH"]),
-    (["--port", "70000"], ["--port", "65535"]),
-    (["--max-loras-per-batch", "0"], ["--max-loras-per-batch", "greater than or equal to 1"]),
-])
+@pytest.mark.parametrize(
+    "argv, must_say",
+    [
+        (["--max-loaded-loras", "4", "--max-loras-per-batch", "8"], ["--max-loaded-loras", "--max-loras-per-batch"]),
+        (
+            [
+                "--max-loras-per-batch",
+                "2",
+                "--lora-paths",
+                '{"lora_name":"a","lora_path":"/a","pinned":true}',
+                '{"lora_name":"b","lora_path":"/b","pinned":true}',
+            ],
+            ["pins 2", "at most --max-loras-per-batch - 1 = 1"],
+        ),
+        (["--lora-target-modules", "qkv"], ["--lora-target-modules", "qkv", "q_proj"]),
+        (["--lora-paths", "a=/x", "a=/y"], ["more than once", "a"]),
+        (["--lora-paths", "{bad json"], ["not valid JSON", "lora_name"]),
+        (["--lora-paths", "=/x"], ["NAME=PATH"]),
+        (["--port", "70000"], ["--port", "65535"]),
+        (["--max-loras-per-batch", "0"], ["--max-loras-per-batch", "greater than or equal to 1"]),
+    ],
+)
 def test_invalid_combinations_name_the_flag(pm, argv, must_say):
     with pytest.raises(ConfigError) as err:
         parse_settings(argv, pm)

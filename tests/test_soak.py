@@ -26,13 +26,29 @@ CONCURRENCY = 8
 @pytest.mark.slow
 def test_soak_loses_nothing_and_leaves_the_engine_clean(tmp_path, capsys):
     out = tmp_path / "soak.json"
-    soak.main(["--requests", str(REQUESTS), "--concurrency", str(CONCURRENCY), "--duration-s", "120",
-               "--device", "cpu", "--work-dir", str(tmp_path / "work"), "--output-file", str(out)])
+    soak.main(
+        [
+            "--requests",
+            str(REQUESTS),
+            "--concurrency",
+            str(CONCURRENCY),
+            "--duration-s",
+            "120",
+            "--device",
+            "cpu",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--output-file",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     rss = result["rss_mib"]
     with capsys.disabled():
-        print(f"\nsoak: {result['counts']} in {result['wall_s']:.1f} s; RSS before {rss['before_soak']:.0f} MiB, "
-              f"after {rss['after_soak']:.0f} MiB (growth {rss['growth']:+.0f} MiB, peak {rss['peak']:.0f} MiB)")
+        print(
+            f"\nsoak: {result['counts']} in {result['wall_s']:.1f} s; RSS before {rss['before_soak']:.0f} MiB, "
+            f"after {rss['after_soak']:.0f} MiB (growth {rss['growth']:+.0f} MiB, peak {rss['peak']:.0f} MiB)"
+        )
 
     counts = result["counts"]
     assert counts["failed"] == 0, json.dumps(result["failures"], indent=1)

@@ -22,19 +22,19 @@ from unittest import mock
 
 import pytest
 import torch
+from lora_utils import make_peft_adapter, tiny_llama_config
+from test_models import make_hf
 from transformers import Qwen2Config
 
 from loraserve.distributed import TensorParallel
 from loraserve.errors import ConfigError
-from loraserve.sched.kv_cache import KVCache
 from loraserve.lora.pools import GpuAdapterPool
-from loraserve.runner.model_runner import ModelRunner
 from loraserve.models.dtypes import runs_triton
 from loraserve.models.llama import LlamaForCausalLM
+from loraserve.runner.model_runner import ModelRunner
+from loraserve.sched.kv_cache import KVCache
 from loraserve.sched.request import Request
 from loraserve.sched.scheduler import ScheduledChunk
-from lora_utils import make_peft_adapter, tiny_llama_config
-from test_models import make_hf
 
 TP = 2
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,11 +46,19 @@ DECODE_STEPS = 2
 
 def base_configs() -> dict:
     """GQA Llama; Qwen2 with tied embeddings and qkv bias; Llama with o_proj and down_proj biases."""
-    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
-                 max_position_embeddings=256)
-    return {"llama_gqa": tiny_llama_config(),
-            "qwen2_tied": Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=True),
-            "llama_bias": tiny_llama_config(attention_bias=True, mlp_bias=True, num_key_value_heads=4)}
+    small = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=256,
+        max_position_embeddings=256,
+    )
+    return {
+        "llama_gqa": tiny_llama_config(),
+        "qwen2_tied": Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=True),
+        "llama_bias": tiny_llama_config(attention_bias=True, mlp_bias=True, num_key_value_heads=4),
+    }
 
 
 # -- driving a model as the model runner does ---------------------------------------------------
@@ -66,8 +74,15 @@ def run_steps(model, prompts: list[list[int]], adapters: list | None = None, lor
     """Prefill every prompt in one step, then ``DECODE_STEPS`` greedy decode steps, through a paged
     KV cache of 4-token blocks and :class:`ModelRunner`. Returns each step's float32 logits
     (``[step, row, vocab]``) and each row's generated tokens."""
-    kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, num_blocks=32, block_size=4,
-                 dtype=model.dtype, device="cpu")
+    kv = KVCache(
+        model.num_layers,
+        model.num_kv_heads,
+        model.head_dim,
+        num_blocks=32,
+        block_size=4,
+        dtype=model.dtype,
+        device="cpu",
+    )
     runner = ModelRunner(model, kv, torch.device("cpu"), prepare_lora=lora.prepare if lora is not None else None)
     adapters = adapters or [None] * len(prompts)
     requests = [Request(f"r{i}", list(p), params=None, adapter=a) for i, (p, a) in enumerate(zip(prompts, adapters))]
@@ -96,8 +111,14 @@ def lora_manager(model, adapters: dict[str, str], backend: str = "torch"):
     from loraserve.plugin_manager import PluginManager
     from loraserve.settings import make_settings
 
-    settings = make_settings(device="cpu", enable_lora=True, lora_backend="torch", max_loras_per_batch=3,
-                             max_lora_rank=MAX_RANK, lora_target_modules=LORA_TARGETS)
+    settings = make_settings(
+        device="cpu",
+        enable_lora=True,
+        lora_backend="torch",
+        max_loras_per_batch=3,
+        max_lora_rank=MAX_RANK,
+        lora_target_modules=LORA_TARGETS,
+    )
     plugins = PluginManager().load()
     if backend == "torch":
         kernels = plugins.backends.create("torch", settings, "cpu")
@@ -105,10 +126,20 @@ def lora_manager(model, adapters: dict[str, str], backend: str = "torch"):
         # for "csgmv_epilogue", the expands the model's consumers can take left to them
         from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend
 
-        kernels = ChunkedSgmvLoRABackend("cpu", tuning={"fused_shrink": True,
-                                                        "epilogue": backend == "csgmv_epilogue"})
-    manager = LoRAManager(settings, plugins, model, kernels, MAX_RANK, LORA_TARGETS, torch.device("cpu"),
-                          torch.float32, run_in_engine=lambda fn: fn())
+        kernels = ChunkedSgmvLoRABackend(
+            "cpu", tuning={"shrink_in_gemm": True, "epilogue": backend == "csgmv_epilogue"}
+        )
+    manager = LoRAManager(
+        settings,
+        plugins,
+        model,
+        kernels,
+        MAX_RANK,
+        LORA_TARGETS,
+        torch.device("cpu"),
+        torch.float32,
+        run_in_engine=lambda fn: fn(),
+    )
     for name, path in adapters.items():
         manager.load_adapter(name, path)
     return manager
@@ -150,8 +181,13 @@ def _rank_main(rank: int, size: int, port: int, cases: dict, out_dir: str) -> No
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # two ranks on a two-core machine
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         tp = TensorParallel.from_group()
         if (tp.rank, tp.size) != (rank, size):
@@ -175,10 +211,23 @@ def cases(tmp_path_factory) -> dict:
         base[name], hf_models[name] = (config, str(path)), hf
     hf = hf_models["llama_gqa"]
     adapters = {  # "a" at the slot rank (one copy per tensor), "b" below it (padding zeroed)
-        "a": str(make_peft_adapter(hf, root / "a", r=MAX_RANK, lora_alpha=16, target_modules=LORA_TARGETS,
-                                   seed=21, init_scale=0.3)),
-        "b": str(make_peft_adapter(hf, root / "b", r=3, lora_alpha=6, target_modules=LORA_TARGETS, seed=22,
-                                   init_scale=0.3, rank_pattern={"down_proj": 5})),
+        "a": str(
+            make_peft_adapter(
+                hf, root / "a", r=MAX_RANK, lora_alpha=16, target_modules=LORA_TARGETS, seed=21, init_scale=0.3
+            )
+        ),
+        "b": str(
+            make_peft_adapter(
+                hf,
+                root / "b",
+                r=3,
+                lora_alpha=6,
+                target_modules=LORA_TARGETS,
+                seed=22,
+                init_scale=0.3,
+                rank_pattern={"down_proj": 5},
+            )
+        ),
     }
     return {"base": base, "adapters": adapters, "hf": hf_models}
 
@@ -209,7 +258,7 @@ def oracle_logits(model, sequences: list[list[int]], prompt_lens, adapters=None)
         for i, (seq, n) in enumerate(zip(sequences, prompt_lens)):
             kwargs = {} if adapters is None else {"adapter_names": [adapters[i] or "__base__"]}
             logits = model(input_ids=torch.tensor([seq]), **kwargs).logits[0].float()
-            rows.append(logits[n - 1:n + DECODE_STEPS])
+            rows.append(logits[n - 1 : n + DECODE_STEPS])
     return torch.stack(rows, dim=1)
 
 
@@ -265,12 +314,15 @@ def test_tp2_mixed_lora_batch_matches_tp1_and_peft(results, cases, backend):
 # -- in this process: construction and slicing ----------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides,size,message", [
-    ({}, 4, "num_key_value_heads 2 is not divisible by --tp-size 4"),
-    ({}, 3, "num_attention_heads 4 is not divisible by --tp-size 3"),
-    ({"intermediate_size": 129}, 2, "intermediate_size 129 is not divisible by --tp-size 2"),
-    ({"vocab_size": 255}, 2, "vocab_size 255 is not divisible by --tp-size 2"),
-])
+@pytest.mark.parametrize(
+    "overrides,size,message",
+    [
+        ({}, 4, "num_key_value_heads 2 is not divisible by --tp-size 4"),
+        ({}, 3, "num_attention_heads 4 is not divisible by --tp-size 3"),
+        ({"intermediate_size": 129}, 2, "intermediate_size 129 is not divisible by --tp-size 2"),
+        ({"vocab_size": 255}, 2, "vocab_size 255 is not divisible by --tp-size 2"),
+    ],
+)
 def test_sizes_the_tp_size_does_not_divide_are_named(overrides, size, message):
     config = tiny_llama_config(**overrides)
     with pytest.raises(ConfigError, match=message):
@@ -294,7 +346,12 @@ def test_rank_models_expose_local_shapes():
     config = tiny_llama_config()  # 4 heads, 2 kv heads of 16, intermediate 128, vocab 256
     model = LlamaForCausalLM(config, tp=TensorParallel(1, 2))
     assert (model.num_heads, model.num_kv_heads, model.q_size, model.kv_size, model.intermediate_size) == (
-        2, 1, 32, 16, 64)
+        2,
+        1,
+        32,
+        16,
+        64,
+    )
     assert (model.vocab_size, model.hidden_size) == (256, 64)
     targets = {name: m for i, name, m in model.lora_targets() if i == 0}
     assert targets["qkv_proj"].output_offsets == (0, 32, 48, 64) and targets["qkv_proj"].shard_spec == ("column", 1, 2)
@@ -314,8 +371,17 @@ def test_lora_on_embeddings_is_refused_with_tp(cases):
     settings = make_settings(device="cpu", enable_lora=True, max_lora_rank=4)
     plugins = PluginManager().load()
     with pytest.raises(ConfigError, match="embed_tokens/lm_head is not supported with --tp-size 2"):
-        LoRAManager(settings, plugins, model, plugins.backends.create("torch", settings, "cpu"), 4,
-                    ["q_proj", "embed_tokens"], torch.device("cpu"), torch.float32, run_in_engine=lambda fn: fn())
+        LoRAManager(
+            settings,
+            plugins,
+            model,
+            plugins.backends.create("torch", settings, "cpu"),
+            4,
+            ["q_proj", "embed_tokens"],
+            torch.device("cpu"),
+            torch.float32,
+            run_in_engine=lambda fn: fn(),
+        )
 
 
 @pytest.mark.parametrize("rank", [MAX_RANK, 3])
@@ -331,8 +397,10 @@ def test_pool_shards_reassemble_the_single_rank_pool(rank, appended, gen):
     weights = {}
     for layer, name, module in full_model.lora_targets():
         n = len(module.output_sizes)
-        weights[(layer, name)] = (torch.randn(n * rank, module.input_size, generator=gen),
-                                  torch.randn(module.output_size, rank, generator=gen))
+        weights[(layer, name)] = (
+            torch.randn(n * rank, module.input_size, generator=gen),
+            torch.randn(module.output_size, rank, generator=gen),
+        )
     adapter = SimpleNamespace(weights=weights, rank=rank, scaling=0.5)
 
     def pool_of(model):
@@ -342,12 +410,22 @@ def test_pool_shards_reassemble_the_single_rank_pool(rank, appended, gen):
             layers[(layer, name)] = module
             shard[name] = module.shard_spec
         storage = (lambda layer, name, rows: layers[(layer, name)].append_rows(rows)) if appended else None
-        pool = GpuAdapterPool(2, MAX_RANK, model.num_layers, modules, {}, torch.float32, torch.device("cpu"),
-                              OrderedEvictionPolicy(), a_storage=storage, shard=shard)
+        pool = GpuAdapterPool(
+            2,
+            MAX_RANK,
+            model.num_layers,
+            modules,
+            {},
+            torch.float32,
+            torch.device("cpu"),
+            OrderedEvictionPolicy(),
+            a_storage=storage,
+            shard=shard,
+        )
         assert pool.write(1, adapter) > 0
         if appended:  # A lives in the rows after each layer's own (local) weight
             for key, module in layers.items():
-                assert pool.A[key].data_ptr() == module._weight_ext[module.output_size:].data_ptr()
+                assert pool.A[key].data_ptr() == module._weight_ext[module.output_size :].data_ptr()
         return pool
 
     full = pool_of(full_model)
@@ -361,5 +439,5 @@ def test_pool_shards_reassemble_the_single_rank_pool(rank, appended, gen):
         else:
             local = parts[0].offsets[name]
             assert local[-1] == full.offsets[name][-1] // TP
-            pieces = [b[local[i]:local[i + 1]] for i in range(len(local) - 1) for b in Bs]
+            pieces = [b[local[i] : local[i + 1]] for i in range(len(local) - 1) for b in Bs]
             assert torch.equal(torch.cat(pieces), B) and all(torch.equal(a, A) for a in As)

@@ -17,18 +17,26 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
 
 from loraserve.engine.engine import Engine
 from loraserve.errors import ConfigError
 from loraserve.settings import make_settings
-from test_multi_lora import ADAPTERS, GREEDY, peft_generate, prompts, setup  # noqa: F401 (fixture)
 
 ORDER = [None, "rank1", "rank3_rslora", "patterns", None, "one_layer", "rank1", "patterns"]
 
 
 def tp_engine(base, paths, tp_size, **kwargs):
-    return Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024, tp_size=tp_size,
-                                lora_paths=[f"{n}={p}" for n, p in paths.items()], **kwargs))
+    return Engine(
+        make_settings(
+            model_path=base,
+            device="cpu",
+            max_total_tokens=1024,
+            tp_size=tp_size,
+            lora_paths=[f"{n}={p}" for n, p in paths.items()],
+            **kwargs,
+        )
+    )
 
 
 def logprobs(result) -> list[float]:
@@ -64,8 +72,9 @@ def test_tp2_dynamic_load_and_unload_during_generation(setup):
         long = dict(GREEDY, max_new_tokens=100)  # long enough to be still decoding while adapters come and go
         batch = prompts(2, seed=52)
         box = {}
-        runner = threading.Thread(target=lambda: box.update(r=engine.generate(
-            input_ids=batch, sampling_params=long, lora_path=names[:2])))
+        runner = threading.Thread(
+            target=lambda: box.update(r=engine.generate(input_ids=batch, sampling_params=long, lora_path=names[:2]))
+        )
         runner.start()
         engine.lora.load_adapter(names[2], paths[names[2]])
         late = engine.generate(input_ids=prompts(1, seed=53), sampling_params=GREEDY, lora_path=[names[2]])
@@ -75,9 +84,12 @@ def test_tp2_dynamic_load_and_unload_during_generation(setup):
         engine.lora.load_adapter(names[3], paths[names[3]])
         after = engine.generate(input_ids=prompts(2, seed=54), sampling_params=GREEDY, lora_path=[names[3], names[1]])
         # greedy: the first tokens of a longer generation are the shorter generation
-        first = [r["output_ids"][:GREEDY["max_new_tokens"]] for r in box["r"]]
-        for got, order, seed in ((first, names[:2], 52), ([r["output_ids"] for r in late], [names[2]], 53),
-                                 ([r["output_ids"] for r in after], [names[3], names[1]], 54)):
+        first = [r["output_ids"][: GREEDY["max_new_tokens"]] for r in box["r"]]
+        for got, order, seed in (
+            (first, names[:2], 52),
+            ([r["output_ids"] for r in late], [names[2]], 53),
+            ([r["output_ids"] for r in after], [names[3], names[1]], 54),
+        ):
             expected, _ = peft_generate(peft, prompts(len(order), seed=seed), order)
             assert got == expected, order
         assert names[0] not in engine.lora.registry.names()
@@ -104,7 +116,8 @@ def test_bad_backend_is_refused_before_any_worker_starts(setup):
 def test_dead_worker_takes_the_server_down_with_a_message(setup, tmp_path):
     base, _, _ = setup
     script = tmp_path / "serve.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, signal, sys, time
         from loraserve.engine.engine import Engine
         from loraserve.settings import make_settings
@@ -113,7 +126,8 @@ def test_dead_worker_takes_the_server_down_with_a_message(setup, tmp_path):
         os.kill(engine.tp.procs[0].pid, signal.SIGKILL)
         time.sleep(60)
         print("still running", flush=True)
-    """))
+    """)
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 70, proc.stderr[-2000:]

@@ -19,8 +19,10 @@ from loraserve.lora.policy import shown
 def check_updates(lora: Any) -> None:
     """UserError when LoRA is off; Forbidden when runtime loading and unloading are switched off."""
     if lora is None:
-        raise UserError("LoRA is not enabled on this server; start it with --enable-lora (and "
-                        "--max-lora-rank/--lora-target-modules) or --lora-paths")
+        raise UserError(
+            "LoRA is not enabled on this server; start it with --enable-lora (and "
+            "--max-lora-rank/--lora-target-modules) or --lora-paths"
+        )
     lora.policy.check_runtime_updates()
 
 
@@ -32,8 +34,10 @@ def load(lora: Any, adapter: str, source: str, pinned: bool) -> None:
     except UserError:
         raise
     except Exception as exc:  # a corrupt or unreadable adapter: never half-loaded, the server lives on
-        raise UserError(f"could not load adapter {shown(adapter)} from {shown(source, 300)} "
-                        f"({type(exc).__name__}: {exc}); check the adapter files") from None
+        raise UserError(
+            f"could not load adapter {shown(adapter)} from {shown(source, 300)} "
+            f"({type(exc).__name__}: {exc}); check the adapter files"
+        ) from None
 
 
 def unload(lora: Any, adapter: str, timeout: float | None) -> int:

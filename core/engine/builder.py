@@ -7,20 +7,21 @@ decisions (how many KV tokens, which LoRA rank and modules) sit in one place.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loraserve.errors import ConfigError
 from loraserve.contract import AttentionSpec
-from loraserve.sched.kv_cache import KVCache
-from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
-from loraserve.runner.model_runner import ModelRunner
-from loraserve.models.dtypes import to_torch_device, to_torch_dtype
-from loraserve.runner.sampler import Sampler
-from loraserve.sched.scheduler import Scheduler
+from loraserve.errors import ConfigError
 from loraserve.lora.targets import LAYER_MODULES, SUPPORTED_MODULES
+from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
+from loraserve.models.dtypes import to_torch_device, to_torch_dtype
+from loraserve.runner.model_runner import ModelRunner
+from loraserve.runner.sampler import Sampler
+from loraserve.sched.kv_cache import KVCache
+from loraserve.sched.scheduler import Scheduler
 from loraserve.settings import Settings
 
 if TYPE_CHECKING:
@@ -56,9 +57,15 @@ class Components:
     eos_token_ids: set[int]
 
 
-def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, tp_rank: int = 0, *,
-                     send_step: Callable[[list], None] | None = None,
-                     mirror_lora: Callable[[tuple], None] | None = None) -> Components:
+def build_components(
+    settings: Settings,
+    plugins: Any,
+    run_in_engine: Callable,
+    tp_rank: int = 0,
+    *,
+    send_step: Callable[[list], None] | None = None,
+    mirror_lora: Callable[[tuple], None] | None = None,
+) -> Components:
     """Every part of one engine, or of rank ``tp_rank``'s shard with ``--tp-size > 1`` (the process
     group must be initialised; every rank calls this at the same time, since the sizing below and
     the CUDA-graph capture run collectives). On rank 0 of several, ``send_step`` and ``mirror_lora``
@@ -81,22 +88,58 @@ def build_components(settings: Settings, plugins: Any, run_in_engine: Callable, 
     # The scheduler asks the LoRA manager whether a request may join a step, and the manager reads
     # the scheduler's queues. The manager comes first (its slots take memory before the KV cache is
     # sized from what is left), so it gets the queues as callables it calls only once both exist.
-    lora = build_lora(settings, plugins, model, backend_name, device, dtype, run_in_engine, mirror=mirror_lora,
-                      running=lambda: scheduler.running, waiting=lambda: scheduler.waiting)
+    lora = build_lora(
+        settings,
+        plugins,
+        model,
+        backend_name,
+        device,
+        dtype,
+        run_in_engine,
+        mirror=mirror_lora,
+        running=lambda: scheduler.running,
+        waiting=lambda: scheduler.waiting,
+    )
     kv = build_kv_cache(settings, model, device, dtype, tp)
     scheduler = build_scheduler(settings, kv, device, lora)
     max_running = scheduler.max_running
-    attention = plugins.attention_backends.create(attention_name, AttentionSpec(
-        kv=kv, device=device, sliding_window=getattr(model, "sliding_window", None), max_seqs=max_running,
-        context_len=context_len))
+    attention = plugins.attention_backends.create(
+        attention_name,
+        AttentionSpec(
+            kv=kv,
+            device=device,
+            sliding_window=getattr(model, "sliding_window", None),
+            max_seqs=max_running,
+            context_len=context_len,
+        ),
+    )
     graphs = build_decode_graphs(settings, model, attention, lora, device, max_running, backend_name)
-    runner = ModelRunner(model, kv, device, prepare_lora=lora.prepare if lora is not None else None,
-                         attention=attention, graphs=graphs, before_step=send_step)
-    return Components(device=device, dtype=dtype, model=model, config=config, tokenizer=tokenizer,
-                      model_name=settings.served_model_name or source.name, context_len=context_len, kv=kv,
-                      scheduler=scheduler, runner=runner, sampler=Sampler(seed=settings.random_seed), lora=lora,
-                      backend_name=backend_name, attention_name=attention_name,
-                      eos_token_ids=eos_ids(config, tokenizer, source))
+    runner = ModelRunner(
+        model,
+        kv,
+        device,
+        prepare_lora=lora.prepare if lora is not None else None,
+        attention=attention,
+        graphs=graphs,
+        before_step=send_step,
+    )
+    return Components(
+        device=device,
+        dtype=dtype,
+        model=model,
+        config=config,
+        tokenizer=tokenizer,
+        model_name=settings.served_model_name or source.name,
+        context_len=context_len,
+        kv=kv,
+        scheduler=scheduler,
+        runner=runner,
+        sampler=Sampler(seed=settings.random_seed),
+        lora=lora,
+        backend_name=backend_name,
+        attention_name=attention_name,
+        eos_token_ids=eos_ids(config, tokenizer, source),
+    )
 
 
 def load_tokenizer_or_none(settings: Settings, source: Any) -> Any:
@@ -111,9 +154,19 @@ def load_tokenizer_or_none(settings: Settings, source: Any) -> Any:
         return None
 
 
-def build_lora(settings: Settings, plugins: Any, model: torch.nn.Module, backend_name: str, device: torch.device,
-               dtype: torch.dtype, run_in_engine: Callable, *, mirror: Callable[[tuple], None] | None,
-               running: Callable[[], list], waiting: Callable[[], Any]) -> LoRAManager | None:
+def build_lora(
+    settings: Settings,
+    plugins: Any,
+    model: torch.nn.Module,
+    backend_name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    run_in_engine: Callable,
+    *,
+    mirror: Callable[[tuple], None] | None,
+    running: Callable[[], list],
+    waiting: Callable[[], Any],
+) -> LoRAManager | None:
     """The LoRA manager and its GPU slot pool (None without LoRA); ``mirror``, ``running`` and
     ``waiting`` go to its slot admission."""
     if not settings.lora_enabled:
@@ -129,22 +182,45 @@ def build_lora(settings: Settings, plugins: Any, model: torch.nn.Module, backend
         from loraserve.lora.overlap import CudaStreamCopies
 
         copy_engine = CudaStreamCopies(device)
-    lora = LoRAManager(settings, plugins, model, backend, max_rank, targets, device, dtype, run_in_engine,
-                       policy=policy, running=running, waiting=waiting, copy_engine=copy_engine,
-                       pin_host=copy_engine is not None, mirror=mirror)
-    logger.info("LoRA: backend %s, %d slots, max rank %d, modules %s, LoRA slot pool %.1f MiB on %s",
-                backend_name, settings.max_loras_per_batch, max_rank, ",".join(targets), lora.pool.nbytes / 2**20,
-                device.type)
+    lora = LoRAManager(
+        settings,
+        plugins,
+        model,
+        backend,
+        max_rank,
+        targets,
+        device,
+        dtype,
+        run_in_engine,
+        policy=policy,
+        running=running,
+        waiting=waiting,
+        copy_engine=copy_engine,
+        pin_host=copy_engine is not None,
+        mirror=mirror,
+    )
+    logger.info(
+        "LoRA: backend %s, %d slots, max rank %d, modules %s, LoRA slot pool %.1f MiB on %s",
+        backend_name,
+        settings.max_loras_per_batch,
+        max_rank,
+        ",".join(targets),
+        lora.pool.nbytes / 2**20,
+        device.type,
+    )
     if copy_engine is not None:
-        logger.info("LoRA overlap loading: copies on a side stream, page-locked host copies of at most "
-                    "%d adapters", settings.host_cache_capacity)
+        logger.info(
+            "LoRA overlap loading: copies on a side stream, page-locked host copies of at most %d adapters",
+            settings.host_cache_capacity,
+        )
     elif settings.enable_lora_overlap_loading:
         logger.info("LoRA overlap loading has no effect on %s: adapters are copied synchronously", device.type)
     return lora
 
 
-def build_kv_cache(settings: Settings, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                   tp: Any) -> KVCache:
+def build_kv_cache(
+    settings: Settings, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tp: Any
+) -> KVCache:
     """The paged KV cache, sized from ``--max-total-tokens`` or the memory left (every rank of ``tp``
     the same)."""
     kv_tokens = settings.max_total_tokens or kv_budget_tokens(model, device, dtype, settings.mem_fraction_static)
@@ -159,14 +235,24 @@ def build_kv_cache(settings: Settings, model: torch.nn.Module, device: torch.dev
 def build_scheduler(settings: Settings, kv: KVCache, device: torch.device, lora: LoRAManager | None) -> Scheduler:
     """The scheduler; the LoRA manager, if any, answers whether a request may join a step."""
     cuda = device.type == "cuda"
-    return Scheduler(kv, max_running=settings.max_running_requests or (256 if cuda else 64),
-                     step_tokens=settings.max_prefill_tokens,
-                     chunk_size=settings.chunked_prefill_size or (8192 if cuda else 512),
-                     can_join=lora.can_join if lora is not None else None)
+    return Scheduler(
+        kv,
+        max_running=settings.max_running_requests or (256 if cuda else 64),
+        step_tokens=settings.max_prefill_tokens,
+        chunk_size=settings.chunked_prefill_size or (8192 if cuda else 512),
+        can_join=lora.can_join if lora is not None else None,
+    )
 
 
-def build_decode_graphs(settings: Settings, model: torch.nn.Module, attention: Any, lora: LoRAManager | None,
-                        device: torch.device, max_running: int, backend_name: str) -> DecodeGraphs | None:
+def build_decode_graphs(
+    settings: Settings,
+    model: torch.nn.Module,
+    attention: Any,
+    lora: LoRAManager | None,
+    device: torch.device,
+    max_running: int,
+    backend_name: str,
+) -> DecodeGraphs | None:
     """Decode steps captured in CUDA graphs (:class:`~loraserve.runner.cuda_graph.DecodeGraphs`), or
     None: not on CUDA, ``--disable-cuda-graph``, or a step that reads host data (logged)."""
     graphs = None
@@ -175,8 +261,10 @@ def build_decode_graphs(settings: Settings, model: torch.nn.Module, attention: A
         if not attention.graph_capturable:
             why_not = f"attention backend {attention.name!r} cannot run in CUDA graphs (use --attention-backend triton)"
         elif lora is not None and not lora.graph_capturable:
-            why_not = (f"LoRA backend {backend_name!r} (or LoRA on embed_tokens/lm_head) reads host data; "
-                       "use --lora-backend csgmv or triton")
+            why_not = (
+                f"LoRA backend {backend_name!r} (or LoRA on embed_tokens/lm_head) reads host data; "
+                "use --lora-backend csgmv or triton"
+            )
         if why_not is None:
             from loraserve.runner.cuda_graph import DEFAULT_MAX_BS, DecodeGraphs
 
@@ -210,8 +298,9 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def kv_budget_tokens(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                     mem_fraction_static: float | None = None) -> int:
+def kv_budget_tokens(
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype, mem_fraction_static: float | None = None
+) -> int:
     """KV-cache tokens that fit the memory budget.
 
     On CUDA with ``--mem-fraction-static f`` (as SGLang): weights, LoRA slots and the KV cache
@@ -230,7 +319,8 @@ def kv_budget_tokens(model: torch.nn.Module, device: torch.device, dtype: torch.
                     f"--mem-fraction-static {mem_fraction_static} leaves no room for the KV cache: "
                     f"{mem_fraction_static} x {total / 2**30:.1f} GiB = {total * mem_fraction_static / 2**30:.1f} GiB, "
                     f"but {used / 2**30:.1f} GiB are already in use (weights, LoRA slots); raise it (at most 0.95) "
-                    "or give --max-total-tokens")
+                    "or give --max-total-tokens"
+                )
         else:
             budget = free - CUDA_ACTIVATION_RESERVE_BYTES
         tokens = budget // per_token
@@ -238,13 +328,15 @@ def kv_budget_tokens(model: torch.nn.Module, device: torch.device, dtype: torch.
         budget = CPU_KV_BUDGET_BYTES
         tokens = min(budget // per_token, CPU_MAX_KV_TOKENS)
     if tokens < BLOCK_SIZE:
-        raise ConfigError(f"no memory left for the KV cache ({budget / 2**20:.0f} MiB); use a smaller model or "
-                          "--max-total-tokens")
+        raise ConfigError(
+            f"no memory left for the KV cache ({budget / 2**20:.0f} MiB); use a smaller model or --max-total-tokens"
+        )
     return int(tokens)
 
 
-def infer_lora_limits(settings: Settings, plugins: Any,
-                      policy: AdapterSourcePolicy | None = None) -> tuple[int, list[str]]:
+def infer_lora_limits(
+    settings: Settings, plugins: Any, policy: AdapterSourcePolicy | None = None
+) -> tuple[int, list[str]]:
     """--max-lora-rank and --lora-target-modules, inferred from --lora-paths when not given (as SGLang);
     ``policy`` (an AdapterSourcePolicy) is asked before an adapter's config is read."""
     ranks, modules = [], set()
@@ -255,8 +347,10 @@ def infer_lora_limits(settings: Settings, plugins: Any,
                 policy.check_source(spec.lora_path, runtime=False)
             loader = next((ld for ld in loaders if ld.can_load(spec.lora_path)), None)
             if loader is None:
-                raise ConfigError(f"--lora-paths {spec.lora_name}={spec.lora_path}: no adapter loader can read "
-                                  "it; give a PEFT adapter directory")
+                raise ConfigError(
+                    f"--lora-paths {spec.lora_name}={spec.lora_path}: no adapter loader can read "
+                    "it; give a PEFT adapter directory"
+                )
             summary = loader.peek(spec.lora_path, policy=policy)
             ranks.append(summary.rank)
             modules |= set(summary.target_modules)

@@ -20,9 +20,9 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
+from loraserve.contract import EngineClient, EngineStats, ModelInfo
 from loraserve.engine import adapters
 from loraserve.engine.builder import build_components
-from loraserve.contract import EngineClient, EngineStats, ModelInfo
 from loraserve.engine.intake import Intake, check_fits, check_sampling_params, split_batch
 from loraserve.engine.outputs import OutputBuilder
 from loraserve.engine.stats import effective_settings, take_stats
@@ -43,8 +43,13 @@ class Engine(EngineClient):
 
     def __init__(self, settings: Settings | None = None, plugins: PluginManager | None = None):
         self.settings = settings if settings is not None else Settings()
-        self.plugins = plugins if plugins is not None else PluginManager(
-            allow=self.settings.plugins, deny=self.settings.disable_plugin, trace=self.settings.trace_plugins)
+        self.plugins = (
+            plugins
+            if plugins is not None
+            else PluginManager(
+                allow=self.settings.plugins, deny=self.settings.disable_plugin, trace=self.settings.trace_plugins
+            )
+        )
         self.plugins.load()
         self.plugins.configure(self.settings.plugin_options)
         self.settings.check_supported()
@@ -70,9 +75,14 @@ class Engine(EngineClient):
                 self.tp.shutdown(timeout=5)
                 raise
         try:
-            parts = build_components(self.settings, self.plugins, self.call_in_engine, tp_rank=0,
-                                     send_step=self.tp.send_step if self.tp is not None else None,
-                                     mirror_lora=self.tp.mirror_lora if self.tp is not None else None)
+            parts = build_components(
+                self.settings,
+                self.plugins,
+                self.call_in_engine,
+                tp_rank=0,
+                send_step=self.tp.send_step if self.tp is not None else None,
+                mirror_lora=self.tp.mirror_lora if self.tp is not None else None,
+            )
         except BaseException:
             self._stop_tp(timeout=5)
             raise
@@ -84,8 +94,9 @@ class Engine(EngineClient):
         self.backend_name, self.attention_name = parts.backend_name, parts.attention_name
         self.outputs = OutputBuilder(self.tokenizer, parts.eos_token_ids)
         #: prompt-size and queue bounds, and thread-safe tokenization
-        self.intake = Intake(self.tokenizer, self.context_len, self.settings.max_queued_requests,
-                             self.settings.max_prompt_chars)
+        self.intake = Intake(
+            self.tokenizer, self.context_len, self.settings.max_queued_requests, self.settings.max_prompt_chars
+        )
         if self.lora is not None and self.settings.lora_paths:
             from tqdm.auto import tqdm
 
@@ -94,26 +105,46 @@ class Engine(EngineClient):
                 self.lora.load_adapter(spec.lora_name, spec.lora_path, pinned=spec.pinned, runtime=False)
 
     def effective_settings(self) -> dict[str, Any]:
-        return effective_settings(self.settings, device=self.device, dtype=self.dtype, model_name=self.model_name,
-                                  context_len=self.context_len, kv_tokens=self.kv.allocator.capacity_tokens,
-                                  max_prompt_chars=self.intake.max_prompt_chars, scheduler=self.scheduler,
-                                  runner=self.runner, lora=self.lora, backend_name=self.backend_name,
-                                  attention_name=self.attention_name)
+        return effective_settings(
+            self.settings,
+            device=self.device,
+            dtype=self.dtype,
+            model_name=self.model_name,
+            context_len=self.context_len,
+            kv_tokens=self.kv.allocator.capacity_tokens,
+            max_prompt_chars=self.intake.max_prompt_chars,
+            scheduler=self.scheduler,
+            runner=self.runner,
+            lora=self.lora,
+            backend_name=self.backend_name,
+            attention_name=self.attention_name,
+        )
 
     # -- submitting work (any thread) -------------------------------------------------------------
 
-    def make_request(self, prompt: str | None = None, input_ids: Sequence[int] | None = None,
-                     params: SamplingParams | dict | None = None, adapter: str | None = None,
-                     request_id: str | None = None) -> Request:
+    def make_request(
+        self,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        params: SamplingParams | dict | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> Request:
         params = check_sampling_params(params, self.model.vocab_size)
         ids = self.intake.prompt_ids(prompt, input_ids, self.model.vocab_size)
         check_fits(len(ids), params.max_new_tokens, self.context_len, self.kv.allocator.capacity_tokens)
         if adapter is not None and self.lora is None:
-            raise UserError(f"adapter {adapter!r} requested but LoRA is not enabled; start with --enable-lora "
-                            "or --lora-paths")
+            raise UserError(
+                f"adapter {adapter!r} requested but LoRA is not enabled; start with --enable-lora or --lora-paths"
+            )
         rid = request_id or f"req-{next(self._ids)}"
-        req = Request(request_id=rid, prompt_ids=ids, params=params, adapter=adapter,
-                      generator=make_generator(params.seed, self.device))
+        req = Request(
+            request_id=rid,
+            prompt_ids=ids,
+            params=params,
+            adapter=adapter,
+            generator=make_generator(params.seed, self.device),
+        )
         if params.needs_penalties:
             req.history = TokenHistory(ids, self.model.vocab_size, device=self.device)
         return req
@@ -154,6 +185,7 @@ class Engine(EngineClient):
                 future.set_result(fn())
             except BaseException as exc:
                 future.set_exception(exc)
+
         self._post(run)
         return future.result()
 
@@ -167,9 +199,13 @@ class Engine(EngineClient):
 
     # -- the Python API -----------------------------------------------------------------------------
 
-    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list | None = None,
-                 lora_path: str | None | list[str | None] = None,
-                 input_ids: list[int] | list[list[int]] | None = None) -> dict | list[dict]:
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list | None = None,
+        lora_path: str | None | list[str | None] = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+    ) -> dict | list[dict]:
         """Generate for one prompt or a batch; blocks. The arguments are SGLang's ``Engine.generate``
         ones, so ``lora_path`` (an adapter name, or one per input) keeps SGLang's name here too."""
         requests, single = self._build_batch(prompt, sampling_params, lora_path, input_ids)
@@ -190,8 +226,9 @@ class Engine(EngineClient):
         results = [self.outputs.final(r) for r in requests]
         return results[0] if single else results
 
-    async def stream(self, prompt=None, sampling_params=None, lora_path=None, input_ids=None,
-                     requests: list[Request] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def stream(
+        self, prompt=None, sampling_params=None, lora_path=None, input_ids=None, requests: list[Request] | None = None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield ``(index, delta)`` pairs as tokens are produced; aborts the requests if the
         consumer stops early (a client disconnect). Either ``requests`` (from :meth:`make_request`,
         as :meth:`EngineClient.stream`) or SGLang's ``generate`` arguments."""
@@ -217,18 +254,26 @@ class Engine(EngineClient):
 
     def _build_batch(self, prompt, sampling_params, lora_path, input_ids) -> tuple[list[Request], bool]:
         items, single = split_batch(prompt, sampling_params, lora_path, input_ids)
-        return [self.make_request(prompt=text, input_ids=ids, params=params, adapter=adapter)
-                for text, ids, params, adapter in items], single
+        return [
+            self.make_request(prompt=text, input_ids=ids, params=params, adapter=adapter)
+            for text, ids, params, adapter in items
+        ], single
 
     # -- the model, adapters and stats (EngineClient; any thread unless it says otherwise) ---------
 
     def model_info(self) -> ModelInfo:
         path = self.settings.model_path or getattr(self.config, "_name_or_path", None) or self.model_name
         bos = getattr(self.tokenizer, "bos_token_id", None)
-        return ModelInfo(name=self.model_name, path=path, context_len=self.context_len,
-                         vocab_size=self.model.vocab_size, max_total_tokens=self.kv.allocator.capacity_tokens,
-                         lora_enabled=self.lora is not None, has_tokenizer=self.tokenizer is not None,
-                         bos_token_id=bos if isinstance(bos, int) else None)
+        return ModelInfo(
+            name=self.model_name,
+            path=path,
+            context_len=self.context_len,
+            vocab_size=self.model.vocab_size,
+            max_total_tokens=self.kv.allocator.capacity_tokens,
+            lora_enabled=self.lora is not None,
+            has_tokenizer=self.tokenizer is not None,
+            bos_token_id=bos if isinstance(bos, int) else None,
+        )
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.intake.apply_chat_template(messages)
@@ -255,8 +300,9 @@ class Engine(EngineClient):
         return adapters.unload(self.lora, adapter, timeout)
 
     def stats(self) -> EngineStats:
-        take = partial(take_stats, self.scheduler, self.kv.allocator, self.lora, self.step_stats,
-                       self.settings.max_loras_per_batch)
+        take = partial(
+            take_stats, self.scheduler, self.kv.allocator, self.lora, self.step_stats, self.settings.max_loras_per_batch
+        )
         try:
             return self.call_in_engine(take)
         except UserError:  # the engine is stopping: its state no longer changes
@@ -350,8 +396,9 @@ class Engine(EngineClient):
             for c in plan:
                 c.request.num_computed += c.num_tokens
             if sampling:
-                result = self.sampler.sample(logits, [r.params for r in sampling],
-                                             [r.history for r in sampling], [r.generator for r in sampling])
+                result = self.sampler.sample(
+                    logits, [r.params for r in sampling], [r.history for r in sampling], [r.generator for r in sampling]
+                )
                 for i, r in enumerate(sampling):
                     reason = self.outputs.append(r, result, i, self.context_len)
                     if reason is not None:
@@ -383,8 +430,19 @@ class Engine(EngineClient):
         if self.lora is not None:
             self.lora.release(r)
         self._deliver(r, finished=True)
-        logger.debug("request %s finished (%s): adapter %r, %d prompt and %d output tokens", r.request_id, reason,
-                     r.adapter, len(r.prompt_ids), len(r.output_ids))
-        self.plugins.notify("loraserve_request_finished", request_id=r.request_id, adapter=r.adapter,
-                            prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.output_ids),
-                            finish_reason=reason)
+        logger.debug(
+            "request %s finished (%s): adapter %r, %d prompt and %d output tokens",
+            r.request_id,
+            reason,
+            r.adapter,
+            len(r.prompt_ids),
+            len(r.output_ids),
+        )
+        self.plugins.notify(
+            "loraserve_request_finished",
+            request_id=r.request_id,
+            adapter=r.adapter,
+            prompt_tokens=len(r.prompt_ids),
+            completion_tokens=len(r.output_ids),
+            finish_reason=reason,
+        )

@@ -30,16 +30,19 @@ def split_batch(prompt: Any, sampling_params: Any, adapters: Any, input_ids: Any
     if (prompt is None) == (input_ids is None):
         raise UserError("give exactly one of 'text' and 'input_ids'")
     single = isinstance(prompt, str) if prompt is not None else bool(input_ids) and isinstance(input_ids[0], int)
-    items = [prompt] if isinstance(prompt, str) else prompt if prompt is not None else \
-        [input_ids] if single else input_ids
+    items = (
+        [prompt] if isinstance(prompt, str) else prompt if prompt is not None else [input_ids] if single else input_ids
+    )
     if not isinstance(items, list) or not items:
         raise UserError("'text' must be a string or a non-empty list of strings")
     n = len(items)
     params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
     adapters = adapters if isinstance(adapters, list) else [adapters] * n
     if len(params) != n or len(adapters) != n:
-        raise UserError(f"the batch has {n} inputs but {len(params)} sampling_params and {len(adapters)} "
-                        "lora_path entries; give one of each per input, or a single value for all")
+        raise UserError(
+            f"the batch has {n} inputs but {len(params)} sampling_params and {len(adapters)} "
+            "lora_path entries; give one of each per input, or a single value for all"
+        )
     if prompt is not None:
         return [(item, None, p, a) for item, p, a in zip(items, params, adapters)], single
     return [(None, item, p, a) for item, p, a in zip(items, params, adapters)], single
@@ -67,13 +70,17 @@ def check_token_ids(ids: list, vocab_size: int) -> None:
 def check_fits(prompt_len: int, max_new_tokens: int, context_len: int, capacity: int) -> None:
     """UserError unless the prompt plus ``max_new_tokens`` fit the context and a KV cache of ``capacity`` tokens."""
     if prompt_len + max_new_tokens > context_len:
-        raise UserError(f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new_tokens}: together "
-                        f"more than the model's context length of {context_len} tokens; shorten the "
-                        "prompt or lower max_new_tokens")
+        raise UserError(
+            f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new_tokens}: together "
+            f"more than the model's context length of {context_len} tokens; shorten the "
+            "prompt or lower max_new_tokens"
+        )
     if prompt_len + max_new_tokens > capacity:
-        raise UserError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) can never fit "
-                        f"in the KV cache of {capacity} tokens; shorten the prompt, lower max_new_tokens or "
-                        "start the server with a larger --max-total-tokens")
+        raise UserError(
+            f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) can never fit "
+            f"in the KV cache of {capacity} tokens; shorten the prompt, lower max_new_tokens or "
+            "start the server with a larger --max-total-tokens"
+        )
 
 
 class Intake:
@@ -90,8 +97,10 @@ class Intake:
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The token ids of ``text``; TooLarge (not tokenized) when it has more than ``max_prompt_chars``."""
         if len(text) > self.max_prompt_chars:
-            raise TooLarge(f"the prompt text is {len(text)} characters long, more than the {self.max_prompt_chars} "
-                           "allowed (--max-prompt-chars; by default 32 x the context length); shorten it")
+            raise TooLarge(
+                f"the prompt text is {len(text)} characters long, more than the {self.max_prompt_chars} "
+                "allowed (--max-prompt-chars; by default 32 x the context length); shorten it"
+            )
         if self.tokenizer is None:
             raise UserError("this model has no tokenizer (dummy weights?); send 'input_ids' instead of text")
         with self._encode_lock:
@@ -114,16 +123,21 @@ class Intake:
         """The prompt ids of a chat: the template rendered with the generation prompt, then tokenized
         without special tokens (the template holds them); TooLarge before tokenizing a huge text."""
         if self.tokenizer is None:
-            raise UserError("this model has no tokenizer, which chat needs; start the server with --tokenizer-path, "
-                            "or use /v1/completions with token-id prompts")
+            raise UserError(
+                "this model has no tokenizer, which chat needs; start the server with --tokenizer-path, "
+                "or use /v1/completions with token-id prompts"
+            )
         if not getattr(self.tokenizer, "chat_template", None):
-            raise UserError("the model's tokenizer has no chat template; use /v1/completions, or start the server "
-                            "with a --tokenizer-path that has one")
+            raise UserError(
+                "the model's tokenizer has no chat template; use /v1/completions, or start the server "
+                "with a --tokenizer-path that has one"
+            )
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # jinja's TemplateError, raise_exception() in the template, ...
-            raise UserError(f"the chat template rejected the messages ({exc}); fix the message roles or "
-                            "order") from None
+            raise UserError(
+                f"the chat template rejected the messages ({exc}); fix the message roles or order"
+            ) from None
         return self.tokenize(text, add_special_tokens=False)
 
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -136,13 +150,17 @@ class Intake:
         """Hold room for ``count`` requests next to ``waiting`` queued ones, or raise QueueFull
         (TooLarge when ``count`` alone is more than the queue holds)."""
         if count > self.max_queued:
-            raise TooLarge(f"this request has {count} sequences but the queue holds at most {self.max_queued} "
-                           "(--max-queued-requests); split it into smaller requests")
+            raise TooLarge(
+                f"this request has {count} sequences but the queue holds at most {self.max_queued} "
+                "(--max-queued-requests); split it into smaller requests"
+            )
         with self._lock:
             queued = waiting + self.pending
             if queued + count > self.max_queued:
-                raise QueueFull(f"the server is busy: {queued} requests are queued and this one adds {count}, more "
-                                f"than --max-queued-requests={self.max_queued}; retry in a moment")
+                raise QueueFull(
+                    f"the server is busy: {queued} requests are queued and this one adds {count}, more "
+                    f"than --max-queued-requests={self.max_queued}; retry in a moment"
+                )
             self.pending += count
 
     def release(self, count: int) -> None:

@@ -85,12 +85,12 @@ class OutputBuilder:
         """New text/tokens/logprobs since the previous delta of ``r``."""
         state = self._state(r)
         end = len(state.text) if finished else state.stream_len
-        text = state.text[r.emitted_chars:end]
+        text = state.text[r.emitted_chars : end]
         r.emitted_chars = max(r.emitted_chars, end)
-        tokens = r.output_ids[r.emitted_tokens:]
+        tokens = r.output_ids[r.emitted_tokens :]
         r.emitted_tokens = len(r.output_ids)
-        logprobs = r.logprobs[r.emitted_logprobs:]
-        tops = r.top_logprobs[r.emitted_logprobs:] if r.top_logprobs else []
+        logprobs = r.logprobs[r.emitted_logprobs :]
+        tops = r.top_logprobs[r.emitted_logprobs :] if r.top_logprobs else []
         r.emitted_logprobs = len(r.logprobs)
         meta = self.meta(r) if finished else {}
         return RequestOutput(r.request_id, text, tokens, finished, r.finish_reason, logprobs, tops, meta)
@@ -104,8 +104,13 @@ class OutputBuilder:
                 reason["matched"] = state.matched
             if r.error:
                 reason["message"] = r.error
-        meta = {"id": r.request_id, "prompt_tokens": len(r.prompt_ids), "completion_tokens": len(r.output_ids),
-                "finish_reason": reason, "lora_path": r.adapter}
+        meta = {
+            "id": r.request_id,
+            "prompt_tokens": len(r.prompt_ids),
+            "completion_tokens": len(r.output_ids),
+            "finish_reason": reason,
+            "lora_path": r.adapter,
+        }
         if r.first_token_time is not None:
             meta["ttft_s"] = r.first_token_time - r.arrival_time
         if r.finish_time is not None:

@@ -43,7 +43,7 @@ class StopChecker:
     _last_len: int = field(default=0, init=False, repr=False)
 
     @classmethod
-    def from_params(cls, params: SamplingParams) -> "StopChecker":
+    def from_params(cls, params: SamplingParams) -> StopChecker:
         return cls(stop=list(params.stop), no_stop_trim=params.no_stop_trim)
 
     def check(self, text: str) -> StopCheck:
@@ -58,7 +58,7 @@ class StopChecker:
             if at >= 0 and (best is None or (at, len(s)) < best[:2]):
                 best = (at, len(s), s)
         if best is not None:
-            out = text if self.no_stop_trim else text[:best[0]]
+            out = text if self.no_stop_trim else text[: best[0]]
             return StopCheck(True, best[2], out, len(out))
         longest = max(len(s) for s in self.stop)
         self._scan_from = max(0, len(text) - longest + 1)
@@ -71,8 +71,9 @@ class StopChecker:
         return StopCheck(False, None, text, len(text) - held)
 
 
-def finish_reason(token_id: int, num_output_tokens: int, params: SamplingParams,
-                  eos_token_ids: Collection[int] | None = None) -> Literal["stop", "length"] | None:
+def finish_reason(
+    token_id: int, num_output_tokens: int, params: SamplingParams, eos_token_ids: Collection[int] | None = None
+) -> Literal["stop", "length"] | None:
     """Why a request ends after emitting ``token_id``, or ``None`` if it goes on.
 
     ``num_output_tokens`` counts the output so far, ``token_id`` included. As SGLang's

@@ -22,9 +22,10 @@ import multiprocessing as mp
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -52,11 +53,17 @@ def init_group(rank: int, size: int, port: int, device_type: str) -> None:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         if torch.cuda.device_count() < size:
-            raise ConfigError(f"--tp-size {size} needs {size} CUDA devices, found {torch.cuda.device_count()}; "
-                              "lower --tp-size")
+            raise ConfigError(
+                f"--tp-size {size} needs {size} CUDA devices, found {torch.cuda.device_count()}; lower --tp-size"
+            )
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=datetime.timedelta(minutes=10),
+    )
 
 
 def check_before_start(settings: Any, plugins: Any) -> None:
@@ -76,6 +83,7 @@ def check_before_start(settings: Any, plugins: Any) -> None:
 
 # -- what travels from the driver to the workers -------------------------------------------------
 
+
 @dataclass
 class _Request:
     """The parts of a Request a worker's runner reads."""
@@ -84,20 +92,21 @@ class _Request:
     first: int  # position of ids[0]
     blocks: list[int]
     num_tokens: int
-    lora: Any = None
+    adapter_ref: Any = None
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        return self.ids[start - self.first:end - self.first]
+        return self.ids[start - self.first : end - self.first]
 
 
 def describe_chunks(chunks: list) -> list[tuple]:
-    """A step's chunks as plain tuples: ``(ids, start, n, blocks, samples, lora_key)``."""
+    """A step's chunks as plain tuples: ``(ids, start, n, blocks, samples, adapter_key)``."""
     out = []
     for c in chunks:
         r = c.request
-        key = r.lora.key if getattr(r, "lora", None) is not None else None
-        out.append((r.token_slice(c.start, c.start + c.num_tokens), c.start, c.num_tokens, list(r.blocks),
-                    c.samples, key))
+        key = r.adapter_ref.key if r.adapter_ref is not None else None
+        out.append(
+            (r.token_slice(c.start, c.start + c.num_tokens), c.start, c.num_tokens, list(r.blocks), c.samples, key)
+        )
     return out
 
 
@@ -106,14 +115,16 @@ def rebuild_chunks(described: list[tuple]) -> list[ScheduledChunk]:
     token, so that is what the stand-in request's length says."""
     chunks = []
     for ids, start, n, blocks, samples, key in described:
-        lora = SimpleNamespace(key=tuple(key)) if key is not None else None
-        req = _Request(ids=list(ids), first=start, blocks=blocks, num_tokens=start + n + (0 if samples else 1),
-                       lora=lora)
+        ref = SimpleNamespace(key=tuple(key)) if key is not None else None
+        req = _Request(
+            ids=list(ids), first=start, blocks=blocks, num_tokens=start + n + (0 if samples else 1), adapter_ref=ref
+        )
         chunks.append(ScheduledChunk(req, start, n))
     return chunks
 
 
 # -- the driver (rank 0, in the serving process) --------------------------------------------------
+
 
 class TPDriver:
     """Starts the workers, forwards steps and LoRA slot decisions to them, watches them."""
@@ -127,8 +138,9 @@ class TPDriver:
         payload = settings.model_dump()
         for rank in range(1, self.size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(payload, rank, self.port, child),
-                               name=f"loraserve-tp{rank}", daemon=True)
+            proc = ctx.Process(
+                target=worker_main, args=(payload, rank, self.port, child), name=f"loraserve-tp{rank}", daemon=True
+            )
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -146,8 +158,10 @@ class TPDriver:
                 rank, proc = sentinels.pop(s)
                 proc.join(1)
                 if not self._stopping:
-                    self.on_worker_death(f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}; "
-                                         "the server cannot continue without it (see that worker's log above)")
+                    self.on_worker_death(
+                        f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}; "
+                        "the server cannot continue without it (see that worker's log above)"
+                    )
                     return
 
     def send(self, message: tuple) -> None:
@@ -198,6 +212,7 @@ def _exit_on_worker_death(message: str) -> None:
 
 # -- the worker (ranks 1..N-1, each in its own process) --------------------------------------------
 
+
 def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
     """Build this rank's shard of every part and follow the driver's messages until told to stop."""
     from loraserve.engine.builder import build_components
@@ -242,6 +257,7 @@ def _exit_with_parent(poll_s: float = 1.0) -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
         os._exit(1)
+
     threading.Thread(target=watch, name="loraserve-tp-parent-watch", daemon=True).start()
 
 

@@ -37,9 +37,17 @@ M = TypeVar("M", bound=BaseModel)
 
 # The vLLM-style adapter endpoints live under /v1 but answer in the native format.
 NATIVE_UNDER_V1 = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                 429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
 RETRY_AFTER_S = 1  # Retry-After of a 429 (queue full) or 503 (shutting down, overloaded)
 MAX_MESSAGE_CHARS = 4000  # an error message echoing a huge client value is cut to this
 PARSE_IN_THREAD_BYTES = 64 * 1024  # bodies at least this large are parsed off the event loop
@@ -48,8 +56,15 @@ PARSE_IN_THREAD_BYTES = 64 * 1024  # bodies at least this large are parsed off t
 class APIError(Exception):
     """An HTTP error with a status and a message that says what to change."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers
@@ -80,8 +95,14 @@ def error_body(status: int, message: str, openai: bool, code: str | None = None,
     message = safe_text(message)
     if openai:
         param = safe_text(param, 200) if param is not None else None
-        return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "invalid_request_error"),
-                          "param": param, "code": code}}
+        return {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(status, "invalid_request_error"),
+                "param": param,
+                "code": code,
+            }
+        }
     return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "invalid_request_error"), "code": status}}
 
 
@@ -92,11 +113,13 @@ def retry_after(status: int, headers: dict | None = None) -> dict | None:
     return headers
 
 
-def error_response(path: str, status: int, message: str, code: str | None = None, param: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(
+    path: str, status: int, message: str, code: str | None = None, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     headers = retry_after(status, headers)
-    return JSONResponse(error_body(status, message, is_openai_path(path), code, param), status_code=status,
-                        headers=headers)
+    return JSONResponse(
+        error_body(status, message, is_openai_path(path), code, param), status_code=status, headers=headers
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -123,8 +146,11 @@ def api_error_of(exc: BaseException) -> APIError:
 
 
 def _too_large(size: str, limit: int) -> APIError:
-    return APIError(413, f"the request body is {size}, more than the limit of {limit} bytes "
-                         "(--max-request-body-bytes); send a smaller body, or split the request")
+    return APIError(
+        413,
+        f"the request body is {size}, more than the limit of {limit} bytes "
+        "(--max-request-body-bytes); send a smaller body, or split the request",
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -149,8 +175,11 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not UTF-8 text; send a JSON object encoded as UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} column "
-                            f"{exc.colno}); send a JSON object") from None
+        raise APIError(
+            400,
+            f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}); send a JSON object",
+        ) from None
     except safe_json.UnsafeJSON as exc:
         raise APIError(400, str(exc)) from None
 

@@ -44,28 +44,47 @@ class _EngineCollector:
         s = self.snapshot
         if not s:
             return
-        gauges = [("num_requests_waiting", "Requests waiting to be scheduled (the queue length).", s["waiting"]),
-                  ("num_requests_running", "Requests in the running batch.", s["running"]),
-                  ("kv_cache_blocks_total", "KV-cache blocks.", s["kv_blocks_total"]),
-                  ("kv_cache_blocks_free", "Free KV-cache blocks.", s["kv_blocks_free"]),
-                  ("kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.",
-                   1.0 - s["kv_blocks_free"] / max(1, s["kv_blocks_total"]))]
+        gauges = [
+            ("num_requests_waiting", "Requests waiting to be scheduled (the queue length).", s["waiting"]),
+            ("num_requests_running", "Requests in the running batch.", s["running"]),
+            ("kv_cache_blocks_total", "KV-cache blocks.", s["kv_blocks_total"]),
+            ("kv_cache_blocks_free", "Free KV-cache blocks.", s["kv_blocks_free"]),
+            (
+                "kv_cache_usage_ratio",
+                "Fraction of KV-cache blocks in use.",
+                1.0 - s["kv_blocks_free"] / max(1, s["kv_blocks_total"]),
+            ),
+        ]
         if "lora_slots_total" in s:
-            gauges += [("lora_slots_total", "GPU adapter slots (the base model counts as one).", s["lora_slots_total"]),
-                       ("lora_slots_in_use", "GPU adapter slots holding an adapter or the base model.",
-                        s["lora_slots_in_use"]),
-                       ("lora_host_cache_adapters", "Adapters held in the host cache.", s["lora_host_cached"]),
-                       ("lora_adapters_loaded", "Adapters registered (loaded by name).", s["lora_adapters"]),
-                       ("lora_copies_in_flight", "Adapter copies to GPU slots not finished yet (overlap loading).",
-                        s["lora_copies_in_flight"])]
+            gauges += [
+                ("lora_slots_total", "GPU adapter slots (the base model counts as one).", s["lora_slots_total"]),
+                (
+                    "lora_slots_in_use",
+                    "GPU adapter slots holding an adapter or the base model.",
+                    s["lora_slots_in_use"],
+                ),
+                ("lora_host_cache_adapters", "Adapters held in the host cache.", s["lora_host_cached"]),
+                ("lora_adapters_loaded", "Adapters registered (loaded by name).", s["lora_adapters"]),
+                (
+                    "lora_copies_in_flight",
+                    "Adapter copies to GPU slots not finished yet (overlap loading).",
+                    s["lora_copies_in_flight"],
+                ),
+            ]
         for name, doc, value in gauges:
             family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
             family.add_metric([], float(value))
             yield family
-        steps = CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine steps run, by kind (decode only, or with "
-                                    "prefill tokens).", labels=["kind"])
-        seconds = CounterMetricFamily(f"{PREFIX}_engine_step_seconds", "Wall time of engine steps (model, sampling, "
-                                      "delivery), by kind.", labels=["kind"])
+        steps = CounterMetricFamily(
+            f"{PREFIX}_engine_steps",
+            "Engine steps run, by kind (decode only, or with prefill tokens).",
+            labels=["kind"],
+        )
+        seconds = CounterMetricFamily(
+            f"{PREFIX}_engine_step_seconds",
+            "Wall time of engine steps (model, sampling, delivery), by kind.",
+            labels=["kind"],
+        )
         for kind, (count, secs) in s.get("steps", {}).items():
             steps.add_metric([kind], float(count))
             seconds.add_metric([kind], float(secs))
@@ -73,33 +92,42 @@ class _EngineCollector:
         yield seconds
         counters = s.get("lora_counters")
         if counters is not None:
-            for name, doc, key in (("lora_loads", "Adapters loaded (by name, including reloads).", "loads"),
-                                   ("lora_slot_hits", "Adapter lookups that found it in a GPU slot.", "hits"),
-                                   ("lora_slot_misses", "Adapter lookups that had to copy it into a slot.", "misses"),
-                                   ("lora_host_reloads", "Adapters re-read from their source after a host eviction.",
-                                    "host_reloads"),
-                                   ("lora_slot_fills", "Adapter weights copied into a GPU slot.", "slot_fills"),
-                                   ("lora_copied_bytes", "Bytes of adapter weights copied host to GPU.",
-                                    "bytes_copied"),
-                                   ("lora_copy_seconds", "Time spent copying adapters into GPU slots (GPU-timed "
-                                    "with overlap loading).", "copy_seconds"),
-                                   ("lora_copy_wait_seconds", "Time requests waited for their adapter's copy "
-                                    "(overlap loading).", "copy_wait_seconds"),
-                                   ("lora_prefetches", "Adapter copies started for waiting requests before their "
-                                    "turn.", "prefetches")):
+            for name, doc, key in (
+                ("lora_loads", "Adapters loaded (by name, including reloads).", "loads"),
+                ("lora_slot_hits", "Adapter lookups that found it in a GPU slot.", "hits"),
+                ("lora_slot_misses", "Adapter lookups that had to copy it into a slot.", "misses"),
+                ("lora_host_reloads", "Adapters re-read from their source after a host eviction.", "host_reloads"),
+                ("lora_slot_fills", "Adapter weights copied into a GPU slot.", "slot_fills"),
+                ("lora_copied_bytes", "Bytes of adapter weights copied host to GPU.", "bytes_copied"),
+                (
+                    "lora_copy_seconds",
+                    "Time spent copying adapters into GPU slots (GPU-timed with overlap loading).",
+                    "copy_seconds",
+                ),
+                (
+                    "lora_copy_wait_seconds",
+                    "Time requests waited for their adapter's copy (overlap loading).",
+                    "copy_wait_seconds",
+                ),
+                ("lora_prefetches", "Adapter copies started for waiting requests before their turn.", "prefetches"),
+            ):
                 family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
                 family.add_metric([], float(counters.get(key, 0)))
                 yield family
-            family = CounterMetricFamily(f"{PREFIX}_lora_evictions", "Adapter evictions, by memory tier.",
-                                         labels=["tier"])
+            family = CounterMetricFamily(
+                f"{PREFIX}_lora_evictions", "Adapter evictions, by memory tier.", labels=["tier"]
+            )
             family.add_metric(["gpu"], float(counters.get("gpu_evictions", 0)))
             family.add_metric(["host"], float(counters.get("host_evictions", 0)))
             yield family
         residency = s.get("lora_residency")
         if residency is not None:
-            family = GaugeMetricFamily(f"{PREFIX}_lora_adapter_resident", "1 when the memory tier (gpu: a GPU "
-                                       "adapter slot, host: the host cache) holds the loaded adapter, else 0.",
-                                       labels=["adapter", "rank", "pinned", "tier"])
+            family = GaugeMetricFamily(
+                f"{PREFIX}_lora_adapter_resident",
+                "1 when the memory tier (gpu: a GPU "
+                "adapter slot, host: the host cache) holds the loaded adapter, else 0.",
+                labels=["adapter", "rank", "pinned", "tier"],
+            )
             for adapter, rank, pinned, on_gpu, on_host in residency:
                 labels = [adapter, str(rank), "true" if pinned else "false"]
                 family.add_metric([*labels, "gpu"], 1.0 if on_gpu else 0.0)
@@ -107,11 +135,14 @@ class _EngineCollector:
             yield family
         info = s.get("lora_requests_info")
         if info is not None:
-            family = GaugeMetricFamily(f"{PREFIX}_lora_requests_info", "Adapters of running and of waiting "
-                                       "requests (comma-separated names) and max_lora (--max-loras-per-batch); the "
-                                       "value is when the engine was seen (unix seconds), as vLLM's "
-                                       "lora_requests_info.",
-                                       labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+            family = GaugeMetricFamily(
+                f"{PREFIX}_lora_requests_info",
+                "Adapters of running and of waiting "
+                "requests (comma-separated names) and max_lora (--max-loras-per-batch); the "
+                "value is when the engine was seen (unix seconds), as vLLM's "
+                "lora_requests_info.",
+                labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            )
             family.add_metric([info["running"], info["waiting"], str(info["max_lora"])], info["time"])
             yield family
 
@@ -138,21 +169,39 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.requests = Counter(f"{PREFIX}_requests", "Finished generation requests, by adapter and finish reason.",
-                                ["adapter", "finish_reason"], registry=r)
-        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests, by adapter.",
-                                     ["adapter"], registry=r)
-        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Generated tokens of finished requests, by "
-                                         "adapter.", ["adapter"], registry=r)
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time from arrival to the first token.",
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds",
-                              "Mean time between output tokens after the first, per request.", buckets=TPOT_BUCKETS,
-                              registry=r)
-        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Time from arrival to the last token.",
-                             buckets=E2E_BUCKETS, registry=r)
-        self.http = Counter(f"{PREFIX}_http_responses", "HTTP responses, by route and status.",
-                            ["route", "status"], registry=r)
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Finished generation requests, by adapter and finish reason.",
+            ["adapter", "finish_reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests, by adapter.", ["adapter"], registry=r
+        )
+        self.generation_tokens = Counter(
+            f"{PREFIX}_generation_tokens", "Generated tokens of finished requests, by adapter.", ["adapter"], registry=r
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from arrival to the first token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            f"{PREFIX}_time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per request.",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "Time from arrival to the last token.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.http = Counter(
+            f"{PREFIX}_http_responses", "HTTP responses, by route and status.", ["route", "status"], registry=r
+        )
         self._engine = _EngineCollector()
         r.register(self._engine)
         self._exposed = _WithoutCreated(r)

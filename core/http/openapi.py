@@ -18,16 +18,18 @@ from pydantic import BaseModel, ConfigDict
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
-ERROR_TEXT = {400: "The request is malformed; the message says what to change.",
-              401: "The API key is missing or wrong (--api-key).",
-              403: "The server's settings forbid this; the message names the flag.",
-              404: "The adapter, model or endpoint does not exist.",
-              405: "The endpoint does not take this method.",
-              413: "The body, prompt or request is larger than a bound the operator set.",
-              415: "The body must be sent with Content-Type: application/json.",
-              429: "The waiting queue is full; retry after Retry-After seconds.",
-              499: "The client went away before the answer was ready.",
-              503: "The server is shutting down, or the engine did not answer in time; retry after Retry-After."}
+ERROR_TEXT = {
+    400: "The request is malformed; the message says what to change.",
+    401: "The API key is missing or wrong (--api-key).",
+    403: "The server's settings forbid this; the message names the flag.",
+    404: "The adapter, model or endpoint does not exist.",
+    405: "The endpoint does not take this method.",
+    413: "The body, prompt or request is larger than a bound the operator set.",
+    415: "The body must be sent with Content-Type: application/json.",
+    429: "The waiting queue is full; retry after Retry-After seconds.",
+    499: "The client went away before the answer was ready.",
+    503: "The server is shutting down, or the engine did not answer in time; retry after Retry-After.",
+}
 
 
 class ErrorDetail(BaseModel):
@@ -76,8 +78,9 @@ def errors(*statuses: int, model: type[BaseModel] = ErrorBody, ok: dict | None =
     for status in statuses:
         entry: dict[str, Any] = {"description": ERROR_TEXT[status], "model": model}
         if status in (429, 503):
-            entry["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.",
-                                                "schema": {"type": "string"}}}
+            entry["headers"] = {
+                "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}
+            }
         if status == 499:
             entry = {"description": ERROR_TEXT[status]}  # no body: the client is gone
         out[status] = entry
@@ -116,8 +119,10 @@ def _everywhere(app: FastAPI) -> dict[int, dict[str, Any]]:
     """Answers any route may give: an unknown method (405), a key problem (401), a large body (413)."""
     ref = {"$ref": REF.format(model="ErrorBody")}
     content = {JSON: {"schema": ref}}
-    out = {405: {"description": ERROR_TEXT[405], "content": content},
-           413: {"description": ERROR_TEXT[413], "content": content}}
+    out = {
+        405: {"description": ERROR_TEXT[405], "content": content},
+        413: {"description": ERROR_TEXT[413], "content": content},
+    }
     if getattr(app.state, "settings", None) is not None and app.state.settings.api_key:
         out[401] = {"description": ERROR_TEXT[401], "content": content}
     return out

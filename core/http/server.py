@@ -56,10 +56,13 @@ class ApiKeyMiddleware:
         if given is not None and secrets.compare_digest(given, self.expected):
             return await self.app(scope, receive, send)
         path = scope["path"]
-        message = ("this server needs an API key; send the header 'Authorization: Bearer <key>' with the key "
-                   "given to --api-key" if given is None else
-                   "the API key in the Authorization header is wrong; send 'Authorization: Bearer <key>' with "
-                   "the key given to --api-key")
+        message = (
+            "this server needs an API key; send the header 'Authorization: Bearer <key>' with the key "
+            "given to --api-key"
+            if given is None
+            else "the API key in the Authorization header is wrong; send 'Authorization: Bearer <key>' with "
+            "the key given to --api-key"
+        )
         body = error_body(401, message, is_openai_path(path), code="invalid_api_key")
         response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
@@ -71,8 +74,11 @@ def create_app(engine: EngineClient, settings: Settings, plugins: PluginManager)
 
     The app does not own the engine: whoever built the engine shuts it down (:func:`serve` does).
     """
-    app = FastAPI(title="loraserve", version=__version__,
-                  description="Multi-LoRA LLM serving: SGLang's native API and the OpenAI API.")
+    app = FastAPI(
+        title="loraserve",
+        version=__version__,
+        description="Multi-LoRA LLM serving: SGLang's native API and the OpenAI API.",
+    )
     metrics = ServerMetrics()
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     app.state.draining = False
@@ -82,14 +88,18 @@ def create_app(engine: EngineClient, settings: Settings, plugins: PluginManager)
     frontends = plugins.frontends
     app.state.frontends = [entry.name for entry in frontends]  # /get_server_info lists them
     if not len(frontends):
-        logger.warning("no HTTP frontend plugin is loaded (were frontend_native and frontend_openai disabled?); "
-                       "the server has no endpoints")
+        logger.warning(
+            "no HTTP frontend plugin is loaded (were frontend_native and frontend_openai disabled?); "
+            "the server has no endpoints"
+        )
     for entry in frontends:
         try:
             entry.factory(app, engine, settings)
         except Exception as exc:
-            raise PluginError(f"frontend {entry.name!r} of plugin {entry.plugin!r} failed to add its routes: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise PluginError(
+                f"frontend {entry.name!r} of plugin {entry.plugin!r} failed to add its routes: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # outermost: counts the 401s too
@@ -108,8 +118,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port, or a "
-                          "--host this machine has, or stop the process that uses the port") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port, or a "
+            "--host this machine has, or stop the process that uses the port"
+        ) from None
     sock.set_inheritable(True)
     return sock
 
@@ -121,8 +133,13 @@ class LoraserveServer(uvicorn.Server):
         """``grace_s``: how long in-flight requests may run on after SIGINT/SIGTERM before they are
         aborted (default ``--shutdown-grace-period``)."""
         grace_s = settings.shutdown_grace_period if grace_s is None else grace_s
-        config = uvicorn.Config(app, log_config=None, log_level=settings.log_level, lifespan="off",
-                                timeout_graceful_shutdown=int(grace_s) + 5)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            log_level=settings.log_level,
+            lifespan="off",
+            timeout_graceful_shutdown=int(grace_s) + 5,
+        )
         super().__init__(config)
         self.app, self.engine, self.settings, self.grace_s = app, engine, settings, grace_s
         self.url: str | None = None
@@ -134,8 +151,11 @@ class LoraserveServer(uvicorn.Server):
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
-        print(f"loraserve: serving {self.engine.model_info().name} at {self.url} (OpenAI API: {self.url}/v1); "
-              "Ctrl+C to stop", flush=True)
+        print(
+            f"loraserve: serving {self.engine.model_info().name} at {self.url} (OpenAI API: {self.url}/v1); "
+            "Ctrl+C to stop",
+            flush=True,
+        )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.app.state.draining = True  # new requests get a 503 while in-flight ones finish
@@ -161,8 +181,13 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
         sock.close()
         raise
     info = engine.effective_settings()
-    logger.info("engine built: model=%s device=%s lora backend=%s eviction=%s", info["served_model_name"],
-                info["device"], info["lora_backend"], settings.lora_eviction_policy)
+    logger.info(
+        "engine built: model=%s device=%s lora backend=%s eviction=%s",
+        info["served_model_name"],
+        info["device"],
+        info["lora_backend"],
+        settings.lora_eviction_policy,
+    )
     try:
         server = LoraserveServer(create_app(engine, settings, plugins), engine, settings)
         server.run(sockets=[sock])
@@ -178,8 +203,16 @@ class ServerThread:
     ``engine.settings``, ``engine.plugins``), for tests, benchmarks and programs that embed
     loraserve; ``stop()`` also stops the engine. ``grace_s`` None takes --shutdown-grace-period."""
 
-    def __init__(self, engine: EngineClient, settings: Settings, plugins: PluginManager, host: str = "127.0.0.1",
-                 port: int = 0, grace_s: float | None = None, start_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        engine: EngineClient,
+        settings: Settings,
+        plugins: PluginManager,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        grace_s: float | None = None,
+        start_timeout_s: float = 30.0,
+    ):
         self.engine = engine
         self.app = create_app(engine, settings, plugins)
         self.server = LoraserveServer(self.app, engine, settings, grace_s=grace_s)

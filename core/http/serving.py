@@ -57,9 +57,11 @@ def samples_of(params: dict[str, Any], most: int) -> int:
 def check_sequences(inputs: int, sequences: int, most: int) -> None:
     """TooLarge when one HTTP request asks for more than ``most`` sequences (``inputs`` x n)."""
     if sequences > most:
-        raise TooLarge(f"this request asks for {sequences} sequences ({inputs} input(s) x n), more than the "
-                       f"{most} allowed per request (--max-sequences-per-request); split it into several "
-                       "requests or lower n")
+        raise TooLarge(
+            f"this request asks for {sequences} sequences ({inputs} input(s) x n), more than the "
+            f"{most} allowed per request (--max-sequences-per-request); split it into several "
+            "requests or lower n"
+        )
 
 
 def fan_out(params: dict[str, Any], most: int) -> list[dict[str, Any]]:
@@ -141,8 +143,11 @@ class Generations:
         requests = []
         for k, item in enumerate(items):
             try:
-                requests.append(self.engine.make_request(prompt=item.prompt, input_ids=item.input_ids,
-                                                         params=item.params, adapter=item.adapter))
+                requests.append(
+                    self.engine.make_request(
+                        prompt=item.prompt, input_ids=item.input_ids, params=item.params, adapter=item.adapter
+                    )
+                )
             except UserError as exc:
                 if len(items) > 1:
                     exc.args = (f"input {k}: {exc}",)  # the same exception: a TooLarge stays a 413
@@ -157,8 +162,12 @@ class Generations:
         if r.finish_reason == "error":
             raise APIError(500, f"generation failed inside the engine ({r.error}); this is a bug, please report it")
         if r.finish_reason == "abort":
-            raise APIError(503, "the request was aborted because the server is shutting down; retry it"
-                           if getattr(self.state, "draining", False) else "the request was aborted; retry it")
+            raise APIError(
+                503,
+                "the request was aborted because the server is shutting down; retry it"
+                if getattr(self.state, "draining", False)
+                else "the request was aborted; retry it",
+            )
 
     async def _events(self, requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
         stream = self.engine.stream(requests=requests)
@@ -193,11 +202,11 @@ class Generations:
         async def drain() -> None:
             async for _ in self._events(requests):
                 pass
+
         await race_disconnect(http, drain())
         return requests
 
-    async def open_stream(self, http: HttpRequest,
-                          requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def open_stream(self, http: HttpRequest, requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Submit ``requests`` and wait for their first output, so that a request the engine refuses
         (an unknown adapter) is still answered with a 4xx before any event is sent."""
         self.check_accepting()
@@ -215,4 +224,5 @@ class Generations:
                     yield event
             finally:
                 await events.aclose()
+
         return chained()

@@ -11,12 +11,14 @@ into that layout; every loader plugin ends with it, so the layout is defined in 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from loraserve.lora.targets import EMBEDDING_MODULES, FUSED_MODULES, FUSED_SLICE
+
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling of a module: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
@@ -46,34 +48,52 @@ class BaseModelShape:
                 raise ValueError(f"BaseModelShape.{f.name} must be a positive integer, not {value!r}")
 
     @classmethod
-    def from_config(cls, hf_config: Any) -> "BaseModelShape":
+    def from_config(cls, hf_config: Any) -> BaseModelShape:
         """Read the sizes from a transformers ``PretrainedConfig`` (or a dict of its fields)."""
         get = hf_config.get if isinstance(hf_config, Mapping) else lambda k, d=None: getattr(hf_config, k, d)
         text = get("text_config")
         if text is not None and get("hidden_size") is None:  # multimodal wrappers keep the LM config inside
             return cls.from_config(text)
-        missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                               "intermediate_size", "vocab_size") if get(k) is None]
+        missing = [
+            k
+            for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+            if get(k) is None
+        ]
         if missing:
-            raise ValueError(f"the base model config has no {', '.join(missing)}; "
-                             "LoRA serving needs a Llama-family config")
+            raise ValueError(
+                f"the base model config has no {', '.join(missing)}; LoRA serving needs a Llama-family config"
+            )
         heads = get("num_attention_heads")
         head_dim = get("head_dim") or get("hidden_size") // heads
         kv_heads = get("num_key_value_heads") or heads
-        return cls(num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
-                   q_size=heads * head_dim, kv_size=kv_heads * head_dim,
-                   intermediate_size=get("intermediate_size"), vocab_size=get("vocab_size"))
+        return cls(
+            num_layers=get("num_hidden_layers"),
+            hidden_size=get("hidden_size"),
+            q_size=heads * head_dim,
+            kv_size=kv_heads * head_dim,
+            intermediate_size=get("intermediate_size"),
+            vocab_size=get("vocab_size"),
+        )
 
     def module_features(self) -> dict[str, tuple[int, int]]:
-        """``(in_features, out_features)`` of every PEFT module name in :data:`loraserve.lora.targets.SUPPORTED_MODULES`.
+        """``(in_features, out_features)`` of every PEFT module name in
+        :data:`loraserve.lora.targets.SUPPORTED_MODULES`.
 
         For ``embed_tokens`` "in" is the vocabulary (the rows of LoRA A's transpose) and "out" the
         hidden size, matching PEFT's ``lora_embedding_A [r, vocab]`` / ``lora_embedding_B [hidden, r]``.
         """
         h, q, kv, i, v = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size, self.vocab_size
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-                "embed_tokens": (v, h), "lm_head": (h, v)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+            "embed_tokens": (v, h),
+            "lm_head": (h, v),
+        }
 
     def fused_in_features(self, fused_name: str) -> int:
         """Input size of a fused projection (every slice shares it)."""
@@ -92,8 +112,9 @@ def _members(fused_name: str) -> tuple[str, ...]:
     try:
         return FUSED_MODULES[fused_name]
     except KeyError:
-        raise ValueError(f"unknown fused projection {fused_name!r}; expected one of "
-                         f"{', '.join(FUSED_MODULES)}") from None
+        raise ValueError(
+            f"unknown fused projection {fused_name!r}; expected one of {', '.join(FUSED_MODULES)}"
+        ) from None
 
 
 @dataclass
@@ -173,8 +194,10 @@ class LoRAAdapter:
             A, B = pair
             in_f, out_f = feats[mod]
             if A.dim() != 2 or A.shape[1] != in_f or A.shape[0] == 0 or tuple(B.shape) != (out_f, A.shape[0]):
-                raise ValueError(f"adapter {self.name!r} {mod}: A {tuple(A.shape)} / B {tuple(B.shape)} do not "
-                                 f"fit, expected A (r, {in_f}) and B ({out_f}, r)")
+                raise ValueError(
+                    f"adapter {self.name!r} {mod}: A {tuple(A.shape)} / B {tuple(B.shape)} do not "
+                    f"fit, expected A (r, {in_f}) and B ({out_f}, r)"
+                )
         for t in self.tensors():
             if t.device.type != "cpu":
                 raise ValueError(f"adapter {self.name!r}: weights must be CPU tensors, found one on {t.device}")
@@ -189,8 +212,15 @@ class ModuleLoRA:
     scaling: float
 
 
-def build_adapter(*, name: str, source: str, shape: BaseModelShape, scaling: float,
-                  modules: Mapping[tuple[int | None, str], ModuleLoRA], **summary: Any) -> LoRAAdapter:
+def build_adapter(
+    *,
+    name: str,
+    source: str,
+    shape: BaseModelShape,
+    scaling: float,
+    modules: Mapping[tuple[int | None, str], ModuleLoRA],
+    **summary: Any,
+) -> LoRAAdapter:
     """Fuse per-module weights into a :class:`LoRAAdapter`.
 
     :param modules: ``(layer_idx, peft_name) -> ModuleLoRA`` for per-layer projections and
@@ -210,8 +240,9 @@ def build_adapter(*, name: str, source: str, shape: BaseModelShape, scaling: flo
         in_f, out_f = feats[module]
         r = m.A.shape[0]
         if m.A.shape != (r, in_f) or m.B.shape != (out_f, r) or r == 0:
-            raise ValueError(f"{module} of layer {layer}: A {tuple(m.A.shape)} / B {tuple(m.B.shape)} do not "
-                             f"fit ({in_f} -> {out_f})")
+            raise ValueError(
+                f"{module} of layer {layer}: A {tuple(m.A.shape)} / B {tuple(m.B.shape)} do not fit ({in_f} -> {out_f})"
+            )
         if module in EMBEDDING_MODULES:
             embeddings[module] = (m.A.contiguous(), _fold(m.B, m.scaling / scaling, m.B.dtype))
         else:
@@ -226,13 +257,20 @@ def build_adapter(*, name: str, source: str, shape: BaseModelShape, scaling: flo
         B = torch.zeros(offsets[-1], r, dtype=dtype)
         for i, m in slices.items():
             rm = m.A.shape[0]
-            A[i * r:i * r + rm] = m.A.to(dtype)
-            B[offsets[i]:offsets[i + 1], :rm] = _fold(m.B, m.scaling / scaling, dtype)
+            A[i * r : i * r + rm] = m.A.to(dtype)
+            B[offsets[i] : offsets[i + 1], :rm] = _fold(m.B, m.scaling / scaling, dtype)
         weights[(layer, fused)] = (A, B)
     target_modules = frozenset(module for _, module in modules)
-    return LoRAAdapter(name=name, source=source, scaling=float(scaling), target_modules=target_modules,
-                       weights=weights, embed_tokens=embeddings.get("embed_tokens"),
-                       lm_head=embeddings.get("lm_head"), **summary)
+    return LoRAAdapter(
+        name=name,
+        source=source,
+        scaling=float(scaling),
+        target_modules=target_modules,
+        weights=weights,
+        embed_tokens=embeddings.get("embed_tokens"),
+        lm_head=embeddings.get("lm_head"),
+        **summary,
+    )
 
 
 def _fold(B: torch.Tensor, ratio: float, dtype: torch.dtype) -> torch.Tensor:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
@@ -26,7 +27,7 @@ logger = logging.getLogger("loraserve.lora")
 
 def key_of(request) -> tuple:
     """The pool key of a request's adapter (:data:`BASE_KEY` for the base model)."""
-    return request.lora.key if request.lora is not None else BASE_KEY
+    return request.adapter_ref.key if request.adapter_ref is not None else BASE_KEY
 
 
 class SlotAdmission:
@@ -49,19 +50,38 @@ class SlotAdmission:
         to prefetch.
     """
 
-    def __init__(self, pool: GpuAdapterPool, host: HostAdapterCache, registry: AdapterRegistry,
-                 read_adapter: Callable[[str, str], Any], notify: Callable[..., Any], *,
-                 running: Callable[[], list], waiting: Callable[[], Iterable], copy_engine: Any = None,
-                 mirror: Callable[[tuple], None] | None = None, prefetch_lookahead: int = 0):
+    def __init__(
+        self,
+        pool: GpuAdapterPool,
+        host: HostAdapterCache,
+        registry: AdapterRegistry,
+        read_adapter: Callable[[str, str], Any],
+        notify: Callable[..., Any],
+        *,
+        running: Callable[[], list],
+        waiting: Callable[[], Iterable],
+        copy_engine: Any = None,
+        mirror: Callable[[tuple], None] | None = None,
+        prefetch_lookahead: int = 0,
+    ):
         self.pool, self.host, self.registry = pool, host, registry
         self.read_adapter, self.notify = read_adapter, notify
         self.running, self.waiting = running, waiting
         self.copy_engine = copy_engine
         self.mirror = mirror
         self.prefetch_lookahead = prefetch_lookahead
-        self.metrics = {"gpu_evictions": 0, "host_evictions": 0, "hits": 0, "misses": 0, "host_reloads": 0,
-                        "slot_fills": 0, "bytes_copied": 0, "copy_seconds": 0.0, "copy_wait_seconds": 0.0,
-                        "prefetches": 0}
+        self.metrics = {
+            "gpu_evictions": 0,
+            "host_evictions": 0,
+            "hits": 0,
+            "misses": 0,
+            "host_reloads": 0,
+            "slot_fills": 0,
+            "bytes_copied": 0,
+            "copy_seconds": 0.0,
+            "copy_wait_seconds": 0.0,
+            "prefetches": 0,
+        }
 
     def batch_keys(self, step: list | None = None) -> set:
         """The adapters of the running batch and of ``step``'s requests: their slots are protected."""
@@ -79,7 +99,7 @@ class SlotAdmission:
             return True
         if len(batch) >= self.pool.num_slots:
             return False
-        slot = self.ensure_slot(request.lora, protected=batch)
+        slot = self.ensure_slot(request.adapter_ref, protected=batch)
         if slot is None:
             return False
         if slot in self.pool.loading and not self._copy_finished(slot):
@@ -115,8 +135,15 @@ class SlotAdmission:
     def _fill(self, slot: int, key: tuple, adapter: Any | None) -> None:
         self.pool.assign(slot, key, adapter)
         if self.mirror is not None:
-            self.mirror(("fill", slot, key, None if adapter is None else adapter.name,
-                         None if adapter is None else adapter.source))
+            self.mirror(
+                (
+                    "fill",
+                    slot,
+                    key,
+                    None if adapter is None else adapter.name,
+                    None if adapter is None else adapter.source,
+                )
+            )
         if adapter is None:  # the base model: rank 0, nothing to copy
             return
         self.metrics["slot_fills"] += 1
@@ -159,9 +186,9 @@ class SlotAdmission:
         protected |= {key_of(r) for r in window if self.pool.slot_of(key_of(r)) is not None}
         for r in window:
             key = key_of(r)
-            if key in protected or r.lora is None:
+            if key in protected or r.adapter_ref is None:
                 continue
-            slot = self.ensure_slot(r.lora, protected)
+            slot = self.ensure_slot(r.adapter_ref, protected)
             if slot is None:
                 return
             protected.add(key)

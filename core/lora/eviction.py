@@ -6,7 +6,7 @@ order the subclass maintains and evicts the first candidate in it.
 
 from __future__ import annotations
 
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 from loraserve.contract import EvictionPolicy
 

@@ -8,7 +8,7 @@ checked here.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from loraserve.contract import AdapterError
 from loraserve.lora.targets import SUPPORTED_MODULES
@@ -24,8 +24,10 @@ def allowed_modules(target_modules: Iterable[str] | None) -> frozenset[str] | No
         names.update(m for m in SUPPORTED_MODULES if m not in ("embed_tokens", "lm_head"))
     unknown = sorted(names - set(SUPPORTED_MODULES))
     if unknown:
-        raise AdapterError(f"--lora-target-modules names unknown module(s) {', '.join(unknown)}; "
-                           f"choose from {', '.join(SUPPORTED_MODULES)} or 'all'")
+        raise AdapterError(
+            f"--lora-target-modules names unknown module(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(SUPPORTED_MODULES)} or 'all'"
+        )
     return frozenset(names)
 
 
@@ -39,7 +41,8 @@ def check_target_modules(source: str, targeted: Iterable[str], target_modules: I
         raise AdapterError(
             f"adapter {source!r} targets {', '.join(outside)}, which --lora-target-modules "
             f"({', '.join(sorted(allowed)) or 'none'}) does not include; restart with --lora-target-modules "
-            f"listing {', '.join(sorted(allowed | set(outside)))} (the GPU pool only has room for those)")
+            f"listing {', '.join(sorted(allowed | set(outside)))} (the GPU pool only has room for those)"
+        )
 
 
 def check_max_rank(source: str, module_ranks: Mapping[str, tuple[int, str]], max_rank: int | None) -> None:
@@ -55,4 +58,5 @@ def check_max_rank(source: str, module_ranks: Mapping[str, tuple[int, str]], max
         module, (rank, where) = max(over.items(), key=lambda kv: kv[1][0])
         raise AdapterError(
             f"adapter {source!r} has rank {rank} ({where} = {rank}, module {module}), above --max-lora-rank "
-            f"{max_rank}; restart with --max-lora-rank {rank} or more, or use an adapter of rank <= {max_rank}")
+            f"{max_rank}; restart with --max-lora-rank {rank} or more, or use an adapter of rank <= {max_rank}"
+        )

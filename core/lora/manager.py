@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from loraserve.contract import LoRABatchInfo
 from loraserve.errors import ConfigError, Conflict, NotFound, UserError
 from loraserve.lora.adapter import BaseModelShape
-from loraserve.lora.targets import EMBEDDING_MODULES, FUSED_MODULES
 from loraserve.lora.admission import SlotAdmission, key_of
-from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.lora.policy import AdapterSourcePolicy, check_adapter_name, shown
 from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
+from loraserve.lora.targets import EMBEDDING_MODULES, FUSED_MODULES
 
 logger = logging.getLogger("loraserve.lora")
 
@@ -38,11 +39,25 @@ class LoRAManager:
     ``copy_engine`` and ``mirror`` go to its :class:`SlotAdmission` (see there); ``pin_host`` keeps
     host copies page-locked, in the pool's dtype (with a CUDA copy engine)."""
 
-    def __init__(self, settings: Any, plugins: Any, model: torch.nn.Module, backend: Any, max_rank: int,
-                 target_modules: list[str], device: torch.device, dtype: torch.dtype,
-                 run_in_engine: Callable[[Callable[[], Any]], Any], policy: AdapterSourcePolicy | None = None, *,
-                 running: Callable[[], list] = lambda: [], waiting: Callable[[], Any] = lambda: [],
-                 copy_engine: Any = None, pin_host: bool = False, mirror: Callable[[tuple], None] | None = None):
+    def __init__(
+        self,
+        settings: Any,
+        plugins: Any,
+        model: torch.nn.Module,
+        backend: Any,
+        max_rank: int,
+        target_modules: list[str],
+        device: torch.device,
+        dtype: torch.dtype,
+        run_in_engine: Callable[[Callable[[], Any]], Any],
+        policy: AdapterSourcePolicy | None = None,
+        *,
+        running: Callable[[], list] = lambda: [],
+        waiting: Callable[[], Any] = lambda: [],
+        copy_engine: Any = None,
+        pin_host: bool = False,
+        mirror: Callable[[tuple], None] | None = None,
+    ):
         self.settings, self.plugins, self.backend = settings, plugins, backend
         self.device, self.run_in_engine = device, run_in_engine
         #: where adapters may come from (default: anywhere, as SGLang)
@@ -51,18 +66,32 @@ class LoRAManager:
         self.max_rank, self.target_modules = max_rank, list(target_modules)
         self.loaders = [plugins.loaders.create(r.name) for r in plugins.loaders]
         # a resolver loads adapters on demand: a runtime update the operator may have switched off
-        self.resolvers = [plugins.resolvers.create(r.name, settings) for r in plugins.resolvers
-                          ] if self.policy.runtime_updates else []
+        self.resolvers = (
+            [plugins.resolvers.create(r.name, settings) for r in plugins.resolvers]
+            if self.policy.runtime_updates
+            else []
+        )
         self.registry = AdapterRegistry()
-        self.host = HostAdapterCache(settings.host_cache_capacity, plugins.eviction_policies.create(settings.lora_eviction_policy))
+        self.host = HostAdapterCache(
+            settings.host_cache_capacity, plugins.eviction_policies.create(settings.lora_eviction_policy)
+        )
         # the fused modules: those whose base GEMM may do the shrink
-        self.pool, self._fused_modules = self._make_pool(model, dtype)
-        self._fuse_now: dict[str, bool] = {}
+        self.pool, self._shrink_in_gemm_modules = self._make_pool(model, dtype)
+        self._shrink_in_gemm_now: dict[str, bool] = {}
         self.pin_host, self.dtype = pin_host, dtype
         # prefetch scans twice as many waiting requests as a batch has slots
-        self.admission = SlotAdmission(self.pool, self.host, self.registry, self.read_adapter, plugins.notify,
-                                       running=running, waiting=waiting, copy_engine=copy_engine, mirror=mirror,
-                                       prefetch_lookahead=2 * settings.max_loras_per_batch)
+        self.admission = SlotAdmission(
+            self.pool,
+            self.host,
+            self.registry,
+            self.read_adapter,
+            plugins.notify,
+            running=running,
+            waiting=waiting,
+            copy_engine=copy_engine,
+            mirror=mirror,
+            prefetch_lookahead=2 * settings.max_loras_per_batch,
+        )
         self.loads = 0
         self._active = False
         self._logits_info: LoRABatchInfo | None = None
@@ -83,12 +112,16 @@ class LoRAManager:
         extra = {}
         tp_size = getattr(getattr(model, "tp", None), "size", 1)
         if tp_size > 1 and any(m in self.target_modules for m in EMBEDDING_MODULES):
-            raise ConfigError(f"LoRA on embed_tokens/lm_head is not supported with --tp-size {tp_size} > 1 (they are "
-                              "vocab-parallel); drop them from --lora-target-modules or use --tp-size 1")
+            raise ConfigError(
+                f"LoRA on embed_tokens/lm_head is not supported with --tp-size {tp_size} > 1 (they are "
+                "vocab-parallel); drop them from --lora-target-modules or use --tp-size 1"
+            )
         if "embed_tokens" in self.target_modules or "lm_head" in self.target_modules:
             if not backend.supports_embedding:
-                raise UserError(f"LoRA backend {backend.name!r} does not support LoRA on embed_tokens/lm_head; "
-                                "use --lora-backend torch or drop them from --lora-target-modules")
+                raise UserError(
+                    f"LoRA backend {backend.name!r} does not support LoRA on embed_tokens/lm_head; "
+                    "use --lora-backend torch or drop them from --lora-target-modules"
+                )
             if "embed_tokens" in self.target_modules:
                 extra["embed_tokens"] = (self.shape.vocab_size, self.shape.hidden_size)
             if "lm_head" in self.target_modules:
@@ -96,11 +129,20 @@ class LoRAManager:
         # a backend that can take the shrink from the base GEMM gets each layer's A buffer as rows
         # appended to that layer's weight (one allocation; the GEMM then reads x once for both)
         a_storage = None
-        if getattr(backend, "supports_fused_shrink", False):
+        if getattr(backend, "supports_shrink_in_gemm", False):
             a_storage = lambda layer, name, rows: layers[(layer, name)].append_rows(rows)  # noqa: E731
-        pool = GpuAdapterPool(settings.max_loras_per_batch, self.max_rank, self.shape.num_layers, modules, extra,
-                              dtype, self.device, self.plugins.eviction_policies.create(settings.lora_eviction_policy),
-                              a_storage=a_storage, shard=shard)
+        pool = GpuAdapterPool(
+            settings.max_loras_per_batch,
+            self.max_rank,
+            self.shape.num_layers,
+            modules,
+            extra,
+            dtype,
+            self.device,
+            self.plugins.eviction_policies.create(settings.lora_eviction_policy),
+            a_storage=a_storage,
+            shard=shard,
+        )
         return pool, modules if a_storage is not None else {}
 
     # -- model hooks ------------------------------------------------------------------------------
@@ -108,10 +150,15 @@ class LoRAManager:
     def _install_hooks(self, model: torch.nn.Module) -> None:
         for layer, name, module in model.lora_targets():
             if (layer, name) in self.pool.A:
-                module.lora_hook = self._linear_hook(self.pool.A[(layer, name)], self.pool.B[(layer, name)],
-                                                     self.pool.offsets[name])
-                if name in self._fused_modules:
-                    module.lora_fuse = lambda name=name: self._fuse_now.get(name, False)
+                in_gemm = (
+                    (lambda name=name: self._shrink_in_gemm_now.get(name, False))
+                    if name in self._shrink_in_gemm_modules
+                    else None
+                )
+                module.attach_lora(
+                    self._linear_hook(self.pool.A[(layer, name)], self.pool.B[(layer, name)], self.pool.offsets[name]),
+                    shrink_in_gemm=in_gemm,
+                )
         if (-1, "lm_head") in self.pool.A:
             A, B, vocab = self.pool.A[(-1, "lm_head")], self.pool.B[(-1, "lm_head")], self.shape.vocab_size
 
@@ -121,20 +168,22 @@ class LoRAManager:
                 if self._logits_info is not None:
                     self.backend.prepare(self._logits_info)
                     self.backend.run_lora(x, A, B, out, (0, vocab))
-            model.lm_head.lora_hook = lm_head_hook
+
+            model.lm_head.attach_lora(lm_head_hook)
         if (-1, "embed_tokens") in self.pool.A:
             A, B = self.pool.A[(-1, "embed_tokens")], self.pool.B[(-1, "embed_tokens")]
 
             def embed_hook(input_ids, out, A=A, B=B):
                 if self._active:
                     self.backend.run_lora_embedding(input_ids, A, B, out)
-            model.model.embed_tokens.lora_hook = embed_hook
+
+            model.model.embed_tokens.attach_lora(embed_hook)
 
     def _linear_hook(self, A: torch.Tensor, B: torch.Tensor, offsets: tuple[int, ...]):
         def hook(x, out, shrunk=None, defer=False):
             """Add the delta into ``out``; with ``defer`` (the layer's consumer can add it) the
             backend may instead return a LoRAEpilogue for that consumer, which is returned."""
-            if shrunk is not None:  # the base GEMM did the shrink (only on steps where _fuse_now says so)
+            if shrunk is not None:  # the base GEMM did the shrink (only on steps where _shrink_in_gemm_now says so)
                 if defer:
                     epilogue = self.backend.expand_epilogue(B, offsets, shrunk)
                     if epilogue is not None:
@@ -143,6 +192,7 @@ class LoRAManager:
             elif self._active:
                 self.backend.run_lora(x, A, B, out, offsets)
             return None
+
         return hook
 
     # -- loading and unloading (caller thread) ----------------------------------------------------
@@ -157,8 +207,14 @@ class LoRAManager:
     def read_adapter(self, name: str, source: str):
         """``name``'s adapter read from ``source`` and checked against this manager's limits; changes
         no state (any thread)."""
-        adapter = self._loader_for(source).load(source, name=name, shape=self.shape, max_rank=self.max_rank,
-                                                target_modules=self.target_modules, policy=self.policy)
+        adapter = self._loader_for(source).load(
+            source,
+            name=name,
+            shape=self.shape,
+            max_rank=self.max_rank,
+            target_modules=self.target_modules,
+            policy=self.policy,
+        )
         if self.pin_host:
             from loraserve.lora.overlap import pinned_copy
 
@@ -176,23 +232,30 @@ class LoRAManager:
         if self.registry.get(name) is not None:
             raise Conflict(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         adapter = self.read_adapter(name, source)  # slow, outside the engine thread; raises before any state changes
-        ref = AdapterRef(name=name, version=self.registry.new_version(), source=source, pinned=pinned, rank=adapter.rank)
+        ref = AdapterRef(
+            name=name, version=self.registry.new_version(), source=source, pinned=pinned, rank=adapter.rank
+        )
         self.run_in_engine(lambda: self._commit(ref, adapter))
-        self.plugins.notify("loraserve_adapter_loaded", name=name, version=ref.version, source=source,
-                            rank=adapter.rank, pinned=pinned)
+        self.plugins.notify(
+            "loraserve_adapter_loaded", name=name, version=ref.version, source=source, rank=adapter.rank, pinned=pinned
+        )
         return ref
 
     def _commit(self, ref: AdapterRef, adapter: Any) -> None:
         if ref.pinned and sum(r.pinned for r in self.registry.refs()) + 1 > self.pool.num_slots - 1:
-            raise Conflict(f"at most --max-loras-per-batch - 1 = {self.pool.num_slots - 1} adapters may be pinned; "
-                            f"unpin or unload one, or raise --max-loras-per-batch")
+            raise Conflict(
+                f"at most --max-loras-per-batch - 1 = {self.pool.num_slots - 1} adapters may be pinned; "
+                f"unpin or unload one, or raise --max-loras-per-batch"
+            )
         self.admission.cache_on_host(ref.key, adapter)
         try:
             if ref.pinned:
                 slot = self.admission.ensure_slot(ref, protected=self.admission.batch_keys())
                 if slot is None:
-                    raise Conflict("no GPU slot can be freed to pin this adapter: every slot is pinned or in use "
-                                    "by running requests; try again later or unpin an adapter")
+                    raise Conflict(
+                        "no GPU slot can be freed to pin this adapter: every slot is pinned or in use "
+                        "by running requests; try again later or unpin an adapter"
+                    )
                 self.pool.pinned.add(ref.key)
             self.registry.add(ref)
         except Exception:
@@ -224,8 +287,10 @@ class LoRAManager:
 
     def unloading_adapters(self) -> list[dict]:
         """Adapters unloaded by name whose memory waits for their in-flight requests."""
-        return [{"name": r.name, "version": r.version, "source": r.source, "in_flight": r.in_flight}
-                for r in sorted(self.registry.pending(), key=lambda r: r.version)]
+        return [
+            {"name": r.name, "version": r.version, "source": r.source, "in_flight": r.in_flight}
+            for r in sorted(self.registry.pending(), key=lambda r: r.version)
+        ]
 
     # -- slot admission (engine thread; see loraserve.lora.admission) -----------------------------
 
@@ -262,7 +327,7 @@ class LoRAManager:
                 ref = self.registry.acquire(r.adapter)
                 if ref is None:
                     ref = self._resolve(r.adapter)
-                r.lora = ref
+                r.adapter_ref = ref
                 taken.append(r)
         except Exception:
             for r in taken:
@@ -273,8 +338,10 @@ class LoRAManager:
         try:
             check_adapter_name(name)
         except UserError:  # no such name can be loaded, so no resolver is asked
-            raise NotFound(f"unknown adapter {shown(name)}; adapter names are 1 to 256 characters from A-Z a-z "
-                            "0-9 . _ / @ + -; GET /v1/models lists the loaded ones") from None
+            raise NotFound(
+                f"unknown adapter {shown(name)}; adapter names are 1 to 256 characters from A-Z a-z "
+                "0-9 . _ / @ + -; GET /v1/models lists the loaded ones"
+            ) from None
         for resolver in self.resolvers:
             source = resolver.resolve(name)
             if source is not None:
@@ -286,12 +353,14 @@ class LoRAManager:
                 if ref is not None:
                     return ref
         known = ", ".join(sorted(self.registry.names())) or "none"
-        raise NotFound(f"unknown adapter {name!r}; loaded adapters: {known}. Load it first "
-                        "(POST /load_lora_adapter) or start with --lora-paths")
+        raise NotFound(
+            f"unknown adapter {name!r}; loaded adapters: {known}. Load it first "
+            "(POST /load_lora_adapter) or start with --lora-paths"
+        )
 
     def release(self, request) -> None:
         """Drop the request's adapter ref (any thread); the last request of a pending unload frees it."""
-        ref, request.lora = request.lora, None
+        ref, request.adapter_ref = request.adapter_ref, None
         if ref is not None and self.registry.release(ref):
             try:
                 self.run_in_engine(lambda: self._free(ref))
@@ -309,29 +378,44 @@ class LoRAManager:
             self.pool.policy.touch(key)
         return seg_slot
 
-    def _fuse_decisions(self, num_tokens: int) -> dict[str, bool]:
+    def _shrink_in_gemm_decisions(self, num_tokens: int) -> dict[str, bool]:
         """Per fused module, whether its base GEMM does the shrink this step. From host integers only
         (tokens, shapes), so a captured step replays the same choice."""
-        return {name: self.backend.fuse_shrink(num_tokens, in_dim, offs[-1], len(offs) - 1, self.max_rank,
-                                               self.pool.num_slots)
-                for name, (in_dim, offs) in self._fused_modules.items()}
+        return {
+            name: self.backend.wants_shrink_in_gemm(
+                num_tokens, in_dim, offs[-1], len(offs) - 1, self.max_rank, self.pool.num_slots
+            )
+            for name, (in_dim, offs) in self._shrink_in_gemm_modules.items()
+        }
 
     def prepare(self, chunks: list) -> None:
         """Build this step's LoRABatchInfo and hand it to the backend (engine thread)."""
         seg_slot = self._step_slots(chunks)
         self._active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
         self._logits_info = None
-        self._fuse_now = {}
+        self._shrink_in_gemm_now = {}
         if not self._active:
             return
-        self._fuse_now = self._fuse_decisions(sum(c.num_tokens for c in chunks))
-        info = LoRABatchInfo.build([c.num_tokens for c in chunks], seg_slot, self.pool.ranks_host,
-                                   self.pool.scalings_host, self.max_rank, device=self.device)
+        self._shrink_in_gemm_now = self._shrink_in_gemm_decisions(sum(c.num_tokens for c in chunks))
+        info = LoRABatchInfo.build(
+            [c.num_tokens for c in chunks],
+            seg_slot,
+            self.pool.ranks_host,
+            self.pool.scalings_host,
+            self.max_rank,
+            device=self.device,
+        )
         self.backend.prepare(info)
         if (-1, "lm_head") in self.pool.A:
             sampled = [s for c, s in zip(chunks, seg_slot) if c.samples]
-            self._logits_info = LoRABatchInfo.build([1] * len(sampled), sampled, self.pool.ranks_host,
-                                                    self.pool.scalings_host, self.max_rank, device=self.device)
+            self._logits_info = LoRABatchInfo.build(
+                [1] * len(sampled),
+                sampled,
+                self.pool.ranks_host,
+                self.pool.scalings_host,
+                self.max_rank,
+                device=self.device,
+            )
 
     # -- CUDA graphs (engine thread) --------------------------------------------------------------
 
@@ -351,7 +435,7 @@ class LoRAManager:
         touching the pools, so it needs no A/B of its own."""
         n, dev = self.pool.num_slots, self.device
         self._g_meta = torch.zeros(2 * (n + 1) + max_tokens, dtype=torch.int32, device=dev)
-        self._g_meta[2 * (n + 1):] = n
+        self._g_meta[2 * (n + 1) :] = n
         # pinned, so the copy is asynchronous; rewritten only after the previous step's sampling
         # has synchronised with the device
         self._g_stage = torch.empty_like(self._g_meta, device="cpu", pin_memory=dev.type == "cuda")
@@ -363,15 +447,23 @@ class LoRAManager:
         replay), for the caller to hand to ``backend.prepare`` inside the capture."""
         self._active = True
         self._logits_info = None
-        self._fuse_now = self._fuse_decisions(num_tokens)
+        self._shrink_in_gemm_now = self._shrink_in_gemm_decisions(num_tokens)
         n = self.pool.num_slots
-        slots = self._g_meta[2 * (n + 1):2 * (n + 1) + num_tokens]
+        slots = self._g_meta[2 * (n + 1) : 2 * (n + 1) + num_tokens]
         return LoRABatchInfo(
-            num_tokens=num_tokens, num_segments=num_tokens, seg_indptr=self._g_indptr[:num_tokens + 1],
-            seg_slot=slots, token_slot=slots, ranks=self._g_meta[:n + 1],
-            scalings=self._g_meta[n + 1:2 * (n + 1)].view(torch.float32), max_rank=self.max_rank,
-            seg_indptr_host=list(range(num_tokens + 1)), seg_slot_host=[n] * num_tokens,
-            ranks_host=[0] * (n + 1), scalings_host=[0.0] * (n + 1))
+            num_tokens=num_tokens,
+            num_segments=num_tokens,
+            seg_indptr=self._g_indptr[: num_tokens + 1],
+            seg_slot=slots,
+            token_slot=slots,
+            ranks=self._g_meta[: n + 1],
+            scalings=self._g_meta[n + 1 : 2 * (n + 1)].view(torch.float32),
+            max_rank=self.max_rank,
+            seg_indptr_host=list(range(num_tokens + 1)),
+            seg_slot_host=[n] * num_tokens,
+            ranks_host=[0] * (n + 1),
+            scalings_host=[0.0] * (n + 1),
+        )
 
     def prepare_graph_step(self, chunks: list, num_tokens: int) -> None:
         """Fill the static buffers for a decode step (one token per chunk) padded to ``num_tokens``
@@ -380,21 +472,29 @@ class LoRAManager:
         seg_slot = self._step_slots(chunks)
         end = 2 * (n + 1) + num_tokens
         stage = self._g_stage
-        stage[:n + 1] = torch.tensor(self.pool.ranks_host + [0], dtype=torch.int32)
-        stage[n + 1:2 * (n + 1)] = torch.tensor(self.pool.scalings_host + [0.0], dtype=torch.float32).view(torch.int32)
-        stage[2 * (n + 1):end] = torch.tensor(seg_slot + [n] * (num_tokens - len(seg_slot)), dtype=torch.int32)
+        stage[: n + 1] = torch.tensor(self.pool.ranks_host + [0], dtype=torch.int32)
+        stage[n + 1 : 2 * (n + 1)] = torch.tensor(self.pool.scalings_host + [0.0], dtype=torch.float32).view(
+            torch.int32
+        )
+        stage[2 * (n + 1) : end] = torch.tensor(seg_slot + [n] * (num_tokens - len(seg_slot)), dtype=torch.int32)
         self._g_meta[:end].copy_(stage[:end], non_blocking=True)
 
     def check_integrity(self) -> None:
         """Pools consistent, and every adapter they hold is registered or still held by a request."""
         self.pool.check_integrity()
         self.host.check_integrity()
-        live = ({r.key for r in self.registry.refs()} | {r.key for r in self.registry.pending()}
-                | self.admission.batch_keys() | {BASE_KEY})
+        live = (
+            {r.key for r in self.registry.refs()}
+            | {r.key for r in self.registry.pending()}
+            | self.admission.batch_keys()
+            | {BASE_KEY}
+        )
         for key in [*self.pool.resident(), *self.host.keys()]:
             if key not in live:
                 raise RuntimeError(f"adapter {key} is still in memory but neither registered nor in use")
 
     def loaded_adapters(self) -> list[dict]:
-        return [{"name": r.name, "source": r.source, "pinned": r.pinned, "rank": r.rank, "version": r.version}
-                for r in self.registry.refs()]
+        return [
+            {"name": r.name, "source": r.source, "pinned": r.pinned, "rank": r.rank, "version": r.version}
+            for r in self.registry.refs()
+        ]

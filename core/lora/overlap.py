@@ -17,7 +17,8 @@ the page-locked host copy of an adapter that makes the copies truly asynchronous
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -65,12 +66,15 @@ def pinned_copy(adapter: Any, dtype: torch.dtype) -> Any:
 
     def place(t: torch.Tensor) -> torch.Tensor:
         nonlocal offset
-        view = flat[offset:offset + t.numel()].view(t.shape)
+        view = flat[offset : offset + t.numel()].view(t.shape)
         view.copy_(t)
         offset += t.numel()
         return view
 
     weights = {key: (place(A), place(B)) for key, (A, B) in adapter.weights.items()}
-    extra = {name: (place(pair[0]), place(pair[1])) for name in ("embed_tokens", "lm_head")
-             if (pair := getattr(adapter, name)) is not None}
+    extra = {
+        name: (place(pair[0]), place(pair[1]))
+        for name in ("embed_tokens", "lm_head")
+        if (pair := getattr(adapter, name)) is not None
+    }
     return dataclasses.replace(adapter, weights=weights, **extra)

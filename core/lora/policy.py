@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from loraserve.errors import ConfigError, Forbidden, UserError
 
@@ -51,14 +52,16 @@ def shown(value: Any, most: int = _SHOWN_CHARS) -> str:
     text = ascii(value)
     if len(text) > most:
         length = f" ({len(value)} characters)" if isinstance(value, str) else ""
-        text = f"{text[:most - 3]}...{length}"
+        text = f"{text[: most - 3]}...{length}"
     return text
 
 
 def check_adapter_name(name: Any) -> str:
     """Return ``name`` if it is a valid adapter name, else raise a UserError naming it and the rule."""
-    rule = (f"an adapter name is 1 to {MAX_NAME_CHARS} characters from {NAME_CHARS} (no spaces, ':' or '='), "
-            f"with no '..' between slashes, and not {', '.join(repr(n) for n in sorted(RESERVED_NAMES))}")
+    rule = (
+        f"an adapter name is 1 to {MAX_NAME_CHARS} characters from {NAME_CHARS} (no spaces, ':' or '='), "
+        f"with no '..' between slashes, and not {', '.join(repr(n) for n in sorted(RESERVED_NAMES))}"
+    )
     if not isinstance(name, str):
         raise UserError(f"invalid adapter name {shown(name)} (a {type(name).__name__}); {rule}")
     if name in RESERVED_NAMES or len(name) > MAX_NAME_CHARS or _NAME.fullmatch(name) is None:
@@ -69,11 +72,15 @@ def check_adapter_name(name: Any) -> str:
 def check_source_text(source: Any) -> str:
     """Return ``source`` if it is printable text a path or hub id can be, else raise a UserError."""
     if not isinstance(source, str) or not source.strip():
-        raise UserError(f"adapter source {shown(source)} is empty or not a string; pass a PEFT adapter directory "
-                        "or a hub id (org/name)")
+        raise UserError(
+            f"adapter source {shown(source)} is empty or not a string; pass a PEFT adapter directory "
+            "or a hub id (org/name)"
+        )
     if len(source) > MAX_SOURCE_CHARS or _CONTROL.search(source) is not None or not _encodes(source):
-        raise UserError(f"adapter source {shown(source)} holds control characters or undecodable text, or is "
-                        f"longer than {MAX_SOURCE_CHARS} characters; pass a plain directory path or hub id")
+        raise UserError(
+            f"adapter source {shown(source)} holds control characters or undecodable text, or is "
+            f"longer than {MAX_SOURCE_CHARS} characters; pass a plain directory path or hub id"
+        )
     return source
 
 
@@ -87,8 +94,9 @@ def _encodes(text: str) -> bool:
 
 def looks_like_hub_id(source: str) -> bool:
     """``org/name`` that is not an existing local path: a loader fetches it from the hub."""
-    return (_HUB_ID.fullmatch(source) is not None and ".." not in source
-            and not os.path.lexists(os.path.expanduser(source)))
+    return (
+        _HUB_ID.fullmatch(source) is not None and ".." not in source and not os.path.lexists(os.path.expanduser(source))
+    )
 
 
 def _inside(path: str, directory: str) -> bool:
@@ -110,7 +118,7 @@ class AdapterSourcePolicy:
     runtime_updates: bool = True
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "AdapterSourcePolicy":
+    def from_settings(cls, settings: Any) -> AdapterSourcePolicy:
         """The policy of ``settings``; a ConfigError when an allowed directory is not a directory."""
         dirs = None
         if settings.lora_allowed_dirs is not None:
@@ -118,19 +126,26 @@ class AdapterSourcePolicy:
             for d in settings.lora_allowed_dirs:
                 real = os.path.realpath(os.path.expanduser(d))
                 if not os.path.isdir(real):
-                    raise ConfigError(f"--lora-allowed-dirs {d!r} is not a directory (it resolves to {real!r}); "
-                                      "give existing directories that hold adapter directories")
+                    raise ConfigError(
+                        f"--lora-allowed-dirs {d!r} is not a directory (it resolves to {real!r}); "
+                        "give existing directories that hold adapter directories"
+                    )
                 dirs.append(real)
-        return cls(allowed_dirs=None if dirs is None else tuple(dirs), allow_hub=settings.lora_allow_hub,
-                   allowed_hub_repos=tuple(settings.lora_allowed_hub_repos or ()),
-                   runtime_updates=not settings.disable_lora_runtime_updates)
+        return cls(
+            allowed_dirs=None if dirs is None else tuple(dirs),
+            allow_hub=settings.lora_allow_hub,
+            allowed_hub_repos=tuple(settings.lora_allowed_hub_repos or ()),
+            runtime_updates=not settings.disable_lora_runtime_updates,
+        )
 
     def check_runtime_updates(self) -> None:
         """Refuse a runtime load or unload when the operator switched them off."""
         if not self.runtime_updates:
-            raise AdapterRefused("loading and unloading adapters at run time is disabled on this server "
-                                 "(--disable-lora-runtime-updates); give the adapters at start-up with --lora-paths, "
-                                 "or restart without --disable-lora-runtime-updates")
+            raise AdapterRefused(
+                "loading and unloading adapters at run time is disabled on this server "
+                "(--disable-lora-runtime-updates); give the adapters at start-up with --lora-paths, "
+                "or restart without --disable-lora-runtime-updates"
+            )
 
     def check_source(self, source: str, *, runtime: bool) -> None:
         """Refuse ``source`` before anything is read: a hub id at run time that the hub settings do not
@@ -143,7 +158,8 @@ class AdapterSourcePolicy:
                     f"adapter source {shown(source)} is a Hugging Face hub id, and this server fetches adapters "
                     "from the hub at run time only when started with --lora-allow-hub, or with the repository or "
                     "its organisation in --lora-allowed-hub-repos; set one of those, or load it at start-up with "
-                    "--lora-paths, or pass a local directory")
+                    "--lora-paths, or pass a local directory"
+                )
             return  # the hub's files are the hub's: --lora-allowed-dirs governs local paths only
         self.check_file(source, what="adapter source")
 
@@ -164,7 +180,8 @@ class AdapterSourcePolicy:
         raise AdapterRefused(
             f"{what} {shown(os.fspath(path), 300)}{resolves} lies outside --lora-allowed-dirs "
             f"({', '.join(self.allowed_dirs)}); put the adapter inside one of them (symbolic links must not lead "
-            "out of them), or add its directory to --lora-allowed-dirs")
+            "out of them), or add its directory to --lora-allowed-dirs"
+        )
 
 
 def check_hub_entries(entries: Iterable[str]) -> list[str]:

@@ -16,12 +16,13 @@ A by its input columns for row-parallel ones (B whole).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 
+from loraserve.contract import EvictionPolicy
 from loraserve.errors import UserError
-from loraserve.lora.eviction import EvictionPolicy
 
 BASE_KEY = ("", 0)  # the base model's key in the GPU pool: rank 0, no weights
 
@@ -57,8 +58,10 @@ class HostAdapterCache:
         while self.capacity is not None and len(self._adapters) >= self.capacity:
             victim = self.policy.victim([k for k in self._adapters if k not in protected])
             if victim is None:
-                raise UserError(f"the host adapter cache is full ({self.capacity} adapters, --max-loaded-loras) "
-                                "and every adapter in it is pinned or in use; unload one or raise --max-loaded-loras")
+                raise UserError(
+                    f"the host adapter cache is full ({self.capacity} adapters, --max-loaded-loras) "
+                    "and every adapter in it is pinned or in use; unload one or raise --max-loaded-loras"
+                )
             self.remove(victim)
             evicted.append(victim)
         return evicted
@@ -97,18 +100,29 @@ class GpuAdapterPool:
         the rank's input features, B whole. Modules not named are replicated.
     """
 
-    def __init__(self, num_slots: int, max_rank: int, num_layers: int, modules: dict[str, tuple[int, tuple[int, ...]]],
-                 extra: dict[str, tuple[int, int]], dtype: torch.dtype, device: torch.device, policy: EvictionPolicy,
-                 a_storage: Callable[[int, str, int], torch.Tensor] | None = None,
-                 shard: dict[str, tuple[str, int, int]] | None = None):
+    def __init__(
+        self,
+        num_slots: int,
+        max_rank: int,
+        num_layers: int,
+        modules: dict[str, tuple[int, tuple[int, ...]]],
+        extra: dict[str, tuple[int, int]],
+        dtype: torch.dtype,
+        device: torch.device,
+        policy: EvictionPolicy,
+        a_storage: Callable[[int, str, int], torch.Tensor] | None = None,
+        shard: dict[str, tuple[str, int, int]] | None = None,
+    ):
         self.num_slots, self.max_rank, self.policy = num_slots, max_rank, policy
         self.offsets = {name: offs for name, (_, offs) in modules.items()}
         self.in_dims = {name: in_dim for name, (in_dim, _) in modules.items()}
         self.shard = {name: spec for name, spec in (shard or {}).items() if spec is not None}
         for name, (style, rank, size) in self.shard.items():
             if name not in modules or style not in ("column", "row") or not 0 <= rank < size:
-                raise ValueError(f"shard spec {name!r}: {(style, rank, size)} must name a pooled module, a "
-                                 "'column' or 'row' style and a rank in [0, size)")
+                raise ValueError(
+                    f"shard spec {name!r}: {(style, rank, size)} must name a pooled module, a "
+                    "'column' or 'row' style and a rank in [0, size)"
+                )
         R = max_rank
         self.A: dict[tuple[int, str], torch.Tensor] = {}
         self.B: dict[tuple[int, str], torch.Tensor] = {}
@@ -151,8 +165,13 @@ class GpuAdapterPool:
         Returns ``(slot, victim_key)``; ``(None, None)`` when nothing can be freed."""
         if None in self.slot_key:
             return self.slot_key.index(None), None
-        victim = self.policy.victim([k for s, k in enumerate(self.slot_key)
-                                     if k not in protected and k not in self.pinned and s not in self.loading])
+        victim = self.policy.victim(
+            [
+                k
+                for s, k in enumerate(self.slot_key)
+                if k not in protected and k not in self.pinned and s not in self.loading
+            ]
+        )
         if victim is None:
             return None, None
         return self.slot_key.index(victim), victim
@@ -217,13 +236,14 @@ class GpuAdapterPool:
             A_buf[slot].zero_()
             B_buf[slot].zero_()
             for i in range(n_slices):
-                A_buf[slot, i * R:i * R + r].copy_(A[i * r:(i + 1) * r], non_blocking=non_blocking)
+                A_buf[slot, i * R : i * R + r].copy_(A[i * r : (i + 1) * r], non_blocking=non_blocking)
             for lo, hi, src in B_rows:
                 B_buf[slot, lo:hi, :r].copy_(src, non_blocking=non_blocking)
         return copied
 
-    def _local_parts(self, name: str, A: torch.Tensor,
-                     B: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
+    def _local_parts(
+        self, name: str, A: torch.Tensor, B: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
         """This rank's part of a module's full ``A [n * r, in]`` and ``B [out, r]``: A (a view) and
         B as ``(local_lo, local_hi, rows)`` pieces, views of B's rows that fill the local rows
         ``local_lo:local_hi`` of the slot's B."""
@@ -231,12 +251,12 @@ class GpuAdapterPool:
         style, rank, size = self.shard.get(name, (None, 0, 1))
         if style == "row":  # A's columns of this rank's input features; B whole
             local_in = self.in_dims[name]
-            return A[:, rank * local_in:(rank + 1) * local_in], [(0, offs[-1], B)]
+            return A[:, rank * local_in : (rank + 1) * local_in], [(0, offs[-1], B)]
         if style == "column":  # B's rows of this rank's part of every slice: slice i starts at size * offs[i]
             pieces = []
             for lo, hi in zip(offs, offs[1:]):
                 start = size * lo + rank * (hi - lo)
-                pieces.append((lo, hi, B[start:start + hi - lo]))
+                pieces.append((lo, hi, B[start : start + hi - lo]))
             return A, pieces
         return A, [(0, offs[-1], B)]
 

@@ -15,9 +15,14 @@ import torch
 from loraserve.errors import ConfigError
 
 DTYPE_NAMES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
 }
 
 
@@ -61,7 +66,9 @@ def check_rows(name: str, t: torch.Tensor, dims: int) -> None:
     """Refuse ``t`` unless it is ``dims``-d with a contiguous last dim and a float dtype the fused
     kernels take (a ValueError naming ``name``)."""
     if t.dim() != dims or t.stride(-1) != 1:
-        raise ValueError(f"{name} must be a {dims}-d tensor with a contiguous last dim, "
-                         f"got shape {tuple(t.shape)} strides {t.stride()}")
+        raise ValueError(
+            f"{name} must be a {dims}-d tensor with a contiguous last dim, "
+            f"got shape {tuple(t.shape)} strides {t.stride()}"
+        )
     if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name} has dtype {t.dtype}; the fused kernels take float32, bfloat16 or float16")

@@ -18,8 +18,6 @@ import torch.nn.functional as F
 
 from loraserve.contract import LoRAEpilogue
 
-__all__ = ["LoRAEpilogue", "apply_epilogue", "rms_norm_eager", "silu_and_mul_eager"]
-
 
 def apply_epilogue(out: torch.Tensor, lora: LoRAEpilogue) -> torch.Tensor:
     """A new contiguous copy of ``out`` with ``lora``'s delta added (:meth:`LoRAEpilogue.apply_`):
@@ -29,8 +27,9 @@ def apply_epilogue(out: torch.Tensor, lora: LoRAEpilogue) -> torch.Tensor:
     return y
 
 
-def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                   residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_eager(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """What :func:`rms_norm` computes, in eager PyTorch, as ``layers.RMSNorm.forward`` does."""
     h = x if residual is None else residual + x
     f = h.to(torch.float32)

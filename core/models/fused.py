@@ -18,7 +18,7 @@ rest of the CPU test suite keeps the eager code); ``0`` keeps the eager code eve
 from tensor shapes only, never from device data, so every launch can be captured in a CUDA graph.
 
 A projection's LoRA expand may be left to the kernel that consumes the projection's output
-(``lora=``, a :class:`~loraserve.models.epilogue.LoRAEpilogue`): :func:`rms_norm` adds it to ``x``
+(``lora=``, a :class:`~loraserve.contract.LoRAEpilogue`): :func:`rms_norm` adds it to ``x``
 (o_proj, down_proj) and :func:`silu_and_mul` to gate and up (gate_up_proj) before their own work,
 so the output is read and written once and the expand needs no launch of its own; tokens without
 an adapter load nothing of it and come out bit-identical to ``lora=None``.
@@ -30,8 +30,9 @@ import os
 
 import torch
 
+from loraserve.contract import LoRAEpilogue
 from loraserve.models.dtypes import check_rows, triton_interpreter_on
-from loraserve.models.epilogue import LoRAEpilogue, apply_epilogue, rms_norm_eager, silu_and_mul_eager
+from loraserve.models.epilogue import apply_epilogue, rms_norm_eager, silu_and_mul_eager
 
 try:
     import triton
@@ -82,9 +83,26 @@ def _round(x, DT: tl.constexpr):
 
 
 @_device_fn
-def _lora_expand(v, rows, cols, col_ok, T, h_ptr, stride_h, b_ptr, slot_ptr, ranks_ptr, scal_ptr,
-                 s: tl.constexpr, S: tl.constexpr, N_OUT: tl.constexpr, R: tl.constexpr,
-                 BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr, DT: tl.constexpr):
+def _lora_expand(
+    v,
+    rows,
+    cols,
+    col_ok,
+    T,
+    h_ptr,
+    stride_h,
+    b_ptr,
+    slot_ptr,
+    ranks_ptr,
+    scal_ptr,
+    s: tl.constexpr,
+    S: tl.constexpr,
+    N_OUT: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    EVEN_R: tl.constexpr,
+    DT: tl.constexpr,
+):
     """``v`` (float32 ``[ROWS, BLOCK_N]``: columns ``cols`` of slice ``s`` of a projection's output,
     rows ``rows`` ``[ROWS, 1]``) with each row's LoRA expand added and rounded to ``DT`` as the
     in-place expand kernel rounds it; rows of no adapter or rank 0 come back as they were."""
@@ -118,11 +136,32 @@ def _lora_expand(v, rows, cols, col_ok, T, h_ptr, stride_h, b_ptr, slot_ptr, ran
 
 
 @_jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, T, stride_x, stride_r, eps,
-                     h_ptr, b_ptr, slot_ptr, ranks_ptr, scal_ptr, stride_h,
-                     N: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, CUDA_MATH: tl.constexpr, HAS_LORA: tl.constexpr,
-                     R: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    T,
+    stride_x,
+    stride_r,
+    eps,
+    h_ptr,
+    b_ptr,
+    slot_ptr,
+    ranks_ptr,
+    scal_ptr,
+    stride_h,
+    N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    CUDA_MATH: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    EVEN_R: tl.constexpr,
+):
     DT: tl.constexpr = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
@@ -130,8 +169,26 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, T, stride_x, s
     rows = rows.to(tl.int64)
     h = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_LORA:
-        h = _lora_expand(h, rows, cols, cols < N, T, h_ptr, stride_h, b_ptr, slot_ptr, ranks_ptr, scal_ptr,
-                         0, 1, N, R, BLOCK_R, EVEN_R, DT)
+        h = _lora_expand(
+            h,
+            rows,
+            cols,
+            cols < N,
+            T,
+            h_ptr,
+            stride_h,
+            b_ptr,
+            slot_ptr,
+            ranks_ptr,
+            scal_ptr,
+            0,
+            1,
+            N,
+            R,
+            BLOCK_R,
+            EVEN_R,
+            DT,
+        )
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         h = _round(r + h, DT)
@@ -152,9 +209,26 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, T, stride_x, s
 
 
 @_jit
-def _silu_and_mul_kernel(gu_ptr, out_ptr, T, stride_gu, h_ptr, b_ptr, slot_ptr, ranks_ptr, scal_ptr, stride_h,
-                         I: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, CUDA_MATH: tl.constexpr,
-                         HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr):
+def _silu_and_mul_kernel(
+    gu_ptr,
+    out_ptr,
+    T,
+    stride_gu,
+    h_ptr,
+    b_ptr,
+    slot_ptr,
+    ranks_ptr,
+    scal_ptr,
+    stride_h,
+    I: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    CUDA_MATH: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    EVEN_R: tl.constexpr,
+):
     DT: tl.constexpr = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
@@ -163,10 +237,46 @@ def _silu_and_mul_kernel(gu_ptr, out_ptr, T, stride_gu, h_ptr, b_ptr, slot_ptr, 
     gate = tl.load(gu_ptr + rows * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + rows * stride_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_LORA:  # slice 0 of h and B is gate's, slice 1 up's
-        gate = _lora_expand(gate, rows, cols, cols < I, T, h_ptr, stride_h, b_ptr, slot_ptr, ranks_ptr, scal_ptr,
-                            0, 2, 2 * I, R, BLOCK_R, EVEN_R, DT)
-        up = _lora_expand(up, rows, cols, cols < I, T, h_ptr, stride_h, b_ptr, slot_ptr, ranks_ptr, scal_ptr,
-                          1, 2, 2 * I, R, BLOCK_R, EVEN_R, DT)
+        gate = _lora_expand(
+            gate,
+            rows,
+            cols,
+            cols < I,
+            T,
+            h_ptr,
+            stride_h,
+            b_ptr,
+            slot_ptr,
+            ranks_ptr,
+            scal_ptr,
+            0,
+            2,
+            2 * I,
+            R,
+            BLOCK_R,
+            EVEN_R,
+            DT,
+        )
+        up = _lora_expand(
+            up,
+            rows,
+            cols,
+            cols < I,
+            T,
+            h_ptr,
+            stride_h,
+            b_ptr,
+            slot_ptr,
+            ranks_ptr,
+            scal_ptr,
+            1,
+            2,
+            2 * I,
+            R,
+            BLOCK_R,
+            EVEN_R,
+            DT,
+        )
     # torch's SiLU is x / (1 + exp(-x)) in float32 with an IEEE division; on CUDA its exp is
     # expf, which libdevice's exp is (tl.exp would be the faster, less accurate ex2.approx)
     if CUDA_MATH:
@@ -178,10 +288,25 @@ def _silu_and_mul_kernel(gu_ptr, out_ptr, T, stride_gu, h_ptr, b_ptr, slot_ptr, 
 
 
 @_jit
-def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, n_rows,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
-                   HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                   ROWS: tl.constexpr):
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    n_rows,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_c,
+    HQ: tl.constexpr,
+    HK: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     DT: tl.constexpr = q_out_ptr.dtype.element_ty
     # A row is one head of one token, q's heads then k's, so one launch (under the interpreter one
     # program) serves both.
@@ -234,16 +359,19 @@ def _rows_per_program(t: torch.Tensor, n_rows: int, row_elems: int, on_gpu: int)
     return max(1, min(_pow2(n_rows), 16384 // _pow2(row_elems)))
 
 
-def _lora_launch(lora: LoRAEpilogue | None, like: torch.Tensor, block_r: int | None,
-                 gpu_block_r: int) -> tuple[tuple, dict]:
+def _lora_launch(
+    lora: LoRAEpilogue | None, like: torch.Tensor, block_r: int | None, gpu_block_r: int
+) -> tuple[tuple, dict]:
     """The kernels' LoRA arguments: pointers and h's row stride, and the constexprs."""
     if lora is None:  # placeholders the kernel never reads
         return (like,) * 5 + (0,), dict(HAS_LORA=False, R=1, BLOCK_R=1, EVEN_R=True)
     if block_r is None:
         block_r = min(_pow2(lora.R), gpu_block_r if like.is_cuda else 16)
     _check_block("block_r", block_r)
-    return ((lora.h, lora.B, lora.token_slot, lora.ranks, lora.scalings, lora.h.stride(0)),
-            dict(HAS_LORA=True, R=lora.R, BLOCK_R=block_r, EVEN_R=lora.R % block_r == 0))
+    return (
+        (lora.h, lora.B, lora.token_slot, lora.ranks, lora.scalings, lora.h.stride(0)),
+        dict(HAS_LORA=True, R=lora.R, BLOCK_R=block_r, EVEN_R=lora.R % block_r == 0),
+    )
 
 
 def _check_block(name: str, value: int | None) -> None:
@@ -251,9 +379,16 @@ def _check_block(name: str, value: int | None) -> None:
         raise ValueError(f"{name} is {value!r}; it must be a power of two")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             lora: LoRAEpilogue | None = None, *, block_r: int | None = None,
-             num_warps: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    lora: LoRAEpilogue | None = None,
+    *,
+    block_r: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of ``x`` ``[T, hidden]`` (rows may be strided), computed as ``RMSNorm.forward`` does.
 
     With ``residual`` (same shape and dtype) it first forms ``h = residual + x`` rounded to the dtype,
@@ -269,13 +404,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     check_rows("x", x, 2)
     T, N = x.shape
     if weight.shape != (N,) or weight.dtype != x.dtype or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous [{N}] {x.dtype} tensor, got {tuple(weight.shape)} "
-                         f"{weight.dtype}")
+        raise ValueError(
+            f"weight must be a contiguous [{N}] {x.dtype} tensor, got {tuple(weight.shape)} {weight.dtype}"
+        )
     if residual is not None:
         check_rows("residual", residual, 2)
         if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
-                             f"{tuple(x.shape)} {x.dtype}")
+            raise ValueError(
+                f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
+            )
     if lora is not None:
         lora.check_output("x", x, 1)
         if not use_fused(x):
@@ -290,15 +427,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             held = block * (2 if lora is not None else 1)
             num_warps = 4 if held <= 1024 else 8 if held <= 4096 else 16
         _rms_norm_kernel[(triton.cdiv(T, rows),)](
-            x, residual if residual is not None else x, weight, out, res_out, T, x.stride(0),
-            residual.stride(0) if residual is not None else 0, float(eps), *lora_args,
-            N=N, BLOCK_N=block, ROWS=rows, HAS_RESIDUAL=residual is not None, CUDA_MATH=x.is_cuda,
-            **lora_consts, num_warps=num_warps, enable_fp_fusion=False, enable_reflect_ftz=False)
+            x,
+            residual if residual is not None else x,
+            weight,
+            out,
+            res_out,
+            T,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            float(eps),
+            *lora_args,
+            N=N,
+            BLOCK_N=block,
+            ROWS=rows,
+            HAS_RESIDUAL=residual is not None,
+            CUDA_MATH=x.is_cuda,
+            **lora_consts,
+            num_warps=num_warps,
+            enable_fp_fusion=False,
+            enable_reflect_ftz=False,
+        )
     return (out, res_out) if residual is not None else out
 
 
-def silu_and_mul(gate_up: torch.Tensor, intermediate: int, lora: LoRAEpilogue | None = None, *,
-                 block_n: int | None = None, block_r: int | None = None, num_warps: int = 4) -> torch.Tensor:
+def silu_and_mul(
+    gate_up: torch.Tensor,
+    intermediate: int,
+    lora: LoRAEpilogue | None = None,
+    *,
+    block_n: int | None = None,
+    block_r: int | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:
     """``silu(gate) * up`` ``[T, intermediate]`` from ``gate_up`` ``[T, 2 * intermediate]`` (gate
     first; rows may be strided), rounded as eager ``F.silu(gate) * up``.
 
@@ -323,14 +483,25 @@ def silu_and_mul(gate_up: torch.Tensor, intermediate: int, lora: LoRAEpilogue | 
         rows = _rows_per_program(gate_up, T, block_n, 1)
         lora_args, lora_consts = _lora_launch(lora, gate_up, block_r, 8)  # 8: lora_epilogue_sweep_*.json
         grid = (triton.cdiv(T, rows), triton.cdiv(intermediate, block_n))
-        _silu_and_mul_kernel[grid](gate_up, out, T, gate_up.stride(0), *lora_args, I=intermediate, BLOCK=block_n,
-                                   ROWS=rows, CUDA_MATH=gate_up.is_cuda, **lora_consts, num_warps=num_warps,
-                                   enable_fp_fusion=False, enable_reflect_ftz=False)
+        _silu_and_mul_kernel[grid](
+            gate_up,
+            out,
+            T,
+            gate_up.stride(0),
+            *lora_args,
+            I=intermediate,
+            BLOCK=block_n,
+            ROWS=rows,
+            CUDA_MATH=gate_up.is_cuda,
+            **lora_consts,
+            num_warps=num_warps,
+            enable_fp_fusion=False,
+            enable_reflect_ftz=False,
+        )
     return out
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q ``[T, heads, head_dim]`` and k ``[T, kv_heads, head_dim]`` (views with any token and
     head strides, contiguous last dim) by ``cos``/``sin`` ``[T, head_dim]``, NeoX half rotation, as
     :func:`~loraserve.models.layers.apply_rotary` rounds it. Returns new contiguous q and k."""
@@ -339,12 +510,15 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     T, HQ, D = q.shape
     HK = k.shape[1]
     if k.shape[0] != T or k.shape[2] != D or k.dtype != q.dtype or D % 2:
-        raise ValueError(f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype} in tokens, "
-                         "head_dim (even) and dtype")
+        raise ValueError(
+            f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype} in tokens, head_dim (even) and dtype"
+        )
     for name, t in (("cos", cos), ("sin", sin)):
         if t.shape != (T, D) or t.dtype != q.dtype or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be [{T}, {D}] {q.dtype} with a contiguous last dim, got "
-                             f"{tuple(t.shape)} {t.dtype} strides {t.stride()}")
+            raise ValueError(
+                f"{name} must be [{T}, {D}] {q.dtype} with a contiguous last dim, got "
+                f"{tuple(t.shape)} {t.dtype} strides {t.stride()}"
+            )
     if cos.stride(0) != sin.stride(0):
         raise ValueError(f"cos and sin must share a row stride, got {cos.stride(0)} and {sin.stride(0)}")
     q_out = torch.empty((T, HQ, D), dtype=q.dtype, device=q.device)
@@ -354,7 +528,25 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         n_rows = T * (HQ + HK)
         rows = _rows_per_program(q, n_rows, half, max(1, 1024 // _pow2(half)))
         _rotary_kernel[(triton.cdiv(n_rows, rows),)](
-            q, k, q_out, k_out, cos, sin, n_rows, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-            HQ=HQ, HK=HK, HALF=half, HALF_PAD=_pow2(half), ROWS=rows, num_warps=4, enable_fp_fusion=False,
-            enable_reflect_ftz=False)
+            q,
+            k,
+            q_out,
+            k_out,
+            cos,
+            sin,
+            n_rows,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            cos.stride(0),
+            HQ=HQ,
+            HK=HK,
+            HALF=half,
+            HALF_PAD=_pow2(half),
+            ROWS=rows,
+            num_warps=4,
+            enable_fp_fusion=False,
+            enable_reflect_ftz=False,
+        )
     return q_out, k_out

@@ -5,7 +5,7 @@ output slices (q/k/v, gate/up), an optional bias, and a ``lora_hook`` the LoRA m
 hook receives the layer input and the base output and adds the adapter delta into the output in
 place, so the base projection runs once for the whole batch whatever adapters the tokens use.
 A LoRA backend that can take the shrink from the base GEMM gets the adapters' A rows appended
-to the weight (:meth:`LoRALinear.append_rows`); on steps where ``lora_fuse()`` says so, one GEMM
+to the weight (:meth:`LoRALinear.append_rows`); on steps where ``shrink_in_gemm()`` says so, one GEMM
 then gives the base output and every slot's ``x @ A^T`` (the shrink shares the GEMM's read of
 ``x``), and the hook gets those extra columns as a third argument.
 Parameters are created empty, directly on the target device and dtype; the loader fills them.
@@ -21,16 +21,17 @@ otherwise; the kernels round as this code does (:mod:`loraserve.models.fused` sa
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve.contract import LoRAEpilogue
 from loraserve.distributed import TensorParallel
 from loraserve.errors import ConfigError
 from loraserve.models import fused
-from loraserve.models.epilogue import LoRAEpilogue, apply_epilogue
+from loraserve.models.epilogue import apply_epilogue
 
 #: ``hook(x, out)`` (or ``hook(x, out, shrunk)``, see :meth:`LoRALinear.append_rows`) for linear layers,
 #: ``hook(input_ids, out)`` for the embedding; edits ``out`` in place.
@@ -73,9 +74,19 @@ class LoRALinear(nn.Module):
     added on rank 0 only, so the sum counts it once.
     """
 
-    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool, dtype: torch.dtype,
-                 device: torch.device, *, parallel: str | None = None, tp: TensorParallel | None = None,
-                 name: str = "linear layer"):
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: Sequence[int],
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        parallel: str | None = None,
+        tp: TensorParallel | None = None,
+        name: str = "linear layer",
+        lora_defer: bool = False,
+    ):
         super().__init__()
         if input_size < 1 or not output_sizes or any(s < 1 for s in output_sizes):
             raise ConfigError(f"linear layer sizes must be positive: input {input_size}, outputs {tuple(output_sizes)}")
@@ -103,12 +114,12 @@ class LoRALinear(nn.Module):
         # a row-parallel layer's ranks each produce a partial sum: only rank 0 adds the bias
         self._adds_bias = not (self.parallel == "row" and self.tp.rank != 0)
         self.lora_hook: LoRAHook | None = None
-        #: set with :meth:`append_rows`: whether this step's GEMM includes the appended rows
-        self.lora_fuse: Callable[[], bool] | None = None
-        #: set by the model when the kernel that consumes this layer's output can add the LoRA
-        #: delta itself (:class:`~loraserve.models.epilogue.LoRAEpilogue`): the model then takes it
+        #: with :meth:`append_rows`: whether this step's GEMM includes the appended rows (the shrink in the GEMM)
+        self.shrink_in_gemm: Callable[[], bool] | None = None
+        #: given by the model when the kernel that consumes this layer's output can add the LoRA
+        #: delta itself (:class:`~loraserve.contract.LoRAEpilogue`): the model then takes it
         #: with :meth:`take_epilogue` right after the call and must hand it to that kernel
-        self.lora_defer = False
+        self.lora_defer = lora_defer
         self._epilogue: LoRAEpilogue | None = None
         self._weight_ext: torch.Tensor | None = None
         self._bias_ext: torch.Tensor | None = None
@@ -140,7 +151,7 @@ class LoRALinear(nn.Module):
         parts, base = [], 0
         for i in slices:
             local = self.output_sizes[i]
-            parts.append(full[base + self.tp.rank * local:base + (self.tp.rank + 1) * local])
+            parts.append(full[base + self.tp.rank * local : base + (self.tp.rank + 1) * local])
             base += self.full_output_sizes[i]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -151,15 +162,23 @@ class LoRALinear(nn.Module):
         if self._weight_ext is not None:
             raise RuntimeError("append_rows() may be called once per layer")
         full = torch.zeros(self.output_size + rows, self.input_size, dtype=self.weight.dtype, device=self.weight.device)
-        full[:self.output_size].copy_(self.weight.data)
-        self.weight.data = full[:self.output_size]
+        full[: self.output_size].copy_(self.weight.data)
+        self.weight.data = full[: self.output_size]
         self._weight_ext = full
         if self.bias is not None:
             bias = torch.zeros(self.output_size + rows, dtype=self.bias.dtype, device=self.bias.device)
-            bias[:self.output_size].copy_(self.bias.data)
-            self.bias.data = bias[:self.output_size]
+            bias[: self.output_size].copy_(self.bias.data)
+            self.bias.data = bias[: self.output_size]
             self._bias_ext = bias
-        return full[self.output_size:]
+        return full[self.output_size :]
+
+    def attach_lora(self, hook: LoRAHook, shrink_in_gemm: Callable[[], bool] | None = None) -> None:
+        """Called once by the LoRA manager: ``hook`` adds each step's adapter delta to this layer's
+        output; ``shrink_in_gemm()`` (only after :meth:`append_rows`) says per step whether the GEMM
+        covers the appended rows and so hands the hook the shrink."""
+        if shrink_in_gemm is not None and self._weight_ext is None:
+            raise RuntimeError("attach_lora(shrink_in_gemm=...) needs append_rows() first")
+        self.lora_hook, self.shrink_in_gemm = hook, shrink_in_gemm
 
     def take_epilogue(self) -> LoRAEpilogue | None:
         """The LoRA delta the last call left to the output's consumer (see ``lora_defer``), or None."""
@@ -168,13 +187,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._epilogue = None
-        if self.lora_fuse is not None and self.lora_fuse():
+        if self.shrink_in_gemm is not None and self.shrink_in_gemm():
             y = F.linear(x, self._weight_ext, self._bias_ext if self._adds_bias else None)
-            out = y[:, :self.output_size]  # rows of stride out + rows: downstream ops take views
+            out = y[:, : self.output_size]  # rows of stride out + rows: downstream ops take views
             if self.lora_defer and self.parallel != "row":  # a row layer's delta must precede its all-reduce
-                self._epilogue = self.lora_hook(x, out, y[:, self.output_size:], defer=True)
+                self._epilogue = self.lora_hook(x, out, y[:, self.output_size :], defer=True)
             else:
-                self.lora_hook(x, out, y[:, self.output_size:])
+                self.lora_hook(x, out, y[:, self.output_size :])
         else:
             out = F.linear(x, self.weight, self.bias if self._adds_bias else None)
             if self.lora_hook is not None:
@@ -197,8 +216,14 @@ class LoRAEmbedding(nn.Module):
     all-reduces, so every rank gets the whole embedding. ``num_embeddings`` is the local row count.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, device: torch.device,
-                 tp: TensorParallel | None = None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TensorParallel | None = None,
+    ):
         super().__init__()
         self.tp = tp if tp is not None else TensorParallel()
         self.full_num_embeddings = int(num_embeddings)
@@ -208,12 +233,16 @@ class LoRAEmbedding(nn.Module):
         self.weight = _empty((self.num_embeddings, self.embedding_dim), dtype, device)
         self.lora_hook: LoRAHook | None = None
 
+    def attach_lora(self, hook: LoRAHook) -> None:
+        """Called once by the LoRA manager: ``hook(input_ids, out)`` adds each step's delta."""
+        self.lora_hook = hook
+
     def full_shape(self, kind: str = "weight", slice_idx: int | None = None) -> tuple[int, ...]:
         return self.full_num_embeddings, self.embedding_dim
 
     def shard_of(self, full: torch.Tensor, kind: str = "weight", slice_idx: int | None = None) -> torch.Tensor:
         """This rank's rows of an unsharded ``[vocab, hidden]`` tensor."""
-        return full[self.vocab_start:self.vocab_end]
+        return full[self.vocab_start : self.vocab_end]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -244,8 +273,9 @@ class RMSNorm(nn.Module):
         self.eps = float(eps)
         self.weight = _empty((hidden_size,), dtype, device)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                lora: LoRAEpilogue | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, lora: LoRAEpilogue | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``lora``: a LoRA delta left by the projection that produced ``x``, added to ``x`` first."""
         if x.dim() == 2 and x.stride(-1) == 1 and x.dtype == self.weight.dtype and fused.use_fused(x):
             return fused.rms_norm(x, self.weight, self.eps, residual, lora=lora)
@@ -276,8 +306,10 @@ def rope_parameters(config) -> dict:
         params.setdefault("rope_type", params.get("type", "default"))
         params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     if "rope_type" not in params and any(isinstance(v, dict) for v in params.values()):
-        raise ConfigError(f"per-layer RoPE parameters {params!r} are not supported by the Llama-family model; "
-                          "use a config with one rope_parameters dict")
+        raise ConfigError(
+            f"per-layer RoPE parameters {params!r} are not supported by the Llama-family model; "
+            "use a config with one rope_parameters dict"
+        )
     return dict(params)
 
 
@@ -294,11 +326,15 @@ class RotaryEmbedding(nn.Module):
         params = rope_parameters(config)
         rope_type = params.get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(f"rope type {rope_type!r} (config rope_parameters/rope_scaling) is not supported: its "
-                              f"frequencies change with the sequence length; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+            raise ConfigError(
+                f"rope type {rope_type!r} (config rope_parameters/rope_scaling) is not supported: its "
+                f"frequencies change with the sequence length; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
         if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConfigError(f"partial_rotary_factor {params['partial_rotary_factor']} is not supported; "
-                              "the Llama-family model rotates the whole head")
+            raise ConfigError(
+                f"partial_rotary_factor {params['partial_rotary_factor']} is not supported; "
+                "the Llama-family model rotates the whole head"
+            )
         if rope_type == "default":
             base = float(params["rope_theta"])
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -308,8 +344,10 @@ class RotaryEmbedding(nn.Module):
 
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
         if inv_freq.numel() * 2 != head_dim:
-            raise ConfigError(f"RoPE gives {inv_freq.numel()} frequencies for head_dim {head_dim}; "
-                              "check head_dim and rope_parameters in config.json")
+            raise ConfigError(
+                f"RoPE gives {inv_freq.numel()} frequencies for head_dim {head_dim}; "
+                "check head_dim and rope_parameters in config.json"
+            )
         self.rope_type = rope_type
         self.attention_scaling = float(scaling)
         self.register_buffer("inv_freq", inv_freq.to(device=device, dtype=torch.float32), persistent=False)
@@ -321,8 +359,9 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
 
-def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`apply_rotary` to q ``[T, heads, head_dim]`` and k ``[T, kv_heads, head_dim]``, in one
     fused kernel where :func:`~loraserve.models.fused.use_fused` says so."""
     if fused.use_fused(q) and q.stride(-1) == 1 and k.stride(-1) == 1:

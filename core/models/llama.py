@@ -20,18 +20,20 @@ embed_tokens and lm_head vocab-parallel, and every rank gets the whole logits.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from loraserve.contract import LoRAEpilogue
 from loraserve.distributed import TensorParallel
 from loraserve.errors import ConfigError
 from loraserve.lora.targets import FUSED_MODULES, FUSED_SLICE
 from loraserve.models import fused
-from loraserve.models.epilogue import LoRAEpilogue, apply_epilogue
-from loraserve.models.layers import LoRAEmbedding, LoRALinear, RMSNorm, RotaryEmbedding, rotate_qk
 from loraserve.models.dtypes import to_torch_device, to_torch_dtype
+from loraserve.models.epilogue import apply_epilogue
+from loraserve.models.layers import LoRAEmbedding, LoRALinear, RMSNorm, RotaryEmbedding, rotate_qk
 
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -48,48 +50,86 @@ class AttentionContext(Protocol):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, model: "LlamaForCausalLM", layer_idx: int, qkv_bias: bool, o_bias: bool):
+    def __init__(self, model: LlamaForCausalLM, layer_idx: int, qkv_bias: bool, o_bias: bool):
         super().__init__()
         dtype, device = model.dtype, model.device
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = model.num_heads, model.num_kv_heads, model.head_dim
         self.q_size, self.kv_size = model.q_size, model.kv_size  # this rank's
         q_full, kv_full = model.total_num_heads * self.head_dim, model.total_num_kv_heads * self.head_dim
-        self.qkv_proj = LoRALinear(model.hidden_size, [q_full, kv_full, kv_full], qkv_bias, dtype, device,
-                                   parallel="column", tp=model.tp, name="qkv_proj")
-        self.o_proj = LoRALinear(q_full, [model.hidden_size], o_bias, dtype, device, parallel="row", tp=model.tp,
-                                 name="o_proj")
-        self.o_proj.lora_defer = True  # the post-attention norm adds the delta (LlamaDecoderLayer.forward)
+        self.qkv_proj = LoRALinear(
+            model.hidden_size,
+            [q_full, kv_full, kv_full],
+            qkv_bias,
+            dtype,
+            device,
+            parallel="column",
+            tp=model.tp,
+            name="qkv_proj",
+        )
+        # the post-attention norm adds o_proj's LoRA delta (LlamaDecoderLayer.forward)
+        self.o_proj = LoRALinear(
+            q_full,
+            [model.hidden_size],
+            o_bias,
+            dtype,
+            device,
+            parallel="row",
+            tp=model.tp,
+            name="o_proj",
+            lora_defer=True,
+        )
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext
+    ) -> torch.Tensor:
         T = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = rotate_qk(q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
-                         cos, sin)
+        q, k = rotate_qk(
+            q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim), cos, sin
+        )
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         out = attn.attention(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, model: "LlamaForCausalLM", bias: bool, hidden_act: str):
+    def __init__(self, model: LlamaForCausalLM, bias: bool, hidden_act: str):
         super().__init__()
         from transformers.activations import ACT2FN
 
         if hidden_act not in ACT2FN:
-            raise ConfigError(f"hidden_act {hidden_act!r} in config.json is not a known activation; "
-                              f"known: {', '.join(sorted(ACT2FN))}")
+            raise ConfigError(
+                f"hidden_act {hidden_act!r} in config.json is not a known activation; "
+                f"known: {', '.join(sorted(ACT2FN))}"
+            )
         full = model.total_intermediate_size
         self.intermediate_size = model.intermediate_size  # this rank's
-        self.gate_up_proj = LoRALinear(model.hidden_size, [full, full], bias, model.dtype, model.device,
-                                       parallel="column", tp=model.tp, name="gate_up_proj")
-        self.down_proj = LoRALinear(full, [model.hidden_size], bias, model.dtype, model.device, parallel="row",
-                                    tp=model.tp, name="down_proj")
         self.act_fn = ACT2FN[hidden_act]
         self.is_silu = hidden_act in ("silu", "swish")  # both are F.silu in transformers
         # the consumers add these projections' LoRA deltas: SiLU-and-mul, and the next layer's norm
-        self.gate_up_proj.lora_defer = self.is_silu
-        self.down_proj.lora_defer = True
+        self.gate_up_proj = LoRALinear(
+            model.hidden_size,
+            [full, full],
+            bias,
+            model.dtype,
+            model.device,
+            parallel="column",
+            tp=model.tp,
+            name="gate_up_proj",
+            lora_defer=self.is_silu,
+        )
+        self.down_proj = LoRALinear(
+            full,
+            [model.hidden_size],
+            bias,
+            model.dtype,
+            model.device,
+            parallel="row",
+            tp=model.tp,
+            name="down_proj",
+            lora_defer=True,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -103,7 +143,7 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, model: "LlamaForCausalLM", layer_idx: int, qkv_bias: bool, o_bias: bool):
+    def __init__(self, model: LlamaForCausalLM, layer_idx: int, qkv_bias: bool, o_bias: bool):
         super().__init__()
         cfg = model.config
         self.input_layernorm = RMSNorm(model.hidden_size, cfg.rms_norm_eps, model.dtype, model.device)
@@ -111,9 +151,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(model.hidden_size, cfg.rms_norm_eps, model.dtype, model.device)
         self.mlp = LlamaMLP(model, bool(getattr(cfg, "mlp_bias", False)), getattr(cfg, "hidden_act", "silu"))
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext,
-                residual: torch.Tensor | None = None,
-                lora: LoRAEpilogue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionContext,
+        residual: torch.Tensor | None = None,
+        lora: LoRAEpilogue | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mlp_out, residual)``: the residual stream is ``residual + hidden`` (or ``hidden`` alone
         for the first layer, whose input is the embedding); the next norm adds the MLP output to it.
         ``lora``: the previous layer's down_proj delta, left to this layer's first norm."""
@@ -122,13 +168,12 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual, lora=lora)
         hidden = self.self_attn(hidden, cos, sin, attn)
-        hidden, residual = self.post_attention_layernorm(hidden, residual,
-                                                         lora=self.self_attn.o_proj.take_epilogue())
+        hidden, residual = self.post_attention_layernorm(hidden, residual, lora=self.self_attn.o_proj.take_epilogue())
         return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, model: "LlamaForCausalLM", qkv_bias: bool, o_bias: bool):
+    def __init__(self, model: LlamaForCausalLM, qkv_bias: bool, o_bias: bool):
         super().__init__()
         self.embed_tokens = LoRAEmbedding(model.vocab_size, model.hidden_size, model.dtype, model.device, tp=model.tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(model, i, qkv_bias, o_bias) for i in range(model.num_layers))
@@ -158,8 +203,13 @@ class LlamaForCausalLM(nn.Module):
     A size the tensor-parallel size does not divide raises :class:`ConfigError` naming it.
     """
 
-    def __init__(self, config, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-                 tp: TensorParallel | None = None):
+    def __init__(
+        self,
+        config,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        tp: TensorParallel | None = None,
+    ):
         super().__init__()
         self.config = config
         self.tp = tp if tp is not None else TensorParallel()
@@ -173,8 +223,10 @@ class LlamaForCausalLM(nn.Module):
         self.vocab_size = _required(config, "vocab_size")
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.total_num_heads
         if self.total_num_heads % self.total_num_kv_heads:
-            raise ConfigError(f"num_attention_heads ({self.total_num_heads}) must be a multiple of num_key_value_heads "
-                              f"({self.total_num_kv_heads}) in config.json")
+            raise ConfigError(
+                f"num_attention_heads ({self.total_num_heads}) must be a multiple of num_key_value_heads "
+                f"({self.total_num_kv_heads}) in config.json"
+            )
         # every rank holds whole heads (GQA groups stay on one rank) and equal slices of the rest
         self.num_heads = self.tp.shard_size(self.total_num_heads, "num_attention_heads")
         self.num_kv_heads = self.tp.shard_size(self.total_num_kv_heads, "num_key_value_heads")
@@ -184,7 +236,7 @@ class LlamaForCausalLM(nn.Module):
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.attention_scale = self.head_dim ** -0.5
+        self.attention_scale = self.head_dim**-0.5
         self.layer_sliding_windows = _sliding_windows(config, self.num_layers)
         windows = {w for w in self.layer_sliding_windows if w is not None}
         self.sliding_window: int | None = max(windows) if windows else None
@@ -195,8 +247,16 @@ class LlamaForCausalLM(nn.Module):
         else:
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         self.model = LlamaModel(self, qkv_bias, o_bias)
-        self.lm_head = LoRALinear(self.hidden_size, [self.vocab_size], False, self.dtype, self.device,
-                                  parallel="column", tp=self.tp, name="lm_head")
+        self.lm_head = LoRALinear(
+            self.hidden_size,
+            [self.vocab_size],
+            False,
+            self.dtype,
+            self.device,
+            parallel="column",
+            tp=self.tp,
+            name="lm_head",
+        )
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -205,8 +265,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         """Final-normed hidden states ``[T, hidden]`` of a flat token batch."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} "
-                             "must both be flat [T] tensors of the same length")
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} "
+                "must both be flat [T] tensors of the same length"
+            )
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, hidden.dtype)
         residual, lora = None, None
@@ -275,12 +337,16 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             problems.append(f"missing {len(missing)} tensor(s): {_listing(missing)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} tensor(s) this {type(self).__name__} has no place for: "
-                            f"{_listing(unexpected)}")
+            problems.append(
+                f"{len(unexpected)} tensor(s) this {type(self).__name__} has no place for: {_listing(unexpected)}"
+            )
         if problems:
-            raise ConfigError(f"checkpoint does not match the model config ({getattr(self.config, 'model_type', '?')}, "
-                              f"{self.num_layers} layers): " + "; ".join(problems) +
-                              ". Check that config.json belongs to these weights")
+            raise ConfigError(
+                f"checkpoint does not match the model config ({getattr(self.config, 'model_type', '?')}, "
+                f"{self.num_layers} layers): "
+                + "; ".join(problems)
+                + ". Check that config.json belongs to these weights"
+            )
 
     def _locate(self, name: str) -> tuple[nn.Module, nn.Parameter, str, int | None] | None:
         """The module, parameter, kind (weight/bias) and fused slice index a Hugging Face tensor
@@ -301,19 +367,22 @@ class LlamaForCausalLM(nn.Module):
             return None  # a fused name in the checkpoint: we only accept the unfused Hugging Face names
         return module, param, kind, shard
 
-    def _copy(self, name: str, module: nn.Module, param: nn.Parameter, kind: str, slice_idx: int | None,
-              tensor: torch.Tensor) -> None:
+    def _copy(
+        self, name: str, module: nn.Module, param: nn.Parameter, kind: str, slice_idx: int | None, tensor: torch.Tensor
+    ) -> None:
         """Check a full checkpoint tensor's shape and copy this rank's part of it into ``param``."""
         sharded = hasattr(module, "shard_of")
         expected = module.full_shape(kind, slice_idx) if sharded else tuple(param.shape)
         if tuple(tensor.shape) != expected:
-            raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
-                              f"{expected} from config.json; check that the config matches the weights")
+            raise ConfigError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
+                f"{expected} from config.json; check that the config matches the weights"
+            )
         local = module.shard_of(tensor, kind, slice_idx) if sharded else tensor
         if slice_idx is None:
             param.data.copy_(local)
         else:
-            param.data[module.output_offsets[slice_idx]:module.output_offsets[slice_idx + 1]].copy_(local)
+            param.data[module.output_offsets[slice_idx] : module.output_offsets[slice_idx + 1]].copy_(local)
 
     def full_parameter_shape(self, name: str) -> tuple[int, ...]:
         """The unsharded shape of parameter ``name`` (as ``named_parameters`` lists it)."""

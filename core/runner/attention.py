@@ -65,10 +65,15 @@ class PagedSDPAAttention(AttentionBackend):
         v_cache[self._write_slots] = v.to(v_cache.dtype)
         out = torch.empty_like(q)
         for s in self._seqs:
-            qs = q[s.q_start:s.q_start + s.q_len].transpose(0, 1)  # [H, q, D]
+            qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1)  # [H, q, D]
             ks = k_cache[s.ctx_slots].transpose(0, 1)  # [Hkv, ctx, D]
             vs = v_cache[s.ctx_slots].transpose(0, 1)
-            o = F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
-                                               attn_mask=s.mask, enable_gqa=qs.shape[0] != ks.shape[0])
-            out[s.q_start:s.q_start + s.q_len] = o.squeeze(0).transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                qs.unsqueeze(0),
+                ks.unsqueeze(0),
+                vs.unsqueeze(0),
+                attn_mask=s.mask,
+                enable_gqa=qs.shape[0] != ks.shape[0],
+            )
+            out[s.q_start : s.q_start + s.q_len] = o.squeeze(0).transpose(0, 1)
         return out

@@ -73,8 +73,12 @@ class DecodeGraphs:
                 self.logits[b] = self._forward(b, info)
             self.graphs[b] = graph
         torch.cuda.synchronize(self.device)
-        logger.info("captured %d CUDA graphs for decode batches of %s requests in %.1f s", len(self.sizes),
-                    ",".join(map(str, self.sizes)), time.perf_counter() - t0)
+        logger.info(
+            "captured %d CUDA graphs for decode batches of %s requests in %.1f s",
+            len(self.sizes),
+            ",".join(map(str, self.sizes)),
+            time.perf_counter() - t0,
+        )
 
     def can_run(self, chunks: list) -> bool:
         return 0 < len(chunks) <= self.max_bs and all(c.num_tokens == 1 and c.samples for c in chunks)

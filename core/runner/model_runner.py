@@ -2,13 +2,14 @@
 
 It packs the step's token chunks into one flat batch (each request's tokens contiguous, in plan
 order), sets up the attention metadata over the paged KV cache and, when LoRA is on, the step's
-:class:`~loraserve.lora.batch_info.LoRABatchInfo`, runs the model, and returns float32 logits for
+:class:`~loraserve.contract.LoRABatchInfo`, runs the model, and returns float32 logits for
 the last token of every chunk that samples.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,9 +29,16 @@ class ModelRunner:
         parallelism: hands the step to the other ranks).
     """
 
-    def __init__(self, model: torch.nn.Module, kv: KVCache, device: torch.device,
-                 prepare_lora: Callable[[list[ScheduledChunk]], None] | None = None, attention: Any = None,
-                 graphs: Any = None, before_step: Callable[[list[ScheduledChunk]], None] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv: KVCache,
+        device: torch.device,
+        prepare_lora: Callable[[list[ScheduledChunk]], None] | None = None,
+        attention: Any = None,
+        graphs: Any = None,
+        before_step: Callable[[list[ScheduledChunk]], None] | None = None,
+    ):
         self.model = model
         self.kv = kv
         self.device = device

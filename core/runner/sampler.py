@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from loraserve.sched.sampling_params import SamplingParams, TokenHistory, device_of
 
 
@@ -59,9 +60,13 @@ class Sampler:
             self._generators[device] = gen
         return self._generators[device]
 
-    def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-               histories: Sequence[TokenHistory | None] | None = None,
-               generators: Sequence[torch.Generator | None] | None = None) -> SamplerOutput:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        histories: Sequence[TokenHistory | None] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> SamplerOutput:
         """Choose one token per row of ``logits`` (``[B, V]``, raw model output; not modified).
 
         ``histories[i]`` is needed where ``params[i].needs_penalties``; ``generators[i]`` is the
@@ -86,8 +91,12 @@ class Sampler:
             token_ids[rows] = self._draw(scores[rows], [gens[i] for i in sampled])
         return self._with_logprobs(logits, params, token_ids)
 
-    def process_logits(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                       histories: Sequence[TokenHistory | None] | None = None) -> torch.Tensor:
+    def process_logits(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        histories: Sequence[TokenHistory | None] | None = None,
+    ) -> torch.Tensor:
         """The scores rows are chosen from, ``float32 [B, V]``: penalties on every row, then, on
         sampling rows only, temperature, top-k, top-p and min-p (filtered tokens are ``-inf``)."""
         if logits.dim() != 2 or not logits.is_floating_point():
@@ -106,8 +115,9 @@ class Sampler:
             scores[rows] = _warp(scores[rows], [params[i] for i in sampled])
         return scores
 
-    def _apply_penalties(self, scores: torch.Tensor, params: Sequence[SamplingParams],
-                         histories: Sequence[TokenHistory | None] | None) -> None:
+    def _apply_penalties(
+        self, scores: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory | None] | None
+    ) -> None:
         rows = [i for i, p in enumerate(params) if p.needs_penalties]
         if not rows:
             return
@@ -151,8 +161,9 @@ class Sampler:
         return (probs / q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
 
     @staticmethod
-    def _with_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams],
-                       token_ids: torch.Tensor) -> SamplerOutput:
+    def _with_logprobs(
+        logits: torch.Tensor, params: Sequence[SamplingParams], token_ids: torch.Tensor
+    ) -> SamplerOutput:
         top: list[list[tuple[int, float]] | None] = [None] * len(params)
         if not any(p.needs_logprobs for p in params):
             return SamplerOutput(token_ids, None, top)
@@ -178,7 +189,9 @@ def _warp(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         scores = scores / torch.tensor(temps, dtype=torch.float32, device=dev)[:, None]
     ks = [min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params]
     if any(ks):
-        kth = scores.topk(max(ks), dim=-1).values.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev)[:, None])
+        kth = scores.topk(max(ks), dim=-1).values.gather(
+            1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev)[:, None]
+        )
         kth = torch.where(torch.tensor(ks, device=dev)[:, None] > 0, kth, torch.tensor(-math.inf, device=dev))
         scores = scores.masked_fill(scores < kth, -math.inf)
     if any(p.top_p < 1.0 for p in params):

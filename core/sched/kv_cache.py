@@ -22,8 +22,9 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
-            raise ConfigError(f"the KV cache needs at least one block of at least one token "
-                              f"(got {num_blocks} blocks of {block_size})")
+            raise ConfigError(
+                f"the KV cache needs at least one block of at least one token (got {num_blocks} blocks of {block_size})"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
@@ -71,8 +72,16 @@ class BlockAllocator:
 class KVCache:
     """Per-layer key and value tensors indexed by slot, plus the allocator for their blocks."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         self.allocator = BlockAllocator(num_blocks, block_size)
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
         # never read before written (attention reads only slots its tokens wrote), so no zeroing
@@ -94,4 +103,4 @@ class KVCache:
         first, last = start // bs, -(-end // bs)
         table = torch.tensor(blocks[first:last], dtype=torch.long)
         flat = (table[:, None] * bs + torch.arange(bs)).flatten()
-        return flat[start - first * bs:end - first * bs].to(self.k[0].device)
+        return flat[start - first * bs : end - first * bs].to(self.k[0].device)

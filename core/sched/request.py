@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class Request:
     prompt_ids: list[int]
     params: Any  # loraserve.sched.sampling_params.SamplingParams
     adapter: str | None = None
-    lora: Any = None  # the LoRA manager's reference (name, version) while the request lives
+    adapter_ref: Any = None  # the LoRA manager's reference (name, version) while the request lives
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
@@ -79,7 +80,7 @@ class Request:
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids[start:] if start < n else []) + self.output_ids[max(0, start - n):end - n]
+        return (self.prompt_ids[start:] if start < n else []) + self.output_ids[max(0, start - n) : end - n]
 
     @property
     def finished(self) -> bool:

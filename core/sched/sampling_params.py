@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+
 from loraserve.errors import UserError
 from loraserve.safe_json import field_path
 
@@ -29,8 +30,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1000
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 _INT_FIELDS = ("max_new_tokens", "top_k", "n", "top_logprobs_num")
-_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
-                "return_logprob")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "return_logprob")
 
 
 def _invalid(name: str, value: Any, allowed: str) -> UserError:
@@ -76,7 +76,7 @@ class SamplingParams:
         self.validate()
 
     @classmethod
-    def from_dict(cls, data: Any) -> "SamplingParams":
+    def from_dict(cls, data: Any) -> SamplingParams:
         """Build from a JSON object, as an HTTP request sends it.
 
         Unknown keys are refused with the list of allowed ones. ``null`` for a parameter whose
@@ -103,20 +103,33 @@ class SamplingParams:
         for name in _BOOL_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, bool):
-                raise UserError(f"sampling parameter {name} must be true or false, got {type(value).__name__} {value!r}")
+                raise UserError(
+                    f"sampling parameter {name} must be true or false, got {type(value).__name__} {value!r}"
+                )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise UserError(f"sampling parameter seed must be an integer or null, got "
-                            f"{type(self.seed).__name__} {self.seed!r}")
+            raise UserError(
+                f"sampling parameter seed must be an integer or null, got {type(self.seed).__name__} {self.seed!r}"
+            )
         stop = self.stop
         if isinstance(stop, (list, tuple)) and len(stop) > MAX_STOP_STRINGS:  # before looking at each one
-            raise UserError(f"sampling parameter stop has {len(stop)} strings; allowed: at most {MAX_STOP_STRINGS}, "
-                            f"each at most {MAX_STOP_CHARS} characters")
-        if not (stop is None or isinstance(stop, str)
-                or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))):
+            raise UserError(
+                f"sampling parameter stop has {len(stop)} strings; allowed: at most {MAX_STOP_STRINGS}, "
+                f"each at most {MAX_STOP_CHARS} characters"
+            )
+        if not (
+            stop is None
+            or isinstance(stop, str)
+            or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))
+        ):
             raise UserError(f"sampling parameter stop must be a string, a list of strings or null, got {stop!r}")
         ids = self.stop_token_ids
-        if not (ids is None or (isinstance(ids, (list, tuple, set, frozenset))
-                                and all(isinstance(t, int) and not isinstance(t, bool) for t in ids))):
+        if not (
+            ids is None
+            or (
+                isinstance(ids, (list, tuple, set, frozenset))
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+            )
+        ):
             raise UserError(f"sampling parameter stop_token_ids must be a list of integers or null, got {ids!r}")
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -150,8 +163,10 @@ class SamplingParams:
             raise _invalid("stop", self.stop, "non-empty strings")
         longest = max(map(len, self.stop), default=0)
         if longest > MAX_STOP_CHARS:
-            raise UserError(f"sampling parameter stop has a string of {longest} characters; allowed: at most "
-                            f"{MAX_STOP_CHARS} characters each")
+            raise UserError(
+                f"sampling parameter stop has a string of {longest} characters; allowed: at most "
+                f"{MAX_STOP_CHARS} characters each"
+            )
         upper = "" if vocab_size is None else f" and < vocab size {vocab_size}"
         for t in self.stop_token_ids:
             if t < 0 or (vocab_size is not None and t >= vocab_size):
@@ -196,8 +211,13 @@ class TokenHistory:
     Ids >= ``vocab_size`` (an embedding larger than the logits) are ignored, as transformers does.
     """
 
-    def __init__(self, prompt_ids: Sequence[int] | torch.Tensor, vocab_size: int,
-                 device: torch.device | str = "cpu", output_ids: Sequence[int] | torch.Tensor = ()) -> None:
+    def __init__(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        output_ids: Sequence[int] | torch.Tensor = (),
+    ) -> None:
         self.vocab_size = vocab_size
         self.occurred = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)

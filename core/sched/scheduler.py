@@ -14,8 +14,8 @@ is overtaken without limit: the copy finishes on its own, so nobody needs to sto
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from loraserve.sched.kv_cache import KVCache, OutOfBlocks
 from loraserve.sched.request import Request, Status
@@ -47,9 +47,16 @@ class Scheduler:
         overtaken by later requests; after that, admission stops until it can join.
     """
 
-    def __init__(self, kv: KVCache, max_running: int, step_tokens: int, chunk_size: int,
-                 can_join: Callable[[Request, list[Request]], bool] | None = None,
-                 on_preempt: Callable[[Request], None] | None = None, starvation_steps: int = 8):
+    def __init__(
+        self,
+        kv: KVCache,
+        max_running: int,
+        step_tokens: int,
+        chunk_size: int,
+        can_join: Callable[[Request, list[Request]], bool] | None = None,
+        on_preempt: Callable[[Request], None] | None = None,
+        starvation_steps: int = 8,
+    ):
         self.kv = kv
         self.max_running = max_running
         self.step_tokens = step_tokens

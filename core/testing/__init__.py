@@ -32,5 +32,18 @@ from loraserve.testing.compare import TOLERANCES
 from loraserve.testing.eviction import EVICTION_CHECKS, check_eviction_policy
 from loraserve.testing.report import ConformanceReport
 
-__all__ = ["BACKEND_CHECKS", "EVICTION_CHECKS", "TOLERANCES", "BackendCase", "ConformanceReport", "Projection",
-           "check_backend", "check_eviction_policy", "default_cases", "gate_up", "plain", "qkv", "random_cases"]
+__all__ = [
+    "BACKEND_CHECKS",
+    "EVICTION_CHECKS",
+    "TOLERANCES",
+    "BackendCase",
+    "ConformanceReport",
+    "Projection",
+    "check_backend",
+    "check_eviction_policy",
+    "default_cases",
+    "gate_up",
+    "plain",
+    "qkv",
+    "random_cases",
+]

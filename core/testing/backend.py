@@ -2,7 +2,7 @@
 
 Every case (see :mod:`loraserve.testing.cases`) is one step: one ``prepare``, then ``run_lora`` for
 each of its projections, compared with :class:`~loraserve.plugins.backend_torch.backend.TorchLoRABackend`
-on the same inputs. Backends with ``supports_fused_shrink`` also get ``shrunk`` (laid out as the
+on the same inputs. Backends with ``supports_shrink_in_gemm`` also get ``shrunk`` (laid out as the
 contract says, as a column view of a wider GEMM output) and are compared with the contract's expand
 of that very ``shrunk``; an epilogue handed out by ``expand_epilogue`` is applied with
 :meth:`LoRAEpilogue.apply_` and compared the same way; backends with ``supports_embedding`` run
@@ -37,10 +37,16 @@ BACKEND_CHECKS = {
 }
 
 
-def check_backend(make_backend: Callable[[torch.device], LoRABackend], *, device: torch.device | str = "cpu",
-                  dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16), seed: int = 0,
-                  cases: Sequence[C.BackendCase] | None = None, nan_padding: bool = True,
-                  graph: bool = True) -> ConformanceReport:
+def check_backend(
+    make_backend: Callable[[torch.device], LoRABackend],
+    *,
+    device: torch.device | str = "cpu",
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16),
+    seed: int = 0,
+    cases: Sequence[C.BackendCase] | None = None,
+    nan_padding: bool = True,
+    graph: bool = True,
+) -> ConformanceReport:
     """Check a LoRA backend against the ``LoRABackend`` contract; raise AssertionError on a violation.
 
     :param make_backend: ``make_backend(device)`` returns a fresh backend. One backend runs every
@@ -72,9 +78,9 @@ def check_backend(make_backend: Callable[[torch.device], LoRABackend], *, device
             steps += _check_step(backend, name, case, dtype, device, seed, nan_padding, report)
     if steps > 1:
         report.passed("steps_in_sequence", steps - 1)
-    if not backend.supports_fused_shrink:
-        report.skip("shrunk", "supports_fused_shrink is False")
-        report.skip("epilogue", "supports_fused_shrink is False (an epilogue needs the GEMM's shrink)")
+    if not backend.supports_shrink_in_gemm:
+        report.skip("shrunk", "supports_shrink_in_gemm is False")
+        report.skip("epilogue", "supports_shrink_in_gemm is False (an epilogue needs the GEMM's shrink)")
     else:
         report.skip("epilogue", "expand_epilogue returned None for every projection")
     if not backend.supports_embedding:
@@ -92,8 +98,16 @@ def check_backend(make_backend: Callable[[torch.device], LoRABackend], *, device
     return report.finish()
 
 
-def _check_step(backend: LoRABackend, name: str, case: C.BackendCase, dtype: torch.dtype, device: torch.device,
-                seed: int, nan_padding: bool, report: ConformanceReport) -> bool:
+def _check_step(
+    backend: LoRABackend,
+    name: str,
+    case: C.BackendCase,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    nan_padding: bool,
+    report: ConformanceReport,
+) -> bool:
     """One step of ``case`` in ``dtype``; False if the case does not apply to this backend."""
     if case.null_slot and not backend.graph_capturable:
         report.skip("null_slot", "only captured decode steps use the null slot, and graph_capturable is False")
@@ -115,11 +129,23 @@ def _check_step(backend: LoRABackend, name: str, case: C.BackendCase, dtype: tor
         out = base.clone()
         kept = Snapshot(x=x, A=A, B=B)
         call(at, "run_lora", backend.run_lora, x, A, B, out, proj.output_offsets)
-        check_result(f"{at}, path run_lora", "run_lora", out, expected, base, kept, slots, ranks,
-                     proj.output_offsets, dtype, nan_padding, report)
+        check_result(
+            f"{at}, path run_lora",
+            "run_lora",
+            out,
+            expected,
+            base,
+            kept,
+            slots,
+            ranks,
+            proj.output_offsets,
+            dtype,
+            nan_padding,
+            report,
+        )
         if has_padding:
             report.passed("padding_ignored")
-        if backend.supports_fused_shrink:
+        if backend.supports_shrink_in_gemm:
             _check_shrunk(backend, at, x, A, B, base, slots, ranks, scalings, R, proj, dtype, nan_padding, report)
     if backend.supports_embedding:
         ids, A, B, base = C.draw_embedding(case, gen, dtype, device, nan_padding)
@@ -128,8 +154,20 @@ def _check_step(backend: LoRABackend, name: str, case: C.BackendCase, dtype: tor
         out = base.clone()
         kept = Snapshot(input_ids=ids, A=A, B=B)
         call(where, "run_lora_embedding", backend.run_lora_embedding, ids, A, B, out)
-        check_result(f"{where}, path run_lora_embedding (vocab {A.shape[2]}, hidden {B.shape[1]})", "embedding",
-                     out, expected, base, kept, slots, ranks, (0, B.shape[1]), dtype, nan_padding, report)
+        check_result(
+            f"{where}, path run_lora_embedding (vocab {A.shape[2]}, hidden {B.shape[1]})",
+            "embedding",
+            out,
+            expected,
+            base,
+            kept,
+            slots,
+            ranks,
+            (0, B.shape[1]),
+            dtype,
+            nan_padding,
+            report,
+        )
     if case.num_tokens == 1:
         report.passed("one_token")
     if case.null_slot:
@@ -137,9 +175,22 @@ def _check_step(backend: LoRABackend, name: str, case: C.BackendCase, dtype: tor
     return True
 
 
-def _check_shrunk(backend: LoRABackend, at: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                  base: torch.Tensor, slots: list[int], ranks: list[int], scalings: list[float], R: int,
-                  proj: C.Projection, dtype: torch.dtype, nan_padding: bool, report: ConformanceReport) -> None:
+def _check_shrunk(
+    backend: LoRABackend,
+    at: str,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    base: torch.Tensor,
+    slots: list[int],
+    ranks: list[int],
+    scalings: list[float],
+    R: int,
+    proj: C.Projection,
+    dtype: torch.dtype,
+    nan_padding: bool,
+    report: ConformanceReport,
+) -> None:
     """``shrunk`` as the base GEMM over ``[W; A of every slot]`` leaves it: the output's columns and then
     ``x @ A_all^T`` (slot ``s``'s columns at ``s * n_slices * R``), rounded to the dtype, one row stride."""
     T, N = base.shape
@@ -151,8 +202,20 @@ def _check_shrunk(backend: LoRABackend, at: str, x: torch.Tensor, A: torch.Tenso
     expected = expand_reference(shrunk, B, base, proj.output_offsets, slots, ranks, scalings, R)
     kept = Snapshot(x=x, A=A, B=B, shrunk=shrunk)
     call(at, "run_lora(shrunk=...)", backend.run_lora, x, A, B, out, proj.output_offsets, shrunk=shrunk)
-    check_result(f"{at}, path run_lora(shrunk=x @ A_all^T)", "shrunk", out, expected, base, kept, slots, ranks,
-                 proj.output_offsets, dtype, nan_padding, report)
+    check_result(
+        f"{at}, path run_lora(shrunk=x @ A_all^T)",
+        "shrunk",
+        out,
+        expected,
+        base,
+        kept,
+        slots,
+        ranks,
+        proj.output_offsets,
+        dtype,
+        nan_padding,
+        report,
+    )
     epilogue = call(at, "expand_epilogue", backend.expand_epilogue, B, proj.output_offsets, shrunk)
     if epilogue is None:
         return
@@ -160,5 +223,17 @@ def _check_shrunk(backend: LoRABackend, at: str, x: torch.Tensor, A: torch.Tenso
         raise AssertionError(f"{at}: expand_epilogue returned {type(epilogue).__name__}, not a LoRAEpilogue or None")
     applied = base.clone()
     call(at, "LoRAEpilogue.apply_", epilogue.apply_, applied)
-    check_result(f"{at}, path expand_epilogue + LoRAEpilogue.apply_", "epilogue", applied, expected, base, kept,
-                 slots, ranks, proj.output_offsets, dtype, nan_padding, report)
+    check_result(
+        f"{at}, path expand_epilogue + LoRAEpilogue.apply_",
+        "epilogue",
+        applied,
+        expected,
+        base,
+        kept,
+        slots,
+        ranks,
+        proj.output_offsets,
+        dtype,
+        nan_padding,
+        report,
+    )

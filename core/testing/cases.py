@@ -84,8 +84,10 @@ class BackendCase:
 
     def describe(self, scalings: list[float] | None = None) -> str:
         scalings = scalings if scalings is not None else self.scalings
-        text = (f"case {self.name!r}: {self.num_tokens} tokens in segments {list(self.seg_lens)} on slots "
-                f"{list(self.seg_slot)}; slot ranks {list(self.ranks)} (capacity {self.max_rank})")
+        text = (
+            f"case {self.name!r}: {self.num_tokens} tokens in segments {list(self.seg_lens)} on slots "
+            f"{list(self.seg_slot)}; slot ranks {list(self.ranks)} (capacity {self.max_rank})"
+        )
         if self.null_slot:
             text += f", slot {len(self.ranks) - 1} the null slot past the pool's {self.pool_slots}"
         if scalings is not None:
@@ -102,15 +104,35 @@ def default_cases(seed: int = 0, n_random: int = 2) -> list[BackendCase]:
         BackendCase("one token, rank 5 of capacity 8", (1,), (0,), (5, 0), 8, (plain(40, 33),)),
         BackendCase("one token on a rank-0 slot", (1,), (1,), (2, 0), 4, (plain(24, 20),)),
         BackendCase("5 tokens, rank 3, base rows", (2, 3), (0, 1), (0, 3), 4, (plain(72, 72),)),
-        BackendCase("gate_up, mixed slots in many segments", (1, 1, 3, 1, 2, 4), (2, 0, 1, 2, 3, 1),
-                    (3, 0, 4, 2), 4, (gate_up(20, 18),)),
-        BackendCase("qkv of unequal slices, a slot in two segments", (3, 1, 6, 2), (1, 2, 0, 1),
-                    (7, 0, 1, 8), 8, (qkv(24, 16, 8),)),
+        BackendCase(
+            "gate_up, mixed slots in many segments",
+            (1, 1, 3, 1, 2, 4),
+            (2, 0, 1, 2, 3, 1),
+            (3, 0, 4, 2),
+            4,
+            (gate_up(20, 18),),
+        ),
+        BackendCase(
+            "qkv of unequal slices, a slot in two segments",
+            (3, 1, 6, 2),
+            (1, 2, 0, 1),
+            (7, 0, 1, 8),
+            8,
+            (qkv(24, 16, 8),),
+        ),
         BackendCase("every row on a rank-0 slot", (2, 1), (0, 1), (0, 0), 4, (gate_up(16, 12),)),
-        BackendCase("three layers on one prepare", (2, 4), (1, 0), (3, 6), 8,
-                    (plain(28, 28), qkv(28, 12, 4), gate_up(28, 20))),
-        BackendCase("decode step padded with null-slot rows", (1,) * 5, (1, 3, 0, 3, 3), (2, 4, 0, 0), 4,
-                    (gate_up(20, 12),), null_slot=True),
+        BackendCase(
+            "three layers on one prepare", (2, 4), (1, 0), (3, 6), 8, (plain(28, 28), qkv(28, 12, 4), gate_up(28, 20))
+        ),
+        BackendCase(
+            "decode step padded with null-slot rows",
+            (1,) * 5,
+            (1, 3, 0, 3, 3),
+            (2, 4, 0, 0),
+            4,
+            (gate_up(20, 12),),
+            null_slot=True,
+        ),
     ]
     return cases + random_cases(n_random, seed)
 
@@ -130,9 +152,13 @@ def random_cases(n: int, seed: int = 0) -> list[BackendCase]:
         seg_slot = [rng.randrange(n_slots) for _ in range(n_segs)]
         in_dim = rng.randint(3, 40)
         kind = rng.choice(("plain", "gate_up", "qkv"))
-        proj = (plain(in_dim, rng.randint(3, 40)) if kind == "plain" else
-                gate_up(in_dim, rng.randint(3, 20)) if kind == "gate_up" else
-                qkv(in_dim, rng.randint(4, 24), rng.randint(2, 12)))
+        proj = (
+            plain(in_dim, rng.randint(3, 40))
+            if kind == "plain"
+            else gate_up(in_dim, rng.randint(3, 20))
+            if kind == "gate_up"
+            else qkv(in_dim, rng.randint(4, 24), rng.randint(2, 12))
+        )
         cases.append(BackendCase(f"random {seed}/{i}", tuple(seg_lens), tuple(seg_slot), tuple(ranks), R, (proj,)))
     return cases
 
@@ -158,8 +184,9 @@ def draw_scalings(case: BackendCase, gen: torch.Generator) -> list[float]:
 
 
 def batch_info(case: BackendCase, scalings: list[float], device: torch.device) -> LoRABatchInfo:
-    return LoRABatchInfo.build(list(case.seg_lens), list(case.seg_slot), list(case.ranks), scalings,
-                               case.max_rank, device=device)
+    return LoRABatchInfo.build(
+        list(case.seg_lens), list(case.seg_slot), list(case.ranks), scalings, case.max_rank, device=device
+    )
 
 
 def fill_padding(t: torch.Tensor, gen: torch.Generator, nan: bool) -> None:
@@ -168,25 +195,38 @@ def fill_padding(t: torch.Tensor, gen: torch.Generator, nan: bool) -> None:
         t.copy_(torch.full_like(t, float("nan")) if nan else torch.randn(t.shape, generator=gen) * PADDING_SCALE)
 
 
-def draw_projection(case: BackendCase, proj: Projection, gen: torch.Generator, dtype: torch.dtype,
-                    device: torch.device, nan_padding: bool) -> tuple[torch.Tensor, ...]:
+def draw_projection(
+    case: BackendCase,
+    proj: Projection,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    nan_padding: bool,
+) -> tuple[torch.Tensor, ...]:
     """``x [T, in]``, ``A [slots, S*R, in]``, ``B [slots, out, R]``, ``base [T, out]`` for one projection,
     with garbage past each slot's rank in A's rows and B's columns."""
     T, K, N, S, R = case.num_tokens, proj.in_dim, proj.output_offsets[-1], proj.n_slices, case.max_rank
     n_slots = case.pool_slots
     x = torch.randn(T, K, generator=gen)
-    A = torch.randn(n_slots, S * R, K, generator=gen) / K ** 0.5
+    A = torch.randn(n_slots, S * R, K, generator=gen) / K**0.5
     B = torch.randn(n_slots, N, R, generator=gen) / 2
     base = torch.randn(T, N, generator=gen)
     for s, r in enumerate(case.ranks[:n_slots]):
         for i in range(S):
-            fill_padding(A[s, i * R + r:(i + 1) * R], gen, nan_padding)
+            fill_padding(A[s, i * R + r : (i + 1) * R], gen, nan_padding)
         fill_padding(B[s, :, r:], gen, nan_padding)
     return tuple(t.to(device=device, dtype=dtype) for t in (x, A, B, base))
 
 
-def draw_embedding(case: BackendCase, gen: torch.Generator, dtype: torch.dtype, device: torch.device,
-                   nan_padding: bool, vocab: int = 37, hidden: int = 19) -> tuple[torch.Tensor, ...]:
+def draw_embedding(
+    case: BackendCase,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    nan_padding: bool,
+    vocab: int = 37,
+    hidden: int = 19,
+) -> tuple[torch.Tensor, ...]:
     """``input_ids [T]``, ``A [slots, R, vocab]``, ``B [slots, hidden, R]`` (PEFT's layout), ``base [T, hidden]``."""
     T, R, n_slots = case.num_tokens, case.max_rank, case.pool_slots
     ids = torch.randint(0, vocab, (T,), generator=gen)

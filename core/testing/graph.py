@@ -5,7 +5,7 @@ buffers (each token its own segment; slot of each token, rank and scaling of eac
 slot the null slot of rank 0 past the pool's last that the padding rows use), whose host copies
 are stale after the first refill (a capturable backend reads only device tensors and the
 batch's host integers). ``prepare`` and ``run_lora`` for two projections (and, with
-``supports_fused_shrink``, the base GEMM over ``[W; A of every slot]`` then ``run_lora(shrunk=...)``)
+``supports_shrink_in_gemm``, the base GEMM over ``[W; A of every slot]`` then ``run_lora(shrunk=...)``)
 are captured once; then the buffers are refilled with new slots, ranks, scalings and ``x`` and the
 graph replayed, several times. Each replay must match backend_torch and an eager run of a fresh
 backend on the same step. Capture itself fails if ``prepare`` or ``run_lora`` reads data back to the
@@ -31,8 +31,7 @@ PROJECTIONS = (C.plain(40, 24), C.gate_up(40, 16))
 class _Layer:
     """The static tensors of one projection in the captured step."""
 
-    def __init__(self, proj: C.Projection, gen: torch.Generator, dtype: torch.dtype, device: torch.device,
-                 fused: bool):
+    def __init__(self, proj: C.Projection, gen: torch.Generator, dtype: torch.dtype, device: torch.device, fused: bool):
         T, K, N, S, R = TOKENS, proj.in_dim, proj.output_offsets[-1], proj.n_slices, RANK_CAPACITY
         self.proj = proj
 
@@ -41,11 +40,11 @@ class _Layer:
 
         self.x, self.base = randn(T, K), randn(T, N)
         # A and B are random past every rank too: the refills change the ranks under the same weights
-        self.A, self.B = randn(SLOTS, S * R, K, scale=K ** -0.5), randn(SLOTS, N, R, scale=0.5)
+        self.A, self.B = randn(SLOTS, S * R, K, scale=K**-0.5), randn(SLOTS, N, R, scale=0.5)
         self.out = torch.empty_like(self.base)
         self.fused = fused
         if fused:
-            self.W_ext = torch.cat([randn(N, K, scale=K ** -0.5), self.A.reshape(-1, K)])
+            self.W_ext = torch.cat([randn(N, K, scale=K**-0.5), self.A.reshape(-1, K)])
             self.y = torch.empty(T, self.W_ext.shape[0], dtype=dtype, device=device)
             self.y_base = torch.empty(T, N, dtype=dtype, device=device)
 
@@ -72,28 +71,47 @@ def _capture(step: Callable[[], None], device: torch.device, where: str) -> torc
         with torch.cuda.graph(graph):
             step()
     except Exception as exc:
-        raise AssertionError(f"{where}: capturing prepare + run_lora failed (a read back to the host, such as "
-                             f".item(), .tolist() or a synchronisation, breaks a capture): "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise AssertionError(
+            f"{where}: capturing prepare + run_lora failed (a read back to the host, such as "
+            f".item(), .tolist() or a synchronisation, breaks a capture): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     return graph
 
 
-def check_graph_capture(make_backend: Callable[[torch.device], LoRABackend], device: torch.device,
-                        dtype: torch.dtype, seed: int, report: ConformanceReport) -> None:
+def check_graph_capture(
+    make_backend: Callable[[torch.device], LoRABackend],
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    report: ConformanceReport,
+) -> None:
     """Capture, refill, replay, compare (see the module docstring); AssertionError on a violation."""
     T, n, R = TOKENS, SLOTS, RANK_CAPACITY
     backend = call(f"make_backend({device})", "make_backend", make_backend, device)
-    where = (f"backend {backend.name!r}, CUDA graph of a decode step ({T} tokens, one per segment, the last "
-             f"{PADDING_ROWS} on the null slot {n}; {n} slots of capacity {R}), dtype {dtype}")
+    where = (
+        f"backend {backend.name!r}, CUDA graph of a decode step ({T} tokens, one per segment, the last "
+        f"{PADDING_ROWS} on the null slot {n}; {n} slots of capacity {R}), dtype {dtype}"
+    )
     gen = C.generator(seed, "graph", dtype)
     i32 = dict(dtype=torch.int32, device=device)
     slot_buf, rank_buf = torch.zeros(T, **i32), torch.zeros(n + 1, **i32)
     scale_buf = torch.zeros(n + 1, dtype=torch.float32, device=device)
-    info = LoRABatchInfo(num_tokens=T, num_segments=T, seg_indptr=torch.arange(T + 1, **i32), seg_slot=slot_buf,
-                         token_slot=slot_buf, ranks=rank_buf, scalings=scale_buf, max_rank=R,
-                         seg_indptr_host=list(range(T + 1)), seg_slot_host=[n] * T, ranks_host=[0] * (n + 1),
-                         scalings_host=[0.0] * (n + 1))
-    layers = [_Layer(p, gen, dtype, device, backend.supports_fused_shrink) for p in PROJECTIONS]
+    info = LoRABatchInfo(
+        num_tokens=T,
+        num_segments=T,
+        seg_indptr=torch.arange(T + 1, **i32),
+        seg_slot=slot_buf,
+        token_slot=slot_buf,
+        ranks=rank_buf,
+        scalings=scale_buf,
+        max_rank=R,
+        seg_indptr_host=list(range(T + 1)),
+        seg_slot_host=[n] * T,
+        ranks_host=[0] * (n + 1),
+        scalings_host=[0.0] * (n + 1),
+    )
+    layers = [_Layer(p, gen, dtype, device, backend.supports_shrink_in_gemm) for p in PROJECTIONS]
 
     def refill(step: int) -> tuple[list[int], list[int], list[float]]:
         real = T - PADDING_ROWS
@@ -128,18 +146,53 @@ def check_graph_capture(make_backend: Callable[[torch.device], LoRABackend], dev
         eager.prepare(eager_info)
         for layer, snapshot in zip(layers, kept):
             offsets = layer.proj.output_offsets
-            at = (f"{where}, replay {replay} with token slots {slots}, slot ranks {ranks}, scalings "
-                  f"[{', '.join(f'{s:.3g}' for s in scalings)}], projection {layer.proj}")
+            at = (
+                f"{where}, replay {replay} with token slots {slots}, slot ranks {ranks}, scalings "
+                f"[{', '.join(f'{s:.3g}' for s in scalings)}], projection {layer.proj}"
+            )
             expected = layer.base.clone()
             oracle.run_lora(layer.x, layer.A, layer.B, expected, offsets)
-            check_result(f"{at}, path run_lora", "graph_capture", layer.out, expected, layer.base, snapshot, slots,
-                         ranks, offsets, dtype, False, report)
+            check_result(
+                f"{at}, path run_lora",
+                "graph_capture",
+                layer.out,
+                expected,
+                layer.base,
+                snapshot,
+                slots,
+                ranks,
+                offsets,
+                dtype,
+                False,
+                report,
+            )
             eager_out = layer.base.clone()
             call(at, "eager run_lora", eager.run_lora, layer.x, layer.A, layer.B, eager_out, offsets)
-            check_close(f"{at}, replay against an eager run of the same step", layer.out, eager_out, layer.base,
-                        slots, ranks, offsets, dtype, False)
+            check_close(
+                f"{at}, replay against an eager run of the same step",
+                layer.out,
+                eager_out,
+                layer.base,
+                slots,
+                ranks,
+                offsets,
+                dtype,
+                False,
+            )
             if layer.fused:
                 N = layer.base.shape[1]
                 expected = expand_reference(layer.y[:, N:], layer.B, layer.y_base, offsets, slots, ranks, scalings, R)
-                check_result(f"{at}, path run_lora(shrunk=x @ A_all^T)", "graph_capture", layer.y[:, :N], expected,
-                             layer.y_base, snapshot, slots, ranks, offsets, dtype, False, report)
+                check_result(
+                    f"{at}, path run_lora(shrunk=x @ A_all^T)",
+                    "graph_capture",
+                    layer.y[:, :N],
+                    expected,
+                    layer.y_base,
+                    snapshot,
+                    slots,
+                    ranks,
+                    offsets,
+                    dtype,
+                    False,
+                    report,
+                )

@@ -17,5 +17,9 @@ def make_attention(spec):
 
 @hookimpl
 def loraserve_register_attention_backends(register):
-    register("torch_native", make_attention, description="PyTorch SDPA per sequence (CPU, and a CUDA fallback)",
-             priority={"cpu": 100, "cuda": 0})
+    register(
+        "torch_native",
+        make_attention,
+        description="PyTorch SDPA per sequence (CPU, and a CUDA fallback)",
+        priority={"cpu": 100, "cuda": 0},
+    )

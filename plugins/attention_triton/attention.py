@@ -22,7 +22,16 @@ import torch
 
 from loraserve.contract import AttentionBackend
 from loraserve.plugins.attention_triton.kernels import (
-    META, Step, combine_kernel, decode_kernel, next_pow2, pack_rows, pick_tiles, prefill_kernel, write_kv_kernel)
+    META,
+    Step,
+    combine_kernel,
+    decode_kernel,
+    next_pow2,
+    pack_rows,
+    pick_tiles,
+    prefill_kernel,
+    write_kv_kernel,
+)
 from loraserve.sched.kv_cache import KVCache
 
 
@@ -66,9 +75,16 @@ class PagedTritonAttention(AttentionBackend):
     name = "triton"
     graph_capturable = True
 
-    def __init__(self, kv: KVCache, sliding_window: int | None = None, *, max_seqs: int | None = None,
-                 max_blocks_per_seq: int | None = None, num_splits: int | None = None,
-                 scale: float | None = None):
+    def __init__(
+        self,
+        kv: KVCache,
+        sliding_window: int | None = None,
+        *,
+        max_seqs: int | None = None,
+        max_blocks_per_seq: int | None = None,
+        num_splits: int | None = None,
+        scale: float | None = None,
+    ):
         cache = kv.k[0]
         self.kv = kv
         self.num_kv_heads, self.head_dim = cache.shape[1], cache.shape[2]
@@ -82,24 +98,29 @@ class PagedTritonAttention(AttentionBackend):
             raise ValueError(f"num_splits must be a power of two from 1 to 64, not {num_splits}")
         self.sliding_window = sliding_window
         self.num_splits = num_splits
-        self.scale = self.head_dim ** -0.5 if scale is None else scale
+        self.scale = self.head_dim**-0.5 if scale is None else scale
         self.device = cache.device
         self._d_pad = max(16, next_pow2(self.head_dim))
         self._tiles = pick_tiles(cache.dtype, self._d_pad)
-        self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
-                     if self.device.type == "cuda" else 0)
+        self._sms = (
+            torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 0
+        )
         self._step: Step | None = None
         self._graph_meta: torch.Tensor | None = None
         if (max_seqs is None) != (max_blocks_per_seq is None):
-            raise ValueError(f"max_seqs ({max_seqs}) and max_blocks_per_seq ({max_blocks_per_seq}) "
-                             "go together: give both for CUDA-graph support, or neither")
+            raise ValueError(
+                f"max_seqs ({max_seqs}) and max_blocks_per_seq ({max_blocks_per_seq}) "
+                "go together: give both for CUDA-graph support, or neither"
+            )
         if max_seqs is not None:
             if max_seqs < 1 or max_blocks_per_seq < 1:
-                raise ValueError(f"max_seqs ({max_seqs}) and max_blocks_per_seq ({max_blocks_per_seq}) "
-                                 "must be at least 1")
+                raise ValueError(
+                    f"max_seqs ({max_seqs}) and max_blocks_per_seq ({max_blocks_per_seq}) must be at least 1"
+                )
             with torch.inference_mode(False):  # an inference tensor could not be refilled outside inference mode
-                self._graph_meta = torch.zeros((max_seqs, META + max_blocks_per_seq), dtype=torch.int32,
-                                               device=self.device)
+                self._graph_meta = torch.zeros(
+                    (max_seqs, META + max_blocks_per_seq), dtype=torch.int32, device=self.device
+                )
 
     def splits_for(self, num_decode: int) -> int:
         """Decode splits for a batch of ``num_decode`` sequences: enough programs to fill the GPU a
@@ -143,9 +164,15 @@ class PagedTritonAttention(AttentionBackend):
             return
         meta = torch.frombuffer(buf, dtype=torch.int32).to(self.device, copy=True, non_blocking=True)
         parts = meta.split([row, len(dec) * w_dec, len(pf) * w_pf, len(qblocks)])
-        self._step = Step(row, parts[0], 1, parts[1].view(len(dec), w_dec) if dec else None,
-                           self.splits_for(len(dec)), parts[2].view(len(pf), w_pf) if pf else None,
-                           parts[3].view(-1, 2) if pf else None)
+        self._step = Step(
+            row,
+            parts[0],
+            1,
+            parts[1].view(len(dec), w_dec) if dec else None,
+            self.splits_for(len(dec)),
+            parts[2].view(len(pf), w_pf) if pf else None,
+            parts[3].view(-1, 2) if pf else None,
+        )
 
     def begin_graph_step(self, seqs: list[tuple[list[int], int, int]], batch_size: int) -> None:
         """Set up a decode step of ``seqs`` padded to ``batch_size`` in the persistent metadata buffer
@@ -154,8 +181,10 @@ class PagedTritonAttention(AttentionBackend):
             raise ValueError("begin_graph_step needs the attention built with max_seqs and max_blocks_per_seq")
         max_seqs, width = self._graph_meta.shape
         if not len(seqs) <= batch_size <= max_seqs or batch_size < 1:
-            raise ValueError(f"batch_size {batch_size} must be at least 1, at least the {len(seqs)} sequences "
-                             f"given, and at most max_seqs ({max_seqs})")
+            raise ValueError(
+                f"batch_size {batch_size} must be at least 1, at least the {len(seqs)} sequences "
+                f"given, and at most max_seqs ({max_seqs})"
+            )
         bs = self.kv.block_size
         rows: list[tuple[int, int, int, list[int]]] = []
         for i, (blocks, start, n) in enumerate(seqs):
@@ -163,8 +192,9 @@ class PagedTritonAttention(AttentionBackend):
                 raise ValueError(f"sequence {i} feeds {n} tokens; a graph step is decode only (1 token each)")
             table = self._table(i, blocks, start + 1)
             if len(table) > width - META:
-                raise ValueError(f"sequence {i} needs {len(table)} blocks, more than max_blocks_per_seq "
-                                 f"({width - META})")
+                raise ValueError(
+                    f"sequence {i} needs {len(table)} blocks, more than max_blocks_per_seq ({width - META})"
+                )
             rows.append((start + 1, i, blocks[start // bs] * bs + start % bs, table))
         rows += [(0, i, -1, []) for i in range(len(seqs), batch_size)]
         # only the columns this batch uses are copied (a 128K-token context gives rows of 8K blocks):
@@ -190,8 +220,10 @@ class PagedTritonAttention(AttentionBackend):
         T, H, D = q.shape
         hkv = self.num_kv_heads
         if T != st.num_tokens or D != self.head_dim or H % hkv:
-            raise ValueError(f"q {tuple(q.shape)} does not fit the step ({st.num_tokens} tokens) and the cache "
-                             f"(head_dim {self.head_dim}, heads a multiple of {hkv} kv heads)")
+            raise ValueError(
+                f"q {tuple(q.shape)} does not fit the step ({st.num_tokens} tokens) and the cache "
+                f"(head_dim {self.head_dim}, heads a multiple of {hkv} kv heads)"
+            )
         if k.shape != (T, hkv, D) or v.shape != (T, hkv, D):
             raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be {(T, hkv, D)}")
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -204,8 +236,23 @@ class PagedTritonAttention(AttentionBackend):
         window = self.sliding_window or 0
         scale_log2 = self.scale * 1.4426950408889634  # the kernels use exp2
         write_kv_kernel[(T,)](
-            k, v, kc, vc, st.slots, st.slot_stride, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            kc.stride(0), kc.stride(1), HKV=hkv, D=D, HKV_PAD=next_pow2(hkv), D_PAD=d_pad)
+            k,
+            v,
+            kc,
+            vc,
+            st.slots,
+            st.slot_stride,
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            kc.stride(0),
+            kc.stride(1),
+            HKV=hkv,
+            D=D,
+            HKV_PAD=next_pow2(hkv),
+            D_PAD=d_pad,
+        )
         if st.num_decode:
             n, splits = st.num_decode, st.num_splits
             if splits > 1:
@@ -214,20 +261,73 @@ class PagedTritonAttention(AttentionBackend):
             else:
                 part_o = part_lse = out  # not read: one split writes the output itself
             decode_kernel[(n, hkv, splits)](
-                q, kc, vc, st.dec_meta, st.dec_meta.stride(0), out, part_o, part_lse,
-                q.stride(0), q.stride(1), out.stride(0), out.stride(1), kc.stride(0), kc.stride(1),
-                scale_log2, window, G=g, G_PAD=max(16, next_pow2(g)), D=D, D_PAD=d_pad,
-                BS=self.kv.block_size, BLOCK_N=tiles.decode_n, NUM_SPLITS=splits,
-                HAS_WINDOW=self.sliding_window is not None, IEEE=ieee, num_warps=tiles.decode_warps)
+                q,
+                kc,
+                vc,
+                st.dec_meta,
+                st.dec_meta.stride(0),
+                out,
+                part_o,
+                part_lse,
+                q.stride(0),
+                q.stride(1),
+                out.stride(0),
+                out.stride(1),
+                kc.stride(0),
+                kc.stride(1),
+                scale_log2,
+                window,
+                G=g,
+                G_PAD=max(16, next_pow2(g)),
+                D=D,
+                D_PAD=d_pad,
+                BS=self.kv.block_size,
+                BLOCK_N=tiles.decode_n,
+                NUM_SPLITS=splits,
+                HAS_WINDOW=self.sliding_window is not None,
+                IEEE=ieee,
+                num_warps=tiles.decode_warps,
+            )
             if splits > 1:
                 combine_kernel[(n, H)](
-                    part_o, part_lse, out, st.dec_meta, st.dec_meta.stride(0), out.stride(0), out.stride(1),
-                    D=D, D_PAD=d_pad, NUM_SPLITS=splits, num_warps=4)
+                    part_o,
+                    part_lse,
+                    out,
+                    st.dec_meta,
+                    st.dec_meta.stride(0),
+                    out.stride(0),
+                    out.stride(1),
+                    D=D,
+                    D_PAD=d_pad,
+                    NUM_SPLITS=splits,
+                    num_warps=4,
+                )
         if st.num_qblocks:
             prefill_kernel[(st.num_qblocks, H)](
-                q, kc, vc, out, st.pf_meta, st.pf_meta.stride(0), st.qblocks,
-                q.stride(0), q.stride(1), out.stride(0), out.stride(1), kc.stride(0), kc.stride(1),
-                scale_log2, window, G=g, D=D, D_PAD=d_pad, BS=self.kv.block_size,
-                BLOCK_M=tiles.block_m, BLOCK_N=tiles.prefill_n, HAS_WINDOW=self.sliding_window is not None,
-                IEEE=ieee, num_warps=tiles.prefill_warps, **tiles.prefill_stages)
+                q,
+                kc,
+                vc,
+                out,
+                st.pf_meta,
+                st.pf_meta.stride(0),
+                st.qblocks,
+                q.stride(0),
+                q.stride(1),
+                out.stride(0),
+                out.stride(1),
+                kc.stride(0),
+                kc.stride(1),
+                scale_log2,
+                window,
+                G=g,
+                D=D,
+                D_PAD=d_pad,
+                BS=self.kv.block_size,
+                BLOCK_M=tiles.block_m,
+                BLOCK_N=tiles.prefill_n,
+                HAS_WINDOW=self.sliding_window is not None,
+                IEEE=ieee,
+                num_warps=tiles.prefill_warps,
+                **tiles.prefill_stages,
+            )
         return out

@@ -27,9 +27,24 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_slot,
-                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
-                     HKV: tl.constexpr, D: tl.constexpr, HKV_PAD: tl.constexpr, D_PAD: tl.constexpr):
+def write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slots_ptr,
+    stride_slot,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cs,
+    stride_ch,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    HKV_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t * stride_slot)
     if slot >= 0:  # padding rows of a graph batch have slot -1: they must not touch the cache
@@ -44,11 +59,33 @@ def write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_slot,
 
 
 @triton.jit(do_not_specialize=["window"])
-def decode_kernel(q_ptr, kc_ptr, vc_ptr, meta_ptr, stride_meta, out_ptr, part_o_ptr, part_lse_ptr,
-                   stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, scale_log2, window,
-                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                   BS: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+def decode_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    meta_ptr,
+    stride_meta,
+    out_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cs,
+    stride_ch,
+    scale_log2,
+    window,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -94,8 +131,11 @@ def decode_kernel(q_ptr, kc_ptr, vc_ptr, meta_ptr, stride_meta, out_ptr, part_o_
 
     o = acc / tl.where(l > 0, l, 1.0)[:, None]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(
+            out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=q_mask,
+        )
     else:
         # partials are [seq, head, split, D] and [seq, head, split]; lse is in log2 units
         num_heads = tl.num_programs(1) * G
@@ -106,8 +146,18 @@ def decode_kernel(q_ptr, kc_ptr, vc_ptr, meta_ptr, stride_meta, out_ptr, part_o_
 
 
 @triton.jit
-def combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, meta_ptr, stride_meta, stride_ot, stride_oh,
-                    D: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def combine_kernel(
+    part_o_ptr,
+    part_lse_ptr,
+    out_ptr,
+    meta_ptr,
+    stride_meta,
+    stride_ot,
+    stride_oh,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = tl.load(meta_ptr + seq * stride_meta + 1)
@@ -120,15 +170,37 @@ def combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, meta_ptr, stride_meta, str
     o = tl.load(part_o_ptr + part.to(tl.int64)[:, None] * D + d[None, :], mask=d[None, :] < D, other=0.0)
     total = tl.sum(w, axis=0)
     res = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row.to(tl.int64) * stride_ot + head * stride_oh + d, res.to(out_ptr.dtype.element_ty),
-             mask=d < D)
+    tl.store(
+        out_ptr + row.to(tl.int64) * stride_ot + head * stride_oh + d, res.to(out_ptr.dtype.element_ty), mask=d < D
+    )
 
 
 @triton.jit(do_not_specialize=["window"])
-def prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, meta_ptr, stride_meta, qblocks_ptr,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, scale_log2, window,
-                    G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+def prefill_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    out_ptr,
+    meta_ptr,
+    stride_meta,
+    qblocks_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cs,
+    stride_ch,
+    scale_log2,
+    window,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     pid = tl.program_id(0)
     head = tl.program_id(1)
     kvh = head // G
@@ -178,16 +250,24 @@ def prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, meta_ptr, stride_meta, qblock
         m = m_new
 
     o = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=q_mask)
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=q_mask
+    )
 
 
 class Step:
     """One step's metadata on the device, and the host integers its launches need."""
 
-    def __init__(self, num_tokens: int, slots: torch.Tensor | None, slot_stride: int,
-                 dec_meta: torch.Tensor | None, num_splits: int,
-                 pf_meta: torch.Tensor | None, qblocks: torch.Tensor | None):
+    def __init__(
+        self,
+        num_tokens: int,
+        slots: torch.Tensor | None,
+        slot_stride: int,
+        dec_meta: torch.Tensor | None,
+        num_splits: int,
+        pf_meta: torch.Tensor | None,
+        qblocks: torch.Tensor | None,
+    ):
         self.num_tokens, self.slots, self.slot_stride = num_tokens, slots, slot_stride
         self.dec_meta, self.num_splits = dec_meta, num_splits
         self.num_decode = 0 if dec_meta is None else dec_meta.shape[0]
@@ -222,4 +302,4 @@ def pack_rows(buf: array.array, rows: list[tuple[int, int, int, list[int]]], wid
     for a, b, c, table in rows:
         buf.extend((a, b, c))
         buf.extend(table)
-        buf.extend(zeros[:width - len(table)])
+        buf.extend(zeros[: width - len(table)])

@@ -17,8 +17,11 @@ CHUNK_SIZES = (16, 32, 64, 128)
 class CsgmvOptions(PluginOptions):
     """Options of the chunked SGMV backend (--lora-backend csgmv)."""
 
-    max_lora_chunk_size: int = Field(16, description="Largest number of tokens per chunk of the chunked SGMV kernels.",
-                                     json_schema_extra={"choices": list(CHUNK_SIZES)})
+    max_lora_chunk_size: int = Field(
+        16,
+        description="Largest number of tokens per chunk of the chunked SGMV kernels.",
+        json_schema_extra={"choices": list(CHUNK_SIZES)},
+    )
 
     @field_validator("max_lora_chunk_size")
     @classmethod

@@ -20,11 +20,16 @@ from __future__ import annotations
 import torch
 import triton
 
-from loraserve.lora.batch_info import LoRABatchInfo
-from loraserve.plugins.backend_triton.backend import (TiledLoRABackend, TilePlan, build_tiles, segment_tiles,
-                                                         sgmv_block_m)
-
+from loraserve.contract import LoRABatchInfo
 from loraserve.plugins.backend_csgmv import CHUNK_SIZES
+from loraserve.plugins.backend_triton.backend import (
+    TiledLoRABackend,
+    TilePlan,
+    build_tiles,
+    segment_tiles,
+    sgmv_block_m,
+)
+
 PREFILL_SEGMENT = 128  # mean tokens per segment from which per-segment tiles are used
 
 
@@ -79,8 +84,7 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
         perm, counts, starts = group_by_slot(batch)
         n_slots = batch.ranks.numel()
         # each chunk holds at least one token; each slot present adds at most one partial chunk
-        max_tiles = min(batch.num_tokens,
-                        triton.cdiv(batch.num_tokens, chunk) + min(n_slots, batch.num_segments))
+        max_tiles = min(batch.num_tokens, triton.cdiv(batch.num_tokens, chunk) + min(n_slots, batch.num_segments))
         slots = torch.arange(n_slots, device=counts.device)
         tiles = build_tiles(starts, counts, slots, chunk, max_tiles)
         return TilePlan(tiles=tiles, perm=perm, num_tiles=max_tiles, block_m=chunk)

@@ -13,5 +13,9 @@ def _make(settings=None, device="cpu"):
 
 @hookimpl
 def loraserve_register_backends(register):
-    register("torch", _make, description="pure PyTorch reference backend (CPU default, kernel oracle)",
-             priority={"cpu": 100, "cuda": 0})
+    register(
+        "torch",
+        _make,
+        description="pure PyTorch reference backend (CPU default, kernel oracle)",
+        priority={"cpu": 100, "cuda": 0},
+    )

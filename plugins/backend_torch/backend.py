@@ -7,12 +7,11 @@ speed: the only optimisation is grouping each slot's tokens once per step in :me
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from loraserve.lora.backend import LoRABackend
-from loraserve.lora.batch_info import LoRABatchInfo
+from loraserve.contract import LoRABackend, LoRABatchInfo
 
 
 class TorchLoRABackend(LoRABackend):
@@ -28,26 +27,33 @@ class TorchLoRABackend(LoRABackend):
                 rows.setdefault(slot, []).extend(range(start, end))
         # (slot, rank, scaling, token rows) for every slot that has tokens and a non-zero rank
         self._groups = [
-            (slot, batch.ranks_host[slot], batch.scalings_host[slot],
-             torch.tensor(idx, dtype=torch.long, device=batch.seg_indptr.device))
-            for slot, idx in rows.items() if idx
+            (
+                slot,
+                batch.ranks_host[slot],
+                batch.scalings_host[slot],
+                torch.tensor(idx, dtype=torch.long, device=batch.seg_indptr.device),
+            )
+            for slot, idx in rows.items()
+            if idx
         ]
 
-    def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
-                 output_offsets: Sequence[int]) -> None:
+    def run_lora(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor, output_offsets: Sequence[int]
+    ) -> None:
         batch, n_slices = self.checked_batch(x, A, B, base_out, output_offsets)
         R = batch.max_rank
         for slot, rank, scaling, idx in self._groups:
             xs = x.index_select(0, idx).float()
             for i in range(n_slices):
                 lo, hi = output_offsets[i], output_offsets[i + 1]
-                shrunk = xs @ A[slot, i * R:i * R + rank].float().T
+                shrunk = xs @ A[slot, i * R : i * R + rank].float().T
                 delta = (shrunk @ B[slot, lo:hi, :rank].float().T) * scaling
                 cols = base_out[:, lo:hi]
                 cols[idx] = (cols[idx].float() + delta).to(base_out.dtype)
 
-    def run_lora_embedding(self, input_ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                           base_out: torch.Tensor) -> None:
+    def run_lora_embedding(
+        self, input_ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor
+    ) -> None:
         batch = self.batch
         if batch is None:
             raise RuntimeError("prepare() must be called before run_lora_embedding()")

@@ -15,18 +15,17 @@ adapter shared by several requests is read once per segment (Punica/S-LoRA's SGM
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import triton
 
+from loraserve.contract import LoRABackend, LoRABatchInfo, LoRAEpilogue
 from loraserve.errors import ConfigError
-from loraserve.lora.backend import LoRABackend
-from loraserve.lora.batch_info import LoRABatchInfo
 from loraserve.models import fused
 from loraserve.models.dtypes import runs_triton
-from loraserve.models.epilogue import LoRAEpilogue
 from loraserve.plugins.backend_triton import kernels
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,13 +58,16 @@ def check_device(backend: str, device: torch.device | str) -> torch.device:
     device = torch.device(device)
     if runs_triton(device):
         return device
-    raise ConfigError(f"--lora-backend {backend} runs Triton kernels and needs a CUDA device, not {device.type!r}; "
-                      "use --lora-backend torch here (tests may set TRITON_INTERPRET=1 to run the kernels in "
-                      "Triton's CPU interpreter, slowly)")
+    raise ConfigError(
+        f"--lora-backend {backend} runs Triton kernels and needs a CUDA device, not {device.type!r}; "
+        "use --lora-backend torch here (tests may set TRITON_INTERPRET=1 to run the kernels in "
+        "Triton's CPU interpreter, slowly)"
+    )
 
 
-def build_tiles(starts: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor, block: int,
-                max_tiles: int) -> torch.Tensor:
+def build_tiles(
+    starts: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor, block: int, max_tiles: int
+) -> torch.Tensor:
     """Cut groups of consecutive positions into tiles of at most ``block``, on the device.
 
     Group ``g`` covers positions ``starts[g] : starts[g] + lens[g]`` of slot ``slots[g]`` (a group of
@@ -83,15 +85,20 @@ def build_tiles(starts: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor, b
     start = starts[g] + (tid - (cum[g] - nblk[g])) * block
     end = torch.minimum(start + block, starts[g] + lens[g])
     zero = torch.zeros_like(start)
-    return torch.stack([torch.where(valid, slots[g], zero), torch.where(valid, start, zero),
-                        torch.where(valid, end, zero)]).to(torch.int32).contiguous()
+    return (
+        torch.stack(
+            [torch.where(valid, slots[g], zero), torch.where(valid, start, zero), torch.where(valid, end, zero)]
+        )
+        .to(torch.int32)
+        .contiguous()
+    )
 
 
 @dataclass(frozen=True)
 class TilePlan:
     """How one step's tokens are cut into tiles (built in ``prepare``, read by every layer)."""
 
-    tiles: torch.Tensor        # int32 [3, num_tiles]
+    tiles: torch.Tensor  # int32 [3, num_tiles]
     perm: torch.Tensor | None  # int32 [num_tokens]: token row at each position (None: identity)
     num_tiles: int
     block_m: int
@@ -116,8 +123,9 @@ class ExpandConfig:
     num_stages: int | None = None
 
 
-def shrink_config(block_m: int, R: int, K: int, n_slices: int, num_tiles: int, n_sms: int,
-                  **override: Any) -> ShrinkConfig:
+def shrink_config(
+    block_m: int, R: int, K: int, n_slices: int, num_tiles: int, n_sms: int, **override: Any
+) -> ShrinkConfig:
     """Block of stacked rank rows (all slices), k block and split-k of the shrink. Splitting ``k``
     fills the device when there are few tiles (decode): each split writes its own partial sums,
     which the expand adds up."""
@@ -136,8 +144,9 @@ def shrink_config(block_m: int, R: int, K: int, n_slices: int, num_tiles: int, n
     return ShrinkConfig(block_r, block_k, split, k_per_split, num_warps, override.get("num_stages"))
 
 
-def expand_config(block_m: int, R: int, num_tiles: int = 1, width: int = 4096, n_sms: int = 132,
-                  **override: Any) -> ExpandConfig:
+def expand_config(
+    block_m: int, R: int, num_tiles: int = 1, width: int = 4096, n_sms: int = 132, **override: Any
+) -> ExpandConfig:
     """Column block, rank block and column blocks per program of the expand.
 
     At low rank one column block holds only a few KB of ``B``, too little to cover the memory
@@ -176,7 +185,7 @@ class TiledLoRABackend(LoRABackend):
     """
 
     supports_embedding = False
-    supports_fused_shrink = True
+    supports_shrink_in_gemm = True
     graph_capturable = True
 
     def __init__(self, device: torch.device | str = "cuda", tuning: dict | None = None):
@@ -195,11 +204,12 @@ class TiledLoRABackend(LoRABackend):
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
         raise NotImplementedError
 
-    def fuse_shrink(self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int,
-                    num_slots: int) -> bool:
+    def wants_shrink_in_gemm(
+        self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int, num_slots: int
+    ) -> bool:
         """Whether the base GEMM over ``[W; A of every slot]`` beats a separate shrink launch.
 
-        ``tuning["fused_shrink"]`` (True/False) overrides. Otherwise, from host integers only:
+        ``tuning["shrink_in_gemm"]`` (True/False) overrides. Otherwise, from host integers only:
 
         - a step of fewer than ``COMPUTE_BOUND_TOKENS`` tokens is bound by reading the weights, so
           the extra rows cost the bytes of every slot's A read at the GEMM's bandwidth; the separate
@@ -212,7 +222,7 @@ class TiledLoRABackend(LoRABackend):
           shrink only while the extra rows are at most 1/32 of the output (measured: 4 slots of rank
           16 on every Llama-3-8B projection gain, 16 slots lose on qkv, o and down).
         """
-        forced = self.tuning.get("fused_shrink")
+        forced = self.tuning.get("shrink_in_gemm")
         if forced is not None:
             return bool(forced)
         extra = num_slots * n_slices * max_rank
@@ -243,57 +253,155 @@ class TiledLoRABackend(LoRABackend):
         batch = self.batch
         n_slices = len(output_offsets) - 1
         widths = {output_offsets[i + 1] - output_offsets[i] for i in range(n_slices)}
-        if (batch is None or n_slices not in (1, 2) or len(widths) != 1 or not fused.use_fused(shrunk)
-                or not self.use_epilogue(batch.num_tokens, batch.max_rank, n_slices)):
+        if (
+            batch is None
+            or n_slices not in (1, 2)
+            or len(widths) != 1
+            or not fused.use_fused(shrunk)
+            or not self.use_epilogue(batch.num_tokens, batch.max_rank, n_slices)
+        ):
             return None
-        return LoRAEpilogue(h=shrunk, B=B, token_slot=batch.token_slot, ranks=batch.ranks,
-                                  scalings=batch.scalings, n_slices=n_slices, R=batch.max_rank)
+        return LoRAEpilogue(
+            h=shrunk,
+            B=B,
+            token_slot=batch.token_slot,
+            ranks=batch.ranks,
+            scalings=batch.scalings,
+            n_slices=n_slices,
+            R=batch.max_rank,
+        )
 
-    def run_lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor,
-                 output_offsets: Sequence[int], shrunk: torch.Tensor | None = None) -> None:
+    def run_lora(
+        self,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        base_out: torch.Tensor,
+        output_offsets: Sequence[int],
+        shrunk: torch.Tensor | None = None,
+    ) -> None:
         batch, n_slices = self.checked_batch(x, A, B, base_out, output_offsets, shrunk)
         if x.shape[0] != batch.num_tokens:
             raise ValueError(f"x has {x.shape[0]} rows but this step has {batch.num_tokens} tokens")
         if x.dtype not in DTYPES or A.dtype != x.dtype or B.dtype != x.dtype or base_out.dtype != x.dtype:
-            raise ValueError(f"x, A, B and base_out must share one dtype of {', '.join(map(str, DTYPES))}; "
-                             f"got {x.dtype}, {A.dtype}, {B.dtype}, {base_out.dtype}")
+            raise ValueError(
+                f"x, A, B and base_out must share one dtype of {', '.join(map(str, DTYPES))}; "
+                f"got {x.dtype}, {A.dtype}, {B.dtype}, {base_out.dtype}"
+            )
         plan = self._plan
         if plan is None or plan.num_tiles == 0:
             return
         R, T, K = batch.max_rank, x.shape[0], x.shape[1]
         perm = plan.perm if plan.perm is not None else plan.tiles
         use_perm = plan.perm is not None
-        ec = expand_config(plan.block_m, R, plan.num_tiles, base_out.shape[1], self.n_sms,
-                           **self.tuning.get("expand", {}))
+        ec = expand_config(
+            plan.block_m, R, plan.num_tiles, base_out.shape[1], self.n_sms, **self.tuning.get("expand", {})
+        )
         if shrunk is not None:  # the base GEMM already computed x @ A^T for every slot: only the expand runs
-            self._expand(shrunk, B, base_out, output_offsets, plan, perm, use_perm, ec, R=R, split=1,
-                         stride_hs=0, stride_ht=shrunk.stride(0), stride_hslot=n_slices * R, h_by_row=True)
+            self._expand(
+                shrunk,
+                B,
+                base_out,
+                output_offsets,
+                plan,
+                perm,
+                use_perm,
+                ec,
+                R=R,
+                split=1,
+                stride_hs=0,
+                stride_ht=shrunk.stride(0),
+                stride_hslot=n_slices * R,
+                h_by_row=True,
+            )
             return
         sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **self.tuning.get("shrink", {}))
         h = torch.empty((T, sc.split, n_slices * R), dtype=torch.float32, device=x.device)
-        kernels.launch_shrink(x, A, h, plan.tiles, perm, batch.ranks, R=R, num_tiles=plan.num_tiles,
-                              n_slices=n_slices, block_m=plan.block_m, block_r=sc.block_r, block_k=sc.block_k,
-                              split=sc.split, k_per_split=sc.k_per_split, use_perm=use_perm,
-                              num_warps=sc.num_warps, num_stages=sc.num_stages)
-        self._expand(h, B, base_out, output_offsets, plan, perm, use_perm, ec, R=R, split=sc.split,
-                     stride_hs=h.stride(1), stride_ht=h.stride(0), stride_hslot=0, h_by_row=False)
+        kernels.launch_shrink(
+            x,
+            A,
+            h,
+            plan.tiles,
+            perm,
+            batch.ranks,
+            R=R,
+            num_tiles=plan.num_tiles,
+            n_slices=n_slices,
+            block_m=plan.block_m,
+            block_r=sc.block_r,
+            block_k=sc.block_k,
+            split=sc.split,
+            k_per_split=sc.k_per_split,
+            use_perm=use_perm,
+            num_warps=sc.num_warps,
+            num_stages=sc.num_stages,
+        )
+        self._expand(
+            h,
+            B,
+            base_out,
+            output_offsets,
+            plan,
+            perm,
+            use_perm,
+            ec,
+            R=R,
+            split=sc.split,
+            stride_hs=h.stride(1),
+            stride_ht=h.stride(0),
+            stride_hslot=0,
+            h_by_row=False,
+        )
 
-    def _expand(self, h: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor, output_offsets: Sequence[int],
-                plan: TilePlan, perm: torch.Tensor, use_perm: bool, ec: ExpandConfig, *, R: int, split: int,
-                stride_hs: int, stride_ht: int, stride_hslot: int, h_by_row: bool) -> None:
+    def _expand(
+        self,
+        h: torch.Tensor,
+        B: torch.Tensor,
+        base_out: torch.Tensor,
+        output_offsets: Sequence[int],
+        plan: TilePlan,
+        perm: torch.Tensor,
+        use_perm: bool,
+        ec: ExpandConfig,
+        *,
+        R: int,
+        split: int,
+        stride_hs: int,
+        stride_ht: int,
+        stride_hslot: int,
+        h_by_row: bool,
+    ) -> None:
         batch = self.batch
         n_slices = len(output_offsets) - 1
         for g0 in range(0, n_slices, SLICES_PER_EXPAND):
             g1 = min(n_slices, g0 + SLICES_PER_EXPAND)
             lo, hi = output_offsets[g0], output_offsets[g1]
             widths = tuple(output_offsets[i + 1] - output_offsets[i] for i in range(g0, g1))
-            hv = h[:, g0 * R:] if h.dim() == 2 else h[:, :, g0 * R:]
-            kernels.launch_expand(hv, B[:, lo:hi], base_out[:, lo:hi], plan.tiles, perm,
-                                  batch.ranks, batch.scalings, R=R, num_tiles=plan.num_tiles, split=split,
-                                  widths=widths, block_m=plan.block_m, block_n=ec.block_n, block_r=ec.block_r,
-                                  use_perm=use_perm, stride_hs=stride_hs, stride_ht=stride_ht,
-                                  stride_hslot=stride_hslot, group_n=ec.group_n, num_warps=ec.num_warps,
-                                  num_stages=ec.num_stages, h_by_row=h_by_row)
+            hv = h[:, g0 * R :] if h.dim() == 2 else h[:, :, g0 * R :]
+            kernels.launch_expand(
+                hv,
+                B[:, lo:hi],
+                base_out[:, lo:hi],
+                plan.tiles,
+                perm,
+                batch.ranks,
+                batch.scalings,
+                R=R,
+                num_tiles=plan.num_tiles,
+                split=split,
+                widths=widths,
+                block_m=plan.block_m,
+                block_n=ec.block_n,
+                block_r=ec.block_r,
+                use_perm=use_perm,
+                stride_hs=stride_hs,
+                stride_ht=stride_ht,
+                stride_hslot=stride_hslot,
+                group_n=ec.group_n,
+                num_warps=ec.num_warps,
+                num_stages=ec.num_stages,
+                h_by_row=h_by_row,
+            )
 
 
 def sgmv_block_m(num_tokens: int, num_segments: int) -> int:

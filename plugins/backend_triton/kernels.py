@@ -39,11 +39,30 @@ import triton.language as tl
 # Triton prove 16-byte alignment and vectorise the loads.
 @triton.jit(do_not_specialize=["num_tiles"])
 def lora_shrink_kernel(
-    x_ptr, a_ptr, h_ptr, tiles_ptr, perm_ptr, ranks_ptr,
-    K, R, SR, num_tiles, k_per_split,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_hs, stride_ht,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PERM: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    h_ptr,
+    tiles_ptr,
+    perm_ptr,
+    ranks_ptr,
+    K,
+    R,
+    SR,
+    num_tiles,
+    k_per_split,
+    stride_xt,
+    stride_xk,
+    stride_as,
+    stride_ar,
+    stride_ak,
+    stride_hs,
+    stride_ht,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PERM: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     # The slices' A rows are stacked (row s*R + j is rank j of slice s), so one program takes
     # BLOCK_R consecutive stacked rows of every slice at once and reads its x tile once for all of
@@ -95,12 +114,42 @@ def lora_shrink_kernel(
 
 @triton.jit(do_not_specialize=["num_tiles", "NB0", "NB1", "NG0", "NG1", "GROUP_N"])
 def lora_expand_kernel(
-    h_ptr, b_ptr, out_ptr, tiles_ptr, perm_ptr, ranks_ptr, scalings_ptr,
-    R, num_tiles, N0, N1, N2, NB0, NB1, NB2, NG0, NG1, GROUP_N,
-    stride_hs, stride_ht, stride_hslot, stride_bs, stride_bn, stride_br, stride_ot, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_PERM: tl.constexpr, EVEN_N: tl.constexpr, R_SMALL: tl.constexpr, SPLIT_H: tl.constexpr,
-    ONE_R_BLOCK: tl.constexpr, H_BY_ROW: tl.constexpr,
+    h_ptr,
+    b_ptr,
+    out_ptr,
+    tiles_ptr,
+    perm_ptr,
+    ranks_ptr,
+    scalings_ptr,
+    R,
+    num_tiles,
+    N0,
+    N1,
+    N2,
+    NB0,
+    NB1,
+    NB2,
+    NG0,
+    NG1,
+    GROUP_N,
+    stride_hs,
+    stride_ht,
+    stride_hslot,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_ot,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_PERM: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    R_SMALL: tl.constexpr,
+    SPLIT_H: tl.constexpr,
+    ONE_R_BLOCK: tl.constexpr,
+    H_BY_ROW: tl.constexpr,
 ):
     # R_SMALL: 0 when R is a multiple of BLOCK_R; R itself when R < BLOCK_R and B's rows are
     # contiguous; -1 otherwise. In the first two cases the bound of B's row is known at compile time,
@@ -156,8 +205,9 @@ def lora_expand_kernel(
         in_row = r < R
         hv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for sp in tl.static_range(SPLIT_K):
-            hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & in_row[None, :],
-                          other=0.0).to(tl.float32)
+            hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & in_row[None, :], other=0.0).to(
+                tl.float32
+            )
         hv = tl.where(keep[None, :], hv, 0.0)
         if SPLIT_H == 1:
             hi1 = hv.to(b_ptr.dtype.element_ty)
@@ -205,16 +255,18 @@ def lora_expand_kernel(
                 hv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 if R_SMALL == 0:
                     for sp in tl.static_range(SPLIT_K):
-                        hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None],
-                                      other=0.0).to(tl.float32)
+                        hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None], other=0.0).to(
+                            tl.float32
+                        )
                     if EVEN_N:
                         bt = tl.load(b_cols + r[:, None] * stride_br)
                     else:
                         bt = tl.load(b_cols + r[:, None] * stride_br, mask=n_mask[None, :], other=0.0)
                 else:
                     for sp in tl.static_range(SPLIT_K):
-                        hv += tl.load(h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & keep[None, :],
-                                      other=0.0).to(tl.float32)
+                        hv += tl.load(
+                            h_rows + sp * stride_hs + r[None, :], mask=m_mask[:, None] & keep[None, :], other=0.0
+                        ).to(tl.float32)
                     bt = tl.load(b_cols + r[:, None] * stride_br, mask=keep[:, None] & n_mask[None, :], other=0.0)
                 hv = tl.where(keep[None, :], hv, 0.0)
                 bt = tl.where(keep[:, None], bt, 0.0)
@@ -234,26 +286,86 @@ def lora_expand_kernel(
 
 # -- launchers (host side: every grid and block size comes from host integers) ---------------------
 
-def launch_shrink(x, A, h, tiles, perm, ranks, *, R: int, num_tiles: int, n_slices: int, block_m: int,
-                  block_r: int, block_k: int, split: int, k_per_split: int, use_perm: bool,
-                  num_warps: int = 4, num_stages: int | None = None) -> None:
+
+def launch_shrink(
+    x,
+    A,
+    h,
+    tiles,
+    perm,
+    ranks,
+    *,
+    R: int,
+    num_tiles: int,
+    n_slices: int,
+    block_m: int,
+    block_r: int,
+    block_k: int,
+    split: int,
+    k_per_split: int,
+    use_perm: bool,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+) -> None:
     """``h[pos, split, s*R + j]`` (``h`` is ``[tokens, split, slices * R]``) for every tile and block
     of ``block_r`` stacked rank rows of all slices, in one launch."""
     K = x.shape[1]
     extra = {} if num_stages is None else {"num_stages": num_stages}
     lora_shrink_kernel[(num_tiles, triton.cdiv(n_slices * R, block_r), split)](
-        x, A, h, tiles, perm, ranks,
-        K, R, n_slices * R, num_tiles, k_per_split,
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), h.stride(1), h.stride(0),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, USE_PERM=use_perm,
-        EVEN_K=K % block_k == 0 and k_per_split % block_k == 0, IEEE=x.dtype == torch.float32,
-        num_warps=num_warps, **extra)
+        x,
+        A,
+        h,
+        tiles,
+        perm,
+        ranks,
+        K,
+        R,
+        n_slices * R,
+        num_tiles,
+        k_per_split,
+        x.stride(0),
+        x.stride(1),
+        A.stride(0),
+        A.stride(1),
+        A.stride(2),
+        h.stride(1),
+        h.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        USE_PERM=use_perm,
+        EVEN_K=K % block_k == 0 and k_per_split % block_k == 0,
+        IEEE=x.dtype == torch.float32,
+        num_warps=num_warps,
+        **extra,
+    )
 
 
-def launch_expand(h, B, out, tiles, perm, ranks, scalings, *, R: int, num_tiles: int, split: int,
-                  widths: tuple[int, ...], block_m: int, block_n: int, block_r: int, use_perm: bool,
-                  stride_hs: int, stride_ht: int, stride_hslot: int = 0, group_n: int = 1, num_warps: int = 4,
-                  num_stages: int | None = None, h_by_row: bool = False) -> None:
+def launch_expand(
+    h,
+    B,
+    out,
+    tiles,
+    perm,
+    ranks,
+    scalings,
+    *,
+    R: int,
+    num_tiles: int,
+    split: int,
+    widths: tuple[int, ...],
+    block_m: int,
+    block_n: int,
+    block_r: int,
+    use_perm: bool,
+    stride_hs: int,
+    stride_ht: int,
+    stride_hslot: int = 0,
+    group_n: int = 1,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+    h_by_row: bool = False,
+) -> None:
     """Add the expand of up to three slices (``widths``, laid side by side in ``B`` and ``out``); each
     program covers ``group_n`` column blocks of ``block_n`` of one slice. ``h_by_row``: ``h`` is
     indexed by token row (the base GEMM's extra columns) rather than by tile position."""
@@ -270,11 +382,42 @@ def launch_expand(h, B, out, tiles, perm, ranks, scalings, *, R: int, num_tiles:
         r_small = -1
     extra = {} if num_stages is None else {"num_stages": num_stages}
     lora_expand_kernel[(num_tiles, sum(ng))](
-        h, B, out, tiles, perm, ranks, scalings,
-        R, num_tiles, w[0], w[1], w[2], nb[0], nb[1], nb[2], ng[0], ng[1], group_n,
-        stride_hs, stride_ht, stride_hslot, B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split, USE_PERM=use_perm,
-        EVEN_N=all(v % block_n == 0 for v in w), R_SMALL=r_small,
+        h,
+        B,
+        out,
+        tiles,
+        perm,
+        ranks,
+        scalings,
+        R,
+        num_tiles,
+        w[0],
+        w[1],
+        w[2],
+        nb[0],
+        nb[1],
+        nb[2],
+        ng[0],
+        ng[1],
+        group_n,
+        stride_hs,
+        stride_ht,
+        stride_hslot,
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+        SPLIT_K=split,
+        USE_PERM=use_perm,
+        EVEN_N=all(v % block_n == 0 for v in w),
+        R_SMALL=r_small,
         SPLIT_H=0 if B.dtype == torch.float32 else 1 if h.dtype == torch.float32 else 2,
-        ONE_R_BLOCK=R <= block_r and r_small >= 0, H_BY_ROW=h_by_row,
-        num_warps=num_warps, **extra)
+        ONE_R_BLOCK=R <= block_r and r_small >= 0,
+        H_BY_ROW=h_by_row,
+        num_warps=num_warps,
+        **extra,
+    )

@@ -37,10 +37,11 @@ NAME_SCHEMA = {"pattern": NAME_PATTERN, "minLength": 1, "maxLength": MAX_NAME_CH
 
 class LoadAdapterBody(StrictModel):
     lora_name: str = Field(description="The name requests use.", json_schema_extra=NAME_SCHEMA)
-    lora_path: str = Field(description="A PEFT adapter directory (inside --lora-allowed-dirs when set), or a hub id "
-                                       "where the hub is allowed.", json_schema_extra={"minLength": 1,
-                                                                                       "maxLength": MAX_SOURCE_CHARS,
-                                                                                       "pattern": SOURCE_PATTERN})
+    lora_path: str = Field(
+        description="A PEFT adapter directory (inside --lora-allowed-dirs when set), or a hub id "
+        "where the hub is allowed.",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_SOURCE_CHARS, "pattern": SOURCE_PATTERN},
+    )
     pinned: bool = False
 
 
@@ -53,8 +54,11 @@ def require_json(request: Request) -> None:
     given = request.headers.get("content-type")
     if given is None or given.split(";", 1)[0].strip().lower() != JSON_TYPE:
         what = "no Content-Type" if given is None else f"Content-Type {shown(given)}"
-        raise APIError(415, f"{request.url.path} takes a JSON body, but the request has {what}; send the header "
-                            f"'Content-Type: {JSON_TYPE}'")
+        raise APIError(
+            415,
+            f"{request.url.path} takes a JSON body, but the request has {what}; send the header "
+            f"'Content-Type: {JSON_TYPE}'",
+        )
 
 
 def loaded_adapters(engine: EngineClient) -> dict[str, str]:
@@ -70,28 +74,47 @@ def add_adapter_routes(app: FastAPI, engine: EngineClient, settings: Any) -> Non
         require_json(request)
         engine.check_adapter_updates()
 
-    answers = {"model": AdapterAnswer, "description": "The adapters loaded afterwards; on failure success is false "
-                                                          "and error_message says what to change."}
+    answers = {
+        "model": AdapterAnswer,
+        "description": "The adapters loaded afterwards; on failure success is false "
+        "and error_message says what to change.",
+    }
 
-    @app.post("/load_lora_adapter", openapi_extra=request_body(app, LoadAdapterBody),
-              responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers))
-    @app.post("/v1/load_lora_adapter", openapi_extra=request_body(app, LoadAdapterBody),
-              responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers))
+    @app.post(
+        "/load_lora_adapter",
+        openapi_extra=request_body(app, LoadAdapterBody),
+        responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers),
+    )
+    @app.post(
+        "/v1/load_lora_adapter",
+        openapi_extra=request_body(app, LoadAdapterBody),
+        responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers),
+    )
     async def load_lora_adapter(request: Request) -> JSONResponse:
         async def load() -> None:
             writable(request)
             body = parse_body(LoadAdapterBody, await read_json(request))
             gens.check_accepting()
             await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path, body.pinned)
+
         return await _adapter_call(load)
 
-    pending = {"model": AdapterAnswer, "description": "Unloaded for new requests; the memory is freed when its "
-                                                        "in-flight requests finish (pending: true)."}
+    pending = {
+        "model": AdapterAnswer,
+        "description": "Unloaded for new requests; the memory is freed when its "
+        "in-flight requests finish (pending: true).",
+    }
 
-    @app.post("/unload_lora_adapter", openapi_extra=request_body(app, UnloadAdapterBody),
-              responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers), 202: pending})
-    @app.post("/v1/unload_lora_adapter", openapi_extra=request_body(app, UnloadAdapterBody),
-              responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers), 202: pending})
+    @app.post(
+        "/unload_lora_adapter",
+        openapi_extra=request_body(app, UnloadAdapterBody),
+        responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers), 202: pending},
+    )
+    @app.post(
+        "/v1/unload_lora_adapter",
+        openapi_extra=request_body(app, UnloadAdapterBody),
+        responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers), 202: pending},
+    )
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         async def unload() -> JSONResponse | None:
             writable(request)
@@ -100,11 +123,19 @@ def add_adapter_routes(app: FastAPI, engine: EngineClient, settings: Any) -> Non
             if not held:
                 return None
             requests = "1 in-flight request finishes" if held == 1 else f"{held} in-flight requests finish"
-            return JSONResponse({"success": True, "pending": True, "error_message": None,
-                                 "message": f"adapter {body.lora_name!r} is unloaded for new requests; its memory is "
-                                            f"freed when its {requests} (still running after "
-                                            f"--lora-unload-timeout {settings.lora_unload_timeout:g} s)",
-                                 "loaded_adapters": loaded_adapters(engine)}, status_code=202)
+            return JSONResponse(
+                {
+                    "success": True,
+                    "pending": True,
+                    "error_message": None,
+                    "message": f"adapter {body.lora_name!r} is unloaded for new requests; its memory is "
+                    f"freed when its {requests} (still running after "
+                    f"--lora-unload-timeout {settings.lora_unload_timeout:g} s)",
+                    "loaded_adapters": loaded_adapters(engine),
+                },
+                status_code=202,
+            )
+
         return await _adapter_call(unload)
 
     async def _adapter_call(fn: Callable[[], Awaitable[JSONResponse | None]]) -> JSONResponse:
@@ -112,9 +143,11 @@ def add_adapter_routes(app: FastAPI, engine: EngineClient, settings: Any) -> Non
             answer = await fn()
         except (APIError, UserError) as exc:
             err = api_error_of(exc)
-            return JSONResponse({"success": False, "error_message": safe_text(err.message),
-                                 "loaded_adapters": loaded_adapters(engine)}, status_code=err.status,
-                                headers=retry_after(err.status))
+            return JSONResponse(
+                {"success": False, "error_message": safe_text(err.message), "loaded_adapters": loaded_adapters(engine)},
+                status_code=err.status,
+                headers=retry_after(err.status),
+            )
         if answer is not None:
             return answer
         return JSONResponse({"success": True, "error_message": None, "loaded_adapters": loaded_adapters(engine)})

@@ -33,14 +33,14 @@ from loraserve.plugins.frontend_native.adapters import add_adapter_routes, loade
 from loraserve.plugins.frontend_native.schema import GENERATE_OK, GenerateBody, GenerateResult
 from loraserve.safe_json import field_path, json_type
 
-GENERATE_FIELDS = ("text", "input_ids", "sampling_params", "lora_path", "stream", "return_logprob",
-                   "top_logprobs_num")
+GENERATE_FIELDS = ("text", "input_ids", "sampling_params", "lora_path", "stream", "return_logprob", "top_logprobs_num")
 HEALTH_TIMEOUT_S = 20.0
 
 
 def _is_ids(value: Any) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def _per_input(body: dict, key: str, n: int, check, what: str) -> list:
@@ -48,8 +48,10 @@ def _per_input(body: dict, key: str, n: int, check, what: str) -> list:
     value = body.get(key)
     if isinstance(value, list) and key != "input_ids":
         if len(value) != n:
-            raise UserError(f"the batch has {n} inputs but {key} has {len(value)} entries; give one per input, or "
-                            "a single value for all")
+            raise UserError(
+                f"the batch has {n} inputs but {key} has {len(value)} entries; give one per input, or "
+                "a single value for all"
+            )
         values = value
     else:
         values = [value] * n
@@ -92,8 +94,9 @@ def parse_generate(body: Any, max_sequences: int) -> tuple[list[Item], bool, boo
     params = _per_input(body, "sampling_params", n, lambda v: isinstance(v, dict), "a JSON object")
     adapters = _per_input(body, "lora_path", n, lambda v: isinstance(v, str), "an adapter name or null")
     logprob = _per_input(body, "return_logprob", n, lambda v: isinstance(v, bool), "true or false")
-    tops = _per_input(body, "top_logprobs_num", n, lambda v: isinstance(v, int) and not isinstance(v, bool),
-                      "an integer")
+    tops = _per_input(
+        body, "top_logprobs_num", n, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"
+    )
     check_sequences(n, sum(samples_of(p or {}, max_sequences) for p in params), max_sequences)
     items = []
     for (prompt, token_ids), p, adapter, lp, top in zip(inputs, params, adapters, logprob, tops):
@@ -109,8 +112,13 @@ def parse_generate(body: Any, max_sequences: int) -> tuple[list[Item], bool, boo
 
 
 def _partial(r: Any, text: str, ids: list[int], logprobs: list[float]) -> dict:
-    meta = {"id": r.request_id, "prompt_tokens": len(r.prompt_ids), "completion_tokens": len(ids),
-            "finish_reason": None, "lora_path": r.adapter}
+    meta = {
+        "id": r.request_id,
+        "prompt_tokens": len(r.prompt_ids),
+        "completion_tokens": len(ids),
+        "finish_reason": None,
+        "lora_path": r.adapter,
+    }
     if r.params.return_logprob or r.params.top_logprobs_num:
         meta["output_token_logprobs"] = [[lp, t] for lp, t in zip(logprobs, ids)]
     return {"text": text, "output_ids": list(ids), "meta_info": meta}
@@ -120,8 +128,11 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     gens: Generations = app.state.generations
     document_models(app, GenerateResult)
 
-    @app.post("/generate", openapi_extra=request_body(app, GenerateBody), responses=errors(
-        400, 404, 413, 429, 499, 503, ok=GENERATE_OK))
+    @app.post(
+        "/generate",
+        openapi_extra=request_body(app, GenerateBody),
+        responses=errors(400, 404, 413, 429, 499, 503, ok=GENERATE_OK),
+    )
     async def generate(request: Request) -> Any:
         items, single, stream = parse_generate(await read_json(request), settings.max_sequences_per_request)
         requests = await gens.build(items)
@@ -163,19 +174,34 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
 
     add_adapter_routes(app, engine, settings)
 
-    @app.api_route("/health", methods=["GET", "HEAD"], response_class=PlainTextResponse,
-             responses=errors(503, ok={"description": "The server is up (an empty body)."}))
+    @app.api_route(
+        "/health",
+        methods=["GET", "HEAD"],
+        response_class=PlainTextResponse,
+        responses=errors(503, ok={"description": "The server is up (an empty body)."}),
+    )
     async def health() -> Response:
         if app.state.draining:
             raise APIError(503, "the server is shutting down")
         return PlainTextResponse("")
 
-    @app.get("/health_generate", response_class=PlainTextResponse, responses=errors(
-        429, 499, 503, ok={"description": "The engine generated one token (an empty body)."}))
+    @app.get(
+        "/health_generate",
+        response_class=PlainTextResponse,
+        responses=errors(429, 499, 503, ok={"description": "The engine generated one token (an empty body)."}),
+    )
     async def health_generate(request: Request) -> Response:
         token = engine.model_info().bos_token_id
-        [r] = await gens.build([Item(None, [token if token is not None else 0],
-                                     {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}, None)])
+        [r] = await gens.build(
+            [
+                Item(
+                    None,
+                    [token if token is not None else 0],
+                    {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True},
+                    None,
+                )
+            ]
+        )
         try:
             await asyncio.wait_for(gens.complete(request, [r]), HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -188,20 +214,37 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     @app.get("/get_model_info")
     async def get_model_info() -> dict:
         model = engine.model_info()
-        return {"model_path": model.path, "tokenizer_path": settings.tokenizer_path,
-                "served_model_name": model.name, "is_generation": True, "context_length": model.context_len,
-                "vocab_size": model.vocab_size, "lora_enabled": model.lora_enabled,
-                "preferred_sampling_params": None}
+        return {
+            "model_path": model.path,
+            "tokenizer_path": settings.tokenizer_path,
+            "served_model_name": model.name,
+            "is_generation": True,
+            "context_length": model.context_len,
+            "vocab_size": model.vocab_size,
+            "lora_enabled": model.lora_enabled,
+            "preferred_sampling_params": None,
+        }
 
     @app.get("/get_server_info")
     async def get_server_info() -> dict:
         info = engine.effective_settings()
-        info.update(version=__version__, frontends=list(app.state.frontends),
-                    loaded_adapters=loaded_adapters(engine), unloading_adapters=engine.unloading_adapters())
+        info.update(
+            version=__version__,
+            frontends=list(app.state.frontends),
+            loaded_adapters=loaded_adapters(engine),
+            unloading_adapters=engine.unloading_adapters(),
+        )
         return info
 
-    @app.get("/metrics", responses={200: {"description": "Prometheus text exposition.",
-                                          "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @app.get(
+        "/metrics",
+        responses={
+            200: {
+                "description": "Prometheus text exposition.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         data = app.state.metrics.render(await run_in_threadpool(engine.stats))  # waits for the step to end
         return Response(data, media_type=app.state.metrics.content_type)

@@ -39,8 +39,9 @@ class SamplingParamsBody(BaseModel):
     stop_token_ids: list[NonNegInt] | None = None
     ignore_eos: bool | None = None
     seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
-    n: Annotated[int, Field(ge=1)] | None = Field(None, description="Samples per input (--max-sequences-per-request "
-                                                                    "bounds inputs x n).")
+    n: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Samples per input (--max-sequences-per-request bounds inputs x n)."
+    )
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
     no_stop_trim: bool | None = None
@@ -87,9 +88,18 @@ class GenerateResult(BaseModel):
     meta_info: MetaInfo
 
 
-GENERATE_OK = {"description": "One result for one input, a list for a batch; with stream=true, server-sent events "
-                              "of results so far, ending with 'data: [DONE]'.",
-               "content": {"application/json": {"schema": {"anyOf": [
-                   {"$ref": "#/components/schemas/GenerateResult"},
-                   {"type": "array", "items": {"$ref": "#/components/schemas/GenerateResult"}}]}},
-                   "text/event-stream": {}}}
+GENERATE_OK = {
+    "description": "One result for one input, a list for a batch; with stream=true, server-sent events "
+    "of results so far, ending with 'data: [DONE]'.",
+    "content": {
+        "application/json": {
+            "schema": {
+                "anyOf": [
+                    {"$ref": "#/components/schemas/GenerateResult"},
+                    {"type": "array", "items": {"$ref": "#/components/schemas/GenerateResult"}},
+                ]
+            }
+        },
+        "text/event-stream": {},
+    },
+}

@@ -21,29 +21,59 @@ from loraserve.sched.sampling_params import MAX_TOP_LOGPROBS
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # OpenAI name -> loraserve sampling parameter, for the fields that map one to one
-PASSTHROUGH = {"temperature": "temperature", "top_p": "top_p", "n": "n", "seed": "seed", "stop": "stop",
-               "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-               "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-               "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
-               "skip_special_tokens": "skip_special_tokens"}
+PASSTHROUGH = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "n": "n",
+    "seed": "seed",
+    "stop": "stop",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "ignore_eos": "ignore_eos",
+    "stop_token_ids": "stop_token_ids",
+    "skip_special_tokens": "skip_special_tokens",
+}
 
 
 # What the fields typed Any (validated by hand, for OpenAI-style messages) take, for the OpenAPI document
 _IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}, _IDS,
-                           {"type": "array", "items": _IDS, "minItems": 1}]}
+PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        _IDS,
+        {"type": "array", "items": _IDS, "minItems": 1},
+    ]
+}
 STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
-CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
-    "type": "object", "required": ["type", "text"], "additionalProperties": False,
-    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
+CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "null"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "text"],
+                "additionalProperties": False,
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+            },
+        },
+    ]
+}
 
 
 def _range(**bounds: Any) -> Any:
     """``json_schema_extra`` stating the range a field's value must lie in (``null`` stays allowed)."""
+
     def apply(schema: dict) -> None:
         for option in schema.get("anyOf", [schema]):
             if option.get("type") != "null":
                 option.update(bounds)
+
     return apply
 
 
@@ -97,8 +127,9 @@ class _Sampling(StrictModel):
 
     def sampling_params(self) -> dict[str, Any]:
         """The loraserve sampling parameters these fields ask for (unset fields keep the defaults)."""
-        return {ours: getattr(self, theirs) for theirs, ours in PASSTHROUGH.items()
-                if getattr(self, theirs) is not None}
+        return {
+            ours: getattr(self, theirs) for theirs, ours in PASSTHROUGH.items() if getattr(self, theirs) is not None
+        }
 
 
 class CompletionRequest(_Sampling):
@@ -115,8 +146,9 @@ class CompletionRequest(_Sampling):
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise ValueError(f"best_of={self.best_of} is not supported (only best_of equal to n); remove it")
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs needs prompt logprobs, which are not supported; "
-                             "drop one of them")
+            raise ValueError(
+                "echo together with logprobs needs prompt logprobs, which are not supported; drop one of them"
+            )
         return self
 
     def prompts(self) -> list[tuple[str | None, list[int] | None]]:
@@ -125,6 +157,7 @@ class CompletionRequest(_Sampling):
 
         def is_ids(x: Any) -> bool:
             return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
         if isinstance(p, str):
             return [(p, None)]
         if is_ids(p):
@@ -133,8 +166,10 @@ class CompletionRequest(_Sampling):
             return [(x, None) for x in p]
         if isinstance(p, list) and p and all(is_ids(x) for x in p):
             return [(None, list(x)) for x in p]
-        raise UserError("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
-                        f"token ids (none empty), got {str(p)[:80]!r}")
+        raise UserError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of "
+            f"token ids (none empty), got {str(p)[:80]!r}"
+        )
 
     def sampling_params(self) -> dict[str, Any]:
         params = super().sampling_params()
@@ -168,8 +203,10 @@ class ChatMessage(StrictModel):
             for part in value:
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise ValueError(f"content parts must be {{'type': 'text', 'text': ...}}; a {kind!r} part is not "
-                                     "supported (this server takes text only)")
+                    raise ValueError(
+                        f"content parts must be {{'type': 'text', 'text': ...}}; a {kind!r} part is not "
+                        "supported (this server takes text only)"
+                    )
                 parts.append(part["text"])
             return "\n".join(parts)
         raise ValueError(f"content must be a string or a list of text parts, got {type(value).__name__}")
@@ -188,8 +225,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, json_schema_extra=_range(minimum=0, maximum=MAX_TOP_LOGPROBS))
-    response_format: dict[str, Any] | None = Field(None, json_schema_extra=_range(
-        required=["type"], properties={"type": {"const": "text"}}))
+    response_format: dict[str, Any] | None = Field(
+        None, json_schema_extra=_range(required=["type"], properties={"type": {"const": "text"}})
+    )
     tools: list[Any] | None = Field(None, json_schema_extra=_range(maxItems=0))  # function calling is refused
     tool_choice: Any = Field(None, json_schema_extra={"enum": ["none", None]})
 
@@ -202,8 +240,9 @@ class ChatCompletionRequest(_Sampling):
         if self.tool_choice not in (None, "none"):
             raise ValueError("tool_choice is not supported (tools are not); remove it")
         if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; only "
-                             "{'type': 'text'}")
+            raise ValueError(
+                f"response_format {self.response_format.get('type')!r} is not supported; only {{'type': 'text'}}"
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true; set logprobs to true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:

@@ -56,12 +56,28 @@ class OpenAIFrontend:
 
     def model_cards(self) -> list[dict]:
         m = self.model
-        base = {"id": m.name, "object": "model", "created": self.created, "owned_by": "loraserve",
-                "root": m.path, "parent": None, "max_model_len": m.context_len}
+        base = {
+            "id": m.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "loraserve",
+            "root": m.path,
+            "parent": None,
+            "max_model_len": m.context_len,
+        }
         cards = [base]
         for a in self.engine.loaded_adapters():
-            cards.append({"id": a["name"], "object": "model", "created": self.created, "owned_by": "loraserve",
-                          "root": a["source"], "parent": m.name, "max_model_len": m.context_len})
+            cards.append(
+                {
+                    "id": a["name"],
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "loraserve",
+                    "root": a["source"],
+                    "parent": m.name,
+                    "max_model_len": m.context_len,
+                }
+            )
         return cards
 
     async def resolve(self, model: str) -> str | None:
@@ -84,9 +100,13 @@ class OpenAIFrontend:
     def not_found(self, model: str, names: list[str]) -> APIError:
         base = self.model.name
         adapters = ", ".join(repr(n) for n in sorted(names)) or "none loaded"
-        return APIError(404, f"the model {model!r} does not exist; use {base!r} for the base model, an adapter name "
-                             f"({adapters}) or '{base}:ADAPTER' (GET /v1/models lists them)",
-                        code="model_not_found", param="model")
+        return APIError(
+            404,
+            f"the model {model!r} does not exist; use {base!r} for the base model, an adapter name "
+            f"({adapters}) or '{base}:ADAPTER' (GET /v1/models lists them)",
+            code="model_not_found",
+            param="model",
+        )
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -99,8 +119,14 @@ class OpenAIFrontend:
         self.gens.outcome(r)  # abort/error become a 503/500
         return FINISH_REASONS.get(r.finish_reason, r.finish_reason)
 
-    async def build(self, prompts: list[tuple[str | None, list[int] | None]], params: dict, adapter: str | None,
-                    renames: dict[str, str], default_max: bool = False) -> tuple[list, list[int]]:
+    async def build(
+        self,
+        prompts: list[tuple[str | None, list[int] | None]],
+        params: dict,
+        adapter: str | None,
+        renames: dict[str, str],
+        default_max: bool = False,
+    ) -> tuple[list, list[int]]:
         """Engine requests for every prompt x n, and the prompt index of each. ``renames`` maps the
         engine's parameter names to the request's, so that a message names the field the client sent."""
         most = self.settings.max_sequences_per_request
@@ -127,8 +153,10 @@ class OpenAIFrontend:
         most = min(self.model.context_len, self.model.max_total_tokens)
         room = most - prompt_len
         if room <= 0:
-            raise UserError(f"the prompt has {prompt_len} tokens, which leaves no room to generate within "
-                            f"{most} tokens (the context length or the KV-cache size); shorten the messages")
+            raise UserError(
+                f"the prompt has {prompt_len} tokens, which leaves no room to generate within "
+                f"{most} tokens (the context length or the KV-cache size); shorten the messages"
+            )
         return room
 
     def usage(self, requests: list, owner: list[int]) -> dict:
@@ -156,6 +184,7 @@ class OpenAIFrontend:
         def entry(t: int, lp: float) -> dict:
             text = self.token_text(t)
             return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
         content = []
         for k, (t, lp) in enumerate(zip(tokens, lps)):
             row = entry(t, lp)
@@ -168,20 +197,39 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     front = OpenAIFrontend(app, engine, settings)
     gens = front.gens
 
-    completion_ok = {"description": "The completion; with stream=true, server-sent events of chunks ending with "
-                                     "'data: [DONE]'.",
-                     "content": {"application/json": {"schema": {"type": "object", "required": ["id", "choices"]}},
-                                 "text/event-stream": {}}}
+    completion_ok = {
+        "description": "The completion; with stream=true, server-sent events of chunks ending with 'data: [DONE]'.",
+        "content": {
+            "application/json": {"schema": {"type": "object", "required": ["id", "choices"]}},
+            "text/event-stream": {},
+        },
+    }
     card = {"type": "object", "required": ["id", "object", "parent", "root"]}
 
-    @app.get("/v1/models", responses=errors(ok={"description": "The base model and every adapter.", "content": {
-        "application/json": {"schema": {"type": "object", "required": ["data"],
-                                        "properties": {"data": {"type": "array", "items": card}}}}}}))
+    @app.get(
+        "/v1/models",
+        responses=errors(
+            ok={
+                "description": "The base model and every adapter.",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["data"],
+                            "properties": {"data": {"type": "array", "items": card}},
+                        }
+                    }
+                },
+            }
+        ),
+    )
     async def list_models() -> dict:
         return {"object": "list", "data": front.model_cards()}
 
-    @app.get("/v1/models/{model_id:path}", responses=errors(404, ok={"description": "One model card.", "content": {
-        "application/json": {"schema": card}}}))
+    @app.get(
+        "/v1/models/{model_id:path}",
+        responses=errors(404, ok={"description": "One model card.", "content": {"application/json": {"schema": card}}}),
+    )
     async def retrieve_model(model_id: str) -> dict:
         cards = {card["id"]: card for card in front.model_cards()}
         if model_id in cards:
@@ -191,32 +239,56 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
             return {**cards[name], "id": model_id}
         raise front.not_found(model_id, front.adapter_names())
 
-    @app.post("/v1/completions", openapi_extra=request_body(app, CompletionRequest),
-              responses=errors(400, 404, 413, 429, 499, 503, ok=completion_ok))
+    @app.post(
+        "/v1/completions",
+        openapi_extra=request_body(app, CompletionRequest),
+        responses=errors(400, 404, 413, 429, 499, 503, ok=completion_ok),
+    )
     async def completions(request: Request) -> Any:
         body = parse_body(CompletionRequest, await read_json(request))
         adapter = await front.resolve(body.model)
         prompts = body.prompts()
         requests, owner = await front.build(prompts, body.sampling_params(), adapter, COMPLETION_NAMES)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = [(text if text is not None else engine.detokenize(ids) if front.model.has_tokenizer else "")
-                if body.echo else "" for text, ids in prompts]
+        echo = [
+            (text if text is not None else engine.detokenize(ids) if front.model.has_tokenizer else "")
+            if body.echo
+            else ""
+            for text, ids in prompts
+        ]
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         try:
             if body.stream:
                 events = await gens.open_stream(request, requests)
-                return EventStream(framed(completion_chunks(events, requests, owner, echo, head, body),
-                                          events, requests, owner, head, body))
+                return EventStream(
+                    framed(
+                        completion_chunks(events, requests, owner, echo, head, body),
+                        events,
+                        requests,
+                        owner,
+                        head,
+                        body,
+                    )
+                )
             await gens.complete(request, requests)
         except ClientDisconnected:
             return Response(status_code=499)
         choices = []
         for k, r in enumerate(requests):
             prefix = echo[owner[k]]
-            logprobs = (front.completion_logprobs(r.output_ids, r.logprobs, r.top_logprobs, len(prefix))
-                        if body.logprobs is not None else None)
-            choices.append({"index": k, "text": prefix + engine.final_output(r)["text"], "logprobs": logprobs,
-                            "finish_reason": front.finish_reason(r)})
+            logprobs = (
+                front.completion_logprobs(r.output_ids, r.logprobs, r.top_logprobs, len(prefix))
+                if body.logprobs is not None
+                else None
+            )
+            choices.append(
+                {
+                    "index": k,
+                    "text": prefix + engine.final_output(r)["text"],
+                    "logprobs": logprobs,
+                    "finish_reason": front.finish_reason(r),
+                }
+            )
         return {**head, "choices": choices, "usage": front.usage(requests, owner), "system_fingerprint": None}
 
     async def completion_chunks(events, requests, owner, echo, head, body) -> AsyncIterator[str]:
@@ -235,37 +307,54 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
             choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
             yield sse({**head, "choices": [choice], **usage_field})
 
-    @app.post("/v1/chat/completions", openapi_extra=request_body(app, ChatCompletionRequest),
-              responses=errors(400, 404, 413, 429, 499, 503, ok=completion_ok))
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=request_body(app, ChatCompletionRequest),
+        responses=errors(400, 404, 413, 429, 499, 503, ok=completion_ok),
+    )
     async def chat_completions(request: Request) -> Any:
         body = parse_body(ChatCompletionRequest, await read_json(request))
         adapter = await front.resolve(body.model)
         ids = await run_in_threadpool(front.chat_prompt, body)  # jinja and the tokenizer: off the event loop
-        requests, owner = await front.build([(None, ids)], body.sampling_params(), adapter, chat_names(body),
-                                            default_max=True)
+        requests, owner = await front.build(
+            [(None, ids)], body.sampling_params(), adapter, chat_names(body), default_max=True
+        )
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": body.model}
         try:
             if body.stream:
                 events = await gens.open_stream(request, requests)
                 chunk_head = {**head, "object": "chat.completion.chunk"}
-                return EventStream(framed(chat_chunks(events, requests, owner, chunk_head, body),
-                                          events, requests, owner, chunk_head, body))
+                return EventStream(
+                    framed(
+                        chat_chunks(events, requests, owner, chunk_head, body),
+                        events,
+                        requests,
+                        owner,
+                        chunk_head,
+                        body,
+                    )
+                )
             await gens.complete(request, requests)
         except ClientDisconnected:
             return Response(status_code=499)
         choices = []
         for k, r in enumerate(requests):
             logprobs = front.chat_logprobs(r.output_ids, r.logprobs, r.top_logprobs) if body.logprobs else None
-            choices.append({"index": k, "message": {"role": "assistant", "content": engine.final_output(r)["text"]},
-                            "logprobs": logprobs, "finish_reason": front.finish_reason(r)})
+            choices.append(
+                {
+                    "index": k,
+                    "message": {"role": "assistant", "content": engine.final_output(r)["text"]},
+                    "logprobs": logprobs,
+                    "finish_reason": front.finish_reason(r),
+                }
+            )
         return {**head, "choices": choices, "usage": front.usage(requests, owner), "system_fingerprint": None}
 
     async def chat_chunks(events, requests, owner, head, body) -> AsyncIterator[str]:
         usage_field = {"usage": None} if body.include_usage else {}
         for k in range(len(requests)):
-            first = {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}
+            first = {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             yield sse({**head, "choices": [first], **usage_field})
         async for k, out in events:
             if not out.finished and not out.text and not out.token_ids:

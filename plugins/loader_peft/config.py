@@ -16,18 +16,26 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field as dataclass_field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
+from loraserve.contract import AdapterError
 from loraserve.lora.adapter import lora_scaling
 from loraserve.lora.targets import LAYER_MODULES, SUPPORTED_MODULES
-from loraserve.contract import AdapterError
 from loraserve.plugins.loader_peft.patterns import PatternBudget, check_pattern
 
 CONFIG_NAME = "adapter_config.json"
-_SUBLAYER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_SUBLAYER = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 # Modules of a Llama model LoRA cannot target: a regex that reaches them is refused (PEFT fails too).
 _OTHER_LAYER_MODULES = ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm", ".post_attention_layernorm")
 _OTHER_MODEL_MODULES = ("model", "model.layers", "model.norm", "model.rotary_emb")
@@ -53,8 +61,9 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise AdapterError(f"cannot read {path}: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-                           "fix or regenerate the file") from None
+        raise AdapterError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); fix or regenerate the file"
+        ) from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
@@ -71,7 +80,9 @@ def canonical_modules(num_layers: int) -> dict[str, tuple[int | None, str]]:
 
 
 def _other_modules(num_layers: int) -> list[str]:
-    return [f"model.layers.{i}{s}" for i in range(num_layers) for s in _OTHER_LAYER_MODULES] + list(_OTHER_MODEL_MODULES)
+    return [f"model.layers.{i}{s}" for i in range(num_layers) for s in _OTHER_LAYER_MODULES] + list(
+        _OTHER_MODEL_MODULES
+    )
 
 
 @dataclass(frozen=True)
@@ -94,14 +105,15 @@ class PeftLoraConfig:
     budget: PatternBudget = dataclass_field(compare=False, repr=False)
 
     @classmethod
-    def read(cls, directory: Path) -> "PeftLoraConfig":
+    def read(cls, directory: Path) -> PeftLoraConfig:
         path = directory / CONFIG_NAME
-        data = read_json(path, f"a PEFT adapter directory must hold {CONFIG_NAME}; pass the directory "
-                               "save_pretrained() wrote")
+        data = read_json(
+            path, f"a PEFT adapter directory must hold {CONFIG_NAME}; pass the directory save_pretrained() wrote"
+        )
         return cls.from_dict(data, str(path))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], path: str) -> "PeftLoraConfig":
+    def from_dict(cls, data: dict[str, Any], path: str) -> PeftLoraConfig:
         _check_supported(data, path)
         r = data.get("r", 8)
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -111,11 +123,21 @@ class PeftLoraConfig:
             raise _bad(data, path, "lora_alpha", "a number")
         rank_pattern, alpha_pattern = _rank_and_alpha_patterns(data, path)
         layers, pattern = _layer_selection(data, path)
-        return cls(path=path, r=r, lora_alpha=float(alpha), target_modules=_targets(data, path),
-                   exclude_modules=_excluded(data, path), use_rslora=bool(data.get("use_rslora", False)),
-                   rank_pattern=dict(rank_pattern), alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-                   layers_to_transform=layers, layers_pattern=pattern,
-                   fan_in_fan_out=bool(data.get("fan_in_fan_out", False)), raw=data, budget=PatternBudget(path))
+        return cls(
+            path=path,
+            r=r,
+            lora_alpha=float(alpha),
+            target_modules=_targets(data, path),
+            exclude_modules=_excluded(data, path),
+            use_rslora=bool(data.get("use_rslora", False)),
+            rank_pattern=dict(rank_pattern),
+            alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+            layers_to_transform=layers,
+            layers_pattern=pattern,
+            fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+            raw=data,
+            budget=PatternBudget(path),
+        )
 
     # -- matching (peft.tuners.tuners_utils.check_target_module_exists) ---------------------------
 
@@ -154,14 +176,18 @@ class PeftLoraConfig:
         if isinstance(self.target_modules, str):
             for key in _other_modules(num_layers):
                 if self.targets(key):
-                    raise AdapterError(f"{self.path}: target_modules regex {self.target_modules!r} matches module "
-                                       f"{key!r}, which loraserve does not support; supported: "
-                                       f"{', '.join(SUPPORTED_MODULES)}")
+                    raise AdapterError(
+                        f"{self.path}: target_modules regex {self.target_modules!r} matches module "
+                        f"{key!r}, which loraserve does not support; supported: "
+                        f"{', '.join(SUPPORTED_MODULES)}"
+                    )
         found = {k: v for k, v in canonical_modules(num_layers).items() if self.targets(k)}
         if not found:
-            raise AdapterError(f"{self.path}: target_modules {self.target_modules!r} (with layers_to_transform "
-                               f"{self.layers_to_transform}) matches no module of the base model "
-                               f"({num_layers} layers); check the adapter was trained for this base model")
+            raise AdapterError(
+                f"{self.path}: target_modules {self.target_modules!r} (with layers_to_transform "
+                f"{self.layers_to_transform}) matches no module of the base model "
+                f"({num_layers} layers); check the adapter was trained for this base model"
+            )
         return found
 
     # -- per-module rank and scaling (peft.utils.other.get_pattern_key) ---------------------------
@@ -207,8 +233,10 @@ def _check_supported(data: dict[str, Any], path: str) -> None:
         if data.get(field):
             raise AdapterError(f"{path}: {field} = {data[field]!r}; {why}")
     if data.get("bias", "none") != "none":
-        raise AdapterError(f"{path}: bias = {data['bias']!r}; trained biases are not supported, only "
-                           "bias='none'; retrain with bias='none'")
+        raise AdapterError(
+            f"{path}: bias = {data['bias']!r}; trained biases are not supported, only "
+            "bias='none'; retrain with bias='none'"
+        )
 
 
 def _targets(data: dict[str, Any], path: str) -> str | tuple[str, ...]:
@@ -222,8 +250,10 @@ def _targets(data: dict[str, Any], path: str) -> str | tuple[str, ...]:
         for t in targets:
             leaf = t.rsplit(".", 1)[-1]
             if leaf not in SUPPORTED_MODULES:
-                raise AdapterError(f"{path}: target_modules entry {t!r} names module {leaf!r}, which "
-                                   f"loraserve does not support; supported: {', '.join(SUPPORTED_MODULES)}")
+                raise AdapterError(
+                    f"{path}: target_modules entry {t!r} names module {leaf!r}, which "
+                    f"loraserve does not support; supported: {', '.join(SUPPORTED_MODULES)}"
+                )
         return tuple(targets)
     raise _bad(data, path, "target_modules", "a non-empty list of module names or a regex string")
 
@@ -244,10 +274,12 @@ def _rank_and_alpha_patterns(data: dict[str, Any], path: str) -> tuple[dict, dic
     rank_pattern = data.get("rank_pattern") or {}
     alpha_pattern = data.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rank_pattern.values()):
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rank_pattern.values()
+    ):
         raise _bad(data, path, "rank_pattern", "an object mapping module-name patterns to positive integer ranks")
     if not isinstance(alpha_pattern, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in alpha_pattern.values()):
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in alpha_pattern.values()
+    ):
         raise _bad(data, path, "alpha_pattern", "an object mapping module-name patterns to numbers")
     for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key in pattern:

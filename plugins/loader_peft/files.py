@@ -50,11 +50,14 @@ def resolve_directory(source: str, *, config_only: bool = False, policy: Adapter
             confine(path, policy)
         return path
     if path.exists():
-        raise AdapterError(f"adapter source {source!r} is a file; pass the directory that holds {CONFIG_NAME} "
-                           f"and {SAFETENSORS_NAME}")
+        raise AdapterError(
+            f"adapter source {source!r} is a file; pass the directory that holds {CONFIG_NAME} and {SAFETENSORS_NAME}"
+        )
     if not looks_like_hub_id(source):
-        raise AdapterError(f"adapter source {source!r} does not exist and is not a Hugging Face hub id (org/name); "
-                           f"pass a directory that holds {CONFIG_NAME}")
+        raise AdapterError(
+            f"adapter source {source!r} does not exist and is not a Hugging Face hub id (org/name); "
+            f"pass a directory that holds {CONFIG_NAME}"
+        )
     patterns = [CONFIG_NAME] if config_only else [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, *_TOKENIZER_FILES]
     return _download(source, patterns)
 
@@ -78,12 +81,16 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
     except Exception as exc:  # network, auth, missing repo, missing cache: all mean "not fetched"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = ("HF_HUB_OFFLINE is set, so only the local hub cache was searched and it does not hold it"
-                 if offline else "the hub could not be reached or does not serve it")
+        where = (
+            "HF_HUB_OFFLINE is set, so only the local hub cache was searched and it does not hold it"
+            if offline
+            else "the hub could not be reached or does not serve it"
+        )
         raise AdapterError(
             f"adapter {repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
             f"({where}; {type(exc).__name__}: {reason}); pass a local directory that holds {CONFIG_NAME} "
-            "instead") from exc
+            "instead"
+        ) from exc
 
 
 def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -95,22 +102,30 @@ def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
         try:
             tensors = load_file(str(st), device="cpu")
         except Exception as exc:
-            raise AdapterError(f"{st} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
-                               "re-save the adapter with save_pretrained()") from None
+            raise AdapterError(
+                f"{st} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
+                "re-save the adapter with save_pretrained()"
+            ) from None
         return tensors, st
     if bn.is_file():
         try:
             tensors = torch.load(str(bn), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise AdapterError(f"{bn} cannot be read with torch.load(weights_only=True) "
-                               f"({type(exc).__name__}: {exc}); re-save the adapter as safetensors") from None
+            raise AdapterError(
+                f"{bn} cannot be read with torch.load(weights_only=True) "
+                f"({type(exc).__name__}: {exc}); re-save the adapter as safetensors"
+            ) from None
         if not isinstance(tensors, dict) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
-            raise AdapterError(f"{bn} must hold a dict of tensor names to tensors; re-save the adapter with "
-                               "save_pretrained()")
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise AdapterError(
+                f"{bn} must hold a dict of tensor names to tensors; re-save the adapter with save_pretrained()"
+            )
         return tensors, bn
-    raise AdapterError(f"{directory} holds neither {SAFETENSORS_NAME} nor {BIN_NAME}; pass the directory "
-                       "save_pretrained() wrote the adapter weights to")
+    raise AdapterError(
+        f"{directory} holds neither {SAFETENSORS_NAME} nor {BIN_NAME}; pass the directory "
+        "save_pretrained() wrote the adapter weights to"
+    )
 
 
 def check_vocabulary(directory: Path, vocab_size: int) -> None:
@@ -127,7 +142,8 @@ def check_vocabulary(directory: Path, vocab_size: int) -> None:
             raise AdapterError(
                 f"{path} adds {len(beyond)} token(s) beyond the base model's vocabulary of {vocab_size} "
                 f"(e.g. {first_tok!r} with id {first_id}); adapters with added tokens are not supported: "
-                "retrain without adding tokens, or merge the adapter into a resized base model")
+                "retrain without adding tokens, or merge the adapter into a resized base model"
+            )
 
 
 def _token_ids(name: str, data: dict) -> list[tuple[str, int]]:
@@ -149,4 +165,3 @@ def _token_ids(name: str, data: dict) -> list[tuple[str, int]]:
             if str(key).isdigit():
                 pairs.append((str(tok.get("content") if isinstance(tok, dict) else tok), int(key)))
     return pairs
-

@@ -17,18 +17,25 @@ for Llama's ``nn.Linear`` layers PEFT itself resets it to False.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from loraserve.lora.adapter import BaseModelShape, LoRAAdapter, ModuleLoRA, build_adapter
-from loraserve.lora.targets import EMBEDDING_MODULES, SUPPORTED_MODULES
 from loraserve.contract import AdapterError, AdapterLoader, AdapterSummary
+from loraserve.lora.adapter import BaseModelShape, LoRAAdapter, ModuleLoRA, build_adapter
 from loraserve.lora.loader import check_max_rank, check_target_modules
+from loraserve.lora.targets import EMBEDDING_MODULES, SUPPORTED_MODULES
 from loraserve.plugins.loader_peft.config import CONFIG_NAME, PeftLoraConfig, canonical_modules
-from loraserve.plugins.loader_peft.files import (BIN_NAME, SAFETENSORS_NAME, check_vocabulary, looks_like_hub_id,
-                                                 read_weights, resolve_directory)
+from loraserve.plugins.loader_peft.files import (
+    BIN_NAME,
+    SAFETENSORS_NAME,
+    check_vocabulary,
+    looks_like_hub_id,
+    read_weights,
+    resolve_directory,
+)
 
 if TYPE_CHECKING:
     from loraserve.lora.policy import AdapterSourcePolicy
@@ -57,15 +64,26 @@ class PeftAdapterLoader(AdapterLoader):
             return False
         return looks_like_hub_id(source)
 
-    def peek(self, source: str, shape: BaseModelShape | None = None, *,
-             policy: AdapterSourcePolicy | None = None) -> AdapterSummary:
+    def peek(
+        self, source: str, shape: BaseModelShape | None = None, *, policy: AdapterSourcePolicy | None = None
+    ) -> AdapterSummary:
         config = PeftLoraConfig.read(resolve_directory(source, config_only=True, policy=policy))
         targeted = config.targeted_modules(shape.num_layers if shape is not None else _PEEK_LAYERS)
-        return AdapterSummary(rank=max(config.module_rank(k)[0] for k in targeted),
-                              target_modules=frozenset(module for _, module in targeted.values()))
+        return AdapterSummary(
+            rank=max(config.module_rank(k)[0] for k in targeted),
+            target_modules=frozenset(module for _, module in targeted.values()),
+        )
 
-    def load(self, source: str, *, name: str, shape: BaseModelShape, max_rank: int | None = None,
-             target_modules: Iterable[str] | None = None, policy: AdapterSourcePolicy | None = None) -> LoRAAdapter:
+    def load(
+        self,
+        source: str,
+        *,
+        name: str,
+        shape: BaseModelShape,
+        max_rank: int | None = None,
+        target_modules: Iterable[str] | None = None,
+        policy: AdapterSourcePolicy | None = None,
+    ) -> LoRAAdapter:
         if not isinstance(name, str) or not name:
             raise AdapterError(f"adapter name {name!r} is empty; give the adapter a name")
         directory = resolve_directory(source, policy=policy)
@@ -81,16 +99,21 @@ class PeftAdapterLoader(AdapterLoader):
         modules: dict[tuple[int | None, str], ModuleLoRA] = {}
         for key, (layer, module) in targeted.items():
             pair = found.get(key, {})
-            A_name, B_name = ("lora_embedding_A", "lora_embedding_B") if module == "embed_tokens" else ("lora_A", "lora_B")
+            A_name, B_name = (
+                ("lora_embedding_A", "lora_embedding_B") if module == "embed_tokens" else ("lora_A", "lora_B")
+            )
             missing = [n for n in (A_name, B_name) if n not in pair]
             if missing and layer is not None and not any(v[0] == layer for k, v in targeted.items() if k in found):
                 raise AdapterError(
                     f"{weights_path} has no tensor for layer {layer} (needed for {key}); this adapter was trained "
-                    f"for a base model with fewer layers than this one's {shape.num_layers}")
+                    f"for a base model with fewer layers than this one's {shape.num_layers}"
+                )
             if missing:
                 raise AdapterError(
                     f"{weights_path}: target module {key} (selected by {CONFIG_NAME} target_modules) has no "
-                    f"{' and no '.join(missing)} tensor; the weights file does not match the config, re-save the adapter")
+                    f"{' and no '.join(missing)} tensor; the weights file does not match the config, "
+                    "re-save the adapter"
+                )
             rank, where = config.module_rank(key)
             in_f, out_f = feats[module]
             (a_key, A), (b_key, B) = pair[A_name], pair[B_name]
@@ -98,9 +121,17 @@ class PeftAdapterLoader(AdapterLoader):
             _check_shape(weights_path, b_key, B, (out_f, rank), 1, where, module, shape)
             modules[(layer, module)] = ModuleLoRA(A=A, B=B, scaling=config.module_scaling(key))
 
-        return build_adapter(name=name, source=source, shape=shape, scaling=config.scaling, modules=modules,
-                             r=config.r, lora_alpha=config.lora_alpha, use_rslora=config.use_rslora,
-                             config=dict(config.raw))
+        return build_adapter(
+            name=name,
+            source=source,
+            shape=shape,
+            scaling=config.scaling,
+            modules=modules,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            use_rslora=config.use_rslora,
+            config=dict(config.raw),
+        )
 
 
 def _layers(n: int) -> str:
@@ -121,9 +152,13 @@ def _canonical(module_path: str, canon: dict[str, tuple[int | None, str]]) -> st
     return leaf if leaf == "lm_head" else name
 
 
-def _group_tensors(tensors: dict[str, torch.Tensor], weights_path: Path, config: PeftLoraConfig,
-                   targeted: dict[str, tuple[int | None, str]], shape: BaseModelShape,
-                   ) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+def _group_tensors(
+    tensors: dict[str, torch.Tensor],
+    weights_path: Path,
+    config: PeftLoraConfig,
+    targeted: dict[str, tuple[int | None, str]],
+    shape: BaseModelShape,
+) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
     """Full module name -> {"lora_A" | "lora_B" | "lora_embedding_A" | ...: (tensor key, tensor)}."""
     canon = canonical_modules(shape.num_layers)
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -136,34 +171,48 @@ def _group_tensors(tensors: dict[str, torch.Tensor], weights_path: Path, config:
             if module in ("model.embed_tokens", "lm_head") and module in targeted:
                 _check_base_copy(weights_path, key, tensor, canon[module][1], shape)
                 continue
-            raise AdapterError(f"{weights_path}: tensor {key!r} is not a LoRA weight that {config.path} explains "
-                               "(expected ...lora_A.weight / ...lora_B.weight of a target module); remove it or "
-                               "fix target_modules")
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} is not a LoRA weight that {config.path} explains "
+                "(expected ...lora_A.weight / ...lora_B.weight of a target module); remove it or "
+                "fix target_modules"
+            )
         adapter_names.setdefault(m["adapter"] or "default", key)
         if len(adapter_names) > 1:
             names = ", ".join(repr(n) for n in adapter_names)
-            raise AdapterError(f"{weights_path} holds weights of several adapters ({names}, e.g. tensor {key!r}); "
-                               "save each adapter to its own directory")
+            raise AdapterError(
+                f"{weights_path} holds weights of several adapters ({names}, e.g. tensor {key!r}); "
+                "save each adapter to its own directory"
+            )
         module = _canonical(m["module"], canon)
         leaf = module.rsplit(".", 1)[-1]
         if leaf not in SUPPORTED_MODULES:
-            raise AdapterError(f"{weights_path}: tensor {key!r} puts LoRA on module {leaf!r}, which loraserve does "
-                               f"not support; supported: {', '.join(SUPPORTED_MODULES)}")
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} puts LoRA on module {leaf!r}, which loraserve does "
+                f"not support; supported: {', '.join(SUPPORTED_MODULES)}"
+            )
         if module not in canon:
             lm = _LAYER_PATH.fullmatch(module)
             if lm and int(lm["idx"]) >= shape.num_layers:
-                raise AdapterError(f"{weights_path}: tensor {key!r} is for layer {lm['idx']} but the base model has "
-                                   f"{_layers(shape.num_layers)}; this adapter was trained for a different base model")
-            raise AdapterError(f"{weights_path}: tensor {key!r} names module {m['module']!r}, which is not a module "
-                               "of a Llama-family model; this adapter was trained for a different architecture")
+                raise AdapterError(
+                    f"{weights_path}: tensor {key!r} is for layer {lm['idx']} but the base model has "
+                    f"{_layers(shape.num_layers)}; this adapter was trained for a different base model"
+                )
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} names module {m['module']!r}, which is not a module "
+                "of a Llama-family model; this adapter was trained for a different architecture"
+            )
         if module not in targeted:
-            raise AdapterError(f"{weights_path}: tensor {key!r} is for module {module}, which {config.path} does not "
-                               f"target (target_modules {config.target_modules!r}, layers_to_transform "
-                               f"{config.layers_to_transform}); the config and the weights disagree")
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} is for module {module}, which {config.path} does not "
+                f"target (target_modules {config.target_modules!r}, layers_to_transform "
+                f"{config.layers_to_transform}); the config and the weights disagree"
+            )
         kind = m["kind"]
         if (kind.startswith("lora_embedding")) != (canon[module][1] == "embed_tokens"):
-            raise AdapterError(f"{weights_path}: tensor {key!r} is a {kind} tensor, which PEFT does not write for "
-                               f"{module}; re-save the adapter with save_pretrained()")
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} is a {kind} tensor, which PEFT does not write for "
+                f"{module}; re-save the adapter with save_pretrained()"
+            )
         slot = found.setdefault(module, {})
         if kind in slot:
             raise AdapterError(f"{weights_path}: tensors {slot[kind][0]!r} and {key!r} both hold {kind} of {module}")
@@ -171,22 +220,36 @@ def _group_tensors(tensors: dict[str, torch.Tensor], weights_path: Path, config:
     return found
 
 
-def _check_shape(path: Path, key: str, tensor: torch.Tensor, expected: tuple[int, int], rank_axis: int,
-                 rank_from: str, module: str, shape: BaseModelShape) -> None:
+def _check_shape(
+    path: Path,
+    key: str,
+    tensor: torch.Tensor,
+    expected: tuple[int, int],
+    rank_axis: int,
+    rank_from: str,
+    module: str,
+    shape: BaseModelShape,
+) -> None:
     if not tensor.is_floating_point():
         raise AdapterError(f"{path}: tensor {key!r} has dtype {tensor.dtype}; LoRA weights must be floating point")
     actual = tuple(tensor.shape)
     if actual != expected:
         size_axis = 1 - rank_axis
         if len(actual) == 2 and actual[size_axis] == expected[size_axis]:
-            why = (f"its rank {actual[rank_axis]} disagrees with {rank_from} = {expected[rank_axis]} in "
-                   f"{CONFIG_NAME}; the config and the weights disagree, re-save the adapter")
+            why = (
+                f"its rank {actual[rank_axis]} disagrees with {rank_from} = {expected[rank_axis]} in "
+                f"{CONFIG_NAME}; the config and the weights disagree, re-save the adapter"
+            )
         else:
-            why = f"the base model's {module} is {shape.module_features()[module][0]} -> " \
-                  f"{shape.module_features()[module][1]}; this adapter does not fit the base model"
+            why = (
+                f"the base model's {module} is {shape.module_features()[module][0]} -> "
+                f"{shape.module_features()[module][1]}; this adapter does not fit the base model"
+            )
             if module in EMBEDDING_MODULES and len(actual) == 2 and shape.vocab_size not in actual:
-                why += (f" (its vocabulary differs from the base model's {shape.vocab_size} tokens, and adapters "
-                        "with added tokens are not supported)")
+                why += (
+                    f" (its vocabulary differs from the base model's {shape.vocab_size} tokens, and adapters "
+                    "with added tokens are not supported)"
+                )
         raise AdapterError(f"{path}: tensor {key!r} has shape {actual}, expected {expected}: {why}")
     if not bool(torch.isfinite(tensor).all()):
         raise AdapterError(f"{path}: tensor {key!r} holds NaN or infinite values; the adapter is corrupt")
@@ -195,6 +258,8 @@ def _check_shape(path: Path, key: str, tensor: torch.Tensor, expected: tuple[int
 def _check_base_copy(path: Path, key: str, tensor: torch.Tensor, module: str, shape: BaseModelShape) -> None:
     expected = (shape.vocab_size, shape.hidden_size)
     if tuple(tensor.shape) != expected:
-        raise AdapterError(f"{path}: tensor {key!r} (the {module} weights PEFT saves beside embedding LoRA) has shape "
-                           f"{tuple(tensor.shape)}, expected {expected}; an adapter whose vocabulary differs from the "
-                           "base model's (added tokens) is not supported")
+        raise AdapterError(
+            f"{path}: tensor {key!r} (the {module} weights PEFT saves beside embedding LoRA) has shape "
+            f"{tuple(tensor.shape)}, expected {expected}; an adapter whose vocabulary differs from the "
+            "base model's (added tokens) is not supported"
+        )

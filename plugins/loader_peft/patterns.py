@@ -27,8 +27,10 @@ MATCH_BUDGET_S = 1.0
 def check_pattern(path: str, field: str, pattern: str) -> None:
     """Refuse a regex of ``field`` that is too long or that ``re`` (as PEFT) cannot compile."""
     if len(pattern) > MAX_PATTERN_CHARS:
-        raise AdapterError(f"{path}: {field} regex {pattern[:60]!r}... is {len(pattern)} characters long, more than "
-                           f"the {MAX_PATTERN_CHARS} allowed; shorten it, or give the module names as a list")
+        raise AdapterError(
+            f"{path}: {field} regex {pattern[:60]!r}... is {len(pattern)} characters long, more than "
+            f"the {MAX_PATTERN_CHARS} allowed; shorten it, or give the module names as a list"
+        )
     try:
         re.compile(pattern)
     except re.error as exc:
@@ -61,6 +63,8 @@ class PatternBudget:
             self.left -= time.perf_counter() - started
 
     def _refusal(self, shown: str, field: str) -> AdapterError:
-        return AdapterError(f"{self.path}: {field} regex {shown!r} takes more than {self.seconds:g} s to match the "
-                            "base model's module names (it backtracks catastrophically); simplify it, or give the "
-                            "module names as a list")
+        return AdapterError(
+            f"{self.path}: {field} regex {shown!r} takes more than {self.seconds:g} s to match the "
+            "base model's module names (it backtracks catastrophically); simplify it, or give the "
+            "module names as a list"
+        )

@@ -12,9 +12,13 @@ from loraserve.contract import PluginOptions
 class EinsumOptions(PluginOptions):
     """Options of the example plugin (the einsum LoRA backend)."""
 
-    einsum_priority: int = Field(-1, description=(
-        "Priority of the einsum backend on every device; above the built-ins' (100 for csgmv on CUDA and torch "
-        "on CPU) it becomes the default LoRA backend."))
+    einsum_priority: int = Field(
+        -1,
+        description=(
+            "Priority of the einsum backend on every device; above the built-ins' (100 for csgmv on CUDA and torch "
+            "on CPU) it becomes the default LoRA backend."
+        ),
+    )
 
 
 def _make_backend(settings=None, device="cpu", options=None):
@@ -37,8 +41,12 @@ def loraserve_register_options(register):
 @hookimpl
 def loraserve_register_backends(register, options):
     priority = options.einsum_priority
-    register("einsum", _make_backend, description="per-token gathered weights applied with einsum (example)",
-             priority={"cpu": priority, "cuda": priority})
+    register(
+        "einsum",
+        _make_backend,
+        description="per-token gathered weights applied with einsum (example)",
+        priority={"cpu": priority, "cuda": priority},
+    )
 
 
 @hookimpl
