@@ -364,7 +364,7 @@ def test_engine_greedy_tokens_match_torch_backend(tiny_adapters):
                 engine.lora.backend.tuning["shrink_in_gemm"] = how == "gemm"
             results[name] = engine.generate(input_ids=prompts, sampling_params=params, lora_path=adapters)
             if how:  # the path asked for really ran: the layers' GEMMs did (not) include the A rows
-                assert set(engine.lora._shrink_in_gemm_now.values()) == {how == "gemm"}
+                assert set(engine.lora.hooks.shrink_in_gemm_now.values()) == {how == "gemm"}
         finally:
             engine.shutdown()
     expected = [r["output_ids"] for r in results["torch"]]

@@ -212,7 +212,7 @@ def test_abort_and_unload_while_copies_are_in_flight(setup):
             engine.scheduler.add(r)
         lora.before_schedule()
         assert lora.copies_in_flight == 2
-        slot_rank1 = lora.pool.slot_of(waiting[0].lora.key)
+        slot_rank1 = lora.pool.slot_of(waiting[0].adapter_ref.key)
         engine._abort(waiting[0].request_id)  # its copy goes on; nobody waits for it any more
         assert waiting[0].finished and waiting[0].adapter_ref is None  # finished, its adapter reference released
         engine._abort(waiting[1].request_id)

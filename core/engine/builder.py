@@ -1,7 +1,8 @@
 """Building an engine's parts from settings: model, tokenizer, KV cache, LoRA pools, scheduler.
 
-Kept apart from ``engine.py`` so the engine reads as the step loop and its API, and the sizing
-decisions (how many KV tokens, which LoRA rank and modules) sit in one place.
+Kept apart from ``engine.py`` so the engine reads as the step loop and its API. The sizing
+decisions sit here (how many KV tokens) and in :mod:`~loraserve.engine.lora_builder` (which LoRA
+rank and modules).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loraserve.contract import AttentionSpec
+from loraserve.engine.lora_builder import build_lora
 from loraserve.errors import ConfigError
-from loraserve.lora.targets import LAYER_MODULES, SUPPORTED_MODULES
 from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
 from loraserve.models.dtypes import to_torch_device, to_torch_dtype
 from loraserve.runner.model_runner import ModelRunner
@@ -26,7 +27,6 @@ from loraserve.settings import Settings
 
 if TYPE_CHECKING:
     from loraserve.lora.manager import LoRAManager
-    from loraserve.lora.policy import AdapterSourcePolicy
     from loraserve.runner.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger("loraserve.engine.engine")
@@ -34,7 +34,6 @@ logger = logging.getLogger("loraserve.engine.engine")
 BLOCK_SIZE = 16
 CPU_KV_BUDGET_BYTES = 1 << 30
 CPU_MAX_KV_TOKENS = 32768
-DEFAULT_MAX_LORA_RANK = 64
 CUDA_ACTIVATION_RESERVE_BYTES = 2 << 30
 
 
@@ -71,14 +70,7 @@ def build_components(
     the CUDA-graph capture run collectives). On rank 0 of several, ``send_step`` and ``mirror_lora``
     (the :class:`~loraserve.engine.tp.TPDriver`'s) hand every step and every LoRA slot decision to
     the other ranks."""
-    device = to_torch_device(settings.resolved_device())
-    tp = None
-    if settings.tp_size > 1:
-        from loraserve.distributed import TensorParallel
-
-        tp = TensorParallel(tp_rank, settings.tp_size)
-        if device.type == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
+    device, tp = device_and_tp(settings, tp_rank)
     dtype = to_torch_dtype(settings.resolved_dtype(), device)
     backend_name, attention_name = choose_plugins(settings, plugins, device.type)
     source = resolve_model_source(settings)
@@ -103,25 +95,8 @@ def build_components(
     kv = build_kv_cache(settings, model, device, dtype, tp)
     scheduler = build_scheduler(settings, kv, device, lora)
     max_running = scheduler.max_running
-    attention = plugins.attention_backends.create(
-        attention_name,
-        AttentionSpec(
-            kv=kv,
-            device=device,
-            sliding_window=getattr(model, "sliding_window", None),
-            max_seqs=max_running,
-            context_len=context_len,
-        ),
-    )
-    graphs = build_decode_graphs(settings, model, attention, lora, device, max_running, backend_name)
-    runner = ModelRunner(
-        model,
-        kv,
-        device,
-        prepare_lora=lora.prepare if lora is not None else None,
-        attention=attention,
-        graphs=graphs,
-        before_step=send_step,
+    runner = build_runner(
+        settings, plugins, attention_name, backend_name, model, kv, lora, device, max_running, context_len, send_step
     )
     return Components(
         device=device,
@@ -142,6 +117,58 @@ def build_components(
     )
 
 
+def device_and_tp(settings: Settings, tp_rank: int) -> tuple[torch.device, Any]:
+    """The device this rank runs on, and its :class:`~loraserve.distributed.TensorParallel` (None
+    with ``--tp-size 1``)."""
+    device = to_torch_device(settings.resolved_device())
+    tp = None
+    if settings.tp_size > 1:
+        from loraserve.distributed import TensorParallel
+
+        tp = TensorParallel(tp_rank, settings.tp_size)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device, tp
+
+
+def build_runner(
+    settings: Settings,
+    plugins: Any,
+    attention_name: str,
+    backend_name: str,
+    model: torch.nn.Module,
+    kv: KVCache,
+    lora: LoRAManager | None,
+    device: torch.device,
+    max_running: int,
+    context_len: int,
+    send_step: Callable[[list], None] | None,
+) -> ModelRunner:
+    """The model runner, with the attention backend ``attention_name`` over the KV cache (for up to
+    ``max_running`` sequences of up to ``context_len`` tokens) and its decode graphs, if any;
+    ``send_step`` (tensor parallelism) sees every step first."""
+    attention = plugins.attention_backends.create(
+        attention_name,
+        AttentionSpec(
+            kv=kv,
+            device=device,
+            sliding_window=getattr(model, "sliding_window", None),
+            max_seqs=max_running,
+            context_len=context_len,
+        ),
+    )
+    graphs = build_decode_graphs(settings, model, attention, lora, device, max_running, backend_name)
+    return ModelRunner(
+        model,
+        kv,
+        device,
+        prepare_lora=lora.prepare if lora is not None else None,
+        attention=attention,
+        graphs=graphs,
+        before_step=send_step,
+    )
+
+
 def load_tokenizer_or_none(settings: Settings, source: Any) -> Any:
     """The model's tokenizer; None (requests must send input_ids) when the model has none and no
     ``--tokenizer-path`` was given."""
@@ -152,70 +179,6 @@ def load_tokenizer_or_none(settings: Settings, source: Any) -> Any:
             raise
         logger.warning("%s; serving without a tokenizer: requests must send input_ids", exc)
         return None
-
-
-def build_lora(
-    settings: Settings,
-    plugins: Any,
-    model: torch.nn.Module,
-    backend_name: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    run_in_engine: Callable,
-    *,
-    mirror: Callable[[tuple], None] | None,
-    running: Callable[[], list],
-    waiting: Callable[[], Any],
-) -> LoRAManager | None:
-    """The LoRA manager and its GPU slot pool (None without LoRA); ``mirror``, ``running`` and
-    ``waiting`` go to its slot admission."""
-    if not settings.lora_enabled:
-        return None
-    from loraserve.lora.manager import LoRAManager
-    from loraserve.lora.policy import AdapterSourcePolicy
-
-    policy = AdapterSourcePolicy.from_settings(settings)
-    max_rank, targets = infer_lora_limits(settings, plugins, policy)
-    backend = plugins.backends.create(backend_name, settings, device)
-    copy_engine = None
-    if settings.enable_lora_overlap_loading and device.type == "cuda":
-        from loraserve.lora.overlap import CudaStreamCopies
-
-        copy_engine = CudaStreamCopies(device)
-    lora = LoRAManager(
-        settings,
-        plugins,
-        model,
-        backend,
-        max_rank,
-        targets,
-        device,
-        dtype,
-        run_in_engine,
-        policy=policy,
-        running=running,
-        waiting=waiting,
-        copy_engine=copy_engine,
-        pin_host=copy_engine is not None,
-        mirror=mirror,
-    )
-    logger.info(
-        "LoRA: backend %s, %d slots, max rank %d, modules %s, LoRA slot pool %.1f MiB on %s",
-        backend_name,
-        settings.max_loras_per_batch,
-        max_rank,
-        ",".join(targets),
-        lora.pool.nbytes / 2**20,
-        device.type,
-    )
-    if copy_engine is not None:
-        logger.info(
-            "LoRA overlap loading: copies on a side stream, page-locked host copies of at most %d adapters",
-            settings.host_cache_capacity,
-        )
-    elif settings.enable_lora_overlap_loading:
-        logger.info("LoRA overlap loading has no effect on %s: adapters are copied synchronously", device.type)
-    return lora
 
 
 def build_kv_cache(
@@ -332,36 +295,6 @@ def kv_budget_tokens(
             f"no memory left for the KV cache ({budget / 2**20:.0f} MiB); use a smaller model or --max-total-tokens"
         )
     return int(tokens)
-
-
-def infer_lora_limits(
-    settings: Settings, plugins: Any, policy: AdapterSourcePolicy | None = None
-) -> tuple[int, list[str]]:
-    """--max-lora-rank and --lora-target-modules, inferred from --lora-paths when not given (as SGLang);
-    ``policy`` (an AdapterSourcePolicy) is asked before an adapter's config is read."""
-    ranks, modules = [], set()
-    if settings.lora_paths and (settings.max_lora_rank is None or settings.lora_target_modules is None):
-        loaders = [plugins.loaders.create(r.name) for r in plugins.loaders]
-        for spec in settings.lora_paths:
-            if policy is not None:
-                policy.check_source(spec.lora_path, runtime=False)
-            loader = next((ld for ld in loaders if ld.can_load(spec.lora_path)), None)
-            if loader is None:
-                raise ConfigError(
-                    f"--lora-paths {spec.lora_name}={spec.lora_path}: no adapter loader can read "
-                    "it; give a PEFT adapter directory"
-                )
-            summary = loader.peek(spec.lora_path, policy=policy)
-            ranks.append(summary.rank)
-            modules |= set(summary.target_modules)
-    max_rank = settings.max_lora_rank or max(ranks, default=DEFAULT_MAX_LORA_RANK)
-    if settings.lora_target_modules is not None:
-        targets = list(settings.lora_target_modules)
-    elif modules:
-        targets = [m for m in SUPPORTED_MODULES if m in modules]
-    else:
-        targets = list(LAYER_MODULES)
-    return max_rank, targets
 
 
 def eos_ids(config: Any, tokenizer: Any, source: Any) -> set[int]:

@@ -1,29 +1,28 @@
 """The engine: owns the settings, plugins, model, KV cache, scheduler and sampler, and runs steps.
 
 Each ``Engine`` is self-contained (no module-level state), so tests build engines side by side.
-One engine thread runs the step loop; other threads (the HTTP server's event loop, a test)
-submit requests and aborts through a small inbox and receive :class:`RequestOutput` deltas
-through each request's sink. :meth:`Engine.generate` is the blocking Python API,
-:meth:`Engine.generate_async` and :meth:`Engine.stream` the asyncio ones (SGLang's arguments).
+One engine thread (:mod:`~loraserve.engine.loop`) runs the step loop; other threads (the HTTP
+server's event loop, a test) submit requests and aborts through a small inbox and receive
+:class:`RequestOutput` deltas through each request's sink. :meth:`Engine.generate` is the blocking
+Python API, :meth:`Engine.generate_async` and :meth:`Engine.stream` the asyncio ones (SGLang's
+arguments, :mod:`~loraserve.engine.python_api`).
 ``Engine`` is an :class:`~loraserve.contract.EngineClient`, the surface the HTTP frontends use.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraserve.contract import EngineClient, EngineStats, ModelInfo
-from loraserve.engine import adapters
+from loraserve.engine import adapters, python_api
 from loraserve.engine.builder import build_components
-from loraserve.engine.intake import Intake, check_fits, check_sampling_params, split_batch
+from loraserve.engine.intake import Intake, check_fits, check_sampling_params
+from loraserve.engine.loop import EngineLoop
 from loraserve.engine.outputs import OutputBuilder
 from loraserve.engine.stats import effective_settings, take_stats
 from loraserve.errors import UserError
@@ -32,9 +31,34 @@ from loraserve.sched.request import Request, RequestOutput, Status
 from loraserve.sched.sampling_params import SamplingParams, TokenHistory, make_generator
 from loraserve.settings import Settings
 
+if TYPE_CHECKING:
+    from loraserve.engine.tp import TPDriver
+
 logger = logging.getLogger("loraserve.engine.engine")
 
 IDLE_POLL_S = 0.0005  # how often an idle engine looks at in-flight adapter copies
+
+
+def default_plugins(settings: Settings) -> PluginManager:
+    """The plugin manager the settings ask for (``--plugins``, ``--disable-plugin``, tracing)."""
+    return PluginManager(allow=settings.plugins, deny=settings.disable_plugin, trace=settings.trace_plugins)
+
+
+def start_tp(settings: Settings, plugins: PluginManager) -> TPDriver | None:
+    """With ``--tp-size > 1``, the :class:`~loraserve.engine.tp.TPDriver` of the other ranks, with
+    this process joined to their group as rank 0; else None."""
+    if settings.tp_size <= 1:
+        return None
+    from loraserve.engine.tp import TPDriver, check_before_start, init_group
+
+    check_before_start(settings, plugins)
+    tp = TPDriver(settings)
+    try:
+        init_group(0, settings.tp_size, tp.port, settings.resolved_device())
+    except BaseException:
+        tp.shutdown(timeout=5)
+        raise
+    return tp
 
 
 class Engine(EngineClient):
@@ -43,37 +67,19 @@ class Engine(EngineClient):
 
     def __init__(self, settings: Settings | None = None, plugins: PluginManager | None = None):
         self.settings = settings if settings is not None else Settings()
-        self.plugins = (
-            plugins
-            if plugins is not None
-            else PluginManager(
-                allow=self.settings.plugins, deny=self.settings.disable_plugin, trace=self.settings.trace_plugins
-            )
-        )
+        self.plugins = plugins if plugins is not None else default_plugins(self.settings)
         self.plugins.load()
         self.plugins.configure(self.settings.plugin_options)
         self.settings.check_supported()
         self._ids = itertools.count()
-        self._cond = threading.Condition()
-        self._inbox: list[Callable[[], None]] = []
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        #: the engine thread, and the calls other threads post to it
+        self._loop = EngineLoop(self.step, lambda: self.scheduler.has_work(), self._abort_all, self._fail_all)
         self.step_count = 0
         #: steps run and their wall time (model, sampling, delivery), for steps that only decode
         #: and for steps with prefill tokens: ``{kind: [steps, seconds]}``
         self.step_stats: dict[str, list] = {"decode": [0, 0.0], "prefill": [0, 0.0]}
         #: tensor parallelism (--tp-size > 1): this process is rank 0 and drives the other ranks
-        self.tp = None
-        if self.settings.tp_size > 1:
-            from loraserve.engine.tp import TPDriver, check_before_start, init_group
-
-            check_before_start(self.settings, self.plugins)
-            self.tp = TPDriver(self.settings)
-            try:
-                init_group(0, self.settings.tp_size, self.tp.port, self.settings.resolved_device())
-            except BaseException:
-                self.tp.shutdown(timeout=5)
-                raise
+        self.tp = start_tp(self.settings, self.plugins)
         try:
             parts = build_components(
                 self.settings,
@@ -98,11 +104,15 @@ class Engine(EngineClient):
             self.tokenizer, self.context_len, self.settings.max_queued_requests, self.settings.max_prompt_chars
         )
         if self.lora is not None and self.settings.lora_paths:
-            from tqdm.auto import tqdm
+            self._load_startup_adapters()
 
-            specs = self.settings.lora_paths
-            for spec in tqdm(specs, desc="loading adapters", unit="adapter", disable=len(specs) < 2):
-                self.lora.load_adapter(spec.lora_name, spec.lora_path, pinned=spec.pinned, runtime=False)
+    def _load_startup_adapters(self) -> None:
+        """The adapters of ``--lora-paths``."""
+        from tqdm.auto import tqdm
+
+        specs = self.settings.lora_paths
+        for spec in tqdm(specs, desc="loading adapters", unit="adapter", disable=len(specs) < 2):
+            self.lora.load_adapter(spec.lora_name, spec.lora_path, pinned=spec.pinned, runtime=False)
 
     def effective_settings(self) -> dict[str, Any]:
         return effective_settings(
@@ -176,28 +186,12 @@ class Engine(EngineClient):
     def call_in_engine(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result (or raise its
         exception). Runs inline when called from the engine thread or before the loop started."""
-        if self._thread is None or threading.current_thread() is self._thread:
-            return fn()
-        future: Future = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self._post(run)
-        return future.result()
+        return self._loop.call(fn)
 
     def _post(self, fn: Callable[[], None]) -> None:
-        with self._cond:
-            if self._stopping:
-                raise UserError("the engine is shutting down; no new requests are accepted")
-            self._inbox.append(fn)
-            self._cond.notify()
-        self.start()
+        self._loop.post(fn)
 
-    # -- the Python API -----------------------------------------------------------------------------
+    # -- the Python API (SGLang's arguments; see loraserve.engine.python_api) ----------------------
 
     def generate(
         self,
@@ -208,56 +202,19 @@ class Engine(EngineClient):
     ) -> dict | list[dict]:
         """Generate for one prompt or a batch; blocks. The arguments are SGLang's ``Engine.generate``
         ones, so ``lora_path`` (an adapter name, or one per input) keeps SGLang's name here too."""
-        requests, single = self._build_batch(prompt, sampling_params, lora_path, input_ids)
-        finished = [threading.Event() for _ in requests]
-        for r, event in zip(requests, finished):
-            r.sink = lambda out, event=event: out.finished and event.set()
-        self.submit(requests)
-        for event in finished:
-            event.wait()
-        results = [self.outputs.final(r) for r in requests]
-        return results[0] if single else results
+        return python_api.generate(self, prompt, sampling_params, lora_path, input_ids)
 
     async def generate_async(self, prompt=None, sampling_params=None, lora_path=None, input_ids=None):
         """Like :meth:`generate`, awaiting instead of blocking."""
-        requests, single = self._build_batch(prompt, sampling_params, lora_path, input_ids)
-        async for _ in self.stream(requests=requests):
-            pass
-        results = [self.outputs.final(r) for r in requests]
-        return results[0] if single else results
+        return await python_api.generate_async(self, prompt, sampling_params, lora_path, input_ids)
 
-    async def stream(
+    def stream(
         self, prompt=None, sampling_params=None, lora_path=None, input_ids=None, requests: list[Request] | None = None
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield ``(index, delta)`` pairs as tokens are produced; aborts the requests if the
         consumer stops early (a client disconnect). Either ``requests`` (from :meth:`make_request`,
         as :meth:`EngineClient.stream`) or SGLang's ``generate`` arguments."""
-        if requests is None:
-            requests, _ = self._build_batch(prompt, sampling_params, lora_path, input_ids)
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        index = {r.request_id: i for i, r in enumerate(requests)}
-        for r in requests:
-            r.sink = lambda out, r=r: loop.call_soon_threadsafe(queue.put_nowait, (index[r.request_id], out))
-        self.submit(requests)
-        pending = len(requests)
-        try:
-            while pending:
-                i, out = await queue.get()
-                pending -= out.finished
-                yield i, out
-        finally:
-            for r in requests:
-                if not r.finished:
-                    r.sink = None  # the consumer is gone: nothing to deliver the abort to
-                    self.abort(r.request_id)
-
-    def _build_batch(self, prompt, sampling_params, lora_path, input_ids) -> tuple[list[Request], bool]:
-        items, single = split_batch(prompt, sampling_params, lora_path, input_ids)
-        return [
-            self.make_request(prompt=text, input_ids=ids, params=params, adapter=adapter)
-            for text, ids, params, adapter in items
-        ], single
+        return python_api.stream(self, prompt, sampling_params, lora_path, input_ids, requests)
 
     # -- the model, adapters and stats (EngineClient; any thread unless it says otherwise) ---------
 
@@ -311,17 +268,10 @@ class Engine(EngineClient):
     # -- the engine thread --------------------------------------------------------------------------
 
     def start(self) -> None:
-        with self._cond:
-            if self._thread is None and not self._stopping:
-                self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
-                self._thread.start()
+        self._loop.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop.stop(timeout)
         self._stop_tp(timeout)
 
     def _stop_tp(self, timeout: float) -> None:
@@ -338,30 +288,17 @@ class Engine(EngineClient):
         if dist.is_initialized() and dist.get_backend() == "gloo":
             dist.destroy_process_group()
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._inbox and not self.scheduler.has_work() and not self._stopping:
-                    self._cond.wait()
-                inbox, self._inbox = self._inbox, []
-                stopping = self._stopping
-            for fn in inbox:
-                try:
-                    fn()
-                except Exception:  # the loop must survive anything a queued call does
-                    logger.exception("engine inbox call failed")
-            if stopping:
-                for r in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self._finish(r, "abort")
-                return
-            if self.scheduler.has_work():
-                try:
-                    self.step()
-                except Exception as exc:  # scheduling itself failed: fail everything rather than spin
-                    logger.exception("scheduling failed; every queued request is finished with an error")
-                    for r in list(self.scheduler.running) + list(self.scheduler.waiting):
-                        r.error = f"{type(exc).__name__}: {exc}"
-                        self._finish(r, "error")
+    def _abort_all(self) -> None:
+        """Finish every queued request as aborted (the engine is stopping)."""
+        for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(r, "abort")
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Scheduling itself failed: finish every queued request with the error rather than spin."""
+        logger.exception("scheduling failed; every queued request is finished with an error")
+        for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+            r.error = f"{type(exc).__name__}: {exc}"
+            self._finish(r, "error")
 
     def _admit(self, requests: list[Request]) -> None:
         try:

@@ -44,107 +44,128 @@ class _EngineCollector:
         s = self.snapshot
         if not s:
             return
-        gauges = [
-            ("num_requests_waiting", "Requests waiting to be scheduled (the queue length).", s["waiting"]),
-            ("num_requests_running", "Requests in the running batch.", s["running"]),
-            ("kv_cache_blocks_total", "KV-cache blocks.", s["kv_blocks_total"]),
-            ("kv_cache_blocks_free", "Free KV-cache blocks.", s["kv_blocks_free"]),
-            (
-                "kv_cache_usage_ratio",
-                "Fraction of KV-cache blocks in use.",
-                1.0 - s["kv_blocks_free"] / max(1, s["kv_blocks_total"]),
-            ),
-        ]
-        if "lora_slots_total" in s:
-            gauges += [
-                ("lora_slots_total", "GPU adapter slots (the base model counts as one).", s["lora_slots_total"]),
-                (
-                    "lora_slots_in_use",
-                    "GPU adapter slots holding an adapter or the base model.",
-                    s["lora_slots_in_use"],
-                ),
-                ("lora_host_cache_adapters", "Adapters held in the host cache.", s["lora_host_cached"]),
-                ("lora_adapters_loaded", "Adapters registered (loaded by name).", s["lora_adapters"]),
-                (
-                    "lora_copies_in_flight",
-                    "Adapter copies to GPU slots not finished yet (overlap loading).",
-                    s["lora_copies_in_flight"],
-                ),
-            ]
-        for name, doc, value in gauges:
-            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
-            family.add_metric([], float(value))
-            yield family
-        steps = CounterMetricFamily(
-            f"{PREFIX}_engine_steps",
-            "Engine steps run, by kind (decode only, or with prefill tokens).",
-            labels=["kind"],
-        )
-        seconds = CounterMetricFamily(
-            f"{PREFIX}_engine_step_seconds",
-            "Wall time of engine steps (model, sampling, delivery), by kind.",
-            labels=["kind"],
-        )
-        for kind, (count, secs) in s.get("steps", {}).items():
-            steps.add_metric([kind], float(count))
-            seconds.add_metric([kind], float(secs))
-        yield steps
-        yield seconds
+        yield from _gauges(s)
+        yield from _steps(s.get("steps", {}))
         counters = s.get("lora_counters")
         if counters is not None:
-            for name, doc, key in (
-                ("lora_loads", "Adapters loaded (by name, including reloads).", "loads"),
-                ("lora_slot_hits", "Adapter lookups that found it in a GPU slot.", "hits"),
-                ("lora_slot_misses", "Adapter lookups that had to copy it into a slot.", "misses"),
-                ("lora_host_reloads", "Adapters re-read from their source after a host eviction.", "host_reloads"),
-                ("lora_slot_fills", "Adapter weights copied into a GPU slot.", "slot_fills"),
-                ("lora_copied_bytes", "Bytes of adapter weights copied host to GPU.", "bytes_copied"),
-                (
-                    "lora_copy_seconds",
-                    "Time spent copying adapters into GPU slots (GPU-timed with overlap loading).",
-                    "copy_seconds",
-                ),
-                (
-                    "lora_copy_wait_seconds",
-                    "Time requests waited for their adapter's copy (overlap loading).",
-                    "copy_wait_seconds",
-                ),
-                ("lora_prefetches", "Adapter copies started for waiting requests before their turn.", "prefetches"),
-            ):
-                family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
-                family.add_metric([], float(counters.get(key, 0)))
-                yield family
-            family = CounterMetricFamily(
-                f"{PREFIX}_lora_evictions", "Adapter evictions, by memory tier.", labels=["tier"]
-            )
-            family.add_metric(["gpu"], float(counters.get("gpu_evictions", 0)))
-            family.add_metric(["host"], float(counters.get("host_evictions", 0)))
-            yield family
+            yield from _lora_counters(counters)
         residency = s.get("lora_residency")
         if residency is not None:
-            family = GaugeMetricFamily(
-                f"{PREFIX}_lora_adapter_resident",
-                "1 when the memory tier (gpu: a GPU "
-                "adapter slot, host: the host cache) holds the loaded adapter, else 0.",
-                labels=["adapter", "rank", "pinned", "tier"],
-            )
-            for adapter, rank, pinned, on_gpu, on_host in residency:
-                labels = [adapter, str(rank), "true" if pinned else "false"]
-                family.add_metric([*labels, "gpu"], 1.0 if on_gpu else 0.0)
-                family.add_metric([*labels, "host"], 1.0 if on_host else 0.0)
-            yield family
+            yield _residency(residency)
         info = s.get("lora_requests_info")
         if info is not None:
-            family = GaugeMetricFamily(
-                f"{PREFIX}_lora_requests_info",
-                "Adapters of running and of waiting "
-                "requests (comma-separated names) and max_lora (--max-loras-per-batch); the "
-                "value is when the engine was seen (unix seconds), as vLLM's "
-                "lora_requests_info.",
-                labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
-            )
-            family.add_metric([info["running"], info["waiting"], str(info["max_lora"])], info["time"])
-            yield family
+            yield _requests_info(info)
+
+
+LORA_COUNTERS = (
+    ("lora_loads", "Adapters loaded (by name, including reloads).", "loads"),
+    ("lora_slot_hits", "Adapter lookups that found it in a GPU slot.", "hits"),
+    ("lora_slot_misses", "Adapter lookups that had to copy it into a slot.", "misses"),
+    ("lora_host_reloads", "Adapters re-read from their source after a host eviction.", "host_reloads"),
+    ("lora_slot_fills", "Adapter weights copied into a GPU slot.", "slot_fills"),
+    ("lora_copied_bytes", "Bytes of adapter weights copied host to GPU.", "bytes_copied"),
+    (
+        "lora_copy_seconds",
+        "Time spent copying adapters into GPU slots (GPU-timed with overlap loading).",
+        "copy_seconds",
+    ),
+    (
+        "lora_copy_wait_seconds",
+        "Time requests waited for their adapter's copy (overlap loading).",
+        "copy_wait_seconds",
+    ),
+    ("lora_prefetches", "Adapter copies started for waiting requests before their turn.", "prefetches"),
+)
+
+
+def _gauges(s: Mapping[str, Any]):
+    """The scheduler's and the KV cache's gauges, and the adapter pools' when LoRA is enabled."""
+    gauges = [
+        ("num_requests_waiting", "Requests waiting to be scheduled (the queue length).", s["waiting"]),
+        ("num_requests_running", "Requests in the running batch.", s["running"]),
+        ("kv_cache_blocks_total", "KV-cache blocks.", s["kv_blocks_total"]),
+        ("kv_cache_blocks_free", "Free KV-cache blocks.", s["kv_blocks_free"]),
+        (
+            "kv_cache_usage_ratio",
+            "Fraction of KV-cache blocks in use.",
+            1.0 - s["kv_blocks_free"] / max(1, s["kv_blocks_total"]),
+        ),
+    ]
+    if "lora_slots_total" in s:
+        gauges += [
+            ("lora_slots_total", "GPU adapter slots (the base model counts as one).", s["lora_slots_total"]),
+            (
+                "lora_slots_in_use",
+                "GPU adapter slots holding an adapter or the base model.",
+                s["lora_slots_in_use"],
+            ),
+            ("lora_host_cache_adapters", "Adapters held in the host cache.", s["lora_host_cached"]),
+            ("lora_adapters_loaded", "Adapters registered (loaded by name).", s["lora_adapters"]),
+            (
+                "lora_copies_in_flight",
+                "Adapter copies to GPU slots not finished yet (overlap loading).",
+                s["lora_copies_in_flight"],
+            ),
+        ]
+    for name, doc, value in gauges:
+        family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
+        family.add_metric([], float(value))
+        yield family
+
+
+def _steps(by_kind: Mapping[str, tuple[int, float]]):
+    steps = CounterMetricFamily(
+        f"{PREFIX}_engine_steps",
+        "Engine steps run, by kind (decode only, or with prefill tokens).",
+        labels=["kind"],
+    )
+    seconds = CounterMetricFamily(
+        f"{PREFIX}_engine_step_seconds",
+        "Wall time of engine steps (model, sampling, delivery), by kind.",
+        labels=["kind"],
+    )
+    for kind, (count, secs) in by_kind.items():
+        steps.add_metric([kind], float(count))
+        seconds.add_metric([kind], float(secs))
+    yield steps
+    yield seconds
+
+
+def _lora_counters(counters: Mapping[str, Any]):
+    for name, doc, key in LORA_COUNTERS:
+        family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
+        family.add_metric([], float(counters.get(key, 0)))
+        yield family
+    family = CounterMetricFamily(f"{PREFIX}_lora_evictions", "Adapter evictions, by memory tier.", labels=["tier"])
+    family.add_metric(["gpu"], float(counters.get("gpu_evictions", 0)))
+    family.add_metric(["host"], float(counters.get("host_evictions", 0)))
+    yield family
+
+
+def _residency(residency) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        f"{PREFIX}_lora_adapter_resident",
+        "1 when the memory tier (gpu: a GPU adapter slot, host: the host cache) holds the loaded adapter, else 0.",
+        labels=["adapter", "rank", "pinned", "tier"],
+    )
+    for adapter, rank, pinned, on_gpu, on_host in residency:
+        labels = [adapter, str(rank), "true" if pinned else "false"]
+        family.add_metric([*labels, "gpu"], 1.0 if on_gpu else 0.0)
+        family.add_metric([*labels, "host"], 1.0 if on_host else 0.0)
+    return family
+
+
+def _requests_info(info: Mapping[str, Any]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        f"{PREFIX}_lora_requests_info",
+        "Adapters of running and of waiting "
+        "requests (comma-separated names) and max_lora (--max-loras-per-batch); the "
+        "value is when the engine was seen (unix seconds), as vLLM's "
+        "lora_requests_info.",
+        labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+    )
+    family.add_metric([info["running"], info["waiting"], str(info["max_lora"])], info["time"])
+    return family
 
 
 class _WithoutCreated(Collector):

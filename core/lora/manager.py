@@ -1,9 +1,10 @@
 """The LoRA manager: adapter lifecycle (load, unload, pin, evict) and the per-step batch info.
 
 It owns the registry, the host cache and the GPU pool, installs a LoRA hook on every targeted
-linear layer of the model, and builds each step's batch info (eagerly, or into the static buffers
-of a CUDA graph). The scheduler's question "may this request join the step?" and the filling of
-GPU slots (synchronous, or on a copy engine with overlap loading) are answered by the
+linear layer of the model (:mod:`~loraserve.lora.model_hooks`), and builds each step's batch info
+(eagerly, or into the static buffers of a CUDA graph: :mod:`~loraserve.lora.graph_buffers`). The
+scheduler's question "may this request join the step?" and the filling of GPU slots (synchronous,
+or on a copy engine with overlap loading) are answered by the
 :class:`~loraserve.lora.admission.SlotAdmission` it holds. Mutating calls run on the engine thread;
 ``load_adapter``/``unload_adapter`` do their slow parts (reading weights, waiting for in-flight
 requests) on the caller's thread and hand the state change to the engine thread through
@@ -23,13 +24,14 @@ from typing import Any
 import torch
 
 from loraserve.contract import LoRABatchInfo
-from loraserve.errors import ConfigError, Conflict, NotFound, UserError
+from loraserve.errors import Conflict, NotFound, UserError
 from loraserve.lora.adapter import BaseModelShape
 from loraserve.lora.admission import SlotAdmission, key_of
+from loraserve.lora.graph_buffers import GraphBatchInfoBuffers
+from loraserve.lora.model_hooks import LoRAModelHooks, make_pool
 from loraserve.lora.policy import AdapterSourcePolicy, check_adapter_name, shown
-from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
+from loraserve.lora.pools import BASE_KEY, HostAdapterCache
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
-from loraserve.lora.targets import EMBEDDING_MODULES, FUSED_MODULES
 
 logger = logging.getLogger("loraserve.lora")
 
@@ -76,8 +78,9 @@ class LoRAManager:
             settings.host_cache_capacity, plugins.eviction_policies.create(settings.lora_eviction_policy)
         )
         # the fused modules: those whose base GEMM may do the shrink
-        self.pool, self._shrink_in_gemm_modules = self._make_pool(model, dtype)
-        self._shrink_in_gemm_now: dict[str, bool] = {}
+        self.pool, shrink_in_gemm_modules = make_pool(
+            model, settings, plugins, backend, self.shape, max_rank, self.target_modules, dtype, device
+        )
         self.pin_host, self.dtype = pin_host, dtype
         # prefetch scans twice as many waiting requests as a batch has slots
         self.admission = SlotAdmission(
@@ -93,107 +96,9 @@ class LoRAManager:
             prefetch_lookahead=2 * settings.max_loras_per_batch,
         )
         self.loads = 0
-        self._active = False
-        self._logits_info: LoRABatchInfo | None = None
-        self._install_hooks(model)
-
-    def _make_pool(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[GpuAdapterPool, dict]:
-        """The GPU slot pool for the targeted modules of ``model``, and the modules whose base GEMM
-        may do the shrink (``{name: (in_dim, output offsets)}``)."""
-        settings, backend = self.settings, self.backend
-        # local sizes under tensor parallelism; ``shard`` tells the pool how to cut full adapters
-        modules, layers, shard = {}, {}, {}
-        for layer, name, module in model.lora_targets():
-            if any(m in self.target_modules for m in FUSED_MODULES[name]):
-                modules[name] = (module.input_size, tuple(module.output_offsets))
-                layers[(layer, name)] = module
-                if getattr(module, "shard_spec", None) is not None:
-                    shard[name] = module.shard_spec
-        extra = {}
-        tp_size = getattr(getattr(model, "tp", None), "size", 1)
-        if tp_size > 1 and any(m in self.target_modules for m in EMBEDDING_MODULES):
-            raise ConfigError(
-                f"LoRA on embed_tokens/lm_head is not supported with --tp-size {tp_size} > 1 (they are "
-                "vocab-parallel); drop them from --lora-target-modules or use --tp-size 1"
-            )
-        if "embed_tokens" in self.target_modules or "lm_head" in self.target_modules:
-            if not backend.supports_embedding:
-                raise UserError(
-                    f"LoRA backend {backend.name!r} does not support LoRA on embed_tokens/lm_head; "
-                    "use --lora-backend torch or drop them from --lora-target-modules"
-                )
-            if "embed_tokens" in self.target_modules:
-                extra["embed_tokens"] = (self.shape.vocab_size, self.shape.hidden_size)
-            if "lm_head" in self.target_modules:
-                extra["lm_head"] = (self.shape.hidden_size, self.shape.vocab_size)
-        # a backend that can take the shrink from the base GEMM gets each layer's A buffer as rows
-        # appended to that layer's weight (one allocation; the GEMM then reads x once for both)
-        a_storage = None
-        if getattr(backend, "supports_shrink_in_gemm", False):
-            a_storage = lambda layer, name, rows: layers[(layer, name)].append_rows(rows)  # noqa: E731
-        pool = GpuAdapterPool(
-            settings.max_loras_per_batch,
-            self.max_rank,
-            self.shape.num_layers,
-            modules,
-            extra,
-            dtype,
-            self.device,
-            self.plugins.eviction_policies.create(settings.lora_eviction_policy),
-            a_storage=a_storage,
-            shard=shard,
-        )
-        return pool, modules if a_storage is not None else {}
-
-    # -- model hooks ------------------------------------------------------------------------------
-
-    def _install_hooks(self, model: torch.nn.Module) -> None:
-        for layer, name, module in model.lora_targets():
-            if (layer, name) in self.pool.A:
-                in_gemm = (
-                    (lambda name=name: self._shrink_in_gemm_now.get(name, False))
-                    if name in self._shrink_in_gemm_modules
-                    else None
-                )
-                module.attach_lora(
-                    self._linear_hook(self.pool.A[(layer, name)], self.pool.B[(layer, name)], self.pool.offsets[name]),
-                    shrink_in_gemm=in_gemm,
-                )
-        if (-1, "lm_head") in self.pool.A:
-            A, B, vocab = self.pool.A[(-1, "lm_head")], self.pool.B[(-1, "lm_head")], self.shape.vocab_size
-
-            def lm_head_hook(x, out, A=A, B=B, vocab=vocab):
-                # logits are computed for the sampled rows only (one per sampling chunk), after every
-                # layer ran: switch the backend to that step's one-token-per-request batch info
-                if self._logits_info is not None:
-                    self.backend.prepare(self._logits_info)
-                    self.backend.run_lora(x, A, B, out, (0, vocab))
-
-            model.lm_head.attach_lora(lm_head_hook)
-        if (-1, "embed_tokens") in self.pool.A:
-            A, B = self.pool.A[(-1, "embed_tokens")], self.pool.B[(-1, "embed_tokens")]
-
-            def embed_hook(input_ids, out, A=A, B=B):
-                if self._active:
-                    self.backend.run_lora_embedding(input_ids, A, B, out)
-
-            model.model.embed_tokens.attach_lora(embed_hook)
-
-    def _linear_hook(self, A: torch.Tensor, B: torch.Tensor, offsets: tuple[int, ...]):
-        def hook(x, out, shrunk=None, defer=False):
-            """Add the delta into ``out``; with ``defer`` (the layer's consumer can add it) the
-            backend may instead return a LoRAEpilogue for that consumer, which is returned."""
-            if shrunk is not None:  # the base GEMM did the shrink (only on steps where _shrink_in_gemm_now says so)
-                if defer:
-                    epilogue = self.backend.expand_epilogue(B, offsets, shrunk)
-                    if epilogue is not None:
-                        return epilogue
-                self.backend.run_lora(x, A, B, out, offsets, shrunk=shrunk)
-            elif self._active:
-                self.backend.run_lora(x, A, B, out, offsets)
-            return None
-
-        return hook
+        #: the hooks on the model's targeted layers and the per-step state they read
+        self.hooks = LoRAModelHooks(model, backend, self.pool, max_rank, shrink_in_gemm_modules, self.shape.vocab_size)
+        self._graph_buffers: GraphBatchInfoBuffers | None = None
 
     # -- loading and unloading (caller thread) ----------------------------------------------------
 
@@ -378,25 +283,13 @@ class LoRAManager:
             self.pool.policy.touch(key)
         return seg_slot
 
-    def _shrink_in_gemm_decisions(self, num_tokens: int) -> dict[str, bool]:
-        """Per fused module, whether its base GEMM does the shrink this step. From host integers only
-        (tokens, shapes), so a captured step replays the same choice."""
-        return {
-            name: self.backend.wants_shrink_in_gemm(
-                num_tokens, in_dim, offs[-1], len(offs) - 1, self.max_rank, self.pool.num_slots
-            )
-            for name, (in_dim, offs) in self._shrink_in_gemm_modules.items()
-        }
-
     def prepare(self, chunks: list) -> None:
         """Build this step's LoRABatchInfo and hand it to the backend (engine thread)."""
         seg_slot = self._step_slots(chunks)
-        self._active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
-        self._logits_info = None
-        self._shrink_in_gemm_now = {}
-        if not self._active:
+        active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
+        self.hooks.begin_step(active, sum(c.num_tokens for c in chunks))
+        if not active:
             return
-        self._shrink_in_gemm_now = self._shrink_in_gemm_decisions(sum(c.num_tokens for c in chunks))
         info = LoRABatchInfo.build(
             [c.num_tokens for c in chunks],
             seg_slot,
@@ -408,16 +301,18 @@ class LoRAManager:
         self.backend.prepare(info)
         if (-1, "lm_head") in self.pool.A:
             sampled = [s for c, s in zip(chunks, seg_slot) if c.samples]
-            self._logits_info = LoRABatchInfo.build(
-                [1] * len(sampled),
-                sampled,
-                self.pool.ranks_host,
-                self.pool.scalings_host,
-                self.max_rank,
-                device=self.device,
+            self.hooks.set_logits_info(
+                LoRABatchInfo.build(
+                    [1] * len(sampled),
+                    sampled,
+                    self.pool.ranks_host,
+                    self.pool.scalings_host,
+                    self.max_rank,
+                    device=self.device,
+                )
             )
 
-    # -- CUDA graphs (engine thread) --------------------------------------------------------------
+    # -- CUDA graphs (engine thread; see loraserve.lora.graph_buffers) ----------------------------
 
     @property
     def graph_capturable(self) -> bool:
@@ -428,56 +323,22 @@ class LoRAManager:
         return bool(getattr(self.backend, "graph_capturable", False)) and not on_embeddings
 
     def init_graph_buffers(self, max_tokens: int) -> None:
-        """Static batch-info buffers for decode steps of up to ``max_tokens`` requests (one token
-        each), in one int32 device buffer ``[rank of each slot | scaling of each slot (float32 bits) |
-        slot of each row]`` refilled by one copy per step. Slot ``num_slots`` is a null slot of
-        rank 0 for the padding rows of a captured batch: the kernels skip rank-0 rows without
-        touching the pools, so it needs no A/B of its own."""
-        n, dev = self.pool.num_slots, self.device
-        self._g_meta = torch.zeros(2 * (n + 1) + max_tokens, dtype=torch.int32, device=dev)
-        self._g_meta[2 * (n + 1) :] = n
-        # pinned, so the copy is asynchronous; rewritten only after the previous step's sampling
-        # has synchronised with the device
-        self._g_stage = torch.empty_like(self._g_meta, device="cpu", pin_memory=dev.type == "cuda")
-        self._g_indptr = torch.arange(max_tokens + 1, dtype=torch.int32, device=dev)
+        """Static batch-info buffers for decode steps of up to ``max_tokens`` requests
+        (:class:`~loraserve.lora.graph_buffers.GraphBatchInfoBuffers`)."""
+        self._graph_buffers = GraphBatchInfoBuffers(self.pool.num_slots, self.max_rank, max_tokens, self.device)
 
     def begin_graph_capture(self, num_tokens: int) -> LoRABatchInfo:
         """Set the hooks up for capturing a decode step of ``num_tokens`` rows; returns its batch
         info (views of the static buffers, refilled by :meth:`prepare_graph_step` before every
         replay), for the caller to hand to ``backend.prepare`` inside the capture."""
-        self._active = True
-        self._logits_info = None
-        self._shrink_in_gemm_now = self._shrink_in_gemm_decisions(num_tokens)
-        n = self.pool.num_slots
-        slots = self._g_meta[2 * (n + 1) : 2 * (n + 1) + num_tokens]
-        return LoRABatchInfo(
-            num_tokens=num_tokens,
-            num_segments=num_tokens,
-            seg_indptr=self._g_indptr[: num_tokens + 1],
-            seg_slot=slots,
-            token_slot=slots,
-            ranks=self._g_meta[: n + 1],
-            scalings=self._g_meta[n + 1 : 2 * (n + 1)].view(torch.float32),
-            max_rank=self.max_rank,
-            seg_indptr_host=list(range(num_tokens + 1)),
-            seg_slot_host=[n] * num_tokens,
-            ranks_host=[0] * (n + 1),
-            scalings_host=[0.0] * (n + 1),
-        )
+        self.hooks.begin_step(True, num_tokens)
+        return self._graph_buffers.capture_info(num_tokens)
 
     def prepare_graph_step(self, chunks: list, num_tokens: int) -> None:
         """Fill the static buffers for a decode step (one token per chunk) padded to ``num_tokens``
         rows: one host-to-device copy of the slots, ranks and scalings."""
-        n = self.pool.num_slots
         seg_slot = self._step_slots(chunks)
-        end = 2 * (n + 1) + num_tokens
-        stage = self._g_stage
-        stage[: n + 1] = torch.tensor(self.pool.ranks_host + [0], dtype=torch.int32)
-        stage[n + 1 : 2 * (n + 1)] = torch.tensor(self.pool.scalings_host + [0.0], dtype=torch.float32).view(
-            torch.int32
-        )
-        stage[2 * (n + 1) : end] = torch.tensor(seg_slot + [n] * (num_tokens - len(seg_slot)), dtype=torch.int32)
-        self._g_meta[:end].copy_(stage[:end], non_blocking=True)
+        self._graph_buffers.fill(seg_slot, self.pool.ranks_host, self.pool.scalings_host, num_tokens)
 
     def check_integrity(self) -> None:
         """Pools consistent, and every adapter they hold is registered or still held by a request."""

@@ -1,5 +1,7 @@
 """Fused Triton kernels for the decoder's elementwise work: RMSNorm (optionally after the residual
-add), SiLU-and-mul, and rotary embedding of q and k in one launch.
+add), SiLU-and-mul, and rotary embedding of q and k in one launch. This module holds the Python
+side (checks, launch parameters, the eager fallback); the kernels are in
+:mod:`loraserve.models.fused_kernels`.
 
 Eager PyTorch runs each of these as several small kernels (about six per RMSNorm); in a decode step
 they cost more than a third of the GEMM time. Each kernel reproduces the eager code's rounding step
@@ -33,304 +35,15 @@ import torch
 from loraserve.contract import LoRAEpilogue
 from loraserve.models.dtypes import check_rows, triton_interpreter_on
 from loraserve.models.epilogue import apply_epilogue, rms_norm_eager, silu_and_mul_eager
-
-try:
-    import triton
-    import triton.language as tl
-    from triton.language.extra import libdevice
-except ImportError:  # a platform without Triton wheels still imports the model and runs it eagerly
-    triton = None
+from loraserve.models.fused_kernels import (  # triton is None on a platform without Triton wheels
+    INTERPRETED,
+    rms_norm_kernel,
+    rotary_kernel,
+    silu_and_mul_kernel,
+    triton,
+)
 
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _interpreting() -> bool:
-    """Whether ``triton.jit`` hands out interpreted kernels, as it decides when a kernel is decorated."""
-    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older releases read the variable directly
-    return knobs.runtime.interpret if knobs is not None else triton_interpreter_on()
-
-
-# Decided once, at import, as triton.jit decides it for the kernels below
-_INTERPRETED = triton is not None and _interpreting()
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-def _device_fn(fn):
-    """A helper the kernels call: a jit function when compiled, a plain one under the interpreter,
-    which runs kernels as Python and would re-patch ``triton.language`` (~3 ms) on every call of a
-    jit function."""
-    return fn if triton is None or _INTERPRETED else triton.jit(fn)
-
-
-@_device_fn
-def _round(x, DT: tl.constexpr):
-    """``x`` (float32) rounded to ``DT`` and widened back, as eager PyTorch stores every result."""
-    if DT == tl.bfloat16:
-        # Round to nearest even by hand, as c10's float -> bfloat16 conversion does: Triton's
-        # interpreter truncates on this cast. The result is exact in bfloat16, so the final store's
-        # cast is exact on any backend.
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        y = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    elif DT == tl.float16:
-        y = x.to(tl.float16).to(tl.float32)
-    else:
-        y = x
-    return y
-
-
-@_device_fn
-def _lora_expand(
-    v,
-    rows,
-    cols,
-    col_ok,
-    T,
-    h_ptr,
-    stride_h,
-    b_ptr,
-    slot_ptr,
-    ranks_ptr,
-    scal_ptr,
-    s: tl.constexpr,
-    S: tl.constexpr,
-    N_OUT: tl.constexpr,
-    R: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    EVEN_R: tl.constexpr,
-    DT: tl.constexpr,
-):
-    """``v`` (float32 ``[ROWS, BLOCK_N]``: columns ``cols`` of slice ``s`` of a projection's output,
-    rows ``rows`` ``[ROWS, 1]``) with each row's LoRA expand added and rounded to ``DT`` as the
-    in-place expand kernel rounds it; rows of no adapter or rank 0 come back as they were."""
-    slot = tl.load(slot_ptr + rows, mask=rows < T, other=-1)
-    rank = tl.load(ranks_ptr + slot, mask=slot >= 0, other=0)
-    active = rank > 0
-    scaling = tl.load(scal_ptr + slot, mask=active, other=0.0)
-    slot3 = slot.to(tl.int64)[:, :, None]
-    h_row = h_ptr + rows.to(tl.int64)[:, :, None] * stride_h + slot3 * (S * R) + s * R
-    b_rows = b_ptr + slot3 * (N_OUT * R) + (s * (N_OUT // S) + cols).to(tl.int64)[:, :, None] * R
-    h_ok = active[:, :, None]
-    b_ok = h_ok & col_ok[:, :, None]
-    rank3 = rank[:, :, None]
-    acc = tl.zeros_like(v)
-    # Inactive rows load nothing; when no row is active the loop runs no iteration at all
-    for r0 in range(0, tl.max(rank), BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)[None, None, :]
-        if EVEN_R:  # every block that starts below the rank lies inside B's rows: no data-dependent mask
-            hv = tl.load(h_row + r, mask=h_ok, other=0.0)
-            b = tl.load(b_rows + r, mask=b_ok, other=0.0)
-        else:
-            hv = tl.load(h_row + r, mask=h_ok & (r < R), other=0.0)
-            b = tl.load(b_rows + r, mask=b_ok & (r < R), other=0.0)
-        # Past the rank h and B may hold anything, NaN included: select, never multiply by a mask
-        keep = r < rank3
-        hv = tl.where(keep, hv.to(tl.float32), 0.0)
-        b = tl.where(keep, b.to(tl.float32), 0.0)
-        acc += tl.sum(hv * b, axis=2)
-    # A select, not ``v + 0``: that would turn a -0.0 of a row without an adapter into +0.0
-    return tl.where(active, _round(v + acc * scaling, DT), v)
-
-
-@_jit
-def _rms_norm_kernel(
-    x_ptr,
-    res_ptr,
-    w_ptr,
-    out_ptr,
-    res_out_ptr,
-    T,
-    stride_x,
-    stride_r,
-    eps,
-    h_ptr,
-    b_ptr,
-    slot_ptr,
-    ranks_ptr,
-    scal_ptr,
-    stride_h,
-    N: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ROWS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    CUDA_MATH: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    R: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    EVEN_R: tl.constexpr,
-):
-    DT: tl.constexpr = out_ptr.dtype.element_ty
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-    cols = tl.arange(0, BLOCK_N)[None, :]
-    mask = (rows < T) & (cols < N)
-    rows = rows.to(tl.int64)
-    h = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_LORA:
-        h = _lora_expand(
-            h,
-            rows,
-            cols,
-            cols < N,
-            T,
-            h_ptr,
-            stride_h,
-            b_ptr,
-            slot_ptr,
-            ranks_ptr,
-            scal_ptr,
-            0,
-            1,
-            N,
-            R,
-            BLOCK_R,
-            EVEN_R,
-            DT,
-        )
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        h = _round(r + h, DT)
-        tl.store(res_out_ptr + rows * N + cols, h.to(DT), mask=mask)
-    ss = tl.sum(h * h, axis=1)
-    if CUDA_MATH:
-        # torch's CUDA mean multiplies the sum by float32(1/N) and its rsqrt is CUDA's rsqrtf
-        mean = ss * tl.math.div_rn(tl.full((), 1.0, tl.float32), N * 1.0)
-        scale = libdevice.rsqrt(mean + eps)
-    else:
-        # torch's CPU mean divides the sum by N; its rsqrt is 1 / sqrt, as the interpreter's is
-        mean = tl.math.div_rn(ss, N * 1.0)
-        scale = tl.rsqrt(mean + eps)
-    y = _round(h * scale[:, None], DT)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = _round(w * y, DT)
-    tl.store(out_ptr + rows * N + cols, y.to(DT), mask=mask)
-
-
-@_jit
-def _silu_and_mul_kernel(
-    gu_ptr,
-    out_ptr,
-    T,
-    stride_gu,
-    h_ptr,
-    b_ptr,
-    slot_ptr,
-    ranks_ptr,
-    scal_ptr,
-    stride_h,
-    I: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
-    CUDA_MATH: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    R: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    EVEN_R: tl.constexpr,
-):
-    DT: tl.constexpr = out_ptr.dtype.element_ty
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
-    mask = (rows < T) & (cols < I)
-    rows = rows.to(tl.int64)
-    gate = tl.load(gu_ptr + rows * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_ptr + rows * stride_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_LORA:  # slice 0 of h and B is gate's, slice 1 up's
-        gate = _lora_expand(
-            gate,
-            rows,
-            cols,
-            cols < I,
-            T,
-            h_ptr,
-            stride_h,
-            b_ptr,
-            slot_ptr,
-            ranks_ptr,
-            scal_ptr,
-            0,
-            2,
-            2 * I,
-            R,
-            BLOCK_R,
-            EVEN_R,
-            DT,
-        )
-        up = _lora_expand(
-            up,
-            rows,
-            cols,
-            cols < I,
-            T,
-            h_ptr,
-            stride_h,
-            b_ptr,
-            slot_ptr,
-            ranks_ptr,
-            scal_ptr,
-            1,
-            2,
-            2 * I,
-            R,
-            BLOCK_R,
-            EVEN_R,
-            DT,
-        )
-    # torch's SiLU is x / (1 + exp(-x)) in float32 with an IEEE division; on CUDA its exp is
-    # expf, which libdevice's exp is (tl.exp would be the faster, less accurate ex2.approx)
-    if CUDA_MATH:
-        e = libdevice.exp(-gate)
-    else:
-        e = tl.exp(-gate)
-    act = _round(tl.math.div_rn(gate, 1.0 + e), DT)
-    tl.store(out_ptr + rows * I + cols, _round(act * up, DT).to(DT), mask=mask)
-
-
-@_jit
-def _rotary_kernel(
-    q_ptr,
-    k_ptr,
-    q_out_ptr,
-    k_out_ptr,
-    cos_ptr,
-    sin_ptr,
-    n_rows,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_c,
-    HQ: tl.constexpr,
-    HK: tl.constexpr,
-    HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr,
-    ROWS: tl.constexpr,
-):
-    DT: tl.constexpr = q_out_ptr.dtype.element_ty
-    # A row is one head of one token, q's heads then k's, so one launch (under the interpreter one
-    # program) serves both.
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-    d = tl.arange(0, HALF_PAD)[None, :]
-    mask = (r < n_rows) & (d < HALF)
-    t = (r // (HQ + HK)).to(tl.int64)
-    h = r % (HQ + HK)
-    is_q = h < HQ
-    src = tl.where(is_q, q_ptr + t * stride_qt + h * stride_qh, k_ptr + t * stride_kt + (h - HQ) * stride_kh) + d
-    dst = tl.where(is_q, q_out_ptr + (t * HQ + h) * (2 * HALF), k_out_ptr + (t * HK + h - HQ) * (2 * HALF)) + d
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    c = cos_ptr + t * stride_c + d
-    s = sin_ptr + t * stride_c + d
-    c1 = tl.load(c, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(c + HALF, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(s, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(s + HALF, mask=mask, other=0.0).to(tl.float32)
-    # eager: x * cos + cat(-x2, x1) * sin, each product and the sum stored in the model dtype
-    o1 = _round(_round(x1 * c1, DT) + _round(-x2 * s1, DT), DT)
-    o2 = _round(_round(x2 * c2, DT) + _round(x1 * s2, DT), DT)
-    tl.store(dst, o1.to(DT), mask=mask)
-    tl.store(dst + HALF, o2.to(DT), mask=mask)
 
 
 def use_fused(t: torch.Tensor) -> bool:
@@ -343,8 +56,8 @@ def use_fused(t: torch.Tensor) -> bool:
     if triton is None or mode in _OFF:
         return False
     if t.is_cuda:
-        return not _INTERPRETED  # interpreted kernels on CUDA tensors would copy through the host
-    return mode in _ON and t.device.type == "cpu" and _INTERPRETED and triton_interpreter_on()
+        return not INTERPRETED  # interpreted kernels on CUDA tensors would copy through the host
+    return mode in _ON and t.device.type == "cpu" and INTERPRETED and triton_interpreter_on()
 
 
 def _pow2(n: int) -> int:
@@ -379,6 +92,21 @@ def _check_block(name: str, value: int | None) -> None:
         raise ValueError(f"{name} is {value!r}; it must be a power of two")
 
 
+def _check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+    check_rows("x", x, 2)
+    N = x.shape[1]
+    if weight.shape != (N,) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(
+            f"weight must be a contiguous [{N}] {x.dtype} tensor, got {tuple(weight.shape)} {weight.dtype}"
+        )
+    if residual is not None:
+        check_rows("residual", residual, 2)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
+            )
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -401,18 +129,8 @@ def rms_norm(
     without ``lora`` this always launches the kernel, the caller having asked :func:`use_fused`.
     ``block_r`` (ranks per step of the LoRA loop) and ``num_warps`` tune the kernel.
     """
-    check_rows("x", x, 2)
+    _check_rms_norm_args(x, weight, residual)
     T, N = x.shape
-    if weight.shape != (N,) or weight.dtype != x.dtype or not weight.is_contiguous():
-        raise ValueError(
-            f"weight must be a contiguous [{N}] {x.dtype} tensor, got {tuple(weight.shape)} {weight.dtype}"
-        )
-    if residual is not None:
-        check_rows("residual", residual, 2)
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(
-                f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
-            )
     if lora is not None:
         lora.check_output("x", x, 1)
         if not use_fused(x):
@@ -426,7 +144,7 @@ def rms_norm(
         if num_warps is None:  # with LoRA a B tile [block, block_r] sits beside the row: more warps
             held = block * (2 if lora is not None else 1)
             num_warps = 4 if held <= 1024 else 8 if held <= 4096 else 16
-        _rms_norm_kernel[(triton.cdiv(T, rows),)](
+        rms_norm_kernel[(triton.cdiv(T, rows),)](
             x,
             residual if residual is not None else x,
             weight,
@@ -483,7 +201,7 @@ def silu_and_mul(
         rows = _rows_per_program(gate_up, T, block_n, 1)
         lora_args, lora_consts = _lora_launch(lora, gate_up, block_r, 8)  # 8: lora_epilogue_sweep_*.json
         grid = (triton.cdiv(T, rows), triton.cdiv(intermediate, block_n))
-        _silu_and_mul_kernel[grid](
+        silu_and_mul_kernel[grid](
             gate_up,
             out,
             T,
@@ -527,7 +245,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         half = D // 2
         n_rows = T * (HQ + HK)
         rows = _rows_per_program(q, n_rows, half, max(1, 1024 // _pow2(half)))
-        _rotary_kernel[(triton.cdiv(n_rows, rows),)](
+        rotary_kernel[(triton.cdiv(n_rows, rows),)](
             q,
             k,
             q_out,

@@ -148,31 +148,48 @@ def _check_step(
         if backend.supports_shrink_in_gemm:
             _check_shrunk(backend, at, x, A, B, base, slots, ranks, scalings, R, proj, dtype, nan_padding, report)
     if backend.supports_embedding:
-        ids, A, B, base = C.draw_embedding(case, gen, dtype, device, nan_padding)
-        expected = base.clone()
-        oracle.run_lora_embedding(ids, A, B, expected)
-        out = base.clone()
-        kept = Snapshot(input_ids=ids, A=A, B=B)
-        call(where, "run_lora_embedding", backend.run_lora_embedding, ids, A, B, out)
-        check_result(
-            f"{where}, path run_lora_embedding (vocab {A.shape[2]}, hidden {B.shape[1]})",
-            "embedding",
-            out,
-            expected,
-            base,
-            kept,
-            slots,
-            ranks,
-            (0, B.shape[1]),
-            dtype,
-            nan_padding,
-            report,
-        )
+        _check_embedding(backend, oracle, where, case, gen, dtype, device, slots, ranks, nan_padding, report)
     if case.num_tokens == 1:
         report.passed("one_token")
     if case.null_slot:
         report.passed("null_slot")
     return True
+
+
+def _check_embedding(
+    backend: LoRABackend,
+    oracle: TorchLoRABackend,
+    where: str,
+    case: C.BackendCase,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    slots: list[int],
+    ranks: list[int],
+    nan_padding: bool,
+    report: ConformanceReport,
+) -> None:
+    """``run_lora_embedding`` of the step against the oracle's."""
+    ids, A, B, base = C.draw_embedding(case, gen, dtype, device, nan_padding)
+    expected = base.clone()
+    oracle.run_lora_embedding(ids, A, B, expected)
+    out = base.clone()
+    kept = Snapshot(input_ids=ids, A=A, B=B)
+    call(where, "run_lora_embedding", backend.run_lora_embedding, ids, A, B, out)
+    check_result(
+        f"{where}, path run_lora_embedding (vocab {A.shape[2]}, hidden {B.shape[1]})",
+        "embedding",
+        out,
+        expected,
+        base,
+        kept,
+        slots,
+        ranks,
+        (0, B.shape[1]),
+        dtype,
+        nan_padding,
+        report,
+    )
 
 
 def _check_shrunk(
@@ -216,6 +233,25 @@ def _check_shrunk(
         nan_padding,
         report,
     )
+    _check_epilogue(backend, at, B, base, shrunk, expected, kept, slots, ranks, proj, dtype, nan_padding, report)
+
+
+def _check_epilogue(
+    backend: LoRABackend,
+    at: str,
+    B: torch.Tensor,
+    base: torch.Tensor,
+    shrunk: torch.Tensor,
+    expected: torch.Tensor,
+    kept: Snapshot,
+    slots: list[int],
+    ranks: list[int],
+    proj: C.Projection,
+    dtype: torch.dtype,
+    nan_padding: bool,
+    report: ConformanceReport,
+) -> None:
+    """The epilogue ``expand_epilogue`` hands out for ``shrunk`` (if any), applied eagerly."""
     epilogue = call(at, "expand_epilogue", backend.expand_epilogue, B, proj.output_offsets, shrunk)
     if epilogue is None:
         return

@@ -79,6 +79,53 @@ def _capture(step: Callable[[], None], device: torch.device, where: str) -> torc
     return graph
 
 
+class _GraphStep:
+    """The static batch info and layers of the captured decode step, and their refills."""
+
+    def __init__(self, gen: torch.Generator, dtype: torch.dtype, device: torch.device, fused: bool):
+        T, n, R = TOKENS, SLOTS, RANK_CAPACITY
+        self.gen, self.dtype = gen, dtype
+        i32 = dict(dtype=torch.int32, device=device)
+        self.slot_buf, self.rank_buf = torch.zeros(T, **i32), torch.zeros(n + 1, **i32)
+        self.scale_buf = torch.zeros(n + 1, dtype=torch.float32, device=device)
+        self.info = LoRABatchInfo(
+            num_tokens=T,
+            num_segments=T,
+            seg_indptr=torch.arange(T + 1, **i32),
+            seg_slot=self.slot_buf,
+            token_slot=self.slot_buf,
+            ranks=self.rank_buf,
+            scalings=self.scale_buf,
+            max_rank=R,
+            seg_indptr_host=list(range(T + 1)),
+            seg_slot_host=[n] * T,
+            ranks_host=[0] * (n + 1),
+            scalings_host=[0.0] * (n + 1),
+        )
+        self.layers = [_Layer(p, gen, dtype, device, fused) for p in PROJECTIONS]
+
+    def refill(self, step: int) -> tuple[list[int], list[int], list[float]]:
+        """New slots, ranks, scalings and ``x`` in the same buffers; returns the slots, ranks, scalings."""
+        T, n, R, gen = TOKENS, SLOTS, RANK_CAPACITY, self.gen
+        real = T - PADDING_ROWS
+        slots = torch.randint(0, n, (real,), generator=gen).tolist() + [n] * PADDING_ROWS
+        ranks = torch.randint(1, R + 1, (n,), generator=gen).tolist() + [0]
+        ranks[step % n] = 0  # every refill has a rank-0 slot of the pool, a different one each time
+        slots[step % real] = step % n  # and a token on it
+        scalings = C.random_scalings(n + 1, gen)
+        self.slot_buf.copy_(torch.tensor(slots, dtype=torch.int32))
+        self.rank_buf.copy_(torch.tensor(ranks, dtype=torch.int32))
+        self.scale_buf.copy_(torch.tensor(scalings, dtype=torch.float32))
+        for layer in self.layers:
+            layer.x.copy_(torch.randn(layer.x.shape, generator=gen).to(self.dtype))
+        return slots, ranks, scalings
+
+    def run(self, backend: LoRABackend) -> None:
+        backend.prepare(self.info)
+        for layer in self.layers:
+            layer.run(backend)
+
+
 def check_graph_capture(
     make_backend: Callable[[torch.device], LoRABackend],
     device: torch.device,
@@ -94,49 +141,12 @@ def check_graph_capture(
         f"{PADDING_ROWS} on the null slot {n}; {n} slots of capacity {R}), dtype {dtype}"
     )
     gen = C.generator(seed, "graph", dtype)
-    i32 = dict(dtype=torch.int32, device=device)
-    slot_buf, rank_buf = torch.zeros(T, **i32), torch.zeros(n + 1, **i32)
-    scale_buf = torch.zeros(n + 1, dtype=torch.float32, device=device)
-    info = LoRABatchInfo(
-        num_tokens=T,
-        num_segments=T,
-        seg_indptr=torch.arange(T + 1, **i32),
-        seg_slot=slot_buf,
-        token_slot=slot_buf,
-        ranks=rank_buf,
-        scalings=scale_buf,
-        max_rank=R,
-        seg_indptr_host=list(range(T + 1)),
-        seg_slot_host=[n] * T,
-        ranks_host=[0] * (n + 1),
-        scalings_host=[0.0] * (n + 1),
-    )
-    layers = [_Layer(p, gen, dtype, device, backend.supports_shrink_in_gemm) for p in PROJECTIONS]
-
-    def refill(step: int) -> tuple[list[int], list[int], list[float]]:
-        real = T - PADDING_ROWS
-        slots = torch.randint(0, n, (real,), generator=gen).tolist() + [n] * PADDING_ROWS
-        ranks = torch.randint(1, R + 1, (n,), generator=gen).tolist() + [0]
-        ranks[step % n] = 0  # every refill has a rank-0 slot of the pool, a different one each time
-        slots[step % real] = step % n  # and a token on it
-        scalings = C.random_scalings(n + 1, gen)
-        slot_buf.copy_(torch.tensor(slots, dtype=torch.int32))
-        rank_buf.copy_(torch.tensor(ranks, dtype=torch.int32))
-        scale_buf.copy_(torch.tensor(scalings, dtype=torch.float32))
-        for layer in layers:
-            layer.x.copy_(torch.randn(layer.x.shape, generator=gen).to(dtype))
-        return slots, ranks, scalings
-
-    def step() -> None:
-        backend.prepare(info)
-        for layer in layers:
-            layer.run(backend)
-
-    refill(0)
-    graph = _capture(step, device, where)
+    captured = _GraphStep(gen, dtype, device, backend.supports_shrink_in_gemm)
+    captured.refill(0)
+    graph = _capture(lambda: captured.run(backend), device, where)
     for replay in range(1, REPLAYS + 1):
-        slots, ranks, scalings = refill(replay)
-        kept = [Snapshot(x=layer.x, A=layer.A, B=layer.B) for layer in layers]
+        slots, ranks, scalings = captured.refill(replay)
+        kept = [Snapshot(x=layer.x, A=layer.A, B=layer.B) for layer in captured.layers]
         graph.replay()
         torch.cuda.synchronize(device)
         eager_info = LoRABatchInfo.build([1] * T, slots, ranks, scalings, R, device=device)
@@ -144,55 +154,71 @@ def check_graph_capture(
         oracle.prepare(eager_info)
         eager = make_backend(device)
         eager.prepare(eager_info)
-        for layer, snapshot in zip(layers, kept):
-            offsets = layer.proj.output_offsets
+        for layer, snapshot in zip(captured.layers, kept):
             at = (
                 f"{where}, replay {replay} with token slots {slots}, slot ranks {ranks}, scalings "
                 f"[{', '.join(f'{s:.3g}' for s in scalings)}], projection {layer.proj}"
             )
-            expected = layer.base.clone()
-            oracle.run_lora(layer.x, layer.A, layer.B, expected, offsets)
-            check_result(
-                f"{at}, path run_lora",
-                "graph_capture",
-                layer.out,
-                expected,
-                layer.base,
-                snapshot,
-                slots,
-                ranks,
-                offsets,
-                dtype,
-                False,
-                report,
-            )
-            eager_out = layer.base.clone()
-            call(at, "eager run_lora", eager.run_lora, layer.x, layer.A, layer.B, eager_out, offsets)
-            check_close(
-                f"{at}, replay against an eager run of the same step",
-                layer.out,
-                eager_out,
-                layer.base,
-                slots,
-                ranks,
-                offsets,
-                dtype,
-                False,
-            )
-            if layer.fused:
-                N = layer.base.shape[1]
-                expected = expand_reference(layer.y[:, N:], layer.B, layer.y_base, offsets, slots, ranks, scalings, R)
-                check_result(
-                    f"{at}, path run_lora(shrunk=x @ A_all^T)",
-                    "graph_capture",
-                    layer.y[:, :N],
-                    expected,
-                    layer.y_base,
-                    snapshot,
-                    slots,
-                    ranks,
-                    offsets,
-                    dtype,
-                    False,
-                    report,
-                )
+            _check_replayed_layer(layer, snapshot, at, oracle, eager, slots, ranks, scalings, dtype, report)
+
+
+def _check_replayed_layer(
+    layer: _Layer,
+    snapshot: Snapshot,
+    at: str,
+    oracle: TorchLoRABackend,
+    eager: LoRABackend,
+    slots: list[int],
+    ranks: list[int],
+    scalings: list[float],
+    dtype: torch.dtype,
+    report: ConformanceReport,
+) -> None:
+    """One layer's replayed outputs against backend_torch, an eager run, and (fused) the contract's expand."""
+    offsets, R = layer.proj.output_offsets, RANK_CAPACITY
+    expected = layer.base.clone()
+    oracle.run_lora(layer.x, layer.A, layer.B, expected, offsets)
+    check_result(
+        f"{at}, path run_lora",
+        "graph_capture",
+        layer.out,
+        expected,
+        layer.base,
+        snapshot,
+        slots,
+        ranks,
+        offsets,
+        dtype,
+        False,
+        report,
+    )
+    eager_out = layer.base.clone()
+    call(at, "eager run_lora", eager.run_lora, layer.x, layer.A, layer.B, eager_out, offsets)
+    check_close(
+        f"{at}, replay against an eager run of the same step",
+        layer.out,
+        eager_out,
+        layer.base,
+        slots,
+        ranks,
+        offsets,
+        dtype,
+        False,
+    )
+    if layer.fused:
+        N = layer.base.shape[1]
+        expected = expand_reference(layer.y[:, N:], layer.B, layer.y_base, offsets, slots, ranks, scalings, R)
+        check_result(
+            f"{at}, path run_lora(shrunk=x @ A_all^T)",
+            "graph_capture",
+            layer.y[:, :N],
+            expected,
+            layer.y_base,
+            snapshot,
+            slots,
+            ranks,
+            offsets,
+            dtype,
+            False,
+            report,
+        )

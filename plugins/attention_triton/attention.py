@@ -231,10 +231,15 @@ class PagedTritonAttention(AttentionBackend):
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
         if T == 0:
             return out
-        d_pad, g, tiles = self._d_pad, H // hkv, self._tiles
-        ieee = kc.dtype == torch.float32  # the products run in the cache's dtype
-        window = self.sliding_window or 0
-        scale_log2 = self.scale * 1.4426950408889634  # the kernels use exp2
+        self._write_kv(st, k, v, kc, vc)
+        if st.num_decode:
+            self._decode(st, q, kc, vc, out)
+        if st.num_qblocks:
+            self._prefill(st, q, kc, vc, out)
+        return out
+
+    def _write_kv(self, st: Step, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> None:
+        T, hkv, D = k.shape
         write_kv_kernel[(T,)](
             k,
             v,
@@ -251,83 +256,94 @@ class PagedTritonAttention(AttentionBackend):
             HKV=hkv,
             D=D,
             HKV_PAD=next_pow2(hkv),
-            D_PAD=d_pad,
+            D_PAD=self._d_pad,
         )
-        if st.num_decode:
-            n, splits = st.num_decode, st.num_splits
-            if splits > 1:
-                part_o = torch.empty((n, H, splits, D), dtype=torch.float32, device=q.device)
-                part_lse = torch.empty((n, H, splits), dtype=torch.float32, device=q.device)
-            else:
-                part_o = part_lse = out  # not read: one split writes the output itself
-            decode_kernel[(n, hkv, splits)](
-                q,
-                kc,
-                vc,
-                st.dec_meta,
-                st.dec_meta.stride(0),
-                out,
+
+    def _decode(self, st: Step, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, out: torch.Tensor) -> None:
+        """Flash-decoding of the step's one-token sequences, then the merge of their splits."""
+        _, H, D = q.shape
+        hkv, d_pad, tiles = self.num_kv_heads, self._d_pad, self._tiles
+        g = H // hkv
+        n, splits = st.num_decode, st.num_splits
+        if splits > 1:
+            part_o = torch.empty((n, H, splits, D), dtype=torch.float32, device=q.device)
+            part_lse = torch.empty((n, H, splits), dtype=torch.float32, device=q.device)
+        else:
+            part_o = part_lse = out  # not read: one split writes the output itself
+        decode_kernel[(n, hkv, splits)](
+            q,
+            kc,
+            vc,
+            st.dec_meta,
+            st.dec_meta.stride(0),
+            out,
+            part_o,
+            part_lse,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            kc.stride(0),
+            kc.stride(1),
+            self._scale_log2(),
+            self.sliding_window or 0,
+            G=g,
+            G_PAD=max(16, next_pow2(g)),
+            D=D,
+            D_PAD=d_pad,
+            BS=self.kv.block_size,
+            BLOCK_N=tiles.decode_n,
+            NUM_SPLITS=splits,
+            HAS_WINDOW=self.sliding_window is not None,
+            IEEE=kc.dtype == torch.float32,  # the products run in the cache's dtype
+            num_warps=tiles.decode_warps,
+        )
+        if splits > 1:
+            combine_kernel[(n, H)](
                 part_o,
                 part_lse,
-                q.stride(0),
-                q.stride(1),
-                out.stride(0),
-                out.stride(1),
-                kc.stride(0),
-                kc.stride(1),
-                scale_log2,
-                window,
-                G=g,
-                G_PAD=max(16, next_pow2(g)),
-                D=D,
-                D_PAD=d_pad,
-                BS=self.kv.block_size,
-                BLOCK_N=tiles.decode_n,
-                NUM_SPLITS=splits,
-                HAS_WINDOW=self.sliding_window is not None,
-                IEEE=ieee,
-                num_warps=tiles.decode_warps,
-            )
-            if splits > 1:
-                combine_kernel[(n, H)](
-                    part_o,
-                    part_lse,
-                    out,
-                    st.dec_meta,
-                    st.dec_meta.stride(0),
-                    out.stride(0),
-                    out.stride(1),
-                    D=D,
-                    D_PAD=d_pad,
-                    NUM_SPLITS=splits,
-                    num_warps=4,
-                )
-        if st.num_qblocks:
-            prefill_kernel[(st.num_qblocks, H)](
-                q,
-                kc,
-                vc,
                 out,
-                st.pf_meta,
-                st.pf_meta.stride(0),
-                st.qblocks,
-                q.stride(0),
-                q.stride(1),
+                st.dec_meta,
+                st.dec_meta.stride(0),
                 out.stride(0),
                 out.stride(1),
-                kc.stride(0),
-                kc.stride(1),
-                scale_log2,
-                window,
-                G=g,
                 D=D,
                 D_PAD=d_pad,
-                BS=self.kv.block_size,
-                BLOCK_M=tiles.block_m,
-                BLOCK_N=tiles.prefill_n,
-                HAS_WINDOW=self.sliding_window is not None,
-                IEEE=ieee,
-                num_warps=tiles.prefill_warps,
-                **tiles.prefill_stages,
+                NUM_SPLITS=splits,
+                num_warps=4,
             )
-        return out
+
+    def _prefill(self, st: Step, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, out: torch.Tensor) -> None:
+        """Flash attention over the query blocks of the step's multi-token sequences."""
+        _, H, D = q.shape
+        tiles = self._tiles
+        prefill_kernel[(st.num_qblocks, H)](
+            q,
+            kc,
+            vc,
+            out,
+            st.pf_meta,
+            st.pf_meta.stride(0),
+            st.qblocks,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            kc.stride(0),
+            kc.stride(1),
+            self._scale_log2(),
+            self.sliding_window or 0,
+            G=H // self.num_kv_heads,
+            D=D,
+            D_PAD=self._d_pad,
+            BS=self.kv.block_size,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.prefill_n,
+            HAS_WINDOW=self.sliding_window is not None,
+            IEEE=kc.dtype == torch.float32,  # the products run in the cache's dtype
+            num_warps=tiles.prefill_warps,
+            **tiles.prefill_stages,
+        )
+
+    def _scale_log2(self) -> float:
+        return self.scale * 1.4426950408889634  # the kernels use exp2

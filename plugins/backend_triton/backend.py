@@ -26,7 +26,14 @@ from loraserve.contract import LoRABackend, LoRABatchInfo, LoRAEpilogue
 from loraserve.errors import ConfigError
 from loraserve.models import fused
 from loraserve.models.dtypes import runs_triton
-from loraserve.plugins.backend_triton import kernels
+from loraserve.plugins.backend_triton.launch import (
+    ExpandConfig,
+    ShrinkConfig,
+    expand_config,
+    launch_expand,
+    launch_shrink,
+    shrink_config,
+)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SLICES_PER_EXPAND = 3
@@ -104,77 +111,15 @@ class TilePlan:
     block_m: int
 
 
-@dataclass(frozen=True)
-class ShrinkConfig:
-    block_r: int
-    block_k: int
-    split: int
-    k_per_split: int
-    num_warps: int
-    num_stages: int | None = None
-
-
-@dataclass(frozen=True)
-class ExpandConfig:
-    block_n: int
-    block_r: int
-    group_n: int
-    num_warps: int
-    num_stages: int | None = None
-
-
-def shrink_config(
-    block_m: int, R: int, K: int, n_slices: int, num_tiles: int, n_sms: int, **override: Any
-) -> ShrinkConfig:
-    """Block of stacked rank rows (all slices), k block and split-k of the shrink. Splitting ``k``
-    fills the device when there are few tiles (decode): each split writes its own partial sums,
-    which the expand adds up."""
-    block_r = override.get("block_r") or min(64, max(16, triton.next_power_of_2(n_slices * R)))
-    block_k = override.get("block_k") or (64 if block_m >= 64 else 256 if block_r <= 32 else 128)
-    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
-    programs = num_tiles * triton.cdiv(n_slices * R, block_r)
-    split = override.get("split")
-    if split is None:
-        split = 1
-        while programs * split < 4 * n_sms and K >= split * 2 * max(512, block_k):
-            split *= 2
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_per_split)
-    num_warps = override.get("num_warps") or (8 if block_m * block_r >= 8192 else 4)
-    return ShrinkConfig(block_r, block_k, split, k_per_split, num_warps, override.get("num_stages"))
-
-
-def expand_config(
-    block_m: int, R: int, num_tiles: int = 1, width: int = 4096, n_sms: int = 132, **override: Any
-) -> ExpandConfig:
-    """Column block, rank block and column blocks per program of the expand.
-
-    At low rank one column block holds only a few KB of ``B``, too little to cover the memory
-    latency, so each program loops over ``group_n`` blocks of one slice, as many as keep at least
-    about four programs per multiprocessor (host integers only: tiles, output width, SMs).
-    """
-    block_r = override.get("block_r") or (32 if R >= 64 else 16)
-    if override.get("block_n"):
-        block_n = override["block_n"]
-    elif block_m <= 16:
-        block_n = 128
-    else:
-        block_n = 128 if block_m <= 64 else 64
-    group_n = override.get("group_n")
-    if group_n is None:
-        # measured on an H100 (lora_kernels_sweep_*.json): at rank <= 16 groups of 4-8 blocks cut the
-        # decode expand by up to 20% and groups of 2 the prefill expand by ~5%; at rank 128 one
-        # block (32 rank columns per step) already moves enough, and groups only cost parallelism.
-        group_n = 1
-        if block_m > 16:
-            group_n = 2 if R <= 16 else 1
-        else:
-            blocks = num_tiles * triton.cdiv(width, block_n)
-            cap = 8 if R <= 16 else 4 if R <= 32 else 1
-            while group_n < cap and blocks // (2 * group_n) >= 4 * n_sms:
-                group_n *= 2
-    num_warps = override.get("num_warps") or (8 if block_m * block_n >= 16384 else 4)
-    return ExpandConfig(block_n, block_r, group_n, num_warps, override.get("num_stages"))
+def _check_tensors(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor, num_tokens: int) -> None:
+    """What the kernels need beyond the contract's checks: one row of ``x`` per token, one dtype."""
+    if x.shape[0] != num_tokens:
+        raise ValueError(f"x has {x.shape[0]} rows but this step has {num_tokens} tokens")
+    if x.dtype not in DTYPES or A.dtype != x.dtype or B.dtype != x.dtype or base_out.dtype != x.dtype:
+        raise ValueError(
+            f"x, A, B and base_out must share one dtype of {', '.join(map(str, DTYPES))}; "
+            f"got {x.dtype}, {A.dtype}, {B.dtype}, {base_out.dtype}"
+        )
 
 
 class TiledLoRABackend(LoRABackend):
@@ -281,17 +226,11 @@ class TiledLoRABackend(LoRABackend):
         shrunk: torch.Tensor | None = None,
     ) -> None:
         batch, n_slices = self.checked_batch(x, A, B, base_out, output_offsets, shrunk)
-        if x.shape[0] != batch.num_tokens:
-            raise ValueError(f"x has {x.shape[0]} rows but this step has {batch.num_tokens} tokens")
-        if x.dtype not in DTYPES or A.dtype != x.dtype or B.dtype != x.dtype or base_out.dtype != x.dtype:
-            raise ValueError(
-                f"x, A, B and base_out must share one dtype of {', '.join(map(str, DTYPES))}; "
-                f"got {x.dtype}, {A.dtype}, {B.dtype}, {base_out.dtype}"
-            )
+        _check_tensors(x, A, B, base_out, batch.num_tokens)
         plan = self._plan
         if plan is None or plan.num_tiles == 0:
             return
-        R, T, K = batch.max_rank, x.shape[0], x.shape[1]
+        R = batch.max_rank
         perm = plan.perm if plan.perm is not None else plan.tiles
         use_perm = plan.perm is not None
         ec = expand_config(
@@ -315,9 +254,33 @@ class TiledLoRABackend(LoRABackend):
                 h_by_row=True,
             )
             return
+        h, sc = self._shrink(x, A, plan, perm, use_perm, n_slices)
+        self._expand(
+            h,
+            B,
+            base_out,
+            output_offsets,
+            plan,
+            perm,
+            use_perm,
+            ec,
+            R=R,
+            split=sc.split,
+            stride_hs=h.stride(1),
+            stride_ht=h.stride(0),
+            stride_hslot=0,
+            h_by_row=False,
+        )
+
+    def _shrink(
+        self, x: torch.Tensor, A: torch.Tensor, plan: TilePlan, perm: torch.Tensor, use_perm: bool, n_slices: int
+    ) -> tuple[torch.Tensor, ShrinkConfig]:
+        """``x @ A^T`` of every slice into a new float32 ``h [tokens, split, slices * R]``."""
+        batch = self.batch
+        R, T, K = batch.max_rank, x.shape[0], x.shape[1]
         sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **self.tuning.get("shrink", {}))
         h = torch.empty((T, sc.split, n_slices * R), dtype=torch.float32, device=x.device)
-        kernels.launch_shrink(
+        launch_shrink(
             x,
             A,
             h,
@@ -336,22 +299,7 @@ class TiledLoRABackend(LoRABackend):
             num_warps=sc.num_warps,
             num_stages=sc.num_stages,
         )
-        self._expand(
-            h,
-            B,
-            base_out,
-            output_offsets,
-            plan,
-            perm,
-            use_perm,
-            ec,
-            R=R,
-            split=sc.split,
-            stride_hs=h.stride(1),
-            stride_ht=h.stride(0),
-            stride_hslot=0,
-            h_by_row=False,
-        )
+        return h, sc
 
     def _expand(
         self,
@@ -378,7 +326,7 @@ class TiledLoRABackend(LoRABackend):
             lo, hi = output_offsets[g0], output_offsets[g1]
             widths = tuple(output_offsets[i + 1] - output_offsets[i] for i in range(g0, g1))
             hv = h[:, g0 * R :] if h.dim() == 2 else h[:, :, g0 * R :]
-            kernels.launch_expand(
+            launch_expand(
                 hv,
                 B[:, lo:hi],
                 base_out[:, lo:hi],

@@ -66,58 +66,73 @@ def loaded_adapters(engine: EngineClient) -> dict[str, str]:
     return {a["name"]: a["source"] for a in engine.loaded_adapters()}
 
 
+ANSWERS = {
+    "model": AdapterAnswer,
+    "description": "The adapters loaded afterwards; on failure success is false and error_message says what to change.",
+}
+PENDING = {
+    "model": AdapterAnswer,
+    "description": "Unloaded for new requests; the memory is freed when its in-flight requests finish (pending: true).",
+}
+
+
+def _writable(engine: EngineClient, request: Request) -> None:
+    """Raise unless the request may change adapters at all (415, 400, 403), before its body is read."""
+    require_json(request)
+    engine.check_adapter_updates()
+
+
+async def _adapter_call(engine: EngineClient, fn: Callable[[], Awaitable[JSONResponse | None]]) -> JSONResponse:
+    """Run a load or unload; answer ``{success, error_message, loaded_adapters}``, or ``fn``'s own answer."""
+    try:
+        answer = await fn()
+    except (APIError, UserError) as exc:
+        err = api_error_of(exc)
+        return JSONResponse(
+            {"success": False, "error_message": safe_text(err.message), "loaded_adapters": loaded_adapters(engine)},
+            status_code=err.status,
+            headers=retry_after(err.status),
+        )
+    if answer is not None:
+        return answer
+    return JSONResponse({"success": True, "error_message": None, "loaded_adapters": loaded_adapters(engine)})
+
+
 def add_adapter_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     gens = app.state.generations
-
-    def writable(request: Request) -> None:
-        """Raise unless the request may change adapters at all (415, 400, 403), before its body is read."""
-        require_json(request)
-        engine.check_adapter_updates()
-
-    answers = {
-        "model": AdapterAnswer,
-        "description": "The adapters loaded afterwards; on failure success is false "
-        "and error_message says what to change.",
-    }
 
     @app.post(
         "/load_lora_adapter",
         openapi_extra=request_body(app, LoadAdapterBody),
-        responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers),
+        responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=ANSWERS),
     )
     @app.post(
         "/v1/load_lora_adapter",
         openapi_extra=request_body(app, LoadAdapterBody),
-        responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers),
+        responses=errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=ANSWERS),
     )
     async def load_lora_adapter(request: Request) -> JSONResponse:
         async def load() -> None:
-            writable(request)
+            _writable(engine, request)
             body = parse_body(LoadAdapterBody, await read_json(request))
             gens.check_accepting()
             await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path, body.pinned)
 
-        return await _adapter_call(load)
-
-    pending = {
-        "model": AdapterAnswer,
-        "description": "Unloaded for new requests; the memory is freed when its "
-        "in-flight requests finish (pending: true).",
-    }
+        return await _adapter_call(engine, load)
 
     @app.post(
         "/unload_lora_adapter",
         openapi_extra=request_body(app, UnloadAdapterBody),
-        responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers), 202: pending},
+        responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=ANSWERS), 202: PENDING},
     )
     @app.post(
         "/v1/unload_lora_adapter",
         openapi_extra=request_body(app, UnloadAdapterBody),
-        responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=answers), 202: pending},
+        responses={**errors(400, 403, 404, 415, 503, model=AdapterAnswer, ok=ANSWERS), 202: PENDING},
     )
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         async def unload() -> JSONResponse | None:
-            writable(request)
+            _writable(engine, request)
             body = parse_body(UnloadAdapterBody, await read_json(request))
             held = await run_in_threadpool(engine.unload_adapter, body.lora_name, settings.lora_unload_timeout)
             if not held:
@@ -136,18 +151,4 @@ def add_adapter_routes(app: FastAPI, engine: EngineClient, settings: Any) -> Non
                 status_code=202,
             )
 
-        return await _adapter_call(unload)
-
-    async def _adapter_call(fn: Callable[[], Awaitable[JSONResponse | None]]) -> JSONResponse:
-        try:
-            answer = await fn()
-        except (APIError, UserError) as exc:
-            err = api_error_of(exc)
-            return JSONResponse(
-                {"success": False, "error_message": safe_text(err.message), "loaded_adapters": loaded_adapters(engine)},
-                status_code=err.status,
-                headers=retry_after(err.status),
-            )
-        if answer is not None:
-            return answer
-        return JSONResponse({"success": True, "error_message": None, "loaded_adapters": loaded_adapters(engine)})
+        return await _adapter_call(engine, unload)

@@ -125,8 +125,15 @@ def _partial(r: Any, text: str, ids: list[int], logprobs: list[float]) -> dict:
 
 
 def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
-    gens: Generations = app.state.generations
     document_models(app, GenerateResult)
+    _add_generate_route(app, engine, settings)
+    add_adapter_routes(app, engine, settings)
+    _add_health_routes(app, engine)
+    _add_info_routes(app, engine, settings)
+
+
+def _add_generate_route(app: FastAPI, engine: EngineClient, settings: Any) -> None:
+    gens: Generations = app.state.generations
 
     @app.post(
         "/generate",
@@ -172,7 +179,9 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
             await events.aclose()  # aborts unfinished requests when the client went away
         yield sse("[DONE]")
 
-    add_adapter_routes(app, engine, settings)
+
+def _add_health_routes(app: FastAPI, engine: EngineClient) -> None:
+    gens: Generations = app.state.generations
 
     @app.api_route(
         "/health",
@@ -211,6 +220,8 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
         gens.outcome(r)
         return PlainTextResponse("")
 
+
+def _add_info_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     @app.get("/get_model_info")
     async def get_model_info() -> dict:
         model = engine.model_info()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,10 +24,11 @@ from starlette.concurrency import run_in_threadpool
 
 from loraserve.contract import EngineClient
 from loraserve.errors import UserError
-from loraserve.http.errors import APIError, ClientDisconnected, api_error_of, error_body, parse_body, read_json
+from loraserve.http.errors import APIError, ClientDisconnected, parse_body, read_json
 from loraserve.http.openapi import errors, request_body
-from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
+from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of
 from loraserve.plugins.frontend_openai.protocol import ChatCompletionRequest, CompletionRequest
+from loraserve.plugins.frontend_openai.streams import chat_chunks, completion_chunks, framed
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs_num": "logprobs", "input_ids": "prompt"}
@@ -193,19 +193,24 @@ class OpenAIFrontend:
         return {"content": content}
 
 
+COMPLETION_OK = {
+    "description": "The completion; with stream=true, server-sent events of chunks ending with 'data: [DONE]'.",
+    "content": {
+        "application/json": {"schema": {"type": "object", "required": ["id", "choices"]}},
+        "text/event-stream": {},
+    },
+}
+CARD = {"type": "object", "required": ["id", "object", "parent", "root"]}
+
+
 def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     front = OpenAIFrontend(app, engine, settings)
-    gens = front.gens
+    _add_model_routes(app, front)
+    _add_completion_route(app, front)
+    _add_chat_route(app, front)
 
-    completion_ok = {
-        "description": "The completion; with stream=true, server-sent events of chunks ending with 'data: [DONE]'.",
-        "content": {
-            "application/json": {"schema": {"type": "object", "required": ["id", "choices"]}},
-            "text/event-stream": {},
-        },
-    }
-    card = {"type": "object", "required": ["id", "object", "parent", "root"]}
 
+def _add_model_routes(app: FastAPI, front: OpenAIFrontend) -> None:
     @app.get(
         "/v1/models",
         responses=errors(
@@ -216,7 +221,7 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
                         "schema": {
                             "type": "object",
                             "required": ["data"],
-                            "properties": {"data": {"type": "array", "items": card}},
+                            "properties": {"data": {"type": "array", "items": CARD}},
                         }
                     }
                 },
@@ -228,7 +233,7 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
 
     @app.get(
         "/v1/models/{model_id:path}",
-        responses=errors(404, ok={"description": "One model card.", "content": {"application/json": {"schema": card}}}),
+        responses=errors(404, ok={"description": "One model card.", "content": {"application/json": {"schema": CARD}}}),
     )
     async def retrieve_model(model_id: str) -> dict:
         cards = {card["id"]: card for card in front.model_cards()}
@@ -239,10 +244,14 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
             return {**cards[name], "id": model_id}
         raise front.not_found(model_id, front.adapter_names())
 
+
+def _add_completion_route(app: FastAPI, front: OpenAIFrontend) -> None:
+    engine, gens = front.engine, front.gens
+
     @app.post(
         "/v1/completions",
         openapi_extra=request_body(app, CompletionRequest),
-        responses=errors(400, 404, 413, 429, 499, 503, ok=completion_ok),
+        responses=errors(400, 404, 413, 429, 499, 503, ok=COMPLETION_OK),
     )
     async def completions(request: Request) -> Any:
         body = parse_body(CompletionRequest, await read_json(request))
@@ -262,7 +271,8 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
                 events = await gens.open_stream(request, requests)
                 return EventStream(
                     framed(
-                        completion_chunks(events, requests, owner, echo, head, body),
+                        front,
+                        completion_chunks(front, events, requests, owner, echo, head, body),
                         events,
                         requests,
                         owner,
@@ -291,26 +301,14 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
             )
         return {**head, "choices": choices, "usage": front.usage(requests, owner), "system_fingerprint": None}
 
-    async def completion_chunks(events, requests, owner, echo, head, body) -> AsyncIterator[str]:
-        usage_field = {"usage": None} if body.include_usage else {}
-        offsets = [len(echo[o]) for o in owner]
-        started = [False] * len(requests)
-        async for k, out in events:
-            text = out.text
-            if not started[k]:
-                started[k], text = True, echo[owner[k]] + text
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = front.completion_logprobs(out.token_ids, out.logprobs, out.top_logprobs, offsets[k])
-                offsets[k] += sum(len(t) for t in logprobs["tokens"])
-            reason = front.finish_reason(requests[k]) if out.finished else None
-            choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
-            yield sse({**head, "choices": [choice], **usage_field})
+
+def _add_chat_route(app: FastAPI, front: OpenAIFrontend) -> None:
+    engine, gens = front.engine, front.gens
 
     @app.post(
         "/v1/chat/completions",
         openapi_extra=request_body(app, ChatCompletionRequest),
-        responses=errors(400, 404, 413, 429, 499, 503, ok=completion_ok),
+        responses=errors(400, 404, 413, 429, 499, 503, ok=COMPLETION_OK),
     )
     async def chat_completions(request: Request) -> Any:
         body = parse_body(ChatCompletionRequest, await read_json(request))
@@ -327,7 +325,8 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
                 chunk_head = {**head, "object": "chat.completion.chunk"}
                 return EventStream(
                     framed(
-                        chat_chunks(events, requests, owner, chunk_head, body),
+                        front,
+                        chat_chunks(front, events, requests, owner, chunk_head, body),
                         events,
                         requests,
                         owner,
@@ -350,32 +349,3 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
                 }
             )
         return {**head, "choices": choices, "usage": front.usage(requests, owner), "system_fingerprint": None}
-
-    async def chat_chunks(events, requests, owner, head, body) -> AsyncIterator[str]:
-        usage_field = {"usage": None} if body.include_usage else {}
-        for k in range(len(requests)):
-            first = {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield sse({**head, "choices": [first], **usage_field})
-        async for k, out in events:
-            if not out.finished and not out.text and not out.token_ids:
-                continue
-            delta = {"content": out.text} if out.text or not out.finished else {}
-            logprobs = front.chat_logprobs(out.token_ids, out.logprobs, out.top_logprobs) if body.logprobs else None
-            reason = front.finish_reason(requests[k]) if out.finished else None
-            choice = {"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-            yield sse({**head, "choices": [choice], **usage_field})
-
-    async def framed(chunks, events, requests, owner, head, body) -> AsyncIterator[str]:
-        """OpenAI's framing around a stream's choice chunks: the usage chunk when asked for, an error
-        reported in-band (headers are already sent), the events closed, then ``[DONE]``."""
-        try:
-            async for chunk in chunks:
-                yield chunk
-            if body.include_usage:
-                yield sse({**head, "choices": [], "usage": front.usage(requests, owner)})
-        except Exception as exc:
-            err = api_error_of(exc)
-            yield sse(error_body(err.status, err.message, openai=True, code=err.code))
-        finally:
-            await events.aclose()
-        yield sse("[DONE]")

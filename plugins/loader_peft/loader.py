@@ -183,30 +183,7 @@ def _group_tensors(
                 f"{weights_path} holds weights of several adapters ({names}, e.g. tensor {key!r}); "
                 "save each adapter to its own directory"
             )
-        module = _canonical(m["module"], canon)
-        leaf = module.rsplit(".", 1)[-1]
-        if leaf not in SUPPORTED_MODULES:
-            raise AdapterError(
-                f"{weights_path}: tensor {key!r} puts LoRA on module {leaf!r}, which loraserve does "
-                f"not support; supported: {', '.join(SUPPORTED_MODULES)}"
-            )
-        if module not in canon:
-            lm = _LAYER_PATH.fullmatch(module)
-            if lm and int(lm["idx"]) >= shape.num_layers:
-                raise AdapterError(
-                    f"{weights_path}: tensor {key!r} is for layer {lm['idx']} but the base model has "
-                    f"{_layers(shape.num_layers)}; this adapter was trained for a different base model"
-                )
-            raise AdapterError(
-                f"{weights_path}: tensor {key!r} names module {m['module']!r}, which is not a module "
-                "of a Llama-family model; this adapter was trained for a different architecture"
-            )
-        if module not in targeted:
-            raise AdapterError(
-                f"{weights_path}: tensor {key!r} is for module {module}, which {config.path} does not "
-                f"target (target_modules {config.target_modules!r}, layers_to_transform "
-                f"{config.layers_to_transform}); the config and the weights disagree"
-            )
+        module = _target_module(key, m["module"], weights_path, config, targeted, canon, shape)
         kind = m["kind"]
         if (kind.startswith("lora_embedding")) != (canon[module][1] == "embed_tokens"):
             raise AdapterError(
@@ -218,6 +195,44 @@ def _group_tensors(
             raise AdapterError(f"{weights_path}: tensors {slot[kind][0]!r} and {key!r} both hold {kind} of {module}")
         slot[kind] = (key, tensor)
     return found
+
+
+def _target_module(
+    key: str,
+    name: str,
+    weights_path: Path,
+    config: PeftLoraConfig,
+    targeted: dict[str, tuple[int | None, str]],
+    canon: dict[str, tuple[int | None, str]],
+    shape: BaseModelShape,
+) -> str:
+    """The canonical module that LoRA tensor ``key`` (module path ``name``) is for; AdapterError when
+    loraserve does not support it, the base model lacks it, or the config does not target it."""
+    module = _canonical(name, canon)
+    leaf = module.rsplit(".", 1)[-1]
+    if leaf not in SUPPORTED_MODULES:
+        raise AdapterError(
+            f"{weights_path}: tensor {key!r} puts LoRA on module {leaf!r}, which loraserve does "
+            f"not support; supported: {', '.join(SUPPORTED_MODULES)}"
+        )
+    if module not in canon:
+        lm = _LAYER_PATH.fullmatch(module)
+        if lm and int(lm["idx"]) >= shape.num_layers:
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} is for layer {lm['idx']} but the base model has "
+                f"{_layers(shape.num_layers)}; this adapter was trained for a different base model"
+            )
+        raise AdapterError(
+            f"{weights_path}: tensor {key!r} names module {name!r}, which is not a module "
+            "of a Llama-family model; this adapter was trained for a different architecture"
+        )
+    if module not in targeted:
+        raise AdapterError(
+            f"{weights_path}: tensor {key!r} is for module {module}, which {config.path} does not "
+            f"target (target_modules {config.target_modules!r}, layers_to_transform "
+            f"{config.layers_to_transform}); the config and the weights disagree"
+        )
+    return module
 
 
 def _check_shape(
