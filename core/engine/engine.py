@@ -73,7 +73,8 @@ class Engine(EngineClient):
         self.settings.check_supported()
         self._ids = itertools.count()
         #: the engine thread, and the calls other threads post to it
-        self._loop = EngineLoop(self.step, lambda: self.scheduler.has_work(), self._abort_all, self._fail_all)
+        # step looked up at each call: a benchmark may wrap this instance's step (bench_offline times it)
+        self._loop = EngineLoop(lambda: self.step(), lambda: self.scheduler.has_work(), self._abort_all, self._fail_all)
         self.step_count = 0
         #: steps run and their wall time (model, sampling, delivery), for steps that only decode
         #: and for steps with prefill tokens: ``{kind: [steps, seconds]}``
