@@ -76,6 +76,8 @@ def kind_of(doc: object) -> str | None:
         return "overlap"
     if doc.get("benchmark") in SERVING_BENCHMARKS and isinstance(doc.get("results"), dict):
         return "serving"
+    if doc.get("benchmark") == "scheduler" and isinstance(doc.get("rows"), list):
+        return "scheduler"
     return None
 
 
@@ -510,6 +512,24 @@ def plot_overlap(docs: list[dict]) -> plt.Figure:
 PER_FILE = {"kernels": plot_kernels, "epilogue": plot_epilogue, "engine_steps": plot_engine_steps, "tp": plot_tp}
 
 
+def plot_scheduler(named: list[tuple[str, dict]]) -> plt.Figure:
+    """Scheduler host time per step against running requests, one line per recorded run (log-log)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for stem, doc in sorted(named):
+        rows = doc["rows"]
+        ax.plot(
+            [r["running"] for r in rows], [r["median_us"] for r in rows], marker="o", label=doc.get("label") or stem
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("running requests")
+    ax.set_ylabel("scheduler host time per step (us, median)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    header(fig, "Scheduler bookkeeping per decode step", device_of(named[0][1]), "schedule() + finishes, no model")
+    return fig
+
+
 def save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -555,6 +575,8 @@ def plot_all(results: Path, out: Path) -> tuple[list[Path], list[str]]:
             written.append(save(plot_overlap(docs), out / f"overlap_loading_{slug(device)}.png"))
         elif kind == "serving":
             written.append(save(plot_serving(named), out / f"throughput_latency_{slug(device)}.png"))
+        elif kind == "scheduler":
+            written.append(save(plot_scheduler(named), out / f"scheduler_{slug(device)}.png"))
     return written, notes
 
 

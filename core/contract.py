@@ -42,20 +42,21 @@ from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypedDict
 
-import torch
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loraserve.errors import UserError
-from loraserve.models.dtypes import check_rows
 
 if TYPE_CHECKING:
+    import torch
+
     from loraserve.lora.adapter import BaseModelShape, LoRAAdapter
     from loraserve.lora.policy import AdapterSourcePolicy
     from loraserve.sched.kv_cache import KVCache
     from loraserve.sched.request import Request, RequestOutput
     from loraserve.sched.sampling_params import SamplingParams
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+# torch is imported where it is used, not here: a plugin imports this module (for PluginOptions) when
+# it is loaded, and loading plugins must stay cheap (``loraserve --help``, ``loraserve plugins``)
 
 
 # == Registering ===================================================================================
@@ -153,6 +154,8 @@ class LoRABatchInfo:
                 raise ValueError(f"segment length {n} is negative")
             indptr.append(indptr[-1] + n)
         token_slot = [s for s, n in zip(seg_slot, seg_lens) for _ in range(n)]
+        import torch
+
         i32 = dict(dtype=torch.int32, device=device)
         return cls(
             num_tokens=indptr[-1],
@@ -207,6 +210,8 @@ class LoRABackend:
     graph_capturable = False
 
     def __init__(self, device: torch.device | str = "cpu"):
+        import torch
+
         self.device = torch.device(device)
         self.batch: LoRABatchInfo | None = None
 
@@ -331,13 +336,18 @@ class LoRAEpilogue:
     R: int
 
     def __post_init__(self) -> None:
+        import torch
+
+        from loraserve.models.dtypes import check_rows
+
+        floats = (torch.float32, torch.bfloat16, torch.float16)
         S, R = self.n_slices, self.R
         if S not in (1, 2):
             raise ValueError(f"n_slices is {S!r}; the epilogue takes 1 (one output slice) or 2 (gate and up)")
         if not isinstance(R, int) or R < 1:
             raise ValueError(f"R is {R!r}; it must be an int >= 1")
         B = self.B
-        if B.dim() != 3 or B.shape[2] != R or not B.is_contiguous() or B.dtype not in _FLOATS:
+        if B.dim() != 3 or B.shape[2] != R or not B.is_contiguous() or B.dtype not in floats:
             raise ValueError(
                 f"B must be a contiguous [num_slots, out_total, {R}] float32, bfloat16 or float16 "
                 f"tensor, got {tuple(B.shape)} {B.dtype} strides {B.stride()}"
@@ -388,6 +398,8 @@ class LoRAEpilogue:
     def delta(self) -> torch.Tensor:
         """The delta, ``float32 [T, out_total]``, eagerly: one float32 GEMM per slot and slice over
         the rows of that slot (the loop bound is a shape, so nothing is read back from the device)."""
+        import torch
+
         num_slots, out_total, R = self.B.shape
         S, width = self.n_slices, out_total // self.n_slices
         delta = torch.zeros((self.h.shape[0], out_total), dtype=torch.float32, device=self.B.device)
@@ -409,6 +421,8 @@ class LoRAEpilogue:
     def apply_(self, out: torch.Tensor) -> None:
         """Add the delta into ``out`` ``[T, out_total]`` in place, rounded as the in-place expand
         kernel rounds it (``out.float() + delta``, cast once); rows without LoRA are left untouched."""
+        import torch
+
         self.check_output("out", out, self.n_slices)
         new = (out.float() + self.delta()).to(out.dtype)
         out.copy_(torch.where(self._active()[:, None], new, out))

@@ -197,3 +197,28 @@ def test_cuda_graph_capture_sizes_cover_every_batch_up_to_the_max():
         for n in range(1, max_bs + 1):  # padding rows: under 8, or under a third of the batch
             padded = next(s for s in sizes if s >= n)
             assert padded - n < max(8, n // 3), (max_bs, n, padded)
+
+
+def test_running_keeps_admission_order_and_remove_takes_either_queue():
+    from loraserve.sched.request import Status
+
+    kv = make_kv(num_blocks=16, block_size=4)
+    sched = Scheduler(kv, max_running=3, step_tokens=64, chunk_size=64)
+    a, b, c, d = req("a", 5), req("b", 3), req("c", 7), req("d", 2)
+    for r in (a, b, c, d):
+        sched.add(r)
+    plan = sched.schedule()
+    assert [ch.request for ch in plan] == [a, b, c] and list(sched.running) == [a, b, c]
+    assert list(sched.waiting) == [d] and d.status is Status.WAITING
+    sched.remove(b)  # finishes while running: its blocks go back, the order of the others stays
+    assert list(sched.running) == [a, c] and b.blocks == []
+    sched.remove(d)  # aborted before it ever ran
+    assert not sched.waiting and list(sched.running) == [a, c]
+    sched.remove(d)  # twice is harmless
+    for r in (a, c):
+        r.num_computed = r.num_tokens
+        r.output_ids.append(1)
+    sched.remove(a)
+    assert [ch.request for ch in sched.schedule()] == [c] and list(sched.running) == [c]
+    sched.remove(c)
+    assert kv.allocator.num_free == kv.allocator.num_blocks and not sched.has_work()

@@ -183,7 +183,7 @@ def test_loading_slot_is_never_evicted_and_prefetch_looks_ahead(setup):
         loading = {s: lora.pool.slot_key[s] for s in lora.pool.loading}
         for _ in range(3):
             engine.step()  # nothing can run: every admission answers "copying" or finds no slot
-        assert engine.scheduler.running == []
+        assert list(engine.scheduler.running) == []
         assert {s: lora.pool.slot_key[s] for s in lora.pool.loading} == loading
         assert lora.can_join(queue[0], []) == COPYING
         assert lora.can_join(queue[3], []) is False  # no slot: the three being filled cannot be evicted

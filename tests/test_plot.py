@@ -31,6 +31,7 @@ EXPECTED = [
     "tp_llama-3.1-8b_2xNVIDIA_H200.png",
     f"overlap_loading_{H100}.png",
     f"throughput_latency_{H100}.png",
+    "scheduler_cpu_x86_64_2_cores.png",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -84,6 +85,7 @@ def test_unknown_shapes_are_skipped(tmp_path, capsys):
         ("overlap_loading_", "overlap"),
         ("offline_", "serving"),
         ("hf_peft_", "serving"),
+        ("scheduler_", "scheduler"),
     ],
 )
 def test_kind_of_recorded_files(prefix, kind):

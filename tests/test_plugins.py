@@ -184,3 +184,22 @@ def test_register_hook_that_raises_names_the_plugin(plugin_dir):
     with pytest.raises(PluginError) as err:
         pm.models
     assert "raising_plugin" in str(err.value) and "loraserve_register_models" in str(err.value)
+
+
+def test_loading_every_plugin_and_its_registrations_imports_no_torch():
+    """Plugins register cheap factories: `loraserve --help` and `loraserve plugins` load every
+    installed plugin, build every registry and read every option class without importing torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from loraserve.plugin_manager import REGISTRY_KINDS, PluginManager\n"
+        "pm = PluginManager().load()\n"
+        "pm.option_classes()\n"
+        "[pm.registry(kind) for kind in REGISTRY_KINDS]\n"
+        "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

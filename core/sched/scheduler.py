@@ -65,7 +65,9 @@ class Scheduler:
         self.on_preempt = on_preempt
         self.starvation_steps = starvation_steps
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        #: running requests in admission order (a dict as an ordered set: joining, finishing and
+        #: preempting are O(1), and membership is the request's ``status``)
+        self.running: dict[Request, None] = {}
 
     # -- queue management -------------------------------------------------------------------------
 
@@ -75,10 +77,10 @@ class Scheduler:
 
     def remove(self, request: Request) -> None:
         """Take a request out of the queues and free its blocks (finish, abort or error)."""
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        if request in self.running:  # a dict: O(1)
+            del self.running[request]
+        elif request.status is Status.WAITING and request in self.waiting:
+            self.waiting.remove(request)  # an abort before it ran: O(waiting), off the decode path
         self._free_blocks(request)
 
     def has_work(self) -> bool:
@@ -92,8 +94,8 @@ class Scheduler:
         # 1. decodes, in admission order; preempt from the back when blocks run out
         planned: set[int] = set()
         for req in list(self.running):
-            if req not in self.running or req.num_pending != 1 or budget < 1:
-                continue
+            if req.status is not Status.RUNNING or req.num_pending != 1 or budget < 1:
+                continue  # (preempted earlier in this loop, or not decoding)
             if not self._reserve(req, req.num_computed + 1, preempt_from=planned):
                 continue
             plan.append(ScheduledChunk(req, req.num_computed, 1))
@@ -110,9 +112,10 @@ class Scheduler:
         # 3. waiting requests join in arrival order; one whose adapter cannot get a slot now is
         #    skipped, until it has waited starvation_steps steps: then nobody overtakes it
         skipped: list[Request] = []
+        in_step = [c.request for c in plan]  # grown as requests join: can_join reads it, never rebuilt
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
-            verdict = True if self.can_join is None else self.can_join(req, [c.request for c in plan])
+            verdict = True if self.can_join is None else self.can_join(req, in_step)
             if verdict is not True:
                 if verdict != COPYING:
                     req.join_refusals += 1
@@ -125,8 +128,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING
-            self.running.append(req)
+            self.running[req] = None
             plan.append(ScheduledChunk(req, req.num_computed, n))
+            in_step.append(req)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return plan
@@ -153,7 +157,7 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
+        del self.running[req]
         self._free_blocks(req)
         req.num_computed = 0
         req.num_preemptions += 1
