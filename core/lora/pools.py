@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from loraserve.contract import EvictionPolicy
+from loraserve.contract import EvictionPolicy, pool_shapes
 from loraserve.errors import UserError
 
 BASE_KEY = ("", 0)  # the base model's key in the GPU pool: rank 0, no weights
@@ -128,16 +128,16 @@ class GpuAdapterPool:
         self.B: dict[tuple[int, str], torch.Tensor] = {}
         for layer in range(num_layers):
             for name, (in_dim, offs) in modules.items():
-                n_slices = len(offs) - 1
+                a_shape, b_shape = pool_shapes(num_slots, len(offs) - 1, R, in_dim, offs[-1])
                 if a_storage is not None:  # zeroed rows owned by someone else (the layer's extended weight)
-                    rows = a_storage(layer, name, num_slots * n_slices * R)
-                    self.A[(layer, name)] = rows.view(num_slots, n_slices * R, in_dim)
+                    self.A[(layer, name)] = a_storage(layer, name, a_shape[0] * a_shape[1]).view(a_shape)
                 else:
-                    self.A[(layer, name)] = torch.zeros(num_slots, n_slices * R, in_dim, dtype=dtype, device=device)
-                self.B[(layer, name)] = torch.zeros(num_slots, offs[-1], R, dtype=dtype, device=device)
+                    self.A[(layer, name)] = torch.zeros(a_shape, dtype=dtype, device=device)
+                self.B[(layer, name)] = torch.zeros(b_shape, dtype=dtype, device=device)
         for name, (in_dim, out_dim) in extra.items():
-            self.A[(-1, name)] = torch.zeros(num_slots, R, in_dim, dtype=dtype, device=device)
-            self.B[(-1, name)] = torch.zeros(num_slots, out_dim, R, dtype=dtype, device=device)
+            a_shape, b_shape = pool_shapes(num_slots, 1, R, in_dim, out_dim)
+            self.A[(-1, name)] = torch.zeros(a_shape, dtype=dtype, device=device)
+            self.B[(-1, name)] = torch.zeros(b_shape, dtype=dtype, device=device)
         self.slot_key: list[Hashable | None] = [None] * num_slots
         self.ranks_host = [0] * num_slots
         self.scalings_host = [0.0] * num_slots

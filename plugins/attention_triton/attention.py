@@ -99,6 +99,7 @@ class PagedTritonAttention(AttentionBackend):
         self.sliding_window = sliding_window
         self.num_splits = num_splits
         self.scale = self.head_dim**-0.5 if scale is None else scale
+        self.scale_log2 = self.scale * 1.4426950408889634  # the kernels use exp2
         self.device = cache.device
         self._d_pad = max(16, next_pow2(self.head_dim))
         self._tiles = pick_tiles(cache.dtype, self._d_pad)
@@ -285,7 +286,7 @@ class PagedTritonAttention(AttentionBackend):
             out.stride(1),
             kc.stride(0),
             kc.stride(1),
-            self._scale_log2(),
+            self.scale_log2,
             self.sliding_window or 0,
             G=g,
             G_PAD=max(16, next_pow2(g)),
@@ -331,7 +332,7 @@ class PagedTritonAttention(AttentionBackend):
             out.stride(1),
             kc.stride(0),
             kc.stride(1),
-            self._scale_log2(),
+            self.scale_log2,
             self.sliding_window or 0,
             G=H // self.num_kv_heads,
             D=D,
@@ -344,6 +345,3 @@ class PagedTritonAttention(AttentionBackend):
             num_warps=tiles.prefill_warps,
             **tiles.prefill_stages,
         )
-
-    def _scale_log2(self) -> float:
-        return self.scale * 1.4426950408889634  # the kernels use exp2
