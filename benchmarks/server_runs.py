@@ -73,14 +73,24 @@ def parse_counters(text: str) -> dict[str, float]:
 
 def parse_step_times(text: str) -> dict[str, dict[str, float]]:
     """Engine steps and their wall time by kind (``decode``, ``prefill``) from a Prometheus page,
-    with the mean step time in ms."""
+    with the mean step time in ms, and the host's and GPU's seconds of those steps when the
+    server reports them (``host_s``, ``gpu_s``, ``gpu_steps``)."""
     out: dict[str, dict[str, float]] = {}
     for kind in ("decode", "prefill"):
-        n = re.search(rf'^loraserve_engine_steps_total{{kind="{kind}"}} ([0-9.eE+-]+)$', text, re.M)
-        t = re.search(rf'^loraserve_engine_step_seconds_total{{kind="{kind}"}} ([0-9.eE+-]+)$', text, re.M)
-        if n and t:
-            steps, secs = float(n.group(1)), float(t.group(1))
-            out[kind] = {"steps": steps, "seconds": secs, "mean_ms": secs / steps * 1e3 if steps else None}
+
+        def value(name: str) -> float | None:
+            m = re.search(rf'^loraserve_{name}_total{{kind="{kind}"}} ([0-9.eE+-]+)$', text, re.M)
+            return float(m.group(1)) if m else None
+
+        steps, secs = value("engine_steps"), value("engine_step_seconds")
+        if steps is None or secs is None:
+            continue
+        out[kind] = {"steps": steps, "seconds": secs, "mean_ms": secs / steps * 1e3 if steps else None}
+        for key, name in (("host_s", "engine_step_host_seconds"), ("gpu_s", "engine_step_gpu_seconds")):
+            if (v := value(name)) is not None:
+                out[kind][key] = v
+        if (v := value("engine_gpu_timed_steps")) is not None:
+            out[kind]["gpu_steps"] = v
     return out
 
 
@@ -99,12 +109,19 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def diff_steps(after: dict, before: dict) -> dict:
-    """Step counts and seconds of ``after`` less ``before`` (two :func:`parse_step_times` results)."""
+    """Step counts and seconds of ``after`` less ``before`` (two :func:`parse_step_times` results),
+    with the mean wall, host and GPU time per step in ms."""
     out = {}
     for kind, a in after.items():
-        b = before.get(kind, {"steps": 0.0, "seconds": 0.0})
-        steps, secs = a["steps"] - b["steps"], a["seconds"] - b["seconds"]
-        out[kind] = {"steps": steps, "seconds": secs, "mean_ms": secs / steps * 1e3 if steps else None}
+        b = before.get(kind, {})
+        d = {key: a[key] - b.get(key, 0.0) for key in ("steps", "seconds", "host_s", "gpu_s", "gpu_steps") if key in a}
+        steps = d["steps"]
+        d["mean_ms"] = d["seconds"] / steps * 1e3 if steps else None
+        if "host_s" in d:
+            d["host_mean_ms"] = d["host_s"] / steps * 1e3 if steps else None
+        if d.get("gpu_steps"):
+            d["gpu_mean_ms"] = d["gpu_s"] / d["gpu_steps"] * 1e3
+        out[kind] = d
     return out
 
 

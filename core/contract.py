@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from loraserve.sched.kv_cache import KVCache
     from loraserve.sched.request import Request, RequestOutput
     from loraserve.sched.sampling_params import SamplingParams
+    from loraserve.staging import HostStaging
 
 # torch is imported where it is used, not here: a plugin imports this module (for PluginOptions) when
 # it is loaded, and loading plugins must stay cheap (``loraserve --help``, ``loraserve plugins``)
@@ -137,40 +138,69 @@ class LoRABatchInfo:
         scalings: list[float],
         max_rank: int,
         device: torch.device | str = "cpu",
+        staging: HostStaging | None = None,
     ) -> LoRABatchInfo:
-        """Build from host lists (one entry per segment, one per slot)."""
-        if len(seg_lens) != len(seg_slot):
-            raise ValueError(f"seg_lens has {len(seg_lens)} entries but seg_slot has {len(seg_slot)}")
-        if len(ranks) != len(scalings):
-            raise ValueError(f"ranks has {len(ranks)} slots but scalings has {len(scalings)}")
-        for s in seg_slot:
-            if not 0 <= s < len(ranks):
-                raise ValueError(f"segment slot {s} is outside the pool's {len(ranks)} slots")
-        if any(r < 0 or r > max_rank for r in ranks):
-            raise ValueError(f"slot ranks {ranks} must lie in [0, max_rank={max_rank}]")
-        indptr = [0]
-        for n in seg_lens:
-            if n < 0:
-                raise ValueError(f"segment length {n} is negative")
-            indptr.append(indptr[-1] + n)
-        token_slot = [s for s, n in zip(seg_slot, seg_lens) for _ in range(n)]
+        """Build from host lists (one entry per segment, one per slot).
+
+        Every device field is a view of one int32 tensor ``[seg_indptr | seg_slot | token_slot |
+        ranks | scalings (float32 bits)]``, each part starting 16-byte aligned (as a tensor of its
+        own would: kernels specialised on aligned pointers stay valid), filled by one host-to-device
+        copy: from ``staging`` (page-locked buffers owned by the caller, used alternately: one build
+        per step per :class:`~loraserve.staging.HostStaging`, whose device is used) when given, else
+        from ordinary host memory."""
+        _check_batch_lists(seg_lens, seg_slot, ranks, scalings, max_rank)
+        import array
+        import itertools
+
         import torch
 
-        i32 = dict(dtype=torch.int32, device=device)
+        from loraserve.staging import pack_aligned
+
+        indptr = list(itertools.accumulate(seg_lens, initial=0))
+        nseg, ntok, nslot = len(seg_lens), indptr[-1], len(ranks)
+        scalings_host = [float(s) for s in scalings]
+        if ntok == nseg and max(seg_lens, default=1) <= 1:
+            token_slot = seg_slot  # every segment one token (decode)
+        else:
+            token_slot = [s for s, n in zip(seg_slot, seg_lens) for _ in range(n)]
+        packed, starts = pack_aligned([indptr, seg_slot, token_slot, ranks, array.array("f", scalings_host)])
+        if staging is not None:
+            flat = staging.upload(packed)
+        else:
+            flat = torch.frombuffer(packed, dtype=torch.int32).to(device, copy=True)
+        views = [flat[a : a + n] for a, n in zip(starts, (nseg + 1, nseg, ntok, nslot, nslot))]
         return cls(
-            num_tokens=indptr[-1],
-            num_segments=len(seg_lens),
-            seg_indptr=torch.tensor(indptr, **i32),
-            seg_slot=torch.tensor(seg_slot, **i32),
-            token_slot=torch.tensor(token_slot, **i32),
-            ranks=torch.tensor(ranks, **i32),
-            scalings=torch.tensor(scalings, dtype=torch.float32, device=device),
+            num_tokens=ntok,
+            num_segments=nseg,
+            seg_indptr=views[0],
+            seg_slot=views[1],
+            token_slot=views[2],
+            ranks=views[3],
+            scalings=views[4].view(torch.float32),
             max_rank=max_rank,
             seg_indptr_host=indptr,
             seg_slot_host=list(seg_slot),
             ranks_host=list(ranks),
-            scalings_host=[float(s) for s in scalings],
+            scalings_host=scalings_host,
         )
+
+
+def _check_batch_lists(
+    seg_lens: list[int], seg_slot: list[int], ranks: list[int], scalings: list[float], max_rank: int
+) -> None:
+    """Raise ValueError unless :meth:`LoRABatchInfo.build`'s lists fit together. min/max rather
+    than a Python loop: this runs every step, over every request of the batch."""
+    if len(seg_lens) != len(seg_slot):
+        raise ValueError(f"seg_lens has {len(seg_lens)} entries but seg_slot has {len(seg_slot)}")
+    if len(ranks) != len(scalings):
+        raise ValueError(f"ranks has {len(ranks)} slots but scalings has {len(scalings)}")
+    if seg_slot and (min(seg_slot) < 0 or max(seg_slot) >= len(ranks)):
+        bad = next(s for s in seg_slot if not 0 <= s < len(ranks))
+        raise ValueError(f"segment slot {bad} is outside the pool's {len(ranks)} slots")
+    if ranks and (min(ranks) < 0 or max(ranks) > max_rank):
+        raise ValueError(f"slot ranks {ranks} must lie in [0, max_rank={max_rank}]")
+    if seg_lens and min(seg_lens) < 0:
+        raise ValueError(f"segment length {min(seg_lens)} is negative")
 
 
 # == LoRA kernel backends ======================================================================
@@ -549,9 +579,21 @@ class AttentionBackend:
     replayed from a CUDA graph, :meth:`begin_graph_step`; then the model calls :meth:`attention`
     once per layer. Contract:
 
-    - :meth:`begin_step` gets ``(blocks, start, num_new_tokens)`` per sequence, in the order the
-      step's tokens are packed; ``blocks`` are the sequence's KV-cache block ids, ``start`` the
-      number of tokens already cached. It may build any metadata it likes.
+    - :meth:`begin_step` gets ``(blocks, start, num_new_tokens, table_row)`` per sequence, in the
+      order the step's tokens are packed; ``blocks`` are the sequence's KV-cache block ids (a host
+      list), ``start`` the number of tokens already cached, ``table_row`` the sequence's row in the
+      KV cache's device block table ``kv.block_table``
+      (:class:`~loraserve.sched.block_table.BlockTable`), or -1 when it has none (a
+      tensor-parallel worker's stand-in requests); the older three-field form means -1. It may
+      build any metadata it likes. A backend that reads the device table calls
+      ``kv.block_table.flush()`` first (in :meth:`begin_graph_step` too): that writes the blocks
+      the scheduler handed out since the last step; a backend that reads ``blocks`` need not.
+    - Ordering: the host may free KV blocks and table rows and hand them to the next step while a
+      launched step still runs; every device write a backend makes (metadata copies, gathers, the
+      flush) must be enqueued on the current stream, so a launched step reads what it was launched
+      with. Page-locked host staging copied with ``non_blocking=True`` must not be rewritten before
+      its copy ran: two buffers used alternately suffice (:class:`~loraserve.staging.HostStaging`),
+      since the engine prepares step N+1 only after step N-1 completed.
     - :meth:`attention` writes the step's new keys and values into their cache slots, then returns
       ``[num_tokens, num_heads, head_dim]``: each token attends causally over its sequence's
       context (and at most ``sliding_window`` keys back when set). It may not modify ``q``.
@@ -569,10 +611,10 @@ class AttentionBackend:
         self.kv = kv
         self.sliding_window = sliding_window
 
-    def begin_step(self, seqs: list[tuple[list[int], int, int]]) -> None:
+    def begin_step(self, seqs: list[tuple[list[int], int, int, int]]) -> None:
         raise NotImplementedError
 
-    def begin_graph_step(self, seqs: list[tuple[list[int], int, int]], batch_size: int) -> None:
+    def begin_graph_step(self, seqs: list[tuple[list[int], int, int, int]], batch_size: int) -> None:
         raise NotImplementedError(f"attention backend {self.name!r} cannot run in CUDA graphs")
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -647,6 +689,9 @@ class EngineStats(TypedDict, total=False):
     kv_blocks_total: int
     kv_blocks_free: int
     steps: dict[str, list]  #: ``{"decode" | "prefill": [steps, seconds]}``
+    #: ``{"decode" | "prefill": {"host_s", "gpu_s", "gpu_steps"}}``: the host's share of the steps'
+    #: wall time and the GPU time of their forward pass and sampling (CUDA events; CUDA only)
+    step_timing: dict[str, dict[str, float]]
     lora_slots_total: int  #: GPU adapter slots (the base model counts as one)
     lora_slots_in_use: int
     lora_host_cached: int  #: adapters held in the host cache

@@ -110,6 +110,14 @@ class Settings(BaseSettings):
             "server",
         ),
     )
+    skip_server_warmup: bool = Field(
+        False,
+        **_opt(
+            "Start without the warm-up steps that compile every Triton kernel variant a step can need before "
+            "/health reports ready (CUDA only); the first steps of each new shape then compile them while serving.",
+            "server",
+        ),
+    )
     shutdown_grace_period: float = Field(
         10.0,
         ge=0,
@@ -120,13 +128,32 @@ class Settings(BaseSettings):
         ),
     )
 
+    engine_in_process: bool = Field(
+        False,
+        **_opt(
+            "Run the engine loop in the HTTP server's process, on a thread (for debugging); by default it runs in "
+            "a process of its own, so tokenizing, detokenizing and HTTP never take the interpreter lock from the "
+            "scheduler.",
+            "server",
+            aliases=["--disable-frontend-multiprocessing"],
+        ),
+    )
+
     # -- scheduling and memory -------------------------------------------------------------------
     max_running_requests: int | None = Field(None, ge=1, **_opt("Most requests decoding at once.", "scheduling"))
     max_total_tokens: int | None = Field(
         None, ge=1, **_opt("KV-cache size in tokens (default: from the memory budget).", "scheduling")
     )
     mem_fraction_static: float | None = Field(
-        None, gt=0, lt=1, **_opt("Fraction of accelerator memory for weights, KV cache and LoRA slots.", "scheduling")
+        None,
+        gt=0,
+        lt=1,
+        **_opt(
+            "Fraction of accelerator memory for weights, KV cache and LoRA slots (default: all the memory left "
+            "after the largest step's activations, measured by a profile run at start-up, the CUDA graphs' "
+            "estimate and a safety margin; the KV cache never takes more than that either way).",
+            "scheduling",
+        ),
     )
     chunked_prefill_size: int | None = Field(
         None, ge=1, **_opt("Longest prompt piece prefilled in one step.", "scheduling")
@@ -137,7 +164,7 @@ class Settings(BaseSettings):
         ge=1,
         **_opt(
             "Tensor-parallel degree: the model and every adapter split over this many GPUs (or CPU "
-            "processes): the serving process is rank 0 and starts the others.",
+            "processes): the engine's process is rank 0 and starts the others.",
             "scheduling",
         ),
     )
@@ -150,6 +177,14 @@ class Settings(BaseSettings):
         ),
     )
     disable_cuda_graph: bool = Field(False, **_opt("Do not capture decode steps in CUDA graphs.", "scheduling"))
+    disable_overlap_schedule: bool = Field(
+        False,
+        **_opt(
+            "Run steps one after another: wait for each step's tokens before scheduling the next (default: the "
+            "host prepares step N+1 while the GPU runs step N; always off with --tp-size > 1).",
+            "scheduling",
+        ),
+    )
     attention_backend: str | None = Field(
         None,
         **_opt(

@@ -169,11 +169,12 @@ def test_request_refused_a_slot_is_not_starved_by_a_stream_of_others():
 
 
 def test_kv_budget_from_mem_fraction_static(monkeypatch):
-    """--mem-fraction-static f: the KV cache gets f x total minus what is already allocated; too small
-    a fraction is refused with a message naming the flag (CUDA's memory query is simulated)."""
+    """--mem-fraction-static f: the KV cache gets f x total minus what is already allocated, and never
+    more than the memory left after the measured activations, graphs and margin; too small a
+    fraction is refused with a message naming the flag (CUDA's memory query is simulated)."""
     from types import SimpleNamespace
 
-    from loraserve.engine.builder import BLOCK_SIZE, kv_budget_tokens
+    from loraserve.engine.kv_sizing import BLOCK_SIZE, SAFETY_MARGIN_BYTES, kv_budget_tokens
     from loraserve.errors import ConfigError
 
     GiB = 1 << 30
@@ -182,7 +183,11 @@ def test_kv_budget_from_mem_fraction_static(monkeypatch):
     per_token = KVCache.bytes_per_token(32, 8, 128, torch.bfloat16)  # 128 KiB, Llama-3-8B
     cuda = torch.device("cuda")
     assert kv_budget_tokens(model, cuda, torch.bfloat16, 0.9) == (int(80 * GiB * 0.9) - 20 * GiB) // per_token
-    assert kv_budget_tokens(model, cuda, torch.bfloat16) == (60 * GiB - 2 * GiB) // per_token  # default reserve
+    # without the flag: what is free, less the activations (3 GiB), graphs (1 GiB) and the margin
+    margin = SAFETY_MARGIN_BYTES + int(0.1 * 4 * GiB)
+    left = 60 * GiB - 4 * GiB - margin
+    assert kv_budget_tokens(model, cuda, torch.bfloat16, None, 3 * GiB, GiB) == left // per_token
+    assert kv_budget_tokens(model, cuda, torch.bfloat16, 0.95, 3 * GiB, GiB) == left // per_token  # the smaller
     with pytest.raises(ConfigError, match="--mem-fraction-static 0.2 leaves no room"):
         kv_budget_tokens(model, cuda, torch.bfloat16, 0.2)
     assert kv_budget_tokens(model, torch.device("cpu"), torch.bfloat16, 0.9) >= BLOCK_SIZE  # ignored on CPU

@@ -25,6 +25,7 @@ from loraserve.engine.intake import Intake, check_fits, check_sampling_params
 from loraserve.engine.loop import EngineLoop
 from loraserve.engine.outputs import OutputBuilder
 from loraserve.engine.stats import effective_settings, take_stats
+from loraserve.engine.stepper import Stepper
 from loraserve.errors import UserError
 from loraserve.plugin_manager import PluginManager
 from loraserve.sched.request import Request, RequestOutput, Status
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
     from loraserve.engine.tp import TPDriver
 
 logger = logging.getLogger("loraserve.engine.engine")
-
-IDLE_POLL_S = 0.0005  # how often an idle engine looks at in-flight adapter copies
 
 
 def default_plugins(settings: Settings) -> PluginManager:
@@ -65,7 +64,9 @@ class Engine(EngineClient):
     """Builds and owns every part of a serving engine from :class:`Settings`; the methods of
     :class:`EngineClient` document themselves there."""
 
-    def __init__(self, settings: Settings | None = None, plugins: PluginManager | None = None):
+    def __init__(self, settings: Settings | None = None, plugins: PluginManager | None = None, detokenize: bool = True):
+        """``detokenize=False``: outputs carry token ids only, no text, and stop strings are not
+        checked (the engine process of a split server: its HTTP process does both)."""
         self.settings = settings if settings is not None else Settings()
         self.plugins = plugins if plugins is not None else default_plugins(self.settings)
         self.plugins.load()
@@ -74,11 +75,7 @@ class Engine(EngineClient):
         self._ids = itertools.count()
         #: the engine thread, and the calls other threads post to it
         # step looked up at each call: a benchmark may wrap this instance's step (bench_offline times it)
-        self._loop = EngineLoop(lambda: self.step(), lambda: self.scheduler.has_work(), self._abort_all, self._fail_all)
-        self.step_count = 0
-        #: steps run and their wall time (model, sampling, delivery), for steps that only decode
-        #: and for steps with prefill tokens: ``{kind: [steps, seconds]}``
-        self.step_stats: dict[str, list] = {"decode": [0, 0.0], "prefill": [0, 0.0]}
+        self._loop = EngineLoop(lambda: self.step(), lambda: self.stepper.has_work(), self._abort_all, self._fail_all)
         #: tensor parallelism (--tp-size > 1): this process is rank 0 and drives the other ranks
         self.tp = start_tp(self.settings, self.plugins)
         try:
@@ -99,7 +96,22 @@ class Engine(EngineClient):
         self.kv, self.scheduler, self.runner, self.sampler = parts.kv, parts.scheduler, parts.runner, parts.sampler
         self.lora = parts.lora
         self.backend_name, self.attention_name = parts.backend_name, parts.attention_name
-        self.outputs = OutputBuilder(self.tokenizer, parts.eos_token_ids)
+        self.outputs = OutputBuilder(self.tokenizer, parts.eos_token_ids, detokenize=detokenize)
+        #: the step loop's work (overlapped unless --disable-overlap-schedule; never with TP, whose
+        #: other ranks are handed every step's token ids)
+        self.overlap = not self.settings.disable_overlap_schedule and self.tp is None
+        self.stepper = Stepper(
+            self.scheduler,
+            self.runner,
+            self.sampler,
+            self.outputs,
+            self.lora,
+            self.device,
+            self.context_len,
+            finish=self._finish,
+            deliver=lambda r: self._deliver(r, finished=False),
+            overlap=self.overlap,
+        )
         #: prompt-size and queue bounds, and thread-safe tokenization
         self.intake = Intake(
             self.tokenizer, self.context_len, self.settings.max_queued_requests, self.settings.max_prompt_chars
@@ -259,7 +271,13 @@ class Engine(EngineClient):
 
     def stats(self) -> EngineStats:
         take = partial(
-            take_stats, self.scheduler, self.kv.allocator, self.lora, self.step_stats, self.settings.max_loras_per_batch
+            take_stats,
+            self.scheduler,
+            self.kv.allocator,
+            self.lora,
+            self.stepper.step_stats,
+            self.settings.max_loras_per_batch,
+            self.stepper.step_timing,
         )
         try:
             return self.call_in_engine(take)
@@ -289,14 +307,29 @@ class Engine(EngineClient):
         if dist.is_initialized() and dist.get_backend() == "gloo":
             dist.destroy_process_group()
 
+    @property
+    def step_count(self) -> int:
+        """Steps launched so far."""
+        return self.stepper.step_count
+
+    @property
+    def step_stats(self) -> dict[str, list]:
+        """``{kind: [steps, seconds]}`` (see :class:`~loraserve.engine.stepper.Stepper`)."""
+        return self.stepper.step_stats
+
     def _abort_all(self) -> None:
         """Finish every queued request as aborted (the engine is stopping)."""
+        self.stepper.drain()
         for r in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(r, "abort")
 
     def _fail_all(self, exc: Exception) -> None:
         """Scheduling itself failed: finish every queued request with the error rather than spin."""
         logger.exception("scheduling failed; every queued request is finished with an error")
+        try:
+            self.stepper.drain()
+        except Exception:
+            logger.exception("the step in flight could not complete either")
         for r in list(self.scheduler.running) + list(self.scheduler.waiting):
             r.error = f"{type(exc).__name__}: {exc}"
             self._finish(r, "error")
@@ -317,41 +350,9 @@ class Engine(EngineClient):
                 self._finish(r, "abort")
 
     def step(self) -> None:
-        """Schedule, run the model, sample, and deliver outputs (engine thread only)."""
-        if self.lora is not None:
-            self.lora.before_schedule()
-        plan = self.scheduler.schedule()
-        if not plan:
-            if self.lora is not None and self.lora.copies_in_flight:
-                time.sleep(IDLE_POLL_S)  # nothing can run until a copy lands: poll it without spinning
-            return
-        self.step_count += 1
-        kind = "decode" if all(c.num_tokens == 1 for c in plan) else "prefill"
-        started = time.perf_counter()
-        try:
-            logits = self.runner.forward(plan)
-            sampling = [c.request for c in plan if c.samples]
-            for c in plan:
-                c.request.num_computed += c.num_tokens
-            if sampling:
-                result = self.sampler.sample(
-                    logits, [r.params for r in sampling], [r.history for r in sampling], [r.generator for r in sampling]
-                )
-                for i, r in enumerate(sampling):
-                    reason = self.outputs.append(r, result, i, self.context_len)
-                    if reason is not None:
-                        self._finish(r, reason)
-                    else:
-                        self._deliver(r, finished=False)
-            stats = self.step_stats[kind]
-            stats[0] += 1
-            stats[1] += time.perf_counter() - started
-        except Exception as exc:  # never let one bad step kill the loop: fail its requests
-            logger.exception("step failed; its requests are finished with an error")
-            for c in plan:
-                if not c.request.finished:
-                    c.request.error = f"{type(exc).__name__}: {exc}"
-                    self._finish(c.request, "error")
+        """One turn of the step loop (engine thread only): schedule and launch a step, and complete
+        the one before it (:class:`~loraserve.engine.stepper.Stepper`)."""
+        self.stepper.step()
 
     def _deliver(self, r: Request, finished: bool) -> None:
         if r.sink is None:
@@ -363,7 +364,7 @@ class Engine(EngineClient):
             r.sink = None
 
     def _finish(self, r: Request, reason: str) -> None:
-        self.scheduler.remove(r)
+        self.stepper.release_blocks(r)
         r.status, r.finish_reason, r.finish_time = Status.FINISHED, reason, time.perf_counter()
         if self.lora is not None:
             self.lora.release(r)

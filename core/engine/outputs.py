@@ -31,8 +31,12 @@ class _TextState:
 
 
 class OutputBuilder:
-    def __init__(self, tokenizer: Any, eos_token_ids: set[int]):
-        self.tokenizer = tokenizer
+    """Finish decisions and outputs of one engine's requests. With ``detokenize=False`` (an engine
+    whose HTTP server runs in another process) no text is decoded and no stop string checked: the
+    deltas carry token ids only, and the other process follows them with :meth:`follow`."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: set[int], detokenize: bool = True):
+        self.tokenizer = tokenizer if detokenize else None
         self.eos_token_ids = eos_token_ids
 
     def _state(self, r: Request) -> _TextState:
@@ -50,17 +54,22 @@ class OutputBuilder:
         else:
             state.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=r.params.skip_special_tokens)
 
-    def append(self, r: Request, result: Any, i: int, context_len: int) -> str | None:
-        """Record the token sampled for ``r`` (row ``i`` of the sampler's ``result``: its id, and its
-        logprobs when asked for) and decode it; returns a finish reason or None."""
-        token = int(result.token_ids[i])
+    def append(
+        self,
+        r: Request,
+        token: int,
+        logprob: float | None,
+        top_logprobs: list[tuple[int, float]] | None,
+        context_len: int,
+    ) -> str | None:
+        """Record a token sampled for ``r`` (with its logprob and top logprobs when asked for) and
+        decode it; returns a finish reason or None. (Penalty histories are updated on the device
+        when the token is sampled, not here.)"""
         r.output_ids.append(token)
-        if r.history is not None:
-            r.history.append(token)
         if r.params.return_logprob or r.params.top_logprobs_num:
-            r.logprobs.append(float(result.logprobs[i]))
+            r.logprobs.append(float(logprob))
             if r.params.top_logprobs_num:
-                r.top_logprobs.append(result.top_logprobs[i])
+                r.top_logprobs.append(top_logprobs)
         if r.first_token_time is None:
             r.first_token_time = time.perf_counter()
         return self.advance(r, token, context_len)
@@ -75,11 +84,31 @@ class OutputBuilder:
             state.matched, state.text, state.stream_len = check.matched, check.text, len(check.text)
             return "stop"
         state.stream_len = check.stream_len
-        if reason is None and r.num_tokens >= context_len:
+        if reason is None and r.num_read >= context_len:
             reason = "length"
         if reason == "stop" and state.matched is None:
             state.matched = token
         return reason
+
+    def follow(self, r: Request, token: int) -> bool:
+        """Decode the token just appended to ``r.output_ids`` by an engine elsewhere, which decides
+        length and stop-token finishes itself; returns True when a stop string matched (the text is
+        then cut as :meth:`advance` cuts it, and the request should finish with ``"stop"``)."""
+        state = self._state(r)
+        self._decode_next(r, state, token)
+        check = state.stop.check(state.text)
+        if check.stopped:
+            state.matched, state.text, state.stream_len = check.matched, check.text, len(check.text)
+            return True
+        state.stream_len = check.stream_len
+        return False
+
+    def finished_elsewhere(self, r: Request, matched: int | str | None) -> None:
+        """Record the stop token id (or EOS id) that ended ``r`` in an engine elsewhere, for its
+        ``meta_info``; the final delta then releases any text held back for a stop string."""
+        state = self._state(r)
+        if r.finish_reason == "stop" and state.matched is None:
+            state.matched = matched
 
     def delta(self, r: Request, finished: bool) -> RequestOutput:
         """New text/tokens/logprobs since the previous delta of ``r``."""

@@ -17,10 +17,15 @@ from loraserve.contract import EngineStats
 
 
 def take_stats(
-    scheduler: Any, allocator: Any, lora: Any, step_stats: dict[str, list], max_loras_per_batch: int
+    scheduler: Any,
+    allocator: Any,
+    lora: Any,
+    step_stats: dict[str, list],
+    max_loras_per_batch: int,
+    step_timing: dict[str, list] | None = None,
 ) -> EngineStats:
-    """The snapshot of one engine: its scheduler, KV allocator, LoRA manager (None without LoRA) and
-    ``{kind: [steps, seconds]}``."""
+    """The snapshot of one engine: its scheduler, KV allocator, LoRA manager (None without LoRA),
+    ``{kind: [steps, seconds]}`` and ``{kind: [host_s, gpu_s, gpu_steps]}``."""
     snap: EngineStats = {
         "waiting": len(scheduler.waiting),
         "running": len(scheduler.running),
@@ -28,6 +33,8 @@ def take_stats(
         "kv_blocks_free": allocator.num_free,
         "steps": {k: list(v) for k, v in step_stats.items()},
     }
+    if step_timing is not None:
+        snap["step_timing"] = {k: {"host_s": v[0], "gpu_s": v[1], "gpu_steps": v[2]} for k, v in step_timing.items()}
     if lora is not None:
         snap.update(
             lora_slots_total=lora.pool.num_slots,

@@ -46,6 +46,7 @@ class _EngineCollector:
             return
         yield from _gauges(s)
         yield from _steps(s.get("steps", {}))
+        yield from _step_timing(s.get("step_timing", {}))
         counters = s.get("lora_counters")
         if counters is not None:
             yield from _lora_counters(counters)
@@ -129,6 +130,28 @@ def _steps(by_kind: Mapping[str, tuple[int, float]]):
         seconds.add_metric([kind], float(secs))
     yield steps
     yield seconds
+
+
+def _step_timing(by_kind: Mapping[str, Mapping[str, float]]):
+    """The host's and the GPU's share of the steps' wall time (the overlap makes them overlap)."""
+    families = [
+        (
+            "engine_step_host_seconds",
+            "Host time of engine steps (wall time minus waiting for the device), by kind.",
+            "host_s",
+        ),
+        (
+            "engine_step_gpu_seconds",
+            "GPU time of engine steps (forward pass and sampling, CUDA events), by kind.",
+            "gpu_s",
+        ),
+        ("engine_gpu_timed_steps", "Engine steps whose GPU time was measured, by kind.", "gpu_steps"),
+    ]
+    for name, doc, key in families:
+        family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["kind"])
+        for kind, values in by_kind.items():
+            family.add_metric([kind], float(values[key]))
+        yield family
 
 
 def _lora_counters(counters: Mapping[str, Any]):

@@ -7,9 +7,12 @@ capture bakes in, and refills them with one host-to-device copy per step.
 
 from __future__ import annotations
 
+import array
+
 import torch
 
 from loraserve.contract import LoRABatchInfo
+from loraserve.staging import HostStaging
 
 
 class GraphBatchInfoBuffers:
@@ -24,9 +27,10 @@ class GraphBatchInfoBuffers:
         self.max_rank = max_rank
         self.meta = torch.zeros(2 * (n + 1) + max_tokens, dtype=torch.int32, device=device)
         self.meta[2 * (n + 1) :] = n
-        # pinned, so the copy is asynchronous; rewritten only after the previous step's sampling
-        # has synchronised with the device
-        self.stage = torch.empty_like(self.meta, device="cpu", pin_memory=device.type == "cuda")
+        # two page-locked stages used alternately, so the copy is asynchronous and a stage is
+        # rewritten only after its copy ran: the engine prepares step N+1 only after step N-1
+        # completed (the overlapped loop's contract; see HostStaging)
+        self.staging = HostStaging(device, capacity=self.meta.numel())
         self.indptr = torch.arange(max_tokens + 1, dtype=torch.int32, device=device)
 
     def capture_info(self, num_tokens: int) -> LoRABatchInfo:
@@ -51,11 +55,17 @@ class GraphBatchInfoBuffers:
 
     def fill(self, seg_slot: list[int], ranks: list[int], scalings: list[float], num_tokens: int) -> None:
         """Fill the buffers for a decode step whose rows use ``seg_slot``, padded to ``num_tokens``
-        rows with the null slot: one host-to-device copy of the slots, ranks and scalings."""
+        rows with the null slot: one host-to-device copy of the slots, ranks and scalings (once per
+        step, on the stream the graph replays on)."""
         n = self.num_slots
-        end = 2 * (n + 1) + num_tokens
-        stage = self.stage
-        stage[: n + 1] = torch.tensor(ranks + [0], dtype=torch.int32)
-        stage[n + 1 : 2 * (n + 1)] = torch.tensor(scalings + [0.0], dtype=torch.float32).view(torch.int32)
-        stage[2 * (n + 1) : end] = torch.tensor(seg_slot + [n] * (num_tokens - len(seg_slot)), dtype=torch.int32)
-        self.meta[:end].copy_(stage[:end], non_blocking=True)
+        if len(ranks) != n or len(scalings) != n or not len(seg_slot) <= num_tokens <= self.meta.numel() - 2 * (n + 1):
+            raise ValueError(
+                f"{len(ranks)} ranks and {len(scalings)} scalings for {n} slots, and {len(seg_slot)} rows "
+                f"padded to {num_tokens}, do not fit these buffers"
+            )
+        packed = array.array("i", ranks)
+        packed.append(0)
+        packed.frombytes(array.array("f", [*scalings, 0.0]).tobytes())
+        packed.extend(seg_slot)
+        packed.extend([n] * (num_tokens - len(seg_slot)))
+        self.staging.upload(packed, out=self.meta)

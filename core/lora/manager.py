@@ -32,6 +32,7 @@ from loraserve.lora.model_hooks import LoRAModelHooks, make_pool
 from loraserve.lora.policy import AdapterSourcePolicy, check_adapter_name, shown
 from loraserve.lora.pools import BASE_KEY, HostAdapterCache
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
+from loraserve.staging import HostStaging
 
 logger = logging.getLogger("loraserve.lora")
 
@@ -99,6 +100,8 @@ class LoRAManager:
         #: the hooks on the model's targeted layers and the per-step state they read
         self.hooks = LoRAModelHooks(model, backend, self.pool, max_rank, shrink_in_gemm_modules, self.shape.vocab_size)
         self._graph_buffers: GraphBatchInfoBuffers | None = None
+        # page-locked staging of the eager batch infos, one per build a step makes (HostStaging)
+        self._staging, self._logits_staging = HostStaging(device), HostStaging(device)
 
     # -- loading and unloading (caller thread) ----------------------------------------------------
 
@@ -284,7 +287,9 @@ class LoRAManager:
         return seg_slot
 
     def prepare(self, chunks: list) -> None:
-        """Build this step's LoRABatchInfo and hand it to the backend (engine thread)."""
+        """Build this step's LoRABatchInfo and hand it to the backend (engine thread): one
+        host-to-device copy from page-locked staging (once per step: see
+        :class:`~loraserve.staging.HostStaging`)."""
         seg_slot = self._step_slots(chunks)
         active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
         self.hooks.begin_step(active, sum(c.num_tokens for c in chunks))
@@ -297,6 +302,7 @@ class LoRAManager:
             self.pool.scalings_host,
             self.max_rank,
             device=self.device,
+            staging=self._staging,
         )
         self.backend.prepare(info)
         if (-1, "lm_head") in self.pool.A:
@@ -309,6 +315,7 @@ class LoRAManager:
                     self.pool.scalings_host,
                     self.max_rank,
                     device=self.device,
+                    staging=self._logits_staging,
                 )
             )
 

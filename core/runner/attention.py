@@ -40,12 +40,13 @@ class PagedSDPAAttention(AttentionBackend):
         self._seqs: list[_Seq] = []
         self._write_slots: torch.Tensor | None = None
 
-    def begin_step(self, seqs: list[tuple[list[int], int, int]]) -> None:
-        """Set up a step. ``seqs`` holds ``(blocks, start, num_new_tokens)`` per sequence, in the
-        order their tokens are packed in the step."""
+    def begin_step(self, seqs: list[tuple]) -> None:
+        """Set up a step. ``seqs`` holds ``(blocks, start, num_new_tokens[, table_row])`` per
+        sequence, in the order their tokens are packed in the step; this backend reads the host
+        ``blocks`` (it loops on the host anyway) and ignores the device block table."""
         self._seqs, writes, q_start = [], [], 0
         device = self.kv.k[0].device
-        for blocks, start, n in seqs:
+        for blocks, start, n, *_ in seqs:
             ctx = start + n
             slots = self.kv.slots(blocks, 0, ctx)
             writes.append(slots[start:])

@@ -41,10 +41,13 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_bs)
         self.max_bs = self.sizes[-1]
         # row 0: token ids, row 1: positions; refilled by one copy from a pinned stage before each
-        # replay (the stage is rewritten only after the previous step's sampling synchronised)
+        # replay. Two stages, used alternately: the engine waits for step N-1's tokens before it
+        # prepares step N+1, so the stage step N-1 copied from is free again (overlapped loop)
         self._inputs = torch.zeros(2, self.max_bs, dtype=torch.long, device=device)
         self.ids, self.pos = self._inputs[0], self._inputs[1]
-        self._stage = torch.zeros(2, self.max_bs, dtype=torch.long, pin_memory=device.type == "cuda")
+        pin = device.type == "cuda"
+        self._stages = [torch.zeros(2, self.max_bs, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.replays = 0
@@ -83,16 +86,19 @@ class DecodeGraphs:
     def can_run(self, chunks: list) -> bool:
         return 0 < len(chunks) <= self.max_bs and all(c.num_tokens == 1 and c.samples for c in chunks)
 
-    def run(self, chunks: list) -> torch.Tensor:
-        """Replay the graph for this decode step; returns ``float32 [len(chunks), vocab]`` logits."""
+    def run(self, chunks: list, resolve=None) -> torch.Tensor:
+        """Replay the graph for this decode step; returns ``float32 [len(chunks), vocab]`` logits.
+        ``resolve`` replaces placeholder token ids on the device (see ``ModelRunner.forward``)."""
         n = len(chunks)
         b = next(s for s in self.sizes if s >= n)
-        stage = self._stage
+        stage, self._turn = self._stages[self._turn], 1 - self._turn
         stage[:, n:b] = 0
         stage[0, :n] = torch.tensor([c.request.token_slice(c.start, c.start + 1)[0] for c in chunks])
         stage[1, :n] = torch.tensor([c.start for c in chunks])
         self._inputs[:, :b].copy_(stage[:, :b], non_blocking=True)
-        self.attention.begin_graph_step([(c.request.blocks, c.start, 1) for c in chunks], b)
+        if resolve is not None:
+            self.ids[:b] = resolve(self.ids[:b])
+        self.attention.begin_graph_step([(c.request.blocks, c.start, 1, c.table_row) for c in chunks], b)
         if self.lora is not None:
             self.lora.prepare_graph_step(chunks, b)
         self.graphs[b].replay()

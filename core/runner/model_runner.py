@@ -52,12 +52,18 @@ class ModelRunner:
         self.graphs = None
 
     @torch.inference_mode()
-    def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; returns ``float32 [num_sampling_chunks, vocab]`` logits in plan order."""
+    def forward(
+        self, chunks: list[ScheduledChunk], resolve: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Enqueue one step; returns ``float32 [num_sampling_chunks, vocab]`` logits in plan order.
+
+        ``resolve`` replaces the placeholders of tokens not read back yet (negative ids; see
+        :class:`~loraserve.engine.overlap.FutureTokens`) by their tokens, on the device. Nothing
+        here waits for the device: every host-to-device copy is asynchronous."""
         if self.before_step is not None:
             self.before_step(chunks)
         if self.graphs is not None and self.graphs.can_run(chunks):
-            return self.graphs.run(chunks)
+            return self.graphs.run(chunks, resolve)
         ids: list[int] = []
         positions: list[int] = []
         last_rows: list[int] = []
@@ -66,13 +72,15 @@ class ModelRunner:
             positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
             if chunk.samples:
                 last_rows.append(len(ids) - 1)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        self.attention.begin_step([(c.request.blocks, c.start, c.num_tokens) for c in chunks])
+        # one asynchronous copy (a blocking one would wait for the steps still running)
+        packed = torch.tensor(ids + positions + last_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        input_ids, pos, rows = packed.split([len(ids), len(positions), len(last_rows)])
+        if resolve is not None:
+            input_ids = resolve(input_ids)
+        self.attention.begin_step([(c.request.blocks, c.start, c.num_tokens, c.table_row) for c in chunks])
         if self.prepare_lora is not None:
             self.prepare_lora(chunks)
         hidden = self.model(input_ids, pos, self.attention)
         if not last_rows:
             return torch.empty(0, 0, device=self.device)
-        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows)).float()

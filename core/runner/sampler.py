@@ -72,6 +72,11 @@ class Sampler:
         ``histories[i]`` is needed where ``params[i].needs_penalties``; ``generators[i]`` is the
         row's own generator (see :func:`make_generator`) or ``None``.
         """
+        if all(p.is_greedy and not p.needs_penalties for p in params) and logits.dim() == 2:
+            # the common case needs no processed copy of the [batch, vocab] logits
+            if logits.shape[0] != len(params):
+                raise ValueError(f"logits has {logits.shape[0]} rows but {len(params)} SamplingParams were given")
+            return self._with_logprobs(logits, params, logits.argmax(dim=-1))
         scores = self.process_logits(logits, params, histories)
         batch, _ = scores.shape
         if generators is not None and len(generators) != batch:
@@ -85,9 +90,9 @@ class Sampler:
             token_ids = self._draw(scores, gens)
         else:
             token_ids = torch.empty(batch, dtype=torch.long, device=scores.device)
-            rows = torch.tensor(greedy, device=scores.device)
+            rows = _on(scores.device, greedy)
             token_ids[rows] = scores[rows].argmax(dim=-1)
-            rows = torch.tensor(sampled, device=scores.device)
+            rows = _on(scores.device, sampled)
             token_ids[rows] = self._draw(scores[rows], [gens[i] for i in sampled])
         return self._with_logprobs(logits, params, token_ids)
 
@@ -111,7 +116,7 @@ class Sampler:
         if len(sampled) == len(params) and sampled:
             scores = _warp(scores, list(params))
         elif sampled:
-            rows = torch.tensor(sampled, device=scores.device)
+            rows = _on(scores.device, sampled)
             scores[rows] = _warp(scores[rows], [params[i] for i in sampled])
         return scores
 
@@ -129,13 +134,13 @@ class Sampler:
             if h.vocab_size != vocab:
                 raise ValueError(f"row {i}: TokenHistory has vocab size {h.vocab_size} but logits have {vocab}")
         dev = scores.device
-        idx = torch.tensor(rows, device=dev)
+        idx = _on(dev, rows)
         sub = scores[idx]
         occurred = torch.stack([histories[i].occurred for i in rows])
         counts = torch.stack([histories[i].output_counts for i in rows]).to(torch.float32)
 
         def column(name: str) -> torch.Tensor:
-            return torch.tensor([getattr(params[i], name) for i in rows], dtype=torch.float32, device=dev)[:, None]
+            return _on(dev, [getattr(params[i], name) for i in rows], torch.float32)[:, None]
 
         rep = column("repetition_penalty")
         # transformers' RepetitionPenaltyLogitsProcessor: shrink seen tokens toward zero.
@@ -150,7 +155,7 @@ class Sampler:
         if len(shared) == len(generators):
             q.exponential_(generator=self.generator(probs.device))
         elif shared:
-            rows = torch.tensor(shared, device=probs.device)
+            rows = _on(probs.device, shared)
             q[rows] = torch.empty_like(q[rows]).exponential_(generator=self.generator(probs.device))
         for j, gen in enumerate(generators):
             if gen is not None:
@@ -172,7 +177,7 @@ class Sampler:
         want = [i for i, p in enumerate(params) if p.top_logprobs_num > 0]
         if want:
             k = max(params[i].top_logprobs_num for i in want)
-            rows = torch.tensor(want, device=logits.device)
+            rows = _on(logits.device, want)
             values, ids = logprobs_all[rows].topk(k, dim=-1)
             values, ids = values.tolist(), ids.tolist()
             for j, i in enumerate(want):
@@ -186,24 +191,28 @@ def _warp(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     dev, vocab = scores.device, scores.shape[1]
     temps = [p.temperature for p in params]
     if any(t != 1.0 for t in temps):
-        scores = scores / torch.tensor(temps, dtype=torch.float32, device=dev)[:, None]
+        scores = scores / _on(dev, temps, torch.float32)[:, None]
     ks = [min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params]
     if any(ks):
-        kth = scores.topk(max(ks), dim=-1).values.gather(
-            1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev)[:, None]
-        )
-        kth = torch.where(torch.tensor(ks, device=dev)[:, None] > 0, kth, torch.tensor(-math.inf, device=dev))
+        kth = scores.topk(max(ks), dim=-1).values.gather(1, _on(dev, [max(k, 1) - 1 for k in ks])[:, None])
+        kth = torch.where(_on(dev, ks)[:, None] > 0, kth, -math.inf)
         scores = scores.masked_fill(scores < kth, -math.inf)
     if any(p.top_p < 1.0 for p in params):
         # 1 - top_p in double precision, as transformers computes it; rows at 1.0 remove nothing.
-        cut = torch.tensor([1 - p.top_p if p.top_p < 1.0 else -1.0 for p in params], dtype=torch.float32, device=dev)
+        cut = _on(dev, [1 - p.top_p if p.top_p < 1.0 else -1.0 for p in params], torch.float32)
         sorted_scores, order = torch.sort(scores, descending=False)
         remove_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= cut[:, None]
         remove_sorted[:, -1] = False
         remove = remove_sorted.scatter(1, order, remove_sorted)
         scores = scores.masked_fill(remove, -math.inf)
     if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)[:, None]
+        min_p = _on(dev, [p.min_p for p in params], torch.float32)[:, None]
         probs = scores.softmax(dim=-1)
         scores = scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), -math.inf)
     return scores
+
+
+def _on(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``values`` as a tensor on ``device`` by an asynchronous copy: a blocking one would wait for
+    the steps still running on the device (the engine loop overlaps)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

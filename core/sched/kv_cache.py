@@ -3,7 +3,8 @@
 Keys and values of every layer live in one flat tensor per layer, ``[num_blocks * block_size,
 num_kv_heads, head_dim]``; a request owns a list of blocks (its block table) and its token ``i``
 lives in slot ``blocks[i // block_size] * block_size + i % block_size``. The allocator hands out
-whole blocks and takes them back when a request finishes, is aborted or is preempted.
+whole blocks and takes them back when a request finishes, is aborted or is preempted; the same
+block lists live on the device as rows of the :class:`~loraserve.sched.block_table.BlockTable`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from loraserve.errors import ConfigError
+from loraserve.sched.block_table import BlockTable
 
 
 class OutOfBlocks(Exception):
@@ -70,7 +72,9 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Per-layer key and value tensors indexed by slot, plus the allocator for their blocks."""
+    """Per-layer key and value tensors indexed by slot, the allocator for their blocks, and the
+    device-resident :class:`~loraserve.sched.block_table.BlockTable` of the requests' block lists
+    (the scheduler records every block a request gains there)."""
 
     def __init__(
         self,
@@ -87,6 +91,8 @@ class KVCache:
         # never read before written (attention reads only slots its tokens wrote), so no zeroing
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # a holder owns at least one block, and at most every block
+        self.block_table = BlockTable(device, max_rows=num_blocks, max_width=num_blocks)
 
     @property
     def block_size(self) -> int:

@@ -45,8 +45,17 @@ class Request:
     adapter: str | None = None
     adapter_ref: Any = None  # the LoRA manager's reference (name, version) while the request lives
     output_ids: list[int] = field(default_factory=list)
+    #: placeholders of tokens sampled on the device but not read back yet (overlap), oldest first
+    pending: list[int] = field(default_factory=list)
+    #: the last token it may produce (by length) is pending: it runs no further step
+    final_token_pending: bool = False
+    #: the number of the last step it was launched in (the engine defers freeing blocks of a
+    #: request that finishes while that step may still run)
+    last_step: int = -1
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
+    #: its row in the KV cache's device block table while it holds blocks, else -1
+    table_row: int = -1
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
@@ -69,6 +78,11 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) + len(self.pending)
+
+    @property
+    def num_read(self) -> int:
+        """Tokens the host knows the ids of (prompt and read-back output)."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
@@ -77,10 +91,15 @@ class Request:
         return self.num_tokens - self.num_computed
 
     def token_slice(self, start: int, end: int) -> list[int]:
+        """Token ids of positions ``start:end``; pending tokens appear as their placeholders."""
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids[start:] if start < n else []) + self.output_ids[max(0, start - n) : end - n]
+        out = (self.prompt_ids[start:] if start < n else []) + self.output_ids[max(0, start - n) : end - n]
+        m = n + len(self.output_ids)
+        if end > m:
+            out += self.pending[max(0, start - m) : end - m]
+        return out
 
     @property
     def finished(self) -> bool:

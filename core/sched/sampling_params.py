@@ -235,6 +235,12 @@ class TokenHistory:
             self.occurred[token_id] = True
             self.output_counts[token_id] += 1
 
+    def add_device(self, token_id: torch.Tensor) -> None:
+        """Count a sampled token given as a one-element int64 tensor on the history's device, with
+        no host synchronisation (the sampler's tokens are always inside the vocabulary)."""
+        self.occurred[token_id] = True
+        self.output_counts.index_add_(0, token_id, torch.ones_like(token_id, dtype=torch.int32))
+
     def extend(self, token_ids: Sequence[int] | torch.Tensor) -> None:
         ids = self._in_vocab(token_ids)
         self.occurred[ids] = True

@@ -14,7 +14,7 @@ is overtaken without limit: the copy finishes on its own, so nobody needs to sto
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from loraserve.sched.kv_cache import KVCache, OutOfBlocks
@@ -29,6 +29,9 @@ class ScheduledChunk:
     request: Request
     start: int  # first token position fed this step (== request.num_computed)
     num_tokens: int
+    #: the request's row in the KV cache's device block table (-1: none, e.g. a tensor-parallel
+    #: worker's stand-in request; the attention then reads the host block list)
+    table_row: int = -1
 
     @property
     def samples(self) -> bool:
@@ -75,12 +78,19 @@ class Scheduler:
         request.status = Status.WAITING
         self.waiting.append(request)
 
-    def remove(self, request: Request) -> None:
-        """Take a request out of the queues and free its blocks (finish, abort or error)."""
+    def remove(self, request: Request, free_blocks: bool = True) -> None:
+        """Take a request out of the queues and free its blocks (finish, abort or error). With
+        ``free_blocks=False`` it keeps them until :meth:`free_blocks` (a launched step may still
+        read them)."""
         if request in self.running:  # a dict: O(1)
             del self.running[request]
         elif request.status is Status.WAITING and request in self.waiting:
             self.waiting.remove(request)  # an abort before it ran: O(waiting), off the decode path
+        if free_blocks:
+            self._free_blocks(request)
+
+    def free_blocks(self, request: Request) -> None:
+        """Free the blocks of a request :meth:`remove` kept."""
         self._free_blocks(request)
 
     def has_work(self) -> bool:
@@ -94,11 +104,11 @@ class Scheduler:
         # 1. decodes, in admission order; preempt from the back when blocks run out
         planned: set[int] = set()
         for req in list(self.running):
-            if req.status is not Status.RUNNING or req.num_pending != 1 or budget < 1:
-                continue  # (preempted earlier in this loop, or not decoding)
+            if req.status is not Status.RUNNING or req.num_pending != 1 or req.final_token_pending or budget < 1:
+                continue  # (preempted earlier in this loop, not decoding, or its last token is pending)
             if not self._reserve(req, req.num_computed + 1, preempt_from=planned):
                 continue
-            plan.append(ScheduledChunk(req, req.num_computed, 1))
+            plan.append(ScheduledChunk(req, req.num_computed, 1, req.table_row))
             planned.add(id(req))
             budget -= 1
         # 2. running requests in the middle of a chunked prefill
@@ -107,7 +117,7 @@ class Scheduler:
                 continue
             n = min(req.num_pending, budget, self.chunk_size)
             if self._reserve(req, req.num_computed + n):
-                plan.append(ScheduledChunk(req, req.num_computed, n))
+                plan.append(ScheduledChunk(req, req.num_computed, n, req.table_row))
                 budget -= n
         # 3. waiting requests join in arrival order; one whose adapter cannot get a slot now is
         #    skipped, until it has waited starvation_steps steps: then nobody overtakes it
@@ -129,7 +139,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running[req] = None
-            plan.append(ScheduledChunk(req, req.num_computed, n))
+            plan.append(ScheduledChunk(req, req.num_computed, n, req.table_row))
             in_step.append(req)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
@@ -145,7 +155,7 @@ class Scheduler:
         need = self.kv.allocator.blocks_for(num_tokens) - len(req.blocks)
         while need > 0:
             try:
-                req.blocks.extend(self.kv.allocator.allocate(need, owner=req))
+                self._gain(req, self.kv.allocator.allocate(need, owner=req))
                 return True
             except OutOfBlocks:
                 if preempt_from is None:
@@ -166,7 +176,28 @@ class Scheduler:
         if self.on_preempt is not None:
             self.on_preempt(req)
 
+    def _gain(self, req: Request, new: list[int]) -> None:
+        """Give ``req`` the blocks ``new``: its host list and its device block-table row (only the
+        new entries are written, at the attention's next flush)."""
+        table = self.kv.block_table
+        if req.table_row < 0:
+            req.table_row = table.acquire()
+        table.append(req.table_row, new)
+        req.blocks.extend(new)
+
     def _free_blocks(self, req: Request) -> None:
         if req.blocks:
             self.kv.allocator.free(req.blocks, owner=req)
             req.blocks = []
+        if req.table_row >= 0:
+            self.kv.block_table.release(req.table_row)
+            req.table_row = -1
+
+    def check_integrity(self, holding: Iterable[Request] = ()) -> None:
+        """Raise unless every KV block is free or owned once and the device block table holds
+        exactly the block lists of the running requests, plus ``holding`` (requests that keep their
+        blocks outside the queues, e.g. finished while a launched step may read them). For tests."""
+        self.kv.allocator.check_integrity()
+        candidates = dict.fromkeys((*self.running, *self.waiting, *holding))  # each request once
+        holders = [r for r in candidates if r.table_row >= 0 or r.blocks]
+        self.kv.block_table.check_integrity((r.table_row, r.blocks) for r in holders)

@@ -16,22 +16,19 @@ graph (:meth:`PagedTritonAttention.begin_graph_step`).
 
 from __future__ import annotations
 
-import array
-
 import torch
 
 from loraserve.contract import AttentionBackend
 from loraserve.plugins.attention_triton.kernels import (
-    META,
     Step,
     combine_kernel,
     decode_kernel,
     next_pow2,
-    pack_rows,
     pick_tiles,
     prefill_kernel,
     write_kv_kernel,
 )
+from loraserve.plugins.attention_triton.metadata import StepMetadata
 from loraserve.sched.kv_cache import KVCache
 
 
@@ -39,10 +36,14 @@ class PagedTritonAttention(AttentionBackend):
     """Per-step attention metadata plus the per-layer attention call, on Triton kernels.
 
     The :class:`~loraserve.contract.AttentionBackend` lifecycle: :meth:`begin_step` once per
-    step with ``(blocks, start, num_new_tokens)`` per sequence in packing order, then
-    :meth:`attention` once per layer. ``begin_step`` builds all the step's metadata (cache slots to
-    write, block tables, context lengths, query rows) in one host buffer and copies it to the device
-    once; nothing is ever read back.
+    step with ``(blocks, start, num_new_tokens, table_row)`` per sequence in packing order, then
+    :meth:`attention` once per layer. ``begin_step`` flushes the KV cache's device block table, packs
+    the step's host integers (cache slots to write, context lengths, query rows: O(batch + new
+    tokens)) into one page-locked buffer, copies it to the device once, and gathers the block-table
+    rows of the step's sequences on the device
+    (:class:`~loraserve.plugins.attention_triton.metadata.StepMetadata`); nothing is ever read back.
+    Every device write is ordered on the current stream, so the host may free and reallocate KV
+    blocks and table rows while a launched step still runs: that step reads what it was launched with.
 
     CUDA graphs (decode steps only). Construct with ``max_seqs`` (the largest padded batch) and
     ``max_blocks_per_seq`` (the longest block table a sequence may need, e.g. ``cdiv(max_model_len,
@@ -57,8 +58,9 @@ class PagedTritonAttention(AttentionBackend):
        launch's grid depends only on ``b`` and the fixed shapes: ``b`` write programs, ``(b,
        num_kv_heads, splits_for(b))`` decode programs, ``(b, num_heads)`` combine programs.
     3. Before each replay call ``attn.begin_graph_step(new_seqs, b)`` with the same ``b``, on the
-       stream the graph replays on: it rewrites the same buffer in place (one host-to-device copy,
-       ordered after the previous replay), so the replay reads the new sequences.
+       stream the graph replays on: it rewrites the same buffer in place (one host-to-device copy
+       and a gather of the block-table rows, outside the graph, ordered after the previous replay),
+       so the replay reads the new sequences.
 
     Eager :meth:`begin_step` calls in between never touch that buffer. Output rows
     ``len(seqs)..b-1`` (the padding) are zeros.
@@ -107,7 +109,6 @@ class PagedTritonAttention(AttentionBackend):
             torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 0
         )
         self._step: Step | None = None
-        self._graph_meta: torch.Tensor | None = None
         if (max_seqs is None) != (max_blocks_per_seq is None):
             raise ValueError(
                 f"max_seqs ({max_seqs}) and max_blocks_per_seq ({max_blocks_per_seq}) "
@@ -118,10 +119,9 @@ class PagedTritonAttention(AttentionBackend):
                 raise ValueError(
                     f"max_seqs ({max_seqs}) and max_blocks_per_seq ({max_blocks_per_seq}) must be at least 1"
                 )
-            with torch.inference_mode(False):  # an inference tensor could not be refilled outside inference mode
-                self._graph_meta = torch.zeros(
-                    (max_seqs, META + max_blocks_per_seq), dtype=torch.int32, device=self.device
-                )
+        self._meta = StepMetadata(kv, self._tiles.block_m, self.splits_for, max_seqs, max_blocks_per_seq)
+        #: the persistent metadata of CUDA-graph steps (None without graph support)
+        self._graph_meta = self._meta.graph_meta
 
     def splits_for(self, num_decode: int) -> int:
         """Decode splits for a batch of ``num_decode`` sequences: enough programs to fill the GPU a
@@ -133,85 +133,16 @@ class PagedTritonAttention(AttentionBackend):
         want = -(-8 * self._sms // max(1, num_decode * self.num_kv_heads))
         return min(16, next_pow2(want)) if want > 1 else 1
 
-    def begin_step(self, seqs: list[tuple[list[int], int, int]]) -> None:
-        """Set up a step. ``seqs`` holds ``(blocks, start, num_new_tokens)`` per sequence, in the
-        order their tokens are packed in the step."""
-        bs = self.kv.block_size
-        slots: list[int] = []
-        dec: list[tuple[int, int, int, list[int]]] = []
-        pf: list[tuple[int, int, int, list[int]]] = []
-        qblocks: list[int] = []
-        row = 0
-        for i, (blocks, start, n) in enumerate(seqs):
-            if n < 1:
-                continue
-            table = self._table(i, blocks, start + n)
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1:
-                dec.append((start + 1, row, slots[-1], table))
-            else:
-                for m0 in range(0, n, self._tiles.block_m):
-                    qblocks += (len(pf), m0)
-                pf.append((start + n, row, n, table))
-            row += n
-        w_dec = META + max((len(r[3]) for r in dec), default=0)
-        w_pf = META + max((len(r[3]) for r in pf), default=0)
-        buf = array.array("i", slots)
-        pack_rows(buf, dec, w_dec - META)
-        pack_rows(buf, pf, w_pf - META)
-        buf.extend(qblocks)
-        if not buf:
-            self._step = Step(0, None, 1, None, 1, None, None)
-            return
-        meta = torch.frombuffer(buf, dtype=torch.int32).to(self.device, copy=True, non_blocking=True)
-        parts = meta.split([row, len(dec) * w_dec, len(pf) * w_pf, len(qblocks)])
-        self._step = Step(
-            row,
-            parts[0],
-            1,
-            parts[1].view(len(dec), w_dec) if dec else None,
-            self.splits_for(len(dec)),
-            parts[2].view(len(pf), w_pf) if pf else None,
-            parts[3].view(-1, 2) if pf else None,
-        )
+    def begin_step(self, seqs: list[tuple]) -> None:
+        """Set up a step. ``seqs`` holds ``(blocks, start, num_new_tokens, table_row)`` per sequence,
+        in the order their tokens are packed in the step (``table_row`` -1 or left out: the block
+        table is packed from ``blocks`` on the host)."""
+        self._step = self._meta.eager(seqs)
 
-    def begin_graph_step(self, seqs: list[tuple[list[int], int, int]], batch_size: int) -> None:
+    def begin_graph_step(self, seqs: list[tuple], batch_size: int) -> None:
         """Set up a decode step of ``seqs`` padded to ``batch_size`` in the persistent metadata buffer
         (see the class docstring); the step then runs on ``batch_size`` token rows."""
-        if self._graph_meta is None:
-            raise ValueError("begin_graph_step needs the attention built with max_seqs and max_blocks_per_seq")
-        max_seqs, width = self._graph_meta.shape
-        if not len(seqs) <= batch_size <= max_seqs or batch_size < 1:
-            raise ValueError(
-                f"batch_size {batch_size} must be at least 1, at least the {len(seqs)} sequences "
-                f"given, and at most max_seqs ({max_seqs})"
-            )
-        bs = self.kv.block_size
-        rows: list[tuple[int, int, int, list[int]]] = []
-        for i, (blocks, start, n) in enumerate(seqs):
-            if n != 1:
-                raise ValueError(f"sequence {i} feeds {n} tokens; a graph step is decode only (1 token each)")
-            table = self._table(i, blocks, start + 1)
-            if len(table) > width - META:
-                raise ValueError(
-                    f"sequence {i} needs {len(table)} blocks, more than max_blocks_per_seq ({width - META})"
-                )
-            rows.append((start + 1, i, blocks[start // bs] * bs + start % bs, table))
-        rows += [(0, i, -1, []) for i in range(len(seqs), batch_size)]
-        # only the columns this batch uses are copied (a 128K-token context gives rows of 8K blocks):
-        # a kernel reads no entry of a block table past its own context
-        used = META + max(len(r[3]) for r in rows)
-        buf = array.array("i")
-        pack_rows(buf, rows, used - META)
-        static = self._graph_meta[:batch_size]
-        static[:, :used].copy_(torch.frombuffer(buf, dtype=torch.int32).view(batch_size, used), non_blocking=True)
-        self._step = Step(batch_size, static[:, 2], width, static, self.splits_for(batch_size), None, None)
-
-    def _table(self, i: int, blocks: list[int], ctx: int) -> list[int]:
-        need = -(-ctx // self.kv.block_size)
-        if len(blocks) < need:
-            raise ValueError(f"sequence {i} has {len(blocks)} blocks but {ctx} tokens need {need}")
-        return blocks[:need]
+        self._step = self._meta.graph(seqs, batch_size)
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write ``k``/``v`` into the cache, then attend: q ``[T, H, D]`` -> ``[T, H, D]`` in q's dtype."""
