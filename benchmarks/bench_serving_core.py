@@ -368,6 +368,8 @@ def summarize(docs: list[dict]) -> dict[str, Any]:
         "rows": rows,
         "warmth": warmth,
         "base_only": base_only,
+        "parts": [part for d in docs for part in d["parts"]],
+        "config": docs[0].get("config"),
         "markdown": f"Serving core on {device}\n\n" + "\n".join(lines) + "\n",
     }
 

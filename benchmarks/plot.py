@@ -78,6 +78,10 @@ def kind_of(doc: object) -> str | None:
         return "serving"
     if doc.get("benchmark") == "scheduler" and isinstance(doc.get("rows"), list):
         return "scheduler"
+    if doc.get("benchmark") == "attention_host" and isinstance(doc.get("rows"), list):
+        return "attention_host"
+    if doc.get("benchmark") == "bench_serving_core" and isinstance(doc.get("rows"), list):
+        return "serving_core"
     return None
 
 
@@ -509,8 +513,6 @@ def plot_overlap(docs: list[dict]) -> plt.Figure:
 
 # ---------------------------------------------------------------------------------------------- driver
 
-PER_FILE = {"kernels": plot_kernels, "epilogue": plot_epilogue, "engine_steps": plot_engine_steps, "tp": plot_tp}
-
 
 def plot_scheduler(named: list[tuple[str, dict]]) -> plt.Figure:
     """Scheduler host time per step against running requests, one line per recorded run (log-log)."""
@@ -528,6 +530,69 @@ def plot_scheduler(named: list[tuple[str, dict]]) -> plt.Figure:
     ax.legend(fontsize=8)
     header(fig, "Scheduler bookkeeping per decode step", device_of(named[0][1]), "schedule() + finishes, no model")
     return fig
+
+
+def plot_attention_host(doc: dict) -> plt.Figure:
+    """Host time per step of the attention metadata and the LoRA batch info, before and after, per
+    batch size (log scale)."""
+    rows = doc["rows"]
+    parts = [("begin_step", "eager step"), ("begin_graph_step", "graph step"), ("batch_info", "LoRA batch info")]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.13
+    for i, row in enumerate(rows):
+        for j, (key, label) in enumerate(parts):
+            for k, when in enumerate(("before", "after")):
+                x = i + (2 * j + k - 2.5) * width
+                ax.bar(
+                    x,
+                    row[f"{key}_{when}_us"],
+                    width,
+                    color=f"C{j}",
+                    alpha=0.45 if when == "before" else 1.0,
+                    label=f"{label}, {when}" if i == 0 else None,
+                )
+    ax.set_xticks(range(len(rows)), [f"{r['requests']} requests x {r['context']} tokens" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("host time per step (us, median)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=3)
+    header(fig, "Per-step host work: block tables and LoRA batch info", device_of(doc), "before: rebuilt on the host")
+    return fig
+
+
+def plot_serving_core(doc: dict) -> plt.Figure:
+    """Served vs offline throughput and the served decode step vs its GPU time, overlap on and off."""
+    rows = doc["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    cases = sorted({(r["concurrency"], r["workload"]) for r in rows})
+    for k, overlap in enumerate((True, False)):
+        by_case = {(r["concurrency"], r["workload"]): r for r in rows if r["overlap"] == overlap}
+        xs = [i + (k - 0.5) * 0.38 for i in range(len(cases))]
+        label = "overlap on" if overlap else "overlap off"
+        left.bar(xs, [by_case.get(c, {}).get("served_over_offline") or 0 for c in cases], 0.38, label=label)
+        right.bar(xs, [by_case.get(c, {}).get("served_step_over_gpu") or 0 for c in cases], 0.38, label=label)
+    names = [f"{c} {w}" for c, w in cases]
+    for ax, target, title in (
+        (left, 0.9, "served / offline output tok/s"),
+        (right, 1.1, "served decode step / its GPU time"),
+    ):
+        ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target}")
+        ax.set_xticks(range(len(cases)), names, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    header(fig, "Serving core: the GPU never waits for Python", device_of(doc), "concurrency and workload on x")
+    return fig
+
+
+PER_FILE = {
+    "kernels": plot_kernels,
+    "epilogue": plot_epilogue,
+    "engine_steps": plot_engine_steps,
+    "tp": plot_tp,
+    "attention_host": plot_attention_host,
+    "serving_core": plot_serving_core,
+}
 
 
 def save(fig: plt.Figure, path: Path) -> Path:

@@ -32,6 +32,7 @@ EXPECTED = [
     f"overlap_loading_{H100}.png",
     f"throughput_latency_{H100}.png",
     "scheduler_cpu_x86_64_2_cores.png",
+    "attention_host_cpu_x86_64_2_cores.png",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loraserve.contract import AttentionSpec
+from loraserve.engine.kv_sizing import BLOCK_SIZE, kv_budget_tokens
 from loraserve.engine.lora_builder import build_lora
 from loraserve.errors import ConfigError
 from loraserve.model_loader import load_model, load_tokenizer, resolve_model_source
 from loraserve.models.dtypes import to_torch_device, to_torch_dtype
 from loraserve.runner.model_runner import ModelRunner
 from loraserve.runner.sampler import Sampler
+from loraserve.runner.warmup_plan import StepLimits
 from loraserve.sched.kv_cache import KVCache
 from loraserve.sched.scheduler import Scheduler
 from loraserve.settings import Settings
@@ -30,11 +32,6 @@ if TYPE_CHECKING:
     from loraserve.runner.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger("loraserve.engine.engine")
-
-BLOCK_SIZE = 16
-CPU_KV_BUDGET_BYTES = 1 << 30
-CPU_MAX_KV_TOKENS = 32768
-CUDA_ACTIVATION_RESERVE_BYTES = 2 << 30
 
 
 @dataclass
@@ -66,10 +63,9 @@ def build_components(
     mirror_lora: Callable[[tuple], None] | None = None,
 ) -> Components:
     """Every part of one engine, or of rank ``tp_rank``'s shard with ``--tp-size > 1`` (the process
-    group must be initialised; every rank calls this at the same time, since the sizing below and
-    the CUDA-graph capture run collectives). On rank 0 of several, ``send_step`` and ``mirror_lora``
-    (the :class:`~loraserve.engine.tp.TPDriver`'s) hand every step and every LoRA slot decision to
-    the other ranks."""
+    group must be initialised; every rank calls this at the same time: the sizing, the CUDA-graph
+    capture and the warm-up run collectives). On rank 0 of several, ``send_step`` and ``mirror_lora``
+    (the :class:`~loraserve.engine.tp.TPDriver`'s) hand every step and LoRA slot decision to the others."""
     device, tp = device_and_tp(settings, tp_rank)
     dtype = to_torch_dtype(settings.resolved_dtype(), device)
     backend_name, attention_name = choose_plugins(settings, plugins, device.type)
@@ -92,12 +88,14 @@ def build_components(
         running=lambda: scheduler.running,
         waiting=lambda: scheduler.waiting,
     )
-    kv = build_kv_cache(settings, model, device, dtype, tp)
+    limits = step_limits(settings, device, context_len)
+    kv = build_kv_cache(settings, model, device, dtype, tp, (plugins, attention_name, backend_name, lora, limits))
     scheduler = build_scheduler(settings, kv, device, lora)
     max_running = scheduler.max_running
     runner = build_runner(
         settings, plugins, attention_name, backend_name, model, kv, lora, device, max_running, context_len, send_step
     )
+    warm_up_unless_skipped(settings, model, kv, runner, device, limits, lora)
     return Components(
         device=device,
         dtype=dtype,
@@ -182,11 +180,24 @@ def load_tokenizer_or_none(settings: Settings, source: Any) -> Any:
 
 
 def build_kv_cache(
-    settings: Settings, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tp: Any
+    settings: Settings,
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    tp: Any,
+    profile: tuple | None = None,
 ) -> KVCache:
     """The paged KV cache, sized from ``--max-total-tokens`` or the memory left (every rank of ``tp``
-    the same)."""
-    kv_tokens = settings.max_total_tokens or kv_budget_tokens(model, device, dtype, settings.mem_fraction_static)
+    the same). On CUDA the memory left is measured by a profile run with ``profile``, the plugin
+    manager, the attention and LoRA backends' names, the LoRA manager and the step limits
+    (:func:`measure_headroom`)."""
+    kv_tokens = settings.max_total_tokens
+    if kv_tokens is None:
+        activations = graphs = 0
+        if device.type == "cuda" and profile is not None:
+            activations, graphs = measure_headroom(settings, model, device, dtype, *profile)
+        hint = f"(--max-prefill-tokens {settings.max_prefill_tokens}) "
+        kv_tokens = kv_budget_tokens(model, device, dtype, settings.mem_fraction_static, activations, graphs, hint)
     if tp is not None:  # every rank must hold the same blocks: the smallest budget wins
         kv_tokens = min_over_ranks(kv_tokens, device)
     num_blocks = max(1, kv_tokens // BLOCK_SIZE)
@@ -195,14 +206,72 @@ def build_kv_cache(
     return kv
 
 
+def warm_up_unless_skipped(
+    settings: Settings,
+    model: torch.nn.Module,
+    kv: KVCache,
+    runner: ModelRunner,
+    device: torch.device,
+    limits: StepLimits,
+    lora: LoRAManager | None,
+) -> None:
+    """On CUDA, unless ``--skip-server-warmup``: compile every kernel variant a step can need
+    (:func:`~loraserve.runner.warmup.warm_up`, with the limits of the KV cache built)."""
+    if device.type == "cuda" and not settings.skip_server_warmup:
+        from loraserve.runner.warmup import warm_up
+
+        warm_up(model, kv, runner.attention, device, limits.within(kv.allocator.capacity_tokens), lora)
+
+
+def scheduler_limits(settings: Settings, device: torch.device) -> tuple[int, int, int]:
+    """``(max_running, step_tokens, chunk_size)`` of the scheduler, from the flags or the device's defaults."""
+    cuda = device.type == "cuda"
+    return (
+        settings.max_running_requests or (256 if cuda else 64),
+        settings.max_prefill_tokens,
+        settings.chunked_prefill_size or (8192 if cuda else 512),
+    )
+
+
+def step_limits(settings: Settings, device: torch.device, context_len: int) -> StepLimits:
+    """The largest steps the scheduler may run (a chunk is never longer than the context)."""
+    max_running, step_tokens, chunk = scheduler_limits(settings, device)
+    return StepLimits(max_running, step_tokens, min(chunk, context_len))
+
+
+def measure_headroom(
+    settings: Settings,
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    plugins: Any,
+    attention_name: str,
+    backend_name: str,
+    lora: LoRAManager | None,
+    limits: StepLimits,
+) -> tuple[int, int]:
+    """``(activations, graphs)``: the profile run's peak and the decode graphs' estimate, in bytes
+    (:mod:`~loraserve.engine.kv_sizing`; CUDA only)."""
+    from loraserve.engine.kv_sizing import graph_memory_estimate, profile_step
+    from loraserve.runner.cuda_graph import capture_sizes
+
+    peak, tokens, capturable = profile_step(model, plugins, attention_name, lora, device, dtype, limits)
+    max_bs, _ = graph_batch_size(settings, device, capturable, attention_name, lora, limits.max_running, backend_name)
+    if max_bs is None:
+        return peak, 0
+    sizes = capture_sizes(max_bs)
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    return peak, graph_memory_estimate(sizes, model.vocab_size, dtype_bytes, peak, tokens)
+
+
 def build_scheduler(settings: Settings, kv: KVCache, device: torch.device, lora: LoRAManager | None) -> Scheduler:
     """The scheduler; the LoRA manager, if any, answers whether a request may join a step."""
-    cuda = device.type == "cuda"
+    max_running, step_tokens, chunk_size = scheduler_limits(settings, device)
     return Scheduler(
         kv,
-        max_running=settings.max_running_requests or (256 if cuda else 64),
-        step_tokens=settings.max_prefill_tokens,
-        chunk_size=settings.chunked_prefill_size or (8192 if cuda else 512),
+        max_running=max_running,
+        step_tokens=step_tokens,
+        chunk_size=chunk_size,
         can_join=lora.can_join if lora is not None else None,
     )
 
@@ -218,27 +287,47 @@ def build_decode_graphs(
 ) -> DecodeGraphs | None:
     """Decode steps captured in CUDA graphs (:class:`~loraserve.runner.cuda_graph.DecodeGraphs`), or
     None: not on CUDA, ``--disable-cuda-graph``, or a step that reads host data (logged)."""
-    graphs = None
-    if device.type == "cuda" and not settings.disable_cuda_graph:
-        why_not = None
-        if not attention.graph_capturable:
-            why_not = f"attention backend {attention.name!r} cannot run in CUDA graphs (use --attention-backend triton)"
-        elif lora is not None and not lora.graph_capturable:
-            why_not = (
-                f"LoRA backend {backend_name!r} (or LoRA on embed_tokens/lm_head) reads host data; "
-                "use --lora-backend csgmv or triton"
-            )
-        if why_not is None:
-            from loraserve.runner.cuda_graph import DEFAULT_MAX_BS, DecodeGraphs
+    max_bs, why_not = graph_batch_size(
+        settings, device, attention.graph_capturable, attention.name, lora, max_running, backend_name
+    )
+    if why_not is not None:
+        logger.warning("decode steps run without CUDA graphs: %s (--disable-cuda-graph silences this)", why_not)
+    if max_bs is None:
+        return None
+    from loraserve.runner.cuda_graph import DecodeGraphs
 
-            max_bs = min(settings.cuda_graph_max_bs or min(max_running, DEFAULT_MAX_BS), max_running)
-            if lora is not None:
-                lora.init_graph_buffers(max_bs)
-            graphs = DecodeGraphs(model, attention, lora, device, max_bs)
-            graphs.capture()
-        else:
-            logger.warning("decode steps run without CUDA graphs: %s (--disable-cuda-graph silences this)", why_not)
+    if lora is not None:
+        lora.init_graph_buffers(max_bs)
+    free_before = torch.cuda.mem_get_info(device)[0]
+    graphs = DecodeGraphs(model, attention, lora, device, max_bs)
+    graphs.capture()
+    logger.info("CUDA graphs hold %.2f GiB", (free_before - torch.cuda.mem_get_info(device)[0]) / 2**30)
     return graphs
+
+
+def graph_batch_size(
+    settings: Settings,
+    device: torch.device,
+    attention_capturable: bool,
+    attention_name: str,
+    lora: LoRAManager | None,
+    max_running: int,
+    backend_name: str,
+) -> tuple[int | None, str | None]:
+    """The largest decode batch captured in a CUDA graph, or None; and why a step cannot be captured
+    (None when it can, or graphs are off: not on CUDA, or ``--disable-cuda-graph``)."""
+    if device.type != "cuda" or settings.disable_cuda_graph:
+        return None, None
+    if not attention_capturable:
+        return None, f"attention backend {attention_name!r} cannot run in CUDA graphs (use --attention-backend triton)"
+    if lora is not None and not lora.graph_capturable:
+        return None, (
+            f"LoRA backend {backend_name!r} (or LoRA on embed_tokens/lm_head) reads host data; "
+            "use --lora-backend csgmv or triton"
+        )
+    from loraserve.runner.cuda_graph import DEFAULT_MAX_BS
+
+    return min(settings.cuda_graph_max_bs or min(max_running, DEFAULT_MAX_BS), max_running), None
 
 
 def choose_plugins(settings: Settings, plugins: Any, device_type: str) -> tuple[str, str]:
@@ -259,42 +348,6 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
-
-
-def kv_budget_tokens(
-    model: torch.nn.Module, device: torch.device, dtype: torch.dtype, mem_fraction_static: float | None = None
-) -> int:
-    """KV-cache tokens that fit the memory budget.
-
-    On CUDA with ``--mem-fraction-static f`` (as SGLang): weights, LoRA slots and the KV cache
-    together take ``f`` of the device's memory, so the cache gets ``f * total`` minus what is already
-    allocated; the rest is left to activations, CUDA graphs and the allocator. Without it: free
-    memory minus a 2 GiB reserve. On CPU: 1 GiB, at most 32768 tokens.
-    """
-    per_token = KVCache.bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        if mem_fraction_static is not None:
-            used = total - free
-            budget = int(total * mem_fraction_static) - used
-            if budget < BLOCK_SIZE * per_token:
-                raise ConfigError(
-                    f"--mem-fraction-static {mem_fraction_static} leaves no room for the KV cache: "
-                    f"{mem_fraction_static} x {total / 2**30:.1f} GiB = {total * mem_fraction_static / 2**30:.1f} GiB, "
-                    f"but {used / 2**30:.1f} GiB are already in use (weights, LoRA slots); raise it (at most 0.95) "
-                    "or give --max-total-tokens"
-                )
-        else:
-            budget = free - CUDA_ACTIVATION_RESERVE_BYTES
-        tokens = budget // per_token
-    else:
-        budget = CPU_KV_BUDGET_BYTES
-        tokens = min(budget // per_token, CPU_MAX_KV_TOKENS)
-    if tokens < BLOCK_SIZE:
-        raise ConfigError(
-            f"no memory left for the KV cache ({budget / 2**20:.0f} MiB); use a smaller model or --max-total-tokens"
-        )
-    return int(tokens)
 
 
 def eos_ids(config: Any, tokenizer: Any, source: Any) -> set[int]:

@@ -33,8 +33,19 @@ def _interpreting() -> bool:
 INTERPRETED = triton is not None and _interpreting()
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
+def _jit(**options):
+    """``triton.jit(**options)``, or the plain function without Triton."""
+
+    def decorate(fn):
+        return triton.jit(fn, **options) if triton is not None else fn
+
+    return decorate
+
+
+# The row count varies with every step: it only bounds the row masks, so it is not specialised on
+# (Triton would compile new variants for 1 row and for multiples of 16). Strides and sizes of the
+# hidden dimension stay specialised.
+_ROWS_VARY = ["T"]
 
 
 def _device_fn(fn):
@@ -114,7 +125,7 @@ def _lora_expand(
     return tl.where(active, _round(v + acc * scaling, DT), v)
 
 
-@_jit
+@_jit(do_not_specialize=_ROWS_VARY)
 def rms_norm_kernel(
     x_ptr,
     res_ptr,
@@ -187,7 +198,7 @@ def rms_norm_kernel(
     tl.store(out_ptr + rows * N + cols, y.to(DT), mask=mask)
 
 
-@_jit
+@_jit(do_not_specialize=_ROWS_VARY)
 def silu_and_mul_kernel(
     gu_ptr,
     out_ptr,
@@ -266,7 +277,7 @@ def silu_and_mul_kernel(
     tl.store(out_ptr + rows * I + cols, _round(act * up, DT).to(DT), mask=mask)
 
 
-@_jit
+@_jit(do_not_specialize=["n_rows"])
 def rotary_kernel(
     q_ptr,
     k_ptr,

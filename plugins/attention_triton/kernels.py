@@ -26,7 +26,13 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.jit
+# Host integers that change from step to step are not specialised on (a new batch compiles nothing
+# new): the metadata row stride (3 + the longest block table of the step), the slot stride (1 in an
+# eager step, the graph buffer's row width in a captured one), and the 16-byte alignment of the
+# metadata pointers, which are views at a step-dependent offset into one int32 buffer. They only
+# address scalar and block-table loads, which do not vectorise anyway; q, k, v, the cache and the
+# output keep their specialisation.
+@triton.jit(do_not_specialize=["stride_slot"], do_not_specialize_on_alignment=["slots_ptr"])
 def write_kv_kernel(
     k_ptr,
     v_ptr,
@@ -58,7 +64,7 @@ def write_kv_kernel(
         tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "stride_meta"], do_not_specialize_on_alignment=["meta_ptr"])
 def decode_kernel(
     q_ptr,
     kc_ptr,
@@ -145,7 +151,7 @@ def decode_kernel(
         tl.store(part_lse_ptr + part, lse, mask=g < G)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_meta"], do_not_specialize_on_alignment=["meta_ptr"])
 def combine_kernel(
     part_o_ptr,
     part_lse_ptr,
@@ -175,7 +181,7 @@ def combine_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "stride_meta"], do_not_specialize_on_alignment=["meta_ptr", "qblocks_ptr"])
 def prefill_kernel(
     q_ptr,
     kc_ptr,

@@ -18,7 +18,6 @@ tiles (no permutation), so csgmv is never slower than SGMV at prefill.
 from __future__ import annotations
 
 import torch
-import triton
 
 from loraserve.contract import LoRABatchInfo
 from loraserve.plugins.backend_csgmv import CHUNK_SIZES
@@ -26,6 +25,7 @@ from loraserve.plugins.backend_triton.backend import (
     TiledLoRABackend,
     TilePlan,
     build_tiles,
+    segment_tile_count,
     segment_tiles,
     sgmv_block_m,
 )
@@ -77,14 +77,20 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
         super().__init__(device, tuning)
         self.max_chunk = max_chunk
 
-    def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
-        if "block_m" not in self.tuning and batch.num_tokens >= PREFILL_SEGMENT * max(1, batch.num_segments):
-            return segment_tiles(batch, sgmv_block_m(batch.num_tokens, batch.num_segments))
-        chunk = self.tuning.get("block_m") or chunk_size(batch.num_tokens, batch.num_segments, self.max_chunk)
-        perm, counts, starts = group_by_slot(batch)
-        n_slots = batch.ranks.numel()
+    def tile_shape(self, num_tokens: int, num_segments: int, num_slots: int) -> tuple[int, int, bool]:
+        if "block_m" not in self.tuning and num_tokens >= PREFILL_SEGMENT * max(1, num_segments):
+            block_m = sgmv_block_m(num_tokens, num_segments)
+            return block_m, segment_tile_count(num_tokens, num_segments, block_m), False
+        chunk = self.tuning.get("block_m") or chunk_size(num_tokens, num_segments, self.max_chunk)
         # each chunk holds at least one token; each slot present adds at most one partial chunk
-        max_tiles = min(batch.num_tokens, triton.cdiv(batch.num_tokens, chunk) + min(n_slots, batch.num_segments))
+        return chunk, min(num_tokens, -(-num_tokens // chunk) + min(num_slots, num_segments)), True
+
+    def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
+        n_slots = batch.ranks.numel()
+        chunk, max_tiles, use_perm = self.tile_shape(batch.num_tokens, batch.num_segments, n_slots)
+        if not use_perm:
+            return segment_tiles(batch, chunk)
+        perm, counts, starts = group_by_slot(batch)
         slots = torch.arange(n_slots, device=counts.device)
         tiles = build_tiles(starts, counts, slots, chunk, max_tiles)
         return TilePlan(tiles=tiles, perm=perm, num_tiles=max_tiles, block_m=chunk)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import triton
 
 from loraserve.contract import LoRABackend, LoRABatchInfo, LoRAEpilogue
 from loraserve.errors import ConfigError
@@ -148,6 +147,19 @@ class TiledLoRABackend(LoRABackend):
 
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
         raise NotImplementedError
+
+    def tile_shape(self, num_tokens: int, num_segments: int, num_slots: int) -> tuple[int, int, bool]:
+        """``(block_m, num_tiles, use_perm)`` of a step's tile plan, from host integers only: what
+        ``prepare`` builds (tile height, the tile count the grids are sized by, whether tokens are
+        permuted)."""
+        raise NotImplementedError
+
+    def variant_keys(self, num_slots: int, max_rank: int, projections: Sequence[tuple]) -> Any:
+        """``keys(num_tokens, num_segments)``: equal for steps that launch the same compiled kernel
+        variants (for the engine's warm-up; :class:`~loraserve.plugins.backend_triton.variants.VariantKeys`)."""
+        from loraserve.plugins.backend_triton.variants import VariantKeys
+
+        return VariantKeys(self, num_slots, max_rank, projections)
 
     def wants_shrink_in_gemm(
         self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int, num_slots: int
@@ -363,8 +375,19 @@ class SgmvLoRABackend(TiledLoRABackend):
 
     name = "triton"
 
+    def tile_shape(self, num_tokens: int, num_segments: int, num_slots: int) -> tuple[int, int, bool]:
+        block_m = self.tuning.get("block_m") or sgmv_block_m(num_tokens, num_segments)
+        return block_m, segment_tile_count(num_tokens, num_segments, block_m), False
+
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
-        return segment_tiles(batch, self.tuning.get("block_m") or sgmv_block_m(batch.num_tokens, batch.num_segments))
+        block_m, _, _ = self.tile_shape(batch.num_tokens, batch.num_segments, batch.ranks.numel())
+        return segment_tiles(batch, block_m)
+
+
+def segment_tile_count(num_tokens: int, num_segments: int, block_m: int) -> int:
+    """Tiles of :func:`segment_tiles`: every tile holds at least one token, and each segment adds at
+    most one partial tile."""
+    return min(num_tokens, -(-num_tokens // block_m) + num_segments)  # not triton.cdiv: ~6 us a call
 
 
 def segment_tiles(batch: LoRABatchInfo, block_m: int) -> TilePlan:
@@ -372,7 +395,6 @@ def segment_tiles(batch: LoRABatchInfo, block_m: int) -> TilePlan:
     indptr = batch.seg_indptr.long()
     slots = batch.seg_slot.long()
     lens = (indptr[1:] - indptr[:-1]) * (batch.ranks.long()[slots] > 0)
-    # every tile holds at least one token, and each segment adds at most one partial tile
-    max_tiles = min(batch.num_tokens, triton.cdiv(batch.num_tokens, block_m) + batch.num_segments)
+    max_tiles = segment_tile_count(batch.num_tokens, batch.num_segments, block_m)
     tiles = build_tiles(indptr[:-1], lens, slots, block_m, max_tiles)
     return TilePlan(tiles=tiles, perm=None, num_tiles=max_tiles, block_m=block_m)

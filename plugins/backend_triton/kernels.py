@@ -35,8 +35,11 @@ import triton.language as tl
 
 # Host integers that change from step to step (tile counts, block counts) are not specialised on, so
 # a new batch size compiles nothing new; shapes and strides stay specialised, which is what lets
-# Triton prove 16-byte alignment and vectorise the loads.
-@triton.jit(do_not_specialize=["num_tiles"])
+# Triton prove 16-byte alignment and vectorise the loads. The shrink's h row stride (split * slices *
+# R, the split chosen from the tile count) is not specialised either: it only addresses the shrink's
+# small float32 store. In the expand it varies with SPLIT_K, a constexpr anyway. The constexprs that
+# still vary per step (BLOCK_M, USE_PERM, SPLIT_K, H_BY_ROW) are covered by the engine's warm-up.
+@triton.jit(do_not_specialize=["num_tiles", "stride_ht"])
 def lora_shrink_kernel(
     x_ptr,
     a_ptr,
@@ -111,7 +114,7 @@ def lora_shrink_kernel(
     tl.store(h_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["num_tiles", "NB0", "NB1", "NG0", "NG1", "GROUP_N"])
+@triton.jit(do_not_specialize=["num_tiles", "NB0", "NB1", "NB2", "NG0", "NG1", "GROUP_N"])
 def lora_expand_kernel(
     h_ptr,
     b_ptr,
