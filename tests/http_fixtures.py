@@ -17,7 +17,7 @@ from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model
 
 from loraserve.engine.engine import Engine
 from loraserve.http.server import ServerThread
-from loraserve.settings import make_settings
+from loraserve.settings import Settings, make_settings
 
 # name: (rank, alpha, target modules, seed)
 ADAPTERS = {
@@ -71,6 +71,11 @@ def assets() -> Assets:
 
 
 def make_engine(adapters: list[str] = ("alpha", "beta"), **kwargs) -> Engine:
+    return Engine(engine_settings(adapters, **kwargs))
+
+
+def engine_settings(adapters: list[str] = ("alpha", "beta"), **kwargs) -> Settings:
+    """The settings of :func:`make_engine` (also for an engine in a process of its own)."""
     a = assets()
     values = dict(
         model_path=a.base,
@@ -85,7 +90,7 @@ def make_engine(adapters: list[str] = ("alpha", "beta"), **kwargs) -> Engine:
     if adapters:
         values["lora_paths"] = [f"{n}={a.adapters[n]}" for n in adapters]
     values.update(kwargs)
-    return Engine(make_settings(**values))
+    return make_settings(**values)
 
 
 class RunningServer(ServerThread):

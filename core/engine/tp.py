@@ -1,7 +1,8 @@
-"""Tensor parallelism across processes: the driver in the serving process and the worker loop.
+"""Tensor parallelism across processes: the driver in the engine's process and the worker loop.
 
-With ``--tp-size N`` the serving process is rank 0: it keeps the HTTP server, the scheduler, the
-sampler and every LoRA decision, and runs its own shard of the model. It starts ``N - 1`` worker
+With ``--tp-size N`` the engine's process is rank 0 (the engine process of a split server, or the
+serving process with ``--engine-in-process``): it keeps the scheduler, the sampler and every LoRA
+decision, and runs its own shard of the model. It starts ``N - 1`` worker
 processes (ranks 1..N-1, one GPU each, or CPU processes with gloo); all ranks join one
 ``torch.distributed`` group, and the model's collectives (the all-reduce after each row-parallel
 projection, the vocab-parallel embedding and logits) keep them in lock step. Before every step the
@@ -123,7 +124,7 @@ def rebuild_chunks(described: list[tuple]) -> list[ScheduledChunk]:
     return chunks
 
 
-# -- the driver (rank 0, in the serving process) --------------------------------------------------
+# -- the driver (rank 0, in the engine's process) -------------------------------------------------
 
 
 class TPDriver:
@@ -231,7 +232,7 @@ def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
     while True:
         try:
             message = conn.recv()
-        except EOFError:  # the serving process is gone
+        except EOFError:  # rank 0 is gone
             os._exit(1)
         kind = message[0]
         if kind == "stop":
@@ -248,7 +249,7 @@ def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
 
 
 def _exit_with_parent(poll_s: float = 1.0) -> None:
-    """Exit when the serving process dies, even if this rank is blocked in a collective with it."""
+    """Exit when rank 0's process dies, even if this rank is blocked in a collective with it."""
     parent = os.getppid()
 
     def watch() -> None:

@@ -5,11 +5,14 @@
 the error handlers, the ``--api-key`` check (every endpoint but ``/health`` needs
 ``Authorization: Bearer KEY``) and the HTTP metrics. The server and its frontends see the engine
 only as an :class:`~loraserve.contract.EngineClient`, so it may live in this process or
-another. :func:`serve` builds the engine, listens on ``--host``/``--port``, prints the URL once it
-accepts connections, and on SIGINT/SIGTERM shuts down in order: stop accepting, let in-flight
-requests finish for up to ``--shutdown-grace-period`` seconds, abort the rest (their clients get a
-503 error, streams an error event), stop the engine. The engine itself never imports this module or
-FastAPI.
+another. :func:`serve` builds the engine (by default in a process of its own,
+:class:`~loraserve.ipc.client.RemoteEngine`; with ``--engine-in-process`` on a thread here),
+listens on ``--host``/``--port``, prints the URL once it accepts connections, and on SIGINT/SIGTERM
+shuts down in order: stop accepting, let in-flight requests finish for up to
+``--shutdown-grace-period`` seconds, abort the rest (their clients get a 503 error, streams an
+error event), stop the engine. An engine process that dies takes the server down: its in-flight
+requests fail with a 500 that says so and the command exits with ``ENGINE_DIED_EXIT_CODE``. The
+engine itself never imports this module or FastAPI.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import asyncio
 import logging
 import secrets
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -40,6 +45,8 @@ from loraserve.settings import Settings
 logger = logging.getLogger("loraserve.http.server")
 
 OPEN_PATHS = frozenset({"/health"})
+#: exit code of a server whose engine process died (as for a dead tensor-parallel worker)
+ENGINE_DIED_EXIT_CODE = 70
 
 
 class ApiKeyMiddleware:
@@ -172,11 +179,31 @@ class LoraserveServer(uvicorn.Server):
         await asyncio.to_thread(self.engine.shutdown)
 
 
+def build_engine(settings: Settings, plugins: PluginManager, on_death: Callable[[str], None]) -> EngineClient:
+    """The engine the server serves: in a process of its own (the default; ``on_death`` is told if
+    that process exits unasked), or with ``--engine-in-process`` an :class:`Engine` on a thread here."""
+    if settings.engine_in_process:
+        return Engine(settings, plugins)
+    from loraserve.ipc.client import RemoteEngine
+
+    return RemoteEngine(settings, on_death=on_death)
+
+
 def serve(settings: Settings, plugins: PluginManager) -> int:
-    """``loraserve [serve]``: build the engine and serve it until SIGINT/SIGTERM."""
+    """``loraserve [serve]``: build the engine and serve it until SIGINT/SIGTERM, or until the engine
+    process dies (then exit with ``ENGINE_DIED_EXIT_CODE``)."""
     sock = bind_socket(settings.host, settings.port)  # fail fast, before the model loads
+    died = threading.Event()
+    server: LoraserveServer | None = None
+
+    def on_death(message: str) -> None:
+        print(f"loraserve: error: {message}", file=sys.stderr, flush=True)
+        died.set()
+        if server is not None:
+            server.should_exit = True  # in-flight requests have failed already: stop at once
+
     try:
-        engine = Engine(settings, plugins)
+        engine = build_engine(settings, plugins, on_death)
     except BaseException:
         sock.close()
         raise
@@ -190,10 +217,14 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
     )
     try:
         server = LoraserveServer(create_app(engine, settings, plugins), engine, settings)
+        if died.is_set():
+            return ENGINE_DIED_EXIT_CODE
         server.run(sockets=[sock])
     finally:
         engine.shutdown()
         sock.close()
+    if died.is_set():
+        return ENGINE_DIED_EXIT_CODE
     return 0 if server.started else 1
 
 
