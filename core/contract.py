@@ -687,7 +687,10 @@ class EngineStats(TypedDict, total=False):
     waiting: int  #: requests in the waiting queue
     running: int  #: requests in the running batch
     kv_blocks_total: int
-    kv_blocks_free: int
+    kv_blocks_free: int  #: blocks a request may get: free, or cached with no holder (evictable)
+    #: with the prefix cache on: ``{"cached_blocks", "evictable_blocks", "queried_tokens",
+    #: "hit_tokens", "evicted_blocks"}`` (blocks now; tokens and evictions counted since start)
+    prefix_cache: dict[str, int]
     steps: dict[str, list]  #: ``{"decode" | "prefill": [steps, seconds]}``
     #: ``{"decode" | "prefill": {"host_s", "gpu_s", "gpu_steps"}}``: the host's share of the steps'
     #: wall time and the GPU time of their forward pass and sampling (CUDA events; CUDA only)
@@ -836,6 +839,15 @@ class EngineClient(abc.ABC):
         number of requests still holding it (the last of them frees it; ``unloading_adapters`` lists
         it until then). Blocks. Raises what ``check_adapter_updates`` raises; NotFound for a name that
         is not loaded."""
+
+    # -- the prefix cache --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def flush_cache(self) -> int:
+        """Forget every cached prompt prefix (SGLang's ``/flush_cache``): blocks no request holds are
+        freed, blocks running requests hold stay theirs, uncached. Returns the number of blocks that
+        were cached (0 with ``--disable-radix-cache``). Blocks until the engine thread reaches the end
+        of its current step; raises UserError once the engine has stopped."""
 
     # -- stats ----------------------------------------------------------------------------------
 

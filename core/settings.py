@@ -185,6 +185,15 @@ class Settings(BaseSettings):
             "scheduling",
         ),
     )
+    disable_radix_cache: bool = Field(
+        False,
+        **_opt(
+            "Do not reuse the KV cache of shared prompt prefixes (default: full blocks of earlier requests stay "
+            "cached, keyed by their tokens and the adapter identity they were computed under, and are evicted "
+            "least recently used first when the cache needs room; POST /flush_cache empties it).",
+            "scheduling",
+        ),
+    )
     attention_backend: str | None = Field(
         None,
         **_opt(

@@ -4,8 +4,8 @@ A real tiny engine is served through a stand-in that has the methods of ``Engine
 nothing else: any other attribute a frontend reaches for (the scheduler, the KV cache, the LoRA
 manager, the tokenizer, the settings, the plugin manager, ...) is refused and recorded. Every route
 family then runs (generate, streams, completions with echo and logprobs, chat, model cards,
-adapter loading and unloading, /metrics, /get_server_info, /get_model_info, /health_generate) and
-answers what the engine's own Python API answers. The contract module itself stays importable on
+adapter loading and unloading, /metrics, /get_server_info, /get_model_info, /health_generate,
+/flush_cache) and answers what the engine's own Python API answers. The contract module itself stays importable on
 its own (no loraserve import at run time), so it can move into the plugin contract.
 """
 
@@ -222,7 +222,12 @@ def test_adapter_routes_info_and_metrics(served):
     model = ok(http.get("/get_model_info"))
     assert model["vocab_size"] == engine.model.vocab_size and model["model_path"] == assets().base
     assert http.get("/health_generate").status_code == 200
+    cached = engine.stats()["prefix_cache"]["cached_blocks"]
+    assert ok(http.post("/flush_cache"))["flushed_blocks"] == cached
+    assert engine.stats()["prefix_cache"]["cached_blocks"] == 0
+    assert "loraserve_prefix_cache_hit_tokens_total" in http.get("/metrics").text
     assert {
+        "flush_cache",
         "check_adapter_updates",
         "load_adapter",
         "unload_adapter",

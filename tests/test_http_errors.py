@@ -190,6 +190,8 @@ def test_api_key_guards_every_endpoint_but_health():
                 ("GET", "/v1/models"),
                 ("POST", "/load_lora_adapter"),
                 ("GET", "/health_generate"),
+                ("POST", "/flush_cache"),
+                ("GET", "/flush_cache"),
             ):
                 res = anon.request(method, path, json=GOOD)
                 assert res.status_code == 401, path
@@ -202,6 +204,8 @@ def test_api_key_guards_every_endpoint_but_health():
             assert good.status_code == 200
             info = anon.get("/get_server_info", headers={"Authorization": "Bearer s3cret"}).json()
             assert info["api_key"] == "<set>"
+            flushed = anon.post("/flush_cache", headers={"Authorization": "Bearer s3cret"})
+            assert flushed.status_code == 200 and flushed.json()["flushed_blocks"] >= 0
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)

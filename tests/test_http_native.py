@@ -1,6 +1,7 @@
 """The native (SGLang-compatible) API over a real uvicorn server: /generate single, batch (adapters and
 the base mixed), streaming, logprobs and n, against the engine's Python API for the same requests;
-the info endpoints; Prometheus metrics; adapter load/unload answers."""
+the info endpoints; Prometheus metrics; adapter load/unload answers; cached prompt tokens in
+``meta_info`` and the prefix cache's metrics, emptied by /flush_cache."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 
 import httpx
 import pytest
+import torch
 from http_fixtures import GREEDY, RunningServer, assets, make_engine
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -243,3 +245,61 @@ def test_the_engine_imports_without_the_http_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['native', 'openai']"
+
+
+def _prompt_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(10, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_repeated_prompt_reports_cached_tokens_until_flush_cache(served):
+    _, client, engine = served
+    block = engine.kv.allocator.block_size
+    ids = _prompt_ids(2 * block + 13, seed=19)  # two full blocks and a partial one; seen by no other test
+    body = {"input_ids": ids, "sampling_params": GREEDY, "lora_path": "alpha"}
+    before = _samples(client.get("/metrics").text)
+    first = client.post("/generate", json=body).json()
+    second = client.post("/generate", json=body).json()
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert second["meta_info"]["cached_tokens"] == 2 * block  # the full blocks; the partial one is computed
+    assert second["output_ids"] == first["output_ids"] and second["text"] == first["text"]
+    with client.stream("POST", "/generate", json={**body, "stream": True}) as response:
+        chunks = sse_events(response)[:-1]
+    assert [c["meta_info"]["cached_tokens"] for c in chunks] == [2 * block] * len(chunks)
+    assert chunks[-1]["output_ids"] == first["output_ids"]
+
+    after = _samples(client.get("/metrics").text)
+
+    def grew(name: str) -> float:
+        return after[(name, ())] - before[(name, ())]
+
+    assert grew("loraserve_prefix_cache_hit_tokens_total") == 4 * block  # the second and the streamed one
+    assert grew("loraserve_prefix_cache_queried_tokens_total") >= 3 * len(ids)
+    assert after[("loraserve_prefix_cache_cached_blocks", ())] >= 2
+    assert after[("loraserve_prefix_cache_evictable_blocks", ())] == after[("loraserve_prefix_cache_cached_blocks", ())]
+    assert ("loraserve_prefix_cache_evicted_blocks_total", ()) in after
+
+    flushed = client.post("/flush_cache")
+    assert flushed.status_code == 200
+    assert flushed.json()["flushed_blocks"] == after[("loraserve_prefix_cache_cached_blocks", ())]
+    assert "flushed" in flushed.json()["message"]
+    assert client.get("/flush_cache").json()["flushed_blocks"] == 0  # GET too, as SGLang; nothing left
+    assert _samples(client.get("/metrics").text)[("loraserve_prefix_cache_cached_blocks", ())] == 0
+    third = client.post("/generate", json=body).json()
+    assert third["meta_info"]["cached_tokens"] == 0 and third["output_ids"] == first["output_ids"]
+
+
+def test_without_the_prefix_cache_nothing_is_cached_or_exported():
+    engine = make_engine(adapters=[], disable_radix_cache=True)
+    server = RunningServer(engine)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            body = {"input_ids": _prompt_ids(40, seed=20), "sampling_params": GREEDY}
+            answers = [client.post("/generate", json=body).json() for _ in range(2)]
+            assert [a["meta_info"]["cached_tokens"] for a in answers] == [0, 0]
+            assert answers[0]["output_ids"] == answers[1]["output_ids"]
+            flushed = client.post("/flush_cache")
+            assert flushed.status_code == 200 and flushed.json()["flushed_blocks"] == 0
+            assert "--disable-radix-cache" in flushed.json()["message"]
+            assert "loraserve_prefix_cache" not in client.get("/metrics").text
+    finally:
+        server.stop()

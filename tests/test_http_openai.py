@@ -1,12 +1,14 @@
 """The OpenAI-compatible API through the real ``openai`` client against a real uvicorn server:
 completions and chat (plain, streaming, logprobs, n, stop, usage) equal the engine's Python API for
 the same requests; ``model`` selects the base, ``base:adapter`` or an adapter; /v1/models lists the
-base and every adapter with ``parent`` and ``root``; unknown models are 404 model_not_found."""
+base and every adapter with ``parent`` and ``root``; unknown models are 404 model_not_found; usage tells
+the prompt tokens found in the prefix cache."""
 
 from __future__ import annotations
 
 import openai
 import pytest
+import torch
 from http_fixtures import RunningServer, assets, make_engine
 
 MAX = 10
@@ -181,3 +183,35 @@ def test_unknown_models_are_404_model_not_found(served):
         assert err.value.code == "model_not_found" and "GET /v1/models" in err.value.message
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+
+
+def test_usage_reports_the_prompt_tokens_found_in_the_prefix_cache(served):
+    client, engine = served
+    block = engine.kv.allocator.block_size
+    gen = torch.Generator().manual_seed(191)
+    prompts = [torch.randint(10, 1000, (2 * block + k,), generator=gen).tolist() for k in (5, 11)]
+    first = client.completions.create(model="alpha", prompt=prompts, max_tokens=MAX, temperature=0)
+    again = client.completions.create(model="alpha", prompt=prompts, max_tokens=MAX, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 2 * 2 * block  # two full blocks of each prompt
+    assert [c.text for c in again.choices] == [c.text for c in first.choices]
+
+    messages = [{"role": "user", "content": "Tell me about the rivers and mountains of Europe, one by one. " * 3}]
+    ids = chat_ids(engine, messages)
+    assert len(ids) > 2 * block
+    plain = client.chat.completions.create(model="beta", messages=messages, max_tokens=MAX, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="beta",
+            messages=messages,
+            max_tokens=MAX,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert plain.usage.prompt_tokens_details.cached_tokens < len(ids)  # the template's start may be cached already
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == len(ids)
+    assert usage.prompt_tokens_details.cached_tokens == (len(ids) - 1) // block * block
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content

@@ -1,7 +1,8 @@
 """The engine in a process of its own (the server's default): the same greedy text as the engine in
 this process; stop strings checked in the HTTP process, with no text past the stop and the engine's
 blocks freed at once; disconnects free blocks; malformed messages do not stop the engine; a dead
-engine process takes the server down with a clear message; start-up errors come back as before."""
+engine process takes the server down with a clear message; start-up errors come back as before; the
+prompt tokens found in the prefix cache reach the answers, and /flush_cache reaches the engine."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 
 import httpx
 import pytest
+import torch
 import zmq
 from http_fixtures import GREEDY, assets, engine_settings, make_engine, wait_until
 
@@ -123,6 +125,42 @@ def test_engine_errors_come_back_as_the_same_http_errors(split):
         assert c.post("/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
         metrics = c.get("/metrics")
         assert metrics.status_code == 200 and "loraserve_requests_total" in metrics.text
+
+
+def test_cached_tokens_and_flush_cache_cross_the_process_split(split):
+    server, remote, local = split
+    block = local.kv.allocator.block_size
+    ids = torch.randint(10, 1000, (2 * block + 9,), generator=torch.Generator().manual_seed(190)).tolist()
+    body = {"input_ids": ids, "sampling_params": GREEDY, "lora_path": "beta"}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        first, second = (c.post("/generate", json=body).json() for _ in range(2))
+        assert [first["meta_info"]["cached_tokens"], second["meta_info"]["cached_tokens"]] == [0, 2 * block]
+        want = local.generate(input_ids=ids, sampling_params=GREEDY, lora_path="beta")
+        assert first["output_ids"] == second["output_ids"] == want["output_ids"] and second["text"] == want["text"]
+
+        # a stop string ends the request here before the engine's last delta: the count came earlier
+        stop = want["text"][len(want["text"]) // 2 :][:3]
+        assert stop.strip(), want["text"]
+        streamed = {**body, "sampling_params": {**LONG, "stop": [stop]}, "stream": True}
+        with c.stream("POST", "/generate", json=streamed) as res:
+            events = [json.loads(e.removeprefix("data: ")) for e in res.iter_lines() if e.startswith("data: {")]
+        assert events[-1]["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+        assert {e["meta_info"]["cached_tokens"] for e in events} == {2 * block}
+
+        usage = c.post("/v1/completions", json={"model": "beta", "prompt": ids, "max_tokens": 4, "temperature": 0})
+        assert usage.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * block}
+
+        metrics = c.get("/metrics").text
+        assert "loraserve_prefix_cache_hit_tokens_total" in metrics
+        assert "loraserve_prefix_cache_cached_blocks" in metrics
+        assert wait_until(lambda: idle(remote))
+        cached = remote.stats()["prefix_cache"]["cached_blocks"]
+        assert cached >= 2
+        flushed = c.post("/flush_cache")
+        assert flushed.status_code == 200 and flushed.json()["flushed_blocks"] == cached
+        assert remote.flush_cache() == 0 and remote.stats()["prefix_cache"]["cached_blocks"] == 0
+        third = c.post("/generate", json=body).json()
+        assert third["meta_info"]["cached_tokens"] == 0 and third["output_ids"] == want["output_ids"]
 
 
 @pytest.mark.slow

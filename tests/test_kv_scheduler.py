@@ -35,24 +35,27 @@ def req(rid, n_prompt):
 
 def test_allocate_free_exhaust():
     alloc = BlockAllocator(4, 16)
-    a, b = object(), object()
-    blocks_a = alloc.allocate(3, a)
+    blocks_a = alloc.allocate(3)
     assert len(set(blocks_a)) == 3 and alloc.num_free == 1
     with pytest.raises(OutOfBlocks):
-        alloc.allocate(2, b)
+        alloc.allocate(2)
     assert alloc.num_free == 1  # a failed allocation takes nothing
-    with pytest.raises(RuntimeError, match="does not own"):
-        alloc.free(blocks_a[:1], b)
-    alloc.free(blocks_a, a)
+    with pytest.raises(RuntimeError, match="shared while neither held nor cached"):
+        alloc.share([next(b for b in range(4) if b not in blocks_a)])
+    alloc.check_integrity([blocks_a])
+    with pytest.raises(RuntimeError, match="holder count"):
+        alloc.check_integrity([blocks_a, blocks_a[:1]])
+    alloc.release(blocks_a)
+    with pytest.raises(RuntimeError, match="released more often"):
+        alloc.release(blocks_a[:1])
     assert alloc.num_free == 4
-    alloc.check_integrity()
+    alloc.check_integrity([])
     assert alloc.blocks_for(1) == 1 and alloc.blocks_for(16) == 1 and alloc.blocks_for(17) == 2
 
 
 def test_integrity_check_catches_corruption():
     alloc = BlockAllocator(4, 2)
-    owner = object()
-    blocks = alloc.allocate(2, owner)
+    blocks = alloc.allocate(2)
     alloc._free.append(blocks[0])  # simulate a double free
     with pytest.raises(RuntimeError):
         alloc.check_integrity()

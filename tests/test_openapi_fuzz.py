@@ -59,8 +59,10 @@ def test_document_declares_every_body_and_error(served):
         assert ref.rsplit("/", 1)[1] in doc["components"]["schemas"], path
         assert {"200", "400", "413"} <= set(op["responses"]) and "422" not in op["responses"], path
         assert op["responses"]["400"]["content"]["application/json"]["schema"], path
-    for path in ("/health", "/metrics", "/v1/models", "/get_server_info"):
+    for path in ("/health", "/metrics", "/v1/models", "/get_server_info", "/flush_cache"):
         assert "405" in doc["paths"][path]["get"]["responses"], path
+    flush = doc["paths"]["/flush_cache"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert flush["required"] == ["message", "flushed_blocks"]
     sampling = doc["components"]["schemas"]["SamplingParamsBody"]["properties"]
     assert sampling["top_p"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0.0, "maximum": 1.0}
 

@@ -92,7 +92,7 @@ def run_steps(model, prompts: list[list[int]], adapters: list | None = None, lor
             if lora.can_join(r, requests[:i]) is not True:
                 raise RuntimeError(f"request {i} (adapter {r.adapter}) cannot join the step")
     for r in requests:
-        r.blocks = kv.allocator.allocate(kv.allocator.blocks_for(r.num_tokens + DECODE_STEPS), r)
+        r.blocks = kv.allocator.allocate(kv.allocator.blocks_for(r.num_tokens + DECODE_STEPS))
     chunks = [ScheduledChunk(r, 0, r.num_tokens) for r in requests]
     steps = []
     for _ in range(DECODE_STEPS + 1):

@@ -201,8 +201,23 @@ def build_kv_cache(
     if tp is not None:  # every rank must hold the same blocks: the smallest budget wins
         kv_tokens = min_over_ranks(kv_tokens, device)
     num_blocks = max(1, kv_tokens // BLOCK_SIZE)
-    kv = KVCache(model.num_layers, model.num_kv_heads, model.head_dim, num_blocks, BLOCK_SIZE, dtype, device)
-    logger.info("KV cache: %d tokens (%d blocks of %d)", num_blocks * BLOCK_SIZE, num_blocks, BLOCK_SIZE)
+    kv = KVCache(
+        model.num_layers,
+        model.num_kv_heads,
+        model.head_dim,
+        num_blocks,
+        BLOCK_SIZE,
+        dtype,
+        device,
+        prefix_caching=not settings.disable_radix_cache,
+    )
+    logger.info(
+        "KV cache: %d tokens (%d blocks of %d)%s",
+        num_blocks * BLOCK_SIZE,
+        num_blocks,
+        BLOCK_SIZE,
+        "" if settings.disable_radix_cache else "; prefix cache on",
+    )
     return kv
 
 

@@ -269,6 +269,15 @@ class Engine(EngineClient):
     def unload_adapter(self, adapter: str, timeout: float | None) -> int:
         return adapters.unload(self.lora, adapter, timeout)
 
+    def flush_cache(self) -> int:
+        def flush() -> int:
+            cache = self.kv.allocator.prefix_cache
+            cached = cache.num_cached if cache is not None else 0
+            self.scheduler.flush_prefix_cache()
+            return cached
+
+        return self.call_in_engine(flush)
+
     def stats(self) -> EngineStats:
         take = partial(
             take_stats,
@@ -333,6 +342,7 @@ class Engine(EngineClient):
         for r in list(self.scheduler.running) + list(self.scheduler.waiting):
             r.error = f"{type(exc).__name__}: {exc}"
             self._finish(r, "error")
+        self.scheduler.flush_prefix_cache()
 
     def _admit(self, requests: list[Request]) -> None:
         try:

@@ -137,6 +137,7 @@ class OutputBuilder:
             "id": r.request_id,
             "prompt_tokens": len(r.prompt_ids),
             "completion_tokens": len(r.output_ids),
+            "cached_tokens": r.cached_tokens or 0,
             "finish_reason": reason,
             "lora_path": r.adapter,
         }

@@ -33,6 +33,15 @@ def take_stats(
         "kv_blocks_free": allocator.num_free,
         "steps": {k: list(v) for k, v in step_stats.items()},
     }
+    cache = allocator.prefix_cache
+    if cache is not None:
+        snap["prefix_cache"] = {
+            "cached_blocks": cache.num_cached,
+            "evictable_blocks": cache.num_evictable,
+            "queried_tokens": cache.queried_tokens,
+            "hit_tokens": cache.hit_tokens,
+            "evicted_blocks": cache.evicted_blocks,
+        }
     if step_timing is not None:
         snap["step_timing"] = {k: {"host_s": v[0], "gpu_s": v[1], "gpu_steps": v[2]} for k, v in step_timing.items()}
     if lora is not None:

@@ -213,3 +213,4 @@ class Stepper:
             if r.status is not Status.FINISHED:
                 r.error = message
                 self.finish(r, "error")
+        self.scheduler.flush_prefix_cache()  # blocks the step wrote may hold wrong keys and values

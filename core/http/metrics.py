@@ -7,7 +7,8 @@ latency) are recorded by the frontends' request runner when a request finishes o
 away. Engine state (queue length, running requests, KV-cache use, LoRA slots in use, host-cache
 size, loads, evictions, slot hits and misses, engine steps and their time by kind, slot fills, bytes
 and seconds of adapter copies, copies in flight, prefetches, time requests waited for a copy, which
-memory tier holds each loaded adapter, and vLLM's ``lora_requests_info``) is read at scrape time
+memory tier holds each loaded adapter, vLLM's ``lora_requests_info``, and the prefix cache's tokens
+looked up and found, evictions and blocks) is read at scrape time
 from :meth:`EngineClient.stats() <loraserve.contract.EngineClient.stats>`, a snapshot the
 engine takes between steps. HTTP responses are counted by route and status by
 :class:`HttpMetricsMiddleware`. Adapter label values are only names of adapters the engine
@@ -47,6 +48,9 @@ class _EngineCollector:
         yield from _gauges(s)
         yield from _steps(s.get("steps", {}))
         yield from _step_timing(s.get("step_timing", {}))
+        cache = s.get("prefix_cache")
+        if cache is not None:
+            yield from _prefix_cache(cache)
         counters = s.get("lora_counters")
         if counters is not None:
             yield from _lora_counters(counters)
@@ -79,13 +83,28 @@ LORA_COUNTERS = (
 )
 
 
+PREFIX_CACHE_COUNTERS = (
+    ("prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", "queried_tokens"),
+    ("prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (not computed again).", "hit_tokens"),
+    ("prefix_cache_evicted_blocks", "Cached KV blocks evicted to make room.", "evicted_blocks"),
+)
+PREFIX_CACHE_GAUGES = (
+    ("prefix_cache_cached_blocks", "KV blocks holding a cached prompt prefix.", "cached_blocks"),
+    ("prefix_cache_evictable_blocks", "Cached KV blocks no running request holds.", "evictable_blocks"),
+)
+
+
 def _gauges(s: Mapping[str, Any]):
     """The scheduler's and the KV cache's gauges, and the adapter pools' when LoRA is enabled."""
     gauges = [
         ("num_requests_waiting", "Requests waiting to be scheduled (the queue length).", s["waiting"]),
         ("num_requests_running", "Requests in the running batch.", s["running"]),
         ("kv_cache_blocks_total", "KV-cache blocks.", s["kv_blocks_total"]),
-        ("kv_cache_blocks_free", "Free KV-cache blocks.", s["kv_blocks_free"]),
+        (
+            "kv_cache_blocks_free",
+            "KV-cache blocks a request may get: free, or cached and evictable.",
+            s["kv_blocks_free"],
+        ),
         (
             "kv_cache_usage_ratio",
             "Fraction of KV-cache blocks in use.",
@@ -163,6 +182,18 @@ def _lora_counters(counters: Mapping[str, Any]):
     family.add_metric(["gpu"], float(counters.get("gpu_evictions", 0)))
     family.add_metric(["host"], float(counters.get("host_evictions", 0)))
     yield family
+
+
+def _prefix_cache(cache: Mapping[str, int]):
+    """The prefix cache's counters since start and its blocks now (only while the cache is on)."""
+    for name, doc, key in PREFIX_CACHE_COUNTERS:
+        family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
+        family.add_metric([], float(cache.get(key, 0)))
+        yield family
+    for name, doc, key in PREFIX_CACHE_GAUGES:
+        family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
+        family.add_metric([], float(cache.get(key, 0)))
+        yield family
 
 
 def _residency(residency) -> GaugeMetricFamily:

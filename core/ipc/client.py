@@ -6,7 +6,8 @@ waits for it to be built (model conversion and CUDA-graph capture may take minut
 logged and bounded), and then talks to it over two ZeroMQ ``ipc://`` sockets in a private
 temporary directory. Tokenizing, chat templates, detokenizing and stop strings run here
 (:mod:`~loraserve.ipc.follow`); the engine process receives token ids and sends token ids back.
-Adapter and stats calls are forwarded as calls (:data:`~loraserve.ipc.messages.RPC_METHODS`).
+Adapter, cache-flush and stats calls are forwarded as calls
+(:data:`~loraserve.ipc.messages.RPC_METHODS`).
 
 One thread receives everything the engine sends and watches the process: when it exits unasked,
 every in-flight request finishes with an error that says so, calls in flight fail, and
@@ -315,6 +316,9 @@ class RemoteEngine(EngineClient):
 
     def unload_adapter(self, adapter: str, timeout: float | None) -> int:
         return self._call("unload_adapter", adapter, timeout, timeout=None)
+
+    def flush_cache(self) -> int:
+        return self._call("flush_cache")
 
     def stats(self) -> EngineStats:
         return self._call("stats")

@@ -46,7 +46,7 @@ logger = logging.getLogger("loraserve.ipc.engine")
 
 #: exit codes of the engine process: the engine could not be built (a configuration error, a bug)
 START_FAILED_EXIT_CODE = 2
-#: threads running the front's blocking calls (adapter loads and unloads, stats)
+#: threads running the front's blocking calls (adapter loads and unloads, stats, cache flushes)
 CALL_THREADS = 4
 POLL_MS = 1000  # how long the receiver waits for a message before it looks at its own state again
 
@@ -91,8 +91,9 @@ class Outbox:
                 return
 
 
-def delta_of(out: Any) -> Delta:
-    """The wire form of one engine output (a :class:`~loraserve.sched.request.RequestOutput`)."""
+def delta_of(out: Any, cached_tokens: int | None = None) -> Delta:
+    """The wire form of one engine output (a :class:`~loraserve.sched.request.RequestOutput`), with
+    the request's ``cached_tokens`` when this delta reports them."""
     reason = out.meta.get("finish_reason") if out.finished else None
     reason = reason if isinstance(reason, dict) else {}
     return Delta(
@@ -104,7 +105,25 @@ def delta_of(out: Any) -> Delta:
         finish_reason=out.finish_reason,
         matched=reason.get("matched"),
         error=reason.get("message"),
+        cached_tokens=cached_tokens,
     )
+
+
+class RequestSink:
+    """The sink of one request (called on the engine thread): sends each output as a :class:`Delta`,
+    and the request's ``cached_tokens`` with the first delta sent once the scheduler has set them
+    (before its first token), so the front's meta_info has them even when a stop string ends the
+    request there first."""
+
+    def __init__(self, request: Any, outbox: Outbox):
+        self.request, self.outbox = request, outbox
+        self.reported = False
+
+    def __call__(self, out: Any) -> None:
+        cached = None
+        if not self.reported and self.request.cached_tokens is not None:
+            cached, self.reported = self.request.cached_tokens, True
+        self.outbox.put(delta_of(out, cached))
 
 
 class EngineServer:
@@ -154,17 +173,13 @@ class EngineServer:
                 for item in message.requests
             ]
             for r in requests:
-                r.sink = self.send_output
+                r.sink = RequestSink(r, self.outbox)
             self.engine.submit(requests)
         except Exception as exc:
             if not isinstance(exc, LoraserveError):
                 logger.exception("submitting requests failed")
             return Reply(message.call_id, error=error_info(exc))
         return Reply(message.call_id)
-
-    def send_output(self, out: Any) -> None:
-        """A request's sink (called on the engine thread)."""
-        self.outbox.put(delta_of(out))
 
     def call(self, message: Call) -> None:
         try:

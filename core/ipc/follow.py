@@ -1,11 +1,12 @@
 """The front's record of the requests running in the engine process: their text and stop strings.
 
-The engine process sends token ids; :class:`Followers` appends them to the front's own
-:class:`~loraserve.sched.request.Request` of each request, decodes them incrementally and checks
-stop strings (:meth:`OutputBuilder.follow <loraserve.engine.outputs.OutputBuilder.follow>`), and
-hands the resulting deltas to the asyncio queue of the stream that waits for them. A stop string
-that matches here finishes the request with ``"stop"`` at once (no text past it is delivered) and
-the caller sends the engine an abort, so its KV blocks are freed.
+The engine process sends token ids; :class:`Followers` appends them (and the prompt tokens the
+prefix cache held, sent once) to the front's own :class:`~loraserve.sched.request.Request` of each
+request, decodes them incrementally and checks stop strings (:meth:`OutputBuilder.follow
+<loraserve.engine.outputs.OutputBuilder.follow>`), and hands the resulting deltas to the asyncio
+queue of the stream that waits for them. A stop string that matches here finishes the request with
+``"stop"`` at once (no text past it is delivered) and the caller sends the engine an abort, so its KV
+blocks are freed.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Followers:
         if followed is None:  # finished here already (a stop string), or its stream was closed
             return False
         r = followed.request
+        if delta.cached_tokens is not None:
+            r.cached_tokens = delta.cached_tokens
         wants_logprobs = r.params.return_logprob or r.params.top_logprobs_num
         stopped = False
         for k, token in enumerate(delta.token_ids):

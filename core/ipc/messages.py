@@ -22,8 +22,10 @@ Engine -> front:
 - :class:`Ready` ``(model_info)``: the engine is built (sent once, first).
 - :class:`StartFailed` ``(error)``: building the engine failed (sent once, then the process exits).
 - :class:`Delta` ``(request_id, token_ids, logprobs, top_logprobs, finished, finish_reason, matched,
-  error)``: token ids a request produced since its previous delta; no text (the front detokenizes
-  and checks stop strings). ``matched`` is the stop token id or EOS id that ended it.
+  error, cached_tokens)``: token ids a request produced since its previous delta; no text (the front
+  detokenizes and checks stop strings). ``matched`` is the stop token id or EOS id that ended it.
+  ``cached_tokens`` (the prompt tokens the prefix cache held when it was first scheduled) rides on
+  the first delta sent after it is known, and only there; fields at their default are not encoded.
 - :class:`Reply` ``(call_id, value, error)``.
 - :class:`Stopped`: the engine has shut down.
 """
@@ -45,6 +47,7 @@ RPC_METHODS = frozenset(
         "check_adapter_updates",
         "load_adapter",
         "unload_adapter",
+        "flush_cache",
         "stats",
         "effective_settings",
     }
@@ -92,7 +95,7 @@ class StartFailed(msgspec.Struct, tag=True):
     error: ErrorInfo
 
 
-class Delta(msgspec.Struct, tag=True):
+class Delta(msgspec.Struct, tag=True, omit_defaults=True):
     request_id: str
     token_ids: list[int]
     logprobs: list[float]
@@ -101,6 +104,7 @@ class Delta(msgspec.Struct, tag=True):
     finish_reason: str | None = None
     matched: int | str | None = None
     error: str | None = None
+    cached_tokens: int | None = None
 
 
 class Reply(msgspec.Struct, tag=True):

@@ -10,6 +10,7 @@ into that layout; every loader plugin ends with it, so the layout is defined in 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -162,6 +163,22 @@ class LoRAAdapter:
         out = [t for pair in self.weights.values() for t in pair]
         out += [t for pair in (self.embed_tokens, self.lm_head) if pair is not None for t in pair]
         return out
+
+    def identity(self) -> str:
+        """The hash of what the adapter computes: its scaling and every weight's place, dtype, shape
+        and bytes (BLAKE2b, hex). Equal for equal weights whatever the name or source; the prefix
+        cache keys cached prefixes on it (with the load's version)."""
+        h = hashlib.blake2b(digest_size=32)
+        h.update(repr(float(self.scaling)).encode())
+        entries = [(f"{layer}.{fused}", pair) for (layer, fused), pair in sorted(self.weights.items())]
+        entries += [(name, pair) for name, pair in (("embed_tokens", self.embed_tokens), ("lm_head", self.lm_head))]
+        for name, pair in entries:
+            if pair is None:
+                continue
+            for t in pair:
+                h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def module_rank(self, layer_idx: int, fused_name: str) -> int:
         """Rank of one fused projection (0 when the adapter does not touch it)."""

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from loraserve.errors import UserError
 from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
 from loraserve.sched.scheduler import COPYING
@@ -205,6 +206,11 @@ class SlotAdmission:
         adapter = self.host.get(ref.key)
         if adapter is None:  # evicted from the host cache: reload from its source, transparently
             adapter = self.read_adapter(ref.name, ref.source)
+            if ref.identity and adapter.identity() != ref.identity:
+                raise UserError(
+                    f"adapter {ref.name!r} changed on disk since it was loaded ({ref.source}); its requests "
+                    "would get other weights than its first ones: reload it (unload, then /load_lora_adapter)"
+                )
             self.cache_on_host(ref.key, adapter)
             self.metrics["host_reloads"] += 1
         return adapter

@@ -141,7 +141,12 @@ class LoRAManager:
             raise Conflict(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         adapter = self.read_adapter(name, source)  # slow, outside the engine thread; raises before any state changes
         ref = AdapterRef(
-            name=name, version=self.registry.new_version(), source=source, pinned=pinned, rank=adapter.rank
+            name=name,
+            version=self.registry.new_version(),
+            source=source,
+            pinned=pinned,
+            rank=adapter.rank,
+            identity=adapter.identity(),
         )
         self.run_in_engine(lambda: self._commit(ref, adapter))
         self.plugins.notify(

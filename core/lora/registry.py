@@ -28,6 +28,8 @@ class AdapterRef:
     in_flight: int = 0
     unloaded: bool = False
     meta: dict = field(default_factory=dict)
+    #: the hash of the loaded weights and scaling (:meth:`LoRAAdapter.identity`)
+    identity: str = ""
 
     @property
     def key(self) -> tuple[str, int]:

@@ -146,9 +146,8 @@ def warm_up(
     before = sum(compiled_variants().values())
     shapes = plan_warmup(limits, getattr(attention, "splits_for", None), lora_variant_key(lora))
     planned = time.perf_counter() - t0
-    owner = object()
     longest = max(max(s.seg_lens) for s in shapes)
-    blocks = kv.allocator.allocate(min(kv.allocator.num_free, -(-longest // kv.block_size)), owner)
+    blocks = kv.allocator.allocate(min(kv.allocator.num_free, -(-longest // kv.block_size)))
     try:
         steps = ScratchSteps(model, kv, blocks, attention, device, lora)
         with torch.inference_mode():
@@ -158,7 +157,7 @@ def warm_up(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
-        kv.allocator.free(blocks, owner)
+        kv.allocator.release(blocks)
     logger.info(
         "warm-up: %d steps (%d with LoRA, up to %d tokens) in %.1f s (plan %.2f s); %d Triton kernel "
         "variants compiled or loaded from the cache (--skip-server-warmup skips this)",

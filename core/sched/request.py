@@ -75,6 +75,16 @@ class Request:
     num_preemptions: int = 0
     join_refusals: int = 0  # steps in which the scheduler's can_join refused it
     copy_wait_start: float | None = None  # when it first waited for its adapter's copy (overlap loading)
+    #: prompt tokens found in the prefix cache when it first joined (None: not looked up)
+    cached_tokens: int | None = None
+    # the scheduler's prefix-cache state: when it was queued, the block keys it looks up, whose
+    # keys and values its blocks hold, the last of its blocks in the cache and how many are there
+    enqueued_step: int = 0
+    prefix_keys: list | None = None
+    prefix_owner: Any = None
+    prefix_node: Any = None
+    num_cached_blocks: int = 0
+    prefix_cache_off: bool = False
 
     @property
     def num_tokens(self) -> int:

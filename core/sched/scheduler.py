@@ -9,6 +9,12 @@ waiting request that does not fit in the KV cache, so a large request is not sta
 behind it; a request refused for want of an adapter slot may be overtaken for a few steps only.
 A request whose adapter is still being copied to the GPU (``can_join`` answers :data:`COPYING`)
 is overtaken without limit: the copy finishes on its own, so nobody needs to stop for it.
+
+With a prefix cache (:mod:`loraserve.sched.prefix_cache`), a request that joins first takes the
+longest cached prefix computed under its adapter identity and computes only the rest; its blocks are
+cached as they fill. While at most ``lpm_queue_limit`` requests wait, those with longer cached
+prefixes join first (SGLang's longest-prefix-match); a request that has waited ``lpm_patience``
+steps is no longer overtaken.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from loraserve.sched.kv_cache import KVCache, OutOfBlocks
+from loraserve.sched.prefix_cache import PrefixOwner
 from loraserve.sched.request import Request, Status
 
 #: ``can_join``'s answer for "not yet: its adapter is being copied into a GPU slot"
@@ -59,6 +66,8 @@ class Scheduler:
         can_join: Callable[[Request, list[Request]], bool] | None = None,
         on_preempt: Callable[[Request], None] | None = None,
         starvation_steps: int = 8,
+        lpm_queue_limit: int = 128,
+        lpm_patience: int = 64,
     ):
         self.kv = kv
         self.max_running = max_running
@@ -67,6 +76,10 @@ class Scheduler:
         self.can_join = can_join
         self.on_preempt = on_preempt
         self.starvation_steps = starvation_steps
+        self.prefix_cache = kv.allocator.prefix_cache
+        self.lpm_queue_limit = lpm_queue_limit
+        self.lpm_patience = lpm_patience
+        self.num_steps = 0  # schedule() calls, the clock of lpm_patience
         self.waiting: deque[Request] = deque()
         #: running requests in admission order (a dict as an ordered set: joining, finishing and
         #: preempting are O(1), and membership is the request's ``status``)
@@ -76,6 +89,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
+        request.enqueued_step = self.num_steps
         self.waiting.append(request)
 
     def remove(self, request: Request, free_blocks: bool = True) -> None:
@@ -123,6 +137,9 @@ class Scheduler:
         #    skipped, until it has waited starvation_steps steps: then nobody overtakes it
         skipped: list[Request] = []
         in_step = [c.request for c in plan]  # grown as requests join: can_join reads it, never rebuilt
+        can_admit = budget > 0 and len(self.running) < self.max_running
+        if can_admit and self.prefix_cache is not None and 1 < len(self.waiting) <= self.lpm_queue_limit:
+            self._longest_prefix_first()
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             verdict = True if self.can_join is None else self.can_join(req, in_step)
@@ -133,17 +150,102 @@ class Scheduler:
                         break
                 skipped.append(self.waiting.popleft())
                 continue
+            matched = self._take_cached_prefix(req)
             n = min(req.num_pending, budget, self.chunk_size)
             if not self._reserve(req, req.num_computed + n):
+                if matched:
+                    self._free_blocks(req)  # the prefix it found waits in the cache again
+                    req.num_computed = 0
                 break
             self.waiting.popleft()
+            if self.prefix_cache is not None:  # counted once it joins (a refused join retries)
+                self.prefix_cache.count_hit(req.num_read, req.num_computed)
+                if req.cached_tokens is None:
+                    req.cached_tokens = req.num_computed
             req.status = Status.RUNNING
             self.running[req] = None
             plan.append(ScheduledChunk(req, req.num_computed, n, req.table_row))
             in_step.append(req)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+        if self.prefix_cache is not None:
+            bs = self.kv.block_size
+            for c in plan:  # (most decode chunks fill no block: checked inline, per-step cost)
+                r = c.request
+                upto = min(c.start + c.num_tokens, r.num_read)
+                if upto // bs > r.num_cached_blocks:
+                    self._cache_blocks(r, upto)
+        self.num_steps += 1
         return plan
+
+    # -- the prefix cache --------------------------------------------------------------------------
+
+    def _longest_prefix_first(self) -> None:
+        """Reorder the waiting queue: requests past ``lpm_patience`` steps first, in queue order, then
+        the others by cached prefix length (longest first; ties keep queue order)."""
+        due_before = self.num_steps - self.lpm_patience
+        order = sorted(
+            self.waiting,
+            key=lambda r: (0, 0) if r.enqueued_step <= due_before else (1, -self._cached_blocks(r)),
+        )
+        self.waiting = deque(order)
+
+    def _prefix_keys(self, req: Request) -> list:
+        """Block keys of ``req``'s known tokens that a cached prefix may cover (one token stays to be
+        computed, so a step samples), built once per length."""
+        limit = min(req.num_read, req.num_tokens - 1) // self.kv.block_size
+        if req.prefix_keys is None or len(req.prefix_keys) != limit:
+            req.prefix_keys = self.prefix_cache.block_keys(req.token_slice(0, limit * self.kv.block_size), limit)
+        return req.prefix_keys
+
+    def _cached_blocks(self, req: Request) -> int:
+        if req.blocks or req.num_computed:
+            return 0
+        return len(self.prefix_cache.match(PrefixOwner.of(req.adapter_ref), self._prefix_keys(req), touch=False))
+
+    def _take_cached_prefix(self, req: Request) -> bool:
+        """Give a joining request the longest cached prefix of its tokens under its adapter identity;
+        True when it found one."""
+        if self.prefix_cache is None or req.blocks or req.num_computed:
+            return False
+        req.prefix_owner = PrefixOwner.of(req.adapter_ref)
+        req.prefix_node, req.num_cached_blocks, req.prefix_cache_off = None, 0, False
+        nodes = self.prefix_cache.match(req.prefix_owner, self._prefix_keys(req))
+        if not nodes:
+            return False
+        blocks = [n.block for n in nodes]
+        self.kv.allocator.share(blocks)
+        self._gain(req, blocks)
+        req.num_computed = len(nodes) * self.kv.block_size
+        req.prefix_node, req.num_cached_blocks = nodes[-1], len(nodes)
+        req.prefix_keys = None
+        return True
+
+    def _cache_blocks(self, req: Request, upto: int) -> None:
+        """Cache ``req``'s blocks that are full of known tokens up to position ``upto`` (their keys and
+        values written by a launched step)."""
+        bs = self.kv.block_size
+        first, last = req.num_cached_blocks, min(upto // bs, len(req.blocks))
+        if last <= first or req.prefix_cache_off or req.prefix_owner is None:
+            return
+        if req.prefix_node is not None and not self.prefix_cache.is_attached(req.prefix_node):
+            req.prefix_cache_off = True  # its prefix was evicted or flushed: later blocks cannot hang from it
+            return
+        tokens = req.token_slice(first * bs, last * bs)
+        node = req.prefix_node
+        for i in range(first, last):
+            key = tuple(tokens[(i - first) * bs : (i - first + 1) * bs])
+            node = self.prefix_cache.insert(req.prefix_owner, node, key, req.blocks[i])
+        req.prefix_node, req.num_cached_blocks = node, last
+
+    def flush_prefix_cache(self) -> None:
+        """Forget every cached prefix (POST /flush_cache, or after a failed step whose blocks may hold
+        wrong keys and values); blocks requests hold stay theirs, uncached."""
+        if self.prefix_cache is None:
+            return
+        self.kv.allocator.flush_cache()
+        for r in (*self.running, *self.waiting):
+            r.prefix_cache_off = True
 
     def _reserve(self, req: Request, num_tokens: int, preempt_from: set[int] | None = None) -> bool:
         """Make ``req`` own enough blocks for ``num_tokens`` tokens.
@@ -155,7 +257,7 @@ class Scheduler:
         need = self.kv.allocator.blocks_for(num_tokens) - len(req.blocks)
         while need > 0:
             try:
-                self._gain(req, self.kv.allocator.allocate(need, owner=req))
+                self._gain(req, self.kv.allocator.allocate(need))
                 return True
             except OutOfBlocks:
                 if preempt_from is None:
@@ -168,7 +270,8 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         del self.running[req]
-        self._free_blocks(req)
+        self._free_blocks(req)  # (its computed full blocks stay cached: its recompute finds them)
+        req.enqueued_step = -self.lpm_patience  # due: nobody overtakes it
         req.num_computed = 0
         req.num_preemptions += 1
         req.status = Status.WAITING
@@ -187,17 +290,21 @@ class Scheduler:
 
     def _free_blocks(self, req: Request) -> None:
         if req.blocks:
-            self.kv.allocator.free(req.blocks, owner=req)
+            if self.prefix_cache is not None and req.error is None:
+                self._cache_blocks(req, min(req.num_computed, req.num_read))
+            self.kv.allocator.release(req.blocks)
             req.blocks = []
+        req.prefix_node, req.num_cached_blocks = None, 0
         if req.table_row >= 0:
             self.kv.block_table.release(req.table_row)
             req.table_row = -1
 
     def check_integrity(self, holding: Iterable[Request] = ()) -> None:
-        """Raise unless every KV block is free or owned once and the device block table holds
+        """Raise unless every KV block is free, cached or held, each held block's count equals the
+        requests holding it, the prefix cache is consistent, and the device block table holds
         exactly the block lists of the running requests, plus ``holding`` (requests that keep their
         blocks outside the queues, e.g. finished while a launched step may read them). For tests."""
-        self.kv.allocator.check_integrity()
         candidates = dict.fromkeys((*self.running, *self.waiting, *holding))  # each request once
         holders = [r for r in candidates if r.table_row >= 0 or r.blocks]
+        self.kv.allocator.check_integrity(r.blocks for r in holders)
         self.kv.block_table.check_integrity((r.table_row, r.blocks) for r in holders)

@@ -1,4 +1,5 @@
-"""Built-in plugin: SGLang's native HTTP API (/generate, adapter loading, health, info, metrics).
+"""Built-in plugin: SGLang's native HTTP API (/generate, adapter loading, health, info, metrics,
+cache flushing).
 
 Registering is cheap; the routes (and FastAPI) are imported only when the server mounts the frontend.
 """

@@ -7,7 +7,8 @@ adapter name, or a list aligned with the batch, ``null`` meaning the base model)
 (``text``, ``output_ids``, ``meta_info``) per input, a list for a batch; ``n > 1`` in the sampling
 parameters gives ``n`` results per input, at most ``--max-sequences-per-request`` in all (413 beyond).
 Streams are server-sent events carrying the text and token ids so far (as SGLang streams them), with
-``index`` for a batch, ending with ``data: [DONE]``.
+``index`` for a batch, ending with ``data: [DONE]``. ``meta_info.cached_tokens`` counts the prompt
+tokens found in the prefix cache. ``/flush_cache`` (GET or POST, as SGLang) empties the prefix cache.
 Adapters are loaded with ``POST /load_lora_adapter`` and unloaded with ``POST /unload_lora_adapter``
 (also under ``/v1/``, as vLLM names them), answering ``{success, error_message, loaded_adapters}``;
 those routes live in :mod:`.adapters`. The routes use only the engine's
@@ -116,6 +117,7 @@ def _partial(r: Any, text: str, ids: list[int], logprobs: list[float]) -> dict:
         "id": r.request_id,
         "prompt_tokens": len(r.prompt_ids),
         "completion_tokens": len(ids),
+        "cached_tokens": r.cached_tokens or 0,
         "finish_reason": None,
         "lora_path": r.adapter,
     }
@@ -130,6 +132,7 @@ def add_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     add_adapter_routes(app, engine, settings)
     _add_health_routes(app, engine)
     _add_info_routes(app, engine, settings)
+    _add_cache_routes(app, engine, settings)
 
 
 def _add_generate_route(app: FastAPI, engine: EngineClient, settings: Any) -> None:
@@ -259,6 +262,36 @@ def _add_info_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
     async def metrics() -> Response:
         data = app.state.metrics.render(await run_in_threadpool(engine.stats))  # waits for the step to end
         return Response(data, media_type=app.state.metrics.content_type)
+
+
+FLUSH_OK = {
+    "description": "The prefix cache is empty: every cached prompt prefix is forgotten (blocks running "
+    "requests hold stay theirs). ``flushed_blocks`` is how many KV blocks were cached.",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["message", "flushed_blocks"],
+                "properties": {"message": {"type": "string"}, "flushed_blocks": {"type": "integer", "minimum": 0}},
+            }
+        }
+    },
+}
+
+
+def _add_cache_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
+    gens: Generations = app.state.generations
+
+    @app.get("/flush_cache", responses=errors(503, ok=FLUSH_OK))
+    @app.post("/flush_cache", responses=errors(503, ok=FLUSH_OK))  # both, as SGLang (one operation id each)
+    async def flush_cache() -> dict:
+        gens.check_accepting()
+        flushed = await run_in_threadpool(engine.flush_cache)  # waits for the engine's step to end
+        if settings.disable_radix_cache:
+            message = "the prefix cache is off (--disable-radix-cache); nothing was cached"
+        else:
+            message = f"cache flushed: {flushed} cached KV block(s) forgotten"
+        return {"message": message, "flushed_blocks": flushed}
 
 
 def _error_event(exc: APIError, index: int | None) -> dict:

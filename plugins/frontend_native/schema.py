@@ -74,6 +74,7 @@ class MetaInfo(BaseModel):
     id: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(0, description="Prompt tokens found in the prefix cache (not computed again).")
     finish_reason: dict[str, Any] | None = None
     lora_path: str | None = None
 

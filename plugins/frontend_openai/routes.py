@@ -6,10 +6,11 @@ anything else is a 404 ``model_not_found``. ``/v1/models`` lists the base model 
 ``root`` its path) and every loaded adapter (``parent`` the base model, ``root`` its source).
 ``n > 1`` fans out into ``n`` engine requests (see ``loraserve.http.serving``); choice ``i * n + j`` is
 sample ``j`` of prompt ``i``; prompts x n may be at most ``--max-sequences-per-request`` (413 beyond).
-The chat template and tokenization run in a worker thread. Usage counts each prompt once. Streams
-follow OpenAI's chunk format, with a final usage chunk when ``stream_options.include_usage`` is set,
-and end with ``[DONE]``. The routes use only the engine's :class:`~loraserve.contract.EngineClient`
-surface.
+The chat template and tokenization run in a worker thread. Usage counts each prompt once (its first
+sample's request), and ``prompt_tokens_details.cached_tokens`` the part of it found in the prefix
+cache. Streams follow OpenAI's chunk format, with a final usage chunk when
+``stream_options.include_usage`` is set, and end with ``[DONE]``. The routes use only the engine's
+:class:`~loraserve.contract.EngineClient` surface.
 """
 
 from __future__ import annotations
@@ -162,8 +163,14 @@ class OpenAIFrontend:
     def usage(self, requests: list, owner: list[int]) -> dict:
         firsts = {o: r for r, o in reversed(list(zip(requests, owner)))}
         prompt = sum(len(r.prompt_ids) for r in firsts.values())
+        cached = sum(r.cached_tokens or 0 for r in firsts.values())
         completion = sum(len(r.output_ids) for r in requests)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         """The prompt ids of a chat (blocks: call it in a worker thread)."""
