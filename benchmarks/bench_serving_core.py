@@ -156,6 +156,7 @@ def offline(args, config) -> dict[str, Any]:
             for conc in args.concurrency:
                 engine.scheduler.max_running = conc
                 for name, specs in (("base", base), ("adapters", lora)):
+                    engine.flush_cache()  # every run repeats the same prompts: none may find them cached
                     before = snapshot(engine)
                     start = time.perf_counter()
                     results = run_generate(engine, specs)
@@ -237,6 +238,7 @@ def served(args, config, part: str) -> dict[str, Any]:
         else:
             plan = [(max(args.concurrency), "base", "")]
         for i, (conc, name, phase) in enumerate(plan):
+            httpx.post(f"{url}/flush_cache", timeout=60).raise_for_status()  # (runs repeat the prompts)
             before = parse_step_times(httpx.get(f"{url}/metrics", timeout=10).text)
             out = work / f"serving_{part}_{i}.json"
             bench = ["--base-url", url, "--num-prompts", str(args.num_prompts)]

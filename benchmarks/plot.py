@@ -20,6 +20,8 @@ Nothing is re-run and no GPU is needed. Each figure is a PNG written next to the
   of each run.
 - ``overlap_loading_*.json`` of one device -> ``overlap_loading_<device>.png``: TTFT (median, p99) and
   output throughput with overlap loading off and on, per rank and seed.
+- ``prefix_cache_*.json`` -> ``<stem>.png``: input throughput and median TTFT with the prefix cache off
+  and on, per workload, with the on/off ratio and the issue's targets.
 
 A JSON file of another shape is skipped with a one-line note.
 
@@ -82,6 +84,8 @@ def kind_of(doc: object) -> str | None:
         return "attention_host"
     if doc.get("benchmark") == "bench_serving_core" and isinstance(doc.get("rows"), list):
         return "serving_core"
+    if doc.get("benchmark") == "prefix_cache" and isinstance(runs, list) and isinstance(doc.get("ratios"), list):
+        return "prefix_cache"
     return None
 
 
@@ -585,6 +589,56 @@ def plot_serving_core(doc: dict) -> plt.Figure:
     return fig
 
 
+def plot_prefix_cache(doc: dict) -> plt.Figure:
+    """prefix_cache JSON: input throughput and median TTFT per workload, cache off vs on, with the on/off
+    ratio over each pair and the target where the issue sets one."""
+    runs = {(r["workload"], r["cache"]): r for r in doc["runs"]}
+    workloads = list(dict.fromkeys(r["workload"] for r in doc["runs"]))
+    ratios = {r["workload"]: r for r in doc["ratios"]}
+    targets = {(t["workload"], t["ratio"]): t for t in doc.get("targets", [])}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
+    for ax, field, ratio, name, fmt in (
+        (axes[0], "input_throughput", "input_throughput_ratio", "input throughput (tokens/s)", "{:.0f}"),
+        (axes[1], "ttft_median_ms", "ttft_median_ratio", "median TTFT (ms)", "{:.1f}"),
+    ):
+        series = {
+            f"cache {'on' if on else 'off'}": [runs.get((w, on), {}).get(field) for w in workloads]
+            for on in (False, True)
+        }
+        group_bars(ax, workloads, series, name, fmt)
+        top = ax.get_ylim()[1]
+        for i, w in enumerate(workloads):
+            if w not in ratios:
+                continue
+            text = f"on/off {ratios[w][ratio]:.2f}×"
+            target = targets.get((w, ratio))
+            if target:
+                text += f"\ntarget {target['target']}: {'met' if target['met'] else 'missed'}"
+            ax.text(
+                i,
+                0.9 * top,
+                text,
+                ha="center",
+                va="top",
+                fontsize=8,
+                color="0.2" if target is None else "green" if target["met"] else "red",
+            )
+        ax.set_title(name.split(" (")[0], fontsize=10)
+    cfg = doc.get("config", {})
+    same = "identical" if doc.get("outputs_identical") else "NOT identical"
+    header(
+        fig,
+        "Prefix cache: input throughput and TTFT, off vs on",
+        device_of(doc),
+        f"{doc.get('date', '')[:10]}; {cfg.get('model_type')} ({cfg.get('resolved_dtype')}), {cfg.get('num_adapters')} "
+        f"adapters; shared_prefix / no_sharing: {cfg.get('num_prompts')} requests of {cfg.get('system_len')} + "
+        f"{cfg.get('unique_len')} prompt tokens; multi_turn: {cfg.get('conversations')} x {cfg.get('turns')} turns of "
+        f"+{cfg.get('turn_len')}; {cfg.get('output_len')} output tokens; arrivals {cfg.get('arrivals')}; greedy "
+        f"outputs {same} with the cache on and off",
+    )
+    return fig
+
+
 PER_FILE = {
     "kernels": plot_kernels,
     "epilogue": plot_epilogue,
@@ -592,6 +646,7 @@ PER_FILE = {
     "tp": plot_tp,
     "attention_host": plot_attention_host,
     "serving_core": plot_serving_core,
+    "prefix_cache": plot_prefix_cache,
 }
 
 

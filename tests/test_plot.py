@@ -33,6 +33,7 @@ EXPECTED = [
     f"throughput_latency_{H100}.png",
     "scheduler_cpu_x86_64_2_cores.png",
     "attention_host_cpu_x86_64_2_cores.png",
+    "prefix_cache_cpu_x86_64_2_cores.png",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -87,6 +88,7 @@ def test_unknown_shapes_are_skipped(tmp_path, capsys):
         ("offline_", "serving"),
         ("hf_peft_", "serving"),
         ("scheduler_", "scheduler"),
+        ("prefix_cache_", "prefix_cache"),
     ],
 )
 def test_kind_of_recorded_files(prefix, kind):

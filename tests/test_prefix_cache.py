@@ -96,6 +96,24 @@ def test_shared_system_prompts_across_adapters_match_peft_and_reuse_only_their_o
     assert outs[True, 1] == outs[False, 1]
 
 
+def test_requests_arriving_together_compute_a_shared_prefix_once(setup):
+    """In one batch, requests whose next block another request of the step computes wait a step and
+    find it cached (SGLang's in-batch prefix check); a short prompt (no full block) never waits."""
+    _, base, paths, peft = setup
+    system = tokens(40, 11)
+    batch = [system + tokens(6, 300 + i) for i in range(3)] + [tokens(46, 12)]
+    adapters = ["alpha", "alpha", "alpha", "alpha"]
+    e = engine(base, paths)
+    try:
+        results = e.generate(input_ids=batch + [tokens(5, 13)], sampling_params=GREEDY, lora_path=adapters + [None])
+        want, _ = peft_generate(peft, batch, adapters)
+        assert [r["output_ids"] for r in results[:4]] == want
+        assert [r["meta_info"]["cached_tokens"] for r in results] == [0, 32, 32, 0, 0]
+        check_pool(e)
+    finally:
+        e.shutdown()
+
+
 def test_multi_turn_and_partial_block_prefixes_match_peft(setup):
     _, base, paths, peft = setup
     e = engine(base, paths)

@@ -113,8 +113,21 @@ class Scheduler:
     # -- scheduling --------------------------------------------------------------------------------
 
     def schedule(self) -> list[ScheduledChunk]:
-        budget = self.step_tokens
         plan: list[ScheduledChunk] = []
+        budget = self._plan_running(plan, self.step_tokens)
+        self._admit_waiting(plan, budget)
+        if self.prefix_cache is not None:
+            bs = self.kv.block_size
+            for c in plan:  # (most decode chunks fill no block: checked inline, per-step cost)
+                r = c.request
+                upto = min(c.start + c.num_tokens, r.num_read)
+                if upto // bs > r.num_cached_blocks:
+                    self._cache_blocks(r, upto)
+        self.num_steps += 1
+        return plan
+
+    def _plan_running(self, plan: list[ScheduledChunk], budget: int) -> int:
+        """Plan the running requests' chunks; returns the token budget left."""
         # 1. decodes, in admission order; preempt from the back when blocks run out
         planned: set[int] = set()
         for req in list(self.running):
@@ -133,13 +146,20 @@ class Scheduler:
             if self._reserve(req, req.num_computed + n):
                 plan.append(ScheduledChunk(req, req.num_computed, n, req.table_row))
                 budget -= n
-        # 3. waiting requests join in arrival order; one whose adapter cannot get a slot now is
-        #    skipped, until it has waited starvation_steps steps: then nobody overtakes it
+        return budget
+
+    def _admit_waiting(self, plan: list[ScheduledChunk], budget: int) -> None:
+        """3. Waiting requests join in arrival order (longest cached prefix first while few wait); one
+        whose adapter cannot get a slot now is skipped, until it has waited starvation_steps steps:
+        then nobody overtakes it. One whose next block another request of this step computes waits."""
         skipped: list[Request] = []
         in_step = [c.request for c in plan]  # grown as requests join: can_join reads it, never rebuilt
-        can_admit = budget > 0 and len(self.running) < self.max_running
-        if can_admit and self.prefix_cache is not None and 1 < len(self.waiting) <= self.lpm_queue_limit:
-            self._longest_prefix_first()
+        computing: set | None = None  # blocks this step computes that are not cached yet
+        if budget > 0 and len(self.running) < self.max_running and self.prefix_cache is not None and self.waiting:
+            if 1 < len(self.waiting) <= self.lpm_queue_limit:
+                self._longest_prefix_first()
+            computing = {self._block_in_progress(c.request, c.start) for c in plan if c.num_tokens > 1}
+            computing.discard(None)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             verdict = True if self.can_join is None else self.can_join(req, in_step)
@@ -151,32 +171,36 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             matched = self._take_cached_prefix(req)
+            block = self._block_in_progress(req, req.num_computed) if computing else None
+            wait = block is not None and block in computing  # computed this step: found cached next step
             n = min(req.num_pending, budget, self.chunk_size)
-            if not self._reserve(req, req.num_computed + n):
+            if wait or not self._reserve(req, req.num_computed + n):
                 if matched:
                     self._free_blocks(req)  # the prefix it found waits in the cache again
                     req.num_computed = 0
-                break
+                if not wait:
+                    break
+                skipped.append(self.waiting.popleft())
+                continue
             self.waiting.popleft()
-            if self.prefix_cache is not None:  # counted once it joins (a refused join retries)
-                self.prefix_cache.count_hit(req.num_read, req.num_computed)
-                if req.cached_tokens is None:
-                    req.cached_tokens = req.num_computed
-            req.status = Status.RUNNING
-            self.running[req] = None
+            self._join(req)
             plan.append(ScheduledChunk(req, req.num_computed, n, req.table_row))
             in_step.append(req)
             budget -= n
+            if computing is not None:
+                block = self._block_in_progress(req, req.num_computed)
+                if block is not None:
+                    computing.add(block)
         self.waiting.extendleft(reversed(skipped))
-        if self.prefix_cache is not None:
-            bs = self.kv.block_size
-            for c in plan:  # (most decode chunks fill no block: checked inline, per-step cost)
-                r = c.request
-                upto = min(c.start + c.num_tokens, r.num_read)
-                if upto // bs > r.num_cached_blocks:
-                    self._cache_blocks(r, upto)
-        self.num_steps += 1
-        return plan
+
+    def _join(self, req: Request) -> None:
+        if self.prefix_cache is not None:  # counted once it joins (a refused join retries)
+            self.prefix_cache.count_hit(req.num_read, req.num_computed)
+            if req.cached_tokens is None:
+                req.cached_tokens = req.num_computed
+            req.prefix_keys = None
+        req.status = Status.RUNNING
+        self.running[req] = None
 
     # -- the prefix cache --------------------------------------------------------------------------
 
@@ -218,8 +242,20 @@ class Scheduler:
         self._gain(req, blocks)
         req.num_computed = len(nodes) * self.kv.block_size
         req.prefix_node, req.num_cached_blocks = nodes[-1], len(nodes)
-        req.prefix_keys = None
         return True
+
+    def _block_in_progress(self, req: Request, start: int) -> tuple | None:
+        """``(owner, parent node, tokens)`` of the uncached full block a chunk starting at ``start``
+        computes, if it will be cached: equal for two requests exactly when they compute the same
+        keys and values. A request that would compute a block another request of the same step
+        computes waits a step instead (SGLang's in-batch prefix check), then finds it cached."""
+        bs = self.kv.block_size
+        index = start // bs
+        if req.prefix_cache_off or req.prefix_owner is None or index != req.num_cached_blocks:
+            return None
+        if (index + 1) * bs > req.num_read:
+            return None
+        return (req.prefix_owner, req.prefix_node, tuple(req.token_slice(index * bs, (index + 1) * bs)))
 
     def _cache_blocks(self, req: Request, upto: int) -> None:
         """Cache ``req``'s blocks that are full of known tokens up to position ``upto`` (their keys and
@@ -238,14 +274,17 @@ class Scheduler:
             node = self.prefix_cache.insert(req.prefix_owner, node, key, req.blocks[i])
         req.prefix_node, req.num_cached_blocks = node, last
 
-    def flush_prefix_cache(self) -> None:
+    def flush_prefix_cache(self) -> int:
         """Forget every cached prefix (POST /flush_cache, or after a failed step whose blocks may hold
-        wrong keys and values); blocks requests hold stay theirs, uncached."""
+        wrong keys and values); blocks requests hold stay theirs, uncached. Returns how many blocks
+        were cached."""
         if self.prefix_cache is None:
-            return
+            return 0
+        cached = self.prefix_cache.num_cached
         self.kv.allocator.flush_cache()
         for r in (*self.running, *self.waiting):
             r.prefix_cache_off = True
+        return cached
 
     def _reserve(self, req: Request, num_tokens: int, preempt_from: set[int] | None = None) -> bool:
         """Make ``req`` own enough blocks for ``num_tokens`` tokens.
