@@ -559,8 +559,15 @@ class AdapterResolver:
 
     Contract: :meth:`resolve` maps an adapter name that a request used but nobody loaded to a
     source string some loader's ``can_load`` accepts, or returns None when this resolver does not
-    know the name. It must not load weights itself and must not raise for an unknown name; it may
-    raise :class:`AdapterError` when it knows the name but the source is unusable.
+    know the name. It must not load weights itself (it may fetch files into a local directory and
+    return that) and must not raise for an unknown name; it may raise :class:`AdapterError` (400)
+    when it knows the name but the source is unusable, :class:`~loraserve.errors.NotFound` (404) when
+    it owns the name but cannot reach its files, :class:`~loraserve.errors.Forbidden` (403) for a name
+    it refuses (one that escapes its directory). It is called on a thread that may block (never the
+    engine thread nor an event loop), once at a time per name; it must be thread-safe across names.
+    A source it returns is loaded with ``runtime=False`` (an enabled resolver is the operator's
+    choice of sources, as ``--lora-paths`` is), so ``--lora-allowed-dirs`` applies to it but the
+    hub rule does not: a resolver that returns hub ids keeps its own allow-list.
     """
 
     name = "abstract"
@@ -703,6 +710,8 @@ class EngineStats(TypedDict, total=False):
     lora_counters: dict[str, float]  #: loads, hits, misses, evictions, bytes and seconds of copies, ...
     #: ``(adapter, rank, pinned, in a GPU slot, in the host cache)`` of each registered adapter
     lora_residency: list[tuple[str, int, bool, bool, bool]]
+    #: ``(adapter, version, identity)`` of each registered adapter (identity: ``"blake2b:<hex>"``)
+    lora_adapter_info: list[tuple[str, int, str]]
     #: vLLM's ``lora_requests_info``: ``{"running": names, "waiting": names, "max_lora": int, "time": unix s}``
     lora_requests_info: dict[str, Any]
 
@@ -801,8 +810,9 @@ class EngineClient(abc.ABC):
 
     @abc.abstractmethod
     def loaded_adapters(self) -> list[dict[str, Any]]:
-        """Every adapter loaded by name: ``{"name", "source", "pinned", "rank", "version"}`` dicts;
-        empty without LoRA. Quick; any thread."""
+        """Every adapter loaded by name: ``{"name", "source", "pinned", "rank", "version", "identity"}``
+        dicts (``identity``: ``"blake2b:<hex>"``, the hash of the weights and scaling, equal for equal
+        weights); empty without LoRA. Quick; any thread."""
 
     @abc.abstractmethod
     def unloading_adapters(self) -> list[dict[str, Any]]:
@@ -822,14 +832,31 @@ class EngineClient(abc.ABC):
         ``unload_adapter`` check this too; a frontend calls it first to refuse before reading a body."""
 
     @abc.abstractmethod
-    def load_adapter(self, adapter: str, source: str, pinned: bool = False) -> None:
+    def load_adapter(self, adapter: str, source: str, pinned: bool = False, load_inplace: bool = False) -> None:
         """Load the adapter at ``source`` (a PEFT directory, a hub id, whatever a loader plugin reads)
         under the name ``adapter``, ``pinned`` keeping it in a GPU slot. Requests see it only once it
         is complete; a failed load leaves nothing behind. Blocks (reads the weights).
 
+        ``load_inplace``: when ``adapter`` is loaded already, swap in the new weights in one step under
+        a new version; requests already running finish on the old version (freed after the last of
+        them), later ones get the new one, and no cached prefix of the old version is reused.
+
         Raises what ``check_adapter_updates`` raises; UserError for a bad name or unreadable files;
         Forbidden for a source the operator's settings refuse; NotFound for a missing source;
-        Conflict when the name is taken or no slot can be pinned.
+        Conflict when the name is taken (without ``load_inplace``) or no slot can be pinned.
+        """
+
+    @abc.abstractmethod
+    def load_adapter_from_tensors(
+        self, adapter: str, config: dict[str, Any], tensors: bytes, pinned: bool = False, load_inplace: bool = False
+    ) -> None:
+        """Load an adapter sent as data: ``config`` the content of its ``adapter_config.json``,
+        ``tensors`` the bytes of its ``adapter_model.safetensors`` (the caller has verified any
+        checksum). The same checks as a directory load apply (loader, limits, pins); ``pinned`` and
+        ``load_inplace`` as in :meth:`load_adapter`. Blocks.
+
+        Raises what ``check_adapter_updates`` raises; UserError for a config or weights the loader
+        refuses; Conflict as :meth:`load_adapter`.
         """
 
     @abc.abstractmethod

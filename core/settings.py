@@ -294,8 +294,8 @@ class Settings(BaseSettings):
     disable_lora_runtime_updates: bool = Field(
         False,
         **_opt(
-            "Refuse /load_lora_adapter and /unload_lora_adapter (and their /v1/ aliases) with 403 and consult no "
-            "adapter resolver: only the start-up --lora-paths adapters are served.",
+            "Refuse /load_lora_adapter, /load_lora_adapter_from_tensors and /unload_lora_adapter (and their /v1/ "
+            "aliases) with 403 and consult no adapter resolver: only the start-up --lora-paths adapters are served.",
             "lora",
         ),
     )

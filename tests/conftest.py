@@ -19,6 +19,18 @@ import pytest
 from loraserve.plugin_manager import PluginManager
 
 
+@pytest.fixture(autouse=True)
+def _free_gpu_memory_after_gpu_tests(request):
+    """An engine sized by the memory budget takes most of the GPU; the next GPU test's engine fits only
+    once the last one is collected (its engine thread's closures form reference cycles)."""
+    yield
+    if request.node.get_closest_marker("gpu") is not None and torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

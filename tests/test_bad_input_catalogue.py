@@ -1336,7 +1336,14 @@ CATALOGUE = [
     ),
     case("get-v1-model-5000-chars", "GET", "/v1/models/" + "q" * 5000, None, 404, "more characters)"),
     case("delete-v1-model", "DELETE", "/v1/models/alpha", None, 405, "/v1/models/alpha does not accept DELETE"),
-    case("get-unknown-v2-path", "GET", "/v2/models", None, 404, "there is no endpoint GET /v2/models; see /flush_cache, /generate"),
+    case(
+        "get-unknown-v2-path",
+        "GET",
+        "/v2/models",
+        None,
+        404,
+        "there is no endpoint GET /v2/models; see /flush_cache, /generate",
+    ),
     case("get-unknown-uppercase-v1", "GET", "/V1/models", None, 404, "there is no endpoint GET /V1/models"),
     case(
         "post-unknown-v1-path",

@@ -215,10 +215,13 @@ def test_adapter_load_and_unload_answers(served):
     for prefix in ("", "/v1"):
         res = client.post(f"{prefix}/load_lora_adapter", json={"lora_name": "gamma", "lora_path": path})
         assert res.status_code == 200
+        entry = next(a for a in engine.loaded_adapters() if a["name"] == "gamma")
+        assert entry["identity"].startswith("blake2b:") and entry["source"] == path
         assert res.json() == {
             "success": True,
             "error_message": None,
             "loaded_adapters": {**{n: assets().adapters[n] for n in ("alpha", "beta")}, "gamma": path},
+            "adapter": entry,
         }
         again = client.post(f"{prefix}/load_lora_adapter", json={"lora_name": "gamma", "lora_path": path})
         assert again.status_code == 409 and again.json()["success"] is False

@@ -7,6 +7,8 @@ prompt tokens found in the prefix cache reach the answers, and /flush_cache reac
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import re
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -125,6 +128,39 @@ def test_engine_errors_come_back_as_the_same_http_errors(split):
         assert c.post("/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
         metrics = c.get("/metrics")
         assert metrics.status_code == 200 and "loraserve_requests_total" in metrics.text
+
+
+def test_tensor_loads_and_in_place_updates_cross_the_process_split(split):
+    """The safetensors bytes travel to the engine process; the pushed adapter answers what the same
+    weights loaded from their directory answer here, with the same identity; an in-place update
+    swaps the weights there too."""
+    server, _, local = split
+    directory = Path(assets().adapters["gamma"])
+    raw = (directory / "adapter_model.safetensors").read_bytes()
+    body = {
+        "lora_name": "pushed",
+        "config_dict": json.loads((directory / "adapter_config.json").read_text()),
+        "tensors": base64.b64encode(raw).decode(),
+        "checksum": f"sha256:{hashlib.sha256(raw).hexdigest()}",
+    }
+    ids = torch.randint(10, 1000, (9,), generator=torch.Generator().manual_seed(191)).tolist()
+    gen = {"input_ids": ids, "sampling_params": GREEDY, "lora_path": "pushed"}
+    local.load_adapter("pushed", str(directory))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            res = c.post("/load_lora_adapter_from_tensors", json=body)
+            assert res.status_code == 200, res.text
+            want = local.generate(input_ids=ids, sampling_params=GREEDY, lora_path="pushed")
+            assert c.post("/generate", json=gen).json()["output_ids"] == want["output_ids"]
+            identity = {a["name"]: a["identity"] for a in local.loaded_adapters()}["pushed"]
+            assert res.json()["adapter"]["identity"] == identity
+            update = {"lora_name": "pushed", "lora_path": assets().adapters["beta"], "load_inplace": True}
+            assert c.post("/load_lora_adapter", json=update).status_code == 200
+            beta = local.generate(input_ids=ids, sampling_params=GREEDY, lora_path="beta")
+            assert c.post("/generate", json=gen).json()["output_ids"] == beta["output_ids"] != want["output_ids"]
+            assert c.post("/unload_lora_adapter", json={"lora_name": "pushed"}).status_code == 200
+    finally:
+        local.unload_adapter("pushed", None)
 
 
 def test_cached_tokens_and_flush_cache_cross_the_process_split(split):

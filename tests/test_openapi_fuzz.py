@@ -28,6 +28,7 @@ POSTS = (
     "/unload_lora_adapter",
     "/v1/load_lora_adapter",
     "/v1/unload_lora_adapter",
+    "/load_lora_adapter_from_tensors",
 )
 
 

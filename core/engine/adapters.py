@@ -1,4 +1,4 @@
-"""The adapter calls a frontend makes (``EngineClient``'s load, unload, servable and update checks),
+"""The adapter calls a frontend makes (``EngineClient``'s loads, unload, servable and update checks),
 over the engine's LoRA manager (None when LoRA is off).
 
 They add what a caller outside the engine needs on top of the manager's own calls: a clear refusal
@@ -26,17 +26,33 @@ def check_updates(lora: Any) -> None:
     lora.policy.check_runtime_updates()
 
 
-def load(lora: Any, adapter: str, source: str, pinned: bool) -> None:
+def load(lora: Any, adapter: str, source: str, pinned: bool, load_inplace: bool = False) -> None:
     """Load ``adapter`` from ``source`` at run time; any failure is a UserError (see the module)."""
     check_updates(lora)
     try:
-        lora.load_adapter(adapter, source, pinned)
+        lora.load_adapter(adapter, source, pinned, load_inplace=load_inplace)
     except UserError:
         raise
     except Exception as exc:  # a corrupt or unreadable adapter: never half-loaded, the server lives on
         raise UserError(
             f"could not load adapter {shown(adapter)} from {shown(source, 300)} "
             f"({type(exc).__name__}: {exc}); check the adapter files"
+        ) from None
+
+
+def load_from_tensors(
+    lora: Any, adapter: str, config: dict, tensors: bytes, pinned: bool, load_inplace: bool = False
+) -> None:
+    """Load ``adapter`` from its config and safetensors bytes at run time; any failure is a UserError."""
+    check_updates(lora)
+    try:
+        lora.load_adapter_from_tensors(adapter, config, tensors, pinned, load_inplace=load_inplace)
+    except UserError:
+        raise
+    except Exception as exc:  # never half-loaded, the server lives on
+        raise UserError(
+            f"could not load adapter {shown(adapter)} from the tensors sent ({type(exc).__name__}: {exc}); "
+            "send the content of adapter_config.json and the bytes of adapter_model.safetensors"
         ) from None
 
 

@@ -210,11 +210,13 @@ class Engine(EngineClient):
         self,
         prompt: str | list[str] | None = None,
         sampling_params: dict | list | None = None,
-        lora_path: str | None | list[str | None] = None,
+        lora_path: str | None | list = None,
         input_ids: list[int] | list[list[int]] | None = None,
     ) -> dict | list[dict]:
         """Generate for one prompt or a batch; blocks. The arguments are SGLang's ``Engine.generate``
-        ones, so ``lora_path`` (an adapter name, or one per input) keeps SGLang's name here too."""
+        ones, so ``lora_path`` (an adapter name, or one per input) keeps SGLang's name here too; a
+        weighted composition is a list ``[{"name": ..., "weight": ...}, ...]`` (for every input, or
+        as one entry of the per-input list; see :mod:`loraserve.lora.composition`)."""
         return python_api.generate(self, prompt, sampling_params, lora_path, input_ids)
 
     async def generate_async(self, prompt=None, sampling_params=None, lora_path=None, input_ids=None):
@@ -263,20 +265,19 @@ class Engine(EngineClient):
     def check_adapter_updates(self) -> None:
         adapters.check_updates(self.lora)
 
-    def load_adapter(self, adapter: str, source: str, pinned: bool = False) -> None:
-        adapters.load(self.lora, adapter, source, pinned)
+    def load_adapter(self, adapter: str, source: str, pinned: bool = False, load_inplace: bool = False) -> None:
+        adapters.load(self.lora, adapter, source, pinned, load_inplace)
+
+    def load_adapter_from_tensors(
+        self, adapter: str, config: dict[str, Any], tensors: bytes, pinned: bool = False, load_inplace: bool = False
+    ) -> None:
+        adapters.load_from_tensors(self.lora, adapter, config, tensors, pinned, load_inplace)
 
     def unload_adapter(self, adapter: str, timeout: float | None) -> int:
         return adapters.unload(self.lora, adapter, timeout)
 
     def flush_cache(self) -> int:
-        def flush() -> int:
-            cache = self.kv.allocator.prefix_cache
-            cached = cache.num_cached if cache is not None else 0
-            self.scheduler.flush_prefix_cache()
-            return cached
-
-        return self.call_in_engine(flush)
+        return self.call_in_engine(self.scheduler.flush_prefix_cache)
 
     def stats(self) -> EngineStats:
         take = partial(

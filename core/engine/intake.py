@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loraserve.errors import QueueFull, TooLarge, UserError
+from loraserve.lora.composition import composed_lora_path
 from loraserve.sched.sampling_params import SamplingParams
 
 PROMPT_CHARS_PER_TOKEN = 32  # default --max-prompt-chars: this many characters per context token
@@ -37,6 +38,7 @@ def split_batch(prompt: Any, sampling_params: Any, adapters: Any, input_ids: Any
         raise UserError("'text' must be a string or a non-empty list of strings")
     n = len(items)
     params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
+    adapters = composed_lora_path(adapters)  # weighted compositions as their spelling
     adapters = adapters if isinstance(adapters, list) else [adapters] * n
     if len(params) != n or len(adapters) != n:
         raise UserError(

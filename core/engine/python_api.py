@@ -63,7 +63,7 @@ async def stream(
     index = {r.request_id: i for i, r in enumerate(requests)}
     for r in requests:
         r.sink = lambda out, r=r: loop.call_soon_threadsafe(queue.put_nowait, (index[r.request_id], out))
-    engine.submit(requests)
+    await _submit_off_loop(engine, requests)
     pending = len(requests)
     try:
         while pending:
@@ -75,3 +75,26 @@ async def stream(
             if not r.finished:
                 r.sink = None  # the consumer is gone: nothing to deliver the abort to
                 engine.abort(r.request_id)
+
+
+async def _submit_off_loop(engine: Engine, requests: list[Request]) -> None:
+    """Submit ``requests``; on a worker thread when one names an adapter that is not loaded, since
+    submitting then resolves and loads it (seconds) and the event loop must keep serving others. A
+    consumer cancelled meanwhile aborts whatever that submit queued, once it returns."""
+    lora = engine.lora
+    if lora is None or all(r.adapter is None or lora.registry.get(r.adapter) is not None for r in requests):
+        engine.submit(requests)
+        return
+    submitted = asyncio.get_running_loop().run_in_executor(None, engine.submit, requests)
+    try:
+        await asyncio.shield(submitted)
+    except asyncio.CancelledError:
+
+        def abort_queued(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                for r in requests:
+                    r.sink = None
+                    engine.abort(r.request_id)
+
+        submitted.add_done_callback(abort_queued)
+        raise

@@ -1,10 +1,11 @@
 """The engine's state and settings as plain data, for ``/metrics`` and ``/get_server_info``.
 
 :func:`take_stats` builds the :class:`EngineStats` snapshot (queue lengths, KV-cache blocks, step
-counts and, with LoRA, slots, the host cache, counters, which memory tier holds each adapter and
-vLLM's ``lora_requests_info``); run it on the engine thread between steps (``Engine.stats`` does),
-so the numbers belong together. Adapter names in it are only names of registered adapters or of
-admitted requests, so metric label values stay bounded. :func:`effective_settings` tells the
+counts and, with LoRA, slots, the host cache, counters, which memory tier holds each adapter, which
+version and weights (identity) each name serves, and vLLM's ``lora_requests_info``); run it on the
+engine thread between steps (``Engine.stats`` does), so the numbers belong together. Adapter names
+in it are only names of registered adapters or of admitted requests, so metric label values stay
+bounded. :func:`effective_settings` tells the
 settings as the built engine runs them.
 """
 
@@ -53,6 +54,10 @@ def take_stats(
             lora_copies_in_flight=lora.copies_in_flight,
             lora_counters=dict(lora.metrics),
             lora_residency=residency(lora),
+            lora_adapter_info=[
+                (ref.name, ref.version, f"blake2b:{ref.identity}")
+                for ref in sorted(lora.registry.refs(), key=lambda r: r.name)
+            ],
             lora_requests_info=lora_requests_info(scheduler, max_loras_per_batch),
         )
     return snap

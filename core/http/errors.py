@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from loraserve import safe_json
 from loraserve.errors import QueueFull, UserError
@@ -263,8 +264,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = f"there is no endpoint {method} {path}; see {_endpoint_list(app)}"
         elif exc.status_code == 405:
-            # Starlette builds Allow from a set: sort it, so the answer is the same in every process
-            allowed = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
+            # Starlette's Allow names the methods of the first route with this path only (a path may
+            # have several, e.g. GET and POST /flush_cache), from a set: list all, sorted
+            methods = {m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()}
+            for route in app.router.routes:
+                if getattr(route, "methods", None) and route.matches(request.scope)[0] is not Match.NONE:
+                    methods |= route.methods
+            allowed = ", ".join(sorted(methods))
             exc.headers = {**(exc.headers or {}), "Allow": allowed}
             message = f"{path} does not accept {method}; use {allowed or 'another method'}"
         else:

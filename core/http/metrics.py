@@ -7,12 +7,14 @@ latency) are recorded by the frontends' request runner when a request finishes o
 away. Engine state (queue length, running requests, KV-cache use, LoRA slots in use, host-cache
 size, loads, evictions, slot hits and misses, engine steps and their time by kind, slot fills, bytes
 and seconds of adapter copies, copies in flight, prefetches, time requests waited for a copy, which
-memory tier holds each loaded adapter, vLLM's ``lora_requests_info``, and the prefix cache's tokens
-looked up and found, evictions and blocks) is read at scrape time
+memory tier holds each loaded adapter, each adapter's version and identity, vLLM's
+``lora_requests_info``, and the prefix cache's tokens looked up and found, evictions and blocks) is
+read at scrape time
 from :meth:`EngineClient.stats() <loraserve.contract.EngineClient.stats>`, a snapshot the
 engine takes between steps. HTTP responses are counted by route and status by
 :class:`HttpMetricsMiddleware`. Adapter label values are only names of adapters the engine
-loaded (requests naming others are refused before they run), so series stay bounded. No
+loaded (requests naming others are refused before they run), and :data:`COMPOSITION_LABEL` for every
+weighted composition, so series stay bounded. No
 ``_created`` series is exposed: routers and dashboards do not use them and they double the output.
 """
 
@@ -25,7 +27,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from loraserve.lora.composition import is_composition
+
 PREFIX = "loraserve"
+#: the adapter label of requests for a weighted composition of adapters
+COMPOSITION_LABEL = "(composition)"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -57,6 +63,9 @@ class _EngineCollector:
         residency = s.get("lora_residency")
         if residency is not None:
             yield _residency(residency)
+        adapter_info = s.get("lora_adapter_info")
+        if adapter_info is not None:
+            yield _adapter_info(adapter_info)
         info = s.get("lora_requests_info")
         if info is not None:
             yield _requests_info(info)
@@ -209,6 +218,20 @@ def _residency(residency) -> GaugeMetricFamily:
     return family
 
 
+def _adapter_info(adapter_info) -> GaugeMetricFamily:
+    # an info gauge, not more labels on lora_adapter_resident: an in-place update changes the
+    # version and identity, and residency dashboards should not see their series end for it
+    family = GaugeMetricFamily(
+        f"{PREFIX}_lora_adapter_info",
+        "1 for each loaded adapter, labelled with the version of its current load and its identity "
+        "(blake2b hash of its weights and scaling: equal weights have equal identities).",
+        labels=["adapter", "version", "identity"],
+    )
+    for adapter, version, identity in adapter_info:
+        family.add_metric([adapter, str(version), identity], 1.0)
+    return family
+
+
 def _requests_info(info: Mapping[str, Any]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         f"{PREFIX}_lora_requests_info",
@@ -285,6 +308,8 @@ class ServerMetrics:
         """Record one request that finished (or whose client went away) at ``now`` (perf_counter)."""
         completion = len(request.output_ids)
         adapter = request.adapter or ""
+        if is_composition(adapter):  # one label for every weighted composition: clients choose the weights
+            adapter = COMPOSITION_LABEL
         self.requests.labels(adapter=adapter, finish_reason=finish_reason).inc()
         self.prompt_tokens.labels(adapter=adapter).inc(len(request.prompt_ids))
         self.generation_tokens.labels(adapter=adapter).inc(completion)

@@ -24,6 +24,7 @@ ERROR_TEXT = {
     403: "The server's settings forbid this; the message names the flag.",
     404: "The adapter, model or endpoint does not exist.",
     405: "The endpoint does not take this method.",
+    409: "The adapter name is taken (load_inplace: true replaces its weights), or no GPU slot can be pinned.",
     413: "The body, prompt or request is larger than a bound the operator set.",
     415: "The body must be sent with Content-Type: application/json.",
     429: "The waiting queue is full; retry after Retry-After seconds.",

@@ -311,8 +311,13 @@ class RemoteEngine(EngineClient):
     def check_adapter_updates(self) -> None:
         self._call("check_adapter_updates")
 
-    def load_adapter(self, adapter: str, source: str, pinned: bool = False) -> None:
-        self._call("load_adapter", adapter, source, pinned, timeout=None)
+    def load_adapter(self, adapter: str, source: str, pinned: bool = False, load_inplace: bool = False) -> None:
+        self._call("load_adapter", adapter, source, pinned, load_inplace, timeout=None)
+
+    def load_adapter_from_tensors(
+        self, adapter: str, config: dict[str, Any], tensors: bytes, pinned: bool = False, load_inplace: bool = False
+    ) -> None:
+        self._call("load_adapter_from_tensors", adapter, config, bytes(tensors), pinned, load_inplace, timeout=None)
 
     def unload_adapter(self, adapter: str, timeout: float | None) -> int:
         return self._call("unload_adapter", adapter, timeout, timeout=None)

@@ -4,7 +4,8 @@ messages of the HTTP server's process (:mod:`~loraserve.ipc.messages`).
 :func:`engine_main` is what the front spawns. It builds the engine without detokenization (the
 front decodes text and checks stop strings), answers :class:`Ready` or :class:`StartFailed`, then
 :class:`EngineServer` receives the front's messages on this process's main thread: submits and aborts
-are handed to the engine thread at once; the other calls (adapter loads, stats: they may block) run on
+are handed to the engine thread at once (a submit naming an adapter that is not loaded first waits on a
+small pool for the resolver plugins to load it); the other calls (adapter loads, stats: they may block) run on
 a small thread pool, so an abort never waits behind a slow load. Outputs and replies leave through
 :class:`Outbox`, one thread that sends whatever has accumulated as one frame (a step's outputs
 travel together). With ``--tp-size > 1`` the engine starts its tensor-parallel workers from here:
@@ -48,6 +49,7 @@ logger = logging.getLogger("loraserve.ipc.engine")
 START_FAILED_EXIT_CODE = 2
 #: threads running the front's blocking calls (adapter loads and unloads, stats, cache flushes)
 CALL_THREADS = 4
+RESOLVE_THREADS = 4  # submits that must first load an adapter a resolver found (see EngineServer.handle)
 POLL_MS = 1000  # how long the receiver waits for a message before it looks at its own state again
 
 
@@ -132,6 +134,11 @@ class EngineServer:
     def __init__(self, engine: Any, inbox: zmq.Socket, outbox: Outbox, codec: Codec):
         self.engine, self.inbox, self.outbox, self.codec = engine, inbox, outbox, codec
         self.calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="loraserve-ipc-call")
+        self.resolutions = ThreadPoolExecutor(RESOLVE_THREADS, thread_name_prefix="loraserve-ipc-resolve")
+        # ids of requests whose submit waits for an adapter resolution, and those aborted meanwhile
+        self._lock = threading.Lock()
+        self._resolving: set[str] = set()
+        self._aborted: set[str] = set()
 
     def serve(self) -> float:
         """Handle messages until the front asks to stop; returns the shutdown timeout it gave."""
@@ -153,15 +160,46 @@ class EngineServer:
 
     def handle(self, message: Any) -> None:
         if isinstance(message, Submit):
-            self.outbox.put(self.submit(message))
+            if self._needs_resolution(message):
+                with self._lock:
+                    self._resolving.update(item.request_id for item in message.requests)
+                self.resolutions.submit(self._submit_resolving, message)
+            else:
+                self.outbox.put(self.submit(message))
         elif isinstance(message, Abort):
             for request_id in message.request_ids:
-                try:
-                    self.engine.abort(request_id)
-                except LoraserveError:  # stopping: everything is aborted anyway
-                    pass
+                with self._lock:
+                    if request_id in self._resolving:  # aborted once its submit returns
+                        self._aborted.add(request_id)
+                        continue
+                self._abort(request_id)
         elif isinstance(message, Call):
             self.calls.submit(self.call, message)
+
+    def _needs_resolution(self, message: Submit) -> bool:
+        """Whether a request names an adapter that is not loaded: submitting it then asks the resolvers
+        and loads what they find (seconds), so it runs on the resolution pool, not on this thread,
+        which must keep taking others' submits and aborts."""
+        lora = getattr(self.engine, "lora", None)
+        return lora is not None and any(
+            item.adapter is not None and lora.registry.get(item.adapter) is None for item in message.requests
+        )
+
+    def _submit_resolving(self, message: Submit) -> None:
+        reply = self.submit(message)
+        ids = {item.request_id for item in message.requests}
+        with self._lock:
+            self._resolving -= ids
+            aborted, self._aborted = self._aborted & ids, self._aborted - ids
+        for request_id in aborted:
+            self._abort(request_id)
+        self.outbox.put(reply)
+
+    def _abort(self, request_id: str) -> None:
+        try:
+            self.engine.abort(request_id)
+        except LoraserveError:  # stopping: everything is aborted anyway
+            pass
 
     def submit(self, message: Submit) -> Reply:
         """Queue the requests (atomically); the reply carries the error that refused them, if one did."""
@@ -197,6 +235,7 @@ class EngineServer:
 
     def close(self) -> None:
         self.calls.shutdown(wait=False, cancel_futures=True)
+        self.resolutions.shutdown(wait=False, cancel_futures=True)
 
 
 def exit_with_parent(poll_s: float = 1.0) -> None:

@@ -46,6 +46,7 @@ RPC_METHODS = frozenset(
         "is_servable",
         "check_adapter_updates",
         "load_adapter",
+        "load_adapter_from_tensors",
         "unload_adapter",
         "flush_cache",
         "stats",

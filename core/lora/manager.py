@@ -12,7 +12,14 @@ requests) on the caller's thread and hand the state change to the engine thread 
 the config, the weights) before it changes any state, and undoes what it did if registering fails,
 so a refused load leaves nothing behind. An unload whose wait for in-flight requests timed out
 leaves the adapter *pending*: the release of its last request frees its memory, on the engine thread.
+An in-place update (``load_inplace``) puts the new version under the name in the same engine-thread
+step and frees the old version as an unload would, at once or after its last running request.
+Adapters pushed as tensors are loaded from private directories (:mod:`~loraserve.lora.tensor_source`).
 """
+
+# size: about 460 lines: this is the one facade the engine, the scheduler and the frontends
+# call for adapters; each part it drives (registry, resolution, admission, pools, hooks, graph buffers,
+# tensor sources) lives in a module of its own.
 
 from __future__ import annotations
 
@@ -27,11 +34,14 @@ from loraserve.contract import LoRABatchInfo
 from loraserve.errors import Conflict, NotFound, UserError
 from loraserve.lora.adapter import BaseModelShape
 from loraserve.lora.admission import SlotAdmission, key_of
+from loraserve.lora.composition import SOURCE_PREFIX, AdapterCompositions, is_composition
 from loraserve.lora.graph_buffers import GraphBatchInfoBuffers
 from loraserve.lora.model_hooks import LoRAModelHooks, make_pool
 from loraserve.lora.policy import AdapterSourcePolicy, check_adapter_name, shown
 from loraserve.lora.pools import BASE_KEY, HostAdapterCache
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
+from loraserve.lora.resolution import SingleFlight, make_resolvers, resolve_and_load
+from loraserve.lora.tensor_source import TensorSources
 from loraserve.staging import HostStaging
 
 logger = logging.getLogger("loraserve.lora")
@@ -40,7 +50,8 @@ logger = logging.getLogger("loraserve.lora")
 class LoRAManager:
     """The adapters of one engine (see the module docstring). ``running``, ``waiting``,
     ``copy_engine`` and ``mirror`` go to its :class:`SlotAdmission` (see there); ``pin_host`` keeps
-    host copies page-locked, in the pool's dtype (with a CUDA copy engine)."""
+    host copies page-locked, in the pool's dtype (with a CUDA copy engine). ``resolutions`` runs one
+    resolution per unknown adapter name at a time (:class:`SingleFlight`)."""
 
     def __init__(
         self,
@@ -68,13 +79,10 @@ class LoRAManager:
         self.shape = BaseModelShape.from_config(model.config)
         self.max_rank, self.target_modules = max_rank, list(target_modules)
         self.loaders = [plugins.loaders.create(r.name) for r in plugins.loaders]
-        # a resolver loads adapters on demand: a runtime update the operator may have switched off
-        self.resolvers = (
-            [plugins.resolvers.create(r.name, settings) for r in plugins.resolvers]
-            if self.policy.runtime_updates
-            else []
-        )
-        self.registry = AdapterRegistry()
+        self.resolvers = make_resolvers(plugins, settings, self.policy)
+        self.registry, self.resolutions = AdapterRegistry(), SingleFlight()
+        #: private directories of the adapters pushed as tensors (load_adapter_from_tensors)
+        self.tensor_sources = TensorSources(self.policy)
         self.host = HostAdapterCache(
             settings.host_cache_capacity, plugins.eviction_policies.create(settings.lora_eviction_policy)
         )
@@ -97,11 +105,28 @@ class LoRAManager:
             prefetch_lookahead=2 * settings.max_loras_per_batch,
         )
         self.loads = 0
+        #: weighted compositions of adapters, each a virtual adapter of its own
+        self.compositions = self._make_compositions(tensor_parallel=mirror is not None)
         #: the hooks on the model's targeted layers and the per-step state they read
         self.hooks = LoRAModelHooks(model, backend, self.pool, max_rank, shrink_in_gemm_modules, self.shape.vocab_size)
         self._graph_buffers: GraphBatchInfoBuffers | None = None
         # page-locked staging of the eager batch infos, one per build a step makes (HostStaging)
         self._staging, self._logits_staging = HostStaging(device), HostStaging(device)
+
+    def _make_compositions(self, tensor_parallel: bool) -> AdapterCompositions:
+        return AdapterCompositions(
+            self.registry,
+            self.max_rank,
+            acquire_component=lambda name: self.registry.acquire(name) or self._resolve(name),
+            release_component=self._release_ref,
+            weights_of=self._component_weights,
+            cache_on_host=lambda key, adapter: self.admission.cache_on_host(key, self._host_form(adapter)),
+            retire=self._free_or_defer,
+            run_in_engine=self.run_in_engine,
+            refuse="weighted composition of adapters is not supported with --tp-size > 1 yet"
+            if tensor_parallel
+            else None,
+        )
 
     # -- loading and unloading (caller thread) ----------------------------------------------------
 
@@ -114,31 +139,77 @@ class LoRAManager:
 
     def read_adapter(self, name: str, source: str):
         """``name``'s adapter read from ``source`` and checked against this manager's limits; changes
-        no state (any thread)."""
+        no state (any thread); a composition's is built again from its components (engine thread)."""
+        if source.startswith(SOURCE_PREFIX):
+            return self._host_form(self.compositions.rebuild(source))
         adapter = self._loader_for(source).load(
             source,
             name=name,
             shape=self.shape,
             max_rank=self.max_rank,
             target_modules=self.target_modules,
-            policy=self.policy,
+            policy=self.tensor_sources.policy if self.tensor_sources.owns(source) else self.policy,
         )
-        if self.pin_host:
-            from loraserve.lora.overlap import pinned_copy
+        return self._host_form(adapter)
 
-            adapter = pinned_copy(adapter, self.dtype)
-        return adapter
+    def _host_form(self, adapter):
+        """``adapter`` as the host cache keeps it: page-locked, in the pool's dtype, with ``pin_host``."""
+        if not self.pin_host:
+            return adapter
+        from loraserve.lora.overlap import pinned_copy
 
-    def load_adapter(self, name: str, source: str, pinned: bool = False, *, runtime: bool = True) -> AdapterRef:
+        return pinned_copy(adapter, self.dtype)
+
+    def load_adapter(
+        self, name: str, source: str, pinned: bool = False, *, runtime: bool = True, load_inplace: bool = False
+    ) -> AdapterRef:
         """Load, validate and register an adapter; it is visible to requests only once complete, and a
         refused load leaves nothing behind. ``runtime``: a load after start-up, which may fetch from
-        the hub only as the policy allows (start-up ``--lora-paths`` pass False)."""
+        the hub only as the policy allows (start-up ``--lora-paths`` pass False). ``load_inplace``:
+        a name already loaded gets the new weights under a new version in one step (requests
+        already running finish on the old version, which is freed after the last of them); without
+        it a loaded name is a Conflict."""
+        self._check_load(name, pinned, load_inplace)
+        self.policy.check_source(source, runtime=runtime)
+        return self._load(name, source, pinned, load_inplace)
+
+    def load_adapter_from_tensors(
+        self, name: str, config: dict, weights: bytes, pinned: bool = False, *, load_inplace: bool = False
+    ) -> AdapterRef:
+        """Load an adapter given as its ``adapter_config.json`` content and the bytes of its
+        ``adapter_model.safetensors``: written to a private directory (:mod:`~loraserve.lora.tensor_source`)
+        and loaded from there with every check of a directory load; otherwise as :meth:`load_adapter`."""
+        self._check_load(name, pinned, load_inplace)
+        source = self.tensor_sources.write(config, weights)
+        try:
+            return self._load(name, source, pinned, load_inplace)
+        except BaseException:
+            self.tensor_sources.remove(source)
+            raise
+
+    def _component_weights(self, ref: AdapterRef):
+        """A composition component's weights (engine thread): the host copy, else read again
+        (not cached: the component may be unloaded by now) and checked against its identity."""
+        adapter = self.host.get(ref.key)
+        if adapter is None:
+            adapter = self.read_adapter(ref.name, ref.source)
+            if ref.identity and adapter.identity() != ref.identity:
+                raise UserError(f"adapter {ref.name!r} changed on disk since it was loaded ({ref.source}); reload it")
+        return adapter
+
+    def _check_load(self, name: str, pinned: Any, load_inplace: Any) -> None:
         check_adapter_name(name)
         if not isinstance(pinned, bool):
             raise UserError(f"pinned must be true or false, got {shown(pinned)}")
-        self.policy.check_source(source, runtime=runtime)
-        if self.registry.get(name) is not None:
-            raise Conflict(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        if not isinstance(load_inplace, bool):
+            raise UserError(f"load_inplace must be true or false, got {shown(load_inplace)}")
+        if not load_inplace and self.registry.get(name) is not None:
+            raise Conflict(
+                f"an adapter named {name!r} is already loaded; unload it first, pick another name, or "
+                "pass load_inplace: true to replace its weights"
+            )
+
+    def _load(self, name: str, source: str, pinned: bool, load_inplace: bool) -> AdapterRef:
         adapter = self.read_adapter(name, source)  # slow, outside the engine thread; raises before any state changes
         ref = AdapterRef(
             name=name,
@@ -148,14 +219,15 @@ class LoRAManager:
             rank=adapter.rank,
             identity=adapter.identity(),
         )
-        self.run_in_engine(lambda: self._commit(ref, adapter))
+        self.run_in_engine(lambda: self._commit(ref, adapter, load_inplace))
         self.plugins.notify(
             "loraserve_adapter_loaded", name=name, version=ref.version, source=source, rank=adapter.rank, pinned=pinned
         )
         return ref
 
-    def _commit(self, ref: AdapterRef, adapter: Any) -> None:
-        if ref.pinned and sum(r.pinned for r in self.registry.refs()) + 1 > self.pool.num_slots - 1:
+    def _commit(self, ref: AdapterRef, adapter: Any, replace: bool = False) -> None:
+        old = self.registry.get(ref.name) if replace else None  # pinned or not, it leaves with this commit
+        if ref.pinned and sum(r.pinned for r in self.registry.refs() if r is not old) + 1 > self.pool.num_slots - 1:
             raise Conflict(
                 f"at most --max-loras-per-batch - 1 = {self.pool.num_slots - 1} adapters may be pinned; "
                 f"unpin or unload one, or raise --max-loras-per-batch"
@@ -170,11 +242,17 @@ class LoRAManager:
                         "by running requests; try again later or unpin an adapter"
                     )
                 self.pool.pinned.add(ref.key)
-            self.registry.add(ref)
+            if replace:
+                old = self.registry.replace(ref)  # None when an unload took the name meanwhile
+            else:
+                self.registry.add(ref)
         except Exception:
+            self.pool.pinned.discard(ref.key)
             self.admission.forget(ref.key)
             raise
         self.loads += 1
+        if old is not None:
+            self._free_or_defer(old)  # running requests keep the old version until they finish
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> int:
         """Remove ``name`` for new requests at once, wait up to ``timeout`` seconds (None: as long as it
@@ -187,6 +265,7 @@ class LoRAManager:
 
     def _free_or_defer(self, ref: AdapterRef) -> int:
         """Free an unloaded adapter now, or leave it pending until its last request (engine thread)."""
+        self.compositions.retire_using(ref)
         held = self.registry.defer_free(ref)
         if held:
             self.pool.pinned.discard(ref.key)  # evictable once idle; a reload may pin the new version
@@ -196,6 +275,10 @@ class LoRAManager:
 
     def _free(self, ref: AdapterRef) -> None:
         self.admission.forget(ref.key)
+        if ref.meta.get("composition"):
+            self.compositions.forget(ref)
+            return
+        self.tensor_sources.remove(ref.source)
         self.plugins.notify("loraserve_adapter_unloaded", name=ref.name, version=ref.version)
 
     def unloading_adapters(self) -> list[dict]:
@@ -231,13 +314,17 @@ class LoRAManager:
     # -- requests -------------------------------------------------------------------------------
 
     def acquire(self, requests: list) -> None:
-        """Attach adapter refs to requests (any thread); unknown names raise UserError."""
+        """Attach adapter refs to requests (any thread); an unknown name is resolved (see
+        :meth:`_resolve`, which blocks for the load), else NotFound."""
         taken = []
         try:
             for r in requests:
                 if r.adapter is None:
                     continue
-                ref = self.registry.acquire(r.adapter)
+                if is_composition(r.adapter):
+                    ref = self.compositions.acquire(r.adapter)
+                else:
+                    ref = self.registry.acquire(r.adapter)
                 if ref is None:
                     ref = self._resolve(r.adapter)
                 r.adapter_ref = ref
@@ -248,6 +335,8 @@ class LoRAManager:
             raise
 
     def _resolve(self, name: str) -> AdapterRef:
+        """Have the resolver plugins find ``name`` and load it; the held ref, else NotFound. Blocks: runs
+        on the submitting thread, never the engine thread (see :mod:`~loraserve.lora.resolution`)."""
         try:
             check_adapter_name(name)
         except UserError:  # no such name can be loaded, so no resolver is asked
@@ -255,16 +344,11 @@ class LoRAManager:
                 f"unknown adapter {shown(name)}; adapter names are 1 to 256 characters from A-Z a-z "
                 "0-9 . _ / @ + -; GET /v1/models lists the loaded ones"
             ) from None
-        for resolver in self.resolvers:
-            source = resolver.resolve(name)
-            if source is not None:
-                try:
-                    self.load_adapter(name, source)
-                except Conflict:
-                    pass  # a concurrent request loaded it first
-                ref = self.registry.acquire(name)
-                if ref is not None:
-                    return ref
+        if self.resolvers:
+            self.resolutions.run(name, lambda: resolve_and_load(name, self.resolvers, self.registry, self.load_adapter))
+            ref = self.registry.acquire(name)
+            if ref is not None:
+                return ref
         known = ", ".join(sorted(self.registry.names())) or "none"
         raise NotFound(
             f"unknown adapter {name!r}; loaded adapters: {known}. Load it first "
@@ -274,7 +358,11 @@ class LoRAManager:
     def release(self, request) -> None:
         """Drop the request's adapter ref (any thread); the last request of a pending unload frees it."""
         ref, request.adapter_ref = request.adapter_ref, None
-        if ref is not None and self.registry.release(ref):
+        if ref is not None:
+            self._release_ref(ref)
+
+    def _release_ref(self, ref: AdapterRef) -> None:
+        if self.registry.release(ref):
             try:
                 self.run_in_engine(lambda: self._free(ref))
             except UserError:  # the engine is stopping: nothing to free any more
@@ -360,6 +448,7 @@ class LoRAManager:
             {r.key for r in self.registry.refs()}
             | {r.key for r in self.registry.pending()}
             | self.admission.batch_keys()
+            | self.compositions.keys()
             | {BASE_KEY}
         )
         for key in [*self.pool.resident(), *self.host.keys()]:
@@ -368,6 +457,13 @@ class LoRAManager:
 
     def loaded_adapters(self) -> list[dict]:
         return [
-            {"name": r.name, "source": r.source, "pinned": r.pinned, "rank": r.rank, "version": r.version}
+            {
+                "name": r.name,
+                "source": r.source,
+                "pinned": r.pinned,
+                "rank": r.rank,
+                "version": r.version,
+                "identity": f"blake2b:{r.identity}",
+            }
             for r in self.registry.refs()
         ]

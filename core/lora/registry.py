@@ -5,7 +5,9 @@ cache and the GPU pool, which key on ``(name, version)``, can never serve the we
 earlier load under a reloaded name. ``in_flight`` counts the requests holding the ref; unloading
 removes the name at once and then waits until that count reaches zero, or, when the wait timed out,
 marks the ref *pending* (:meth:`AdapterRegistry.defer_free`): the release that brings its count to
-zero says so, and whoever made it frees the memory. The registry is the one piece of LoRA state
+zero says so, and whoever made it frees the memory. An in-place update
+(:meth:`AdapterRegistry.replace`) puts a new ref, with a new version, under the name in one step; the
+old ref goes the way of an unloaded one. The registry is the one piece of LoRA state
 that request threads touch, so it has its own lock.
 """
 
@@ -75,6 +77,20 @@ class AdapterRegistry:
                 ref.in_flight += 1
             return ref
 
+    def hold(self, ref: AdapterRef) -> bool:
+        """Raise the in-flight count of a ref held outside the name map (a composition, see
+        :mod:`~loraserve.lora.composition`); False, and no hold, once it is unloaded."""
+        with self._cond:
+            if ref.unloaded:
+                return False
+            ref.in_flight += 1
+            return True
+
+    def mark_unloaded(self, ref: AdapterRef) -> None:
+        """Mark a ref held outside the name map unloaded: no new hold; free it with :meth:`defer_free`."""
+        with self._cond:
+            ref.unloaded = True
+
     def release(self, ref: AdapterRef) -> bool:
         """Drop one request's hold on ``ref``; True when that was the last hold on a pending ref,
         which the caller must then free (it is no longer pending)."""
@@ -84,6 +100,17 @@ class AdapterRegistry:
                 raise RuntimeError(f"adapter {ref.name!r} released more often than acquired")
             self._cond.notify_all()
             return ref.in_flight == 0 and self._pending.pop(ref.key, None) is not None
+
+    def replace(self, ref: AdapterRef) -> AdapterRef | None:
+        """Put ``ref`` under its name in one step (an in-place update); returns the ref it replaced,
+        now marked unloaded (the caller frees it or defers that to its last request), or None when
+        the name was free. Requests holding the old ref keep it; new ones get ``ref``."""
+        with self._cond:
+            old = self._refs.get(ref.name)
+            self._refs[ref.name] = ref
+            if old is not None:
+                old.unloaded = True
+            return old
 
     def remove(self, name: str) -> AdapterRef:
         """Make ``name`` unknown to new requests at once; returns its ref."""

@@ -30,6 +30,7 @@ from loraserve.errors import UserError
 from loraserve.http.errors import APIError, ClientDisconnected, api_error_of, error_body, read_json
 from loraserve.http.openapi import document_models, errors, request_body
 from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of, sse
+from loraserve.lora.composition import composed_lora_path
 from loraserve.plugins.frontend_native.adapters import add_adapter_routes, loaded_adapters
 from loraserve.plugins.frontend_native.schema import GENERATE_OK, GenerateBody, GenerateResult
 from loraserve.safe_json import field_path, json_type
@@ -93,6 +94,7 @@ def parse_generate(body: Any, max_sequences: int) -> tuple[list[Item], bool, boo
     if not isinstance(stream, bool):
         raise UserError(f"stream must be true or false, got {stream!r}")
     params = _per_input(body, "sampling_params", n, lambda v: isinstance(v, dict), "a JSON object")
+    body = {**body, "lora_path": composed_lora_path(body.get("lora_path"))}  # compositions as their spelling
     adapters = _per_input(body, "lora_path", n, lambda v: isinstance(v, str), "an adapter name or null")
     logprob = _per_input(body, "return_logprob", n, lambda v: isinstance(v, bool), "true or false")
     tops = _per_input(
@@ -246,6 +248,7 @@ def _add_info_routes(app: FastAPI, engine: EngineClient, settings: Any) -> None:
             version=__version__,
             frontends=list(app.state.frontends),
             loaded_adapters=loaded_adapters(engine),
+            adapters=engine.loaded_adapters(),
             unloading_adapters=engine.unloading_adapters(),
         )
         return info

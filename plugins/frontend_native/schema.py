@@ -49,6 +49,15 @@ class SamplingParamsBody(BaseModel):
     top_logprobs_num: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
+class Component(BaseModel):
+    """One adapter of a weighted composition (at most 8 distinct names, finite weights)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    weight: float
+
+
 def _exactly_one(*fields: str) -> dict:
     """JSON Schema for "exactly one of ``fields`` is present and not null"."""
     return {"oneOf": [{"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in fields]}
@@ -62,7 +71,11 @@ class GenerateBody(BaseModel):
     text: str | Annotated[list[str], Field(min_length=1)] | None = None
     input_ids: TokenIds | Annotated[list[TokenIds], Field(min_length=1)] | None = None
     sampling_params: SamplingParamsBody | Annotated[list[SamplingParamsBody], Field(min_length=1)] | None = None
-    lora_path: str | list[str | None] | None = Field(None, description="Adapter name per input; null is the base.")
+    lora_path: str | list[Component] | list[str | list[Component] | None] | None = Field(
+        None,
+        description="Adapter per input: a name, a weighted composition (a list of {name, weight}), or null "
+        "(the base); one value for all inputs or a list with one per input.",
+    )
     stream: bool = False
     return_logprob: bool | list[bool] | None = None
     top_logprobs_num: Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] | None = None

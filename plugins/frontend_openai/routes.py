@@ -2,8 +2,10 @@
 
 ``model`` selects the adapter: the served base model name means the base model, an adapter name
 means that adapter, and ``BASE:ADAPTER`` (split at the first colon) names an adapter explicitly;
+``a*0.7+b*-0.3`` (or ``BASE:a*0.7+b*-0.3``) is a weighted composition of adapters (400 when malformed);
 anything else is a 404 ``model_not_found``. ``/v1/models`` lists the base model (``parent`` null,
-``root`` its path) and every loaded adapter (``parent`` the base model, ``root`` its source).
+``root`` its path) and every loaded adapter (``parent`` the base model, ``root`` its source,
+``version`` its load's version and ``identity`` the hash of its weights and scaling).
 ``n > 1`` fans out into ``n`` engine requests (see ``loraserve.http.serving``); choice ``i * n + j`` is
 sample ``j`` of prompt ``i``; prompts x n may be at most ``--max-sequences-per-request`` (413 beyond).
 The chat template and tokenization run in a worker thread. Usage counts each prompt once (its first
@@ -28,6 +30,7 @@ from loraserve.errors import UserError
 from loraserve.http.errors import APIError, ClientDisconnected, parse_body, read_json
 from loraserve.http.openapi import errors, request_body
 from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of
+from loraserve.lora.composition import is_composition, parse_spelling, spelling
 from loraserve.plugins.frontend_openai.protocol import ChatCompletionRequest, CompletionRequest
 from loraserve.plugins.frontend_openai.streams import chat_chunks, completion_chunks, framed
 
@@ -77,6 +80,8 @@ class OpenAIFrontend:
                     "root": a["source"],
                     "parent": m.name,
                     "max_model_len": m.context_len,
+                    "version": a["version"],
+                    "identity": a["identity"],
                 }
             )
         return cards
@@ -94,16 +99,30 @@ class OpenAIFrontend:
                 raise self.not_found(model, names)
         if adapter in names:
             return adapter
+        if is_composition(adapter) and self.model.lora_enabled:
+            return await self.resolve_composition(model, adapter, names)
         if self.model.lora_enabled and await run_in_threadpool(self.engine.is_servable, adapter):
             return adapter  # a resolver knows it: the engine loads it when the request arrives
         raise self.not_found(model, names)
 
-    def not_found(self, model: str, names: list[str]) -> APIError:
+    async def resolve_composition(self, model: str, adapter: str, names: list[str]) -> str:
+        """The canonical spelling of the weighted composition ``adapter`` (``a*0.7+b*0.3``); 400 when
+        it is malformed, 404 model_not_found when it names an adapter that is not servable."""
+        try:
+            components = parse_spelling(adapter)
+        except UserError as exc:
+            raise APIError(400, str(exc), param="model") from None
+        for name, _ in components:
+            if name not in names and not await run_in_threadpool(self.engine.is_servable, name):
+                raise self.not_found(model, names, f" (the composition names {name!r}, which is not loaded)")
+        return spelling(components)
+
+    def not_found(self, model: str, names: list[str], why: str = "") -> APIError:
         base = self.model.name
         adapters = ", ".join(repr(n) for n in sorted(names)) or "none loaded"
         return APIError(
             404,
-            f"the model {model!r} does not exist; use {base!r} for the base model, an adapter name "
+            f"the model {model!r} does not exist{why}; use {base!r} for the base model, an adapter name "
             f"({adapters}) or '{base}:ADAPTER' (GET /v1/models lists them)",
             code="model_not_found",
             param="model",
