@@ -224,6 +224,9 @@ class LoRABackend:
       so the shrink shares the GEMM's read of ``x``): ``[num_tokens, num_slots * num_slices * R]``,
       row stride free, column stride 1, slot ``s``'s columns at ``s * num_slices * R``. The backend
       then only runs the expand, taking each token's own slot's columns.
+    - A backend with ``supports_dora`` lets the engine serve DoRA adapters: the LoRA hooks rescale
+      the rows of DoRA slots in ``base_out`` after :meth:`run_lora` (``loraserve.lora.dora``), so it
+      must add every step's delta in place (no epilogue, no CUDA graphs).
 
     Tensors: ``x`` is ``[num_tokens, in_dim]``; ``A`` is ``[num_slots, num_slices * R, in_dim]``;
     ``B`` is ``[num_slots, out_dim, R]``; ``base_out`` is ``[num_tokens, out_dim]``;
@@ -238,6 +241,10 @@ class LoRABackend:
     #: whether ``prepare`` + ``run_lora`` read only device tensors (and the batch's host integers),
     #: so the engine may capture decode steps in CUDA graphs and replay them with new buffer contents
     graph_capturable = False
+    #: whether the engine may serve DoRA adapters with this backend: the LoRA hooks scale the rows
+    #: of DoRA slots after :meth:`run_lora` added the delta in place (``loraserve.lora.dora``), which
+    #: needs the eager in-place path (no epilogue, no CUDA graphs)
+    supports_dora = False
 
     def __init__(self, device: torch.device | str = "cpu"):
         import torch

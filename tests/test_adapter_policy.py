@@ -154,7 +154,7 @@ def _bad_adapters(root) -> dict[str, tuple[str, int, str]]:
     no_weights = root / "no-weights"
     no_weights.mkdir()
     shutil.copy(os.path.join(gamma, "adapter_config.json"), no_weights)
-    dora = write_adapter_dir(root / "dora", {"target_modules": ["q_proj"], "use_dora": True}, {})
+    dora = write_adapter_dir(root / "dora", {"target_modules": ["q_proj", "lm_head"], "use_dora": True}, {})
     other_base = make_peft_adapter(
         tiny_llama_config(), root / "other-base", r=4, lora_alpha=8, target_modules=["q_proj"], seed=3
     )
@@ -164,7 +164,7 @@ def _bad_adapters(root) -> dict[str, tuple[str, int, str]]:
         "missing": (str(root / "missing"), 404, "no adapter loader can read"),
         "bad-json": (str(bad_json), 400, "is not valid JSON"),
         "no-weights": (str(no_weights), 400, "holds neither"),
-        "dora": (str(dora), 400, "DoRA adapters are not supported"),
+        "dora": (str(dora), 400, "DoRA is served on the layer projections"),
         "other-base": (str(other_base), 400, "does not fit the base model"),
         "slow-regex": (str(slow), 400, "takes more than 1 s to match"),
     }

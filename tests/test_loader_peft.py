@@ -281,7 +281,8 @@ def good(base, tmp_path):
 @pytest.mark.parametrize(
     "changes, words",
     [
-        (dict(use_dora=True), ["use_dora"]),
+        (dict(use_dora=True, target_modules=["q_proj", "lm_head"]), ["use_dora", "lm_head"]),
+        (dict(use_dora=True), ["q_proj", "no lora_magnitude_vector", "use_dora"]),
         (dict(bias="all"), ["bias", "'all'"]),
         (dict(bias="lora_only"), ["bias", "lora_only"]),
         (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
@@ -592,7 +593,7 @@ def test_peek_reads_only_the_config(base, loader, shape, tmp_path):
 
 def test_loader_is_stateless_and_failures_leave_nothing(good, shape, loader):
     before = sorted(os.listdir(good))
-    edit_config(good, use_dora=True)
+    edit_config(good, use_dora=True)  # the weights have no DoRA magnitudes
     with pytest.raises(AdapterError):
         loader.load(str(good), name="x", shape=shape)
     assert vars(loader) == {} and sorted(os.listdir(good)) == before

@@ -146,6 +146,17 @@ class LoRAAdapter:
     lora_alpha: float | None = None
     use_rslora: bool = False
     config: dict[str, Any] = field(default_factory=dict)
+    #: DoRA: float32 ``[out_total]`` magnitude per fused projection, NaN on slices without DoRA
+    #: (see :mod:`loraserve.lora.dora`); empty for a plain LoRA adapter
+    magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: DoRA: float32 ``[out_total]`` per-output-feature scale ``m / ||W + s*B*A||`` per fused projection
+    #: (1 on slices without DoRA), computed against the base weights when the engine loads the adapter
+    dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def is_dora(self) -> bool:
+        """Whether any module of the adapter is a DoRA module (has a magnitude vector)."""
+        return bool(self.magnitudes)
 
     @property
     def rank(self) -> int:
@@ -157,7 +168,8 @@ class LoRAAdapter:
     @property
     def nbytes(self) -> int:
         """Host bytes held by the weights."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        dora = [*self.magnitudes.values(), *self.dora_scales.values()]
+        return sum(t.numel() * t.element_size() for t in [*self.tensors(), *dora])
 
     def tensors(self) -> list[torch.Tensor]:
         out = [t for pair in self.weights.values() for t in pair]
@@ -172,6 +184,7 @@ class LoRAAdapter:
         h.update(repr(float(self.scaling)).encode())
         entries = [(f"{layer}.{fused}", pair) for (layer, fused), pair in sorted(self.weights.items())]
         entries += [(name, pair) for name, pair in (("embed_tokens", self.embed_tokens), ("lm_head", self.lm_head))]
+        entries += [(f"{layer}.{fused}.magnitude", (m,)) for (layer, fused), m in sorted(self.magnitudes.items())]
         for name, pair in entries:
             if pair is None:
                 continue
@@ -203,6 +216,11 @@ class LoRAAdapter:
             r = A.shape[0] // n
             if tuple(B.shape) != (offsets[-1], r):
                 raise ValueError(f"{where}: B has shape {tuple(B.shape)}, expected ({offsets[-1]}, {r})")
+        for key, m in self.magnitudes.items():
+            if key not in self.weights or tuple(m.shape) != (shape.output_offsets(key[1])[-1],):
+                raise ValueError(
+                    f"adapter {self.name!r} {key}: a DoRA magnitude needs LoRA weights and one value per output"
+                )
         feats = shape.module_features()
         for mod in EMBEDDING_MODULES:
             pair = getattr(self, mod)
@@ -227,6 +245,8 @@ class ModuleLoRA:
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
+    #: DoRA's ``lora_magnitude_vector [out]``, None for plain LoRA
+    magnitude: torch.Tensor | None = None
 
 
 def build_adapter(
@@ -286,8 +306,24 @@ def build_adapter(
         weights=weights,
         embed_tokens=embeddings.get("embed_tokens"),
         lm_head=embeddings.get("lm_head"),
+        magnitudes=_magnitudes(modules, shape),
         **summary,
     )
+
+
+def _magnitudes(modules: Mapping[tuple[int | None, str], ModuleLoRA], shape: BaseModelShape) -> dict:
+    """DoRA magnitudes per fused projection, float32 ``[out_total]``, NaN on slices without one."""
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    for (layer, module), m in modules.items():
+        if m.magnitude is None:
+            continue
+        if module in EMBEDDING_MODULES:
+            raise ValueError(f"{module}: DoRA is served on the layer projections only")
+        fused, i = FUSED_SLICE[module]
+        offsets = shape.output_offsets(fused)
+        mag = out.setdefault((layer, fused), torch.full((offsets[-1],), float("nan"), dtype=torch.float32))
+        mag[offsets[i] : offsets[i + 1]] = m.magnitude.to(torch.float32)
+    return dict(sorted(out.items()))
 
 
 def _fold(B: torch.Tensor, ratio: float, dtype: torch.dtype) -> torch.Tensor:

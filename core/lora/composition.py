@@ -251,6 +251,13 @@ class AdapterCompositions:
     def _build(self, text: str, key: tuple, parts: list[tuple[AdapterRef, float]]) -> AdapterRef:
         adapters = self.run_in_engine(lambda: [self.weights_of(ref) for ref, _ in parts])
         weighted = [(a, w) for a, (_, w) in zip(adapters, parts)]
+        dora = [ref.name for a, (ref, _) in zip(adapters, parts) if getattr(a, "is_dora", False)]
+        if dora:
+            raise UserError(
+                f"the composition {text!r} names DoRA adapter(s) {', '.join(map(repr, dora))}: a DoRA "
+                "adapter's output is rescaled per output feature by its own magnitude, so it is not a LoRA "
+                "delta that can be weighted and summed with others; compose plain LoRA adapters only"
+            )
         rank = composed_rank(weighted)
         if rank > self.max_rank:
             ranks = " + ".join(f"{a.name} {a.rank}" for a, _ in weighted)

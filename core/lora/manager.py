@@ -35,6 +35,7 @@ from loraserve.errors import Conflict, NotFound, UserError
 from loraserve.lora.adapter import BaseModelShape
 from loraserve.lora.admission import SlotAdmission, key_of
 from loraserve.lora.composition import SOURCE_PREFIX, AdapterCompositions, is_composition
+from loraserve.lora.dora import DoraScales, dora_rows
 from loraserve.lora.graph_buffers import GraphBatchInfoBuffers
 from loraserve.lora.model_hooks import LoRAModelHooks, make_pool
 from loraserve.lora.policy import AdapterSourcePolicy, check_adapter_name, shown
@@ -109,6 +110,7 @@ class LoRAManager:
         self.compositions = self._make_compositions(tensor_parallel=mirror is not None)
         #: the hooks on the model's targeted layers and the per-step state they read
         self.hooks = LoRAModelHooks(model, backend, self.pool, max_rank, shrink_in_gemm_modules, self.shape.vocab_size)
+        self.dora = DoraScales(model, backend, self.shape, tensor_parallel=mirror is not None)
         self._graph_buffers: GraphBatchInfoBuffers | None = None
         # page-locked staging of the eager batch infos, one per build a step makes (HostStaging)
         self._staging, self._logits_staging = HostStaging(device), HostStaging(device)
@@ -150,7 +152,7 @@ class LoRAManager:
             target_modules=self.target_modules,
             policy=self.tensor_sources.policy if self.tensor_sources.owns(source) else self.policy,
         )
-        return self._host_form(adapter)
+        return self._host_form(self.dora.with_scales(adapter))
 
     def _host_form(self, adapter):
         """``adapter`` as the host cache keeps it: page-locked, in the pool's dtype, with ``pin_host``."""
@@ -385,11 +387,13 @@ class LoRAManager:
         :class:`~loraserve.staging.HostStaging`)."""
         seg_slot = self._step_slots(chunks)
         active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
-        self.hooks.begin_step(active, sum(c.num_tokens for c in chunks))
+        seg_lens = [c.num_tokens for c in chunks]
+        dora = dora_rows(seg_lens, seg_slot, self.pool.dora_host, self.device) if active else None
+        self.hooks.begin_step(active, sum(seg_lens), dora)
         if not active:
             return
         info = LoRABatchInfo.build(
-            [c.num_tokens for c in chunks],
+            seg_lens,
             seg_slot,
             self.pool.ranks_host,
             self.pool.scalings_host,

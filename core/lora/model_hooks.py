@@ -16,6 +16,7 @@ import torch
 from loraserve.contract import LoRABatchInfo
 from loraserve.errors import ConfigError, UserError
 from loraserve.lora.adapter import BaseModelShape
+from loraserve.lora.dora import scale_rows
 from loraserve.lora.pools import GpuAdapterPool
 from loraserve.lora.targets import EMBEDDING_MODULES, FUSED_MODULES
 
@@ -63,6 +64,7 @@ def make_pool(
     a_storage = None
     if getattr(backend, "supports_shrink_in_gemm", False):
         a_storage = lambda layer, name, rows: layers[(layer, name)].append_rows(rows)  # noqa: E731
+    dora = bool(getattr(backend, "supports_dora", False)) and tp_size == 1
     pool = GpuAdapterPool(
         settings.max_loras_per_batch,
         max_rank,
@@ -74,6 +76,7 @@ def make_pool(
         plugins.eviction_policies.create(settings.lora_eviction_policy),
         a_storage=a_storage,
         shard=shard,
+        dora=dora,
     )
     return pool, modules if a_storage is not None else {}
 
@@ -82,7 +85,8 @@ class LoRAModelHooks:
     """The LoRA hooks attached to ``model``'s targeted layers on construction, and the per-step
     state they read (engine thread): ``active`` (some request of the step has a LoRA delta),
     ``shrink_in_gemm_now`` (per fused module, whether its base GEMM does the shrink this step) and
-    ``logits_info`` (the batch info of the sampled rows, for LoRA on lm_head). :meth:`begin_step`
+    ``logits_info`` (the batch info of the sampled rows, for LoRA on lm_head) and ``dora_rows``
+    (the rows of DoRA slots and their slots, see :mod:`~loraserve.lora.dora`). :meth:`begin_step`
     and :meth:`set_logits_info` change that state; nothing else does."""
 
     def __init__(
@@ -99,15 +103,20 @@ class LoRAModelHooks:
         self.shrink_in_gemm_modules = shrink_in_gemm_modules
         self.active = False
         self.logits_info: LoRABatchInfo | None = None
+        self.dora_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.shrink_in_gemm_now: dict[str, bool] = {}
         self._install(model, vocab_size)
 
     # -- per-step state (engine thread) -----------------------------------------------------------
 
-    def begin_step(self, active: bool, num_tokens: int) -> None:
+    def begin_step(
+        self, active: bool, num_tokens: int, dora_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """Set the hooks up for a step of ``num_tokens`` rows: on when ``active``, the shrink-in-GEMM
-        choice made for this step, and no sampled-rows batch info (:meth:`set_logits_info` sets it)."""
+        choice made for this step, the rows of DoRA slots (long ``rows`` and their ``slots``, None when
+        the step has none), and no sampled-rows batch info (:meth:`set_logits_info` sets it)."""
         self.active, self.logits_info, self.shrink_in_gemm_now = active, None, {}
+        self.dora_rows = dora_rows
         if active:
             self.shrink_in_gemm_now = self._shrink_in_gemm_decisions(num_tokens)
 
@@ -136,10 +145,14 @@ class LoRAModelHooks:
                     if name in self.shrink_in_gemm_modules
                     else None
                 )
-                module.attach_lora(
-                    self._linear_hook(pool.A[(layer, name)], pool.B[(layer, name)], pool.offsets[name]),
-                    shrink_in_gemm=in_gemm,
+                hook = self._linear_hook(
+                    pool.A[(layer, name)],
+                    pool.B[(layer, name)],
+                    pool.offsets[name],
+                    pool.dora_scale.get((layer, name)),
+                    module.bias,
                 )
+                module.attach_lora(hook, shrink_in_gemm=in_gemm)
         if (-1, "lm_head") in pool.A:
             A, B, vocab = pool.A[(-1, "lm_head")], pool.B[(-1, "lm_head")], vocab_size
 
@@ -160,18 +173,29 @@ class LoRAModelHooks:
 
             model.model.embed_tokens.attach_lora(embed_hook)
 
-    def _linear_hook(self, A: torch.Tensor, B: torch.Tensor, offsets: tuple[int, ...]):
+    def _linear_hook(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        offsets: tuple[int, ...],
+        dora_scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ):
         def hook(x, out, shrunk=None, defer=False):
             """Add the delta into ``out``; with ``defer`` (the layer's consumer can add it) the
-            backend may instead return a LoRAEpilogue for that consumer, which is returned."""
+            backend may instead return a LoRAEpilogue for that consumer, which is returned. Rows of
+            DoRA slots are then scaled (never deferred: the scale needs the summed output)."""
+            dora = self.dora_rows if dora_scale is not None else None
             if shrunk is not None:  # the base GEMM did the shrink (only on steps where shrink_in_gemm_now says so)
-                if defer:
+                if defer and dora is None:
                     epilogue = self.backend.expand_epilogue(B, offsets, shrunk)
                     if epilogue is not None:
                         return epilogue
                 self.backend.run_lora(x, A, B, out, offsets, shrunk=shrunk)
             elif self.active:
                 self.backend.run_lora(x, A, B, out, offsets)
+            if dora is not None and self.active:
+                scale_rows(out, bias, dora_scale, *dora)
             return None
 
         return hook

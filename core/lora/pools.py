@@ -11,7 +11,10 @@ loading); such a slot is never chosen as an eviction victim. Both pools have a
 ``check_integrity()`` the tests call. Under tensor parallelism each rank's pool is sized by its
 layers' local shapes and :meth:`GpuAdapterPool.write` cuts every full adapter tensor to the rank's
 part, as S-LoRA shards adapters: B by its output rows for column-parallel projections (A whole),
-A by its input columns for row-parallel ones (B whole).
+A by its input columns for row-parallel ones (B whole). Built with ``dora=True``, each layer
+projection also has a float32 ``dora_scale [slots, out]`` buffer: DoRA's per-output-feature scale
+of the adapter in each slot (see :mod:`~loraserve.lora.dora`), read only for slots that
+``dora_host`` marks.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class GpuAdapterPool:
         full adapter tensors and copies the rank's part: ``"column"``, B's rows of the rank's part
         of every output slice (each of q, k and v cut by heads), A whole; ``"row"``, A's columns of
         the rank's input features, B whole. Modules not named are replicated.
+    :param dora: allocate the ``dora_scale`` buffers (only engines that may serve DoRA adapters).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class GpuAdapterPool:
         policy: EvictionPolicy,
         a_storage: Callable[[int, str, int], torch.Tensor] | None = None,
         shard: dict[str, tuple[str, int, int]] | None = None,
+        dora: bool = False,
     ):
         self.num_slots, self.max_rank, self.policy = num_slots, max_rank, policy
         self.offsets = {name: offs for name, (_, offs) in modules.items()}
@@ -126,6 +131,7 @@ class GpuAdapterPool:
         R = max_rank
         self.A: dict[tuple[int, str], torch.Tensor] = {}
         self.B: dict[tuple[int, str], torch.Tensor] = {}
+        self.dora_scale: dict[tuple[int, str], torch.Tensor] = {}
         for layer in range(num_layers):
             for name, (in_dim, offs) in modules.items():
                 a_shape, b_shape = pool_shapes(num_slots, len(offs) - 1, R, in_dim, offs[-1])
@@ -134,6 +140,8 @@ class GpuAdapterPool:
                 else:
                     self.A[(layer, name)] = torch.zeros(a_shape, dtype=dtype, device=device)
                 self.B[(layer, name)] = torch.zeros(b_shape, dtype=dtype, device=device)
+                if dora:
+                    self.dora_scale[(layer, name)] = torch.ones(num_slots, offs[-1], dtype=torch.float32, device=device)
         for name, (in_dim, out_dim) in extra.items():
             a_shape, b_shape = pool_shapes(num_slots, 1, R, in_dim, out_dim)
             self.A[(-1, name)] = torch.zeros(a_shape, dtype=dtype, device=device)
@@ -141,13 +149,16 @@ class GpuAdapterPool:
         self.slot_key: list[Hashable | None] = [None] * num_slots
         self.ranks_host = [0] * num_slots
         self.scalings_host = [0.0] * num_slots
+        #: whether each slot holds a DoRA adapter (its rows are scaled by ``dora_scale``)
+        self.dora_host = [False] * num_slots
         self.pinned: set[Hashable] = set()
         #: slot -> handle of the copy still filling it (overlap loading); see LoRAManager
         self.loading: dict[int, Any] = {}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.A.values(), *self.B.values()))
+        tensors = (*self.A.values(), *self.B.values(), *self.dora_scale.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def slot_of(self, key: Hashable) -> int | None:
         try:
@@ -184,6 +195,7 @@ class GpuAdapterPool:
         self.loading.pop(slot, None)  # a later copy into this slot is ordered after it on the same stream
         self.slot_key[slot] = None
         self.ranks_host[slot], self.scalings_host[slot] = 0, 0.0
+        self.dora_host[slot] = False
         return key
 
     def load(self, slot: int, key: Hashable, adapter: Any | None) -> None:
@@ -203,6 +215,7 @@ class GpuAdapterPool:
         self.slot_key[slot] = key
         self.ranks_host[slot] = adapter.rank if adapter is not None else 0
         self.scalings_host[slot] = float(adapter.scaling) if adapter is not None else 0.0
+        self.dora_host[slot] = adapter is not None and bool(getattr(adapter, "dora_scales", None))
         self.policy.insert(key)
 
     def write(self, slot: int, adapter: Any, non_blocking: bool = False) -> int:
@@ -216,6 +229,16 @@ class GpuAdapterPool:
         are a strided view of the host tensor, which torch stages through a contiguous
         (pageable) copy, so that copy is not asynchronous."""
         R, copied = self.max_rank, 0
+        dora_scales = getattr(adapter, "dora_scales", None) or {}
+        if dora_scales and (self.shard or not self.dora_scale):
+            raise UserError("this GPU pool has no DoRA scale buffers (DoRA needs --lora-backend torch and --tp-size 1)")
+        for key, buf in self.dora_scale.items():
+            scale = dora_scales.get(key)
+            if scale is None:
+                buf[slot].fill_(1.0)
+            else:
+                buf[slot].copy_(scale, non_blocking=non_blocking)
+                copied += scale.numel() * scale.element_size()
         for (layer, name), A_buf in self.A.items():
             B_buf = self.B[(layer, name)]
             w = self._weights_for(adapter, layer, name)
@@ -279,5 +302,7 @@ class GpuAdapterPool:
         for slot, key in enumerate(self.slot_key):
             if key is None and self.ranks_host[slot] != 0:
                 raise RuntimeError(f"empty slot {slot} has rank {self.ranks_host[slot]}")
+            if key is None and self.dora_host[slot]:
+                raise RuntimeError(f"empty slot {slot} is marked DoRA")
             if self.ranks_host[slot] > self.max_rank:
                 raise RuntimeError(f"slot {slot} rank {self.ranks_host[slot]} above max {self.max_rank}")

@@ -17,6 +17,7 @@ from loraserve.contract import LoRABackend, LoRABatchInfo
 class TorchLoRABackend(LoRABackend):
     name = "torch"
     supports_embedding = True
+    supports_dora = True
 
     def prepare(self, batch: LoRABatchInfo) -> None:
         super().prepare(batch)

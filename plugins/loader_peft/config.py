@@ -41,7 +41,6 @@ _OTHER_LAYER_MODULES = ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layerno
 _OTHER_MODEL_MODULES = ("model", "model.layers", "model.norm", "model.rotary_emb")
 # Config fields whose non-default value changes the computation in a way loraserve does not serve.
 _REFUSED: dict[str, str] = {
-    "use_dora": "DoRA adapters are not supported; merge the adapter or retrain with use_dora=false",
     "lora_bias": "LoRA bias terms are not supported; retrain with lora_bias=false",
     "modules_to_save": "fully trained copies of modules are not supported; retrain without modules_to_save",
     "trainable_token_indices": "trained token embeddings are not supported; retrain without trainable_token_indices",
@@ -101,6 +100,8 @@ class PeftLoraConfig:
     layers_pattern: tuple[str, ...] | None
     fan_in_fan_out: bool
     raw: dict[str, Any]
+    #: DoRA (``use_dora``): every targeted module also has a ``lora_magnitude_vector``
+    use_dora: bool
     #: the time this config's regexes may still spend matching module names
     budget: PatternBudget = dataclass_field(compare=False, repr=False)
 
@@ -136,6 +137,7 @@ class PeftLoraConfig:
             layers_pattern=pattern,
             fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
             raw=data,
+            use_dora=bool(data.get("use_dora", False)),
             budget=PatternBudget(path),
         )
 

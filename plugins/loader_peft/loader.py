@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 _LORA_KEY = re.compile(r"(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
 _EMBEDDING_KEY = re.compile(r"(?P<module>.+?)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?")
+_MAGNITUDE_KEY = re.compile(
+    r"(?P<module>.+?)\.(?P<kind>lora_magnitude_vector)(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?"
+)
 _BASE_LAYER_KEY = re.compile(r"(?P<module>.+)\.base_layer\.weight")
 _LAYER_PATH = re.compile(r"(?:.*\.)?layers\.(?P<idx>\d+)\.(?P<sub>self_attn|mlp)\.(?P<leaf>\w+)")
 # Peek without a base model: layer indices in configs never exceed this.
@@ -90,6 +93,7 @@ class PeftAdapterLoader(AdapterLoader):
         config = PeftLoraConfig.read(directory)
         check_vocabulary(directory, shape.vocab_size)
         targeted = config.targeted_modules(shape.num_layers)
+        _check_dora_targets(config, targeted)
         check_target_modules(source, {module for _, module in targeted.values()}, target_modules)
         check_max_rank(source, {k: config.module_rank(k) for k in targeted}, max_rank)
 
@@ -119,7 +123,8 @@ class PeftAdapterLoader(AdapterLoader):
             (a_key, A), (b_key, B) = pair[A_name], pair[B_name]
             _check_shape(weights_path, a_key, A, (rank, in_f), 0, where, module, shape)
             _check_shape(weights_path, b_key, B, (out_f, rank), 1, where, module, shape)
-            modules[(layer, module)] = ModuleLoRA(A=A, B=B, scaling=config.module_scaling(key))
+            magnitude = _magnitude(weights_path, key, pair, config.use_dora, out_f)
+            modules[(layer, module)] = ModuleLoRA(A=A, B=B, scaling=config.module_scaling(key), magnitude=magnitude)
 
         return build_adapter(
             name=name,
@@ -164,7 +169,12 @@ def _group_tensors(
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     adapter_names: dict[str, str] = {}  # keys without an adapter name are PEFT's "default"
     for key, tensor in tensors.items():
-        m = _LORA_KEY.fullmatch(key) or _EMBEDDING_KEY.fullmatch(key)
+        m = _LORA_KEY.fullmatch(key) or _EMBEDDING_KEY.fullmatch(key) or _MAGNITUDE_KEY.fullmatch(key)
+        if m is not None and m["kind"] == "lora_magnitude_vector" and not config.use_dora:
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} is a DoRA magnitude but {config.path} does not set "
+                "use_dora; the config and the weights disagree, re-save the adapter"
+            )
         if m is None:
             base = _BASE_LAYER_KEY.fullmatch(key)
             module = _canonical(base["module"], canon) if base else None
@@ -268,6 +278,37 @@ def _check_shape(
         raise AdapterError(f"{path}: tensor {key!r} has shape {actual}, expected {expected}: {why}")
     if not bool(torch.isfinite(tensor).all()):
         raise AdapterError(f"{path}: tensor {key!r} holds NaN or infinite values; the adapter is corrupt")
+
+
+def _check_dora_targets(config: PeftLoraConfig, targeted: dict[str, tuple[int | None, str]]) -> None:
+    on_embeddings = sorted({module for _, module in targeted.values() if module in EMBEDDING_MODULES})
+    if config.use_dora and on_embeddings:
+        raise AdapterError(
+            f"{config.path}: use_dora with target module(s) {', '.join(on_embeddings)}: DoRA is served on the "
+            "layer projections (q/k/v/o/gate/up/down_proj) only; retrain without DoRA on those modules"
+        )
+
+
+def _magnitude(
+    path: Path, module: str, pair: dict[str, tuple[str, torch.Tensor]], use_dora: bool, out_f: int
+) -> torch.Tensor | None:
+    """A DoRA module's ``lora_magnitude_vector [out]`` (checked), None without ``use_dora``."""
+    if not use_dora:
+        return None
+    if "lora_magnitude_vector" not in pair:
+        raise AdapterError(
+            f"{path}: target module {module} has no lora_magnitude_vector tensor although {CONFIG_NAME} sets "
+            "use_dora; the weights file does not match the config, re-save the adapter"
+        )
+    key, m = pair["lora_magnitude_vector"]
+    if not m.is_floating_point() or tuple(m.shape) != (out_f,):
+        raise AdapterError(
+            f"{path}: tensor {key!r} has shape {tuple(m.shape)} and dtype {m.dtype}, expected a floating-point "
+            f"({out_f},) DoRA magnitude (one value per output feature of {module})"
+        )
+    if not bool(torch.isfinite(m).all()):
+        raise AdapterError(f"{path}: tensor {key!r} holds NaN or infinite values; the adapter is corrupt")
+    return m
 
 
 def _check_base_copy(path: Path, key: str, tensor: torch.Tensor, module: str, shape: BaseModelShape) -> None:
