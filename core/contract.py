@@ -224,9 +224,11 @@ class LoRABackend:
       so the shrink shares the GEMM's read of ``x``): ``[num_tokens, num_slots * num_slices * R]``,
       row stride free, column stride 1, slot ``s``'s columns at ``s * num_slices * R``. The backend
       then only runs the expand, taking each token's own slot's columns.
-    - A backend with ``supports_dora`` lets the engine serve DoRA adapters: the LoRA hooks rescale
-      the rows of DoRA slots in ``base_out`` after :meth:`run_lora` (``loraserve.lora.dora``), so it
-      must add every step's delta in place (no epilogue, no CUDA graphs).
+    - A backend with ``supports_dora`` lets the engine serve DoRA adapters: on steps with rows of
+      DoRA slots (and in every captured decode step with ``--enable-dora-cuda-graph``) the LoRA hooks
+      do not take :meth:`expand_epilogue`; they call :meth:`apply_dora` on ``base_out`` right after
+      :meth:`run_lora` added the delta in place (``loraserve.lora.dora``). The default
+      :meth:`apply_dora` is plain torch and graph-capturable; a backend may override it with a kernel.
 
     Tensors: ``x`` is ``[num_tokens, in_dim]``; ``A`` is ``[num_slots, num_slices * R, in_dim]``;
     ``B`` is ``[num_slots, out_dim, R]``; ``base_out`` is ``[num_tokens, out_dim]``;
@@ -241,10 +243,9 @@ class LoRABackend:
     #: whether ``prepare`` + ``run_lora`` read only device tensors (and the batch's host integers),
     #: so the engine may capture decode steps in CUDA graphs and replay them with new buffer contents
     graph_capturable = False
-    #: whether the engine may serve DoRA adapters with this backend: the LoRA hooks scale the rows
-    #: of DoRA slots after :meth:`run_lora` added the delta in place (``loraserve.lora.dora``), which
-    #: needs the eager in-place path (no epilogue, no CUDA graphs)
-    supports_dora = False
+    #: whether the engine may serve DoRA adapters with this backend: :meth:`apply_dora` scales the
+    #: rows of DoRA slots after :meth:`run_lora` added the delta in place (``loraserve.lora.dora``)
+    supports_dora = True
 
     def __init__(self, device: torch.device | str = "cpu"):
         import torch
@@ -308,6 +309,28 @@ class LoRABackend:
         default) to have ``run_lora`` add the delta in place as usual. Decide from host integers only
         (a decode step may be captured in a CUDA graph)."""
         return None
+
+    def apply_dora(
+        self, base_out: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor, flags: torch.Tensor
+    ) -> None:
+        """Scale the rows of DoRA slots of ``base_out`` in place, after :meth:`run_lora` added the delta.
+
+        A row whose slot ``s = token_slot[row]`` has ``flags[s] != 0`` becomes
+        ``out + (scales[s] - 1) * (out - bias)`` (computed in float32); every other row stays
+        bit-identical. ``scales`` is float32 ``[num_slots, out_dim]``, ``flags`` int32 ``[num_slots]``,
+        ``bias`` the projection's ``[out_dim]`` bias or None. Reads only device tensors (capturable)."""
+        import torch
+
+        batch = self.batch
+        if batch is None:
+            raise RuntimeError("prepare() must be called before apply_dora()")
+        slot = batch.token_slot[: base_out.shape[0]].long()
+        on = flags.index_select(0, slot).bool().unsqueeze(1)
+        # the null slot of graph padding rows (index num_slots) has no scales: its flag is 0
+        g = torch.where(on, scales.index_select(0, slot.clamp(max=scales.shape[0] - 1)), 1.0)
+        out32 = base_out.float()
+        plain = out32 if bias is None else out32 - bias.float()
+        base_out.copy_(torch.where(on, out32 + (g - 1) * plain, out32).to(base_out.dtype))
 
     def run_lora_embedding(
         self, input_ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor

@@ -177,6 +177,15 @@ class Settings(BaseSettings):
         ),
     )
     disable_cuda_graph: bool = Field(False, **_opt("Do not capture decode steps in CUDA graphs.", "scheduling"))
+    enable_dora_cuda_graph: bool = Field(
+        False,
+        **_opt(
+            "Capture DoRA's per-output-feature scaling in the decode CUDA graphs, so decode steps with DoRA "
+            "adapters replay graphs (default: such steps run eagerly, and steps without DoRA keep the fused "
+            "LoRA epilogues; with this flag every captured step pays one scaling kernel per LoRA projection).",
+            "lora",
+        ),
+    )
     disable_overlap_schedule: bool = Field(
         False,
         **_opt(

@@ -1,7 +1,9 @@
 """DoRA adapters against PEFT (the oracle): greedy tokens and log-probabilities of DoRA adapters of
 two ranks and target sets (fused qkv / gate_up slices, o_proj, down_proj) equal PEFT's in one batch
-with a plain LoRA adapter and base rows, on Llama and on Qwen2 (biased qkv); and the refusals
-(other backends, tensor parallelism, compositions, DoRA on lm_head, magnitudes without use_dora)."""
+with a plain LoRA adapter and base rows, on Llama and on Qwen2 (biased qkv), on the torch backend and
+on the Triton backends (interpreter on CPU) eagerly and through emulated CUDA graphs; the Triton
+scaling kernel against the torch reference; and the refusals (backends without DoRA, tensor
+parallelism, compositions, DoRA on lm_head, magnitudes without use_dora)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import pytest
 import torch
 from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model, write_adapter_dir
 from peft import PeftModel
+from test_kernels import DEVICE, DTYPES, TOL, emulate_decode_graphs, make_backend
 from test_multi_lora import GREEDY, NEW, assert_matches_peft, engine_with
 
 from loraserve import hookimpl
-from loraserve.contract import AdapterError
+from loraserve.contract import AdapterError, LoRABatchInfo
 from loraserve.engine.engine import Engine, default_plugins
 from loraserve.errors import UserError
 from loraserve.lora.adapter import BaseModelShape
@@ -47,29 +50,29 @@ def _case(base_model, root):
     return str(root / "base"), paths, peft.eval()
 
 
-def peft_rows(peft, batch: list[list[int]], adapters: list[str | None]) -> tuple[list, list]:
+def peft_rows(peft, batch: list[list[int]], adapters: list[str | None], new: int = NEW) -> tuple[list, list]:
     """PEFT's greedy outputs row by row, one adapter at a time (PEFT refuses mixed batches with DoRA)."""
     tokens, logprobs = [None] * len(batch), [None] * len(batch)
     for name in dict.fromkeys(adapters):
         rows = [i for i, a in enumerate(adapters) if a == name]
         if name is None:
             with peft.disable_adapter():
-                t, lp = _generate(peft, [batch[i] for i in rows])
+                t, lp = _generate(peft, [batch[i] for i in rows], new)
         else:
             peft.set_adapter(name)
-            t, lp = _generate(peft, [batch[i] for i in rows])
+            t, lp = _generate(peft, [batch[i] for i in rows], new)
         for j, i in enumerate(rows):
             tokens[i], logprobs[i] = t[j], lp[j]
     return tokens, logprobs
 
 
-def _generate(peft, batch: list[list[int]]) -> tuple[list, list]:
+def _generate(peft, batch: list[list[int]], new: int) -> tuple[list, list]:
     """PEFT's greedy generate with its active adapter (equal-length prompts: no padding)."""
     ids = torch.tensor(batch)
     out = peft.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        max_new_tokens=NEW,
+        max_new_tokens=new,
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
@@ -97,11 +100,11 @@ def llama_engine(llama):
     engine.shutdown()
 
 
-def _check_mixed_batch(engine, peft, vocab: int, label: str) -> None:
+def _check_mixed_batch(engine, peft, vocab: int, label: str, new: int = NEW) -> None:
     gen = torch.Generator().manual_seed(5)
     batch = torch.randint(0, vocab, (len(ROWS), 5), generator=gen).tolist()
-    expected, expected_lp = peft_rows(peft, batch, ROWS)
-    results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ROWS)
+    expected, expected_lp = peft_rows(peft, batch, ROWS, new)
+    results = engine.generate(input_ids=batch, sampling_params={**GREEDY, "max_new_tokens": new}, lora_path=ROWS)
     assert_matches_peft(results, expected, expected_lp, ROWS, label)
     assert len({tuple(r["output_ids"]) for r in results[:4]}) == 4  # the adapters really differ
 
@@ -165,7 +168,7 @@ def test_backends_without_dora_and_tensor_parallelism_refuse_it(llama):
     plugins.register(_NoDoraPlugin(), name="nodora")
     engine = Engine(settings, plugins)
     try:
-        with pytest.raises(UserError, match=r"'dora_attn' is a DoRA adapter: .*need --lora-backend torch for now"):
+        with pytest.raises(UserError, match=r"'dora_attn' is a DoRA adapter: .*'nodora' does not support DoRA"):
             engine.load_adapter("dora_attn", paths["dora_attn"])
         engine.load_adapter("plain", paths["plain"])  # plain LoRA is served as before
         assert [a["name"] for a in engine.lora.loaded_adapters()] == ["plain"]
@@ -200,3 +203,90 @@ def test_loader_refusals(tmp_path):
     missing = write_adapter_dir(tmp_path / "missing", {**cfg, "use_dora": True}, tensors)
     with pytest.raises(AdapterError, match="no lora_magnitude_vector tensor"):
         loader.load(str(missing), name="m", shape=shape)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["triton", "csgmv"])
+def test_scaling_kernel_matches_the_torch_reference(name, dtype, bias):
+    """Rows of DoRA slots scaled as the torch reference does; rows of plain, base and null slots
+    (graph padding, slot ``num_slots``) bit-identical; out dims that do not fill a block."""
+    gen = torch.Generator().manual_seed(7)
+    num_slots, out_dim = 4, 1500  # 1500: one full block of 1024 columns and a partial one
+    seg_lens, seg_slot = [2, 3, 1, 2, 1], [1, 0, 3, 2, num_slots]  # slot 1 and 3 DoRA; 0 base; 2 plain; null
+    info = LoRABatchInfo.build(seg_lens, seg_slot, [0, 2, 3, 4, 0], [1.0] * 5, 4, device=DEVICE)
+    flags = torch.tensor([0, 1, 0, 1, 0], dtype=torch.int32, device=DEVICE)
+    scales = (torch.rand(num_slots, out_dim, generator=gen) * 2).to(DEVICE)
+    out = torch.randn(sum(seg_lens), out_dim, generator=gen).to(DEVICE, dtype)
+    b = torch.randn(out_dim, generator=gen).to(DEVICE, dtype) if bias else None
+    ref, got = out.clone(), out.clone()
+    reference = TorchLoRABackend(DEVICE)
+    reference.prepare(info)
+    reference.apply_dora(ref, b, scales, flags)
+    backend = make_backend(name)
+    backend.prepare(info)
+    backend.apply_dora(got, b, scales, flags)
+    dora_rows = [0, 1, 5]  # slot 1: rows 0-1; slot 3: row 5
+    others = [r for r in range(out.shape[0]) if r not in dora_rows]
+    assert torch.equal(got[others], out[others]) and torch.equal(ref[others], out[others])
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    # the reference is the formula: out + (g - 1) * (out - bias), in float32
+    slot_of = [1, 1, 3]
+    plain = out[dora_rows].float() - (b.float() if bias else 0)
+    formula = out[dora_rows].float() + (scales[slot_of] - 1) * plain
+    torch.testing.assert_close(ref[dora_rows].float(), formula, **TOL[dtype])
+    assert (ref[dora_rows].float() - out[dora_rows].float()).abs().max() > 0.1  # the scale did something
+
+
+@pytest.mark.parametrize(
+    "backend,graphs",
+    [("csgmv", "dora-in-graphs"), ("triton", "eager-dora-steps")],
+)
+def test_dora_on_the_triton_backends_matches_peft(llama, backend, graphs):
+    """DoRA, LoRA and base rows in one batch on csgmv / triton (interpreter on CPU), decode steps
+    through emulated CUDA graphs: with --enable-dora-cuda-graph every decode step replays a graph
+    that scales DoRA rows; without it, steps with DoRA rows run eagerly and the rest replay."""
+    base, paths, peft = llama
+    engine = engine_with(
+        base,
+        paths,
+        lora_backend=backend,
+        attention_backend="triton",
+        enable_dora_cuda_graph=graphs == "dora-in-graphs",
+    )
+    try:
+        replay = emulate_decode_graphs(engine, max_bs=8)
+        assert engine.lora.dora_in_graphs == (graphs == "dora-in-graphs")
+        new = 6  # the interpreter is slow: fewer tokens than the torch-backend tests
+        _check_mixed_batch(engine, peft, 256, f"{backend} {graphs}", new)
+        if graphs == "dora-in-graphs":
+            assert replay.replays == new - 1  # every decode step replayed, DoRA rows included
+        else:
+            assert replay.replays == 0  # each decode step has DoRA rows: eager
+            engine.generate(
+                input_ids=[[1, 2, 3]], sampling_params={**GREEDY, "max_new_tokens": new}, lora_path=["plain"]
+            )
+            assert replay.replays == new - 1  # a step without DoRA rows replays
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flag", [True, False], ids=["dora-in-graphs", "eager-dora-steps"])
+@pytest.mark.parametrize("backend", ["csgmv", "triton"])
+def test_dora_with_cuda_graphs_matches_peft_on_the_gpu(llama, backend, flag):
+    """float32 on a GPU with real CUDA graphs: DoRA, LoRA and base rows equal PEFT's; with the flag
+    every decode step replays a graph, without it steps with DoRA rows run eagerly."""
+    base, paths, peft = llama
+    engine = engine_with(base, paths, device="cuda", lora_backend=backend, enable_dora_cuda_graph=flag)
+    try:
+        graphs = engine.runner.graphs
+        assert graphs is not None and graphs.graphs
+        before = graphs.replays
+        _check_mixed_batch(engine, peft, 256, f"{backend} cuda graphs {flag}")
+        assert (graphs.replays - before == NEW - 1) if flag else graphs.replays == before
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()

@@ -516,6 +516,37 @@ def test_prepare_and_run_lora_are_cuda_graph_capturable(name):
         assert rel < 1e-2
 
 
+def emulate_decode_graphs(engine, max_bs: int):
+    """Install on ``engine`` what CUDA graphs do, on CPU: each padded batch size's computation is set
+    up once (as a capture: hooks and static batch-info buffers as captured) and every replay reruns
+    it over the refilled static buffers. Returns the DecodeGraphs (``replays`` counts the replays)."""
+    from loraserve.runner.cuda_graph import DecodeGraphs
+
+    runner, lora = engine.runner, engine.lora
+    lora.init_graph_buffers(max_bs)
+    graphs = DecodeGraphs(engine.model, runner.attention, lora, engine.device, max_bs=max_bs)
+
+    hooks = lora.hooks
+
+    class Replay:  # what a captured graph does: the same computation over the static buffers
+        def __init__(self, b, info):
+            self.b, self.info = b, info
+            self.captured = (hooks.active, hooks.dora, dict(hooks.shrink_in_gemm_now))
+
+        def replay(self):
+            hooks.active, hooks.dora, hooks.shrink_in_gemm_now = self.captured  # the hooks' state, as captured
+            graphs.logits[self.b].copy_(graphs._forward(self.b, self.info))
+
+    with torch.inference_mode():
+        for b in graphs.sizes:
+            runner.attention.begin_graph_step([], b)
+            info = lora.begin_graph_capture(b)
+            graphs.logits[b] = graphs._forward(b, info)
+            graphs.graphs[b] = Replay(b, info)
+    runner.graphs = graphs
+    return graphs
+
+
 def test_decode_graph_buffers_replay_the_captured_computation_on_cpu(tiny_adapters):
     """The static-buffer path of CUDA graphs, emulated on CPU (interpreter): each padded batch size's
     computation is set up once, as for a capture, and every later decode step only refills the
@@ -523,7 +554,6 @@ def test_decode_graph_buffers_replay_the_captured_computation_on_cpu(tiny_adapte
     it, as a replay does. Padding rows and the null LoRA slot must leave the real rows' greedy tokens
     and log-probabilities equal to eager decoding."""
     from loraserve.engine.engine import Engine
-    from loraserve.runner.cuda_graph import DecodeGraphs
     from loraserve.settings import make_settings
 
     base, paths = tiny_adapters
@@ -546,24 +576,7 @@ def test_decode_graph_buffers_replay_the_captured_computation_on_cpu(tiny_adapte
         )
         try:
             if emulate:
-                runner, lora = engine.runner, engine.lora
-                lora.init_graph_buffers(4)
-                graphs = DecodeGraphs(engine.model, runner.attention, lora, engine.device, max_bs=4)
-
-                class Replay:  # what a captured graph does: the same computation over the static buffers
-                    def __init__(self, b, info):
-                        self.b, self.info = b, info
-
-                    def replay(self):
-                        graphs.logits[self.b].copy_(graphs._forward(self.b, self.info))
-
-                with torch.inference_mode():
-                    for b in graphs.sizes:
-                        runner.attention.begin_graph_step([], b)
-                        info = lora.begin_graph_capture(b)
-                        graphs.logits[b] = graphs._forward(b, info)
-                        graphs.graphs[b] = Replay(b, info)
-                runner.graphs = graphs
+                graphs = emulate_decode_graphs(engine, max_bs=4)
             results[emulate] = engine.generate(input_ids=prompts, sampling_params=params, lora_path=adapters)
             if emulate:
                 assert graphs.replays == params["max_new_tokens"] - 1  # every decode step, none of the prefill

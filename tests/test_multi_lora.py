@@ -91,7 +91,8 @@ def prompts(n: int, length: int = 6, seed: int = 3) -> list[list[int]]:
 
 def engine_with(base: str, paths: dict, **kwargs) -> Engine:
     lora_paths = [f"{name}={path}" for name, path in paths.items()]
-    return Engine(make_settings(model_path=base, device="cpu", max_total_tokens=1024, lora_paths=lora_paths, **kwargs))
+    options = {"device": "cpu", "max_total_tokens": 1024, **kwargs}
+    return Engine(make_settings(model_path=base, lora_paths=lora_paths, **options))
 
 
 def assert_matches_peft(results: list, expected: list, expected_lp: list, adapters: list, label: str = "") -> None:

@@ -7,9 +7,13 @@ norm taken over the input dimension of each output row and treated as a constant
 bias is outside the scaled part. ``g`` depends only on the weights, so :func:`with_scales` computes it
 once per fused projection when the engine loads the adapter (in float32; slices of a fused
 projection without DoRA get 1). At serving time the backend adds the delta into ``out`` as for any
-LoRA; then :func:`scale_rows` rewrites the rows of DoRA slots as
+LoRA; then ``backend.apply_dora`` (a torch default in :class:`~loraserve.contract.LoRABackend`, one
+Triton kernel in the Triton backends) rewrites the rows of DoRA slots as
 ``out + (g - 1) * (out - bias)``, which equals PEFT's output since ``out - bias`` is
-``x @ W^T + delta``. Rows of other slots are never written.
+``x @ W^T + delta``. Rows of other slots are never written. Eager steps run that pass only when
+they have DoRA rows; captured decode steps run it with ``--enable-dora-cuda-graph`` (otherwise a
+decode step with DoRA rows runs eagerly). The scales live in the pool's ``dora_scale`` buffers and
+the per-slot ``dora_flags`` (:class:`~loraserve.lora.pools.GpuAdapterPool`).
 """
 
 from __future__ import annotations
@@ -52,44 +56,14 @@ def with_scales(
     return dataclasses.replace(adapter, dora_scales=scales)
 
 
-def scale_rows(
-    out: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor, rows: torch.Tensor, row_slots: torch.Tensor
-) -> None:
-    """Apply DoRA's scale to ``out``'s ``rows`` in place, after the delta was added.
-
-    :param scales: float32 ``[num_slots, out_dim]`` (the pool's buffer of the projection).
-    :param rows: long ``[n]``, the rows of DoRA slots; ``row_slots`` their slots.
-    """
-    g = scales.index_select(0, row_slots)
-    picked = out.index_select(0, rows).float()
-    plain = picked if bias is None else picked - bias.float()
-    out.index_copy_(0, rows, (picked + (g - 1) * plain).to(out.dtype))
-
-
-def dora_rows(
-    seg_lens: list[int], seg_slot: list[int], dora_host: list[bool], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The step's rows of DoRA slots and their slots (long tensors on ``device``), or None when it has none."""
-    rows: list[int] = []
-    slots: list[int] = []
-    start = 0
-    for n, slot in zip(seg_lens, seg_slot):
-        if dora_host[slot]:
-            rows.extend(range(start, start + n))
-            slots.extend([slot] * n)
-        start += n
-    if not rows:
-        return None
-    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(slots, dtype=torch.long, device=device)
-
-
 def dora_refusal(backend: Any, tensor_parallel: bool) -> str | None:
     """Why this engine cannot serve DoRA adapters, or None."""
     if tensor_parallel:
         return "DoRA adapters are not supported with --tp-size > 1 yet; serve it with --tp-size 1"
-    if not getattr(backend, "supports_dora", False) or getattr(backend, "graph_capturable", False):
-        # the rows are rescaled after run_lora, eagerly: a captured step would replay without it
-        return f"DoRA adapters need --lora-backend torch for now (this server runs {backend.name!r})"
+    if not getattr(backend, "supports_dora", False):
+        return (
+            f"LoRA backend {backend.name!r} does not support DoRA; serve it with --lora-backend csgmv, triton or torch"
+        )
     return None
 
 

@@ -35,7 +35,7 @@ from loraserve.errors import Conflict, NotFound, UserError
 from loraserve.lora.adapter import BaseModelShape
 from loraserve.lora.admission import SlotAdmission, key_of
 from loraserve.lora.composition import SOURCE_PREFIX, AdapterCompositions, is_composition
-from loraserve.lora.dora import DoraScales, dora_rows
+from loraserve.lora.dora import DoraScales
 from loraserve.lora.graph_buffers import GraphBatchInfoBuffers
 from loraserve.lora.model_hooks import LoRAModelHooks, make_pool
 from loraserve.lora.policy import AdapterSourcePolicy, check_adapter_name, shown
@@ -111,6 +111,8 @@ class LoRAManager:
         #: the hooks on the model's targeted layers and the per-step state they read
         self.hooks = LoRAModelHooks(model, backend, self.pool, max_rank, shrink_in_gemm_modules, self.shape.vocab_size)
         self.dora = DoraScales(model, backend, self.shape, tensor_parallel=mirror is not None)
+        #: whether captured decode steps scale DoRA rows (else steps with DoRA rows run eagerly)
+        self.dora_in_graphs = settings.enable_dora_cuda_graph and self.pool.dora_flags is not None
         self._graph_buffers: GraphBatchInfoBuffers | None = None
         # page-locked staging of the eager batch infos, one per build a step makes (HostStaging)
         self._staging, self._logits_staging = HostStaging(device), HostStaging(device)
@@ -388,7 +390,7 @@ class LoRAManager:
         seg_slot = self._step_slots(chunks)
         active = any(self.pool.ranks_host[s] > 0 for s in seg_slot)
         seg_lens = [c.num_tokens for c in chunks]
-        dora = dora_rows(seg_lens, seg_slot, self.pool.dora_host, self.device) if active else None
+        dora = any(self.pool.dora_host[s] for s in seg_slot)
         self.hooks.begin_step(active, sum(seg_lens), dora)
         if not active:
             return
@@ -435,8 +437,17 @@ class LoRAManager:
         """Set the hooks up for capturing a decode step of ``num_tokens`` rows; returns its batch
         info (views of the static buffers, refilled by :meth:`prepare_graph_step` before every
         replay), for the caller to hand to ``backend.prepare`` inside the capture."""
-        self.hooks.begin_step(True, num_tokens)
+        self.hooks.begin_step(True, num_tokens, dora=self.dora_in_graphs)
         return self._graph_buffers.capture_info(num_tokens)
+
+    def graph_can_serve(self, chunks: list) -> bool:
+        """Whether the captured decode graphs compute these chunks right: always, unless a chunk's
+        adapter is DoRA and the graphs were captured without DoRA's pass (``--enable-dora-cuda-graph``
+        off), in which case the step runs eagerly."""
+        if self.dora_in_graphs or not any(self.pool.dora_host):
+            return True
+        slots = (self.pool.slot_of(key_of(c.request)) for c in chunks)
+        return not any(s is not None and self.pool.dora_host[s] for s in slots)
 
     def prepare_graph_step(self, chunks: list, num_tokens: int) -> None:
         """Fill the static buffers for a decode step (one token per chunk) padded to ``num_tokens``

@@ -16,7 +16,6 @@ import torch
 from loraserve.contract import LoRABatchInfo
 from loraserve.errors import ConfigError, UserError
 from loraserve.lora.adapter import BaseModelShape
-from loraserve.lora.dora import scale_rows
 from loraserve.lora.pools import GpuAdapterPool
 from loraserve.lora.targets import EMBEDDING_MODULES, FUSED_MODULES
 
@@ -85,8 +84,8 @@ class LoRAModelHooks:
     """The LoRA hooks attached to ``model``'s targeted layers on construction, and the per-step
     state they read (engine thread): ``active`` (some request of the step has a LoRA delta),
     ``shrink_in_gemm_now`` (per fused module, whether its base GEMM does the shrink this step) and
-    ``logits_info`` (the batch info of the sampled rows, for LoRA on lm_head) and ``dora_rows``
-    (the rows of DoRA slots and their slots, see :mod:`~loraserve.lora.dora`). :meth:`begin_step`
+    ``logits_info`` (the batch info of the sampled rows, for LoRA on lm_head) and ``dora`` (whether
+    DoRA's scaling pass runs, see :mod:`~loraserve.lora.dora`). :meth:`begin_step`
     and :meth:`set_logits_info` change that state; nothing else does."""
 
     def __init__(
@@ -103,20 +102,20 @@ class LoRAModelHooks:
         self.shrink_in_gemm_modules = shrink_in_gemm_modules
         self.active = False
         self.logits_info: LoRABatchInfo | None = None
-        self.dora_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: whether this step scales the rows of DoRA slots (``backend.apply_dora`` after each delta)
+        self.dora = False
         self.shrink_in_gemm_now: dict[str, bool] = {}
         self._install(model, vocab_size)
 
     # -- per-step state (engine thread) -----------------------------------------------------------
 
-    def begin_step(
-        self, active: bool, num_tokens: int, dora_rows: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> None:
+    def begin_step(self, active: bool, num_tokens: int, dora: bool = False) -> None:
         """Set the hooks up for a step of ``num_tokens`` rows: on when ``active``, the shrink-in-GEMM
-        choice made for this step, the rows of DoRA slots (long ``rows`` and their ``slots``, None when
-        the step has none), and no sampled-rows batch info (:meth:`set_logits_info` sets it)."""
+        choice made for this step, whether the rows of DoRA slots are scaled (``dora``: the step has
+        some, or a decode step is captured for any), and no sampled-rows batch info
+        (:meth:`set_logits_info` sets it)."""
         self.active, self.logits_info, self.shrink_in_gemm_now = active, None, {}
-        self.dora_rows = dora_rows
+        self.dora = dora and active and self.pool.dora_flags is not None
         if active:
             self.shrink_in_gemm_now = self._shrink_in_gemm_decisions(num_tokens)
 
@@ -185,17 +184,17 @@ class LoRAModelHooks:
             """Add the delta into ``out``; with ``defer`` (the layer's consumer can add it) the
             backend may instead return a LoRAEpilogue for that consumer, which is returned. Rows of
             DoRA slots are then scaled (never deferred: the scale needs the summed output)."""
-            dora = self.dora_rows if dora_scale is not None else None
+            dora = self.dora and dora_scale is not None
             if shrunk is not None:  # the base GEMM did the shrink (only on steps where shrink_in_gemm_now says so)
-                if defer and dora is None:
+                if defer and not dora:
                     epilogue = self.backend.expand_epilogue(B, offsets, shrunk)
                     if epilogue is not None:
                         return epilogue
                 self.backend.run_lora(x, A, B, out, offsets, shrunk=shrunk)
             elif self.active:
                 self.backend.run_lora(x, A, B, out, offsets)
-            if dora is not None and self.active:
-                scale_rows(out, bias, dora_scale, *dora)
+            if dora:
+                self.backend.apply_dora(out, bias, dora_scale, self.pool.dora_flags)
             return None
 
         return hook

@@ -151,6 +151,9 @@ class GpuAdapterPool:
         self.scalings_host = [0.0] * num_slots
         #: whether each slot holds a DoRA adapter (its rows are scaled by ``dora_scale``)
         self.dora_host = [False] * num_slots
+        #: the same on the device, int32 ``[num_slots + 1]`` (the last entry, 0, for the null slot of
+        #: graph padding rows), written on the stream of the slot's copies; None without DoRA buffers
+        self.dora_flags = torch.zeros(num_slots + 1, dtype=torch.int32, device=device) if dora else None
         self.pinned: set[Hashable] = set()
         #: slot -> handle of the copy still filling it (overlap loading); see LoRAManager
         self.loading: dict[int, Any] = {}
@@ -195,6 +198,8 @@ class GpuAdapterPool:
         self.loading.pop(slot, None)  # a later copy into this slot is ordered after it on the same stream
         self.slot_key[slot] = None
         self.ranks_host[slot], self.scalings_host[slot] = 0, 0.0
+        if self.dora_host[slot] and self.dora_flags is not None:
+            self.dora_flags[slot : slot + 1].fill_(0)
         self.dora_host[slot] = False
         return key
 
@@ -231,7 +236,9 @@ class GpuAdapterPool:
         R, copied = self.max_rank, 0
         dora_scales = getattr(adapter, "dora_scales", None) or {}
         if dora_scales and (self.shard or not self.dora_scale):
-            raise UserError("this GPU pool has no DoRA scale buffers (DoRA needs --lora-backend torch and --tp-size 1)")
+            raise UserError(
+                "this GPU pool has no DoRA scale buffers (DoRA needs a backend with supports_dora and --tp-size 1)"
+            )
         for key, buf in self.dora_scale.items():
             scale = dora_scales.get(key)
             if scale is None:
@@ -239,6 +246,8 @@ class GpuAdapterPool:
             else:
                 buf[slot].copy_(scale, non_blocking=non_blocking)
                 copied += scale.numel() * scale.element_size()
+        if self.dora_flags is not None:
+            self.dora_flags[slot : slot + 1].fill_(1 if dora_scales else 0)
         for (layer, name), A_buf in self.A.items():
             B_buf = self.B[(layer, name)]
             w = self._weights_for(adapter, layer, name)
@@ -299,6 +308,11 @@ class GpuAdapterPool:
         for slot in self.loading:
             if self.slot_key[slot] is None:
                 raise RuntimeError(f"slot {slot} is being filled but holds no key")
+        if self.dora_flags is not None:
+            flags = self.dora_flags.tolist()
+            wrong = [s for s in range(self.num_slots) if s not in self.loading and bool(flags[s]) != self.dora_host[s]]
+            if wrong or flags[-1] != 0:
+                raise RuntimeError(f"device DoRA flags {flags} disagree with the slots' {self.dora_host}: {wrong}")
         for slot, key in enumerate(self.slot_key):
             if key is None and self.ranks_host[slot] != 0:
                 raise RuntimeError(f"empty slot {slot} has rank {self.ranks_host[slot]}")

@@ -84,7 +84,9 @@ class DecodeGraphs:
         )
 
     def can_run(self, chunks: list) -> bool:
-        return 0 < len(chunks) <= self.max_bs and all(c.num_tokens == 1 and c.samples for c in chunks)
+        if not (0 < len(chunks) <= self.max_bs and all(c.num_tokens == 1 and c.samples for c in chunks)):
+            return False
+        return self.lora is None or self.lora.graph_can_serve(chunks)
 
     def run(self, chunks: list, resolve=None) -> torch.Tensor:
         """Replay the graph for this decode step; returns ``float32 [len(chunks), vocab]`` logits.

@@ -69,7 +69,7 @@ class ScratchSteps:
         self.kv, self.blocks, self.device, self.lora = kv, list(blocks), device, lora
         self.sampler = Sampler(seed=0)
         self.vocab_size = getattr(model, "vocab_size", None) or model.config.vocab_size
-        self._lora_on = False
+        self._lora_on, self._dora = False, False
         prepare = self._prepare_lora if lora is not None else None
         self.runner = ModelRunner(model, kv, device, prepare_lora=prepare, attention=attention)
 
@@ -83,9 +83,10 @@ class ScratchSteps:
             out.append(ScheduledChunk(request, 0, n))
         return out
 
-    def run(self, shape: StepShape) -> torch.Tensor:
-        """One eager forward of ``shape``; returns its float32 logits, one row per sequence."""
-        self._lora_on = shape.lora
+    def run(self, shape: StepShape, dora: bool = False) -> torch.Tensor:
+        """One eager forward of ``shape``; returns its float32 logits, one row per sequence. With
+        ``dora`` (and LoRA) the step also runs DoRA's scaling pass (on no rows: every slot is plain)."""
+        self._lora_on, self._dora = shape.lora, dora
         try:
             return self.runner.forward(self.chunks(shape))
         finally:
@@ -102,7 +103,7 @@ class ScratchSteps:
     def _prepare_lora(self, chunks: list[ScheduledChunk]) -> None:
         lora = self.lora
         num_tokens = sum(c.num_tokens for c in chunks)
-        lora.hooks.begin_step(self._lora_on, num_tokens)
+        lora.hooks.begin_step(self._lora_on, num_tokens, dora=self._dora)
         if not self._lora_on:
             return
         slots, rank = lora.pool.num_slots, lora.max_rank
@@ -153,6 +154,9 @@ def warm_up(
         with torch.inference_mode():
             for shape in shapes:
                 logits = steps.run(shape)
+            dora = [s for s in shapes if s.lora] if lora is not None and lora.pool.dora_flags is not None else []
+            if dora:  # DoRA's scaling kernel, once: it specialises on the projections, not on the step
+                steps.run(min(dora, key=lambda s: s.num_tokens), dora=True)
             steps.sample(logits)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

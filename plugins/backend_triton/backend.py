@@ -29,6 +29,7 @@ from loraserve.plugins.backend_triton.launch import (
     ExpandConfig,
     ShrinkConfig,
     expand_config,
+    launch_dora_scale,
     launch_expand,
     launch_shrink,
     shrink_config,
@@ -283,6 +284,17 @@ class TiledLoRABackend(LoRABackend):
             stride_hslot=0,
             h_by_row=False,
         )
+
+    def apply_dora(
+        self, base_out: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor, flags: torch.Tensor
+    ) -> None:
+        """:meth:`LoRABackend.apply_dora` in one kernel: rows of other slots are not touched."""
+        batch = self.batch
+        if batch is None:
+            raise RuntimeError("prepare() must be called before apply_dora()")
+        if base_out.stride(1) != 1 or scales.stride(1) != 1 or scales.dtype != torch.float32:
+            raise ValueError("apply_dora needs row-major base_out and float32 row-major scales")
+        launch_dora_scale(base_out, bias, scales, flags, batch.token_slot)
 
     def _shrink(
         self, x: torch.Tensor, A: torch.Tensor, plan: TilePlan, perm: torch.Tensor, use_perm: bool, n_slices: int

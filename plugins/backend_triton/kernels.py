@@ -284,3 +284,32 @@ def lora_expand_kernel(
 
         result = base.to(tl.float32) + acc * scaling
         tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def dora_scale_kernel(
+    out_ptr,
+    bias_ptr,
+    scale_ptr,
+    flags_ptr,
+    token_slot_ptr,
+    N,
+    stride_ot,
+    stride_ss,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """DoRA's per-output-feature scale on the rows of DoRA slots (see ``LoRABackend.apply_dora``):
+    ``out[t] += (scale[s] - 1) * (out[t] - bias)`` with ``s = token_slot[t]``, in float32, where
+    ``flags[s] != 0``; rows of other slots are neither read nor written. Grid: (tokens, N blocks)."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(token_slot_ptr + row)
+    limit = tl.where(tl.load(flags_ptr + slot) != 0, N, 0)  # no column of a row of another slot
+    mask = cols < limit
+    out = tl.load(out_ptr + row * stride_ot + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(scale_ptr + slot * stride_ss + cols, mask=mask, other=1.0)
+    plain = out
+    if HAS_BIAS:
+        plain = out - tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_ot + cols, (out + (g - 1.0) * plain).to(out_ptr.dtype.element_ty), mask=mask)

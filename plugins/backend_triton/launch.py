@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import triton
 
-from loraserve.plugins.backend_triton.kernels import lora_expand_kernel, lora_shrink_kernel
+from loraserve.plugins.backend_triton.kernels import dora_scale_kernel, lora_expand_kernel, lora_shrink_kernel
 
 
 @dataclass(frozen=True)
@@ -227,4 +227,28 @@ def launch_expand(
         H_BY_ROW=h_by_row,
         num_warps=num_warps,
         **extra,
+    )
+
+
+DORA_BLOCK_N = 1024
+
+
+def launch_dora_scale(
+    out: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor, flags: torch.Tensor, token_slot: torch.Tensor
+) -> None:
+    """One :func:`~loraserve.plugins.backend_triton.kernels.dora_scale_kernel` over ``out``'s rows."""
+    num_tokens, n = out.shape
+    if num_tokens == 0:
+        return
+    dora_scale_kernel[(num_tokens, triton.cdiv(n, DORA_BLOCK_N))](
+        out,
+        bias if bias is not None else out,
+        scales,
+        flags,
+        token_slot,
+        n,
+        out.stride(0),
+        scales.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_N=DORA_BLOCK_N,
     )
