@@ -21,7 +21,7 @@ from loraserve.errors import LoraserveError
 from loraserve.plugin_manager import PluginManager
 from loraserve.settings import Settings, flag_name, make_settings
 
-SUBCOMMANDS = ("serve", "plugins")
+SUBCOMMANDS = ("serve", "plugins", "ray-serve")
 GROUP_TITLES = {
     "model": "model",
     "server": "HTTP server",
@@ -181,6 +181,16 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return serve(settings, pm)
 
 
+def cmd_ray_serve(argv: Sequence[str]) -> int:
+    """``loraserve ray-serve --num-replicas N [serve flags]``: replicas on Ray Serve (loraserve.ray_serve)."""
+    try:
+        from loraserve import ray_serve
+    except ImportError as exc:
+        print(f"loraserve ray-serve: Ray Serve is not installed ({exc}); pip install 'loraserve[ray]'", file=sys.stderr)
+        return 2
+    return ray_serve.main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "serve"
@@ -189,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:  # until the settings are read (an embedding program keeps its own)
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        return {"serve": cmd_serve, "plugins": cmd_plugins}[command](argv)
+        return {"serve": cmd_serve, "plugins": cmd_plugins, "ray-serve": cmd_ray_serve}[command](argv)
     except LoraserveError as exc:
         print(f"loraserve: error: {exc}", file=sys.stderr)
         return 2

@@ -54,6 +54,7 @@ class LoRAManager:
     host copies page-locked, in the pool's dtype (with a CUDA copy engine). ``resolutions`` runs one
     resolution per unknown adapter name at a time (:class:`SingleFlight`)."""
 
+    # size: the facade wires each part it drives (registry, pools, admission, hooks, DoRA), a statement each
     def __init__(
         self,
         settings: Any,
@@ -111,8 +112,7 @@ class LoRAManager:
         #: the hooks on the model's targeted layers and the per-step state they read
         self.hooks = LoRAModelHooks(model, backend, self.pool, max_rank, shrink_in_gemm_modules, self.shape.vocab_size)
         self.dora = DoraScales(model, backend, self.shape, tensor_parallel=mirror is not None)
-        #: whether captured decode steps scale DoRA rows (else steps with DoRA rows run eagerly)
-        self.dora_in_graphs = settings.enable_dora_cuda_graph and self.pool.dora_flags is not None
+        self.dora_in_graphs = settings.enable_dora_cuda_graph and self.pool.dora_flags is not None  # graph_can_serve
         self._graph_buffers: GraphBatchInfoBuffers | None = None
         # page-locked staging of the eager batch infos, one per build a step makes (HostStaging)
         self._staging, self._logits_staging = HostStaging(device), HostStaging(device)

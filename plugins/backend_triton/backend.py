@@ -1,15 +1,13 @@
 """``SgmvLoRABackend`` (SGMV: one segment per request) and the tiled base class both GPU backends share.
 
-:class:`TiledLoRABackend` owns everything the two Triton backends have in common: the launch
-parameters (chosen from host integers only: token, segment and slot counts, shapes, the device's
-multiprocessor count), the two launches per projection (one shrink over every tile, slice and rank
-block; one expand over every tile and output column block of up to three slices), and the shape
-and dtype checks. A subclass only says how a step's tokens are cut into tiles in :meth:`_plan`,
-with device-side tensor operations: no value is read back to the host, so ``prepare`` and
-``run_lora`` can be captured in a CUDA graph.
+:class:`TiledLoRABackend` owns what the two Triton backends share: the launch parameters (from host
+integers only: token, segment and slot counts, shapes, the device's multiprocessor count), the two
+launches per projection (a shrink over every tile, slice and rank block; an expand over every tile
+and output column block of up to three slices), the checks, and DoRA's scaling kernel. A subclass
+says how a step's tokens are cut into tiles in :meth:`_plan`, on the device (so steps are capturable).
 
-:class:`SgmvLoRABackend` cuts each request's segment into tiles of ``BLOCK_M`` tokens; an
-adapter shared by several requests is read once per segment (Punica/S-LoRA's SGMV).
+:class:`SgmvLoRABackend` cuts each request's segment into tiles of ``BLOCK_M`` tokens (an adapter
+shared by several requests is read once per segment: Punica/S-LoRA's SGMV).
 """
 
 from __future__ import annotations
@@ -28,8 +26,8 @@ from loraserve.models.dtypes import runs_triton
 from loraserve.plugins.backend_triton.launch import (
     ExpandConfig,
     ShrinkConfig,
+    apply_dora_kernel,
     expand_config,
-    launch_dora_scale,
     launch_expand,
     launch_shrink,
     shrink_config,
@@ -132,6 +130,7 @@ class TiledLoRABackend(LoRABackend):
     supports_embedding = False
     supports_shrink_in_gemm = True
     graph_capturable = True
+    apply_dora = apply_dora_kernel  # LoRABackend.apply_dora in one kernel
 
     def __init__(self, device: torch.device | str = "cuda", tuning: dict | None = None):
         super().__init__(check_device(self.name, device))
@@ -284,17 +283,6 @@ class TiledLoRABackend(LoRABackend):
             stride_hslot=0,
             h_by_row=False,
         )
-
-    def apply_dora(
-        self, base_out: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor, flags: torch.Tensor
-    ) -> None:
-        """:meth:`LoRABackend.apply_dora` in one kernel: rows of other slots are not touched."""
-        batch = self.batch
-        if batch is None:
-            raise RuntimeError("prepare() must be called before apply_dora()")
-        if base_out.stride(1) != 1 or scales.stride(1) != 1 or scales.dtype != torch.float32:
-            raise ValueError("apply_dora needs row-major base_out and float32 row-major scales")
-        launch_dora_scale(base_out, bias, scales, flags, batch.token_slot)
 
     def _shrink(
         self, x: torch.Tensor, A: torch.Tensor, plan: TilePlan, perm: torch.Tensor, use_perm: bool, n_slices: int

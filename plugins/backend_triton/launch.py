@@ -252,3 +252,15 @@ def launch_dora_scale(
         HAS_BIAS=bias is not None,
         BLOCK_N=DORA_BLOCK_N,
     )
+
+
+def apply_dora_kernel(
+    backend: Any, base_out: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor, flags: torch.Tensor
+) -> None:
+    """``LoRABackend.apply_dora`` in one :func:`launch_dora_scale` (the Triton backends' method): rows
+    of other slots are not touched."""
+    if backend.batch is None:
+        raise RuntimeError("prepare() must be called before apply_dora()")
+    if base_out.stride(1) != 1 or scales.stride(1) != 1 or scales.dtype != torch.float32:
+        raise ValueError("apply_dora needs row-major base_out and float32 row-major scales")
+    launch_dora_scale(base_out, bias, scales, flags, backend.batch.token_slot)
