@@ -191,6 +191,27 @@ def test_one_load_for_concurrent_first_requests_and_others_served_meanwhile(worl
     assert [results[i]["output_ids"] for i in range(6)] == expected
 
 
+def test_concurrent_servable_checks_ask_the_resolvers_once(world):
+    """The OpenAI routes ask is_servable before submitting: concurrent checks of one unknown name share
+    one resolver call (a resolver may do remote I/O)."""
+    engine, gated = world["engine"], world["gated"]
+    gated.gate.clear()
+    gated.entered.clear()
+    before = len(gated.calls)
+    answers: list[bool] = []
+    threads = [threading.Thread(target=lambda: answers.append(engine.is_servable("gated-check"))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    assert gated.entered.wait(10)
+    time.sleep(0.2)  # the other checks reach the single flight and wait for the first
+    gated.gate.set()
+    for t in threads:
+        t.join(30)
+    assert answers == [True] * 6
+    assert gated.calls[before:] == ["gated-check"]
+    assert "gated-check" not in {a["name"] for a in engine.loaded_adapters()}  # a check loads nothing
+
+
 def test_a_slow_resolution_does_not_block_the_event_loop(world):
     engine, gated = world["engine"], world["gated"]
     gated.gate.clear()

@@ -66,4 +66,8 @@ def is_servable(lora: Any, adapter: str) -> bool:
     """Whether requests may name ``adapter``: loaded, or known to a resolver plugin (which may do I/O)."""
     if lora is None:
         return False
-    return adapter in lora.registry.names() or any(r.resolve(adapter) is not None for r in lora.resolvers)
+    if adapter in lora.registry.names():
+        return True
+    # one resolver check per name at a time: concurrent first requests share it (the OpenAI routes ask
+    # this before they submit; a resolver may do I/O, e.g. fsspec)
+    return lora.servable_checks.run(adapter, lambda: any(r.resolve(adapter) is not None for r in lora.resolvers))

@@ -82,7 +82,7 @@ class LoRAManager:
         self.max_rank, self.target_modules = max_rank, list(target_modules)
         self.loaders = [plugins.loaders.create(r.name) for r in plugins.loaders]
         self.resolvers = make_resolvers(plugins, settings, self.policy)
-        self.registry, self.resolutions = AdapterRegistry(), SingleFlight()
+        self.registry, self.resolutions, self.servable_checks = AdapterRegistry(), SingleFlight(), SingleFlight()
         #: private directories of the adapters pushed as tensors (load_adapter_from_tensors)
         self.tensor_sources = TensorSources(self.policy)
         self.host = HostAdapterCache(
