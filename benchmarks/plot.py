@@ -22,6 +22,8 @@ Nothing is re-run and no GPU is needed. Each figure is a PNG written next to the
   output throughput with overlap loading off and on, per rank and seed.
 - ``prefix_cache_*.json`` -> ``<stem>.png``: input throughput and median TTFT with the prefix cache off
   and on, per workload, with the on/off ratio and the issue's targets.
+- ``routing_sim.json`` (benchmarks/sim_routing.py) -> ``routing_sim.png``: adapter loads per 1,000
+  requests and replica balance, multiplexed vs random routing, per Zipf exponent.
 
 A JSON file of another shape is skipped with a one-line note.
 
@@ -62,6 +64,8 @@ SERVING_BENCHMARKS = {
 
 def kind_of(doc: object) -> str | None:
     """The figure kind a parsed result file feeds, from its shape (None: not known)."""
+    if isinstance(doc, dict) and doc.get("benchmark") == "routing_sim" and isinstance(doc.get("runs"), list):
+        return "routing_sim"  # a simulation: no device
     if not isinstance(doc, dict) or "device" not in doc and doc.get("benchmark") != "bench_serving":
         return None
     cases = doc.get("cases")
@@ -639,6 +643,30 @@ def plot_prefix_cache(doc: dict) -> plt.Figure:
     return fig
 
 
+def plot_routing_sim(doc: dict) -> plt.Figure:
+    """routing_sim JSON (benchmarks/sim_routing.py): adapter loads per 1,000 requests and the busiest
+    replica's requests over the mean, multiplexed vs random routing, per Zipf exponent."""
+    runs = doc["runs"]
+    groups = [f"zipf {r['zipf']:g}" for r in runs]
+    policies = list(runs[0]["policies"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
+    for ax, field, name, fmt in (
+        (axes[0], "loads_per_1000_requests", "adapter loads per 1,000 requests", "{:.0f}"),
+        (axes[1], "balance_max_over_mean", "busiest replica's requests / mean", "{:.2f}"),
+    ):
+        group_bars(ax, groups, {p: [r["policies"][p][field] for r in runs] for p in policies}, name, fmt)
+        ax.set_title(name, fontsize=10)
+    cfg = doc.get("config", {})
+    header(
+        fig,
+        "Routing simulation: multiplexed vs random routing",
+        "a simulation (no GPU)",
+        f"{cfg.get('num_adapters')} adapters, {cfg.get('num_replicas')} replicas x {cfg.get('slots')} slots (LRU), "
+        f"{cfg.get('num_requests')} requests; benchmarks/sim_routing.py",
+    )
+    return fig
+
+
 PER_FILE = {
     "kernels": plot_kernels,
     "epilogue": plot_epilogue,
@@ -647,6 +675,7 @@ PER_FILE = {
     "attention_host": plot_attention_host,
     "serving_core": plot_serving_core,
     "prefix_cache": plot_prefix_cache,
+    "routing_sim": plot_routing_sim,
 }
 
 

@@ -89,6 +89,7 @@ def test_unknown_shapes_are_skipped(tmp_path, capsys):
         ("hf_peft_", "serving"),
         ("scheduler_", "scheduler"),
         ("prefix_cache_", "prefix_cache"),
+        ("routing_sim", "routing_sim"),
     ],
 )
 def test_kind_of_recorded_files(prefix, kind):
