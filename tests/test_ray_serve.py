@@ -1,8 +1,8 @@
 """loraserve on Ray Serve (loraserve.ray_serve): a local Ray instance on 127.0.0.1, 2 replicas of a
 tiny model on CPU, 4 adapters loaded through the ingress. Greedy tokens through the ingress equal
 PEFT's; requests for one adapter land on the replica that loaded it (the replicas' metrics);
-/v1/models lists the fleet; an unload reaches both replicas; a killed replica is survived. Every wait
-is bounded. Skipped without Ray (``pip install 'loraserve[ray]'``)."""
+/v1/models lists the fleet; an unload reaches both replicas; a replica killed while it streams ends
+that stream (with an error event) instead of hanging, and is replaced. Every wait is bounded. Skipped without Ray (``pip install 'loraserve[ray]'``)."""
 
 from __future__ import annotations
 
@@ -154,7 +154,27 @@ def test_fleet_serves_peft_outputs_routes_by_adapter_unloads_everywhere_and_surv
     # a killed replica: Ray replaces it, and requests are served again (each answer an error or PEFT's)
     victim = names[1]
     holder = next(r for r in _reports().values() if victim in r["adapters"])
-    os.kill(holder["pid"], signal.SIGKILL)
+    # killed while it streams an answer: the stream ends (finished, or with an error event), never hangs
+    body = {
+        "input_ids": batch[1],
+        "lora_path": victim,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 240, "temperature": 0, "ignore_eos": True},
+    }
+    with client.stream("POST", "/generate", json=body, timeout=httpx.Timeout(90)) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data:")
+        os.kill(holder["pid"], signal.SIGKILL)
+        started, rest = time.monotonic(), []
+        try:
+            rest.extend(lines)
+        except httpx.ReadTimeout:
+            pytest.fail("the stream of a killed replica hung")
+        except httpx.HTTPError as exc:  # the connection ended early: an error, not a hang
+            rest.append(f"error: {exc!r}")
+    assert time.monotonic() - started < 60
+    ended = "\n".join(rest)
+    assert "data: [DONE]" in ended or "error" in ended, ended[-500:]
 
     def served_again():
         r = _generate(client, batch[1], victim)
