@@ -376,12 +376,16 @@ def measure_all(
         )
 
     engines: dict[bool, Any] = {}
+
+    def stop_engines() -> None:  # a function: no loop variable outlives it holding an engine
+        for engine in engines.values():
+            engine.shutdown()
+        engines.clear()
+
     try:
         for cache in (True, False):
             if not args.interleave:
-                for engine in engines.values():
-                    engine.shutdown()
-                engines.clear()
+                stop_engines()
                 gc.collect()  # (the engine's thread closures form cycles) before the next one sizes its KV cache
                 if device == "cuda":
                     import torch
@@ -398,8 +402,7 @@ def measure_all(
                     for cache in (True, False):
                         timed(engines[cache], name, cache)
     finally:
-        for engine in engines.values():
-            engine.shutdown()
+        stop_engines()
     return repeats, startup
 
 

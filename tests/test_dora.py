@@ -100,12 +100,12 @@ def llama_engine(llama):
     engine.shutdown()
 
 
-def _check_mixed_batch(engine, peft, vocab: int, label: str, new: int = NEW) -> None:
+def _check_mixed_batch(engine, peft, vocab: int, label: str, new: int = NEW, tol: float = 1e-3) -> None:
     gen = torch.Generator().manual_seed(5)
     batch = torch.randint(0, vocab, (len(ROWS), 5), generator=gen).tolist()
     expected, expected_lp = peft_rows(peft, batch, ROWS, new)
     results = engine.generate(input_ids=batch, sampling_params={**GREEDY, "max_new_tokens": new}, lora_path=ROWS)
-    assert_matches_peft(results, expected, expected_lp, ROWS, label)
+    assert_matches_peft(results, expected, expected_lp, ROWS, label, tol)
     assert len({tuple(r["output_ids"]) for r in results[:4]}) == 4  # the adapters really differ
 
 
@@ -285,7 +285,9 @@ def test_dora_with_cuda_graphs_matches_peft_on_the_gpu(llama, backend, flag):
         graphs = engine.runner.graphs
         assert graphs is not None and graphs.graphs
         before = graphs.replays
-        _check_mixed_batch(engine, peft, 256, f"{backend} cuda graphs {flag}")
+        # tokens exact; log-probabilities within 1e-2: on a GPU the Triton kernels' float32 dots run in
+        # TF32 (an H100 gave 2.5e-3 here, the same with and without DoRA in the graphs)
+        _check_mixed_batch(engine, peft, 256, f"{backend} cuda graphs {flag}", tol=1e-2)
         assert (graphs.replays - before == NEW - 1) if flag else graphs.replays == before
         engine.lora.check_integrity()
     finally:

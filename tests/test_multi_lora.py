@@ -95,12 +95,14 @@ def engine_with(base: str, paths: dict, **kwargs) -> Engine:
     return Engine(make_settings(model_path=base, lora_paths=lora_paths, **options))
 
 
-def assert_matches_peft(results: list, expected: list, expected_lp: list, adapters: list, label: str = "") -> None:
-    """Greedy tokens identical to PEFT's, log-probabilities within 1e-3, row by row."""
+def assert_matches_peft(
+    results: list, expected: list, expected_lp: list, adapters: list, label: str = "", tol: float = 1e-3
+) -> None:
+    """Greedy tokens identical to PEFT's, log-probabilities within ``tol``, row by row."""
     for i, res in enumerate(results):
         assert res["output_ids"] == expected[i], f"{label} row {i} adapter {adapters[i]}"
         ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
-        assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
+        assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < tol, f"{label} row {i}"
         assert res["meta_info"]["lora_path"] == adapters[i]
 
 

@@ -1,8 +1,9 @@
 """loraserve on Ray Serve (loraserve.ray_serve): a local Ray instance on 127.0.0.1, 2 replicas of a
 tiny model on CPU, 4 adapters loaded through the ingress. Greedy tokens through the ingress equal
 PEFT's; requests for one adapter land on the replica that loaded it (the replicas' metrics);
-/v1/models lists the fleet; an unload reaches both replicas; a replica killed while it streams ends
-that stream (with an error event) instead of hanging, and is replaced. Every wait is bounded. Skipped without Ray (``pip install 'loraserve[ray]'``)."""
+/v1/models lists the fleet; a flush and an unload reach both replicas; a replica killed while it
+streams ends that stream (with an error event) instead of hanging, and is replaced. Every wait is
+bounded. Skipped without Ray (``pip install 'loraserve[ray]'``)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,17 @@ def test_fleet_serves_peft_outputs_routes_by_adapter_unloads_everywhere_and_surv
         r = _generate(client, ids, adapter)
         assert r.status_code == 200, r.text
         assert r.json()["output_ids"] == want, adapter
+
+    # a fleet-wide flush reaches every replica: a repeated long prompt is cached, and after it is not
+    long_prompt, cached = prompts(1, length=70, seed=5)[0], names[2]
+
+    def cached_tokens():
+        return _generate(client, long_prompt, cached).json()["meta_info"]["cached_tokens"]
+
+    assert cached_tokens() == 0 and cached_tokens() >= 32  # full blocks of the first request
+    flushed = client.post("/flush_cache").json()
+    assert flushed["flushed_replicas"] == 2 and flushed["pending_replicas"] == [], flushed
+    assert cached_tokens() == 0
 
     # routing: more requests for one adapter stay on the replica that holds it
     hot = names[0]

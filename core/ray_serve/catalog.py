@@ -18,6 +18,7 @@ class AdapterCatalog:
         self.sources: dict[str, str] = dict(adapters)
         self.versions: dict[str, int] = {name: 1 for name in adapters}
         self.clock = 1
+        self.flushes = 0  # how many fleet-wide /flush_cache were asked for
         self.reports: dict[str, dict] = {}
 
     def register(self, name: str, source: str) -> int:
@@ -34,6 +35,14 @@ class AdapterCatalog:
 
     def adapters(self) -> dict[str, tuple[str, int]]:
         return {name: (source, self.versions[name]) for name, source in self.sources.items()}
+
+    def state(self) -> tuple[dict[str, tuple[str, int]], int]:
+        """What a replica's health check compares itself with: the adapters and the flush count."""
+        return self.adapters(), self.flushes
+
+    def request_flush(self) -> int:
+        self.flushes += 1
+        return self.flushes
 
     def report(self, replica: str, stats: dict) -> None:
         self.reports[replica] = {**stats, "reported_at": time.time()}

@@ -5,6 +5,7 @@ No ``from __future__ import annotations`` here: Ray Serve's ingress hands the me
 must see ``Request`` as a class, not as a string, to inject it.
 """
 
+import asyncio
 import json
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from loraserve.errors import UserError
 from loraserve.lora.composition import is_composition, parse_spelling
 from loraserve.lora.policy import check_adapter_name
 from loraserve.ray_serve.catalog import catalog_handle
+from loraserve.ray_serve.replica import HEALTH_PERIOD_S
 
 #: the routes whose body names the adapters of a generation (forwarded with a multiplexed model id)
 GENERATION_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
@@ -234,6 +236,24 @@ class LoraserveIngress:
                 status_code=404,
             )
         return JSONResponse({"success": True, "error_message": None, "loaded_adapters": await self._loaded()})
+
+    @ingress_app.get("/flush_cache")
+    @ingress_app.post("/flush_cache")
+    async def flush_cache(self) -> JSONResponse:
+        """Every replica empties its prefix cache (at its next health check, within about a second);
+        answers once the replicas that report have done it, or after 10 s with those still pending."""
+        wanted = await self.catalog.request_flush.remote()
+        deadline = time.monotonic() + 10
+        while True:
+            reports = await self.catalog.replica_reports.remote()
+            live = {rid: r for rid, r in reports.items() if time.time() - r["reported_at"] < 5 * HEALTH_PERIOD_S}
+            pending = sorted(rid for rid, r in live.items() if (r.get("flushed") or 0) < wanted)
+            if not pending or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        done = len(live) - len(pending)
+        message = f"prefix cache flushed on {done} of {len(live)} replica(s)"
+        return JSONResponse({"message": message, "flushed_replicas": done, "pending_replicas": pending})
 
     async def _loaded(self) -> dict[str, str]:
         return {name: source for name, (source, _) in (await self.catalog.adapters.remote()).items()}

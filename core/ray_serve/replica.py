@@ -54,6 +54,9 @@ class ReplicaBase:
         self.requests: Counter[str] = Counter()  # adapter ("" for the base model) -> requests
         self.loads = 0
         self.unloads = 0
+        # fleet-wide /flush_cache requests handled (None until the first health check: those asked for
+        # before it need nothing, this replica's cache was empty when they came)
+        self.flushed: int | None = None
 
     # adapters -------------------------------------------------------------------------------------
 
@@ -95,12 +98,15 @@ class ReplicaBase:
             resident.version = (await self._load(name)).version
 
     async def check_health(self) -> None:
-        """Ray Serve calls this every HEALTH_PERIOD_S: drop adapters the catalog no longer has,
-        report this replica's statistics."""
-        known = await self.catalog.adapters.remote()
+        """Ray Serve calls this every HEALTH_PERIOD_S: drop adapters the catalog no longer has, flush
+        the prefix cache when the fleet was asked to, report this replica's statistics."""
+        known, flushes = await self.catalog.state.remote()
         for name, version in list(self.loaded.items()):
             if name not in known or known[name][1] != version:
                 await asyncio.to_thread(self.drop, name, version)
+        if self.flushed is not None and flushes > self.flushed:
+            await asyncio.to_thread(self.engine.flush_cache)
+        self.flushed = flushes
         self.catalog.report.remote(self.replica_id, self.stats())
 
     def stats(self) -> dict:
@@ -111,6 +117,7 @@ class ReplicaBase:
             "requests": dict(self.requests),
             "adapter_loads": self.loads,
             "adapter_unloads": self.unloads,
+            "flushed": self.flushed,
         }
 
     # requests -------------------------------------------------------------------------------------
