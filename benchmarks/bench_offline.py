@@ -45,8 +45,8 @@ from workloads import DEFAULT_ZIPF_ALPHA, DISTRIBUTIONS, RequestSpec, describe_w
 # -- shared by bench_offline.py and bench_hf_peft.py ------------------------------------------------
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags both benchmarks take: the model, the adapters, the workload and the output."""
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model group: its source, weights format, dtype and device (also bench_prefix_cache.py)."""
     model = parser.add_argument_group("model")
     source = model.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-path", help="Hugging Face model directory (weights, or --load-format dummy)")
@@ -64,24 +64,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="'auto' is float32 on CPU and bfloat16 on CUDA",
     )
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    work = parser.add_argument_group("workload")
-    work.add_argument("--num-prompts", type=int, default=256)
-    work.add_argument("--input-len", type=int, default=256)
-    work.add_argument("--output-len", type=int, default=128)
-    work.add_argument(
-        "--range-ratio", type=float, default=1.0, help="lengths are drawn from [ratio * len, len] (1.0: all equal)"
-    )
-    work.add_argument("--lora-request-distribution", default="uniform", choices=DISTRIBUTIONS)
-    work.add_argument(
-        "--lora-zipf-alpha",
-        type=float,
-        default=DEFAULT_ZIPF_ALPHA,
-        help="'skewed': adapter i gets alpha times the requests of adapter i + 1",
-    )
-    work.add_argument("--seed", type=int, default=0, help="seed of the workload and the adapters")
-    lora = parser.add_argument_group("adapters")
-    lora.add_argument("--no-lora", action="store_true", help="serve every request on the base model")
-    lora.add_argument("--num-adapters", type=int, default=8)
+
+
+def add_adapter_args(lora: argparse._ArgumentGroup) -> None:
+    """The random adapters' shape, after the group's count flag (also bench_prefix_cache.py)."""
     lora.add_argument("--lora-rank", type=int, default=16)
     lora.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
     lora.add_argument(
@@ -101,6 +87,47 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="write the adapters here and reuse them on later runs (default: a temporary dir)",
     )
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The engine group's flags every in-process benchmark takes; returns the group for more."""
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-loras-per-batch", type=int, default=8, help="adapter slots (the base counts as one)")
+    engine.add_argument("--lora-backend", default=None, help="default: csgmv on CUDA, torch on CPU")
+    engine.add_argument("--max-running-requests", type=int, default=None)
+    engine.add_argument("--max-total-tokens", type=int, default=None, help="KV-cache size in tokens")
+    engine.add_argument(
+        "--engine-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other loraserve setting (VALUE parsed as JSON when it can be)",
+    )
+    return engine
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Flags both benchmarks take: the model, the adapters, the workload and the output."""
+    add_model_args(parser)
+    work = parser.add_argument_group("workload")
+    work.add_argument("--num-prompts", type=int, default=256)
+    work.add_argument("--input-len", type=int, default=256)
+    work.add_argument("--output-len", type=int, default=128)
+    work.add_argument(
+        "--range-ratio", type=float, default=1.0, help="lengths are drawn from [ratio * len, len] (1.0: all equal)"
+    )
+    work.add_argument("--lora-request-distribution", default="uniform", choices=DISTRIBUTIONS)
+    work.add_argument(
+        "--lora-zipf-alpha",
+        type=float,
+        default=DEFAULT_ZIPF_ALPHA,
+        help="'skewed': adapter i gets alpha times the requests of adapter i + 1",
+    )
+    work.add_argument("--seed", type=int, default=0, help="seed of the workload and the adapters")
+    lora = parser.add_argument_group("adapters")
+    lora.add_argument("--no-lora", action="store_true", help="serve every request on the base model")
+    lora.add_argument("--num-adapters", type=int, default=8)
+    add_adapter_args(lora)
     out = parser.add_argument_group("output")
     out.add_argument("--output-file", default=None, help="write the JSON result here")
     out.add_argument("--record-outputs", action="store_true", help="put every request's output ids in the JSON")
@@ -339,23 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add_common_args(parser)
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-loras-per-batch", type=int, default=8, help="adapter slots (the base counts as one)")
-    engine.add_argument("--lora-backend", default=None, help="default: csgmv on CUDA, torch on CPU")
-    engine.add_argument("--max-running-requests", type=int, default=None)
-    engine.add_argument("--max-total-tokens", type=int, default=None, help="KV-cache size in tokens")
+    engine = add_engine_args(parser)
     engine.add_argument(
         "--warmup-requests",
         type=int,
         default=16,
         help="run this many of the workload's requests first (8 new tokens each), untimed",
-    )
-    engine.add_argument(
-        "--engine-setting",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="any other loraserve setting (VALUE parsed as JSON when it can be)",
     )
     return parser
 

@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_offline  # noqa: E402
-import random_adapters  # noqa: E402
+from tables import markdown_table, text_table  # noqa: E402
 from workloads import DISTRIBUTIONS, RequestSpec, allowed_token_ids, poisson_arrival_times, sample_lora_names  # noqa: E402
 
 WORKLOADS = ("shared_prefix", "multi_turn", "no_sharing")
@@ -73,18 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    model = parser.add_argument_group("model")
-    source = model.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-path", help="Hugging Face model directory (weights, or --load-format dummy)")
-    source.add_argument("--config-dir", help="directory with only a config.json: random weights of its shape")
-    model.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
-    model.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="'auto' is float32 on CPU and bfloat16 on CUDA",
-    )
-    model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bench_offline.add_model_args(parser)
     work = parser.add_argument_group("workloads")
     work.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     work.add_argument("--num-prompts", type=int, default=256, help="requests of shared_prefix and no_sharing")
@@ -104,21 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--seed", type=int, default=0, help="seed of the workloads and the adapters")
     lora = parser.add_argument_group("adapters")
     lora.add_argument("--num-adapters", type=int, default=8, help="0: every request on the base model")
-    lora.add_argument("--lora-rank", type=int, default=16)
-    lora.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
-    lora.add_argument(
-        "--lora-target-modules",
-        nargs="+",
-        default=list(random_adapters.ALL_TARGETS),
-        choices=random_adapters.ALL_TARGETS,
-    )
-    lora.add_argument("--adapter-delta-std", type=float, default=random_adapters.DEFAULT_DELTA_STD)
-    lora.add_argument("--adapter-dir", default=None, help="write the adapters here and reuse them later")
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-loras-per-batch", type=int, default=8, help="adapter slots (the base counts as one)")
-    engine.add_argument("--lora-backend", default=None, help="default: csgmv on CUDA, torch on CPU")
-    engine.add_argument("--max-running-requests", type=int, default=None)
-    engine.add_argument("--max-total-tokens", type=int, default=None, help="KV-cache size in tokens")
+    bench_offline.add_adapter_args(lora)
+    engine = bench_offline.add_engine_args(parser)
     engine.add_argument(
         "--repeats",
         type=int,
@@ -133,13 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     engine.add_argument(
         "--warmup-requests", type=int, default=4, help="untimed requests per engine, sharing nothing with the runs"
-    )
-    engine.add_argument(
-        "--engine-setting",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="any other loraserve setting of both engines (VALUE parsed as JSON when it can be)",
     )
     out = parser.add_argument_group("output")
     out.add_argument("--output-file", default=None, help="write the JSON result here")
@@ -560,13 +529,8 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def report(result: dict[str, Any]) -> None:
-    rows = [HEADERS, *table_rows(result)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
     print(f"\nprefix cache on vs off: {describe(result)}")
-    for i, row in enumerate(rows):
-        print("  ".join(cell.rjust(w) if j > 1 else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(text_table(HEADERS, table_rows(result)))
     for target in result["targets"]:
         print(f"target {target['workload']} {target['what']}: {target['summary']}")
     print(f"outputs identical with the cache on and off: {result['outputs_identical']}")
@@ -578,9 +542,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['date'][:10]}, loraserve {result['versions']['loraserve_git']}: {describe(result)}.",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADERS))) + "|",
-        *("| " + " | ".join(row) + " |" for row in table_rows(result)),
+        *markdown_table(HEADERS, table_rows(result)),
         "",
         "| target | value | result |",
         "|---|---:|---|",

@@ -59,6 +59,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import markdown_table, text_table  # noqa: E402
+
 POLICIES = ("multiplexed", "random")
 SWEEP_ZIPF = (0.8, 1.2)
 BASE = -1  # the adapter id of a request for the base model
@@ -492,13 +495,8 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def report(result: dict[str, Any]) -> None:
-    rows = [HEADERS, *table_rows(result)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
     print(f"\nrouting simulation: {describe(result)}")
-    for i, row in enumerate(rows):
-        print("  ".join(cell.rjust(w) if j > 1 else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(text_table(HEADERS, table_rows(result)))
     for run in result["runs"]:
         ratio = run.get("random_over_multiplexed")
         if ratio:
@@ -516,9 +514,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{env['date'][:10]}, loraserve {env['git'] or '?'}, Python {env['python']}, {env['cpu_count']} CPUs "
         f"(a simulation, no GPU): {describe(result)}.",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADERS))) + "|",
-        *("| " + " | ".join(row) + " |" for row in table_rows(result)),
+        *markdown_table(HEADERS, table_rows(result)),
         "",
     ]
     ratios = [run for run in result["runs"] if run.get("random_over_multiplexed")]

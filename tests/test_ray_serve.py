@@ -106,7 +106,19 @@ def test_fleet_serves_peft_outputs_routes_by_adapter_unloads_everywhere_and_surv
     bad = client.post("/load_lora_adapter", json={"lora_name": "bad", "lora_path": "/nonexistent/adapter"})
     assert bad.status_code in (400, 404) and not bad.json()["success"]
     assert client.post("/load_lora_adapter", json={"lora_name": "x"}).status_code == 400
-    assert "bad" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    for hostile in (  # a fuzzer's bodies: each a clear 4xx with an error message, nothing registered
+        b'{"lora_name": "\\ud800", "lora_path": "/tmp"}',
+        b'{"lora_name": "../up", "lora_path": "/tmp"}',
+        b'{"lora_name": "ok", "lora_path": "\\u0000"}',
+        b'{"lora_name": 1e999, "lora_path": "/tmp"}',
+        b"[" * 100_000,
+    ):
+        for route in ("/load_lora_adapter", "/unload_lora_adapter"):
+            r = client.post(route, content=hostile, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500 and r.json(), (route, hostile[:40], r.text[:200])
+    json_type = {"content-type": "application/json"}
+    assert client.post("/unload_lora_adapter", content=b" " * (33 * 2**20), headers=json_type).status_code == 413
+    assert {m["id"] for m in client.get("/v1/models").json()["data"]} & {"bad", "ok", "../up", "\ud800"} == set()
 
     # outputs equal PEFT's, for every adapter and the base model, through the ingress
     rows = [*names, None]

@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError
 
 from loraserve.errors import UserError
 from loraserve.lora.composition import is_composition, parse_spelling
-from loraserve.lora.policy import check_adapter_name
+from loraserve.lora.policy import check_adapter_name, check_source_text
 from loraserve.ray_serve.catalog import catalog_handle
 from loraserve.ray_serve.replica import HEALTH_PERIOD_S
 
@@ -194,10 +194,13 @@ class LoraserveIngress:
         try:
             data = json.loads(body)
             name, source = data["lora_name"], data["lora_path"]
-            if not (isinstance(name, str) and isinstance(source, str) and name and source):
-                raise TypeError
         except (ValueError, KeyError, TypeError, RecursionError):
-            return _error(400, 'send a JSON object {"lora_name": NAME, "lora_path": SOURCE} (two non-empty strings)')
+            return _error(400, 'send a JSON object {"lora_name": NAME, "lora_path": SOURCE}')
+        try:  # the checks a single server makes, before anything reaches the catalog
+            check_adapter_name(name)
+            check_source_text(source)
+        except UserError as exc:
+            return _error(400, str(exc))
         previous = await self.catalog.lookup.remote(name)
         await self.catalog.register.remote(name, source)
         # one replica loads it now, so a bad source is refused here and not at the first request
@@ -220,12 +223,14 @@ class LoraserveIngress:
     @ingress_app.post("/v1/unload_lora_adapter")
     async def unload_adapter(self, request: Request) -> JSONResponse:
         body = await self._body(request)
+        if body is None:
+            return _error(413, f"the request body is larger than {self.max_body_bytes} bytes")
         try:
-            name = json.loads(body or b"")["lora_name"]
-            if not isinstance(name, str):
-                raise TypeError
+            name = check_adapter_name(json.loads(body)["lora_name"])
         except (ValueError, KeyError, TypeError, RecursionError):
             return _error(400, 'send a JSON object {"lora_name": NAME}')
+        except UserError as exc:
+            return _error(400, str(exc))
         if not await self.catalog.unregister.remote(name):
             return JSONResponse(
                 {
