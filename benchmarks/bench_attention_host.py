@@ -6,8 +6,8 @@ Triton attention backend. As in steady decoding, a sixteenth of the requests gai
 
 - before: the sequences carry no block-table row (``table_row`` -1), so every sequence's whole block
   table is packed on the host each step: O(N x C / 16) Python work. This is the algorithm the
-  backend used for every step before the device block table, and still uses for a tensor-parallel
-  worker's stand-in requests.
+  backend used for every step before the device block table (tensor-parallel workers too, until
+  their tables replayed rank 0's journal).
 - after: the scheduler's rows of the KV cache's device :class:`BlockTable`; the step's new blocks are
   flushed (one copy and a scatter) and the rows gathered on the device: O(N) host work.
 

@@ -392,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc = {"benchmark": "bench_serving_core", **environment(device), "config": vars(args), "parts": []}
         for part in args.part or ["offline"]:
             doc["parts"].append(offline(args, config) if part == "offline" else served(args, config, part))
+            if args.output_file:  # after every part: a call cut short keeps the parts it finished
+                Path(args.output_file).write_text(json.dumps(doc, indent=2) + "\n")
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.output_file}")

@@ -621,7 +621,7 @@ class AttentionBackend:
       list), ``start`` the number of tokens already cached, ``table_row`` the sequence's row in the
       KV cache's device block table ``kv.block_table``
       (:class:`~loraserve.sched.block_table.BlockTable`), or -1 when it has none (a
-      tensor-parallel worker's stand-in requests); the older three-field form means -1. It may
+      warm-up step's scratch sequences); the older three-field form means -1. It may
       build any metadata it likes. A backend that reads the device table calls
       ``kv.block_table.flush()`` first (in :meth:`begin_graph_step` too): that writes the blocks
       the scheduler handed out since the last step; a backend that reads ``blocks`` need not.

@@ -170,6 +170,9 @@ def run_against_oracle(gen, *, steps, arrivals_until, num_blocks, block_size, **
     tri = PagedTritonAttention(tri_kv, max_seqs=max_seqs, max_blocks_per_seq=num_blocks, num_splits=2)
     ora = PagedSDPAAttention(ora_kv)
     sched = Scheduler(tri_kv, max_running=max_seqs, **sched_kwargs)
+    # a tensor-parallel worker's table, following the journal of this one
+    tri_kv.block_table.journal = []
+    replica, host_rows = BlockTable(DEVICE, max_rows=num_blocks, max_width=num_blocks, rows=1, width=1), {}
     made = 0
     graphs = preempted = 0
 
@@ -183,6 +186,11 @@ def run_against_oracle(gen, *, steps, arrivals_until, num_blocks, block_size, **
     for s in range(steps):
         plan = sched.schedule()
         sched.check_integrity()
+        replica.replay(tri_kv.block_table.take_journal(), host_rows)
+        holders = [(r.table_row, r.blocks) for r in (*sched.running, *sched.waiting) if r.table_row >= 0]
+        replica.check_integrity(holders)  # the replica's rows hold exactly the requests' blocks
+        assert sorted(host_rows) == sorted(r for r, _ in holders)
+        assert all(host_rows[r] == blocks for r, blocks in holders)
         if not plan:
             break
         if s == arrivals_until:
@@ -227,7 +235,7 @@ def test_attention_over_device_rows_matches_sdpa_with_preemption_and_reuse(gen):
     assert preempted > 0 and made > 8 and graphs > 2
 
 
-def test_tensor_parallel_stand_ins_without_rows_take_the_host_path(gen):
+def test_sequences_without_rows_take_the_host_path(gen):
     kv = KVCache(1, 1, 16, 12, 4, torch.float32, DEVICE)
     ora_kv = KVCache(1, 1, 16, 12, 4, torch.float32, DEVICE)
     for t, o in ((kv.k[0], ora_kv.k[0]), (kv.v[0], ora_kv.v[0])):

@@ -132,3 +132,27 @@ def test_dead_worker_takes_the_server_down_with_a_message(setup, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 70, proc.stderr[-2000:]
     assert "tensor-parallel worker rank 1 exited" in proc.stderr and "still running" not in proc.stdout
+
+
+def test_steps_carry_rows_not_block_lists():
+    """A running request's step entry names its block-table row, not its blocks; the worker's stand-in
+    reads the blocks its replayed table holds for that row (a chunk without a row still sends them)."""
+    from types import SimpleNamespace
+
+    from loraserve.engine.tp import describe_chunks, rebuild_chunks
+    from loraserve.sched.scheduler import ScheduledChunk
+
+    def req(blocks, n):
+        return SimpleNamespace(
+            blocks=blocks, num_tokens=n, adapter_ref=None, token_slice=lambda a, b: list(range(a, b))
+        )
+
+    chunks = [ScheduledChunk(req([5, 6, 7], 40), 39, 1, table_row=3), ScheduledChunk(req([1], 9), 0, 9)]
+    described = describe_chunks(chunks)
+    assert [d[3:5] for d in described] == [(3, None), (-1, [1])]
+    rebuilt = rebuild_chunks(described, {3: [5, 6, 7]})
+    assert [(c.table_row, c.request.blocks, c.start, c.num_tokens, c.samples) for c in rebuilt] == [
+        (3, [5, 6, 7], 39, 1, True),
+        (-1, [1], 0, 9, True),
+    ]
+    assert rebuilt[0].request.token_slice(39, 40) == [39]

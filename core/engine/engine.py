@@ -95,6 +95,8 @@ class Engine(EngineClient):
         self.model_name, self.context_len = parts.model_name, parts.context_len
         self.kv, self.scheduler, self.runner, self.sampler = parts.kv, parts.scheduler, parts.runner, parts.sampler
         self.lora = parts.lora
+        if self.tp is not None:
+            self.tp.follow_table(self.kv.block_table)
         self.backend_name, self.attention_name = parts.backend_name, parts.attention_name
         self.outputs = OutputBuilder(self.tokenizer, parts.eos_token_ids, detokenize=detokenize)
         #: the step loop's work (overlapped unless --disable-overlap-schedule; never with TP, whose

@@ -6,7 +6,9 @@ decision, and runs its own shard of the model. It starts ``N - 1`` worker
 processes (ranks 1..N-1, one GPU each, or CPU processes with gloo); all ranks join one
 ``torch.distributed`` group, and the model's collectives (the all-reduce after each row-parallel
 projection, the vocab-parallel embedding and logits) keep them in lock step. Before every step the
-driver sends each worker the step's chunks (tokens, positions, block table, adapter key); before a
+driver sends each worker the step's chunks (tokens, positions, block-table row, adapter key) and
+the block-table operations since the last step (each worker's device table replays them, so a
+running request's block list is never sent or rebuilt); before a
 GPU slot is filled or emptied it sends that decision, so every rank's slot pool holds the same
 adapters in the same slots (one decision, made once, applied everywhere). Workers read adapter
 weights themselves from the adapter's source and keep only their shard on the GPU.
@@ -100,27 +102,34 @@ class _Request:
 
 
 def describe_chunks(chunks: list) -> list[tuple]:
-    """A step's chunks as plain tuples: ``(ids, start, n, blocks, samples, adapter_key)``."""
+    """A step's chunks as plain tuples: ``(ids, start, n, table_row, blocks, samples, adapter_key)``;
+    ``blocks`` only for a chunk without a block-table row (the workers' tables replay the driver's
+    journal, so a running request's block list is never sent again)."""
     out = []
     for c in chunks:
         r = c.request
         key = r.adapter_ref.key if r.adapter_ref is not None else None
-        out.append(
-            (r.token_slice(c.start, c.start + c.num_tokens), c.start, c.num_tokens, list(r.blocks), c.samples, key)
-        )
+        blocks = None if c.table_row >= 0 else list(r.blocks)
+        ids = r.token_slice(c.start, c.start + c.num_tokens)
+        out.append((ids, c.start, c.num_tokens, c.table_row, blocks, c.samples, key))
     return out
 
 
-def rebuild_chunks(described: list[tuple]) -> list[ScheduledChunk]:
-    """The driver's chunks again; a chunk samples exactly when it reaches its request's last known
-    token, so that is what the stand-in request's length says."""
+def rebuild_chunks(described: list[tuple], host_rows: dict[int, list[int]]) -> list[ScheduledChunk]:
+    """The driver's chunks again, on this rank's block-table rows (``host_rows``: row -> blocks, kept
+    by :meth:`~loraserve.sched.block_table.BlockTable.replay`); a chunk samples exactly when it reaches
+    its request's last known token, so that is what the stand-in request's length says."""
     chunks = []
-    for ids, start, n, blocks, samples, key in described:
+    for ids, start, n, row, blocks, samples, key in described:
         ref = SimpleNamespace(key=tuple(key)) if key is not None else None
         req = _Request(
-            ids=list(ids), first=start, blocks=blocks, num_tokens=start + n + (0 if samples else 1), adapter_ref=ref
+            ids=list(ids),
+            first=start,
+            blocks=host_rows[row] if row >= 0 else blocks,
+            num_tokens=start + n + (0 if samples else 1),
+            adapter_ref=ref,
         )
-        chunks.append(ScheduledChunk(req, start, n))
+        chunks.append(ScheduledChunk(req, start, n, row))
     return chunks
 
 
@@ -136,6 +145,7 @@ class TPDriver:
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
         self._stopping = False
+        self.table: Any = None  # rank 0's block table, once followed
         payload = settings.model_dump()
         for rank in range(1, self.size):
             parent, child = ctx.Pipe()
@@ -169,8 +179,14 @@ class TPDriver:
         for conn in self.conns:
             conn.send(message)
 
+    def follow_table(self, table: Any) -> None:
+        """Record rank 0's block-table operations from now on; each step carries those since the last."""
+        table.journal = []
+        self.table = table
+
     def send_step(self, chunks: list) -> None:
-        self.send(("step", describe_chunks(chunks)))
+        journal = self.table.take_journal() if self.table is not None else []
+        self.send(("step", journal, describe_chunks(chunks)))
 
     def mirror_lora(self, event: tuple) -> None:
         self.send(("lora",) + event)
@@ -229,6 +245,7 @@ def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
     parts = build_components(settings, plugins, run_in_engine=lambda fn: fn(), tp_rank=rank)
     adapters: dict[tuple, Any] = {}
     lora = parts.lora
+    host_rows: dict[int, list[int]] = {}  # this rank's block-table rows as host lists
     while True:
         try:
             message = conn.recv()
@@ -242,8 +259,9 @@ def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
             dist.destroy_process_group()  # together with rank 0 (NCCL tears communicators down collectively)
             os._exit(0)
         if kind == "step":
+            parts.kv.block_table.replay(message[1], host_rows)
             with torch.inference_mode():
-                parts.runner.forward(rebuild_chunks(message[1]))
+                parts.runner.forward(rebuild_chunks(message[2], host_rows))
         elif kind == "lora":
             apply_lora_event(lora, adapters, message[1:])
 

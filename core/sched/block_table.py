@@ -62,6 +62,10 @@ class BlockTable:
         self._staging = HostStaging(self.device)
         #: entries written to the device so far (tests count them)
         self.entries_written = 0
+        #: when not None, every acquire, append and release as ``("a", row)``, ``("+", row, blocks)``
+        #: and ``("r", row)``, in order (tensor parallelism: the driver hands them to the other ranks,
+        #: whose tables :meth:`replay` them; see :meth:`take_journal`)
+        self.journal: list[tuple] | None = None
 
     @property
     def num_held(self) -> int:
@@ -79,7 +83,25 @@ class BlockTable:
             self._num_rows = grown
         row = self._free.pop()
         self._held[row] = True
+        if self.journal is not None:
+            self.journal.append(("a", row))
         return row
+
+    def hold(self, row: int) -> None:
+        """Take the specific free ``row`` (growing the table to reach it): a replica following another
+        table's :meth:`acquire` calls."""
+        while row >= self._num_rows:
+            grown = min(2 * self._num_rows, self.max_rows)
+            if grown == self._num_rows:
+                raise ValueError(f"block-table row {row} is past max_rows ({self.max_rows})")
+            self._free[:0] = range(grown - 1, self._num_rows - 1, -1)
+            self._held += [False] * (grown - self._num_rows)
+            self.lengths += [0] * (grown - self._num_rows)
+            self._num_rows = grown
+        if self._held[row]:
+            raise ValueError(f"block-table row {row} is already held")
+        self._free.remove(row)
+        self._held[row] = True
 
     def append(self, row: int, blocks: Sequence[int]) -> None:
         """Record ``blocks`` as the next entries of ``row`` (written to the device at the next flush)."""
@@ -99,6 +121,8 @@ class BlockTable:
         else:
             run[1].extend(blocks)
         self.lengths[row] = end
+        if self.journal is not None:
+            self.journal.append(("+", row, list(blocks)))
 
     def release(self, row: int) -> None:
         """Give ``row`` back; its pending writes are dropped (its device entries become stale)."""
@@ -108,6 +132,32 @@ class BlockTable:
         self.lengths[row] = 0
         self._pending.pop(row, None)
         self._free.append(row)
+        if self.journal is not None:
+            self.journal.append(("r", row))
+
+    def take_journal(self) -> list[tuple]:
+        """The operations recorded since the last call (recording starts when :attr:`journal` is set
+        to a list), and a fresh journal."""
+        ops, self.journal = self.journal or [], []
+        return ops
+
+    def replay(self, ops: Iterable[tuple], host_rows: dict[int, list[int]]) -> None:
+        """Apply another table's journal here, so this table's rows hold what that table's rows hold
+        (new entries written at the next flush, as for any append); ``host_rows`` (row -> block list)
+        is kept equal to the rows, for the attention's host reads."""
+        for op in ops:
+            kind, row = op[0], op[1]
+            if kind == "a":
+                self.hold(row)
+                host_rows[row] = []
+            elif kind == "+":
+                self.append(row, op[2])
+                host_rows[row].extend(op[2])
+            elif kind == "r":
+                self.release(row)
+                host_rows.pop(row, None)
+            else:
+                raise ValueError(f"unknown block-table operation {op!r}")
 
     def length(self, row: int) -> int:
         return self.lengths[row]

@@ -36,8 +36,8 @@ class ScheduledChunk:
     request: Request
     start: int  # first token position fed this step (== request.num_computed)
     num_tokens: int
-    #: the request's row in the KV cache's device block table (-1: none, e.g. a tensor-parallel
-    #: worker's stand-in request; the attention then reads the host block list)
+    #: the request's row in the KV cache's device block table (-1: none, e.g. a warm-up step's
+    #: scratch sequence; the attention then reads the host block list)
     table_row: int = -1
 
     @property

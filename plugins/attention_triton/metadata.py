@@ -6,7 +6,7 @@ only the first three columns of every row, the cache slot of every new token and
 of the prefill kernel, and copies them to the device in one copy from page-locked staging; the
 block-table columns come from the KV cache's device :class:`~loraserve.sched.block_table.BlockTable`
 by a gather of the step's rows (flushed first, so it holds every block the scheduler handed out).
-Sequences given without a table row (a tensor-parallel worker's stand-ins, or callers of the old
+Sequences given without a table row (a warm-up step's scratch sequences, or callers of the old
 three-field form) take the host path: their block tables are packed on the host, as before.
 """
 
