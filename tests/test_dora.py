@@ -2,8 +2,8 @@
 two ranks and target sets (fused qkv / gate_up slices, o_proj, down_proj) equal PEFT's in one batch
 with a plain LoRA adapter and base rows, on Llama and on Qwen2 (biased qkv), on the torch backend and
 on the Triton backends (interpreter on CPU) eagerly and through emulated CUDA graphs; the Triton
-scaling kernel against the torch reference; and the refusals (backends without DoRA, tensor
-parallelism, compositions, DoRA on lm_head, magnitudes without use_dora)."""
+scaling kernel against the torch reference; and the refusals (backends without DoRA, compositions,
+DoRA on lm_head, magnitudes without use_dora). DoRA under tensor parallelism: test_tp_engine.py."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ class _NoDoraPlugin:
         register("nodora", lambda settings=None, device="cpu": _NoDoraBackend(device))
 
 
-def test_backends_without_dora_and_tensor_parallelism_refuse_it(llama):
+def test_backends_without_dora_refuse_it(llama):
     base, paths, _ = llama
     settings = make_settings(
         model_path=base,
@@ -175,7 +175,8 @@ def test_backends_without_dora_and_tensor_parallelism_refuse_it(llama):
     finally:
         engine.shutdown()
         plugins.unregister("nodora")
-    assert "--tp-size > 1" in dora_refusal(TorchLoRABackend(), tensor_parallel=True)
+    assert "does not support DoRA" in dora_refusal(_NoDoraBackend("cpu"))
+    assert dora_refusal(TorchLoRABackend()) is None
 
 
 def test_loader_refusals(tmp_path):

@@ -156,3 +156,25 @@ def test_steps_carry_rows_not_block_lists():
         (-1, [1], 0, 9, True),
     ]
     assert rebuilt[0].request.token_slice(39, 40) == [39]
+
+
+def test_tp2_dora_matches_peft(tmp_path):
+    """DoRA at --tp-size 2: column-parallel projections (qkv, gate_up) take their own rows' scales,
+    row-parallel ones (o, down) sum the ranks' partial norms at each slot fill; with fewer slots than
+    adapters the fills (and their collective) repeat. Tokens and log-probabilities equal PEFT's."""
+    import torch
+    from lora_utils import tiny_llama_config, tiny_model
+    from test_dora import ROWS, _case, peft_rows
+    from test_multi_lora import assert_matches_peft
+
+    base, paths, peft = _case(tiny_model(tiny_llama_config(), seed=0), tmp_path)
+    batch = torch.randint(0, 256, (len(ROWS), 5), generator=torch.Generator().manual_seed(5)).tolist()
+    expected, expected_lp = peft_rows(peft, batch, ROWS)
+    engine = tp_engine(base, paths, 2, max_loras_per_batch=2, max_running_requests=3)
+    try:
+        results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ROWS)
+        assert engine.lora.metrics["gpu_evictions"] > 0
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()
+    assert_matches_peft(results, expected, expected_lp, ROWS, "tp2 dora")

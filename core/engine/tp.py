@@ -291,7 +291,7 @@ def apply_lora_event(lora: Any, adapters: dict, event: tuple) -> None:
             adapter = adapters.get(key)
             if adapter is None:
                 adapter = adapters[key] = lora.read_adapter(name, source)
-        lora.pool.load(slot, key, adapter)
+        lora.pool.load(slot, key, lora.dora.finish(adapter))  # (DoRA: the collective rank 0's fill runs too)
     elif kind == "evict":
         lora.pool.evict(event[1])
     elif kind == "forget":

@@ -152,6 +152,9 @@ class LoRAAdapter:
     #: DoRA: float32 ``[out_total]`` per-output-feature scale ``m / ||W + s*B*A||`` per fused projection
     #: (1 on slices without DoRA), computed against the base weights when the engine loads the adapter
     dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: DoRA with tensor parallelism: ``(magnitude, this rank's partial squared norms)`` of the
+    #: row-parallel projections, until the ranks' parts are summed (:func:`~loraserve.lora.dora.finish_scales`)
+    dora_partial: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def is_dora(self) -> bool:

@@ -47,6 +47,9 @@ class SlotAdmission:
         ``wait(handle) -> seconds`` (see :mod:`loraserve.lora.overlap`).
     :param mirror: tensor parallelism: ``mirror(event)`` replays every slot decision on the other
         ranks' pools: ``("fill", slot, key, name, source)``, ``("evict", slot)``, ``("forget", key)``.
+    :param finish: ``finish(adapter) -> adapter`` right before a filled slot's weights are written, after
+        the mirror (DoRA under tensor parallelism: the collective that completes row-parallel scales,
+        which every rank runs for the same fill).
     :param prefetch_lookahead: how many waiting requests, in queue order, are scanned for adapters
         to prefetch.
     """
@@ -63,6 +66,7 @@ class SlotAdmission:
         waiting: Callable[[], Iterable],
         copy_engine: Any = None,
         mirror: Callable[[tuple], None] | None = None,
+        finish: Callable[[Any], Any] | None = None,
         prefetch_lookahead: int = 0,
     ):
         self.pool, self.host, self.registry = pool, host, registry
@@ -70,6 +74,7 @@ class SlotAdmission:
         self.running, self.waiting = running, waiting
         self.copy_engine = copy_engine
         self.mirror = mirror
+        self.finish = finish
         self.prefetch_lookahead = prefetch_lookahead
         self.metrics = {
             "gpu_evictions": 0,
@@ -147,6 +152,8 @@ class SlotAdmission:
             )
         if adapter is None:  # the base model: rank 0, nothing to copy
             return
+        if self.finish is not None:  # after the mirror: every rank runs finish's collective for this fill
+            adapter = self.finish(adapter)
         self.metrics["slot_fills"] += 1
         engine = self.copy_engine
         if engine is None or not engine.asynchronous:

@@ -104,6 +104,7 @@ class LoRAManager:
             waiting=waiting,
             copy_engine=copy_engine,
             mirror=mirror,
+            finish=lambda adapter: self.dora.finish(adapter),
             prefetch_lookahead=2 * settings.max_loras_per_batch,
         )
         self.loads = 0
@@ -111,7 +112,7 @@ class LoRAManager:
         self.compositions = self._make_compositions(tensor_parallel=mirror is not None)
         #: the hooks on the model's targeted layers and the per-step state they read
         self.hooks = LoRAModelHooks(model, backend, self.pool, max_rank, shrink_in_gemm_modules, self.shape.vocab_size)
-        self.dora = DoraScales(model, backend, self.shape, tensor_parallel=mirror is not None)
+        self.dora = DoraScales(model, backend, self.shape)
         self.dora_in_graphs = settings.enable_dora_cuda_graph and self.pool.dora_flags is not None  # graph_can_serve
         self._graph_buffers: GraphBatchInfoBuffers | None = None
         # page-locked staging of the eager batch infos, one per build a step makes (HostStaging)

@@ -63,7 +63,7 @@ def make_pool(
     a_storage = None
     if getattr(backend, "supports_shrink_in_gemm", False):
         a_storage = lambda layer, name, rows: layers[(layer, name)].append_rows(rows)  # noqa: E731
-    dora = bool(getattr(backend, "supports_dora", False)) and tp_size == 1
+    dora = bool(getattr(backend, "supports_dora", False))
     pool = GpuAdapterPool(
         settings.max_loras_per_batch,
         max_rank,
@@ -149,7 +149,7 @@ class LoRAModelHooks:
                     pool.B[(layer, name)],
                     pool.offsets[name],
                     pool.dora_scale.get((layer, name)),
-                    module.bias,
+                    module.added_bias,
                 )
                 module.attach_lora(hook, shrink_in_gemm=in_gemm)
         if (-1, "lm_head") in pool.A:

@@ -220,7 +220,8 @@ class GpuAdapterPool:
         self.slot_key[slot] = key
         self.ranks_host[slot] = adapter.rank if adapter is not None else 0
         self.scalings_host[slot] = float(adapter.scaling) if adapter is not None else 0.0
-        self.dora_host[slot] = adapter is not None and bool(getattr(adapter, "dora_scales", None))
+        dora = getattr(adapter, "dora_scales", None) or getattr(adapter, "dora_partial", None)
+        self.dora_host[slot] = adapter is not None and bool(dora)
         self.policy.insert(key)
 
     def write(self, slot: int, adapter: Any, non_blocking: bool = False) -> int:
@@ -235,10 +236,10 @@ class GpuAdapterPool:
         (pageable) copy, so that copy is not asynchronous."""
         R, copied = self.max_rank, 0
         dora_scales = getattr(adapter, "dora_scales", None) or {}
-        if dora_scales and (self.shard or not self.dora_scale):
-            raise UserError(
-                "this GPU pool has no DoRA scale buffers (DoRA needs a backend with supports_dora and --tp-size 1)"
-            )
+        if dora_scales and not self.dora_scale:
+            raise UserError("this GPU pool has no DoRA scale buffers (DoRA needs a backend with supports_dora)")
+        if getattr(adapter, "dora_partial", None):
+            raise RuntimeError("a DoRA adapter's row-parallel scales were not completed (dora.finish_scales)")
         for key, buf in self.dora_scale.items():
             scale = dora_scales.get(key)
             if scale is None:

@@ -125,6 +125,11 @@ class LoRALinear(nn.Module):
         self._bias_ext: torch.Tensor | None = None
 
     @property
+    def added_bias(self) -> torch.Tensor | None:
+        """The bias this rank adds to its output (a row-parallel layer's ranks past 0 add none)."""
+        return self.bias if self._adds_bias else None
+
+    @property
     def shard_spec(self) -> tuple[str, int, int] | None:
         """``(parallel, rank, size)`` when this layer is sharded, else None: what the LoRA pool
         needs to cut full adapter tensors to this rank's part."""
