@@ -178,3 +178,29 @@ def test_tp2_dora_matches_peft(tmp_path):
     finally:
         engine.shutdown()
     assert_matches_peft(results, expected, expected_lp, ROWS, "tp2 dora")
+
+
+def test_tp2_compositions_match_peft_cat(tmp_path):
+    """Weighted compositions at --tp-size 2: each fill of a composition's slot carries its components,
+    which the worker reads and composes itself. Equal to PEFT's add_weighted_adapter(..., "cat")."""
+    from lora_utils import tiny_llama_config, tiny_model
+    from test_adapter_composition import ADAPTERS as COMPONENTS
+    from test_adapter_composition import MIX2, MIX3
+    from test_multi_lora import _family_case
+
+    model = tiny_model(tiny_llama_config(), seed=0)
+    model.generation_config.eos_token_id = None
+    base, paths, peft = _family_case(model, tmp_path, COMPONENTS, seed=40)
+    for label, mix in (("mix2", MIX2), ("mix3", MIX3)):
+        peft.add_weighted_adapter([c["name"] for c in mix], [c["weight"] for c in mix], label, combination_type="cat")
+    ours, theirs = [MIX2, "c1", None, MIX3, MIX2, "c3"], ["mix2", "c1", None, "mix3", "mix2", "c3"]
+    batch = prompts(len(ours), seed=7)
+    expected, _ = peft_generate(peft, batch, theirs)
+    engine = tp_engine(base, paths, 2, max_lora_rank=8, lora_target_modules=["all"], max_loras_per_batch=3)
+    try:
+        results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ours)
+        assert engine.lora.metrics["gpu_evictions"] > 0  # composition slots were refilled too
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()
+    assert [r["output_ids"] for r in results] == expected

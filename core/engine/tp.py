@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from loraserve.errors import ConfigError
+from loraserve.lora.composition import compose
 from loraserve.sched.scheduler import ScheduledChunk
 
 logger = logging.getLogger("loraserve.tp")
@@ -284,12 +285,15 @@ def apply_lora_event(lora: Any, adapters: dict, event: tuple) -> None:
     """Replay one of the driver's slot decisions on this rank's pool (see SlotAdmission's ``mirror``)."""
     kind = event[0]
     if kind == "fill":
-        _, slot, key, name, source = event
+        _, slot, key, name, source, components = event
         key = tuple(key)
         adapter = None
         if name is not None:
             adapter = adapters.get(key)
-            if adapter is None:
+            if adapter is None and components:  # a weighted composition: built here from its components
+                parts = [(lora.read_adapter(n, s), w) for n, s, w in components]
+                adapter = adapters[key] = compose(name, source, parts)
+            elif adapter is None:
                 adapter = adapters[key] = lora.read_adapter(name, source)
         lora.pool.load(slot, key, lora.dora.finish(adapter))  # (DoRA: the collective rank 0's fill runs too)
     elif kind == "evict":

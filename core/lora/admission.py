@@ -46,7 +46,9 @@ class SlotAdmission:
         with ``asynchronous``, ``submit(fill) -> handle``, ``done(handle)`` and
         ``wait(handle) -> seconds`` (see :mod:`loraserve.lora.overlap`).
     :param mirror: tensor parallelism: ``mirror(event)`` replays every slot decision on the other
-        ranks' pools: ``("fill", slot, key, name, source)``, ``("evict", slot)``, ``("forget", key)``.
+        ranks' pools: ``("fill", slot, key, name, source, components)``, ``("evict", slot)``, ``("forget", key)``.
+    :param components: ``components(source)``: a composition's ``[(name, source, weight)]`` (sent with
+        its fill, so the other ranks build it from its components), None for any other adapter.
     :param finish: ``finish(adapter) -> adapter`` right before a filled slot's weights are written, after
         the mirror (DoRA under tensor parallelism: the collective that completes row-parallel scales,
         which every rank runs for the same fill).
@@ -67,6 +69,7 @@ class SlotAdmission:
         copy_engine: Any = None,
         mirror: Callable[[tuple], None] | None = None,
         finish: Callable[[Any], Any] | None = None,
+        components: Callable[[str], Any] | None = None,
         prefetch_lookahead: int = 0,
     ):
         self.pool, self.host, self.registry = pool, host, registry
@@ -75,6 +78,7 @@ class SlotAdmission:
         self.copy_engine = copy_engine
         self.mirror = mirror
         self.finish = finish
+        self.components = components
         self.prefetch_lookahead = prefetch_lookahead
         self.metrics = {
             "gpu_evictions": 0,
@@ -148,6 +152,7 @@ class SlotAdmission:
                     key,
                     None if adapter is None else adapter.name,
                     None if adapter is None else adapter.source,
+                    None if adapter is None or self.components is None else self.components(adapter.source),
                 )
             )
         if adapter is None:  # the base model: rank 0, nothing to copy

@@ -201,7 +201,6 @@ class AdapterCompositions:
     :param weights_of: ``(ref) -> LoRAAdapter``: a component's weights (engine thread).
     :param cache_on_host: ``(key, adapter)``: puts a built composition in the host cache (engine thread).
     :param retire: ``(ref)``: frees an unloaded ref now or after its last request (engine thread).
-    :param refuse: when set, every composition is refused with this message.
     """
 
     def __init__(
@@ -215,9 +214,8 @@ class AdapterCompositions:
         cache_on_host: Callable[[tuple, LoRAAdapter], None],
         retire: Callable[[AdapterRef], Any],
         run_in_engine: Callable[[Callable[[], Any]], Any],
-        refuse: str | None = None,
     ):
-        self.registry, self.max_rank, self.refuse = registry, max_rank, refuse
+        self.registry, self.max_rank = registry, max_rank
         self.acquire_component, self.release_component = acquire_component, release_component
         self.weights_of, self.cache_on_host, self.retire = weights_of, cache_on_host, retire
         self.run_in_engine = run_in_engine
@@ -231,8 +229,6 @@ class AdapterCompositions:
         """The held ref of the composition ``text`` spells, built on first use (any thread but the
         engine's: building waits for it)."""
         components = parse_spelling(text)
-        if self.refuse:
-            raise UserError(self.refuse)
         held: list[AdapterRef] = []
         try:
             for name, _ in components:
@@ -326,6 +322,12 @@ class AdapterCompositions:
             )
         name = "+".join(f"{ref.name}*{w!r}" for ref, w in parts)
         return compose(name, source, [(self.weights_of(ref), w) for ref, w in parts])
+
+    def parts_of(self, source: str) -> list[tuple[str, str, float]] | None:
+        """A built composition's components as ``(name, source, weight)`` (what another tensor-parallel
+        rank needs to build it too), or None when ``source`` is not a composition's."""
+        parts = self._parts.get(source)
+        return None if parts is None else [(ref.name, ref.source, w) for ref, w in parts]
 
     def forget(self, ref: AdapterRef) -> None:
         """A freed composition's components are no longer needed (engine thread)."""

@@ -105,11 +105,12 @@ class LoRAManager:
             copy_engine=copy_engine,
             mirror=mirror,
             finish=lambda adapter: self.dora.finish(adapter),
+            components=lambda source: self.compositions.parts_of(source),
             prefetch_lookahead=2 * settings.max_loras_per_batch,
         )
         self.loads = 0
         #: weighted compositions of adapters, each a virtual adapter of its own
-        self.compositions = self._make_compositions(tensor_parallel=mirror is not None)
+        self.compositions = self._make_compositions()
         #: the hooks on the model's targeted layers and the per-step state they read
         self.hooks = LoRAModelHooks(model, backend, self.pool, max_rank, shrink_in_gemm_modules, self.shape.vocab_size)
         self.dora = DoraScales(model, backend, self.shape)
@@ -118,7 +119,7 @@ class LoRAManager:
         # page-locked staging of the eager batch infos, one per build a step makes (HostStaging)
         self._staging, self._logits_staging = HostStaging(device), HostStaging(device)
 
-    def _make_compositions(self, tensor_parallel: bool) -> AdapterCompositions:
+    def _make_compositions(self) -> AdapterCompositions:
         return AdapterCompositions(
             self.registry,
             self.max_rank,
@@ -128,9 +129,6 @@ class LoRAManager:
             cache_on_host=lambda key, adapter: self.admission.cache_on_host(key, self._host_form(adapter)),
             retire=self._free_or_defer,
             run_in_engine=self.run_in_engine,
-            refuse="weighted composition of adapters is not supported with --tp-size > 1 yet"
-            if tensor_parallel
-            else None,
         )
 
     # -- loading and unloading (caller thread) ----------------------------------------------------
