@@ -88,6 +88,8 @@ def kind_of(doc: object) -> str | None:
         return "attention_host"
     if doc.get("benchmark") == "bench_serving_core" and isinstance(doc.get("rows"), list):
         return "serving_core"
+    if doc.get("benchmark") == "dora_compose" and isinstance(runs, list) and isinstance(doc.get("ratios"), dict):
+        return "dora_compose"
     if doc.get("benchmark") == "prefix_cache" and isinstance(runs, list) and isinstance(doc.get("ratios"), list):
         return "prefix_cache"
     return None
@@ -667,6 +669,28 @@ def plot_routing_sim(doc: dict) -> plt.Figure:
     return fig
 
 
+def plot_dora_compose(doc: dict) -> plt.Figure:
+    """dora_compose JSON (benchmarks/bench_dora_compose.py): the mean decode step of each case
+    (wall and GPU time), plain LoRA, a composition and DoRA at the same total rank."""
+    runs = doc["runs"]
+    cases = [r["case"] for r in runs]
+    fig, ax = plt.subplots(figsize=(11, 5.4))
+    series = {"mean decode step (wall)": [r["mean_decode_ms"] or 0 for r in runs]}
+    if any(r.get("gpu_decode_ms") for r in runs):
+        series["GPU time (CUDA events)"] = [r.get("gpu_decode_ms") or 0 for r in runs]
+    group_bars(ax, cases, series, "ms", "{:.2f}")
+    cfg = doc.get("config", {})
+    header(
+        fig,
+        "DoRA and weighted composition vs plain LoRA of the same total rank",
+        device_of(doc),
+        f"batch {cfg.get('batch')}, {cfg.get('input_len')} in / {cfg.get('output_len')} out, "
+        f"{cfg.get('num_adapters')} adapters of rank {cfg.get('rank')} (compositions: two of rank "
+        f"{max(1, (cfg.get('rank') or 2) // 2)}); benchmarks/bench_dora_compose.py",
+    )
+    return fig
+
+
 PER_FILE = {
     "kernels": plot_kernels,
     "epilogue": plot_epilogue,
@@ -676,6 +700,7 @@ PER_FILE = {
     "serving_core": plot_serving_core,
     "prefix_cache": plot_prefix_cache,
     "routing_sim": plot_routing_sim,
+    "dora_compose": plot_dora_compose,
 }
 
 

@@ -98,8 +98,10 @@ def adapter_bytes(
     return per_layer * config["num_hidden_layers"] * DTYPES[dtype].itemsize
 
 
-def adapter_config(config: dict[str, Any], rank: int, alpha: float, target_modules: Sequence[str]) -> dict:
-    """The ``adapter_config.json`` PEFT's ``save_pretrained`` writes for a plain LoRA adapter."""
+def adapter_config(
+    config: dict[str, Any], rank: int, alpha: float, target_modules: Sequence[str], dora: bool = False
+) -> dict:
+    """The ``adapter_config.json`` PEFT's ``save_pretrained`` writes for a LoRA (or DoRA) adapter."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -111,7 +113,7 @@ def adapter_config(config: dict[str, Any], rank: int, alpha: float, target_modul
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -131,8 +133,11 @@ def random_adapter_tensors(
     seed: int,
     dtype: str = "float32",
     delta_std: float = DEFAULT_DELTA_STD,
+    dora: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Every lora_A / lora_B tensor of one adapter, named as PEFT names them (see the module docstring)."""
+    """Every lora_A / lora_B tensor of one adapter, named as PEFT names them (see the module docstring);
+    with ``dora`` also each module's ``lora_magnitude_vector`` (random, in [0.5, 1.5): any positive
+    magnitudes make a valid DoRA adapter)."""
     unknown = [m for m in target_modules if m not in ALL_TARGETS]
     if unknown:
         raise ValueError(f"unknown target module(s) {', '.join(unknown)}; choose from {', '.join(ALL_TARGETS)}")
@@ -153,6 +158,8 @@ def random_adapter_tensors(
             B = torch.randn(out_f, rank, generator=gen).mul_(b_std)
             tensors[f"{prefix}.lora_A.weight"] = A.to(DTYPES[dtype])
             tensors[f"{prefix}.lora_B.weight"] = B.to(DTYPES[dtype])
+            if dora:
+                tensors[f"{prefix}.lora_magnitude_vector"] = (torch.rand(out_f, generator=gen) + 0.5).to(DTYPES[dtype])
     return tensors
 
 
@@ -172,17 +179,18 @@ def write_random_adapter(
     seed: int = 0,
     dtype: str = "float32",
     delta_std: float = DEFAULT_DELTA_STD,
+    dora: bool = False,
 ) -> Path:
     """Write one random adapter to ``out_dir``; ``alpha`` defaults to ``2 * rank``. Returns ``out_dir``."""
     from safetensors.torch import save_file
 
     config = load_config(config_or_dir)
     alpha = _alpha(rank, alpha)
-    tensors = random_adapter_tensors(config, rank, alpha, target_modules, seed, dtype, delta_std)
+    tensors = random_adapter_tensors(config, rank, alpha, target_modules, seed, dtype, delta_std, dora)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(adapter_config(config, rank, alpha, target_modules), indent=2))
+    (out / CONFIG_NAME).write_text(json.dumps(adapter_config(config, rank, alpha, target_modules, dora), indent=2))
     return out
 
 
@@ -198,6 +206,7 @@ def write_random_adapters(
     dtype: str = "float32",
     delta_std: float = DEFAULT_DELTA_STD,
     prefix: str = "lora",
+    dora: bool = False,
 ) -> dict[str, Path]:
     """Write ``num_adapters`` random adapters to ``out_dir/{prefix}{i}``; returns ``{name: directory}``.
 
@@ -231,6 +240,7 @@ def write_random_adapters(
         "seed": seed,
         "dtype": dtype,
         "delta_std": delta_std,
+        "dora": dora,
         "names": names,
     }
     manifest_path = out / MANIFEST_NAME
@@ -252,6 +262,7 @@ def write_random_adapters(
             seed=seed * 1_000_003 + i,
             dtype=dtype,
             delta_std=delta_std,
+            dora=dora,
         )
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=2))
