@@ -190,7 +190,8 @@ class Settings(BaseSettings):
         False,
         **_opt(
             "Run steps one after another: wait for each step's tokens before scheduling the next (default: the "
-            "host prepares step N+1 while the GPU runs step N; always off with --tp-size > 1).",
+            "host prepares step N+1 while the GPU runs step N; with --tp-size > 1 the other ranks get each "
+            "step's sampled tokens by a broadcast).",
             "scheduling",
         ),
     )

@@ -48,16 +48,20 @@ def test_tp2_matches_tp1_and_peft_with_cycling_adapters(setup):
     batch = prompts(len(ORDER), seed=51)
     expected, _ = peft_generate(peft, batch, ORDER)
     results = {}
-    for size in (2, 1):
-        engine = tp_engine(base, paths, size, max_loras_per_batch=3, max_running_requests=4)
+    for size, sync in ((2, False), (2, True), (1, False)):  # tp 2 overlapped (workers resolve the tokens), sync
+        engine = tp_engine(
+            base, paths, size, max_loras_per_batch=3, max_running_requests=4, disable_overlap_schedule=sync
+        )
         try:
-            assert (engine.tp is not None) == (size > 1)
-            results[size] = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ORDER)
+            assert (engine.tp is not None) == (size > 1) and engine.overlap == (not sync)
+            key = "sync" if sync else size
+            results[key] = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ORDER)
             assert engine.lora.metrics["gpu_evictions"] > 0  # more adapters than slots: slots were refilled
             engine.lora.check_integrity()
         finally:
             engine.shutdown()
     assert [r["output_ids"] for r in results[2]] == expected
+    assert [r["output_ids"] for r in results["sync"]] == expected
     assert [r["output_ids"] for r in results[1]] == expected
     for a, b in zip(results[2], results[1]):
         assert max(abs(x - y) for x, y in zip(logprobs(a), logprobs(b))) < 1e-4

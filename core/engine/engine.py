@@ -95,13 +95,11 @@ class Engine(EngineClient):
         self.model_name, self.context_len = parts.model_name, parts.context_len
         self.kv, self.scheduler, self.runner, self.sampler = parts.kv, parts.scheduler, parts.runner, parts.sampler
         self.lora = parts.lora
-        if self.tp is not None:
-            self.tp.follow_table(self.kv.block_table)
         self.backend_name, self.attention_name = parts.backend_name, parts.attention_name
         self.outputs = OutputBuilder(self.tokenizer, parts.eos_token_ids, detokenize=detokenize)
-        #: the step loop's work (overlapped unless --disable-overlap-schedule; never with TP, whose
-        #: other ranks are handed every step's token ids)
-        self.overlap = not self.settings.disable_overlap_schedule and self.tp is None
+        #: the step loop's work (overlapped unless --disable-overlap-schedule; with TP the other ranks
+        #: get each step's sampled tokens by a broadcast and resolve the placeholders themselves)
+        self.overlap = not self.settings.disable_overlap_schedule
         self.stepper = Stepper(
             self.scheduler,
             self.runner,
@@ -114,6 +112,8 @@ class Engine(EngineClient):
             deliver=lambda r: self._deliver(r, finished=False),
             overlap=self.overlap,
         )
+        if self.tp is not None:
+            self.tp.attach(self.kv.block_table, self.stepper)
         #: prompt-size and queue bounds, and thread-safe tokenization
         self.intake = Intake(
             self.tokenizer, self.context_len, self.settings.max_queued_requests, self.settings.max_prompt_chars

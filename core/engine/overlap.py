@@ -126,3 +126,5 @@ class LaunchedStep:
     top_logprobs: list | None = None
     free_after: list[Request] = field(default_factory=list)
     gpu_events: tuple[Any, Any] | None = None
+    #: tensor parallelism: the sampled tokens went to the other ranks
+    shared: bool = False

@@ -14,8 +14,10 @@ GPU runs step N.
 A request whose stop condition shows up in step N-1's tokens has already been launched in step N:
 that token is dropped (nothing past a stop is delivered) and its KV blocks are freed only after
 step N completed. A request whose last token by length is pending runs no further step.
-With overlap off (``--disable-overlap-schedule``, tensor parallelism) step N completes before step
-N+1 is scheduled: the same code with the completion moved up.
+With overlap off (``--disable-overlap-schedule``) step N completes before step N+1 is scheduled:
+the same code with the completion moved up. With tensor parallelism and overlap, ``share_tokens``
+hands every step's sampled tokens to the other ranks (a broadcast on the device), whose own rings
+resolve the same placeholders.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class Stepper:
         notify); it calls :meth:`release_blocks` for the blocks.
     :param deliver: ``deliver(request)`` hands a request's new output to its consumer.
     :param overlap: launch step N+1 before reading step N's tokens.
+    :param share_tokens: tensor parallelism with overlap: ``share_tokens(tokens)`` after each step
+        that samples (int64, on the device), which the other ranks' rings need; called exactly once
+        per such step, also when the step failed after its forward pass (then with zeros), so every
+        rank runs the same collectives.
     """
 
     def __init__(
@@ -57,10 +63,12 @@ class Stepper:
         finish: Callable[[Request, str], None],
         deliver: Callable[[Request], None],
         overlap: bool,
+        share_tokens: Callable[[torch.Tensor], None] | None = None,
     ):
         self.scheduler, self.runner, self.sampler, self.outputs, self.lora = scheduler, runner, sampler, outputs, lora
         self.device, self.context_len = device, context_len
         self.finish, self.deliver, self.overlap = finish, deliver, overlap
+        self.share_tokens = share_tokens
         rows = max(1, scheduler.max_running)
         self.future = FutureTokens(4 * rows + 64, device)
         self.readback = TokenReadback(rows, device)
@@ -123,11 +131,13 @@ class Stepper:
         kind = "decode" if all(c.num_tokens == 1 for c in plan) else "prefill"
         sampled = [c.request for c in plan if c.samples]
         step = LaunchedStep(self.step_count, kind, plan, sampled, started)
+        forwarded = False
         try:
             if self._timed:
                 step.gpu_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 step.gpu_events[0].record()
             logits = self.runner.forward(plan, resolve=self.future.resolve)
+            forwarded = True
             for c in plan:
                 c.request.num_computed += c.num_tokens
                 c.request.last_step = step.number
@@ -137,6 +147,8 @@ class Stepper:
                 step.gpu_events[1].record()
         except Exception as exc:  # never let one bad step kill the loop: fail its requests
             logger.exception("step failed; its requests are finished with an error")
+            if forwarded and sampled and self.share_tokens is not None and not step.shared:
+                self.share_tokens(torch.zeros(len(sampled), dtype=torch.long, device=self.device))
             self._fail([c.request for c in plan], exc)
             return None
         return step
@@ -147,6 +159,10 @@ class Stepper:
             logits, [r.params for r in sampled], [r.history for r in sampled], [r.generator for r in sampled]
         )
         tokens = result.token_ids
+        if self.share_tokens is not None:
+            tokens = tokens.long().contiguous()
+            self.share_tokens(tokens)
+            step.shared = True
         for i, r in enumerate(sampled):
             if r.history is not None:  # penalties read it next step: update it on the device
                 r.history.add_device(tokens[i : i + 1])

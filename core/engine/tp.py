@@ -8,7 +8,10 @@ processes (ranks 1..N-1, one GPU each, or CPU processes with gloo); all ranks jo
 projection, the vocab-parallel embedding and logits) keep them in lock step. Before every step the
 driver sends each worker the step's chunks (tokens, positions, block-table row, adapter key) and
 the block-table operations since the last step (each worker's device table replays them, so a
-running request's block list is never sent or rebuilt); before a
+running request's block list is never sent or rebuilt). With overlap (the default) a step's ids may
+hold placeholders for tokens rank 0 has not read yet: after every step that samples, rank 0
+broadcasts the sampled tokens on the device and each worker puts them in a token ring like rank 0's,
+from which its runner resolves the placeholders, so no rank waits for the host. Before a
 GPU slot is filled or emptied it sends that decision, so every rank's slot pool holds the same
 adapters in the same slots (one decision, made once, applied everywhere). Workers read adapter
 weights themselves from the adapter's source and keep only their shard on the GPU.
@@ -180,14 +183,26 @@ class TPDriver:
         for conn in self.conns:
             conn.send(message)
 
-    def follow_table(self, table: Any) -> None:
-        """Record rank 0's block-table operations from now on; each step carries those since the last."""
+    def attach(self, table: Any, stepper: Any) -> None:
+        """Follow rank 0's engine from now on: its block-table operations (each step carries those
+        since the last) and, when it overlaps steps, its sampled tokens (:meth:`share_tokens`, into
+        worker rings of the same capacity as its own)."""
         table.journal = []
         self.table = table
+        if stepper.overlap:
+            stepper.share_tokens = self.share_tokens
+            self.send(("ring", stepper.future.capacity))
 
     def send_step(self, chunks: list) -> None:
         journal = self.table.take_journal() if self.table is not None else []
         self.send(("step", journal, describe_chunks(chunks)))
+
+    def share_tokens(self, tokens: torch.Tensor) -> None:
+        """A step's sampled tokens (int64, on the device) to every worker's ring: one broadcast,
+        enqueued on the current stream (NCCL) without waiting for the device."""
+        import torch.distributed as dist
+
+        dist.broadcast(tokens, src=0)
 
     def mirror_lora(self, event: tuple) -> None:
         self.send(("lora",) + event)
@@ -247,6 +262,7 @@ def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
     adapters: dict[tuple, Any] = {}
     lora = parts.lora
     host_rows: dict[int, list[int]] = {}  # this rank's block-table rows as host lists
+    ring = None  # with overlap: the sampled tokens of rank 0's steps (FutureTokens)
     while True:
         try:
             message = conn.recv()
@@ -261,10 +277,28 @@ def worker_main(payload: dict, rank: int, port: int, conn: Any) -> None:
             os._exit(0)
         if kind == "step":
             parts.kv.block_table.replay(message[1], host_rows)
+            chunks = rebuild_chunks(message[2], host_rows)
             with torch.inference_mode():
-                parts.runner.forward(rebuild_chunks(message[2], host_rows))
+                parts.runner.forward(chunks, resolve=ring.resolve if ring is not None else None)
+                receive_tokens(ring, sum(1 for c in chunks if c.samples), parts.device)
+        elif kind == "ring":
+            from loraserve.engine.overlap import FutureTokens
+
+            ring = FutureTokens(message[1], parts.device)
         elif kind == "lora":
             apply_lora_event(lora, adapters, message[1:])
+
+
+def receive_tokens(ring: Any, n: int, device: Any) -> None:
+    """With overlap: the ``n`` tokens rank 0 sampled in the step just run, from its broadcast
+    (:meth:`TPDriver.share_tokens`), into this rank's ring, where the next steps' placeholders point."""
+    if ring is None or n == 0:
+        return
+    import torch.distributed as dist
+
+    tokens = torch.empty(n, dtype=torch.long, device=device)
+    dist.broadcast(tokens, src=0)
+    ring.put(tokens)
 
 
 def _exit_with_parent(poll_s: float = 1.0) -> None:
