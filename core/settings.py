@@ -237,6 +237,17 @@ class Settings(BaseSettings):
             "lora",
         ),
     )
+    lora_gpu_store_gib: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        **_opt(
+            "GiB of GPU memory for adapters kept on the GPU beyond the batch's slots, in pages of 8 rank "
+            "rows (memory proportional to each adapter's rank; a slot is then filled by a device copy). "
+            "0: off, slots are filled from host memory.",
+            "lora",
+        ),
+    )
     max_lora_rank: int | None = Field(
         None, ge=1, **_opt("Largest adapter rank (default: inferred from --lora-paths).", "lora")
     )
@@ -395,6 +406,8 @@ class Settings(BaseSettings):
                     "--lora-paths was given but LoRA is disabled (enable_lora=False); drop --lora-paths or enable LoRA"
                 )
             check_lora_paths(self.lora_paths, self.max_loras_per_batch)
+        if self.lora_gpu_store_gib > 0 and self.tp_size > 1:
+            raise ValueError("--lora-gpu-store-gib needs --tp-size 1 (for now); drop one of them")
         if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
             raise ValueError(
                 f"--max-loaded-loras ({self.max_loaded_loras}) must be at least "

@@ -60,6 +60,8 @@ def take_stats(
             ],
             lora_requests_info=lora_requests_info(scheduler, max_loras_per_batch),
         )
+        if getattr(lora, "store", None) is not None:
+            snap["lora_store"] = lora.store.stats()
     return snap
 
 

@@ -60,6 +60,9 @@ class _EngineCollector:
         counters = s.get("lora_counters")
         if counters is not None:
             yield from _lora_counters(counters)
+        store = s.get("lora_store")
+        if store is not None:
+            yield from _lora_store(store)
         residency = s.get("lora_residency")
         if residency is not None:
             yield _residency(residency)
@@ -191,6 +194,39 @@ def _lora_counters(counters: Mapping[str, Any]):
     family.add_metric(["gpu"], float(counters.get("gpu_evictions", 0)))
     family.add_metric(["host"], float(counters.get("host_evictions", 0)))
     yield family
+
+
+LORA_STORE_GAUGES = (
+    ("lora_store_bytes_used", "GPU adapter store: bytes of pages holding adapters.", "bytes_used"),
+    ("lora_store_bytes_free", "GPU adapter store: bytes of free pages.", "bytes_free"),
+    ("lora_store_adapters", "GPU adapter store: adapters held.", "resident"),
+    ("lora_store_padding_rows", "GPU adapter store: rank rows held but unused (ranks rounded up to pages).",
+     "padding_rows"),
+    ("lora_store_fragmentation_ratio", "GPU adapter store: share of free pages outside the largest free run.",
+     "fragmentation"),
+)  # fmt: skip
+LORA_STORE_COUNTERS = (
+    ("lora_store_evictions", "GPU adapter store: adapters evicted to make room.", "store_evictions"),
+    ("lora_store_compactions", "GPU adapter store: compactions (runs moved to close gaps).", "compactions"),
+    ("lora_store_hits", "GPU adapter store: slot fills served from the store (device copies).", "store_hits"),
+)
+
+
+def _lora_store(store: Mapping[str, Any]):
+    """The GPU adapter store's pages, adapters and fragmentation (``--lora-gpu-store-gib``)."""
+    for name, doc, key in LORA_STORE_GAUGES:
+        family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
+        family.add_metric([], float(store.get(key, 0)))
+        yield family
+    for name, doc, key in LORA_STORE_COUNTERS:
+        family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
+        family.add_metric([], float(store.get(key, 0)))
+        yield family
+    ranks = GaugeMetricFamily(f"{PREFIX}_lora_store_adapters_by_rank", "GPU adapter store: adapters by rank.",
+                              labels=["rank"])  # fmt: skip
+    for rank in sorted(set(store.get("ranks", []))):
+        ranks.add_metric([str(rank)], float(store["ranks"].count(rank)))
+    yield ranks
 
 
 def _prefix_cache(cache: Mapping[str, int]):

@@ -47,6 +47,9 @@ class SlotAdmission:
         ``wait(handle) -> seconds`` (see :mod:`loraserve.lora.overlap`).
     :param mirror: tensor parallelism: ``mirror(event)`` replays every slot decision on the other
         ranks' pools: ``("fill", slot, key, name, source, components)``, ``("evict", slot)``, ``("forget", key)``.
+    :param store: the rank-paged GPU tier (:class:`~loraserve.lora.gpu_store.GpuAdapterStore`) or
+        None: a slot fill then copies from the store (device to device), putting the adapter there
+        first when it is not, and an adapter the store holds needs no host copy.
     :param components: ``components(source)``: a composition's ``[(name, source, weight)]`` (sent with
         its fill, so the other ranks build it from its components), None for any other adapter.
     :param finish: ``finish(adapter) -> adapter`` right before a filled slot's weights are written, after
@@ -68,6 +71,7 @@ class SlotAdmission:
         waiting: Callable[[], Iterable],
         copy_engine: Any = None,
         mirror: Callable[[tuple], None] | None = None,
+        store: Any = None,
         finish: Callable[[Any], Any] | None = None,
         components: Callable[[str], Any] | None = None,
         prefetch_lookahead: int = 0,
@@ -77,6 +81,7 @@ class SlotAdmission:
         self.running, self.waiting = running, waiting
         self.copy_engine = copy_engine
         self.mirror = mirror
+        self.store = store
         self.finish = finish
         self.components = components
         self.prefetch_lookahead = prefetch_lookahead
@@ -134,7 +139,9 @@ class SlotAdmission:
         if slot is None:
             return None
         self.metrics["misses"] += 1
-        adapter = None if ref is None else self._host_copy(ref)
+        adapter = None
+        if ref is not None:  # the GPU store's copy when it holds one (then no host copy is needed)
+            adapter = (self.store.get(key) if self.store is not None else None) or self._host_copy(ref)
         if victim is not None:
             self.pool.evict(slot)
             self.metrics["gpu_evictions"] += 1
@@ -163,12 +170,22 @@ class SlotAdmission:
         engine = self.copy_engine
         if engine is None or not engine.asynchronous:
             t0 = time.perf_counter()
-            self.metrics["bytes_copied"] += self.pool.write(slot, adapter)
+            self.metrics["bytes_copied"] += self._write(slot, key, adapter, False)
             self.metrics["copy_seconds"] += time.perf_counter() - t0
             return
-        handle = engine.submit(lambda: self.pool.write(slot, adapter, non_blocking=True))
+        handle = engine.submit(lambda: self._write(slot, key, adapter, True))
         handle["adapter"] = adapter  # the host copy stays alive until the copy is done
         self.pool.loading[slot] = handle
+
+    def _write(self, slot: int, key: tuple, adapter: Any, non_blocking: bool) -> int:
+        """Copy ``adapter``'s weights into ``slot`` on the current stream: from the host, or with the
+        GPU store through it (put there first unless it came from there); returns the bytes copied."""
+        if self.store is None:
+            return self.pool.write(slot, adapter, non_blocking=non_blocking)
+        from loraserve.lora.gpu_store import StoredAdapter
+
+        entry = adapter if isinstance(adapter, StoredAdapter) else self.store.put(key, adapter, set(), non_blocking)
+        return self.store.fill_slot(slot, entry)
 
     def _copy_finished(self, slot: int) -> bool:
         """Whether ``slot``'s copy is done (queried without blocking); if so, retire it."""
@@ -228,8 +245,10 @@ class SlotAdmission:
         return adapter
 
     def forget(self, key: tuple) -> None:
-        """Drop ``key`` from the host cache and its GPU slot (engine thread), on every rank."""
+        """Drop ``key`` from the host cache, the GPU store and its GPU slot (engine thread), on every rank."""
         self.host.remove(key)
+        if self.store is not None:
+            self.store.remove(key)
         slot = self.pool.slot_of(key)
         if slot is not None:
             self.pool.evict(slot)

@@ -93,6 +93,13 @@ class LoRAManager:
             model, settings, plugins, backend, self.shape, max_rank, self.target_modules, dtype, device
         )
         self.pin_host, self.dtype = pin_host, dtype
+        #: the rank-paged GPU tier (--lora-gpu-store-gib), or None
+        self.store = None
+        if settings.lora_gpu_store_gib > 0:
+            from loraserve.lora.gpu_store import GpuAdapterStore
+
+            policy_ = plugins.eviction_policies.create(settings.lora_eviction_policy)
+            self.store = GpuAdapterStore(self.pool, int(settings.lora_gpu_store_gib * 2**30), policy_)
         # prefetch scans twice as many waiting requests as a batch has slots
         self.admission = SlotAdmission(
             self.pool,
@@ -104,6 +111,7 @@ class LoRAManager:
             waiting=waiting,
             copy_engine=copy_engine,
             mirror=mirror,
+            store=self.store,
             finish=lambda adapter: self.dora.finish(adapter),
             components=lambda source: self.compositions.parts_of(source),
             prefetch_lookahead=2 * settings.max_loras_per_batch,

@@ -240,15 +240,7 @@ class GpuAdapterPool:
             raise UserError("this GPU pool has no DoRA scale buffers (DoRA needs a backend with supports_dora)")
         if getattr(adapter, "dora_partial", None):
             raise RuntimeError("a DoRA adapter's row-parallel scales were not completed (dora.finish_scales)")
-        for key, buf in self.dora_scale.items():
-            scale = dora_scales.get(key)
-            if scale is None:
-                buf[slot].fill_(1.0)
-            else:
-                buf[slot].copy_(scale, non_blocking=non_blocking)
-                copied += scale.numel() * scale.element_size()
-        if self.dora_flags is not None:
-            self.dora_flags[slot : slot + 1].fill_(1 if dora_scales else 0)
+        copied += self.write_dora(slot, dora_scales, non_blocking)
         for (layer, name), A_buf in self.A.items():
             B_buf = self.B[(layer, name)]
             w = self._weights_for(adapter, layer, name)
@@ -272,6 +264,21 @@ class GpuAdapterPool:
                 A_buf[slot, i * R : i * R + r].copy_(A[i * r : (i + 1) * r], non_blocking=non_blocking)
             for lo, hi, src in B_rows:
                 B_buf[slot, lo:hi, :r].copy_(src, non_blocking=non_blocking)
+        return copied
+
+    def write_dora(self, slot: int, dora_scales: dict, non_blocking: bool = False) -> int:
+        """Set ``slot``'s DoRA scales (1 where ``dora_scales`` has none) and its device flag; returns
+        the bytes copied."""
+        copied = 0
+        for key, buf in self.dora_scale.items():
+            scale = dora_scales.get(key)
+            if scale is None:
+                buf[slot].fill_(1.0)
+            else:
+                buf[slot].copy_(scale, non_blocking=non_blocking)
+                copied += scale.numel() * scale.element_size()
+        if self.dora_flags is not None:
+            self.dora_flags[slot : slot + 1].fill_(1 if dora_scales else 0)
         return copied
 
     def _local_parts(
