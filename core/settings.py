@@ -237,6 +237,16 @@ class Settings(BaseSettings):
             "lora",
         ),
     )
+    max_loaded_lora_gib: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        **_opt(
+            "GiB of adapter weights kept in host memory (default: unbounded); with --max-loaded-loras, "
+            "whichever bound is reached first evicts. An evicted adapter is read again from its source.",
+            "lora",
+        ),
+    )
     lora_gpu_store_gib: float = Field(
         0.0,
         ge=0,

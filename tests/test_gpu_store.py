@@ -34,8 +34,9 @@ RANKS = {
 ORDER = ["r64", "r1", None, "r40", "r5", "r16", "r8", "r64", "r1", "r40", "r16", None]
 
 
-def settings_for(base, paths, gib):
+def settings_for(base, paths, gib, host_gib=None):
     return make_settings(
+        max_loaded_lora_gib=host_gib,
         model_path=base,
         device="cpu",
         max_total_tokens=2048,
@@ -53,9 +54,12 @@ def test_mixed_ranks_through_a_small_store_match_peft(tmp_path):
     base, paths, peft = _family_case(model, tmp_path, RANKS, seed=70)
     probe = Engine(settings_for(base, paths, 0.01))
     page_bytes = probe.lora.store.page_bytes
+    largest = max(probe.lora.host.get(ref.key).nbytes for ref in probe.lora.registry.refs())
     probe.shutdown()
-    # ranks 1, 5, 8, 16, 40, 64 need 1 + 1 + 1 + 2 + 5 + 8 = 18 pages of 8 rows; hold 11
-    engine = Engine(settings_for(base, paths, 11 * page_bytes / 2**30 + 1e-9))
+    # ranks 1, 5, 8, 16, 40, 64 need 1 + 1 + 1 + 2 + 5 + 8 = 18 pages of 8 rows; hold 11. The host cache
+    # holds 1.5 x the largest adapter's bytes: adapters the store lacks are read again from disk
+    host_gib = 1.5 * largest / 2**30
+    engine = Engine(settings_for(base, paths, 11 * page_bytes / 2**30 + 1e-9, host_gib))
     try:
         store = engine.lora.store
         assert store.num_pages == 11
@@ -67,12 +71,21 @@ def test_mixed_ranks_through_a_small_store_match_peft(tmp_path):
             ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
             assert max(abs(a - b) for a, b in zip(ours, expected_lp[i])) < 1e-3
         stats = store.stats()
-        assert stats["store_evictions"] > 0 and stats["store_hits"] > 0  # evicted, and slots refilled from it
+        assert stats["store_evictions"] > 0
         assert stats["bytes_used"] + stats["bytes_free"] == 11 * page_bytes
+        assert engine.lora.metrics["host_evictions"] > 0 and engine.lora.host.nbytes <= 1.5 * largest
         engine.lora.check_integrity()
         store.check_integrity()
         again = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ORDER)
         assert [r["output_ids"] for r in again] == expected  # after more evictions and reuse of pages
+        # slots refilled from the store: r1 and r5 (one page each) stay in it (older adapters are the LRU
+        # victims) while r8, r16 and r40 take all three slots
+        hits = store.stats()["store_hits"]
+        for names in (["r1", "r5"], ["r8", "r16", "r40"], ["r1", "r5"]):
+            rows = [ORDER.index(name) for name in names]
+            out = engine.generate(input_ids=[batch[i] for i in rows], sampling_params=GREEDY, lora_path=names)
+            assert [r["output_ids"] for r in out] == [expected[i] for i in rows]
+        assert store.stats()["store_hits"] >= hits + 2
         families = {f.name: f for f in _lora_store(engine.stats()["lora_store"])}
         used = families["loraserve_lora_store_bytes_used"].samples[0].value
         assert used == store.stats()["bytes_used"] > 0

@@ -228,7 +228,8 @@ class SlotAdmission:
 
     def cache_on_host(self, key: tuple, adapter: Any) -> None:
         """Put ``adapter`` in the host cache, evicting an adapter no request or pin protects if full."""
-        self._notify_evicted(self.host.make_room(self._host_protected() | {key}), "host")
+        incoming = int(getattr(adapter, "nbytes", 0))
+        self._notify_evicted(self.host.make_room(self._host_protected() | {key}, incoming), "host")
         self.host.put(key, adapter)
 
     def _host_copy(self, ref: AdapterRef):

@@ -86,7 +86,9 @@ class LoRAManager:
         #: private directories of the adapters pushed as tensors (load_adapter_from_tensors)
         self.tensor_sources = TensorSources(self.policy)
         self.host = HostAdapterCache(
-            settings.host_cache_capacity, plugins.eviction_policies.create(settings.lora_eviction_policy)
+            settings.host_cache_capacity,
+            plugins.eviction_policies.create(settings.lora_eviction_policy),
+            None if settings.max_loaded_lora_gib is None else int(settings.max_loaded_lora_gib * 2**30),
         )
         # the fused modules: those whose base GEMM may do the shrink
         self.pool, shrink_in_gemm_modules = make_pool(

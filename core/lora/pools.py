@@ -31,12 +31,14 @@ BASE_KEY = ("", 0)  # the base model's key in the GPU pool: rank 0, no weights
 
 
 class HostAdapterCache:
-    """key -> adapter (CPU tensors), bounded by ``capacity`` (None: unbounded)."""
+    """key -> adapter (CPU tensors), bounded by ``capacity`` adapters and ``capacity_bytes`` bytes of
+    weights (None: unbounded)."""
 
-    def __init__(self, capacity: int | None, policy: EvictionPolicy):
-        self.capacity = capacity
+    def __init__(self, capacity: int | None, policy: EvictionPolicy, capacity_bytes: int | None = None):
+        self.capacity, self.capacity_bytes = capacity, capacity_bytes
         self.policy = policy
         self._adapters: dict[Hashable, Any] = {}
+        self._bytes: dict[Hashable, int] = {}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._adapters
@@ -46,7 +48,7 @@ class HostAdapterCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._adapters.values())
+        return sum(self._bytes.values())
 
     def get(self, key: Hashable) -> Any | None:
         adapter = self._adapters.get(key)
@@ -54,29 +56,43 @@ class HostAdapterCache:
             self.policy.touch(key)
         return adapter
 
-    def make_room(self, protected: set) -> list[Hashable]:
-        """Evict until one more adapter fits; returns the evicted keys. Raises when every
-        resident adapter is protected."""
+    def _full(self, incoming_bytes: int) -> bool:
+        if self.capacity is not None and len(self._adapters) >= self.capacity:
+            return True
+        return self.capacity_bytes is not None and self.nbytes + incoming_bytes > self.capacity_bytes
+
+    def make_room(self, protected: set, incoming_bytes: int = 0) -> list[Hashable]:
+        """Evict until one more adapter of ``incoming_bytes`` fits; returns the evicted keys. Raises
+        when every resident adapter is protected (or the adapter alone is over the byte bound)."""
+        if self.capacity_bytes is not None and incoming_bytes > self.capacity_bytes:
+            raise UserError(
+                f"the adapter's {incoming_bytes / 2**20:.1f} MiB of weights exceed the host adapter cache's "
+                f"{self.capacity_bytes / 2**20:.1f} MiB (--max-loaded-lora-gib); raise it"
+            )
         evicted = []
-        while self.capacity is not None and len(self._adapters) >= self.capacity:
+        while self._full(incoming_bytes):
             victim = self.policy.victim([k for k in self._adapters if k not in protected])
             if victim is None:
                 raise UserError(
-                    f"the host adapter cache is full ({self.capacity} adapters, --max-loaded-loras) "
-                    "and every adapter in it is pinned or in use; unload one or raise --max-loaded-loras"
+                    f"the host adapter cache is full ({len(self._adapters)} adapters, {self.nbytes / 2**20:.1f} MiB; "
+                    "--max-loaded-loras, --max-loaded-lora-gib) and every adapter in it is pinned or in use; "
+                    "unload one or raise the bound"
                 )
             self.remove(victim)
             evicted.append(victim)
         return evicted
 
     def put(self, key: Hashable, adapter: Any) -> None:
-        if self.capacity is not None and len(self._adapters) >= self.capacity and key not in self._adapters:
+        nbytes = int(getattr(adapter, "nbytes", 0))
+        if key not in self._adapters and self._full(nbytes):
             raise RuntimeError("make_room() before put()")
         self._adapters[key] = adapter
+        self._bytes[key] = nbytes
         self.policy.insert(key)
 
     def remove(self, key: Hashable) -> None:
         if self._adapters.pop(key, None) is not None:
+            self._bytes.pop(key, None)
             self.policy.remove(key)
 
     def keys(self) -> list[Hashable]:
@@ -85,6 +101,8 @@ class HostAdapterCache:
     def check_integrity(self) -> None:
         if self.capacity is not None and len(self._adapters) > self.capacity:
             raise RuntimeError(f"host cache holds {len(self._adapters)} adapters, capacity {self.capacity}")
+        if self.capacity_bytes is not None and self.nbytes > self.capacity_bytes:
+            raise RuntimeError(f"host cache holds {self.nbytes} bytes, capacity {self.capacity_bytes}")
 
 
 class GpuAdapterPool:
