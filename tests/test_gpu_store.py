@@ -93,6 +93,20 @@ def test_mixed_ranks_through_a_small_store_match_peft(tmp_path):
         assert sum(by_rank.values()) == len(store.entries)
     finally:
         engine.shutdown()
+    # two requests at a time: the waiting requests' adapters are put into the store before their turn
+    engine = Engine(
+        settings_for(base, paths, 11 * page_bytes / 2**30 + 1e-9).model_copy(update={"max_running_requests": 2})
+    )
+    try:
+        names = ["r1", "r5", "r8", "r16", "r40", "r1"]
+        rows = [ORDER.index(name) for name in names]
+        out = engine.generate(input_ids=[batch[i] for i in rows], sampling_params=GREEDY, lora_path=names)
+        assert [r["output_ids"] for r in out] == [expected[i] for i in rows]
+        stats = engine.lora.store.stats()
+        assert stats["store_prefetches"] > 0 and stats["store_hits"] > 0
+        engine.lora.check_integrity()
+    finally:
+        engine.shutdown()
 
 
 # -- the store on its own, against the pool's host-to-device write -----------------------------------

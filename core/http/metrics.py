@@ -209,6 +209,7 @@ LORA_STORE_COUNTERS = (
     ("lora_store_evictions", "GPU adapter store: adapters evicted to make room.", "store_evictions"),
     ("lora_store_compactions", "GPU adapter store: compactions (runs moved to close gaps).", "compactions"),
     ("lora_store_hits", "GPU adapter store: slot fills served from the store (device copies).", "store_hits"),
+    ("lora_store_prefetches", "GPU adapter store: adapters put there for waiting requests.", "store_prefetches"),
 )
 
 

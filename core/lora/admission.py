@@ -82,6 +82,7 @@ class SlotAdmission:
         self.copy_engine = copy_engine
         self.mirror = mirror
         self.store = store
+        self._store_copies: list = []  # prefetches into the store still copying (overlap loading)
         self.finish = finish
         self.components = components
         self.prefetch_lookahead = prefetch_lookahead
@@ -209,6 +210,8 @@ class SlotAdmission:
         neither the running batch nor an earlier request of the window needs."""
         for slot in list(self.pool.loading):
             self._copy_finished(slot)
+        if self.store is not None:
+            self._prefetch_to_store()
         if self.copy_engine is None or not self.copy_engine.asynchronous:
             return
         protected = self.batch_keys()
@@ -223,6 +226,35 @@ class SlotAdmission:
                 return
             protected.add(key)
             self.metrics["prefetches"] += 1
+
+    def _prefetch_to_store(self) -> None:
+        """Put the adapters of the first ``prefetch_lookahead`` waiting requests into the GPU store when
+        neither a slot nor the store holds them, so their slot fills are device copies; the store
+        evicts none that the running batch or the window needs, and prefetch stops when it cannot."""
+        engine = self.copy_engine
+        asynchronous = engine is not None and engine.asynchronous
+        self._store_copies = [h for h in self._store_copies if not engine.done(h)]
+        window = [r for _, r in zip(range(self.prefetch_lookahead), self.waiting())]
+        keep = self.batch_keys() | {key_of(r) for r in window}
+        for r in window:
+            ref = r.adapter_ref
+            if ref is None or ref.key in self.store.entries or self.pool.slot_of(ref.key) is not None:
+                continue
+            try:
+                adapter = self._host_copy(ref)
+            except UserError:
+                continue  # (its own slot fill reports it)
+            try:
+                if asynchronous:  # on the load stream, like slot fills; the host copy lives until it is done
+                    handle = engine.submit(lambda ref=ref, a=adapter: self.store.put(ref.key, a, keep, True) and 0)
+                    # (submit's fill returns the bytes it counts: slot fills count theirs)
+                    handle["adapter"] = adapter
+                    self._store_copies.append(handle)
+                else:
+                    self.store.put(ref.key, adapter, keep)
+            except UserError:
+                return  # no room without evicting what the batch or the window needs
+            self.store.metrics["store_prefetches"] += 1
 
     # -- the host tier ----------------------------------------------------------------------------
 

@@ -86,6 +86,7 @@ class GpuAdapterStore:
         self.entries: dict[Hashable, StoredAdapter] = {}
         self.owner: list[Hashable | None] = [None] * self.num_pages
         self.metrics = {"store_puts": 0, "store_hits": 0, "store_evictions": 0, "compactions": 0, "pages_moved": 0}
+        self.metrics["store_prefetches"] = 0
 
     def _slices(self, key: tuple[int, str]) -> int:
         layer, name = key
