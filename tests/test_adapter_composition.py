@@ -182,6 +182,19 @@ def test_the_http_spellings_equal_the_python_api(served):
     assert 'adapter="(composition)"' in metrics and "alpha*" not in metrics
 
 
+def test_a_composition_of_loaded_adapters_has_a_card(served):
+    client, _ = served
+    listed = [card["id"] for card in client.get("/v1/models").json()["data"]]
+    assert "alpha" in listed and not any("*" in name for name in listed)  # compositions are not listed
+    for model in ("alpha*0.5+beta*-0.75", "tiny:alpha*0.5+beta*-0.75"):
+        card = client.get(f"/v1/models/{model}")
+        assert card.status_code == 200, card.text
+        assert card.json()["id"] == model and card.json()["parent"] == "tiny"
+        assert card.json()["composition"] == [{"name": "alpha", "weight": 0.5}, {"name": "beta", "weight": -0.75}]
+    for model in ("alpha*0.5+nope*0.5", "alpha*0.5+beta", "tiny*0.5+alpha*0.5"):
+        assert client.get(f"/v1/models/{model}").status_code == 404, model
+
+
 @pytest.mark.parametrize(
     "model, status, message",
     [
