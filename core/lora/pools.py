@@ -286,8 +286,13 @@ class GpuAdapterPool:
 
     def write_dora(self, slot: int, dora_scales: dict, non_blocking: bool = False) -> int:
         """Set ``slot``'s DoRA scales (1 where ``dora_scales`` has none) and its device flag; returns
-        the bytes copied."""
+        the bytes copied. A plain adapter only clears the flag: a slot's scales are read only while
+        its flag is set (one launch instead of one fill per projection)."""
         copied = 0
+        if not dora_scales:
+            if self.dora_flags is not None:
+                self.dora_flags[slot : slot + 1].fill_(0)
+            return 0
         for key, buf in self.dora_scale.items():
             scale = dora_scales.get(key)
             if scale is None:
