@@ -31,6 +31,7 @@ from loraserve.http.errors import APIError, ClientDisconnected, parse_body, read
 from loraserve.http.openapi import errors, request_body
 from loraserve.http.serving import EventStream, Generations, Item, check_sequences, fan_out, samples_of
 from loraserve.lora.composition import is_composition, parse_spelling, spelling
+from loraserve.plugins.frontend_openai.cards import composition_card
 from loraserve.plugins.frontend_openai.protocol import ChatCompletionRequest, CompletionRequest
 from loraserve.plugins.frontend_openai.streams import chat_chunks, completion_chunks, framed
 
@@ -268,34 +269,10 @@ def _add_model_routes(app: FastAPI, front: OpenAIFrontend) -> None:
         prefix, _, name = model_id.partition(":")  # BASE:ADAPTER, as the generation routes take it
         if prefix == front.model.name and name in cards and name != prefix:
             return {**cards[name], "id": model_id}
-        card = composition_card(model_id, cards, front.model.name)
+        card = composition_card(model_id, cards, front.model.name)  # (not listed, but found)
         if card is not None:
             return card
         raise front.not_found(model_id, front.adapter_names())
-
-
-def composition_card(model_id: str, cards: dict, base: str) -> dict | None:
-    """The card of a weighted composition of loaded adapters (``a*0.7+b*0.3``, optionally after
-    ``BASE:``), or None: a composition is not listed (any weights make one), but it can be looked up."""
-    from loraserve.errors import UserError
-    from loraserve.lora.composition import is_composition, parse_spelling
-
-    text = model_id[len(base) + 1 :] if model_id.startswith(base + ":") else model_id
-    if not is_composition(text):
-        return None
-    try:
-        components = parse_spelling(text)
-    except UserError:
-        return None
-    if any(name not in cards or name == base for name, _ in components):
-        return None
-    return {
-        **cards[base],
-        "id": model_id,
-        "root": None,
-        "parent": base,
-        "composition": [{"name": name, "weight": weight} for name, weight in components],
-    }
 
 
 def _add_completion_route(app: FastAPI, front: OpenAIFrontend) -> None:
