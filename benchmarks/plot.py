@@ -66,6 +66,8 @@ def kind_of(doc: object) -> str | None:
     """The figure kind a parsed result file feeds, from its shape (None: not known)."""
     if isinstance(doc, dict) and doc.get("benchmark") == "routing_sim" and isinstance(doc.get("runs"), list):
         return "routing_sim"  # a simulation: no device
+    if isinstance(doc, dict) and doc.get("benchmark") == "store_sim" and isinstance(doc.get("runs"), list):
+        return "store_sim"
     if not isinstance(doc, dict) or "device" not in doc and doc.get("benchmark") != "bench_serving":
         return None
     cases = doc.get("cases")
@@ -691,6 +693,29 @@ def plot_dora_compose(doc: dict) -> plt.Figure:
     return fig
 
 
+def plot_store_sim(doc: dict) -> plt.Figure:
+    """store_sim JSON (benchmarks/sim_store.py): adapters resident on the GPU and the GPU hit rate,
+    pages of 8 rank rows vs slots padded to the maximum rank, per memory budget."""
+    runs = doc["runs"]
+    groups = [f"{r['gib']:g} GiB" for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
+    for ax, field, name, fmt in (
+        (axes[0], "resident_mean", "adapters resident (mean)", "{:.0f}"),
+        (axes[1], "hit_rate", "requests finding their adapter on the GPU", "{:.2f}"),
+    ):
+        group_bars(ax, groups, {d: [r[d][field] for r in runs] for d in ("paged", "padded")}, name, fmt)
+        ax.set_title(name, fontsize=10)
+    cfg = doc.get("config", {})
+    header(
+        fig,
+        "GPU adapter memory: pages of rank rows vs padded slots",
+        "a simulation (no GPU)",
+        f"{cfg.get('num_adapters')} adapters of ranks {cfg.get('ranks')}, {cfg.get('num_requests')} requests, "
+        f"Zipf {cfg.get('zipf')}; {Path(cfg.get('config_dir', '')).name} shape; benchmarks/sim_store.py",
+    )
+    return fig
+
+
 PER_FILE = {
     "kernels": plot_kernels,
     "epilogue": plot_epilogue,
@@ -701,6 +726,7 @@ PER_FILE = {
     "prefix_cache": plot_prefix_cache,
     "routing_sim": plot_routing_sim,
     "dora_compose": plot_dora_compose,
+    "store_sim": plot_store_sim,
 }
 
 

@@ -34,6 +34,7 @@ EXPECTED = [
     "scheduler_cpu_x86_64_2_cores.png",
     "attention_host_cpu_x86_64_2_cores.png",
     "prefix_cache_cpu_x86_64_2_cores.png",
+    "store_sim.png",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -90,6 +91,7 @@ def test_unknown_shapes_are_skipped(tmp_path, capsys):
         ("scheduler_", "scheduler"),
         ("prefix_cache_", "prefix_cache"),
         ("routing_sim", "routing_sim"),
+        ("store_sim", "store_sim"),
     ],
 )
 def test_kind_of_recorded_files(prefix, kind):
