@@ -208,6 +208,8 @@ def test_refusals():
     big = random_adapter(rng, gen, "big")
     while big.rank <= 8:
         big = random_adapter(rng, gen, "big")
+    with pytest.raises(ConfigError, match="more than 90% of the"):
+        GpuAdapterStore(pool, capacity_bytes=10**15, policy=LRUPolicy())
     store.put(("big", 1), big, set())
     pool.pinned.add(("big", 1))
     with pytest.raises(UserError, match="raise --lora-gpu-store-gib"):

@@ -23,6 +23,7 @@ hold copies, so evicting a stored adapter never touches a slot.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,24 @@ class StoredAdapter:
         return {}
 
 
+def check_room(nbytes: int, device: torch.device) -> None:
+    """ConfigError when ``nbytes`` are more than the device has free (CUDA) or than the machine's
+    memory (CPU), instead of an out-of-memory error from deep inside the allocation."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        where = "free GPU memory"
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where = "this machine's memory"
+    else:
+        return
+    if nbytes > 0.9 * free:
+        raise ConfigError(
+            f"--lora-gpu-store-gib asks for {nbytes / 2**30:.2f} GiB, more than 90% of the "
+            f"{free / 2**30:.2f} GiB of {where}; give less (the model and the KV cache need room too)"
+        )
+
+
 class GpuAdapterStore:
     """Adapters on the GPU in rank-row pages (see the module docstring).
 
@@ -79,6 +98,7 @@ class GpuAdapterStore:
                 f"than the {need} one adapter of rank {pool.max_rank} (--max-lora-rank) needs: give at least "
                 f"{need * self.page_bytes / 2**30:.3f} GiB, or 0 to turn the store off"
             )
+        check_room(self.num_pages * self.page_bytes, self.device)
         rows = self.num_pages * P
         self.A = {key: torch.zeros(self._slices(key), rows, a.shape[-1], dtype=self.dtype, device=self.device)
                   for key, a in pool.A.items()}  # fmt: skip
