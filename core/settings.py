@@ -416,8 +416,6 @@ class Settings(BaseSettings):
                     "--lora-paths was given but LoRA is disabled (enable_lora=False); drop --lora-paths or enable LoRA"
                 )
             check_lora_paths(self.lora_paths, self.max_loras_per_batch)
-        if self.lora_gpu_store_gib > 0 and self.tp_size > 1:
-            raise ValueError("--lora-gpu-store-gib needs --tp-size 1 (for now); drop one of them")
         if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
             raise ValueError(
                 f"--max-loaded-loras ({self.max_loaded_loras}) must be at least "

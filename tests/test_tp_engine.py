@@ -165,7 +165,8 @@ def test_steps_carry_rows_not_block_lists():
 def test_tp2_dora_matches_peft(tmp_path):
     """DoRA at --tp-size 2: column-parallel projections (qkv, gate_up) take their own rows' scales,
     row-parallel ones (o, down) sum the ranks' partial norms at each slot fill; with fewer slots than
-    adapters the fills (and their collective) repeat. Tokens and log-probabilities equal PEFT's."""
+    adapters the fills (and their collective) repeat. Tokens and log-probabilities equal PEFT's. With
+    rank 0's GPU store on: the plain adapter is refilled from it, the DoRA ones skip it."""
     import torch
     from lora_utils import tiny_llama_config, tiny_model
     from test_dora import ROWS, _case, peft_rows
@@ -174,14 +175,16 @@ def test_tp2_dora_matches_peft(tmp_path):
     base, paths, peft = _case(tiny_model(tiny_llama_config(), seed=0), tmp_path)
     batch = torch.randint(0, 256, (len(ROWS), 5), generator=torch.Generator().manual_seed(5)).tolist()
     expected, expected_lp = peft_rows(peft, batch, ROWS)
-    engine = tp_engine(base, paths, 2, max_loras_per_batch=2, max_running_requests=3)
+    engine = tp_engine(base, paths, 2, max_loras_per_batch=2, max_running_requests=3, lora_gpu_store_gib=0.001)
     try:
         results = engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ROWS)
+        results += engine.generate(input_ids=batch, sampling_params=GREEDY, lora_path=ROWS)
         assert engine.lora.metrics["gpu_evictions"] > 0
+        assert [key[0] for key in engine.lora.store.entries] == ["plain"] and engine.lora.store.metrics["store_hits"]
         engine.lora.check_integrity()
     finally:
         engine.shutdown()
-    assert_matches_peft(results, expected, expected_lp, ROWS, "tp2 dora")
+    assert_matches_peft(results, expected * 2, expected_lp * 2, ROWS * 2, "tp2 dora")
 
 
 def test_tp2_compositions_match_peft_cat(tmp_path):

@@ -181,12 +181,17 @@ class SlotAdmission:
     def _write(self, slot: int, key: tuple, adapter: Any, non_blocking: bool) -> int:
         """Copy ``adapter``'s weights into ``slot`` on the current stream: from the host, or with the
         GPU store through it (put there first unless it came from there); returns the bytes copied."""
-        if self.store is None:
+        if self.store is None or not self._storable(adapter):
             return self.pool.write(slot, adapter, non_blocking=non_blocking)
         from loraserve.lora.gpu_store import StoredAdapter
 
         entry = adapter if isinstance(adapter, StoredAdapter) else self.store.put(key, adapter, set(), non_blocking)
         return self.store.fill_slot(slot, entry)
+
+    def _storable(self, adapter: Any) -> bool:
+        """Whether the GPU store may hold ``adapter``: not a DoRA adapter under tensor parallelism (its
+        fills must run the scales' collective on every rank; see :mod:`~loraserve.lora.gpu_store`)."""
+        return self.mirror is None or not getattr(adapter, "is_dora", False)
 
     def _copy_finished(self, slot: int) -> bool:
         """Whether ``slot``'s copy is done (queried without blocking); if so, retire it."""
@@ -244,6 +249,8 @@ class SlotAdmission:
                 adapter = self._host_copy(ref)
             except UserError:
                 continue  # (its own slot fill reports it)
+            if not self._storable(adapter):
+                continue
             try:
                 if asynchronous:  # on the load stream, like slot fills; the host copy lives until it is done
                     handle = engine.submit(lambda ref=ref, a=adapter: self.store.put(ref.key, a, keep, True) and 0)

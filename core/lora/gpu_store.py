@@ -10,6 +10,11 @@ large one would. Filling a slot from the store is a device-to-device copy of the
 copies per projection) instead of a host-to-device copy, and the host cache may drop an adapter the
 store holds.
 
+Tensor parallelism: each rank's store holds that rank's part of each adapter, as its slots do; only
+rank 0 has a store (the other ranks fill their slots from host memory, as they are told to), and
+DoRA adapters skip it there, since their row-parallel scales need a collective at every fill on every
+rank (see :mod:`~loraserve.lora.dora`).
+
 Layout: per projection ``A [slices, pages * page_rank, in]`` and ``B [out, pages * page_rank]``; an
 adapter's pages are one contiguous run, so its rows of each projection are one strided block and a
 slot fill is one copy each for ``A`` and ``B``. Rows past a projection's own rank (a module the
@@ -82,8 +87,6 @@ class GpuAdapterStore:
     """
 
     def __init__(self, pool: Any, capacity_bytes: int, policy: EvictionPolicy, page_rank: int = DEFAULT_PAGE_RANK):
-        if pool.shard:
-            raise ConfigError("--lora-gpu-store-gib needs --tp-size 1 (for now)")
         self.pool, self.policy = pool, policy
         self.page_rank = P = max(1, min(page_rank, pool.max_rank))
         some = next(iter(pool.A.values()))
@@ -151,8 +154,11 @@ class GpuAdapterStore:
         A, B = w
         n = A_store.shape[0]
         r = A.shape[0] // n
+        # this rank's part (tensor parallelism: see GpuAdapterPool.write); the whole tensors otherwise
+        A, B_rows = self.pool._local_parts(key[1], A, B) if key[0] >= 0 else (A, [(0, B.shape[0], B)])
         A_store[:, lo : lo + r].copy_(A.reshape(n, r, -1), non_blocking=non_blocking)
-        B_store[:, lo : lo + r].copy_(B, non_blocking=non_blocking)
+        for b_lo, b_hi, rows in B_rows:
+            B_store[b_lo:b_hi, lo : lo + r].copy_(rows, non_blocking=non_blocking)
         if lo + r < hi:
             A_store[:, lo + r : hi].zero_()
             B_store[:, lo + r : hi].zero_()

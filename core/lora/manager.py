@@ -95,9 +95,10 @@ class LoRAManager:
             model, settings, plugins, backend, self.shape, max_rank, self.target_modules, dtype, device
         )
         self.pin_host, self.dtype = pin_host, dtype
-        #: the rank-paged GPU tier (--lora-gpu-store-gib), or None
+        #: the rank-paged GPU tier (--lora-gpu-store-gib), or None; rank 0 only with tensor parallelism
+        #: (a sharded pool without a mirror is another rank's, whose fills come from host memory)
         self.store = None
-        if settings.lora_gpu_store_gib > 0:
+        if settings.lora_gpu_store_gib > 0 and (mirror is not None or not self.pool.shard):
             from loraserve.lora.gpu_store import GpuAdapterStore
 
             policy_ = plugins.eviction_policies.create(settings.lora_eviction_policy)
