@@ -248,3 +248,23 @@ def test_gpu_store_with_overlap_loading_and_graphs_matches_peft(tmp_path, backen
         engine.lora.store.check_integrity()
     finally:
         engine.shutdown()
+
+
+def test_host_cache_bounded_by_bytes():
+    """--max-loaded-lora-gib: evicts by policy until the incoming adapter fits; pinned (protected)
+    adapters stay; an adapter larger than the bound is refused saying which flag to raise."""
+    from types import SimpleNamespace
+
+    from loraserve.lora.pools import HostAdapterCache
+
+    cache = HostAdapterCache(None, LRUPolicy(), capacity_bytes=100)
+    for i in range(3):
+        assert cache.make_room(set(), 40) == ([] if i < 2 else [("a0", 1)])
+        cache.put((f"a{i}", 1), SimpleNamespace(nbytes=40))
+    assert cache.nbytes == 80 and len(cache) == 2
+    assert cache.make_room({("a1", 1)}, 60) == [("a2", 1)]  # a1 protected: a2 goes, then 40 + 60 fit
+    with pytest.raises(UserError, match="--max-loaded-lora-gib"):
+        cache.make_room(set(), 101)
+    with pytest.raises(UserError, match="every adapter in it is pinned or in use"):
+        cache.make_room({("a1", 1)}, 61)
+    cache.check_integrity()
