@@ -42,7 +42,7 @@ import random_adapters  # noqa: E402
 from bench_offline import environment  # noqa: E402
 from bench_serving_core import snapshot  # noqa: E402
 from server_runs import diff_steps  # noqa: E402
-from tables import markdown_table, text_table  # noqa: E402
+from tables import write_results  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,12 +202,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {"benchmark": "dora_compose", **environment(device), "config": vars(args), "runs": runs}
     result["ratios"] = ratios(runs)
     head, rows = table(result)
-    print(text_table(head, rows))
+    write_results(result, head, rows, args.output_file, args.markdown)
     print(json.dumps(result["ratios"], indent=2))
-    if args.output_file:
-        Path(args.output_file).write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(markdown_table(head, rows)) + "\n")
     return result
 
 

@@ -28,7 +28,6 @@ counts memory, it does not measure speed (the served run on a GPU does).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import random_adapters  # noqa: E402
-from tables import markdown_table, text_table  # noqa: E402
+from tables import write_results  # noqa: E402
 
 from loraserve.lora.gpu_store import DEFAULT_PAGE_RANK, GpuAdapterStore  # noqa: E402
 from loraserve.lora.pools import GpuAdapterPool  # noqa: E402
@@ -145,11 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
          f"{r['paged']['puts_per_1000']:.0f}", f"{r['padded']['puts_per_1000']:.0f}"]
         for r in runs
     ]  # fmt: skip
-    print(text_table(head, rows))
-    if args.output_file:
-        Path(args.output_file).write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(markdown_table(head, rows)) + "\n")
+    write_results(result, head, rows, args.output_file, args.markdown)
     return result
 
 

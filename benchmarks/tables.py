@@ -21,3 +21,17 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], text_c
     """A markdown table's lines, number columns right-aligned."""
     align = "|".join("---" if i < text_columns else "---:" for i in range(len(headers)))
     return ["| " + " | ".join(headers) + " |", "|" + align + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def write_results(
+    result: dict, headers: Sequence[str], rows: Sequence[Sequence[str]], json_path, markdown_path
+) -> None:
+    """Print the table; write ``result`` as JSON and the table as markdown where a path is given."""
+    import json
+    from pathlib import Path
+
+    print(text_table(headers, rows))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text("\n".join(markdown_table(headers, rows)) + "\n")

@@ -191,8 +191,10 @@ def test_a_composition_of_loaded_adapters_has_a_card(served):
         assert card.status_code == 200, card.text
         assert card.json()["id"] == model and card.json()["parent"] == "tiny"
         assert card.json()["composition"] == [{"name": "alpha", "weight": 0.5}, {"name": "beta", "weight": -0.75}]
-    for model in ("alpha*0.5+nope*0.5", "alpha*0.5+beta", "tiny*0.5+alpha*0.5"):
-        assert client.get(f"/v1/models/{model}").status_code == 404, model
+    hostile = ("alpha*1e999+beta*0.5", "alpha*0.5+%ED%A0%80*0.5", "%00*0.5+alpha*0.5", "../../etc*0.5+alpha*1")
+    for model in ("alpha*0.5+nope*0.5", "alpha*0.5+beta", "tiny*0.5+alpha*0.5", *hostile, "a*0.5+" * 1500 + "b*1"):
+        res = client.get(f"/v1/models/{model}")
+        assert res.status_code == 404 and "error" in res.json(), model[:40]
 
 
 @pytest.mark.parametrize(

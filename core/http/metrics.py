@@ -186,10 +186,7 @@ def _step_timing(by_kind: Mapping[str, Mapping[str, float]]):
 
 
 def _lora_counters(counters: Mapping[str, Any]):
-    for name, doc, key in LORA_COUNTERS:
-        family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
-        family.add_metric([], float(counters.get(key, 0)))
-        yield family
+    yield from _unlabelled(CounterMetricFamily, LORA_COUNTERS, counters)
     family = CounterMetricFamily(f"{PREFIX}_lora_evictions", "Adapter evictions, by memory tier.", labels=["tier"])
     family.add_metric(["gpu"], float(counters.get("gpu_evictions", 0)))
     family.add_metric(["host"], float(counters.get("host_evictions", 0)))
@@ -213,16 +210,18 @@ LORA_STORE_COUNTERS = (
 )
 
 
+def _unlabelled(kind: type, table: tuple, values: Mapping[str, Any]):
+    """One unlabelled family of ``kind`` per ``(name, doc, key)`` of ``table``, valued ``values[key]`` (0 if absent)."""
+    for name, doc, key in table:
+        family = kind(f"{PREFIX}_{name}", doc)
+        family.add_metric([], float(values.get(key, 0)))
+        yield family
+
+
 def _lora_store(store: Mapping[str, Any]):
     """The GPU adapter store's pages, adapters and fragmentation (``--lora-gpu-store-gib``)."""
-    for name, doc, key in LORA_STORE_GAUGES:
-        family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
-        family.add_metric([], float(store.get(key, 0)))
-        yield family
-    for name, doc, key in LORA_STORE_COUNTERS:
-        family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
-        family.add_metric([], float(store.get(key, 0)))
-        yield family
+    yield from _unlabelled(GaugeMetricFamily, LORA_STORE_GAUGES, store)
+    yield from _unlabelled(CounterMetricFamily, LORA_STORE_COUNTERS, store)
     ranks = GaugeMetricFamily(f"{PREFIX}_lora_store_adapters_by_rank", "GPU adapter store: adapters by rank.",
                               labels=["rank"])  # fmt: skip
     for rank in sorted(set(store.get("ranks", []))):
@@ -232,14 +231,8 @@ def _lora_store(store: Mapping[str, Any]):
 
 def _prefix_cache(cache: Mapping[str, int]):
     """The prefix cache's counters since start and its blocks now (only while the cache is on)."""
-    for name, doc, key in PREFIX_CACHE_COUNTERS:
-        family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
-        family.add_metric([], float(cache.get(key, 0)))
-        yield family
-    for name, doc, key in PREFIX_CACHE_GAUGES:
-        family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
-        family.add_metric([], float(cache.get(key, 0)))
-        yield family
+    yield from _unlabelled(CounterMetricFamily, PREFIX_CACHE_COUNTERS, cache)
+    yield from _unlabelled(GaugeMetricFamily, PREFIX_CACHE_GAUGES, cache)
 
 
 def _residency(residency) -> GaugeMetricFamily:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from loraserve.errors import UserError
+from loraserve.lora.gpu_store import StoredAdapter
 from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
 from loraserve.sched.scheduler import COPYING
@@ -183,10 +184,13 @@ class SlotAdmission:
         GPU store through it (put there first unless it came from there); returns the bytes copied."""
         if self.store is None or not self._storable(adapter):
             return self.pool.write(slot, adapter, non_blocking=non_blocking)
-        from loraserve.lora.gpu_store import StoredAdapter
-
         entry = adapter if isinstance(adapter, StoredAdapter) else self.store.put(key, adapter, set(), non_blocking)
         return self.store.fill_slot(slot, entry)
+
+    def _store_put(self, key: tuple, adapter: Any, keep: set) -> int:
+        """A prefetch's put on the load stream; 0 bytes counted (slot fills count theirs)."""
+        self.store.put(key, adapter, keep, non_blocking=True)
+        return 0
 
     def _storable(self, adapter: Any) -> bool:
         """Whether the GPU store may hold ``adapter``: not a DoRA adapter under tensor parallelism (its
@@ -253,8 +257,7 @@ class SlotAdmission:
                 continue
             try:
                 if asynchronous:  # on the load stream, like slot fills; the host copy lives until it is done
-                    handle = engine.submit(lambda ref=ref, a=adapter: self.store.put(ref.key, a, keep, True) and 0)
-                    # (submit's fill returns the bytes it counts: slot fills count theirs)
+                    handle = engine.submit(lambda ref=ref, a=adapter: self._store_put(ref.key, a, keep))
                     handle["adapter"] = adapter
                     self._store_copies.append(handle)
                 else:

@@ -55,10 +55,6 @@ class StoredAdapter:
     pages: int
     dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def dora_partial(self) -> dict:
-        return {}
-
 
 def check_room(nbytes: int, device: torch.device) -> None:
     """ConfigError when ``nbytes`` are more than the device has free (CUDA) or than the machine's
@@ -205,14 +201,19 @@ class GpuAdapterStore:
             self.remove(victim)
             self.metrics["store_evictions"] += 1
 
+    def _free_runs(self):
+        """``(first page, length)`` of every run of free pages, in page order."""
+        start = None
+        for p, key in enumerate([*self.owner, 0]):  # (a sentinel owner ends the last run)
+            if key is None and start is None:
+                start = p
+            elif key is not None and start is not None:
+                yield start, p - start
+                start = None
+
     def _free_run(self, pages: int) -> int | None:
-        """The first page of the first run of ``pages`` free pages, or None."""
-        run = 0
-        for p, key in enumerate(self.owner):
-            run = run + 1 if key is None else 0
-            if run == pages:
-                return p - pages + 1
-        return None
+        """The first page of the first run of at least ``pages`` free pages, or None."""
+        return next((start for start, n in self._free_runs() if n >= pages), None)
 
     def compact(self) -> None:
         """Move every adapter's run down, in page order, so the free pages form one run at the end."""
@@ -239,10 +240,7 @@ class GpuAdapterStore:
         """Pages and bytes used and free, resident adapters and their ranks, and fragmentation: the
         share of free pages outside the largest free run (0: one run)."""
         free = self.owner.count(None)
-        largest = run = 0
-        for key in self.owner:
-            run = run + 1 if key is None else 0
-            largest = max(largest, run)
+        largest = max((n for _, n in self._free_runs()), default=0)
         used_rows = sum(e.pages for e in self.entries.values()) * self.page_rank
         return {
             "pages": self.num_pages,
