@@ -219,7 +219,7 @@ def test_a_slow_resolution_does_not_block_the_event_loop(world):
 
     async def main():
         slow = asyncio.create_task(
-            engine.generate_async(input_ids=[9, 8, 7], sampling_params={"max_new_tokens": 2}, lora_path="gated-two")
+            engine.generate_async(input_ids=[9, 8, 7], sampling_params=GREEDY, lora_path="gated-two")
         )
         while not gated.entered.is_set():
             await asyncio.sleep(0.01)
@@ -230,7 +230,8 @@ def test_a_slow_resolution_does_not_block_the_event_loop(world):
 
     base, opened_before, slow = asyncio.run(main())
     assert len(base["output_ids"]) == 2 and not opened_before and not gated.timed_out
-    assert len(slow["output_ids"]) == 2
+    expected, _ = peft_generate(world["peft"], [[9, 8, 7]], ["gated"])
+    assert slow["output_ids"] == expected[0]  # greedy, EOS ignored: a sampled EOS cannot end it early
 
 
 class ListOutbox:
@@ -295,7 +296,7 @@ def test_the_filesystem_resolver_obeys_allowed_dirs(world, tmp_path):
         engine.shutdown()
     engine = Engine(make_settings(lora_allowed_dirs=[str(world["resolver_dir"])], **allowed))
     try:
-        out = engine.generate(input_ids=[1, 2], sampling_params={"max_new_tokens": 1}, lora_path="team/fs_a")
+        out = engine.generate(input_ids=[1, 2], sampling_params={**GREEDY, "max_new_tokens": 1}, lora_path="team/fs_a")
         assert len(out["output_ids"]) == 1
     finally:
         engine.shutdown()
