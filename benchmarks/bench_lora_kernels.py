@@ -94,14 +94,26 @@ def measure_ceilings() -> dict:
     return {"copy_GBps": 2 * n / t_copy / 1e6, "bf16_TFLOPs": 2 * 8192**3 / t_mm / 1e9}
 
 
-def make_backend(name: str, max_chunk: int = 16, tuning: dict | None = None):
+def make_backend(name: str, max_chunk: int = 16, tuning: dict | None = None, plans=None):
     if name == "triton":
         from loraserve.plugins.backend_triton.backend import SgmvLoRABackend
 
-        return SgmvLoRABackend(DEVICE, tuning=tuning)
+        return SgmvLoRABackend(DEVICE, tuning=tuning, plans=plans)
     from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend
 
-    return ChunkedSgmvLoRABackend(DEVICE, max_chunk=max_chunk, tuning=tuning)
+    return ChunkedSgmvLoRABackend(DEVICE, max_chunk=max_chunk, tuning=tuning, plans=plans)
+
+
+def choose_plans(spec: str):
+    """``--plans``: ``device`` (the shipped plan of this GPU, or LORASERVE_KERNEL_PLANS's), ``off``,
+    or a plan file."""
+    from loraserve.plugins.backend_triton.plans import KernelPlans, plans_for
+
+    if spec == "off":
+        return None
+    if spec == "device":
+        return plans_for(torch.device(DEVICE))
+    return KernelPlans.load(spec)
 
 
 class Case:
@@ -361,6 +373,8 @@ def run(args) -> dict:
         "gemm": {},
         "prepare_us": [],
     }
+    plans = choose_plans(args.plans)
+    result["config"]["plans"] = plans.source if plans is not None else "none (the built-in cost model)"
     gemm = result["gemm"]
     t0 = time.time()
     cases = [] if args.prefill_only else list(decode_cases(args.quick, args.decode_tokens))
@@ -376,10 +390,10 @@ def run(args) -> dict:
             limit_us = max(case.bytes / (ceilings["copy_GBps"] * 1e3), case.flops / (ceilings["bf16_TFLOPs"] * 1e6))
             times = {}
             for name in BACKENDS:
-                backend = make_backend(name, args.max_chunk)
+                backend = make_backend(name, args.max_chunk, plans=plans)
                 times[name] = {"time_us": case.time_backend(backend), "gemm_us": gemm[key]}
             for name in BACKENDS:  # after the separate runs: this moves each layer's A into its extended weight
-                backend = make_backend(name, args.max_chunk)
+                backend = make_backend(name, args.max_chunk, plans=plans)
                 m = case.time_fused(backend, rounds=3 if phase == "prefill" else 1)
                 times[name + "+gemm"] = {
                     "time_us": m["fused_total_us"] - m["gemm_us"],
@@ -819,13 +833,11 @@ def targets(result: dict) -> list[str]:
 
 
 def repick(result: dict) -> None:
-    """Redo the ``auto`` rows with the current cost model, from the two measured paths of each case
-    (so a change of the model is judged on the same measurements)."""
-    from types import SimpleNamespace
+    """Redo the ``auto`` rows with the current built-in cost model (no plan: tune_lora_kernels.py
+    --repicked re-picks by a plan), from the two measured paths of each case (so a change of the
+    model is judged on the same measurements)."""
+    from loraserve.plugins.backend_triton.cost_model import shrink_in_gemm_by_bytes
 
-    from loraserve.plugins.backend_triton.backend import TiledLoRABackend
-
-    model = SimpleNamespace(tuning={})
     rows = {}
     for c in result["cases"]:
         rows[(c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"], c["backend"])] = c
@@ -834,9 +846,7 @@ def repick(result: dict) -> None:
             continue
         name = c["backend"][: -len(" auto")]
         in_dim, offsets = PROJECTIONS[c["proj"]]
-        fused = TiledLoRABackend.wants_shrink_in_gemm(
-            model, c["tokens"], in_dim, offsets[-1], len(offsets) - 1, c["rank"], c["adapters"]
-        )
+        fused = shrink_in_gemm_by_bytes(c["tokens"], in_dim, offsets[-1], len(offsets) - 1, c["rank"], c["adapters"])
         pick = name + "+gemm" if fused else name
         src = rows[(c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"], pick)]
         result["cases"][i] = {**src, "backend": c["backend"], "picked": pick}
@@ -858,6 +868,11 @@ def main() -> None:
         help="only these decode token counts, e.g. 1,8,32 (to split the grid over several runs)",
     )
     parser.add_argument("--no-prepare", dest="prepare", action="store_false", help="skip timing prepare()")
+    parser.add_argument(
+        "--plans",
+        default="device",
+        help="kernel plan of the backends: device (shipped for this GPU), off (the built-in cost model), or a file",
+    )
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument(
         "--epilogue",

@@ -23,6 +23,7 @@ EXPECTED = [
     f"lora_kernels_{H100}_chunk32.png",
     f"lora_kernels_{H100}_quick_after.png",
     f"lora_kernels_{H100}_quick_before.png",
+    f"lora_kernels_{H100}_planned.png",
     f"lora_epilogue_{H100}.png",
     f"engine_steps_{H100}.png",
     f"engine_steps_{H100}_final.png",

@@ -58,7 +58,7 @@ def test_even_split_and_limits_are_checked():
 
 def test_dense_token_counts_cover_the_backends_token_thresholds():
     """Above DENSE_TOKENS the plan assumes no LoRA decision depends on the token count alone."""
-    from loraserve.plugins.backend_triton import backend
+    from loraserve.plugins.backend_triton import cost_model as backend
 
     assert backend.COMPUTE_BOUND_TOKENS <= DENSE_TOKENS
     assert max(backend.EPILOGUE_MAX_TOKENS, backend.EPILOGUE_MAX_TOKENS_TWO_SLICES_RANK_16) < DENSE_TOKENS

@@ -32,9 +32,13 @@ class CsgmvOptions(PluginOptions):
 
 
 def _make(settings=None, device="cuda", options=None):
-    from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend
+    import torch
 
-    return ChunkedSgmvLoRABackend(device, max_chunk=(options or CsgmvOptions()).max_lora_chunk_size)
+    from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend
+    from loraserve.plugins.backend_triton.plans import plans_for
+
+    chunk = (options or CsgmvOptions()).max_lora_chunk_size
+    return ChunkedSgmvLoRABackend(device, max_chunk=chunk, plans=plans_for(torch.device(device)))
 
 
 @hookimpl

@@ -17,12 +17,15 @@ tiles (no permutation), so csgmv is never slower than SGMV at prefill.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from loraserve.contract import LoRABatchInfo
 from loraserve.plugins.backend_csgmv import CHUNK_SIZES
-from loraserve.plugins.backend_triton.backend import (
-    TiledLoRABackend,
+from loraserve.plugins.backend_triton.backend import TiledLoRABackend
+from loraserve.plugins.backend_triton.launch import tile_count
+from loraserve.plugins.backend_triton.tiles import (
     TilePlan,
     build_tiles,
     segment_tile_count,
@@ -71,10 +74,12 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
 
     name = "csgmv"
 
-    def __init__(self, device: torch.device | str = "cuda", max_chunk: int = 16, tuning: dict | None = None):
+    def __init__(
+        self, device: torch.device | str = "cuda", max_chunk: int = 16, tuning: dict | None = None, plans: Any = None
+    ):
         if max_chunk not in CHUNK_SIZES:
             raise ValueError(f"max_chunk must be one of {', '.join(map(str, CHUNK_SIZES))}, not {max_chunk}")
-        super().__init__(device, tuning)
+        super().__init__(device, tuning, plans)
         self.max_chunk = max_chunk
 
     def tile_shape(self, num_tokens: int, num_segments: int, num_slots: int) -> tuple[int, int, bool]:
@@ -83,7 +88,7 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
             return block_m, segment_tile_count(num_tokens, num_segments, block_m), False
         chunk = self.tuning.get("block_m") or chunk_size(num_tokens, num_segments, self.max_chunk)
         # each chunk holds at least one token; each slot present adds at most one partial chunk
-        return chunk, min(num_tokens, -(-num_tokens // chunk) + min(num_slots, num_segments)), True
+        return chunk, tile_count(num_tokens, chunk, min(num_slots, num_segments)), True
 
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
         n_slots = batch.ranks.numel()
@@ -91,6 +96,6 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
         if not use_perm:
             return segment_tiles(batch, chunk)
         perm, counts, starts = group_by_slot(batch)
-        slots = torch.arange(n_slots, device=counts.device)
-        tiles = build_tiles(starts, counts, slots, chunk, max_tiles)
-        return TilePlan(tiles=tiles, perm=perm, num_tiles=max_tiles, block_m=chunk)
+        groups = (starts, counts, torch.arange(n_slots, device=counts.device))
+        tiles = build_tiles(*groups, chunk, max_tiles)
+        return TilePlan(tiles, perm, max_tiles, chunk, groups, min(n_slots, batch.num_segments))

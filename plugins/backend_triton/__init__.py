@@ -10,9 +10,12 @@ from loraserve import hookimpl
 
 
 def _make(settings=None, device="cuda"):
-    from loraserve.plugins.backend_triton.backend import SgmvLoRABackend
+    import torch
 
-    return SgmvLoRABackend(device)
+    from loraserve.plugins.backend_triton.backend import SgmvLoRABackend
+    from loraserve.plugins.backend_triton.plans import plans_for
+
+    return SgmvLoRABackend(device, plans=plans_for(torch.device(device)))
 
 
 @hookimpl

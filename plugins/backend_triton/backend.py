@@ -4,7 +4,7 @@
 integers only: token, segment and slot counts, shapes, the device's multiprocessor count), the two
 launches per projection (a shrink over every tile, slice and rank block; an expand over every tile
 and output column block of up to three slices), the checks, and DoRA's scaling kernel. A subclass
-says how a step's tokens are cut into tiles in :meth:`_plan`, on the device (so steps are capturable).
+says how a step's tokens are cut into tiles in :meth:`_plan_tiles` (:mod:`~loraserve.plugins.backend_triton.tiles`).
 
 :class:`SgmvLoRABackend` cuts each request's segment into tiles of ``BLOCK_M`` tokens (an adapter
 shared by several requests is read once per segment: Punica/S-LoRA's SGMV).
@@ -12,9 +12,7 @@ shared by several requests is read once per segment: Punica/S-LoRA's SGMV).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +21,7 @@ from loraserve.contract import LoRABackend, LoRABatchInfo, LoRAEpilogue
 from loraserve.errors import ConfigError
 from loraserve.models import fused
 from loraserve.models.dtypes import runs_triton
+from loraserve.plugins.backend_triton.cost_model import epilogue_by_size, epilogue_env, shrink_in_gemm_by_bytes
 from loraserve.plugins.backend_triton.launch import (
     ExpandConfig,
     ShrinkConfig,
@@ -32,31 +31,11 @@ from loraserve.plugins.backend_triton.launch import (
     launch_shrink,
     shrink_config,
 )
+from loraserve.plugins.backend_triton.plans import KernelPlans, PlanEntry
+from loraserve.plugins.backend_triton.tiles import TilePlan, segment_tile_count, segment_tiles, sgmv_block_m
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SLICES_PER_EXPAND = 3
-LAUNCH_BYTES = 4_000_000  # a kernel launch and its ramp, in bytes the device could have moved (~1.3 us)
-COMPUTE_BOUND_TOKENS = 512  # from here a bf16 GEMM of Llama shapes is bound by arithmetic on an H100
-# The expand is left to the output's consumer (norm, SiLU-and-mul) on steps of at most this many
-# tokens and pools of at most this rank: those kernels read each row's B themselves, which pays
-# while the launch it saves outweighs rereading B for tokens that share an adapter. Measured on an
-# H100 (benchmarks/results/lora_epilogue_*): at rank 8 it wins every decode case up to 128 tokens,
-# at rank 16 those of o_proj and down_proj, and gate_up_proj's up to 64 tokens; from rank 64, or at
-# 256 tokens, the expand kernel wins.
-EPILOGUE_MAX_TOKENS = 128
-EPILOGUE_MAX_RANK = 16
-EPILOGUE_MAX_TOKENS_TWO_SLICES_RANK_16 = 64
-
-
-def epilogue_env() -> bool | None:
-    """``LORASERVE_LORA_EPILOGUE``: ``1`` leaves every expand it can to the output's consumer, ``0``
-    none, unset or ``auto`` as measured (:meth:`TiledLoRABackend.use_epilogue`); for A/B runs."""
-    mode = os.environ.get("LORASERVE_LORA_EPILOGUE", "auto").strip().lower()
-    if mode in ("", "auto"):
-        return None
-    if mode in ("0", "1"):
-        return mode == "1"
-    raise ValueError(f"LORASERVE_LORA_EPILOGUE={mode!r}; use 1, 0 or auto")
 
 
 def check_device(backend: str, device: torch.device | str) -> torch.device:
@@ -68,45 +47,6 @@ def check_device(backend: str, device: torch.device | str) -> torch.device:
         "use --lora-backend torch here (tests may set TRITON_INTERPRET=1 to run the kernels in "
         "Triton's CPU interpreter, slowly)"
     )
-
-
-def build_tiles(
-    starts: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor, block: int, max_tiles: int
-) -> torch.Tensor:
-    """Cut groups of consecutive positions into tiles of at most ``block``, on the device.
-
-    Group ``g`` covers positions ``starts[g] : starts[g] + lens[g]`` of slot ``slots[g]`` (a group of
-    length 0 gets no tile). Returns ``int32 [3, max_tiles]``: slot, first position and past-the-end
-    position of each tile; tiles past the real count are empty (``start == end == 0``).
-    ``max_tiles`` must bound the real count; callers derive it from host integers.
-    """
-    n_groups = lens.numel()
-    nblk = (lens + block - 1) // block
-    cum = torch.cumsum(nblk, 0)
-    tid = torch.arange(max_tiles, device=lens.device, dtype=cum.dtype)
-    group = torch.searchsorted(cum, tid, right=True)
-    valid = group < n_groups
-    g = group.clamp(max=n_groups - 1)
-    start = starts[g] + (tid - (cum[g] - nblk[g])) * block
-    end = torch.minimum(start + block, starts[g] + lens[g])
-    zero = torch.zeros_like(start)
-    return (
-        torch.stack(
-            [torch.where(valid, slots[g], zero), torch.where(valid, start, zero), torch.where(valid, end, zero)]
-        )
-        .to(torch.int32)
-        .contiguous()
-    )
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """How one step's tokens are cut into tiles (built in ``prepare``, read by every layer)."""
-
-    tiles: torch.Tensor  # int32 [3, num_tiles]
-    perm: torch.Tensor | None  # int32 [num_tokens]: token row at each position (None: identity)
-    num_tiles: int
-    block_m: int
 
 
 def _check_tensors(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_out: torch.Tensor, num_tokens: int) -> None:
@@ -125,6 +65,8 @@ class TiledLoRABackend(LoRABackend):
 
     ``tuning`` (optional) overrides launch parameters: ``shrink`` and ``expand`` dicts with the
     keyword arguments of :func:`shrink_config` / :func:`expand_config`; for benchmarks and tests.
+    ``plans`` (optional): the device's measured cases (the factories pass ``plans_for(device)``);
+    this backend keeps those measured with it.
     """
 
     supports_embedding = False
@@ -132,9 +74,12 @@ class TiledLoRABackend(LoRABackend):
     graph_capturable = True
     apply_dora = apply_dora_kernel  # LoRABackend.apply_dora in one kernel
 
-    def __init__(self, device: torch.device | str = "cuda", tuning: dict | None = None):
+    def __init__(
+        self, device: torch.device | str = "cuda", tuning: dict | None = None, plans: KernelPlans | None = None
+    ):
         super().__init__(check_device(self.name, device))
         self.tuning = tuning or {}
+        self.plans = plans.for_backend(self.name) if plans is not None else None
         self._plan: TilePlan | None = None
         if self.device.type == "cuda":
             self.n_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -144,6 +89,17 @@ class TiledLoRABackend(LoRABackend):
     def prepare(self, batch: LoRABatchInfo) -> None:
         super().prepare(batch)
         self._plan = self._plan_tiles(batch) if batch.num_tokens > 0 else None
+        self._retiled: dict[int, TilePlan] = {}
+
+    def _tiles_of_height(self, block_m: int | None) -> TilePlan:
+        """The step's tile plan, or the same positions in tiles of ``block_m`` (built on first use in
+        a step, on the device, so capturable; the later layers reuse it)."""
+        plan = self._plan
+        if not block_m or block_m == plan.block_m:
+            return plan
+        if block_m not in self._retiled:
+            self._retiled[block_m] = plan.retiled(block_m, self.batch.num_tokens)
+        return self._retiled[block_m]
 
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
         raise NotImplementedError
@@ -164,31 +120,32 @@ class TiledLoRABackend(LoRABackend):
     def wants_shrink_in_gemm(
         self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int, num_slots: int
     ) -> bool:
-        """Whether the base GEMM over ``[W; A of every slot]`` beats a separate shrink launch.
-
-        ``tuning["shrink_in_gemm"]`` (True/False) overrides. Otherwise, from host integers only:
-
-        - a step of fewer than ``COMPUTE_BOUND_TOKENS`` tokens is bound by reading the weights, so
-          the extra rows cost the bytes of every slot's A read at the GEMM's bandwidth; the separate
-          shrink reads the A of up to ``num_tokens`` slots and ``x`` again at about half of it, plus
-          a launch (bytes compared; measured on an H100 the GEMM wins every decode case of the
-          benchmark, up to 2x on the layer's LoRA time, and loses only when many idle high-rank
-          slots would be read for a few tokens);
-        - a longer step is bound by the GEMM's arithmetic, and its extra columns cost more than their
-          share of FLOPs when they push the GEMM into another wave of tiles: the GEMM keeps the
-          shrink only while the extra rows are at most 1/32 of the output (measured: 4 slots of rank
-          16 on every Llama-3-8B projection gain, 16 slots lose on qkv, o and down).
-        """
+        """Whether the base GEMM over ``[W; A of every slot]`` beats a separate shrink launch:
+        ``tuning["shrink_in_gemm"]`` (True/False) if set, else the measured plan's case (if any),
+        else :func:`~loraserve.plugins.backend_triton.cost_model.shrink_in_gemm_by_bytes`."""
         forced = self.tuning.get("shrink_in_gemm")
         if forced is not None:
             return bool(forced)
-        extra = num_slots * n_slices * max_rank
-        if num_tokens >= COMPUTE_BOUND_TOKENS:
-            return extra * 32 <= out_dim
-        fused = extra * in_dim * 2
-        used = min(num_tokens, num_slots) * n_slices * max_rank
-        separate = LAUNCH_BYTES + 2 * (used * in_dim * 2 + num_tokens * in_dim * 2)
-        return fused <= separate
+        case = self.plan_case(num_tokens, in_dim, out_dim, n_slices, max_rank, num_slots)
+        if case is not None and case.shrink_in_gemm is not None:
+            return case.shrink_in_gemm
+        return shrink_in_gemm_by_bytes(num_tokens, in_dim, out_dim, n_slices, max_rank, num_slots)
+
+    def plan_case(
+        self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int, num_slots: int
+    ) -> PlanEntry | None:
+        """The measured case this step falls in (see :class:`KernelPlans`), if any."""
+        if self.plans is None:
+            return None
+        return self.plans.lookup(num_tokens, in_dim, out_dim, n_slices, max_rank, num_slots)
+
+    def shrink_params(
+        self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int, num_slots: int
+    ) -> dict:
+        """Launch parameters of the separate shrink that override :func:`shrink_config`'s: the plan
+        case's, then ``tuning["shrink"]`` over them."""
+        case = self.plan_case(num_tokens, in_dim, out_dim, n_slices, max_rank, num_slots)
+        return {**dict(case.shrink if case is not None else ()), **self.tuning.get("shrink", {})}
 
     def use_epilogue(self, num_tokens: int, max_rank: int, n_slices: int = 1) -> bool:
         """Whether a step leaves the expand of a projection with ``n_slices`` output slices to the
@@ -200,11 +157,7 @@ class TiledLoRABackend(LoRABackend):
             forced = epilogue_env()
         if forced is not None:
             return bool(forced)
-        if max_rank > EPILOGUE_MAX_RANK:
-            return False
-        if n_slices > 1 and max_rank > 8:
-            return num_tokens <= EPILOGUE_MAX_TOKENS_TWO_SLICES_RANK_16
-        return num_tokens <= EPILOGUE_MAX_TOKENS
+        return epilogue_by_size(num_tokens, max_rank, n_slices)
 
     def expand_epilogue(self, B: torch.Tensor, output_offsets: Sequence[int], shrunk: torch.Tensor) -> Any:
         batch = self.batch
@@ -266,7 +219,7 @@ class TiledLoRABackend(LoRABackend):
                 h_by_row=True,
             )
             return
-        h, sc = self._shrink(x, A, plan, perm, use_perm, n_slices)
+        h, sc = self._shrink(x, A, plan, perm, use_perm, n_slices, base_out.shape[1])
         self._expand(
             h,
             B,
@@ -285,12 +238,21 @@ class TiledLoRABackend(LoRABackend):
         )
 
     def _shrink(
-        self, x: torch.Tensor, A: torch.Tensor, plan: TilePlan, perm: torch.Tensor, use_perm: bool, n_slices: int
+        self,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        plan: TilePlan,
+        perm: torch.Tensor,
+        use_perm: bool,
+        n_slices: int,
+        out_dim: int,
     ) -> tuple[torch.Tensor, ShrinkConfig]:
         """``x @ A^T`` of every slice into a new float32 ``h [tokens, split, slices * R]``."""
         batch = self.batch
         R, T, K = batch.max_rank, x.shape[0], x.shape[1]
-        sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **self.tuning.get("shrink", {}))
+        params = self.shrink_params(T, K, out_dim, n_slices, R, batch.ranks.numel())
+        plan = self._tiles_of_height(params.pop("block_m", None))  # the shrink's own tile height
+        sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **params)
         h = torch.empty((T, sc.split, n_slices * R), dtype=torch.float32, device=x.device)
         launch_shrink(
             x,
@@ -364,12 +326,6 @@ class TiledLoRABackend(LoRABackend):
             )
 
 
-def sgmv_block_m(num_tokens: int, num_segments: int) -> int:
-    """Tile height from the mean segment length: 16 for decode, 32 for prefill (measured on an H100:
-    64 and 128 were slower for every prefill case of the benchmark)."""
-    return 16 if num_tokens <= 16 * max(1, num_segments) else 32
-
-
 class SgmvLoRABackend(TiledLoRABackend):
     """SGMV: each request's segment is cut into tiles of ``BLOCK_M`` tokens (rank-0 segments get none)."""
 
@@ -382,19 +338,3 @@ class SgmvLoRABackend(TiledLoRABackend):
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
         block_m, _, _ = self.tile_shape(batch.num_tokens, batch.num_segments, batch.ranks.numel())
         return segment_tiles(batch, block_m)
-
-
-def segment_tile_count(num_tokens: int, num_segments: int, block_m: int) -> int:
-    """Tiles of :func:`segment_tiles`: every tile holds at least one token, and each segment adds at
-    most one partial tile."""
-    return min(num_tokens, -(-num_tokens // block_m) + num_segments)  # not triton.cdiv: ~6 us a call
-
-
-def segment_tiles(batch: LoRABatchInfo, block_m: int) -> TilePlan:
-    """Each segment of a slot of rank > 0 cut into tiles of ``block_m`` tokens, no permutation."""
-    indptr = batch.seg_indptr.long()
-    slots = batch.seg_slot.long()
-    lens = (indptr[1:] - indptr[:-1]) * (batch.ranks.long()[slots] > 0)
-    max_tiles = segment_tile_count(batch.num_tokens, batch.num_segments, block_m)
-    tiles = build_tiles(indptr[:-1], lens, slots, block_m, max_tiles)
-    return TilePlan(tiles=tiles, perm=None, num_tiles=max_tiles, block_m=block_m)

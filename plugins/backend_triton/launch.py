@@ -36,6 +36,12 @@ class ExpandConfig:
     num_stages: int | None = None
 
 
+def tile_count(num_tokens: int, block_m: int, group_bound: int) -> int:
+    """Tiles of ``block_m`` over ``num_tokens`` positions in at most ``group_bound`` groups: each tile
+    holds at least one token, and each group adds at most one partial tile."""
+    return min(num_tokens, -(-num_tokens // block_m) + group_bound)  # not triton.cdiv: ~6 us a call
+
+
 def shrink_config(
     block_m: int, R: int, K: int, n_slices: int, num_tiles: int, n_sms: int, **override: Any
 ) -> ShrinkConfig:

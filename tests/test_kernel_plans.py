@@ -1,0 +1,184 @@
+"""Kernel plans (issue 23): measured per-device choices kept as data. The lookup finds the nearest
+measured case, the backends follow it (explicit tuning still wins), a bad plan file is refused with
+the field at fault, the shrink in its own taller tiles equals backend_torch, the warm-up meets every
+case a plan can pick, and the shipped H100 plan agrees with the measurements it came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from test_kernels import CASES, DEVICE, check, make_backend, oracle, random_case  # noqa: E402
+from test_warmup_plan import LLAMA_8B, assert_within, kernel_backend  # noqa: E402
+
+from loraserve.errors import ConfigError  # noqa: E402
+from loraserve.plugins.backend_triton.plans import (  # noqa: E402
+    ENV,
+    FORMAT,
+    PLAN_DIR,
+    KernelPlans,
+    PlanEntry,
+    plan_file_name,
+    plans_for,
+)
+from loraserve.runner.warmup_plan import StepLimits, even_split, lora_shapes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+H100 = "NVIDIA H100 80GB HBM3"
+QKV = (4096, 6144, 3)
+
+
+def entry(tokens, slots, rank, in_gemm=None, shrink=(), backend="csgmv", shape=QKV):
+    return PlanEntry(backend, *shape, tokens, slots, rank, in_gemm, tuple(sorted(dict(shrink).items())))
+
+
+def test_lookup_takes_the_nearest_case_of_the_shape_within_the_pool_distance():
+    plans = KernelPlans([entry(8, 8, 16, True), entry(256, 8, 16, False), entry(2048, 4, 64, True)])
+    assert plans.lookup(8, *QKV, 16, 8).tokens == 8
+    assert plans.lookup(40, *QKV, 16, 8).tokens == 8  # log2 distance 2.32 from 8, 2.68 from 256
+    assert plans.lookup(50, *QKV, 16, 8).tokens == 256
+    assert plans.lookup(100_000, *QKV, 16, 8).tokens == 256  # beyond the grid: the nearest end
+    assert plans.lookup(3000, *QKV, 32, 4).tokens == 2048  # pool distance 1 + tokens 0.55 beats 256's 3.55
+    assert plans.lookup(3000, *QKV, 16, 8).tokens == 256  # 2048's pool is 3 away (2 on rank, 1 on slots)
+    assert plans.lookup(8, *QKV, 16, 64) is None  # 8x the slots: no case near this pool
+    assert plans.lookup(8, 4096, 4096, 1, 16, 8) is None  # another projection shape
+    assert KernelPlans([entry(8, 8, 16), entry(32, 8, 16)]).lookup(16, *QKV, 16, 8).tokens == 8  # a tie: fewer
+
+
+def test_backends_follow_the_plan_and_explicit_tuning_wins():
+    plans = KernelPlans(
+        [entry(64, 4, 16, False, {"split": 2, "block_m": 64}), entry(64, 4, 16, True, backend="triton")]
+    )
+    csgmv = make_backend("csgmv", plans=plans)
+    assert not csgmv.wants_shrink_in_gemm(64, *QKV, 16, 4)  # the byte model alone says True here
+    assert make_backend("csgmv").wants_shrink_in_gemm(64, *QKV, 16, 4)
+    assert make_backend("triton", plans=plans).wants_shrink_in_gemm(64, *QKV, 16, 4)
+    assert csgmv.shrink_params(64, *QKV, 16, 4) == {"split": 2, "block_m": 64}
+    tuned = make_backend("csgmv", plans=plans, tuning={"shrink_in_gemm": True, "shrink": {"split": 4}})
+    assert tuned.wants_shrink_in_gemm(64, *QKV, 16, 4)
+    assert tuned.shrink_params(64, *QKV, 16, 4) == {"split": 4, "block_m": 64}
+    assert csgmv.shrink_params(64, 4096, 4096, 1, 16, 4) == {}  # no case for o_proj
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format": "other"}, "is not a kernel plan"),
+        ({"entries": {}}, "'entries' must be a list"),
+        ({"entries": [{"backend": "csgmv"}]}, "entry 0: in_dim must be a positive integer, got None"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "rank": True}]}, "rank must be a positive integer, got True"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "tokens": -1}]}, "tokens must be a positive integer"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "speed": 1}]}, "unknown field(s) speed"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "backend": "../x"}]}, "backend must be a backend's name"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "shrink_in_gemm": 1}]}, "shrink_in_gemm must be true, false"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "shrink": {"block_k": 48}}]}, "power of two from 16 to 256"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "shrink": {"block_m": 512}}]}, "power of two from 16 to 256"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "shrink": {"tiles": 2}}]}, "shrink must be an object"),
+    ],
+)
+def test_a_bad_plan_is_refused_naming_the_field(change, message):
+    data = {"format": FORMAT, "entries": [entry(8, 8, 16, True).to_dict()], **change}
+    with pytest.raises(ConfigError) as err:
+        KernelPlans.from_dict(data, where="plan.json")
+    assert message in str(err.value) and "plan.json" in str(err.value)
+
+
+def test_plan_files_round_trip_and_the_environment_chooses(tmp_path, monkeypatch):
+    plans = KernelPlans([entry(8, 8, 16, True, {"split": 2}), entry(8, 8, 16, False, backend="triton")], "X", "t")
+    path = tmp_path / "plan.json"
+    plans.save(path)
+    assert KernelPlans.load(path).entries == plans.entries
+    monkeypatch.setenv(ENV, str(path))
+    assert plans_for(torch.device("cpu")).entries == plans.entries
+    monkeypatch.setenv(ENV, "off")
+    assert plans_for(torch.device("cpu")) is None
+    for bad, why in ((tmp_path / "missing.json", "cannot read kernel plan"), (tmp_path / "bad.json", "not valid JSON")):
+        if bad.name == "bad.json":
+            bad.write_bytes(b"{\xff")
+        monkeypatch.setenv(ENV, str(bad))
+        with pytest.raises(ConfigError, match=why):
+            plans_for(torch.device("cpu"))
+    monkeypatch.delenv(ENV)
+    assert plans_for(torch.device("cpu")) is None  # no shipped plan applies off a GPU
+    from loraserve.plugins import backend_csgmv
+
+    monkeypatch.setenv(ENV, str(path))
+    assert backend_csgmv._make(device=DEVICE).plans.entries == plans.for_backend("csgmv").entries
+
+
+CASE_NAMES = [
+    "qkv: 3 unequal slices, mixed ranks incl. 0, slot spans chunks",
+    "gate_up: 2 slices, many segments",
+    "long segments (csgmv tiles per segment), a slot in two segments",
+]
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("name", ["triton", "csgmv"])
+def test_the_shrink_in_its_own_tile_height_matches_torch_backend(name, case, block_m):
+    cfg = CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name} {case} {block_m}".encode()))
+    x, A, B, base, info = random_case(
+        gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"], cfg["in_dim"], cfg["R"], torch.float32
+    )
+    backend = make_backend(name, tuning={"shrink": {"block_m": block_m}})
+    backend.prepare(info)
+    out = base.clone()
+    backend.run_lora(x, A, B, out, cfg["offsets"])
+    assert block_m == backend._plan.block_m or block_m in backend._retiled  # the shrink really retiled
+    check(out, oracle(x, A, B, base, info, cfg["offsets"]), base, info, cfg["ranks"], torch.float32)
+
+
+def test_the_warm_up_meets_every_case_and_variant_a_plan_picks():
+    """A plan whose choices flip back and forth with the token count (GEMM, separate with taller
+    tiles, GEMM, separate with split-k, GEMM; the last three above DENSE_TOKENS, where the warm-up
+    bisects token counts): brute force over every step shape finds no key the warm-up lacks."""
+    cases = [(1, True, {}), (16, False, {"block_m": 64}), (600, True, {})]
+    cases += [(1000, False, {"split": 4}), (1600, True, {})]
+    plans = KernelPlans(
+        [entry(t, 8, 16, g, s, shape=shape[:3]) for t, g, s in cases for shape in LLAMA_8B]
+        + [entry(t, 8, 16, g, s, backend="triton", shape=shape[:3]) for t, g, s in cases for shape in LLAMA_8B]
+    )
+    limits = StepLimits(max_running=24, step_tokens=2500, max_chunk=512)
+    for name in ("csgmv", "triton"):
+        keys = kernel_backend(name, plans=plans).variant_keys(8, 16, LLAMA_8B)
+        planned = {}
+        for s in lora_shapes(limits, keys):
+            assert_within(s, limits) and s.seg_lens == even_split(s.num_tokens, s.num_segments)
+            planned[keys(s.num_tokens, s.num_segments)] = s.num_tokens
+        for t in range(1, limits.step_tokens + 1):
+            for s in limits.segments_for(t):
+                assert keys(t, s) in planned, f"{name}: {t} tokens in {s} segments not warmed up"
+        assert {case for _, _, per in planned for _, case in per} >= {(t, 8, 16) for t, _, _ in cases}
+
+
+def test_the_shipped_h100_plan_agrees_with_its_measurements():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tune_lora_kernels import plan_from_results, projection_shape
+
+    plans = KernelPlans.load(PLAN_DIR / plan_file_name(H100))
+    assert plans.device == H100 and plans_for.__module__  # loads and names its device
+    result = json.loads((ROOT / "benchmarks" / "results" / "lora_kernels_NVIDIA_H100_80GB_HBM3.json").read_text())
+    assert plans.entries == plan_from_results(result).entries
+    measured = 0
+    for c in result["cases"]:
+        if c["backend"].endswith("+gemm"):
+            backend = c["backend"][: -len("+gemm")]
+            shape = projection_shape(result["config"]["projections"], c["proj"])
+            found = plans.for_backend(backend).lookup(c["tokens"], *shape, c["rank"], c["adapters"])
+            assert found.case == (c["tokens"], c["adapters"], c["rank"])
+            assert found.shrink_in_gemm == (c["time_us"] < c["separate_in_context_us"])
+            measured += 1
+    assert measured == len(plans.entries) == 624
+    for path in PLAN_DIR.glob("*.json"):  # every shipped plan is valid and named by its device
+        assert plan_file_name(KernelPlans.load(path).device) == path.name
