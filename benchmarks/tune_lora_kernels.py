@@ -4,12 +4,13 @@ For every case of ``bench_lora_kernels.py``'s grid (projection, step tokens, ada
 rank) and each backend, on the GPU:
 
 1. time the separate shrink + expand (``run_lora``, one CUDA graph, L2 cold) under each candidate
-   set of shrink launch parameters (the cost model's own and variants of split-k, k block and warps),
-   and keep the fastest;
+   set of shrink launch parameters (the cost model's own and variants of tile height, split-k, k and
+   rank blocks, warps) and keep the fastest; then the same for the expand's (column block, groups,
+   warps);
 2. time, interleaved and in context, the base GEMM alone, the GEMM followed by the separate path
    with those parameters, and the GEMM over ``[W; A]`` followed by the expand (the shrink inside the
-   base GEMM); the plan records which of the two was faster, and the parameters if they beat the
-   defaults.
+   base GEMM); the plan records which of the two was faster, and the parameters where they beat
+   the defaults by 3%.
 
 The plan (``plugins/backend_triton/plans.py``'s format) goes to ``--output-file``; copy it to
 ``plugins/backend_triton/plan_data/<device>.json`` to ship it, or point ``LORASERVE_KERNEL_PLANS`` at it.
@@ -38,17 +39,26 @@ sys.path.insert(0, str(HERE))
 
 from loraserve.plugins.backend_triton.plans import KernelPlans, PlanEntry  # noqa: E402
 
-CANDIDATES = (  # shrink launch parameters tried besides the cost model's own ({})
-    {"split": 1},
-    {"split": 2},
-    {"split": 4},
-    {"block_k": 64},
-    {"block_k": 128},
-    {"num_warps": 8},
-    {"block_m": 64},  # the shrink in taller tiles than the expand's: A read once per 64 or 128 tokens
-    {"block_m": 64, "block_r": 128, "num_warps": 8},
-    {"block_m": 128, "block_k": 64, "num_warps": 8},
-)
+CANDIDATES = {  # launch parameters tried per kernel besides the cost model's own ({})
+    "shrink": (
+        {"split": 1},
+        {"split": 2},
+        {"split": 4},
+        {"block_k": 64},
+        {"block_k": 128},
+        {"num_warps": 8},
+        {"block_m": 64},  # the shrink in taller tiles than the expand's: A read once per 64 or 128 tokens
+        {"block_m": 64, "block_r": 128, "num_warps": 8},
+        {"block_m": 128, "block_k": 64, "num_warps": 8},
+    ),
+    "expand": (
+        {"block_n": 64},
+        {"block_n": 256},
+        {"group_n": 1},
+        {"group_n": 4},
+        {"num_warps": 8},
+    ),
+}
 
 
 def projection_shape(projections: dict, proj: str) -> tuple[int, int, int]:
@@ -129,25 +139,31 @@ def compare_auto(before: dict, after: dict) -> list[tuple]:
     return [(*k, tb, ta, g, tb / g, ta / g) for k, (tb, ta, g, changed) in sorted(layers.items()) if changed]
 
 
-def tune_case(bench, proj: str, seg_lens: list[int], n: int, r: int, backends, candidates) -> list[PlanEntry]:
+def fastest(case, bench, name: str, kind: str, fixed: dict) -> tuple[tuple, dict]:
+    """The fastest of ``CANDIDATES[kind]`` (and the defaults) for ``kind``'s launch parameters, with
+    ``fixed`` tuning the other kernel; kept only if 3% faster than the defaults."""
+    times = {}
+    for params in ({}, *CANDIDATES[kind]):
+        backend = bench.make_backend(name, tuning={**fixed, kind: params})
+        times[tuple(sorted(params.items()))] = case.time_backend(backend)
+    best = min(times, key=times.get)
+    return (best if times[best] < 0.97 * times[()] else ()), {"best_us": times[best], "default_us": times[()]}
+
+
+def tune_case(bench, proj: str, seg_lens: list[int], n: int, r: int, backends) -> list[PlanEntry]:
     """Measure one case on the GPU (see the module docstring); one entry per backend."""
     case = bench.Case(proj, seg_lens, n, r)
     entries = []
     for name in backends:
-        times = {}
-        for params in ({}, *candidates):
-            times[tuple(sorted(params.items()))] = case.time_backend(
-                bench.make_backend(name, tuning={"shrink": params})
-            )
-        best = min(times, key=times.get)
-        m = case.time_fused(bench.make_backend(name, tuning={"shrink": dict(best)}))
+        shrink, ts = fastest(case, bench, name, "shrink", {})
+        expand, te = fastest(case, bench, name, "expand", {"shrink": dict(shrink)})
+        m = case.time_fused(bench.make_backend(name, tuning={"shrink": dict(shrink), "expand": dict(expand)}))
         in_gemm = m["fused_total_us"] < m["separate_total_us"]
         in_dim, out_dim, n_slices = case.in_dim, case.offsets[-1], len(case.offsets) - 1
-        shrink = best if times[best] < 0.97 * times[()] else ()  # keep the defaults unless 3% faster
-        entries.append(PlanEntry(name, in_dim, out_dim, n_slices, case.T, n, r, in_gemm, shrink))
+        entries.append(PlanEntry(name, in_dim, out_dim, n_slices, case.T, n, r, in_gemm, shrink, expand))
         print(
-            f"{name:6s} {proj:13s} T={case.T:5d} n={n:3d} r={r:3d}: shrink "
-            f"{dict(best) or 'default'} {times[best]:.1f} us (default {times[()]:.1f}); "
+            f"{name:6s} {proj:13s} T={case.T:5d} n={n:3d} r={r:3d}: shrink {dict(shrink) or 'default'}, "
+            f"expand {dict(expand) or 'default'}: {te['best_us']:.1f} us (defaults {ts['default_us']:.1f}); "
             f"in GEMM {m['fused_total_us'] - m['gemm_us']:.1f} vs separate "
             f"{m['separate_total_us'] - m['gemm_us']:.1f} us -> {'gemm' if in_gemm else 'separate'}",
             flush=True,
@@ -156,11 +172,8 @@ def tune_case(bench, proj: str, seg_lens: list[int], n: int, r: int, backends, c
     return entries
 
 
-def tune(args) -> KernelPlans:
-    import bench_lora_kernels as bench
-    import torch
-
-    device = torch.cuda.get_device_name(0)
+def tune(args, bench, device: str) -> KernelPlans:
+    """Every case of ``bench``'s grid (``bench_lora_kernels``), the plan saved after each."""
     cases = list(bench.decode_cases(args.quick)) + list(bench.prefill_cases(args.quick))
     plans = KernelPlans([], device=device, source=f"tune_lora_kernels.py on {device}, {time.strftime('%Y-%m-%d')}")
     start = time.monotonic()
@@ -169,11 +182,8 @@ def tune(args) -> KernelPlans:
             if time.monotonic() - start > args.time_limit:
                 print(f"time limit of {args.time_limit} s reached: the plan holds the cases measured so far")
                 return plans
-            plans = KernelPlans(
-                plans.entries + tune_case(bench, proj, seg_lens, n, r, args.backend, CANDIDATES),
-                plans.device,
-                plans.source,
-            )
+            found = tune_case(bench, proj, seg_lens, n, r, args.backend)
+            plans = KernelPlans(plans.entries + found, plans.device, plans.source)
             plans.save(args.output_file)
     return plans
 
@@ -203,7 +213,9 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("tune_lora_kernels.py times kernels on a CUDA GPU (or use --from-results)")
-    tune(args)
+    import bench_lora_kernels
+
+    tune(args, bench_lora_kernels, torch.cuda.get_device_name(0))
 
 
 def planned_note(before: dict, after: dict) -> str:

@@ -139,13 +139,13 @@ class TiledLoRABackend(LoRABackend):
             return None
         return self.plans.lookup(num_tokens, in_dim, out_dim, n_slices, max_rank, num_slots)
 
-    def shrink_params(
-        self, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int, num_slots: int
+    def launch_params(
+        self, kind: str, num_tokens: int, in_dim: int, out_dim: int, n_slices: int, max_rank: int, num_slots: int
     ) -> dict:
-        """Launch parameters of the separate shrink that override :func:`shrink_config`'s: the plan
-        case's, then ``tuning["shrink"]`` over them."""
+        """Launch parameters of the separate ``shrink`` or of the ``expand`` that override
+        :func:`shrink_config`'s / :func:`expand_config`'s: the plan case's, then ``tuning[kind]``."""
         case = self.plan_case(num_tokens, in_dim, out_dim, n_slices, max_rank, num_slots)
-        return {**dict(case.shrink if case is not None else ()), **self.tuning.get("shrink", {})}
+        return {**dict(getattr(case, kind, None) or ()), **self.tuning.get(kind, {})}
 
     def use_epilogue(self, num_tokens: int, max_rank: int, n_slices: int = 1) -> bool:
         """Whether a step leaves the expand of a projection with ``n_slices`` output slices to the
@@ -198,9 +198,9 @@ class TiledLoRABackend(LoRABackend):
         R = batch.max_rank
         perm = plan.perm if plan.perm is not None else plan.tiles
         use_perm = plan.perm is not None
-        ec = expand_config(
-            plan.block_m, R, plan.num_tiles, base_out.shape[1], self.n_sms, **self.tuning.get("expand", {})
-        )
+        n_slots, out_dim = batch.ranks.numel(), base_out.shape[1]
+        params = self.launch_params("expand", batch.num_tokens, x.shape[1], out_dim, n_slices, R, n_slots)
+        ec = expand_config(plan.block_m, R, plan.num_tiles, out_dim, self.n_sms, **params)
         if shrunk is not None:  # the base GEMM already computed x @ A^T for every slot: only the expand runs
             self._expand(
                 shrunk,
@@ -250,7 +250,7 @@ class TiledLoRABackend(LoRABackend):
         """``x @ A^T`` of every slice into a new float32 ``h [tokens, split, slices * R]``."""
         batch = self.batch
         R, T, K = batch.max_rank, x.shape[0], x.shape[1]
-        params = self.shrink_params(T, K, out_dim, n_slices, R, batch.ranks.numel())
+        params = self.launch_params("shrink", T, K, out_dim, n_slices, R, batch.ranks.numel())
         plan = self._tiles_of_height(params.pop("block_m", None))  # the shrink's own tile height
         sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **params)
         h = torch.empty((T, sc.split, n_slices * R), dtype=torch.float32, device=x.device)

@@ -2,8 +2,8 @@
 
 A plan file (JSON, format :data:`FORMAT`) lists measured cases: a backend, a projection shape (input width,
 output width, slices), a step's token count, the pool's slot count and rank, and what was fastest
-there: the shrink inside the base GEMM or a separate shrink kernel, and that kernel's launch
-parameters. ``benchmarks/tune_lora_kernels.py`` writes one by timing the candidates on the device (or
+there: the shrink inside the base GEMM or a separate shrink kernel, and the launch parameters of
+that shrink and of the expand. ``benchmarks/tune_lora_kernels.py`` writes one by timing the candidates on the device (or
 converts a ``bench_lora_kernels.py`` result). The backends ask :meth:`KernelPlans.lookup` before their
 built-in cost model (:mod:`~loraserve.plugins.backend_triton.cost_model`), which stays the answer for
 an untuned device, a model whose shapes were not measured, or a pool far from every measured one.
@@ -34,7 +34,11 @@ FORMAT = "loraserve-kernel-plans/1"
 ENV = "LORASERVE_KERNEL_PLANS"
 MAX_POOL_DISTANCE = 2.0  # e.g. 4x the slots at the same rank, or 2x both
 MAX_FILE_BYTES = 16 << 20
-SHRINK_KEYS = ("block_m", "block_r", "block_k", "split", "num_warps", "num_stages")
+PARAM_KEYS = {  # per kernel, the launch parameters a case may set
+    "shrink": ("block_m", "block_r", "block_k", "split", "num_warps", "num_stages"),
+    "expand": ("block_n", "block_r", "group_n", "num_warps", "num_stages"),
+}
+BLOCKS = ("block_m", "block_r", "block_k", "block_n")
 _SHAPE_KEYS = ("in_dim", "out_dim", "n_slices", "tokens", "slots", "rank")
 PLAN_DIR = Path(__file__).with_name("plan_data")
 
@@ -52,6 +56,7 @@ class PlanEntry:
     rank: int
     shrink_in_gemm: bool | None = None
     shrink: tuple[tuple[str, int], ...] = ()  # the separate shrink's tile height and shrink_config's parameters
+    expand: tuple[tuple[str, int], ...] = ()  # expand_config's parameters
 
     @property
     def case(self) -> tuple[int, int, int]:
@@ -62,8 +67,9 @@ class PlanEntry:
         out: dict[str, Any] = {"backend": self.backend, **{k: getattr(self, k) for k in _SHAPE_KEYS}}
         if self.shrink_in_gemm is not None:
             out["shrink_in_gemm"] = self.shrink_in_gemm
-        if self.shrink:
-            out["shrink"] = dict(self.shrink)
+        for kind in PARAM_KEYS:
+            if getattr(self, kind):
+                out[kind] = dict(getattr(self, kind))
         return out
 
 
@@ -148,7 +154,7 @@ def _positive_int(value: Any, what: str) -> int:
 def _entry(item: Any, where: str) -> PlanEntry:
     if not isinstance(item, dict):
         raise ConfigError(f"{where} must be an object")
-    unknown = set(item) - set(_SHAPE_KEYS) - {"backend", "shrink_in_gemm", "shrink"}
+    unknown = set(item) - set(_SHAPE_KEYS) - {"backend", "shrink_in_gemm", *PARAM_KEYS}
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     backend = item.get("backend")
@@ -158,14 +164,18 @@ def _entry(item: Any, where: str) -> PlanEntry:
     in_gemm = item.get("shrink_in_gemm")
     if in_gemm is not None and not isinstance(in_gemm, bool):
         raise ConfigError(f"{where}: shrink_in_gemm must be true, false or absent, got {in_gemm!r}")
-    shrink = item.get("shrink") or {}
-    if not isinstance(shrink, dict) or set(shrink) - set(SHRINK_KEYS):
-        raise ConfigError(f"{where}: shrink must be an object with keys from {', '.join(SHRINK_KEYS)}")
-    params = {k: _positive_int(v, f"{where}: shrink.{k}") for k, v in shrink.items()}
-    for k in ("block_m", "block_r", "block_k"):
+    params = {kind: _params(item.get(kind) or {}, kind, where) for kind in PARAM_KEYS}
+    return PlanEntry(backend, **shape, shrink_in_gemm=in_gemm, **params)
+
+
+def _params(given: Any, kind: str, where: str) -> tuple[tuple[str, int], ...]:
+    if not isinstance(given, dict) or set(given) - set(PARAM_KEYS[kind]):
+        raise ConfigError(f"{where}: {kind} must be an object with keys from {', '.join(PARAM_KEYS[kind])}")
+    params = {k: _positive_int(v, f"{where}: {kind}.{k}") for k, v in given.items()}
+    for k in BLOCKS:
         if k in params and (not 16 <= params[k] <= 256 or params[k] & (params[k] - 1)):
-            raise ConfigError(f"{where}: shrink.{k} must be a power of two from 16 to 256, got {params[k]}")
-    return PlanEntry(backend, **shape, shrink_in_gemm=in_gemm, shrink=tuple(sorted(params.items())))
+            raise ConfigError(f"{where}: {kind}.{k} must be a power of two from 16 to 256, got {params[k]}")
+    return tuple(sorted(params.items()))
 
 
 def plan_file_name(device_name: str) -> str:

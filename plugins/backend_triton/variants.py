@@ -40,7 +40,8 @@ class VariantKeys:
 
     def _by_count(self, num_tokens: int) -> tuple:
         """Per projection: ``(("gemm", epilogue) or None, shrink parameters, measured case)`` (the
-        case is in the key so that the warm-up's bisection over token counts meets every case)."""
+        case is in the key so that the warm-up's bisection over token counts meets every case; it
+        also stands for the case's expand parameters)."""
         found = self._by_tokens.get(num_tokens)
         if found is None:
             b, R, slots = self.backend, self.max_rank, self.num_slots
@@ -49,7 +50,7 @@ class VariantKeys:
                     ("gemm", b.use_epilogue(num_tokens, R, n_slices))
                     if may and b.wants_shrink_in_gemm(num_tokens, in_dim, out_dim, n_slices, R, slots)
                     else None,
-                    tuple(sorted(b.shrink_params(num_tokens, in_dim, out_dim, n_slices, R, slots).items())),
+                    tuple(sorted(b.launch_params("shrink", num_tokens, in_dim, out_dim, n_slices, R, slots).items())),
                     getattr(b.plan_case(num_tokens, in_dim, out_dim, n_slices, R, slots), "case", None),
                 )
                 for in_dim, out_dim, n_slices, may in self.projections
