@@ -17,7 +17,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from test_kernels import CASES, DEVICE, check, make_backend, oracle, random_case  # noqa: E402
+from test_kernels import (  # noqa: E402
+    CASES,
+    DEVICE,
+    GPU_BATCHES,
+    LLAMA3_8B,
+    check,
+    make_backend,
+    oracle,
+    random_case,
+)
 from test_warmup_plan import LLAMA_8B, assert_within, kernel_backend  # noqa: E402
 
 from loraserve.errors import ConfigError  # noqa: E402
@@ -148,6 +157,49 @@ def test_the_shrink_in_its_own_tile_height_matches_torch_backend(name, case, blo
     backend.run_lora(x, A, B, out, cfg["offsets"])
     assert block_m == backend._plan.block_m or block_m in backend._retiled  # the shrink really retiled
     check(out, oracle(x, A, B, base, info, cfg["offsets"]), base, info, cfg["ranks"], torch.float32)
+
+
+GPU_PARAMS = [
+    {"shrink": {"block_m": 64}},
+    {"shrink": {"block_m": 128, "block_k": 64, "num_warps": 8}, "expand": {"block_n": 256, "group_n": 4}},
+    {"shrink": {"block_m": 64, "block_r": 128, "num_warps": 8, "split": 2}, "expand": {"block_n": 64, "group_n": 1}},
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("params", range(len(GPU_PARAMS)))
+@pytest.mark.parametrize("proj", ["qkv_proj", "down_proj"])
+@pytest.mark.parametrize("name", ["triton", "csgmv"])
+def test_plan_parameters_on_gpu_in_bf16_captured(name, proj, params):
+    """The tuner's candidates at Llama-3-8B shapes in bfloat16, in a CUDA graph of prepare + run_lora
+    replayed on new inputs: within 1e-2 of backend_torch, base rows untouched."""
+    in_dim, offsets = LLAMA3_8B[proj]
+    seg_lens, seg_slot, ranks, R = GPU_BATCHES["prefill 3 x 300 + decode"]
+    gen = torch.Generator().manual_seed(3)
+    x, A, B, base, info = random_case(gen, seg_lens, seg_slot, ranks, offsets, in_dim, R, torch.bfloat16)
+    B /= 4
+    backend = make_backend(name, tuning=GPU_PARAMS[params])
+    out = base.clone()
+    backend.prepare(info)  # compile outside the capture
+    backend.run_lora(x, A, B, out, offsets)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out.copy_(base)
+        backend.prepare(info)
+        backend.run_lora(x, A, B, out, offsets)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        x.copy_(torch.randn(x.shape, generator=gen).to(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = oracle(x, A, B, base, info, offsets)
+        rel = ((out.double() - ref.double()).norm() / (ref.double() - base.double()).norm()).item()
+        assert rel < 1e-2, rel
+        base_rows = [t for t, s in enumerate(info.token_slot.tolist()) if ranks[s] == 0]
+        assert torch.equal(out[base_rows], base[base_rows])
 
 
 def test_the_warm_up_meets_every_case_and_variant_a_plan_picks():
