@@ -40,7 +40,14 @@ from typing import Any
 
 import random_adapters
 import torch
-from workloads import DEFAULT_ZIPF_ALPHA, DISTRIBUTIONS, RequestSpec, describe_workload, make_workload
+from workloads import (
+    DEFAULT_ZIPF_ALPHA,
+    DEFAULT_ZIPF_EXPONENT,
+    DISTRIBUTIONS,
+    RequestSpec,
+    describe_workload,
+    make_workload,
+)
 
 # -- shared by bench_offline.py and bench_hf_peft.py ------------------------------------------------
 
@@ -69,6 +76,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_adapter_args(lora: argparse._ArgumentGroup) -> None:
     """The random adapters' shape, after the group's count flag (also bench_prefix_cache.py)."""
     lora.add_argument("--lora-rank", type=int, default=16)
+    lora.add_argument(
+        "--lora-ranks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="mixed ranks: each adapter's rank drawn (seeded) from these; --max-lora-rank is their largest",
+    )
     lora.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
     lora.add_argument(
         "--lora-target-modules",
@@ -123,6 +137,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_ZIPF_ALPHA,
         help="'skewed': adapter i gets alpha times the requests of adapter i + 1",
     )
+    work.add_argument(
+        "--lora-zipf-exponent",
+        type=float,
+        default=DEFAULT_ZIPF_EXPONENT,
+        help="'zipf': adapter i's share of requests is proportional to (i + 1) ** -exponent",
+    )
     work.add_argument("--seed", type=int, default=0, help="seed of the workload and the adapters")
     lora = parser.add_argument_group("adapters")
     lora.add_argument("--no-lora", action="store_true", help="serve every request on the base model")
@@ -163,13 +183,15 @@ def adapters_for(args: argparse.Namespace, config: dict[str, Any], dtype: str) -
         return
     with contextlib.ExitStack() as stack:
         root = args.adapter_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="random-adapters-"))
-        size = random_adapters.adapter_bytes(config, args.lora_rank, args.lora_target_modules, dtype)
+        ranks = args.lora_ranks or [args.lora_rank]
+        sizes = [random_adapters.adapter_bytes(config, r, args.lora_target_modules, dtype) for r in ranks]
+        size = sum(sizes) / len(sizes)
         start = time.perf_counter()
         paths = random_adapters.write_random_adapters(
             config,
             root,
             args.num_adapters,
-            rank=args.lora_rank,
+            rank=args.lora_ranks or args.lora_rank,
             alpha=args.lora_alpha,
             target_modules=args.lora_target_modules,
             seed=args.seed,
@@ -177,7 +199,7 @@ def adapters_for(args: argparse.Namespace, config: dict[str, Any], dtype: str) -
             delta_std=args.adapter_delta_std,
         )
         print(
-            f"{args.num_adapters} random adapter(s) of {size / 2**20:.1f} MiB in {root} "
+            f"{args.num_adapters} random adapter(s) of {size / 2**20:.1f} MiB (mean) in {root} "
             f"({time.perf_counter() - start:.1f} s)",
             file=sys.stderr,
         )
@@ -197,6 +219,7 @@ def build_requests(args: argparse.Namespace, config: dict[str, Any]) -> list[Req
         names,
         args.lora_request_distribution,
         zipf_alpha=args.lora_zipf_alpha,
+        zipf_exponent=args.lora_zipf_exponent,
         seed=args.seed,
         range_ratio=args.range_ratio,
     )
@@ -391,7 +414,7 @@ def engine_settings(args: argparse.Namespace, device: str, dtype: str, adapters:
         values.update(
             lora_paths=[f"{name}={path}" for name, path in adapters.items()],
             max_loras_per_batch=args.max_loras_per_batch,
-            max_lora_rank=args.lora_rank,
+            max_lora_rank=max(args.lora_ranks or [args.lora_rank]),
             lora_target_modules=list(args.lora_target_modules),
             lora_backend=args.lora_backend,
         )
@@ -413,6 +436,23 @@ def generate(engine: Any, requests: Sequence[RequestSpec], max_new_tokens: int |
     return engine.generate(
         input_ids=[r.input_ids for r in requests], sampling_params=params, lora_path=[r.lora_name for r in requests]
     )
+
+
+def rank_label(config: dict[str, Any]) -> str:
+    """``16``, or ``8/16/32/64`` for mixed ranks."""
+    return "/".join(map(str, config.get("lora_ranks") or [config["lora_rank"]]))
+
+
+def lora_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    """What the adapter tiers held at the end of the run: slots, host cache, the GPU store (if any),
+    adapter loads and evictions (the engine's counters)."""
+    return {
+        "registered": stats["lora_adapters"],
+        "slots_total": stats["lora_slots_total"],
+        "host_cached": stats["lora_host_cached"],
+        "counters": stats["lora_counters"],
+        "store": stats.get("lora_store"),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -443,6 +483,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timer.enabled = False
             engine.call_in_engine(lambda: None)  # the step that delivered the last token has returned
             backend = engine.backend_name if engine.lora is not None else None
+            lora_state = lora_summary(engine.stats()) if engine.lora is not None else None
         finally:
             engine.shutdown()
     errors = [
@@ -467,6 +508,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mean_tpot_ms=1e3 * statistics.fmean(tpot) if tpot else None,
         peak_gpu_memory_gib=peak_memory_gib(device),
         step_metrics=timer.summary(),
+        lora=lora_state,
     )
     result = {
         "benchmark": "bench_offline",
@@ -510,7 +552,7 @@ def report(result: dict[str, Any]) -> None:
     lora = (
         "no LoRA"
         if c["no_lora"]
-        else (f"{c['num_adapters']} adapters r{c['lora_rank']} {c['lora_request_distribution']}, {c['lora_backend']}")
+        else (f"{c['num_adapters']} adapters r{rank_label(c)} {c['lora_request_distribution']}, {c['lora_backend']}")
     )
     print_table(f"loraserve offline: {result['device']}, {c['resolved_dtype']}, {lora}", rows)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -194,12 +195,23 @@ def write_random_adapter(
     return out
 
 
+def mixed_ranks(rank: int | Sequence[int], num_adapters: int, seed: int = 0) -> list[int]:
+    """Each adapter's rank: ``rank`` for all, or drawn uniformly from a list of ranks with ``seed``."""
+    if isinstance(rank, int):
+        return [rank] * num_adapters
+    choices = [int(r) for r in rank]
+    if not choices or min(choices) < 1:
+        raise ValueError(f"ranks must be integers >= 1, got {list(rank)!r}")
+    rng = random.Random(f"ranks {seed}")
+    return [rng.choice(choices) for _ in range(num_adapters)]
+
+
 def write_random_adapters(
     config_or_dir: Any,
     out_dir: str | Path,
     num_adapters: int,
     *,
-    rank: int,
+    rank: int | Sequence[int],
     alpha: float | None = None,
     target_modules: Sequence[str] = ALL_TARGETS,
     seed: int = 0,
@@ -210,6 +222,8 @@ def write_random_adapters(
 ) -> dict[str, Path]:
     """Write ``num_adapters`` random adapters to ``out_dir/{prefix}{i}``; returns ``{name: directory}``.
 
+    ``rank``: one rank for all, or several: adapter ``i``'s rank is then :func:`mixed_ranks`' ``i``-th
+    (drawn from them, seeded), its alpha twice its rank unless ``alpha`` is given.
     Adapter ``i`` is drawn from seed ``seed * 1_000_003 + i``. A ``random_adapters.json`` manifest
     records the arguments; when ``out_dir`` already holds adapters written with the same ones
     (same config shape included), they are reused instead of written again.
@@ -219,7 +233,7 @@ def write_random_adapters(
     if len(targets) != len(set(target_modules)):
         unknown = sorted(set(target_modules) - set(ALL_TARGETS))
         raise ValueError(f"unknown target module(s) {', '.join(unknown)}; choose from {', '.join(ALL_TARGETS)}")
-    alpha = _alpha(rank, alpha)
+    ranks = mixed_ranks(rank, num_adapters, seed)
     out = Path(out_dir)
     names = [f"{prefix}{i}" for i in range(num_adapters)]
     manifest = {
@@ -234,7 +248,7 @@ def write_random_adapters(
                 "head_dim",
             )
         },
-        "rank": rank,
+        "rank": rank if isinstance(rank, int) else list(rank),
         "alpha": alpha,
         "target_modules": targets,
         "seed": seed,
@@ -256,7 +270,7 @@ def write_random_adapters(
         write_random_adapter(
             config,
             path,
-            rank=rank,
+            rank=ranks[i],
             alpha=alpha,
             target_modules=targets,
             seed=seed * 1_000_003 + i,

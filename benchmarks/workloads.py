@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-DISTRIBUTIONS = ("uniform", "distinct", "skewed")
+DISTRIBUTIONS = ("uniform", "distinct", "skewed", "zipf")
 DEFAULT_ZIPF_ALPHA = 1.5  # SGLang's --lora-zipf-alpha default
+DEFAULT_ZIPF_EXPONENT = 1.0  # "zipf": adapter i's share proportional to (i + 1) ** -exponent
 _PROMPTS, _ADAPTERS, _ARRIVALS = 0, 1, 2  # seed streams
 
 
@@ -105,8 +106,23 @@ def skewed_probabilities(num_adapters: int, zipf_alpha: float) -> np.ndarray:
     return weights / weights.sum()
 
 
+def zipf_probabilities(num_adapters: int, exponent: float) -> np.ndarray:
+    """Share of requests per adapter under ``zipf`` (a power law, as S-LoRA's workloads): proportional
+    to ``(i + 1) ** -exponent``, so a long tail of adapters is still asked for (``skewed``'s geometric
+    shares leave all but the first few dozen adapters without requests)."""
+    if not isinstance(exponent, (int, float)) or isinstance(exponent, bool) or not 0.0 < exponent <= 10.0:
+        raise ValueError(f"zipf exponent {exponent!r} is invalid; give a number in (0, 10]")
+    weights = np.arange(1, num_adapters + 1, dtype=np.float64) ** -float(exponent)
+    return weights / weights.sum()
+
+
 def sample_lora_names(
-    num: int, lora_names: Sequence[str] | None, distribution: str, zipf_alpha: float = DEFAULT_ZIPF_ALPHA, seed: int = 0
+    num: int,
+    lora_names: Sequence[str] | None,
+    distribution: str,
+    zipf_alpha: float = DEFAULT_ZIPF_ALPHA,
+    seed: int = 0,
+    zipf_exponent: float = DEFAULT_ZIPF_EXPONENT,
 ) -> list[str | None]:
     """One adapter name per request (all None, the base model, when ``lora_names`` is empty)."""
     if distribution not in DISTRIBUTIONS:
@@ -115,7 +131,11 @@ def sample_lora_names(
     bad = [n for n in names if not isinstance(n, str) or not n]
     if bad:
         raise ValueError(f"adapter name {bad[0]!r} is invalid; give non-empty strings")
-    probs = skewed_probabilities(max(len(names), 1), zipf_alpha) if distribution == "skewed" else None
+    probs = None
+    if distribution == "skewed":
+        probs = skewed_probabilities(max(len(names), 1), zipf_alpha)
+    elif distribution == "zipf":
+        probs = zipf_probabilities(max(len(names), 1), zipf_exponent)
     if not names:
         return [None] * num
     if distribution == "distinct":
@@ -134,6 +154,7 @@ def make_workload(
     distribution: str = "uniform",
     *,
     zipf_alpha: float = DEFAULT_ZIPF_ALPHA,
+    zipf_exponent: float = DEFAULT_ZIPF_EXPONENT,
     seed: int = 1,
     range_ratio: float = 1.0,
     tokenizer: Any = None,
@@ -145,7 +166,7 @@ def make_workload(
     input_len, output_len = _positive_int("input_len", input_len), _positive_int("output_len", output_len)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} is invalid; give an integer >= 0")
-    loras = sample_lora_names(num_prompts, lora_names, distribution, zipf_alpha, seed)
+    loras = sample_lora_names(num_prompts, lora_names, distribution, zipf_alpha, seed, zipf_exponent)
     pool = allowed_token_ids(vocab_size, tokenizer, low)
     rng = _rng(seed, _PROMPTS)
     in_lens = sample_lengths(num_prompts, input_len, range_ratio, rng)

@@ -261,3 +261,31 @@ def test_hf_mixed_batch_with_base_rows_matches_the_engine(model_dir, tmp_path):
         engine.shutdown()
     assert [len(t) for t in theirs] == [o for _, o, _ in lens]
     assert ours == theirs
+
+
+def test_mixed_ranks_and_a_zipf_workload_for_many_adapters(tmp_path):
+    """Issue 22's run: adapters of mixed ranks (each file's rank as drawn) and a power-law request mix
+    that reaches the long tail, where ``skewed``'s geometric one leaves all but a few dozen idle."""
+    from workloads import sample_lora_names, zipf_probabilities
+
+    config = tiny_llama_config()
+    paths = random_adapters.write_random_adapters(config, tmp_path / "a", 12, rank=[1, 3, 5], seed=2)
+    ranks = random_adapters.mixed_ranks([1, 3, 5], 12, seed=2)
+    assert len(set(ranks)) > 1
+    for path, rank in zip(paths.values(), ranks):
+        assert json.loads((path / "adapter_config.json").read_text())["r"] == rank
+        assert {t.shape[0] for k, t in load_file(path / "adapter_model.safetensors").items() if "lora_A" in k} == {rank}
+    probs = zipf_probabilities(2000, 1.0)
+    assert probs.sum() == pytest.approx(1.0) and probs[0] / probs[9] == pytest.approx(10.0)
+    names = [f"a{i}" for i in range(2000)]
+    assert len(set(sample_lora_names(5000, names, "zipf", seed=1))) > 500
+    assert len(set(sample_lora_names(5000, names, "skewed", seed=1))) < 60
+    with pytest.raises(ValueError, match="zipf exponent"):
+        zipf_probabilities(3, 0.0)
+
+    config_dir = tmp_path / "config"
+    config.save_pretrained(config_dir)
+    args = ["--config-dir", str(config_dir), *RUN, "--warmup-requests", "0", "--num-adapters", "5"]
+    result = bench_offline.main([*args, "--lora-ranks", "2", "5", "--lora-request-distribution", "zipf"])
+    assert result["config"]["engine_settings"]["max_lora_rank"] == 5
+    assert result["results"]["output_tokens"] == 24 and result["results"]["lora"]["registered"] == 5
