@@ -39,6 +39,8 @@ def test_load_use_unload_reload_while_other_requests_stream():
     engine = make_engine()
     server = RunningServer(engine)
     paths = assets().adapters
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.02), step())[1]  # the streams (4 s at least) outlive the operations
     try:
         streams = [
             ({"text": "stream one", "sampling_params": LONG_STREAM, "lora_path": "alpha", "stream": True}, {}),
@@ -68,6 +70,7 @@ def test_load_use_unload_reload_while_other_requests_stream():
             ).json()
             assert new_gamma["choices"][0]["text"] == used[1]["text"] != old_gamma["text"]
             ops_done = time.monotonic()
+            engine.step = step
         for t in threads:
             t.join(120)
         for body, out in streams:
@@ -157,8 +160,10 @@ def test_client_giving_up_on_a_whole_response_frees_its_request(served):
 
 def test_shutdown_drains_then_answers_leftover_requests_with_an_error():
     engine = make_engine(adapters=[])
-    server = RunningServer(engine, grace_s=0.5)
+    server = RunningServer(engine, grace_s=3.0)
     gate = threading.Event()  # holds the engine thread until both requests are in, so both are in flight
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.01), step())[1]  # the long stream cannot end within the grace
     engine.start()
     threading.Thread(target=engine.call_in_engine, args=(lambda: gate.wait(30),), daemon=True).start()
     short, long = {}, {}

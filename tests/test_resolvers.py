@@ -14,6 +14,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from http_fixtures import wait_until
 from lora_utils import make_peft_adapter, tiny_llama_config, tiny_model
 from peft import PeftModel
 from test_multi_lora import GREEDY, peft_generate, prompts
@@ -191,19 +192,23 @@ def test_one_load_for_concurrent_first_requests_and_others_served_meanwhile(worl
     assert [results[i]["output_ids"] for i in range(6)] == expected
 
 
-def test_concurrent_servable_checks_ask_the_resolvers_once(world):
+def test_concurrent_servable_checks_ask_the_resolvers_once(world, monkeypatch):
     """The OpenAI routes ask is_servable before submitting: concurrent checks of one unknown name share
     one resolver call (a resolver may do remote I/O)."""
     engine, gated = world["engine"], world["gated"]
     gated.gate.clear()
     gated.entered.clear()
     before = len(gated.calls)
+    flight, entered = engine.lora.servable_checks, []
+    run = flight.run
+    monkeypatch.setattr(flight, "run", lambda key, fn: (entered.append(key), run(key, fn))[1])
     answers: list[bool] = []
     threads = [threading.Thread(target=lambda: answers.append(engine.is_servable("gated-check"))) for _ in range(6)]
     for t in threads:
         t.start()
     assert gated.entered.wait(10)
-    time.sleep(0.2)  # the other checks reach the single flight and wait for the first
+    assert wait_until(lambda: len(entered) == 6)
+    time.sleep(0.2)  # from entering the single flight to waiting on the first call: microseconds
     gated.gate.set()
     for t in threads:
         t.join(30)
