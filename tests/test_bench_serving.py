@@ -91,8 +91,8 @@ def test_skewed_follows_sglang_zipf_weights(alpha):
 def test_invalid_inputs_name_the_value():
     with pytest.raises(ValueError, match="zipf_alpha=0.5"):
         sample_lora_names(3, NAMES, "skewed", zipf_alpha=0.5)
-    with pytest.raises(ValueError, match="distribution='zipf'"):
-        make_workload(3, 4, 4, 100, NAMES, "zipf")
+    with pytest.raises(ValueError, match="distribution='pareto'"):
+        make_workload(3, 4, 4, 100, NAMES, "pareto")
     with pytest.raises(ValueError, match="input_len=0"):
         make_workload(3, 0, 4, 100)
     with pytest.raises(ValueError, match="request_rate=0"):
