@@ -60,6 +60,7 @@ def test_lookup_takes_the_nearest_case_of_the_shape_within_the_pool_distance():
     assert plans.lookup(3000, *QKV, 32, 4).tokens == 2048  # pool distance 1 + tokens 0.55 beats 256's 3.55
     assert plans.lookup(3000, *QKV, 16, 8).tokens == 256  # 2048's pool is 3 away (2 on rank, 1 on slots)
     assert plans.lookup(8, *QKV, 16, 64) is None  # 8x the slots: no case near this pool
+    assert plans.lookup(7, *QKV, 16, 8) is None  # fewer tokens than slots: idle slots were never measured
     assert plans.lookup(8, 4096, 4096, 1, 16, 8) is None  # another projection shape
     assert KernelPlans([entry(8, 8, 16), entry(32, 8, 16)]).lookup(16, *QKV, 16, 8).tokens == 8  # a tie: fewer
 
@@ -99,6 +100,8 @@ def test_backends_follow_the_plan_and_explicit_tuning_wins():
         ({"entries": [{**entry(8, 8, 16).to_dict(), "shrink": {"tiles": 2}}]}, "shrink must be an object"),
         ({"entries": [{**entry(8, 8, 16).to_dict(), "expand": {"split": 2}}]}, "expand must be an object"),
         ({"entries": [{**entry(8, 8, 16).to_dict(), "expand": {"group_n": 0}}]}, "expand.group_n must be a positive"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "expand": {"num_warps": 3}}]}, "num_warps must be 1, 2, 4"),
+        ({"entries": [{**entry(8, 8, 16).to_dict(), "shrink": {"num_stages": 9}}]}, "num_stages must be from 1 to 8"),
     ],
 )
 def test_a_bad_plan_is_refused_naming_the_field(change, message):
@@ -202,11 +205,30 @@ def test_plan_parameters_on_gpu_in_bf16_captured(name, proj, params):
         assert torch.equal(out[base_rows], base[base_rows])
 
 
+def test_captured_steps_find_the_case_of_the_pool_not_of_the_null_slot():
+    """A captured decode step's batch info lists one more slot (the null slot) than the pool has; the
+    plan is asked with the pool's count, as the warm-up's keys are (here a pool 5 slots wide would be
+    past the case's pool distance, 4 slots is at it)."""
+    from loraserve.contract import LoRABatchInfo
+
+    gen = torch.Generator().manual_seed(4)
+    ranks, offsets, in_dim, R = [3, 5, 16, 2], (0, 24), 16, 16
+    x, A, B, base, _ = random_case(gen, [6, 5], [0, 2], ranks, offsets, in_dim, R, torch.float32)
+    info = LoRABatchInfo.build([6, 5], [0, 2], ranks + [0], [0.5, 1.0, 1.5, 2.0, 0.0], R, device=DEVICE)
+    plans = KernelPlans([entry(11, 4, 64, False, {"block_m": 64}, backend="triton", shape=(in_dim, 24, 1))])
+    backend = make_backend("triton", plans=plans)
+    backend.prepare(info)
+    out = base.clone()
+    backend.run_lora(x, A, B, out, offsets)
+    assert 64 in backend._retiled  # the case's shrink tile height was used
+    check(out, oracle(x, A, B, base, info, offsets), base, info, ranks + [0], torch.float32)
+
+
 def test_the_warm_up_meets_every_case_and_variant_a_plan_picks():
     """A plan whose choices flip back and forth with the token count (GEMM, separate with taller
     tiles, GEMM, separate with split-k, GEMM; the last three above DENSE_TOKENS, where the warm-up
     bisects token counts): brute force over every step shape finds no key the warm-up lacks."""
-    cases = [(1, True, {}), (16, False, {"block_m": 64}), (600, True, {})]
+    cases = [(8, True, {}), (16, False, {"block_m": 64}), (600, True, {})]
     cases += [(1000, False, {"split": 4}), (1600, True, {})]
     plans = KernelPlans(
         [entry(t, 8, 16, g, s, shape=shape[:3]) for t, g, s in cases for shape in LLAMA_8B]

@@ -198,7 +198,7 @@ class TiledLoRABackend(LoRABackend):
         R = batch.max_rank
         perm = plan.perm if plan.perm is not None else plan.tiles
         use_perm = plan.perm is not None
-        n_slots, out_dim = batch.ranks.numel(), base_out.shape[1]
+        n_slots, out_dim = A.shape[0], base_out.shape[1]  # the pool's slots (ranks also has a null slot in graphs)
         params = self.launch_params("expand", batch.num_tokens, x.shape[1], out_dim, n_slices, R, n_slots)
         ec = expand_config(plan.block_m, R, plan.num_tiles, out_dim, self.n_sms, **params)
         if shrunk is not None:  # the base GEMM already computed x @ A^T for every slot: only the expand runs
@@ -250,7 +250,7 @@ class TiledLoRABackend(LoRABackend):
         """``x @ A^T`` of every slice into a new float32 ``h [tokens, split, slices * R]``."""
         batch = self.batch
         R, T, K = batch.max_rank, x.shape[0], x.shape[1]
-        params = self.launch_params("shrink", T, K, out_dim, n_slices, R, batch.ranks.numel())
+        params = self.launch_params("shrink", T, K, out_dim, n_slices, R, A.shape[0])
         plan = self._tiles_of_height(params.pop("block_m", None))  # the shrink's own tile height
         sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **params)
         h = torch.empty((T, sc.split, n_slices * R), dtype=torch.float32, device=x.device)

@@ -15,7 +15,10 @@ How a step finds its case: among the cases of the same projection shape whose po
 engine's (``|log2 slots ratio| + |log2 rank ratio| <= MAX_POOL_DISTANCE``), the nearest in
 ``|log2 tokens ratio|`` plus that pool distance. Each case then covers one interval of token counts,
 in the order of the cases' token counts, so the warm-up's bisection over token counts finds every
-case a running server can hit (the case is part of the variant key).
+case a running server can hit (the case is part of the variant key). A step of fewer tokens than the
+pool has slots finds no case: the measured cases have every slot in use (slots <= tokens), while such
+a step certainly leaves slots idle, whose A the shrink inside the GEMM would still read; the cost model
+decides there (those steps come first in token order, so the intervals stay in order).
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ class KernelPlans:
         key = (num_tokens, in_dim, out_dim, n_slices, rank, slots)
         if key not in self._found:
             best, best_d = None, math.inf
-            if num_tokens > 0 and rank > 0 and slots > 0:
+            if 0 < slots <= num_tokens and rank > 0:  # fewer tokens than slots: idle slots, never measured
                 for e in self._by_shape.get((in_dim, out_dim, n_slices), ()):
                     pool = _log_distance(e.slots, slots) + _log_distance(e.rank, rank)
                     if pool > MAX_POOL_DISTANCE:
@@ -175,6 +178,11 @@ def _params(given: Any, kind: str, where: str) -> tuple[tuple[str, int], ...]:
     for k in BLOCKS:
         if k in params and (not 16 <= params[k] <= 256 or params[k] & (params[k] - 1)):
             raise ConfigError(f"{where}: {kind}.{k} must be a power of two from 16 to 256, got {params[k]}")
+    warps, stages = params.get("num_warps", 4), params.get("num_stages", 1)
+    if warps > 32 or warps & (warps - 1):
+        raise ConfigError(f"{where}: {kind}.num_warps must be 1, 2, 4, 8, 16 or 32, got {warps}")
+    if stages > 8:
+        raise ConfigError(f"{where}: {kind}.num_stages must be from 1 to 8, got {stages}")
     return tuple(sorted(params.items()))
 
 
