@@ -832,25 +832,28 @@ def targets(result: dict) -> list[str]:
     return out
 
 
-def repick(result: dict) -> None:
-    """Redo the ``auto`` rows with the current built-in cost model (no plan: tune_lora_kernels.py
-    --repicked re-picks by a plan), from the two measured paths of each case (so a change of the
-    model is judged on the same measurements)."""
+def repick(result: dict, wants_gemm=None, picked_by: str = "") -> dict:
+    """``result`` with its ``auto`` rows redone from the two measured paths of each case (so a change
+    of the choice is judged on the same measurements): ``wants_gemm(backend, case, (in_dim, out_dim,
+    n_slices))`` picks the shrink inside the GEMM; by default the built-in cost model of this code
+    (tune_lora_kernels.py --repicked passes a kernel plan's choice)."""
     from loraserve.plugins.backend_triton.cost_model import shrink_in_gemm_by_bytes
 
-    rows = {}
+    if wants_gemm is None:
+        wants_gemm = lambda name, c, shape: shrink_in_gemm_by_bytes(c["tokens"], *shape, c["rank"], c["adapters"])  # noqa: E731
+        picked_by = "the cost model of the code that merged these files (benchmarks --merge)"
+    projections = result["config"]["projections"]
+    rows = {(c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"], c["backend"]): c for c in result["cases"]}
+    cases = []
     for c in result["cases"]:
-        rows[(c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"], c["backend"])] = c
-    for i, c in enumerate(result["cases"]):
-        if not c["backend"].endswith(" auto"):
-            continue
-        name = c["backend"][: -len(" auto")]
-        in_dim, offsets = PROJECTIONS[c["proj"]]
-        fused = shrink_in_gemm_by_bytes(c["tokens"], in_dim, offsets[-1], len(offsets) - 1, c["rank"], c["adapters"])
-        pick = name + "+gemm" if fused else name
-        src = rows[(c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"], pick)]
-        result["cases"][i] = {**src, "backend": c["backend"], "picked": pick}
-    result["auto_picked_by"] = "the cost model of the code that merged these files (benchmarks --merge)"
+        if c["backend"].endswith(" auto"):
+            name = c["backend"][: -len(" auto")]
+            in_dim, offsets = projections[c["proj"]]
+            pick = name + "+gemm" if wants_gemm(name, c, (in_dim, offsets[-1], len(offsets) - 1)) else name
+            src = rows[(c["phase"], c["proj"], c["tokens"], c["adapters"], c["rank"], pick)]
+            c = {**src, "backend": c["backend"], "picked": pick}
+        cases.append(c)
+    return {**result, "cases": cases, "auto_picked_by": picked_by}
 
 
 def main() -> None:
@@ -896,7 +899,7 @@ def main() -> None:
             result["prepare_us"] += p["prepare_us"]
             result["gemm"].update(p["gemm"])
         result["merged_from"] = [{"date": p["date"], "ceilings": p["ceilings"]} for p in parts]
-        repick(result)
+        result = repick(result)
         out = Path(args.out)
         slug = result["device"].replace(" ", "_") + (f"_{args.tag}" if args.tag else "")
         (out / f"lora_kernels_{slug}.json").write_text(json.dumps(result, indent=1))

@@ -93,22 +93,16 @@ def plan_from_results(result: dict) -> KernelPlans:
     return KernelPlans(entries, device=result["device"], source=source)
 
 
-def repick(result: dict, plans: KernelPlans) -> dict:
-    """``result`` with every ``<backend> auto`` row replaced by the path the plan picks, from the
-    rows measured for both paths (the plan's case is the measured case itself)."""
-    projections = result["config"]["projections"]
-    rows = {(c["proj"], c["tokens"], c["adapters"], c["rank"], c["backend"]): c for c in result["cases"]}
-    cases = []
-    for c in result["cases"]:
-        if c["backend"].endswith(" auto"):
-            name = c["backend"][: -len(" auto")]
-            in_dim, out_dim, n_slices = projection_shape(projections, c["proj"])
-            case = plans.for_backend(name).lookup(c["tokens"], in_dim, out_dim, n_slices, c["rank"], c["adapters"])
-            pick = name + "+gemm" if case is not None and case.shrink_in_gemm else name
-            src = rows[(c["proj"], c["tokens"], c["adapters"], c["rank"], pick)]
-            c = {**src, "backend": c["backend"], "picked": pick}
-        cases.append(c)
-    return {**result, "cases": cases, "auto_picked_by": f"the kernel plan from {plans.source}"}
+def repick_by_plan(result: dict, plans: KernelPlans) -> dict:
+    """``result`` with every ``<backend> auto`` row the path the plan picks (the plan's case is the
+    measured case itself)."""
+    from bench_lora_kernels import repick
+
+    def wants_gemm(name: str, c: dict, shape: tuple[int, int, int]) -> bool:
+        case = plans.for_backend(name).lookup(c["tokens"], *shape, c["rank"], c["adapters"])
+        return case is not None and bool(case.shrink_in_gemm)
+
+    return repick(result, wants_gemm, f"the kernel plan from {plans.source}")
 
 
 def compare_auto(before: dict, after: dict) -> list[tuple]:
@@ -205,7 +199,7 @@ def main() -> None:
         if args.repicked:
             from bench_lora_kernels import summarize
 
-            after = repick(result, plans)
+            after = repick_by_plan(result, plans)
             Path(args.repicked).write_text(json.dumps(after, indent=1))
             Path(args.repicked).with_suffix(".md").write_text(summarize(after) + planned_note(result, after))
         return

@@ -23,6 +23,7 @@ from test_kernels import (  # noqa: E402
     GPU_BATCHES,
     LLAMA3_8B,
     check,
+    check_captured_replays,
     make_backend,
     oracle,
     random_case,
@@ -182,27 +183,7 @@ def test_plan_parameters_on_gpu_in_bf16_captured(name, proj, params):
     gen = torch.Generator().manual_seed(3)
     x, A, B, base, info = random_case(gen, seg_lens, seg_slot, ranks, offsets, in_dim, R, torch.bfloat16)
     B /= 4
-    backend = make_backend(name, tuning=GPU_PARAMS[params])
-    out = base.clone()
-    backend.prepare(info)  # compile outside the capture
-    backend.run_lora(x, A, B, out, offsets)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        out.copy_(base)
-        backend.prepare(info)
-        backend.run_lora(x, A, B, out, offsets)
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(2):
-        x.copy_(torch.randn(x.shape, generator=gen).to(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = oracle(x, A, B, base, info, offsets)
-        rel = ((out.double() - ref.double()).norm() / (ref.double() - base.double()).norm()).item()
-        assert rel < 1e-2, rel
-        base_rows = [t for t, s in enumerate(info.token_slot.tolist()) if ranks[s] == 0]
-        assert torch.equal(out[base_rows], base[base_rows])
+    check_captured_replays(make_backend(name, tuning=GPU_PARAMS[params]), x, A, B, base, info, offsets, gen)
 
 
 def test_captured_steps_find_the_case_of_the_pool_not_of_the_null_slot():

@@ -90,6 +90,24 @@ class TiledLoRABackend(LoRABackend):
         super().prepare(batch)
         self._plan = self._plan_tiles(batch) if batch.num_tokens > 0 else None
         self._retiled: dict[int, TilePlan] = {}
+        self._configs: dict[tuple, tuple] = {}  # per projection shape: the same for every layer of a step
+
+    def _step_config(self, kind: str, in_dim: int, out_dim: int, n_slices: int, n_slots: int) -> Any:
+        """This step's ``expand`` config, or ``shrink`` tile plan and config, for the projections of one
+        shape: host integers only (and the shrink's own tiles, built on the device), computed by the
+        first layer that needs them and reused by the others."""
+        key = (kind, in_dim, out_dim, n_slices, n_slots)
+        found = self._configs.get(key)
+        if found is None:
+            plan, T, R = self._plan, self.batch.num_tokens, self.batch.max_rank
+            params = self.launch_params(kind, T, in_dim, out_dim, n_slices, R, n_slots)
+            if kind == "expand":
+                found = expand_config(plan.block_m, R, plan.num_tiles, out_dim, self.n_sms, **params)
+            else:
+                plan = self._tiles_of_height(params.pop("block_m", None))  # the shrink's own tile height
+                found = plan, shrink_config(plan.block_m, R, in_dim, n_slices, plan.num_tiles, self.n_sms, **params)
+            self._configs[key] = found
+        return found
 
     def _tiles_of_height(self, block_m: int | None) -> TilePlan:
         """The step's tile plan, or the same positions in tiles of ``block_m`` (built on first use in
@@ -198,9 +216,9 @@ class TiledLoRABackend(LoRABackend):
         R = batch.max_rank
         perm = plan.perm if plan.perm is not None else plan.tiles
         use_perm = plan.perm is not None
-        n_slots, out_dim = A.shape[0], base_out.shape[1]  # the pool's slots (ranks also has a null slot in graphs)
-        params = self.launch_params("expand", batch.num_tokens, x.shape[1], out_dim, n_slices, R, n_slots)
-        ec = expand_config(plan.block_m, R, plan.num_tiles, out_dim, self.n_sms, **params)
+        # A's slots are the pool's (a captured step's batch info also lists the null slot)
+        shape = (x.shape[1], base_out.shape[1], n_slices, A.shape[0])
+        ec = self._step_config("expand", *shape)
         if shrunk is not None:  # the base GEMM already computed x @ A^T for every slot: only the expand runs
             self._expand(
                 shrunk,
@@ -219,7 +237,8 @@ class TiledLoRABackend(LoRABackend):
                 h_by_row=True,
             )
             return
-        h, sc = self._shrink(x, A, plan, perm, use_perm, n_slices, base_out.shape[1])
+        shrink_plan, sc = self._step_config("shrink", *shape)
+        h = self._shrink(x, A, shrink_plan, perm, use_perm, n_slices, sc)
         self._expand(
             h,
             B,
@@ -245,14 +264,11 @@ class TiledLoRABackend(LoRABackend):
         perm: torch.Tensor,
         use_perm: bool,
         n_slices: int,
-        out_dim: int,
-    ) -> tuple[torch.Tensor, ShrinkConfig]:
-        """``x @ A^T`` of every slice into a new float32 ``h [tokens, split, slices * R]``."""
-        batch = self.batch
-        R, T, K = batch.max_rank, x.shape[0], x.shape[1]
-        params = self.launch_params("shrink", T, K, out_dim, n_slices, R, A.shape[0])
-        plan = self._tiles_of_height(params.pop("block_m", None))  # the shrink's own tile height
-        sc = shrink_config(plan.block_m, R, K, n_slices, plan.num_tiles, self.n_sms, **params)
+        sc: ShrinkConfig,
+    ) -> torch.Tensor:
+        """``x @ A^T`` of every slice into a new float32 ``h [tokens, split, slices * R]``, in ``plan``'s
+        tiles (the shrink's own height)."""
+        R, T = self.batch.max_rank, x.shape[0]
         h = torch.empty((T, sc.split, n_slices * R), dtype=torch.float32, device=x.device)
         launch_shrink(
             x,
@@ -260,7 +276,7 @@ class TiledLoRABackend(LoRABackend):
             h,
             plan.tiles,
             perm,
-            batch.ranks,
+            self.batch.ranks,
             R=R,
             num_tiles=plan.num_tiles,
             n_slices=n_slices,
@@ -273,7 +289,7 @@ class TiledLoRABackend(LoRABackend):
             num_warps=sc.num_warps,
             num_stages=sc.num_stages,
         )
-        return h, sc
+        return h
 
     def _expand(
         self,
