@@ -11,6 +11,7 @@ same greedy tokens as ``--lora-backend torch``.
 from __future__ import annotations
 
 import os
+import random
 import zlib
 
 import pytest
@@ -26,6 +27,8 @@ from loraserve.errors import ConfigError  # noqa: E402
 from loraserve.plugins.backend_csgmv.backend import ChunkedSgmvLoRABackend, group_by_slot  # noqa: E402
 from loraserve.plugins.backend_torch.backend import TorchLoRABackend  # noqa: E402
 from loraserve.plugins.backend_triton.backend import SgmvLoRABackend  # noqa: E402
+from loraserve.plugins.backend_triton.launch import tile_count  # noqa: E402
+from loraserve.plugins.backend_triton.tiles import build_tiles  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -276,6 +279,31 @@ def test_group_by_slot_is_a_stable_grouping(seg_lens, seg_slot, expected):
     token_slot = info.token_slot.tolist()
     assert counts.tolist() == [0] + [token_slot.count(s) for s in (1, 2, 3)]
     assert starts.tolist()[1:] == [0, counts[1].item(), counts[1].item() + counts[2].item()]
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_one_launch_grouping_equals_the_tensor_operations(block):
+    """csgmv's fused prepare (prepare_kernel.py) against group_by_slot + build_tiles: random steps of
+    1 to 1,024 tokens over 1 to 129 slots, rank-0 slots and a slot count past a power of two."""
+    from loraserve.plugins.backend_csgmv.prepare_kernel import can_fuse, group_and_tile
+
+    rng = random.Random(block)
+    for _ in range(12):
+        n_slots = rng.choice([1, 2, 5, 17, 64, 129])
+        n_segs = rng.randint(1, 48)
+        seg_lens = [rng.choice([1, 1, 1, 3, 20, 70]) for _ in range(n_segs)]
+        ranks = [rng.choice([0, 4, 8]) for _ in range(n_slots)]
+        seg_slot = [rng.randrange(n_slots) for _ in range(n_segs)]
+        info = LoRABatchInfo.build(seg_lens, seg_slot, ranks, [1.0] * n_slots, 8, device=DEVICE)
+        max_tiles = tile_count(info.num_tokens, block, min(n_slots, n_segs))
+        assert can_fuse(info.num_tokens, n_slots)
+        perm, counts, starts = group_by_slot(info)
+        tiles = build_tiles(starts, counts, torch.arange(n_slots, device=DEVICE), block, max_tiles)
+        got = group_and_tile(info, block, max_tiles)
+        assert torch.equal(got[0], perm), (seg_lens, seg_slot, ranks)
+        assert torch.equal(got[1], counts.int()) and torch.equal(got[2], starts.int())
+        assert torch.equal(got[3], tiles), (seg_lens, seg_slot, ranks)
+    assert not can_fuse(1025, 8) and not can_fuse(8, 1024)
 
 
 def test_factories_read_options_and_refuse_cpu_without_interpreter(monkeypatch):

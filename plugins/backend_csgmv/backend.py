@@ -1,12 +1,13 @@
 """``ChunkedSgmvLoRABackend``: chunked SGMV, tokens permuted so each slot's tokens are contiguous.
 
-``prepare`` computes, with device-side tensor operations only (no sort, no value read back to the
-host, so it can be captured in a CUDA graph), a stable permutation that groups the step's tokens by
-adapter slot (tokens of rank-0 slots, the base model, are left out) and cuts each slot's run into
-chunks of at most ``chunk`` tokens. Every layer then runs the shared kernels of backend_triton over
-those chunks: one shrink launch for all chunks and slices, one expand launch for all chunks and
-(up to three) slices. An adapter shared by many requests is read once per chunk instead of once per
-request, which is what makes it faster than SGMV when many requests share few adapters.
+``prepare`` computes on the device (no sort, no value read back to the host, so it can be captured
+in a CUDA graph; one launch for steps of up to 1,024 tokens, ``prepare_kernel.py``) a stable
+permutation that groups the step's tokens by adapter slot (tokens of rank-0 slots, the base model,
+are left out) and cuts each slot's run into chunks of at most ``chunk`` tokens. Every layer then
+runs the shared kernels of backend_triton over those chunks: one shrink launch for all chunks and
+slices, one expand launch for all chunks and (up to three) slices. An adapter shared by many
+requests is read once per chunk instead of once per request, which is what makes it faster than
+SGMV when many requests share few adapters.
 
 The chunk size follows the step's shape (16 for decode, 32 for prefill) and never exceeds
 ``--max-lora-chunk-size``. When the step's segments are long (mean at least ``PREFILL_SEGMENT``
@@ -23,6 +24,7 @@ import torch
 
 from loraserve.contract import LoRABatchInfo
 from loraserve.plugins.backend_csgmv import CHUNK_SIZES
+from loraserve.plugins.backend_csgmv.prepare_kernel import can_fuse, group_and_tile
 from loraserve.plugins.backend_triton.backend import TiledLoRABackend
 from loraserve.plugins.backend_triton.launch import tile_count
 from loraserve.plugins.backend_triton.tiles import (
@@ -81,6 +83,7 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
             raise ValueError(f"max_chunk must be one of {', '.join(map(str, CHUNK_SIZES))}, not {max_chunk}")
         super().__init__(device, tuning, plans)
         self.max_chunk = max_chunk
+        self._slot_ids: dict[int, torch.Tensor] = {}  # torch.arange(slots) on the device, made once
 
     def tile_shape(self, num_tokens: int, num_segments: int, num_slots: int) -> tuple[int, int, bool]:
         if "block_m" not in self.tuning and num_tokens >= PREFILL_SEGMENT * max(1, num_segments):
@@ -95,7 +98,13 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
         chunk, max_tiles, use_perm = self.tile_shape(batch.num_tokens, batch.num_segments, n_slots)
         if not use_perm:
             return segment_tiles(batch, chunk)
+        slots = self._slot_ids.get(n_slots)
+        if slots is None:
+            slots = self._slot_ids[n_slots] = torch.arange(n_slots, device=batch.ranks.device)
+        if can_fuse(batch.num_tokens, n_slots):
+            perm, counts, starts, tiles = group_and_tile(batch, chunk, max_tiles)
+            return TilePlan(tiles, perm, max_tiles, chunk, (starts, counts, slots), min(n_slots, batch.num_segments))
         perm, counts, starts = group_by_slot(batch)
-        groups = (starts, counts, torch.arange(n_slots, device=counts.device))
+        groups = (starts, counts, slots)
         tiles = build_tiles(*groups, chunk, max_tiles)
         return TilePlan(tiles, perm, max_tiles, chunk, groups, min(n_slots, batch.num_segments))
