@@ -30,6 +30,7 @@ markdown summary in ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -292,15 +293,32 @@ def time_gemm(proj: str, T: int) -> float:
 
 
 def time_prepare(name: str, T: int, n_adapters: int, segs: int) -> float:
+    """``prepare()`` of one step in a CUDA graph, us. ``csgmv-ops``: csgmv with its grouping as the
+    tensor operations it used before the one-launch kernel (``prepare_kernel.py``), for before/after."""
+    from unittest import mock
+
     from loraserve.contract import LoRABatchInfo
 
     seg_lens = [T // segs] * segs
     info = LoRABatchInfo.build(
         seg_lens, [i % n_adapters for i in range(segs)], [16] * n_adapters, [1.0] * n_adapters, 16, device=DEVICE
     )
-    backend = make_backend(name)
-    graph = graph_of(lambda: backend.prepare(info))
+    backend = make_backend(name.removesuffix("-ops"))
+    unfused = mock.patch("loraserve.plugins.backend_csgmv.backend.can_fuse", lambda *a: False)
+    with unfused if name.endswith("-ops") else contextlib.nullcontext():
+        graph = graph_of(lambda: backend.prepare(info))
     return bench(graph.replay) * 1e3
+
+
+PREPARE_CASES = ((1, 1, 1), (8, 8, 8), (64, 8, 64), (256, 64, 256), (2048, 4, 4), (4096, 16, 16))
+
+
+def run_prepare() -> list[dict]:
+    return [
+        {"backend": name, "tokens": T, "adapters": n, "requests": segs, "us": time_prepare(name, T, n, segs)}
+        for name in (*BACKENDS, "csgmv-ops")
+        for T, n, segs in PREPARE_CASES
+    ]
 
 
 def decode_cases(quick: bool, only_tokens: tuple[int, ...] | None = None):
@@ -434,11 +452,8 @@ def run(args) -> dict:
         print(f"  {phase} T={sum(seg_lens)} adapters={n} rank={r} done ({time.time() - t0:.0f}s)", flush=True)
         if args.partial:  # keep what was measured if the run is cut short
             Path(args.partial).write_text(json.dumps(result))
-    for name in BACKENDS if args.prepare else ():
-        for T, n, segs in ((1, 1, 1), (64, 8, 64), (256, 64, 256), (2048, 4, 4), (4096, 16, 16)):
-            result["prepare_us"].append(
-                {"backend": name, "tokens": T, "adapters": n, "requests": segs, "us": time_prepare(name, T, n, segs)}
-            )
+    if args.prepare:
+        result["prepare_us"] = run_prepare()
     return result
 
 
@@ -871,6 +886,7 @@ def main() -> None:
         help="only these decode token counts, e.g. 1,8,32 (to split the grid over several runs)",
     )
     parser.add_argument("--no-prepare", dest="prepare", action="store_false", help="skip timing prepare()")
+    parser.add_argument("--only-prepare", action="store_true", help="only time prepare() (printed, not written)")
     parser.add_argument(
         "--plans",
         default="device",
@@ -925,6 +941,11 @@ def main() -> None:
     if args.sweep:
         rows = sweep(args)
         (out / f"lora_kernels_sweep_{slug}.json").write_text(json.dumps(rows, indent=1))
+        return
+    if args.only_prepare:
+        print("| backend | tokens | adapters | requests | us |\n|---|---|---|---|---|")
+        for r in run_prepare():
+            print(f"| {r['backend']} | {r['tokens']} | {r['adapters']} | {r['requests']} | {r['us']:.1f} |")
         return
     args.partial = str(out / f"lora_kernels_{slug}.partial.json")
     result = run(args)
