@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -266,8 +268,9 @@ def write_random_adapters(
     ):
         return paths
     manifest_path.unlink(missing_ok=True)  # a half-written set must never look complete
-    for i, (name, path) in enumerate(paths.items()):
-        write_random_adapter(
+
+    def write(i: int, path: Path) -> Path:
+        return write_random_adapter(
             config,
             path,
             rank=ranks[i],
@@ -278,6 +281,11 @@ def write_random_adapters(
             delta_std=delta_std,
             dora=dora,
         )
+
+    # each adapter draws from its own generator, so threads change nothing in the files; torch's
+    # kernels and the file writes release the GIL (2,000 adapters of a 1B model: 24 GiB)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(write, range(num_adapters), paths.values()))
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return paths
