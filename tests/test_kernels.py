@@ -303,7 +303,7 @@ def test_one_launch_grouping_equals_the_tensor_operations(block):
         assert torch.equal(got[0], perm), (seg_lens, seg_slot, ranks)
         assert torch.equal(got[1], counts.int()) and torch.equal(got[2], starts.int())
         assert torch.equal(got[3], tiles), (seg_lens, seg_slot, ranks)
-    assert not can_fuse(1025, 8) and not can_fuse(8, 1024)
+    assert not can_fuse(1025, 8) and not can_fuse(8, 256)
 
 
 def test_factories_read_options_and_refuse_cpu_without_interpreter(monkeypatch):

@@ -5,9 +5,10 @@ launch, or a node of the decode graph): about 100 us per step on an H100 whateve
 which is most of a small decode step's LoRA cost. For steps of up to :data:`MAX_FUSED_TOKENS`
 tokens one program does all of it: per-slot counts, their prefix sum, each token's stable position
 (its slot's start plus the tokens of that slot before it), the permutation, and the tile table.
-The work is quadratic in the step's tokens (each token counts the earlier ones of its slot, in
-``CHUNK x CHUNK`` blocks), which at these sizes costs less than the launches it replaces. Larger
-steps keep the tensor operations (their cost is small beside the step's GEMMs).
+The program walks the tokens in chunks (each chunk's positions follow from the next free position of
+every group and the earlier tokens of the same group inside the chunk), so its work is linear in
+the step's tokens times the pool's slots. Larger steps and pools keep the tensor operations (their
+cost is small beside such a step's GEMMs).
 
 The results are those of ``group_by_slot`` and ``build_tiles`` exactly (tests compare them under the
 Triton interpreter and on the GPU); every count lives in int32.
@@ -23,9 +24,8 @@ from loraserve.contract import LoRABatchInfo
 
 #: steps of more tokens use the tensor operations (the fused kernel's work grows as tokens squared)
 MAX_FUSED_TOKENS = 1024
-#: pools of more slots (the null slot and the rank-0 group included) use the tensor operations
-MAX_FUSED_SLOTS = 1024
-CHUNK = 64
+#: pools of this many slots or more (the null slot included) use the tensor operations
+MAX_FUSED_SLOTS = 256
 
 
 @triton.jit
@@ -63,16 +63,15 @@ def group_tiles_kernel(
         key = _keys(token_slot_ptr, ranks_ptr, t0 + tl.arange(0, CHUNK), T, num_slots)
         counts += tl.sum((s_idx[:, None] == key[None, :]).to(tl.int32), axis=1)
     starts = tl.cumsum(counts, axis=0) - counts
+    nxt = starts  # next free position of each group, advanced chunk by chunk (stable order)
+    c = tl.arange(0, CHUNK)
     for t0 in range(0, T, CHUNK):
-        t = t0 + tl.arange(0, CHUNK)
-        key = _keys(token_slot_ptr, ranks_ptr, t, T, num_slots)
-        pos = tl.sum(tl.where(s_idx[None, :] == key[:, None], starts[None, :], 0), axis=1)
-        for u0 in range(0, t0 + CHUNK, CHUNK):  # tokens of the same group before t
-            u = u0 + tl.arange(0, CHUNK)
-            earlier = _keys(token_slot_ptr, ranks_ptr, u, T, num_slots)
-            same = (earlier[None, :] == key[:, None]) & (u[None, :] < t[:, None])
-            pos += tl.sum(same.to(tl.int32), axis=1)
-        tl.store(perm_ptr + pos, t, mask=t < T)
+        key = _keys(token_slot_ptr, ranks_ptr, t0 + c, T, num_slots)
+        onehot = s_idx[None, :] == key[:, None]  # [CHUNK, BLOCK_S]
+        pos = tl.sum(tl.where(onehot, nxt[None, :], 0), axis=1)
+        pos += tl.sum(((key[None, :] == key[:, None]) & (c[None, :] < c[:, None])).to(tl.int32), axis=1)
+        tl.store(perm_ptr + pos, t0 + c, mask=t0 + c < T)
+        nxt += tl.sum(onehot.to(tl.int32), axis=0)
     real = s_idx < num_slots
     tl.store(counts_ptr + s_idx, counts, mask=real)
     tl.store(starts_ptr + s_idx, starts, mask=real)
@@ -109,6 +108,7 @@ def group_and_tile(
     counts = torch.empty(n_slots, dtype=torch.int32, device=device)
     starts = torch.empty(n_slots, dtype=torch.int32, device=device)
     tiles = torch.empty(3, max_tiles, dtype=torch.int32, device=device)
+    block_s = triton.next_power_of_2(n_slots + 1)
     group_tiles_kernel[(1,)](
         batch.token_slot,
         batch.ranks,
@@ -120,7 +120,7 @@ def group_and_tile(
         n_slots,
         block,
         max_tiles,
-        BLOCK_S=triton.next_power_of_2(n_slots + 1),
-        CHUNK=CHUNK,
+        BLOCK_S=block_s,
+        CHUNK=max(16, min(64, 4096 // block_s)),  # at most 4,096 one-hot entries per chunk
     )
     return perm, counts, starts, tiles
