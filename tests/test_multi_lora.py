@@ -180,6 +180,47 @@ def test_host_cache_eviction_reloads_transparently(setup):
         engine.shutdown()
 
 
+def test_a_slow_reread_from_the_source_holds_up_no_other_request(setup):
+    """An adapter evicted from the host cache is read again on a worker thread: while that read is
+    stuck, requests of resident adapters still run to the end; once it returns, its request matches
+    PEFT too, and the read counts as a host reload."""
+    base, paths, peft = setup
+    engine = engine_with(base, paths, max_loras_per_batch=2, max_loaded_loras=2)
+    try:
+        names = list(ADAPTERS)
+        slow, other = names[0], names[1]
+        assert engine.lora.host.get(engine.lora.registry.get(slow).key) is None  # evicted at start-up
+        release, entered = threading.Event(), threading.Event()
+        read = engine.lora.admission.read_adapter
+
+        def stuck_read(name, source):
+            if name == slow:
+                entered.set()
+                assert release.wait(30), "the test never released the read"
+            return read(name, source)
+
+        engine.lora.admission.read_adapter = stuck_read
+        batch = prompts(2, seed=12)
+        expected, _ = peft_generate(peft, batch, [slow, other])
+        box = {}
+        waiter = threading.Thread(
+            target=lambda: box.update(r=engine.generate(input_ids=batch[0], sampling_params=GREEDY, lora_path=slow))
+        )
+        waiter.start()
+        assert entered.wait(30), "the evicted adapter was never read again"
+        reloads = engine.lora.metrics["host_reloads"]
+        done = engine.generate(input_ids=batch[1], sampling_params=GREEDY, lora_path=other)
+        assert done["output_ids"] == expected[1] and waiter.is_alive() and "r" not in box
+        release.set()
+        waiter.join(30)
+        assert box["r"]["output_ids"] == expected[0]
+        assert engine.lora.metrics["host_reloads"] > reloads
+        engine.lora.check_integrity()
+    finally:
+        release.set()
+        engine.shutdown()
+
+
 def test_unload_during_generation_then_reload(setup):
     base, paths, peft = setup
     name = "patterns"

@@ -1,11 +1,10 @@
 """The engine: owns the settings, plugins, model, KV cache, scheduler and sampler, and runs steps.
 
-Each ``Engine`` is self-contained (no module-level state), so tests build engines side by side.
-One engine thread (:mod:`~loraserve.engine.loop`) runs the step loop; other threads (the HTTP
-server's event loop, a test) submit requests and aborts through a small inbox and receive
-:class:`RequestOutput` deltas through each request's sink. :meth:`Engine.generate` is the blocking
-Python API, :meth:`Engine.generate_async` and :meth:`Engine.stream` the asyncio ones (SGLang's
-arguments, :mod:`~loraserve.engine.python_api`).
+Each ``Engine`` is self-contained (no module-level state), so tests build engines side by side. One engine
+thread (:mod:`~loraserve.engine.loop`) runs the step loop; other threads (the HTTP server's event loop, a
+test) submit requests and aborts through a small inbox and receive :class:`RequestOutput` deltas through
+each request's sink. :meth:`Engine.generate` is the blocking Python API, :meth:`Engine.generate_async` and
+:meth:`Engine.stream` the asyncio ones (SGLang's arguments, :mod:`~loraserve.engine.python_api`).
 ``Engine`` is an :class:`~loraserve.contract.EngineClient`, the surface the HTTP frontends use.
 """
 
@@ -126,8 +125,8 @@ class Engine(EngineClient):
         from tqdm.auto import tqdm
 
         specs = self.settings.lora_paths
-        for spec in tqdm(specs, desc="loading adapters", unit="adapter", disable=len(specs) < 2):
-            self.lora.load_adapter(spec.lora_name, spec.lora_path, pinned=spec.pinned, runtime=False)
+        with tqdm(total=len(specs), desc="loading adapters", unit="adapter", disable=len(specs) < 2) as bar:
+            self.lora.load_startup_adapters(specs, progress=bar.update)
 
     def effective_settings(self) -> dict[str, Any]:
         return effective_settings(
@@ -303,6 +302,7 @@ class Engine(EngineClient):
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self._loop.stop(timeout)
+        getattr(getattr(self, "lora", None), "close", lambda: None)()  # adapter reads not started: cancelled
         self._stop_tp(timeout)
 
     def _stop_tp(self, timeout: float) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from loraserve.errors import UserError
 from loraserve.lora.gpu_store import StoredAdapter
 from loraserve.lora.pools import BASE_KEY, GpuAdapterPool, HostAdapterCache
+from loraserve.lora.reads import AdapterReading, BackgroundReads
 from loraserve.lora.registry import AdapterRef, AdapterRegistry
 from loraserve.sched.scheduler import COPYING
 
@@ -58,6 +59,9 @@ class SlotAdmission:
         which every rank runs for the same fill).
     :param prefetch_lookahead: how many waiting requests, in queue order, are scanned for adapters
         to prefetch.
+    :param background: ``background(source)``: whether an adapter of ``source`` evicted from the host
+        cache is read again on a worker thread (:mod:`loraserve.lora.reads`; ``read_adapter`` must then
+        be safe on any thread for it); None: every read runs on the engine thread.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class SlotAdmission:
         finish: Callable[[Any], Any] | None = None,
         components: Callable[[str], Any] | None = None,
         prefetch_lookahead: int = 0,
+        background: Callable[[str], bool] | None = None,
     ):
         self.pool, self.host, self.registry = pool, host, registry
         self.read_adapter, self.notify = read_adapter, notify
@@ -87,6 +92,8 @@ class SlotAdmission:
         self.finish = finish
         self.components = components
         self.prefetch_lookahead = prefetch_lookahead
+        self.background = background
+        self.reads = BackgroundReads(self.read_checked) if background is not None else None
         self.metrics = {
             "gpu_evictions": 0,
             "host_evictions": 0,
@@ -116,7 +123,14 @@ class SlotAdmission:
             return True
         if len(batch) >= self.pool.num_slots:
             return False
-        slot = self.ensure_slot(request.adapter_ref, protected=batch)
+        try:
+            slot = self.ensure_slot(request.adapter_ref, protected=batch)
+        except AdapterReading:  # read from its source on a worker thread: overtaken until it is done
+            slot = None
+        if slot is None and request.adapter_ref is not None and self._reading(request.adapter_ref.key):
+            if request.copy_wait_start is None:
+                request.copy_wait_start = time.perf_counter()
+            return COPYING
         if slot is None:
             return False
         if slot in self.pool.loading and not self._copy_finished(slot):
@@ -140,10 +154,10 @@ class SlotAdmission:
         slot, victim = self.pool.find_slot(protected)
         if slot is None:
             return None
-        self.metrics["misses"] += 1
         adapter = None
         if ref is not None:  # the GPU store's copy when it holds one (then no host copy is needed)
             adapter = (self.store.get(key) if self.store is not None else None) or self._host_copy(ref)
+        self.metrics["misses"] += 1
         if victim is not None:
             self.pool.evict(slot)
             self.metrics["gpu_evictions"] += 1
@@ -219,6 +233,8 @@ class SlotAdmission:
         neither the running batch nor an earlier request of the window needs."""
         for slot in list(self.pool.loading):
             self._copy_finished(slot)
+        if self.reads is not None:
+            self._take_reads()
         if self.store is not None:
             self._prefetch_to_store()
         if self.copy_engine is None or not self.copy_engine.asynchronous:
@@ -230,7 +246,10 @@ class SlotAdmission:
             key = key_of(r)
             if key in protected or r.adapter_ref is None:
                 continue
-            slot = self.ensure_slot(r.adapter_ref, protected)
+            try:
+                slot = self.ensure_slot(r.adapter_ref, protected)
+            except AdapterReading:
+                continue  # its read runs; prefetched once it is done
             if slot is None:
                 return
             protected.add(key)
@@ -251,8 +270,8 @@ class SlotAdmission:
                 continue
             try:
                 adapter = self._host_copy(ref)
-            except UserError:
-                continue  # (its own slot fill reports it)
+            except (UserError, AdapterReading):
+                continue  # (its own slot fill reports an error; a read put it in the store next step)
             if not self._storable(adapter):
                 continue
             try:
@@ -268,28 +287,74 @@ class SlotAdmission:
 
     # -- the host tier ----------------------------------------------------------------------------
 
-    def cache_on_host(self, key: tuple, adapter: Any) -> None:
-        """Put ``adapter`` in the host cache, evicting an adapter no request or pin protects if full."""
+    def cache_on_host(self, key: tuple, adapter: Any, protected: set | None = None) -> None:
+        """Put ``adapter`` in the host cache, evicting an adapter no request or pin (nor ``protected``)
+        protects if full."""
         incoming = int(getattr(adapter, "nbytes", 0))
-        self._notify_evicted(self.host.make_room(self._host_protected() | {key}, incoming), "host")
+        keep = self._host_protected() | {key} | (protected or set())
+        self._notify_evicted(self.host.make_room(keep, incoming), "host")
         self.host.put(key, adapter)
 
+    def read_checked(self, ref: AdapterRef) -> Any:
+        """``ref``'s adapter read again from its source, refused if its weights changed since it was
+        loaded (any thread, as ``read_adapter``)."""
+        adapter = self.read_adapter(ref.name, ref.source)
+        if ref.identity and adapter.identity() != ref.identity:
+            raise UserError(
+                f"adapter {ref.name!r} changed on disk since it was loaded ({ref.source}); its requests "
+                "would get other weights than its first ones: reload it (unload, then /load_lora_adapter)"
+            )
+        return adapter
+
     def _host_copy(self, ref: AdapterRef):
+        """``ref``'s host copy; one evicted from the host cache is read again from its source,
+        transparently: on a worker thread when ``background`` says so (raises
+        :class:`~loraserve.lora.reads.AdapterReading` until it is done), else here."""
         adapter = self.host.get(ref.key)
-        if adapter is None:  # evicted from the host cache: reload from its source, transparently
-            adapter = self.read_adapter(ref.name, ref.source)
-            if ref.identity and adapter.identity() != ref.identity:
-                raise UserError(
-                    f"adapter {ref.name!r} changed on disk since it was loaded ({ref.source}); its requests "
-                    "would get other weights than its first ones: reload it (unload, then /load_lora_adapter)"
-                )
+        if adapter is None:
+            if self.reads is not None and self.background(ref.source):
+                adapter = self.reads.take(ref)
+            else:
+                adapter = self.read_checked(ref)
             self.cache_on_host(ref.key, adapter)
             self.metrics["host_reloads"] += 1
         return adapter
 
+    def _reading(self, key: tuple) -> bool:
+        return self.reads is not None and key in self.reads.keys()
+
+    def _take_reads(self) -> None:
+        """Move finished reads into the host cache (protecting the prefetch window's adapters, so
+        one read cannot evict another that a waiting request is about to use), forget failed reads
+        nobody waits for, and start reads for the window's adapters that no tier holds."""
+        window = [r.adapter_ref for _, r in zip(range(self.prefetch_lookahead), self.waiting())]
+        window = [ref for ref in window if ref is not None]
+        wanted = {ref.key for ref in window}
+        for ref, adapter in self.reads.finished():
+            for protected in (wanted, None):  # the window's adapters kept if the cache has room for that
+                try:
+                    self.cache_on_host(ref.key, adapter, protected)
+                except UserError:
+                    continue  # (without room at all, its request reads it again and meets the error)
+                self.metrics["host_reloads"] += 1
+                break
+        if self.reads.has_failed():
+            self.reads.drop_failed(self.batch_keys() | {key_of(r) for r in self.waiting()})
+        for ref in window:
+            held = ref.key in self.host or self.pool.slot_of(ref.key) is not None
+            if not held and (self.store is None or ref.key not in self.store.entries) and self.background(ref.source):
+                self.reads.start(ref)
+
+    def close(self) -> None:
+        """Stop the background reads (the engine is stopping)."""
+        if self.reads is not None:
+            self.reads.close()
+
     def forget(self, key: tuple) -> None:
         """Drop ``key`` from the host cache, the GPU store and its GPU slot (engine thread), on every rank."""
         self.host.remove(key)
+        if self.reads is not None:
+            self.reads.forget(key)
         if self.store is not None:
             self.store.remove(key)
         slot = self.pool.slot_of(key)

@@ -23,8 +23,10 @@ Adapters pushed as tensors are loaded from private directories (:mod:`~loraserve
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,9 @@ from loraserve.lora.registry import AdapterRef, AdapterRegistry
 from loraserve.lora.resolution import SingleFlight, make_resolvers, resolve_and_load
 from loraserve.lora.tensor_source import TensorSources
 from loraserve.staging import HostStaging
+
+#: threads reading ``--lora-paths`` at start-up (each a file read, checks and a hash)
+STARTUP_READERS = 8
 
 logger = logging.getLogger("loraserve.lora")
 
@@ -118,6 +123,7 @@ class LoRAManager:
             finish=lambda adapter: self.dora.finish(adapter),
             components=lambda source: self.compositions.parts_of(source),
             prefetch_lookahead=2 * settings.max_loras_per_batch,
+            background=lambda source: not source.startswith(SOURCE_PREFIX),  # compositions read the host cache
         )
         self.loads = 0
         #: weighted compositions of adapters, each a virtual adapter of its own
@@ -223,15 +229,45 @@ class LoRAManager:
                 "pass load_inplace: true to replace its weights"
             )
 
+    def load_startup_adapters(self, specs: list, progress: Callable[[], Any] = lambda: None) -> None:
+        """``--lora-paths``: read on up to :data:`STARTUP_READERS` threads (at most twice that many read
+        ahead, so memory stays bounded), registered in order; the first failure stops start-up."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        for spec in specs:
+            self._check_load(spec.lora_name, spec.pinned, False)
+            self.policy.check_source(spec.lora_path, runtime=False)
+        todo, pending = iter(specs), deque()
+        with ThreadPoolExecutor(STARTUP_READERS, thread_name_prefix="loraserve-startup-read") as pool:
+            for spec in itertools.islice(todo, 2 * STARTUP_READERS):
+                pending.append((spec, pool.submit(self._read_for_load, spec.lora_name, spec.lora_path)))
+            while pending:
+                spec, read = pending.popleft()
+                adapter, identity = read.result()
+                for nxt in itertools.islice(todo, 1):
+                    pending.append((nxt, pool.submit(self._read_for_load, nxt.lora_name, nxt.lora_path)))
+                self._register(spec.lora_name, spec.lora_path, spec.pinned, False, adapter, identity)
+                progress()
+
+    def _read_for_load(self, name: str, source: str) -> tuple[Any, str]:
+        """The adapter and its identity (any thread: slow, and changes no state)."""
+        adapter = self.read_adapter(name, source)
+        return adapter, adapter.identity()
+
     def _load(self, name: str, source: str, pinned: bool, load_inplace: bool) -> AdapterRef:
-        adapter = self.read_adapter(name, source)  # slow, outside the engine thread; raises before any state changes
+        adapter, identity = self._read_for_load(name, source)  # outside the engine thread; raises before any change
+        return self._register(name, source, pinned, load_inplace, adapter, identity)
+
+    def _register(
+        self, name: str, source: str, pinned: bool, load_inplace: bool, adapter: Any, identity: str
+    ) -> AdapterRef:
         ref = AdapterRef(
             name=name,
             version=self.registry.new_version(),
             source=source,
             pinned=pinned,
             rank=adapter.rank,
-            identity=adapter.identity(),
+            identity=identity,
         )
         self.run_in_engine(lambda: self._commit(ref, adapter, load_inplace))
         self.plugins.notify(
@@ -303,6 +339,10 @@ class LoRAManager:
         ]
 
     # -- slot admission (engine thread; see loraserve.lora.admission) -----------------------------
+
+    def close(self) -> None:
+        """The engine is stopping: adapter reads not started are cancelled."""
+        self.admission.close()
 
     def can_join(self, request, step: list):
         """The scheduler's ``can_join`` (:meth:`SlotAdmission.can_join`)."""
