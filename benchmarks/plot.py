@@ -94,6 +94,8 @@ def kind_of(doc: object) -> str | None:
         return "dora_compose"
     if doc.get("benchmark") == "prefix_cache" and isinstance(runs, list) and isinstance(doc.get("ratios"), list):
         return "prefix_cache"
+    if doc.get("benchmark") == "store_fill" and isinstance(doc.get("rows"), list):
+        return "store_fill"
     return None
 
 
@@ -693,6 +695,26 @@ def plot_dora_compose(doc: dict) -> plt.Figure:
     return fig
 
 
+def plot_store_fill(doc: dict) -> plt.Figure:
+    """store_fill JSON (benchmarks/bench_store_fill.py): GPU time of a slot filled from host memory,
+    of the GPU store's put and of a slot filled from the store, per adapter rank."""
+    rows = doc["rows"]
+    groups = [f"rank {r['rank']} ({r['adapter_mib']:.0f} MiB)" for r in rows]
+    names = {"host_write": "slot from host (pinned)", "store_put": "store put (host to store)"}
+    names["store_fill"] = "slot from store (device copy)"
+    series = {label: [r[op][0] for r in rows] for op, label in names.items()}
+    fig, ax = plt.subplots(figsize=(10, 5))
+    group_bars(ax, groups, series, "GPU ms (median, CUDA events)", "{:.2f}")
+    cfg = doc.get("config", {})
+    header(
+        fig,
+        "GPU adapter slot fills: from host vs from the GPU store",
+        device_of(doc),
+        f"{Path(str(cfg.get('config_dir', ''))).name} shape, every projection, bf16; benchmarks/bench_store_fill.py",
+    )
+    return fig
+
+
 def plot_store_sim(doc: dict) -> plt.Figure:
     """store_sim JSON (benchmarks/sim_store.py): adapters resident on the GPU and the GPU hit rate,
     pages of 8 rank rows vs slots padded to the maximum rank, per memory budget."""
@@ -726,6 +748,7 @@ PER_FILE = {
     "prefix_cache": plot_prefix_cache,
     "routing_sim": plot_routing_sim,
     "dora_compose": plot_dora_compose,
+    "store_fill": plot_store_fill,
     "store_sim": plot_store_sim,
 }
 

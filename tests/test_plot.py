@@ -36,6 +36,8 @@ EXPECTED = [
     "attention_host_cpu_x86_64_2_cores.png",
     "prefix_cache_cpu_x86_64_2_cores.png",
     "store_sim.png",
+    f"dora_compose_{H100}.png",
+    f"store_fill_{H100}_before.png",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
