@@ -233,7 +233,7 @@ class Settings(BaseSettings):
         ge=1,
         **_opt(
             "Adapters kept in host memory (default: unbounded, or 2 x --max-loras-per-batch with overlap "
-            "loading); at least --max-loras-per-batch.",
+            "loading unless --max-loaded-lora-gib is given); at least --max-loras-per-batch.",
             "lora",
         ),
     )
@@ -425,12 +425,14 @@ class Settings(BaseSettings):
             self.enable_lora_overlap_loading
             and self.max_loaded_loras is not None
             and self.max_loaded_loras > 2 * self.max_loras_per_batch
+            and self.max_loaded_lora_gib is None
         ):
             raise ValueError(
                 f"--enable-lora-overlap-loading keeps every host adapter copy in page-locked memory, "
                 f"so --max-loaded-loras ({self.max_loaded_loras}) may be at most 2 x "
-                f"--max-loras-per-batch = {2 * self.max_loras_per_batch}; lower --max-loaded-loras, "
-                "raise --max-loras-per-batch, or drop --enable-lora-overlap-loading"
+                f"--max-loras-per-batch = {2 * self.max_loras_per_batch} unless --max-loaded-lora-gib bounds "
+                "its bytes; lower --max-loaded-loras, raise --max-loras-per-batch, give --max-loaded-lora-gib, "
+                "or drop --enable-lora-overlap-loading"
             )
         return self
 
@@ -443,8 +445,9 @@ class Settings(BaseSettings):
     @property
     def host_cache_capacity(self) -> int | None:
         """Adapters the host cache holds: --max-loaded-loras, defaulting to 2 x --max-loras-per-batch
-        with overlap loading (page-locked memory is not unbounded) and to no limit without."""
-        if self.max_loaded_loras is None and self.enable_lora_overlap_loading:
+        with overlap loading (page-locked memory is not unbounded) unless --max-loaded-lora-gib bounds
+        its bytes, and to no limit otherwise."""
+        if self.max_loaded_loras is None and self.enable_lora_overlap_loading and self.max_loaded_lora_gib is None:
             return 2 * self.max_loras_per_batch
         return self.max_loaded_loras
 

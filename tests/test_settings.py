@@ -167,6 +167,11 @@ def test_overlap_loading_bounds_the_host_cache():
     assert make_settings(enable_lora_overlap_loading=True, max_loras_per_batch=3).host_cache_capacity == 6
     assert make_settings(max_loras_per_batch=3).host_cache_capacity is None  # without the flag: unbounded
     assert make_settings(max_loras_per_batch=3, max_loaded_loras=20).host_cache_capacity == 20
+    # a byte bound stands in for the count bound: thousands of adapters in page-locked memory
+    gib = make_settings(enable_lora_overlap_loading=True, max_loras_per_batch=4, max_loaded_lora_gib=32)
+    assert gib.host_cache_capacity is None
+    both = dict(enable_lora_overlap_loading=True, max_loras_per_batch=4, max_loaded_lora_gib=32, max_loaded_loras=900)
+    assert make_settings(**both).host_cache_capacity == 900
 
 
 def test_bad_value_names_the_flag_and_the_value():
