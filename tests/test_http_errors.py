@@ -228,3 +228,33 @@ def test_loading_a_corrupt_adapter_is_a_400_and_nothing_half_loads(client, tmp_p
     assert "corrupt" not in res.json()["loaded_adapters"]
     assert "corrupt" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
     assert client.post("/generate", json=GOOD).status_code == 200
+
+
+def test_an_adapter_gone_from_disk_after_its_host_eviction_is_a_503_for_its_requests_only(tmp_path):
+    """An adapter evicted from the host tier whose files were deleted: its request is a 503 naming the
+    adapter and what to do (read again on a worker thread, failed before the step: nothing else fails);
+    requests of the other adapters, before and after, are answered as usual."""
+    import shutil
+
+    names = ("alpha", "beta", "gamma")
+    for name in names:
+        shutil.copytree(assets().adapters[name], tmp_path / name)
+    lora_paths = [f"{n}={tmp_path / n}" for n in names]
+    engine = make_engine(adapters=(), lora_paths=lora_paths, max_loras_per_batch=2, max_loaded_loras=2)
+    server = RunningServer(engine)
+    try:
+        gone = [n for n in names if engine.lora.host.get(engine.lora.registry.get(n).key) is None]
+        assert len(gone) == 1, "three adapters through a host tier of two: one is evicted at start-up"
+        gone = gone[0]
+        assert engine.lora.pool.slot_of(engine.lora.registry.get(gone).key) is None  # never in a slot
+        shutil.rmtree(tmp_path / gone)
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            res = c.post("/generate", json={**GOOD, "lora_path": gone})
+            assert res.status_code == 503, res.text
+            assert f"adapter {gone!r} could not be read again" in res.text and "reload" in res.text
+            for name in names:
+                if name != gone:
+                    assert c.post("/generate", json={**GOOD, "lora_path": name}).status_code == 200
+            assert c.post("/generate", json=GOOD).status_code == 200
+    finally:
+        server.stop()

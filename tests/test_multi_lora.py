@@ -221,6 +221,39 @@ def test_a_slow_reread_from_the_source_holds_up_no_other_request(setup):
         engine.shutdown()
 
 
+def test_a_failed_reread_fails_only_its_requests(setup):
+    """An evicted adapter whose source can no longer be read: its waiting request finishes with an
+    error that names the adapter, a request of another adapter in the same call matches PEFT, and the
+    engine serves on (nothing else is failed, unlike an error raised inside scheduling)."""
+    base, paths, peft = setup
+    engine = engine_with(base, paths, max_loras_per_batch=2, max_loaded_loras=2)
+    try:
+        names = list(ADAPTERS)
+        broken, other = names[0], names[1]
+        assert engine.lora.host.get(engine.lora.registry.get(broken).key) is None  # evicted at start-up
+        read = engine.lora.admission.read_adapter
+
+        def failing_read(name, source):
+            if name == broken:
+                raise UserError(f"{source} is gone")
+            return read(name, source)
+
+        engine.lora.admission.read_adapter = failing_read
+        batch = prompts(3, seed=13)
+        expected, _ = peft_generate(peft, batch, [broken, other, other])
+        results = engine.generate(input_ids=batch[:2], sampling_params=GREEDY, lora_path=[broken, other])
+        reason = results[0]["meta_info"]["finish_reason"]
+        assert reason["type"] == "error" and f"adapter {broken!r} could not be read again" in reason["message"]
+        assert "is gone" in reason["message"] and results[0]["output_ids"] == []
+        assert results[1]["output_ids"] == expected[1]
+        later = engine.generate(input_ids=batch[2], sampling_params=GREEDY, lora_path=other)
+        assert later["output_ids"] == expected[2]
+        engine.lora.check_integrity()
+        engine.kv.allocator.check_integrity()
+    finally:
+        engine.shutdown()
+
+
 def test_unload_during_generation_then_reload(setup):
     base, paths, peft = setup
     name = "patterns"

@@ -90,7 +90,7 @@ class Stepper:
         """One loop turn (engine thread only)."""
         started = time.perf_counter()
         if self.lora is not None:
-            self.lora.before_schedule()
+            self.lora.before_schedule(fail=self._fail_one)
         plan = self.scheduler.schedule()
         launched = self._launch(plan, started) if plan else None
         previous, self.in_flight = self.in_flight, launched
@@ -217,6 +217,13 @@ class Stepper:
         timing = self.step_timing[step.kind]
         timing[1] += step.gpu_events[0].elapsed_time(step.gpu_events[1]) / 1e3
         timing[2] += 1
+
+    def _fail_one(self, r: Request, message: str) -> None:
+        """Finish one waiting request with an error (its adapter could not be read again from its
+        source: the server's data, not its client nor the engine, is at fault: a 503)."""
+        advice = "" if "reload" in message else "; reload the adapter (unload, then /load_lora_adapter)"
+        r.error, r.error_status = message + advice, 503
+        self.finish(r, "error")
 
     def _fail(self, requests: list[Request], exc: Exception) -> None:
         message = f"{type(exc).__name__}: {exc}"

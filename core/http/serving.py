@@ -159,6 +159,8 @@ class Generations:
 
     def outcome(self, r: Request) -> None:
         """Raise the APIError for a request the engine did not finish normally."""
+        if r.finish_reason == "error" and r.error_status is not None:
+            raise APIError(r.error_status, r.error or "the request failed")
         if r.finish_reason == "error":
             raise APIError(500, f"generation failed inside the engine ({r.error}); this is a bug, please report it")
         if r.finish_reason == "abort":

@@ -94,6 +94,7 @@ class SlotAdmission:
         self.prefetch_lookahead = prefetch_lookahead
         self.background = background
         self.reads = BackgroundReads(self.read_checked) if background is not None else None
+        self._fail: Callable[[Any, str], None] | None = None  # before_schedule's, for failed reads
         self.metrics = {
             "gpu_evictions": 0,
             "host_evictions": 0,
@@ -225,7 +226,7 @@ class SlotAdmission:
     def copies_in_flight(self) -> int:
         return len(self.pool.loading)
 
-    def before_schedule(self) -> None:
+    def before_schedule(self, fail: Callable[[Any, str], None] | None = None) -> None:
         """Retire finished copies and prefetch (engine thread, before each step's scheduling).
 
         Prefetch scans the first ``prefetch_lookahead`` waiting requests in queue order and starts
@@ -234,7 +235,8 @@ class SlotAdmission:
         for slot in list(self.pool.loading):
             self._copy_finished(slot)
         if self.reads is not None:
-            self._take_reads()
+            self._fail = fail
+            self._take_reads(fail)
         if self.store is not None:
             self._prefetch_to_store()
         if self.copy_engine is None or not self.copy_engine.asynchronous:
@@ -313,7 +315,7 @@ class SlotAdmission:
         adapter = self.host.get(ref.key)
         if adapter is None:
             if self.reads is not None and self.background(ref.source):
-                adapter = self.reads.take(ref)
+                adapter = self.reads.take(ref, raise_failure=self._fail is None)  # else before_schedule fails it
             else:
                 adapter = self.read_checked(ref)
             self.cache_on_host(ref.key, adapter)
@@ -323,10 +325,19 @@ class SlotAdmission:
     def _reading(self, key: tuple) -> bool:
         return self.reads is not None and key in self.reads.keys()
 
-    def _take_reads(self) -> None:
+    def _take_reads(self, fail: Callable[[Any, str], None] | None) -> None:
         """Move finished reads into the host cache (protecting the prefetch window's adapters, so
-        one read cannot evict another that a waiting request is about to use), forget failed reads
-        nobody waits for, and start reads for the window's adapters that no tier holds."""
+        one read cannot evict another that a waiting request is about to use); finish the waiting
+        requests of a failed read with its error through ``fail(request, message)`` (without ``fail``,
+        a request meets the error when it asks, and failed reads nobody waits for are forgotten); start
+        reads for the window's adapters that no tier holds."""
+        if fail is not None:
+            for ref, exc in self.reads.failed():
+                message = f"adapter {ref.name!r} could not be read again from {ref.source}: {exc}"
+                for r in [r for r in self.waiting() if key_of(r) == ref.key]:
+                    fail(r, message)
+        elif self.reads.has_failed():
+            self.reads.drop_failed(self.batch_keys() | {key_of(r) for r in self.waiting()})
         window = [r.adapter_ref for _, r in zip(range(self.prefetch_lookahead), self.waiting())]
         window = [ref for ref in window if ref is not None]
         wanted = {ref.key for ref in window}
@@ -338,8 +349,6 @@ class SlotAdmission:
                     continue  # (without room at all, its request reads it again and meets the error)
                 self.metrics["host_reloads"] += 1
                 break
-        if self.reads.has_failed():
-            self.reads.drop_failed(self.batch_keys() | {key_of(r) for r in self.waiting()})
         for ref in window:
             held = ref.key in self.host or self.pool.slot_of(ref.key) is not None
             if not held and (self.store is None or ref.key not in self.store.entries) and self.background(ref.source):

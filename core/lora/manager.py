@@ -348,9 +348,9 @@ class LoRAManager:
         """The scheduler's ``can_join`` (:meth:`SlotAdmission.can_join`)."""
         return self.admission.can_join(request, step)
 
-    def before_schedule(self) -> None:
-        """Retire finished copies and prefetch (:meth:`SlotAdmission.before_schedule`)."""
-        self.admission.before_schedule()
+    def before_schedule(self, fail: Callable[[Any, str], None] | None = None) -> None:
+        """Retire finished copies and reads, and prefetch (:meth:`SlotAdmission.before_schedule`)."""
+        self.admission.before_schedule(fail)
 
     @property
     def copies_in_flight(self) -> int:

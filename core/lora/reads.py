@@ -4,16 +4,18 @@ An adapter evicted from the host cache (``--max-loaded-loras`` / ``--max-loaded-
 again from its source when a request needs it. That read (a file of megabytes, its checks and its
 identity hash: tens of milliseconds, or a network fetch) used to run on the engine thread, so every
 running request stalled behind it: on an H100 with 2,000 adapters of a 1B model and a host tier of
-two thirds of them, 470 such reads took the run from 22,700 to 4,400 output tokens per second.
+two thirds of them, 470 such reads ran inline (4,400 output tokens per second against 22,700 with 5
+adapters).
 
-Reads now run on a few worker threads. Slot admission asks :meth:`BackgroundReads.read`; while the
+Reads now run on a few worker threads. Slot admission asks :meth:`BackgroundReads.take`; while the
 read runs it gets :class:`AdapterReading`, answers the scheduler ``COPYING`` (the request is
 overtaken, others join), and asks again next step. Admission starts reads for the waiting queue's
 adapters ahead of need (the same window as its prefetches) and moves finished ones into the host
 cache before each step. At most ``max_reads`` reads are in flight or waiting to be taken, so a
 long queue of new adapters cannot pull unbounded bytes into memory past the host cache's bounds.
-A read that fails is kept until its request asks, which then gets the read's error as it did when
-reads ran inline. Compositions are still built on the engine thread (they read the host cache).
+A read that fails finishes the waiting requests of its adapter with its error, before the step is
+scheduled (inline reads raised it inside scheduling, which failed every queued request). Compositions
+are still built on the engine thread (they read the host cache).
 """
 
 from __future__ import annotations
@@ -65,12 +67,15 @@ class BackgroundReads:
         self._reads[ref.key] = (ref, self._pool.submit(self._read, ref))
         return True
 
-    def take(self, ref: Any) -> Any:
-        """``ref``'s adapter if its read is done (raises the read's error if it failed); else raises
-        :class:`AdapterReading`, after starting the read when there is room."""
+    def take(self, ref: Any, raise_failure: bool = True) -> Any:
+        """``ref``'s adapter if its read is done; else raises :class:`AdapterReading`, after starting
+        the read when there is room. A failed read raises its error, or with ``raise_failure=False``
+        stays for :meth:`failed` (and raises :class:`AdapterReading`)."""
         entry = self._reads.get(ref.key)
         if entry is None or not entry[1].done():
             self.start(ref)
+            raise AdapterReading(ref.name)
+        if entry[1].exception() is not None and not raise_failure:
             raise AdapterReading(ref.name)
         del self._reads[ref.key]
         return entry[1].result()
@@ -81,6 +86,13 @@ class BackgroundReads:
         for key, _, _ in done:
             del self._reads[key]
         return [(ref, f.result()) for _, ref, f in done]
+
+    def failed(self) -> list[tuple[Any, BaseException]]:
+        """``(ref, error)`` of every read that failed, removed from the reads."""
+        bad = [(key, ref, f.exception()) for key, (ref, f) in self._reads.items() if f.done() and f.exception()]
+        for key, _, _ in bad:
+            del self._reads[key]
+        return [(ref, exc) for _, ref, exc in bad]
 
     def drop_failed(self, wanted: set) -> None:
         """Forget failed reads that no request in ``wanted`` (keys) will ask for (it went away)."""

@@ -59,6 +59,8 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
+    #: HTTP status of a request finished with an error that is not an engine fault (None: a 500)
+    error_status: int | None = None
     generator: torch.Generator | None = None
     history: Any = None  # loraserve.sched.sampling_params.TokenHistory when the request has penalties
     logprobs: list[float] = field(default_factory=list)
