@@ -126,9 +126,7 @@ class SlotAdmission:
             return False
         try:
             slot = self.ensure_slot(request.adapter_ref, protected=batch)
-        except AdapterReading:  # read from its source on a worker thread: overtaken until it is done
-            slot = None
-        if slot is None and request.adapter_ref is not None and self._reading(request.adapter_ref.key):
+        except AdapterReading:  # read (or about to be read) on a worker thread: overtaken until it is done
             if request.copy_wait_start is None:
                 request.copy_wait_start = time.perf_counter()
             return COPYING
@@ -321,9 +319,6 @@ class SlotAdmission:
             self.cache_on_host(ref.key, adapter)
             self.metrics["host_reloads"] += 1
         return adapter
-
-    def _reading(self, key: tuple) -> bool:
-        return self.reads is not None and key in self.reads.keys()
 
     def _take_reads(self, fail: Callable[[Any, str], None] | None) -> None:
         """Move finished reads into the host cache (protecting the prefetch window's adapters, so

@@ -49,10 +49,6 @@ class BackgroundReads:
     def __len__(self) -> int:
         return len(self._reads)
 
-    def keys(self):
-        """Keys of the reads in flight or not yet taken."""
-        return self._reads.keys()
-
     def has_failed(self) -> bool:
         return any(f.done() and f.exception() is not None for _, f in self._reads.values())
 
