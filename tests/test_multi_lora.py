@@ -180,26 +180,37 @@ def test_host_cache_eviction_reloads_transparently(setup):
         engine.shutdown()
 
 
+def engine_with_an_evicted_adapter(base: str, paths: dict, before_its_read) -> tuple[Engine, str, str]:
+    """An engine whose host tier (2 adapters) has evicted the first adapter at start-up, with
+    ``before_its_read(source)`` run (on the reading thread) before that adapter is read again;
+    returns the engine, that adapter and another."""
+    engine = engine_with(base, paths, max_loras_per_batch=2, max_loaded_loras=2)
+    evicted, other = list(ADAPTERS)[:2]
+    assert engine.lora.host.get(engine.lora.registry.get(evicted).key) is None
+    read = engine.lora.admission.read_adapter
+
+    def intercepted(name, source):
+        if name == evicted:
+            before_its_read(source)
+        return read(name, source)
+
+    engine.lora.admission.read_adapter = intercepted
+    return engine, evicted, other
+
+
 def test_a_slow_reread_from_the_source_holds_up_no_other_request(setup):
     """An adapter evicted from the host cache is read again on a worker thread: while that read is
     stuck, requests of resident adapters still run to the end; once it returns, its request matches
     PEFT too, and the read counts as a host reload."""
     base, paths, peft = setup
-    engine = engine_with(base, paths, max_loras_per_batch=2, max_loaded_loras=2)
+    release, entered = threading.Event(), threading.Event()
+
+    def stuck(source):
+        entered.set()
+        assert release.wait(30), "the test never released the read"
+
+    engine, slow, other = engine_with_an_evicted_adapter(base, paths, stuck)
     try:
-        names = list(ADAPTERS)
-        slow, other = names[0], names[1]
-        assert engine.lora.host.get(engine.lora.registry.get(slow).key) is None  # evicted at start-up
-        release, entered = threading.Event(), threading.Event()
-        read = engine.lora.admission.read_adapter
-
-        def stuck_read(name, source):
-            if name == slow:
-                entered.set()
-                assert release.wait(30), "the test never released the read"
-            return read(name, source)
-
-        engine.lora.admission.read_adapter = stuck_read
         batch = prompts(2, seed=12)
         expected, _ = peft_generate(peft, batch, [slow, other])
         box = {}
@@ -226,19 +237,12 @@ def test_a_failed_reread_fails_only_its_requests(setup):
     error that names the adapter, a request of another adapter in the same call matches PEFT, and the
     engine serves on (nothing else is failed, unlike an error raised inside scheduling)."""
     base, paths, peft = setup
-    engine = engine_with(base, paths, max_loras_per_batch=2, max_loaded_loras=2)
+
+    def gone(source):
+        raise UserError(f"{source} is gone")
+
+    engine, broken, other = engine_with_an_evicted_adapter(base, paths, gone)
     try:
-        names = list(ADAPTERS)
-        broken, other = names[0], names[1]
-        assert engine.lora.host.get(engine.lora.registry.get(broken).key) is None  # evicted at start-up
-        read = engine.lora.admission.read_adapter
-
-        def failing_read(name, source):
-            if name == broken:
-                raise UserError(f"{source} is gone")
-            return read(name, source)
-
-        engine.lora.admission.read_adapter = failing_read
         batch = prompts(3, seed=13)
         expected, _ = peft_generate(peft, batch, [broken, other, other])
         results = engine.generate(input_ids=batch[:2], sampling_params=GREEDY, lora_path=[broken, other])

@@ -67,6 +67,10 @@ class FakeCopies:
         return 0.001
 
 
+def no_failures(request, message, status):
+    pytest.fail(f"no adapter read may fail here: {message} ({status})")
+
+
 def overlap_engine(base, paths, delay, **kwargs):
     engine = Engine(
         make_settings(
@@ -178,7 +182,7 @@ def test_loading_slot_is_never_evicted_and_prefetch_looks_ahead(setup):
         queue = [_waiting_request(engine, name) for name in ("rank1", "patterns", "one_layer", "rank3_rslora")]
         for r in queue:
             engine.scheduler.add(r)
-        lora.before_schedule()  # prefetch: the first three adapters take the three slots
+        lora.before_schedule(fail=no_failures)  # prefetch: the first three adapters take the three slots
         assert lora.metrics["prefetches"] == 3 and lora.copies_in_flight == 3
         loading = {s: lora.pool.slot_key[s] for s in lora.pool.loading}
         for _ in range(3):
@@ -210,7 +214,7 @@ def test_abort_and_unload_while_copies_are_in_flight(setup):
         waiting = [_waiting_request(engine, name) for name in ("rank1", "patterns")]
         for r in waiting:
             engine.scheduler.add(r)
-        lora.before_schedule()
+        lora.before_schedule(fail=no_failures)
         assert lora.copies_in_flight == 2
         slot_rank1 = lora.pool.slot_of(waiting[0].adapter_ref.key)
         engine._abort(waiting[0].request_id)  # its copy goes on; nobody waits for it any more
@@ -221,7 +225,7 @@ def test_abort_and_unload_while_copies_are_in_flight(setup):
         assert lora.pool.slot_of(key) is None and lora.copies_in_flight == 1
         lora.check_integrity()
         lora.copy_engine.delay = 0
-        lora.before_schedule()  # the aborted request's copy lands and its slot becomes evictable
+        lora.before_schedule(fail=no_failures)  # the aborted request's copy lands and its slot becomes evictable
         assert lora.copies_in_flight == 0 and lora.pool.slot_key[slot_rank1] is not None
         lora.check_integrity()
         # the slots are usable again: new requests get PEFT's answer

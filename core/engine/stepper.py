@@ -218,11 +218,9 @@ class Stepper:
         timing[1] += step.gpu_events[0].elapsed_time(step.gpu_events[1]) / 1e3
         timing[2] += 1
 
-    def _fail_one(self, r: Request, message: str) -> None:
-        """Finish one waiting request with an error (its adapter could not be read again from its
-        source: the server's data, not its client nor the engine, is at fault: a 503)."""
-        advice = "" if "reload" in message else "; reload the adapter (unload, then /load_lora_adapter)"
-        r.error, r.error_status = message + advice, 503
+    def _fail_one(self, r: Request, message: str, status: int) -> None:
+        """Finish one waiting request with an error that is not the engine's fault (HTTP ``status``)."""
+        r.error, r.error_status = message, status
         self.finish(r, "error")
 
     def _fail(self, requests: list[Request], exc: Exception) -> None:

@@ -94,7 +94,6 @@ class SlotAdmission:
         self.prefetch_lookahead = prefetch_lookahead
         self.background = background
         self.reads = BackgroundReads(self.read_checked) if background is not None else None
-        self._fail: Callable[[Any, str], None] | None = None  # before_schedule's, for failed reads
         self.metrics = {
             "gpu_evictions": 0,
             "host_evictions": 0,
@@ -224,8 +223,9 @@ class SlotAdmission:
     def copies_in_flight(self) -> int:
         return len(self.pool.loading)
 
-    def before_schedule(self, fail: Callable[[Any, str], None] | None = None) -> None:
-        """Retire finished copies and prefetch (engine thread, before each step's scheduling).
+    def before_schedule(self, fail: Callable[[Any, str, int], None]) -> None:
+        """Retire finished copies and reads, and prefetch (engine thread, before each step's scheduling);
+        ``fail(request, message, status)`` finishes a waiting request whose adapter cannot be read again.
 
         Prefetch scans the first ``prefetch_lookahead`` waiting requests in queue order and starts
         copies for their adapters that are not resident, into free slots or slots whose adapter
@@ -233,7 +233,6 @@ class SlotAdmission:
         for slot in list(self.pool.loading):
             self._copy_finished(slot)
         if self.reads is not None:
-            self._fail = fail
             self._take_reads(fail)
         if self.store is not None:
             self._prefetch_to_store()
@@ -313,26 +312,24 @@ class SlotAdmission:
         adapter = self.host.get(ref.key)
         if adapter is None:
             if self.reads is not None and self.background(ref.source):
-                adapter = self.reads.take(ref, raise_failure=self._fail is None)  # else before_schedule fails it
+                adapter = self.reads.take(ref)
             else:
                 adapter = self.read_checked(ref)
             self.cache_on_host(ref.key, adapter)
             self.metrics["host_reloads"] += 1
         return adapter
 
-    def _take_reads(self, fail: Callable[[Any, str], None] | None) -> None:
+    def _take_reads(self, fail: Callable[[Any, str, int], None]) -> None:
         """Move finished reads into the host cache (protecting the prefetch window's adapters, so
         one read cannot evict another that a waiting request is about to use); finish the waiting
-        requests of a failed read with its error through ``fail(request, message)`` (without ``fail``,
-        a request meets the error when it asks, and failed reads nobody waits for are forgotten); start
-        reads for the window's adapters that no tier holds."""
-        if fail is not None:
-            for ref, exc in self.reads.failed():
-                message = f"adapter {ref.name!r} could not be read again from {ref.source}: {exc}"
-                for r in [r for r in self.waiting() if key_of(r) == ref.key]:
-                    fail(r, message)
-        elif self.reads.has_failed():
-            self.reads.drop_failed(self.batch_keys() | {key_of(r) for r in self.waiting()})
+        requests of a failed read with a 503 through ``fail(request, message, status)``; start reads
+        for the window's adapters that no tier holds."""
+        for ref, exc in self.reads.failed():
+            message = f"adapter {ref.name!r} could not be read again from {ref.source}: {exc}"
+            if "reload it" not in message:  # (a changed file's error already says how)
+                message += "; reload it (unload, then /load_lora_adapter)"
+            for r in [r for r in self.waiting() if key_of(r) == ref.key]:
+                fail(r, message, 503)  # the server's copy of the adapter is at fault, not the client
         window = [r.adapter_ref for _, r in zip(range(self.prefetch_lookahead), self.waiting())]
         window = [ref for ref in window if ref is not None]
         wanted = {ref.key for ref in window}

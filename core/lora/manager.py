@@ -123,7 +123,8 @@ class LoRAManager:
             finish=lambda adapter: self.dora.finish(adapter),
             components=lambda source: self.compositions.parts_of(source),
             prefetch_lookahead=2 * settings.max_loras_per_batch,
-            background=lambda source: not source.startswith(SOURCE_PREFIX),  # compositions read the host cache
+            # re-reads only exist with a bounded host tier; compositions are built from the host cache
+            background=(lambda source: not source.startswith(SOURCE_PREFIX)) if self.host.bounded else None,
         )
         self.loads = 0
         #: weighted compositions of adapters, each a virtual adapter of its own
@@ -211,11 +212,7 @@ class LoRAManager:
         """A composition component's weights (engine thread): the host copy, else read again
         (not cached: the component may be unloaded by now) and checked against its identity."""
         adapter = self.host.get(ref.key)
-        if adapter is None:
-            adapter = self.read_adapter(ref.name, ref.source)
-            if ref.identity and adapter.identity() != ref.identity:
-                raise UserError(f"adapter {ref.name!r} changed on disk since it was loaded ({ref.source}); reload it")
-        return adapter
+        return adapter if adapter is not None else self.admission.read_checked(ref)
 
     def _check_load(self, name: str, pinned: Any, load_inplace: Any) -> None:
         check_adapter_name(name)
@@ -348,7 +345,7 @@ class LoRAManager:
         """The scheduler's ``can_join`` (:meth:`SlotAdmission.can_join`)."""
         return self.admission.can_join(request, step)
 
-    def before_schedule(self, fail: Callable[[Any, str], None] | None = None) -> None:
+    def before_schedule(self, fail: Callable[[Any, str, int], None]) -> None:
         """Retire finished copies and reads, and prefetch (:meth:`SlotAdmission.before_schedule`)."""
         self.admission.before_schedule(fail)
 

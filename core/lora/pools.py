@@ -43,6 +43,11 @@ class HostAdapterCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._adapters
 
+    @property
+    def bounded(self) -> bool:
+        """Whether adapters can be evicted (and then read again from their sources)."""
+        return self.capacity is not None or self.capacity_bytes is not None
+
     def __len__(self) -> int:
         return len(self._adapters)
 

@@ -20,12 +20,9 @@ are still built on the engine thread (they read the host cache).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
-
-logger = logging.getLogger("loraserve.lora")
 
 #: worker threads reading adapters (file reads, checks and hashing release the GIL for the most part)
 READ_WORKERS = 4
@@ -49,9 +46,6 @@ class BackgroundReads:
     def __len__(self) -> int:
         return len(self._reads)
 
-    def has_failed(self) -> bool:
-        return any(f.done() and f.exception() is not None for _, f in self._reads.values())
-
     def start(self, ref: Any) -> bool:
         """Start reading ``ref`` unless it is being read already; False when ``max_reads`` are taken."""
         if ref.key in self._reads:
@@ -63,15 +57,12 @@ class BackgroundReads:
         self._reads[ref.key] = (ref, self._pool.submit(self._read, ref))
         return True
 
-    def take(self, ref: Any, raise_failure: bool = True) -> Any:
-        """``ref``'s adapter if its read is done; else raises :class:`AdapterReading`, after starting
-        the read when there is room. A failed read raises its error, or with ``raise_failure=False``
-        stays for :meth:`failed` (and raises :class:`AdapterReading`)."""
+    def take(self, ref: Any) -> Any:
+        """``ref``'s adapter if its read succeeded; else raises :class:`AdapterReading`, after starting
+        the read when there is room (a failed read waits for :meth:`failed`)."""
         entry = self._reads.get(ref.key)
-        if entry is None or not entry[1].done():
+        if entry is None or not entry[1].done() or entry[1].exception() is not None:
             self.start(ref)
-            raise AdapterReading(ref.name)
-        if entry[1].exception() is not None and not raise_failure:
             raise AdapterReading(ref.name)
         del self._reads[ref.key]
         return entry[1].result()
@@ -89,13 +80,6 @@ class BackgroundReads:
         for key, _, _ in bad:
             del self._reads[key]
         return [(ref, exc) for _, ref, exc in bad]
-
-    def drop_failed(self, wanted: set) -> None:
-        """Forget failed reads that no request in ``wanted`` (keys) will ask for (it went away)."""
-        for key, (ref, f) in list(self._reads.items()):
-            if key not in wanted and f.done() and f.exception() is not None:
-                logger.debug("dropping the failed read of adapter %r: no request needs it", ref.name)
-                del self._reads[key]
 
     def forget(self, key: tuple) -> None:
         """Drop ``key``'s read (its adapter was unloaded); a read still running finishes unseen."""
