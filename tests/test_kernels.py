@@ -306,6 +306,36 @@ def test_one_launch_grouping_equals_the_tensor_operations(block):
     assert not can_fuse(1025, 8) and not can_fuse(8, 256)
 
 
+@pytest.mark.parametrize("block", [16, 32])
+def test_one_launch_segment_tiles_equal_the_tensor_operations(block):
+    """SGMV's fused tile table (tile_kernel.py) against build_tiles over the segments: random steps of
+    1 to 300 segments (chunk edges included), one-token and longer segments, rank-0 slots; and the
+    plan's lazy groups when it is retiled to the other height."""
+    from loraserve.plugins.backend_triton.tile_kernel import can_fuse_segments, segment_tiles_fused
+    from loraserve.plugins.backend_triton.tiles import segment_groups, segment_tile_count, segment_tiles
+
+    rng = random.Random(100 + block)
+    other = 48 - block
+    for n_segs in [1, 2, 63, 64, 65, 129, 300] + [rng.randint(1, 300) for _ in range(5)]:
+        n_slots = rng.choice([1, 3, 8, 33])
+        seg_lens = [rng.choice([1, 1, 1, 2, block, block + 1, 40, 100]) for _ in range(n_segs)]
+        ranks = [rng.choice([0, 4, 8]) for _ in range(n_slots)]
+        seg_slot = [rng.randrange(n_slots) for _ in range(n_segs)]
+        info = LoRABatchInfo.build(seg_lens, seg_slot, ranks, [1.0] * n_slots, 8, device=DEVICE)
+        indptr, slots = info.seg_indptr.long(), info.seg_slot.long()
+        lens = (indptr[1:] - indptr[:-1]) * (info.ranks.long()[slots] > 0)
+        max_tiles = segment_tile_count(info.num_tokens, n_segs, block)
+        assert can_fuse_segments(n_segs)
+        tiles = build_tiles(indptr[:-1], lens, slots, block, max_tiles)
+        assert torch.equal(segment_tiles_fused(info, block, max_tiles), tiles), (seg_lens, seg_slot, ranks)
+        plan = segment_tiles(info, block)
+        assert torch.equal(plan.tiles, tiles) and callable(plan.groups)
+        retiled = plan.retiled(other, info.num_tokens)
+        expected = build_tiles(*segment_groups(info), other, segment_tile_count(info.num_tokens, n_segs, other))
+        assert torch.equal(retiled.tiles, expected) and not callable(retiled.groups)
+    assert not can_fuse_segments(0) and can_fuse_segments(4096) and not can_fuse_segments(4097)
+
+
 def test_factories_read_options_and_refuse_cpu_without_interpreter(monkeypatch):
     from loraserve.plugins.backend_csgmv import CsgmvOptions
     from loraserve.plugins.backend_csgmv import _make as make_csgmv

@@ -5,12 +5,17 @@ tiles and their height.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from loraserve.contract import LoRABatchInfo
 from loraserve.plugins.backend_triton.launch import tile_count
+from loraserve.plugins.backend_triton.tile_kernel import can_fuse_segments, segment_tiles_fused
+
+Groups = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # build_tiles' starts, lens, slots
 
 
 def build_tiles(
@@ -44,13 +49,18 @@ def build_tiles(
 
 @dataclass(frozen=True)
 class TilePlan:
-    """How one step's tokens are cut into tiles (built in ``prepare``, read by every layer)."""
+    """How one step's tokens are cut into tiles (built in ``prepare``, read by every layer).
+
+    ``groups`` are the tiles' groups, or a function that builds them: only :meth:`retiled` (another
+    tile height) reads them, so a plan whose tiles came from one launch leaves them unbuilt (their
+    tensor operations are the launches it saves) until a step asks for another height.
+    """
 
     tiles: torch.Tensor  # int32 [3, num_tiles]
     perm: torch.Tensor | None  # int32 [num_tokens]: token row at each position (None: identity)
     num_tiles: int
     block_m: int
-    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # build_tiles' starts, lens, slots
+    groups: Groups | Callable[[], Groups]  # build_tiles' starts, lens, slots (or a function returning them)
     group_bound: int  # host bound on the groups of length > 0
 
     def retiled(self, block_m: int, num_tokens: int) -> TilePlan:
@@ -59,8 +69,9 @@ class TilePlan:
         if block_m == self.block_m:
             return self
         max_tiles = tile_count(num_tokens, block_m, self.group_bound)
-        tiles = build_tiles(*self.groups, block_m, max_tiles)
-        return TilePlan(tiles, self.perm, max_tiles, block_m, self.groups, self.group_bound)
+        groups = self.groups() if callable(self.groups) else self.groups
+        tiles = build_tiles(*groups, block_m, max_tiles)
+        return TilePlan(tiles, self.perm, max_tiles, block_m, groups, self.group_bound)
 
 
 def sgmv_block_m(num_tokens: int, num_segments: int) -> int:
@@ -74,12 +85,22 @@ def segment_tile_count(num_tokens: int, num_segments: int, block_m: int) -> int:
     return tile_count(num_tokens, block_m, num_segments)
 
 
-def segment_tiles(batch: LoRABatchInfo, block_m: int) -> TilePlan:
-    """Each segment of a slot of rank > 0 cut into tiles of ``block_m`` tokens, no permutation."""
+def segment_groups(batch: LoRABatchInfo) -> Groups:
+    """The step's segments as :func:`build_tiles` groups: segments of rank-0 slots have length 0."""
     indptr = batch.seg_indptr.long()
     slots = batch.seg_slot.long()
     lens = (indptr[1:] - indptr[:-1]) * (batch.ranks.long()[slots] > 0)
+    return indptr[:-1], lens, slots
+
+
+def segment_tiles(batch: LoRABatchInfo, block_m: int) -> TilePlan:
+    """Each segment of a slot of rank > 0 cut into tiles of ``block_m`` tokens, no permutation: one
+    launch for steps of up to 4,096 segments (``tile_kernel.py``; the groups built only if a plan
+    retiles), :func:`build_tiles` over :func:`segment_groups` otherwise."""
     max_tiles = segment_tile_count(batch.num_tokens, batch.num_segments, block_m)
-    groups = (indptr[:-1], lens, slots)
+    if can_fuse_segments(batch.num_segments):
+        tiles = segment_tiles_fused(batch, block_m, max_tiles)
+        return TilePlan(tiles, None, max_tiles, block_m, partial(segment_groups, batch), batch.num_segments)
+    groups = segment_groups(batch)
     tiles = build_tiles(*groups, block_m, max_tiles)
     return TilePlan(tiles, None, max_tiles, block_m, groups, batch.num_segments)
