@@ -30,7 +30,6 @@ markdown summary in ``--out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import platform
@@ -293,10 +292,9 @@ def time_gemm(proj: str, T: int) -> float:
 
 
 def time_prepare(name: str, T: int, n_adapters: int, segs: int) -> float:
-    """``prepare()`` of one step in a CUDA graph, us. ``csgmv-ops``: csgmv with its grouping as the
-    tensor operations it used before the one-launch kernel (``prepare_kernel.py``), for before/after."""
-    from unittest import mock
-
+    """``prepare()`` of one step in a CUDA graph, us. ``NAME-ops``: the backend with its grouping and
+    tile table as the tensor operations used before the one-launch kernels (``prepare_kernel.py``,
+    ``tile_kernel.py``), as when a kernel fails its start-up check; for before/after."""
     from loraserve.contract import LoRABatchInfo
 
     seg_lens = [T // segs] * segs
@@ -304,9 +302,9 @@ def time_prepare(name: str, T: int, n_adapters: int, segs: int) -> float:
         seg_lens, [i % n_adapters for i in range(segs)], [16] * n_adapters, [1.0] * n_adapters, 16, device=DEVICE
     )
     backend = make_backend(name.removesuffix("-ops"))
-    unfused = mock.patch("loraserve.plugins.backend_csgmv.backend.can_fuse", lambda *a: False)
-    with unfused if name.endswith("-ops") else contextlib.nullcontext():
-        graph = graph_of(lambda: backend.prepare(info))
+    if name.endswith("-ops"):
+        backend.one_launch_tiles = backend.one_launch_groups = False
+    graph = graph_of(lambda: backend.prepare(info))
     return bench(graph.replay) * 1e3
 
 
@@ -316,7 +314,7 @@ PREPARE_CASES = ((1, 1, 1), (8, 8, 8), (64, 8, 64), (256, 64, 256), (2048, 4, 4)
 def run_prepare() -> list[dict]:
     return [
         {"backend": name, "tokens": T, "adapters": n, "requests": segs, "us": time_prepare(name, T, n, segs)}
-        for name in (*BACKENDS, "csgmv-ops")
+        for name in (*BACKENDS, *(f"{b}-ops" for b in BACKENDS))
         for T, n, segs in PREPARE_CASES
     ]
 

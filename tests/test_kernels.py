@@ -336,6 +336,56 @@ def test_one_launch_segment_tiles_equal_the_tensor_operations(block):
     assert not can_fuse_segments(0) and can_fuse_segments(4096) and not can_fuse_segments(4097)
 
 
+@pytest.mark.parametrize("fault", ["compile error", "wrong table"])
+@pytest.mark.parametrize("name", ["triton", "csgmv"])
+def test_a_one_launch_kernel_failing_its_check_is_not_used(name, fault, monkeypatch, caplog):
+    """backend_triton/selfcheck.py: a one-launch prepare kernel that raises (a compile error) or gives a
+    wrong table on this device is found when the backend is built, logged, and not used: the
+    backend's results still equal backend_torch's. Without the check the broken kernel would run
+    (checked: the wrong table then reads out of bounds and crashes the process). A sound kernel passes."""
+    import loraserve.plugins.backend_csgmv.backend as csgmv_backend
+    import loraserve.plugins.backend_triton.tile_kernel as tile_kernel
+    import loraserve.plugins.backend_triton.tiles as tiles
+    from loraserve.plugins.backend_triton import selfcheck
+
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+    sound = make_backend(name)
+    assert sound.one_launch_tiles and getattr(sound, "one_launch_groups", True)
+
+    def broken(real):
+        def run(*args, **kwargs):
+            if fault == "compile error":
+                raise RuntimeError("triton.compiler.errors.CompilationError: (simulated)")
+            out = real(*args, **kwargs)
+            tiles = out[-1] if isinstance(out, tuple) else out
+            tiles[2] += 1  # every tile one token longer
+            return out
+
+        return run
+
+    monkeypatch.setattr(tile_kernel, "segment_tiles_fused", broken(tile_kernel.segment_tiles_fused))
+    monkeypatch.setattr(tiles, "segment_tiles_fused", tile_kernel.segment_tiles_fused)
+    monkeypatch.setattr(csgmv_backend, "group_and_tile", broken(csgmv_backend.group_and_tile))
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+    with caplog.at_level("WARNING", logger="loraserve.lora"):
+        backend = make_backend(name)
+    assert not backend.one_launch_tiles and not getattr(backend, "one_launch_groups", False)
+    assert "SGMV tile table kernel failed its check" in caplog.text
+    assert fault != "compile error" or "CompilationError" in caplog.text
+    assert name == "triton" or "csgmv grouping kernel failed its check" in caplog.text
+    cfg = CASES["qkv: 3 unequal slices, mixed ranks incl. 0, slot spans chunks"]
+    gen = torch.Generator().manual_seed(5)
+    x, A, B, base, info = random_case(
+        gen, cfg["seg_lens"], cfg["seg_slot"], cfg["ranks"], cfg["offsets"], cfg["in_dim"], cfg["R"], torch.float32
+    )
+    out = base.clone()
+    backend.prepare(info)
+    backend.run_lora(x, A, B, out, cfg["offsets"])
+    check(out, oracle(x, A, B, base, info, cfg["offsets"]), base, info, cfg["ranks"], torch.float32)
+    monkeypatch.setenv(selfcheck.ENV, "0")
+    assert not make_backend(name).one_launch_tiles  # the switch turns the kernels off without a check
+
+
 def test_factories_read_options_and_refuse_cpu_without_interpreter(monkeypatch):
     from loraserve.plugins.backend_csgmv import CsgmvOptions
     from loraserve.plugins.backend_csgmv import _make as make_csgmv

@@ -27,6 +27,7 @@ from loraserve.plugins.backend_csgmv import CHUNK_SIZES
 from loraserve.plugins.backend_csgmv.prepare_kernel import can_fuse, group_and_tile
 from loraserve.plugins.backend_triton.backend import TiledLoRABackend
 from loraserve.plugins.backend_triton.launch import tile_count
+from loraserve.plugins.backend_triton.selfcheck import first_difference, one_launch_ok, random_steps
 from loraserve.plugins.backend_triton.tiles import (
     TilePlan,
     build_tiles,
@@ -71,6 +72,25 @@ def group_by_slot(batch: LoRABatchInfo) -> tuple[torch.Tensor, torch.Tensor, tor
     return perm.to(torch.int32), counts[:n_slots], starts[:n_slots]
 
 
+def check_group_and_tile(device: torch.device) -> str | None:
+    """:func:`group_and_tile` against :func:`group_by_slot` and ``build_tiles`` on a few random steps
+    (``backend_triton/selfcheck.py``): None if equal."""
+    for batch in random_steps(device, seed=2):
+        n_slots = batch.ranks.numel()
+        if not can_fuse(batch.num_tokens, n_slots):
+            continue
+        slots = torch.arange(n_slots, device=device)
+        for chunk in (16, 32):
+            max_tiles = tile_count(batch.num_tokens, chunk, min(n_slots, batch.num_segments))
+            perm, counts, starts = group_by_slot(batch)
+            want = (perm, counts, starts, build_tiles(starts, counts, slots, chunk, max_tiles))
+            got = group_and_tile(batch, chunk, max_tiles)
+            problem = first_difference(f"{batch.num_tokens} tokens, {n_slots} slots, chunks of {chunk}", got, want)
+            if problem:
+                return problem
+    return None
+
+
 class ChunkedSgmvLoRABackend(TiledLoRABackend):
     """Chunked SGMV over slot-sorted tokens; ``max_chunk`` is ``--max-lora-chunk-size``."""
 
@@ -84,6 +104,8 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
         super().__init__(device, tuning, plans)
         self.max_chunk = max_chunk
         self._slot_ids: dict[int, torch.Tensor] = {}  # torch.arange(slots) on the device, made once
+        # grouping and tiles in one launch, once this device ran it right (backend_triton/selfcheck.py)
+        self.one_launch_groups = one_launch_ok("csgmv grouping", self.device, check_group_and_tile)
 
     def tile_shape(self, num_tokens: int, num_segments: int, num_slots: int) -> tuple[int, int, bool]:
         if "block_m" not in self.tuning and num_tokens >= PREFILL_SEGMENT * max(1, num_segments):
@@ -97,11 +119,11 @@ class ChunkedSgmvLoRABackend(TiledLoRABackend):
         n_slots = batch.ranks.numel()
         chunk, max_tiles, use_perm = self.tile_shape(batch.num_tokens, batch.num_segments, n_slots)
         if not use_perm:
-            return segment_tiles(batch, chunk)
+            return segment_tiles(batch, chunk, self.one_launch_tiles)
         slots = self._slot_ids.get(n_slots)
         if slots is None:
             slots = self._slot_ids[n_slots] = torch.arange(n_slots, device=batch.ranks.device)
-        if can_fuse(batch.num_tokens, n_slots):
+        if self.one_launch_groups and can_fuse(batch.num_tokens, n_slots):
             perm, counts, starts, tiles = group_and_tile(batch, chunk, max_tiles)
             return TilePlan(tiles, perm, max_tiles, chunk, (starts, counts, slots), min(n_slots, batch.num_segments))
         perm, counts, starts = group_by_slot(batch)

@@ -32,6 +32,8 @@ from loraserve.plugins.backend_triton.launch import (
     shrink_config,
 )
 from loraserve.plugins.backend_triton.plans import KernelPlans, PlanEntry
+from loraserve.plugins.backend_triton.selfcheck import one_launch_ok
+from loraserve.plugins.backend_triton.tile_kernel import check_segment_tiles
 from loraserve.plugins.backend_triton.tiles import TilePlan, segment_tile_count, segment_tiles, sgmv_block_m
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,6 +87,8 @@ class TiledLoRABackend(LoRABackend):
             self.n_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         else:
             self.n_sms = 1  # interpreter: keep grids small
+        # the per-segment tile table in one launch, once this device ran it right (selfcheck.py)
+        self.one_launch_tiles = one_launch_ok("SGMV tile table", self.device, check_segment_tiles)
 
     def prepare(self, batch: LoRABatchInfo) -> None:
         super().prepare(batch)
@@ -353,4 +357,4 @@ class SgmvLoRABackend(TiledLoRABackend):
 
     def _plan_tiles(self, batch: LoRABatchInfo) -> TilePlan:
         block_m, _, _ = self.tile_shape(batch.num_tokens, batch.num_segments, batch.ranks.numel())
-        return segment_tiles(batch, block_m)
+        return segment_tiles(batch, block_m, self.one_launch_tiles)

@@ -95,3 +95,20 @@ def segment_tiles_fused(batch: LoRABatchInfo, block_m: int, max_tiles: int) -> t
         CHUNK=64,  # 4,096 tile-segment pairs per step of the inner loop
     )
     return tiles
+
+
+def check_segment_tiles(device: torch.device) -> str | None:
+    """:func:`segment_tiles_fused` against ``build_tiles`` over the segments on a few random steps
+    (:func:`~loraserve.plugins.backend_triton.selfcheck.one_launch_ok`): None if equal."""
+    from loraserve.plugins.backend_triton.selfcheck import first_difference, random_steps
+    from loraserve.plugins.backend_triton.tiles import build_tiles, segment_groups, segment_tile_count
+
+    for batch in random_steps(device, seed=1):
+        for block in (16, 32):
+            max_tiles = segment_tile_count(batch.num_tokens, batch.num_segments, block)
+            got = segment_tiles_fused(batch, block, max_tiles)
+            want = build_tiles(*segment_groups(batch), block, max_tiles)
+            problem = first_difference(f"{batch.num_segments} segments, tiles of {block}", [got], [want])
+            if problem:
+                return problem
+    return None

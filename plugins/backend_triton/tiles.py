@@ -93,12 +93,13 @@ def segment_groups(batch: LoRABatchInfo) -> Groups:
     return indptr[:-1], lens, slots
 
 
-def segment_tiles(batch: LoRABatchInfo, block_m: int) -> TilePlan:
+def segment_tiles(batch: LoRABatchInfo, block_m: int, one_launch: bool = True) -> TilePlan:
     """Each segment of a slot of rank > 0 cut into tiles of ``block_m`` tokens, no permutation: one
     launch for steps of up to 4,096 segments (``tile_kernel.py``; the groups built only if a plan
-    retiles), :func:`build_tiles` over :func:`segment_groups` otherwise."""
+    retiles) when ``one_launch`` (the backend's device passed the kernel's check: ``selfcheck.py``),
+    :func:`build_tiles` over :func:`segment_groups` otherwise."""
     max_tiles = segment_tile_count(batch.num_tokens, batch.num_segments, block_m)
-    if can_fuse_segments(batch.num_segments):
+    if one_launch and can_fuse_segments(batch.num_segments):
         tiles = segment_tiles_fused(batch, block_m, max_tiles)
         return TilePlan(tiles, None, max_tiles, block_m, partial(segment_groups, batch), batch.num_segments)
     groups = segment_groups(batch)
