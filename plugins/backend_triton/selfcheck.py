@@ -9,7 +9,9 @@ corrupt every LoRA step. So a backend runs :func:`one_launch_ok` when it is buil
 before warm-up and graph capture): each kernel is compared once per process and device with the
 tensor operations on a few random steps (exactly: they are integer tables). If the kernel fails to
 compile or disagrees, a warning names it and the error, and the backend keeps the tensor operations
-(their cost: about 60-90 us more per step on an H100); nothing else changes.
+(their cost: about 60-90 us more per step on an H100); nothing else changes. (A kernel that faults
+the device, an illegal address say, cannot be recovered from inside the process; the GPU tests of
+``tests/test_kernels.py`` are what catch that.)
 
 ``LORASERVE_ONE_LAUNCH_PREPARE=0`` skips the kernels (and their checks) altogether.
 """
