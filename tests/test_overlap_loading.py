@@ -236,3 +236,36 @@ def test_abort_and_unload_while_copies_are_in_flight(setup):
         lora.check_integrity()
     finally:
         engine.shutdown()
+
+
+def test_admission_reads_each_request_once_per_scheduling_pass(setup, monkeypatch):
+    """Issue 18's lean host path: a scheduling pass that refuses many waiting requests for want of a
+    slot looks at each request's adapter about once, not once per running request for every
+    candidate (``SlotAdmission._step_keys``); the pass admits and refuses as before."""
+    import loraserve.lora.admission as admission
+
+    base, paths, _ = setup
+    engine = overlap_engine(base, paths, delay=0, max_loras_per_batch=2, max_running_requests=64)
+    sched = engine.scheduler
+    running = [_waiting_request(engine, name) for name in ["rank1"] * 8 + ["patterns"] * 8]
+    waiting = [_waiting_request(engine, name) for name in ["one_layer", "rank3_rslora"] * 20]
+    try:
+        for r in running:
+            sched.add(r)
+        sched.schedule()  # the two adapters take both slots
+        assert list(sched.running) == running
+        for r in waiting:
+            sched.add(r)
+        calls = []
+        real = admission.key_of
+        monkeypatch.setattr(admission, "key_of", lambda r: calls.append(r) or real(r))
+        assert not any(c.request in waiting for c in sched.schedule())
+        assert all(r.join_refusals == 1 for r in waiting)
+        assert engine.lora.metrics["slot_refusals"] == len(waiting)
+        # 16 running + 40 candidates; before, every candidate rebuilt the batch's set: 40 x 17 calls
+        assert len(calls) <= 2 * (len(running) + len(waiting)), len(calls)
+    finally:
+        for r in running + waiting:
+            sched.remove(r)
+            engine.lora.release(r)
+        engine.shutdown()

@@ -92,6 +92,12 @@ LORA_COUNTERS = (
         "copy_wait_seconds",
     ),
     ("lora_prefetches", "Adapter copies started for waiting requests before their turn.", "prefetches"),
+    (
+        "lora_slot_refusals",
+        "Times a waiting request was passed over because its step used every adapter slot or none could "
+        "be freed; a steady rise while requests wait means --max-loras-per-batch bounds the batch.",
+        "slot_refusals",
+    ),
 )
 
 

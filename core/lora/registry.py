@@ -43,6 +43,7 @@ class AdapterRegistry:
 
     def __init__(self) -> None:
         self._refs: dict[str, AdapterRef] = {}
+        self._pinned: dict[str, AdapterRef] = {}  # the pinned ones of _refs (asked per host-cache insert)
         self._pending: dict[tuple[str, int], AdapterRef] = {}  # unloaded, freed by their last release
         self._versions = itertools.count(1)
         self._cond = threading.Condition()
@@ -56,6 +57,18 @@ class AdapterRegistry:
             if ref.name in self._refs:
                 raise Conflict(f"an adapter named {ref.name!r} is already loaded; unload it first or pick another name")
             self._refs[ref.name] = ref
+            self._pin(ref)
+
+    def _pin(self, ref: AdapterRef) -> None:
+        if ref.pinned:
+            self._pinned[ref.name] = ref
+        else:
+            self._pinned.pop(ref.name, None)
+
+    def pinned_refs(self) -> list[AdapterRef]:
+        """The registered pinned adapters (without a scan of every registered one)."""
+        with self._cond:
+            return list(self._pinned.values())
 
     def get(self, name: str) -> AdapterRef | None:
         with self._cond:
@@ -108,6 +121,7 @@ class AdapterRegistry:
         with self._cond:
             old = self._refs.get(ref.name)
             self._refs[ref.name] = ref
+            self._pin(ref)
             if old is not None:
                 old.unloaded = True
             return old
@@ -116,6 +130,7 @@ class AdapterRegistry:
         """Make ``name`` unknown to new requests at once; returns its ref."""
         with self._cond:
             ref = self._refs.pop(name, None)
+            self._pinned.pop(name, None)
             if ref is None:
                 known = ", ".join(sorted(self._refs)) or "none"
                 raise NotFound(f"no adapter named {name!r} is loaded; loaded adapters: {known}")
