@@ -39,6 +39,7 @@ class HostAdapterCache:
         self.policy = policy
         self._adapters: dict[Hashable, Any] = {}
         self._bytes: dict[Hashable, int] = {}
+        self._total = 0  # sum of _bytes, kept as adapters come and go (asked at every insert)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._adapters
@@ -53,7 +54,7 @@ class HostAdapterCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(self._bytes.values())
+        return self._total
 
     def get(self, key: Hashable) -> Any | None:
         adapter = self._adapters.get(key)
@@ -92,18 +93,21 @@ class HostAdapterCache:
         if key not in self._adapters and self._full(nbytes):
             raise RuntimeError("make_room() before put()")
         self._adapters[key] = adapter
+        self._total += nbytes - self._bytes.get(key, 0)
         self._bytes[key] = nbytes
         self.policy.insert(key)
 
     def remove(self, key: Hashable) -> None:
         if self._adapters.pop(key, None) is not None:
-            self._bytes.pop(key, None)
+            self._total -= self._bytes.pop(key, 0)
             self.policy.remove(key)
 
     def keys(self) -> list[Hashable]:
         return list(self._adapters)
 
     def check_integrity(self) -> None:
+        if self._total != sum(self._bytes.values()) or set(self._bytes) != set(self._adapters):
+            raise RuntimeError(f"host cache counts {self._total} bytes, its adapters hold {sum(self._bytes.values())}")
         if self.capacity is not None and len(self._adapters) > self.capacity:
             raise RuntimeError(f"host cache holds {len(self._adapters)} adapters, capacity {self.capacity}")
         if self.capacity_bytes is not None and self.nbytes > self.capacity_bytes:
