@@ -222,14 +222,17 @@ def test_refusals():
 @pytest.mark.parametrize("backend", ["csgmv", "triton"])
 def test_gpu_store_with_overlap_loading_and_graphs_matches_peft(tmp_path, backend):
     """On a GPU: the store's puts, compactions and slot fills on the load stream (overlap loading),
-    CUDA graphs, float32 (TF32 dots: log-probabilities within 1e-2), ranks 1 to 64 through 11 pages."""
+    CUDA graphs, float32 (log-probabilities within 1e-3, as on CPU), ranks 1 to 64 through 11 pages.
+    (``dtype`` must be given: ``auto`` is bfloat16 on CUDA, which is what an H100 run of this test
+    once compared with PEFT's float32, finding a log-probability 0.0146 off.)"""
     model = tiny_model(tiny_llama_config(), seed=0)
     model.generation_config.eos_token_id = None
     base, paths, peft = _family_case(model, tmp_path, RANKS, seed=70)
     settings = settings_for(base, paths, 0.01).model_copy(
-        update={"device": "cuda", "lora_backend": backend, "enable_lora_overlap_loading": True}
+        update={"device": "cuda", "dtype": "float32", "lora_backend": backend, "enable_lora_overlap_loading": True}
     )
     probe = Engine(settings)
+    assert next(iter(probe.lora.pool.A.values())).dtype == torch.float32  # (the pool has the compute dtype)
     page_bytes = probe.lora.store.page_bytes
     probe.shutdown()
     engine = Engine(settings.model_copy(update={"lora_gpu_store_gib": 11 * page_bytes / 2**30 + 1e-9}))
@@ -243,7 +246,7 @@ def test_gpu_store_with_overlap_loading_and_graphs_matches_peft(tmp_path, backen
                 assert res["output_ids"] == expected[i], f"{backend} row {i} adapter {ORDER[i]}"
                 ours = [lp for lp, _ in res["meta_info"]["output_token_logprobs"]]
                 diffs = [round(abs(a - b), 4) for a, b in zip(ours, expected_lp[i])]
-                assert max(diffs) < 1e-2, f"{backend} row {i} adapter {ORDER[i]}: {diffs}"
+                assert max(diffs) < 1e-3, f"{backend} row {i} adapter {ORDER[i]}: {diffs}"
         assert engine.lora.store.stats()["store_evictions"] > 0
         engine.lora.check_integrity()
         engine.lora.store.check_integrity()
