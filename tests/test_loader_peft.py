@@ -457,6 +457,8 @@ def _hand_tensors(shape, r=2, layers=(0, 1)):
         ("junk_key", ["'base_model.model.model.layers.0.self_attn.q_proj.magnitude'", "not a LoRA weight"]),
         ("missing_B", ["model.layers.1.self_attn.q_proj", "no lora_B"]),
         ("nan", ["layers.0.self_attn.q_proj.lora_A.weight", "NaN"]),
+        ("inf", ["layers.1.self_attn.q_proj.lora_B.weight", "infinite"]),
+        ("inf_and_minus_inf", ["layers.0.self_attn.q_proj.lora_B.weight", "infinite"]),
         ("int_dtype", ["layers.0.self_attn.q_proj.lora_B.weight", "dtype"]),
         ("unsupported_module", ["rotary_emb", "not support"]),
         ("two_adapters", ["several adapters"]),
@@ -475,6 +477,11 @@ def test_weight_refusals_name_the_tensor(shape, loader, tmp_path, mutation, word
         del t["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
     elif mutation == "nan":
         t[f"{q0}.lora_A.weight"][0, 3] = float("nan")
+    elif mutation == "inf":
+        t["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"][5, 1] = float("inf")
+    elif mutation == "inf_and_minus_inf":  # (they cancel in no sum: inf - inf is NaN)
+        t[f"{q0}.lora_B.weight"][0, 0] = float("inf")
+        t[f"{q0}.lora_B.weight"][1, 0] = float("-inf")
     elif mutation == "int_dtype":
         t[f"{q0}.lora_B.weight"] = torch.ones(shape.q_size, 2, dtype=torch.int32)
     elif mutation == "unsupported_module":
@@ -491,6 +498,15 @@ def test_weight_refusals_name_the_tensor(shape, loader, tmp_path, mutation, word
         loader.load(str(d), name="x", shape=shape)
     for w in words:
         assert w in str(err.value), (w, str(err.value))
+
+
+def test_large_finite_16_bit_weights_are_not_taken_for_infinite(shape, loader, tmp_path):
+    """The finiteness check sums in float64: float16 weights at float16's largest value (65504), whose
+    float16 sum would overflow, load."""
+    t = {k: torch.full_like(v, 65504.0).to(torch.float16) for k, v in _hand_tensors(shape).items()}
+    d = write_adapter_dir(tmp_path / "h", {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}, t)
+    adapter = loader.load(str(d), name="x", shape=shape)
+    assert adapter.rank == 2
 
 
 def test_hand_written_adapter_loads(shape, loader, tmp_path):

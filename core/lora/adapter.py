@@ -193,7 +193,7 @@ class LoRAAdapter:
                 continue
             for t in pair:
                 h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())  # (no copy to bytes)
         return h.hexdigest()
 
     def module_rank(self, layer_idx: int, fused_name: str) -> int:

@@ -16,6 +16,7 @@ for Llama's ``nn.Linear`` layers PEFT itself resets it to False.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -276,8 +277,17 @@ def _check_shape(
                     "with added tokens are not supported)"
                 )
         raise AdapterError(f"{path}: tensor {key!r} has shape {actual}, expected {expected}: {why}")
-    if not bool(torch.isfinite(tensor).all()):
+    if not _all_finite(tensor):
         raise AdapterError(f"{path}: tensor {key!r} holds NaN or infinite values; the adapter is corrupt")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite: the float64 sum of a 16- or 32-bit tensor is finite exactly then
+    (NaN and infinities carry through it, and no sum of finite such values reaches float64's range),
+    and one reduction costs 4-10x less than ``isfinite().all()`` (which writes a mask first)."""
+    if tensor.dtype == torch.float64:  # (a float64 sum of finite values may overflow)
+        return bool(torch.isfinite(tensor).all())
+    return math.isfinite(tensor.sum(dtype=torch.float64).item())
 
 
 def _check_dora_targets(config: PeftLoraConfig, targeted: dict[str, tuple[int | None, str]]) -> None:
