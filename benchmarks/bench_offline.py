@@ -549,6 +549,12 @@ def report(result: dict[str, Any]) -> None:
     ]
     if m["peak_gpu_memory_gib"] is not None:
         rows.append(("peak GPU memory (GiB)", m["peak_gpu_memory_gib"]))
+    counters = (m.get("lora") or {}).get("counters") or {}
+    if counters:  # what limited admission: reads from the source, copies waited for, slots all taken
+        reads, fills = counters.get("host_reloads", 0), counters.get("slot_fills", 0)
+        rows.append(("adapter re-reads / slot fills", f"{reads}/{fills}"))
+        rows.append(("copy wait (s, all requests)", counters.get("copy_wait_seconds", 0.0)))
+        rows.append(("slot refusals", counters.get("slot_refusals", 0)))
     lora = (
         "no LoRA"
         if c["no_lora"]
