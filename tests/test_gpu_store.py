@@ -150,7 +150,10 @@ def assert_slot_equals_reference(pool: GpuAdapterPool, slot: int, ref: GpuAdapte
         assert torch.equal(pool.B[key][slot][:, :r], ref.B[key][0][:, :r]), key
 
 
-def test_randomized_puts_removes_and_fills_equal_the_host_write():
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-gather-per-buffer", "a-row-per-chunk"])
+def test_randomized_puts_removes_and_fills_equal_the_host_write(chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:  # compaction moves rows in chunks of at most this many bytes
+        monkeypatch.setattr("loraserve.lora.gpu_store.COMPACT_CHUNK_BYTES", chunk_bytes)
     rng, gen = random.Random(3), torch.Generator().manual_seed(3)
     pool, ref = make_pool(), make_pool(1)
     per_row = sum((len(o) - 1) * i + o[-1] for i, o in MODULES.values()) * LAYERS * 4

@@ -40,6 +40,8 @@ from loraserve.errors import ConfigError, UserError
 
 #: rank rows per page: ranks 8, 16, 32 and 64 fill their pages exactly
 DEFAULT_PAGE_RANK = 8
+#: the most GPU memory a compaction's gather holds at once (per page buffer, a chunk of its rows)
+COMPACT_CHUNK_BYTES = 64 << 20
 
 
 @dataclass
@@ -219,10 +221,10 @@ class GpuAdapterStore:
         """Move every adapter's run down, in page order, so the free pages form one run at the end.
 
         Rows move by one gather per page buffer (the kept rows in their new order, into a temporary
-        of that buffer's kept rows, then written back from the first row), whatever the number of
-        adapters moved: two launches per buffer, where moving run by run took two per buffer and
-        adapter (190-380 ms of host time on the engine thread per compaction of a Llama-3.2-1B store
-        of 4-8 GiB, against 2.6-3.2 ms now: ``benchmarks/sim_store.py --time-compaction``)."""
+        of at most :data:`COMPACT_CHUNK_BYTES`, then written back from the first row; a larger buffer
+        takes a few chunks), whatever the number of adapters moved: two launches per buffer and chunk,
+        where moving run by run took two per buffer and adapter (190-380 ms of host time on the engine
+        thread per compaction of a Llama-3.2-1B store of 4-8 GiB: ``sim_store.py --time-compaction``)."""
         cursor, P = 0, self.page_rank
         rows: list[int] = []  # the old row of each row of the compacted layout
         moved = 0
@@ -240,8 +242,14 @@ class GpuAdapterStore:
         if moved:
             index = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
             for store in (*self.A.values(), *self.B.values()):
-                # rows are dimension 1 of both: A [slices, rows, in], B [out, rows]
-                store.narrow(1, 0, len(rows)).copy_(store.index_select(1, index))
+                # rows are dimension 1 of both: A [slices, rows, in], B [out, rows]. In chunks of rows, in
+                # order, so the temporary stays under COMPACT_CHUNK_BYTES: every row moves down (rows[i] >= i),
+                # so a chunk's writes land below the rows any later chunk reads
+                per_row = store.numel() // store.shape[1] * store.element_size()
+                step = max(1, COMPACT_CHUNK_BYTES // max(1, per_row))
+                for lo in range(0, len(rows), step):
+                    n = min(step, len(rows) - lo)
+                    store.narrow(1, lo, n).copy_(store.index_select(1, index[lo : lo + n]))
         self.metrics["pages_moved"] += moved
         self.metrics["compactions"] += 1
 
