@@ -346,7 +346,7 @@ def test_a_one_launch_kernel_failing_its_check_is_not_used(name, fault, monkeypa
     import loraserve.plugins.backend_csgmv.backend as csgmv_backend
     import loraserve.plugins.backend_triton.tile_kernel as tile_kernel
     import loraserve.plugins.backend_triton.tiles as tiles
-    from loraserve.plugins.backend_triton import selfcheck
+    from loraserve import kernel_checks as selfcheck
 
     monkeypatch.setattr(selfcheck, "_VERDICTS", {})
     sound = make_backend(name)
