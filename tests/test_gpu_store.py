@@ -150,14 +150,21 @@ def assert_slot_equals_reference(pool: GpuAdapterPool, slot: int, ref: GpuAdapte
         assert torch.equal(pool.B[key][slot][:, :r], ref.B[key][0][:, :r]), key
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-gather-per-buffer", "a-row-per-chunk"])
-def test_randomized_puts_removes_and_fills_equal_the_host_write(chunk_bytes, monkeypatch):
+@pytest.mark.parametrize(
+    "chunk_bytes, one_launch",
+    [(None, False), (1, False), (None, True)],
+    ids=["torch-copies", "compaction-a-row-per-chunk", "one-launch-fill"],
+)
+def test_randomized_puts_removes_and_fills_equal_the_host_write(chunk_bytes, one_launch, monkeypatch):
+    """Fills by torch copies or by the one-launch kernel (fill_kernel.py, under the interpreter here);
+    compaction in one gather per buffer or a row at a time."""
     if chunk_bytes is not None:  # compaction moves rows in chunks of at most this many bytes
         monkeypatch.setattr("loraserve.lora.gpu_store.COMPACT_CHUNK_BYTES", chunk_bytes)
     rng, gen = random.Random(3), torch.Generator().manual_seed(3)
     pool, ref = make_pool(), make_pool(1)
     per_row = sum((len(o) - 1) * i + o[-1] for i, o in MODULES.values()) * LAYERS * 4
-    store = GpuAdapterStore(pool, capacity_bytes=7 * 8 * per_row, policy=LRUPolicy())
+    store = GpuAdapterStore(pool, capacity_bytes=7 * 8 * per_row, policy=LRUPolicy(), one_launch=one_launch)
+    assert (store._fill is not None) == one_launch  # (the tests run Triton's interpreter: the kernel runs)
     assert store.page_bytes == 8 * per_row and store.num_pages == 7
     adapters = {f"a{i}": random_adapter(rng, gen, f"a{i}") for i in range(12)}
     pinned = ("a0", 1)

@@ -6,9 +6,10 @@ and has ``--max-loras-per-batch`` slots: the adapters one batch can use. The sto
 and the host cache: a byte budget split into *pages* of ``page_rank`` rank rows of every targeted
 projection (``A`` rows of every slice, ``B`` columns), so an adapter of rank ``r`` holds
 ``ceil(r / page_rank)`` pages whatever the maximum rank is, and many small adapters fit where one
-large one would. Filling a slot from the store is a device-to-device copy of the adapter's rows (two
-copies per projection) instead of a host-to-device copy, and the host cache may drop an adapter the
-store holds.
+large one would. Filling a slot from the store is a device-to-device copy of the adapter's rows instead
+of a host-to-device copy: one Triton launch for every projection where Triton runs and the kernel
+passed its check on the device (:mod:`~loraserve.lora.fill_kernel`), else one batched torch copy. The
+host cache may drop an adapter the store holds.
 
 Tensor parallelism: each rank's store holds that rank's part of each adapter, as its slots do; only
 rank 0 has a store (the other ranks fill their slots from host memory, as they are told to), and
@@ -16,12 +17,12 @@ DoRA adapters skip it there, since their row-parallel scales need a collective a
 rank (see :mod:`~loraserve.lora.dora`).
 
 Layout: per projection ``A [slices, pages * page_rank, in]`` and ``B [out, pages * page_rank]``; an
-adapter's pages are one contiguous run, so its rows of each projection are one strided block and a
-slot fill is one copy each for ``A`` and ``B``. Rows past a projection's own rank (a module the
-adapter does not target, or of a lower rank) are zero in the store, so the slot's rows up to the
-adapter's rank hold exactly its delta. Fragmentation (free pages in several runs too short for an
-adapter) is handled by compaction: runs are moved down to close the gaps, which is always safe since
-no kernel reads the store (only slot fills do, ordered on the same stream). Eviction picks victims
+adapter's pages are one contiguous run, so its rows of each projection are one strided block. Rows
+past a projection's own rank (a module the adapter does not target, or of a lower rank) are zero in
+the store, so the slot's rows up to the adapter's rank hold exactly its delta. Fragmentation (free
+pages in several runs too short for an adapter) is handled by compaction: runs are moved down to
+close the gaps, which is always safe since no LoRA kernel reads the store (only slot fills do,
+ordered on the same stream). Eviction picks victims
 by the engine's eviction policy (LRU, FIFO or a plugin's); pinned adapters are never evicted. Slots
 hold copies, so evicting a stored adapter never touches a slot.
 """
@@ -82,9 +83,18 @@ class GpuAdapterStore:
     :param pool: the slot pool it fills (its projections, shapes, dtype and device).
     :param capacity_bytes: the byte budget for the pages.
     :param policy: the eviction policy instance that orders this store's victims.
+    :param one_launch: fill slots with the one-launch kernel where it runs and passed its check
+        (:mod:`~loraserve.lora.fill_kernel`); False keeps the torch copies.
     """
 
-    def __init__(self, pool: Any, capacity_bytes: int, policy: EvictionPolicy, page_rank: int = DEFAULT_PAGE_RANK):
+    def __init__(
+        self,
+        pool: Any,
+        capacity_bytes: int,
+        policy: EvictionPolicy,
+        page_rank: int = DEFAULT_PAGE_RANK,
+        one_launch: bool = True,
+    ):
         self.pool, self.policy = pool, policy
         self.page_rank = P = max(1, min(page_rank, pool.max_rank))
         some = next(iter(pool.A.values()))
@@ -108,6 +118,21 @@ class GpuAdapterStore:
         self.owner: list[Hashable | None] = [None] * self.num_pages
         self.metrics = {"store_puts": 0, "store_hits": 0, "store_evictions": 0, "compactions": 0, "pages_moved": 0}
         self.metrics["store_prefetches"] = 0
+        # fills in one launch where a checked kernel can (else None: the torch copies)
+        self._fill = self._one_launch_fill() if one_launch else None
+
+    def _one_launch_fill(self):
+        """The one-launch fill (:mod:`~loraserve.lora.fill_kernel`) when Triton runs on this device, the
+        layout allows it and the kernel passed its check here (:func:`~loraserve.kernel_checks.one_launch_ok`)."""
+        from loraserve.kernel_checks import one_launch_ok
+        from loraserve.lora.fill_kernel import StoreFill, check_fill
+        from loraserve.models.dtypes import runs_triton
+
+        if not runs_triton(self.device) or not StoreFill.supported(self):
+            return None
+        if not one_launch_ok(f"GPU store fill ({self.dtype})", self.device, lambda d: check_fill(d, self.dtype)):
+            return None
+        return StoreFill(self)
 
     def _slices(self, key: tuple[int, str]) -> int:
         layer, name = key
@@ -166,6 +191,10 @@ class GpuAdapterStore:
         bytes copied. Rows past its rank are left as they are: the kernels never read them."""
         pool, r = self.pool, entry.rank
         lo = entry.start * self.page_rank
+        if self._fill is not None:
+            self._fill.fill(lo, slot, r)
+            pool.write_dora(slot, entry.dora_scales)
+            return r * self.page_bytes // self.page_rank
         dst, src = [], []
         for key, A_buf in pool.A.items():
             dst += [A_buf[slot].view(self.A[key].shape[0], pool.max_rank, -1)[:, :r], pool.B[key][slot][:, :r]]
