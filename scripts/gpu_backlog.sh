@@ -5,8 +5,8 @@
 #   bash scripts/gpu_backlog.sh PART OUTDIR
 #
 # PART:
-#   tests     the GPU tests of the kernels (one-launch prepare kernels included), the GPU store and
-#             multi-LoRA (~4 min)
+#   tests     the GPU tests of the kernels (one-launch prepare kernels included), the GPU store (its
+#             one-launch fill), DoRA and multi-LoRA (~5 min)
 #   prepare   prepare() of both backends in CUDA graphs, one-launch against the tensor operations
 #             (issue 23; ~1 min)
 #   adapters  2,000 vs 5 random adapters, Zipf, Llama-3.2-1B shape, the same flags (issue 22; ~8 min),
@@ -25,7 +25,9 @@ py=${PYTHON:-python3}
 case "$part" in
 tests)
     $py -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_gpu_store.py \
-        tests/test_multi_lora.py tests/test_kernel_plans.py 2>&1 | tail -40 | tee "$out/gpu_tests.txt"
+        tests/test_dora.py tests/test_multi_lora.py tests/test_kernel_plans.py 2>&1 | tail -40 | tee "$out/gpu_tests.txt"
+    # the store tests off the gpu marker run the one-launch fill on the GPU too
+    $py -m pytest -q -p no:cacheprovider tests/test_gpu_store.py 2>&1 | tail -5 | tee -a "$out/gpu_tests.txt"
     ;;
 prepare)
     $py benchmarks/bench_lora_kernels.py --only-prepare 2>&1 | tee "$out/prepare.txt"
