@@ -26,8 +26,6 @@ case "$part" in
 tests)
     $py -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_gpu_store.py \
         tests/test_dora.py tests/test_multi_lora.py tests/test_kernel_plans.py 2>&1 | tail -40 | tee "$out/gpu_tests.txt"
-    # the store tests off the gpu marker run the one-launch fill on the GPU too
-    $py -m pytest -q -p no:cacheprovider tests/test_gpu_store.py 2>&1 | tail -5 | tee -a "$out/gpu_tests.txt"
     ;;
 prepare)
     $py benchmarks/bench_lora_kernels.py --only-prepare 2>&1 | tee "$out/prepare.txt"
