@@ -44,8 +44,8 @@ def _jit(fn):
 def copy_regions_kernel(table_ptr, lo, slot, rank, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
     """Program ``(i, j)`` copies blocks ``j, j + G, ...`` of region ``i``'s ``rows x cols`` elements."""
     i = tl.program_id(0)
-    j = tl.program_id(1)
-    step = tl.num_programs(1) * BLOCK
+    first = (tl.program_id(1) * BLOCK).to(tl.int64)  # (loop bounds and step all int64)
+    step = (tl.num_programs(1) * BLOCK).to(tl.int64)
     row = table_ptr + i * 8
     src_base = tl.load(row)
     src_step = tl.load(row + 1)
@@ -55,12 +55,12 @@ def copy_regions_kernel(table_ptr, lo, slot, rank, BLOCK: tl.constexpr, DTYPE: t
     cols = tl.load(row + 5)
     src_stride = tl.load(row + 6)
     dst_stride = tl.load(row + 7)
-    rows = tl.where(rows == 0, rank, rows)
-    cols = tl.where(cols == 0, rank, cols)
-    src = (src_base + lo * src_step).to(tl.pointer_type(DTYPE), bitcast=True)
-    dst = (dst_base + slot * dst_step).to(tl.pointer_type(DTYPE), bitcast=True)
+    rows = tl.where(rows == 0, rank.to(tl.int64), rows)
+    cols = tl.where(cols == 0, rank.to(tl.int64), cols)
+    src = (src_base + lo.to(tl.int64) * src_step).to(tl.pointer_type(DTYPE), bitcast=True)
+    dst = (dst_base + slot.to(tl.int64) * dst_step).to(tl.pointer_type(DTYPE), bitcast=True)
     n = rows * cols
-    for e0 in range(j * BLOCK, n, step):
+    for e0 in range(first, n, step):
         e = e0 + tl.arange(0, BLOCK)
         inside = e < n
         r = e // cols
