@@ -128,7 +128,7 @@ def check_fill(device: torch.device, dtype: torch.dtype) -> str | None:
 
     modules = {"qkv_proj": (40, (0, 24, 32, 40)), "o_proj": (24, (0, 40))}
     pool = GpuAdapterPool(3, 16, 2, modules, {}, dtype, device, OrderedEvictionPolicy())
-    store = GpuAdapterStore(pool, 6 * 2 * 16 * 4 * 200, OrderedEvictionPolicy(), page_rank=8, one_launch=False)
+    store = GpuAdapterStore(pool, 1 << 20, OrderedEvictionPolicy(), page_rank=8, one_launch=False)  # 1 MiB
     gen = torch.Generator().manual_seed(0)
     for t in (*store.A.values(), *store.B.values()):
         t.copy_(torch.randn(t.shape, generator=gen).to(dtype))

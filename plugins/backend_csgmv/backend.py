@@ -23,11 +23,12 @@ from typing import Any
 import torch
 
 from loraserve.contract import LoRABatchInfo
+from loraserve.kernel_checks import one_launch_ok
 from loraserve.plugins.backend_csgmv import CHUNK_SIZES
 from loraserve.plugins.backend_csgmv.prepare_kernel import can_fuse, group_and_tile
 from loraserve.plugins.backend_triton.backend import TiledLoRABackend
 from loraserve.plugins.backend_triton.launch import tile_count
-from loraserve.plugins.backend_triton.selfcheck import first_difference, one_launch_ok, random_steps
+from loraserve.plugins.backend_triton.selfcheck import first_difference, random_steps
 from loraserve.plugins.backend_triton.tiles import (
     TilePlan,
     build_tiles,

@@ -19,6 +19,7 @@ import torch
 
 from loraserve.contract import LoRABackend, LoRABatchInfo, LoRAEpilogue
 from loraserve.errors import ConfigError
+from loraserve.kernel_checks import one_launch_ok
 from loraserve.models import fused
 from loraserve.models.dtypes import runs_triton
 from loraserve.plugins.backend_triton.cost_model import epilogue_by_size, epilogue_env, shrink_in_gemm_by_bytes
@@ -32,7 +33,6 @@ from loraserve.plugins.backend_triton.launch import (
     shrink_config,
 )
 from loraserve.plugins.backend_triton.plans import KernelPlans, PlanEntry
-from loraserve.plugins.backend_triton.selfcheck import one_launch_ok
 from loraserve.plugins.backend_triton.tile_kernel import check_segment_tiles
 from loraserve.plugins.backend_triton.tiles import TilePlan, segment_tile_count, segment_tiles, sgmv_block_m
 

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import torch
 
 from loraserve.contract import LoRABatchInfo
-from loraserve.kernel_checks import ENV, one_launch_ok  # noqa: F401 (the backends' import)
 
 #: ``(segments, slots)`` of the checked steps: past one 64-wide chunk of segments, and pools of 1 to
 #: 255 slots (every width of csgmv's slot one-hot the kernel compiles: 2 to 256)
